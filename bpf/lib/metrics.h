@@ -1,0 +1,75 @@
+/* Per-CPU packet counters, keyed by (reason, direction). Every drop carries a reason from
+ * enum tern_reason; forwarding outcomes are counted the same way so that ternctl and the
+ * agent's /metrics can show what the datapath did with every packet. */
+#pragma once
+
+#include "common.h"
+
+/* Fixed-width enums (a clang extension in C) put the names into the map's BTF, so
+ * `bpftool map dump` shows REASON_SVC_FORWARD instead of 1. */
+#pragma clang diagnostic ignored "-Wfixed-enum-extension"
+
+enum tern_dir : __u8 {
+	DIR_FROM_POD = 1,
+	DIR_TO_POD = 2,
+};
+
+/* Keep in sync with loader/reasons.go (a test checks the names against BTF). */
+enum tern_reason : __u8 {
+	REASON_PASS = 0,            /* not service traffic, left untouched */
+	REASON_SVC_FORWARD = 1,     /* DNAT to a backend (new or established flow) */
+	REASON_SVC_REVNAT = 2,      /* reverse NAT of a backend's reply */
+	REASON_SVC_HAIRPIN = 3,     /* pod reached itself through a Service */
+	REASON_SVC_REJECT = 4,      /* no ready endpoints: answered with RST / ICMP */
+	REASON_DROP_TRUNCATED = 10, /* packet shorter than its headers claim */
+	REASON_DROP_BAD_IP = 11,    /* IPv4 header invalid (IHL < 5, total length) */
+	REASON_DROP_FRAG_NO_HEAD = 12, /* non-first fragment of a service flow, head not seen */
+	REASON_DROP_CT_FULL = 13,   /* conntrack insert failed */
+	REASON_DROP_NAT_FAILED = 14, /* a checksum or store helper failed */
+	REASON_DROP_REJECT_FAILED = 15, /* could not build the RST / ICMP reply */
+	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
+	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
+	__REASON_MAX = 32,
+};
+
+struct metrics_key {
+	enum tern_reason reason;
+	enum tern_dir dir;
+	__u16 pad;
+};
+
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* tern_metrics: key metrics_key (reason, direction), value metrics_value per CPU.
+ * Size 128 (reasons x directions fit easily); never evicted. Written by every program,
+ * read by the agent (/metrics) and ternctl, which sum the per-CPU values. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct metrics_key);
+	__type(value, struct metrics_value);
+	__uint(max_entries, 128);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_metrics SEC(".maps");
+
+static __always_inline void count(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	struct metrics_key k = { .reason = reason, .dir = dir };
+	struct metrics_value *v = bpf_map_lookup_elem(&tern_metrics, &k);
+
+	if (likely(v)) {
+		v->packets++;
+		v->bytes += skb->len;
+		return;
+	}
+	struct metrics_value init = { .packets = 1, .bytes = skb->len };
+	bpf_map_update_elem(&tern_metrics, &k, &init, BPF_NOEXIST);
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	count(skb, reason, dir);
+	return TC_ACT_SHOT;
+}

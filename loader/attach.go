@@ -1,0 +1,155 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// AttachMode is how programs are attached to an interface.
+type AttachMode string
+
+const (
+	AttachTCX    AttachMode = "tcx"
+	AttachClsact AttachMode = "clsact"
+)
+
+// Filter identity for the clsact fallback: one filter per direction, replaced in place on
+// re-attach so there is never a moment without a program.
+const (
+	clsactPrio   = 1
+	clsactHandle = 1
+)
+
+func (d *Datapath) linkPin(ifindex int, dir string) string {
+	return filepath.Join(d.cfg.PinRoot, "links", fmt.Sprintf("if%d_%s", ifindex, dir))
+}
+
+// AttachPod attaches the pod programs to the host side of a pod veth: tern_from_pod on
+// ingress, tern_to_pod on egress. It must run in the network namespace that holds the
+// interface (tcx and netlink resolve ifindex in the calling thread's namespace). Calling it
+// again, for instance from a restarted agent, atomically replaces the programs.
+func (d *Datapath) AttachPod(ifindex int) (AttachMode, error) {
+	if !d.cfg.ForceClsact {
+		err := d.attachTCX(ifindex)
+		if err == nil {
+			return AttachTCX, nil
+		}
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return "", err
+		}
+		d.cfg.Logger.Info("tcx not supported by this kernel, falling back to clsact", zap.Int("ifindex", ifindex))
+	}
+	return AttachClsact, d.attachClsact(ifindex)
+}
+
+func (d *Datapath) attachTCX(ifindex int) error {
+	for _, a := range []struct {
+		dir  string
+		prog *ebpf.Program
+		at   ebpf.AttachType
+	}{{"ingress", d.objs.TernFromPod, ebpf.AttachTCXIngress}, {"egress", d.objs.TernToPod, ebpf.AttachTCXEgress}} {
+		pin := d.linkPin(ifindex, a.dir)
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			// Re-attach after a restart: swap the program under the existing link.
+			err = l.Update(a.prog)
+			l.Close()
+			if err == nil {
+				continue
+			}
+			// The interface behind the pin is gone (index reused or link defunct): start over.
+			os.Remove(pin)
+		}
+		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: a.prog, Attach: a.at})
+		if err != nil {
+			return fmt.Errorf("attach %s program to ifindex %d with tcx: %w", a.dir, ifindex, err)
+		}
+		if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+			l.Close()
+			return fmt.Errorf("create link pin directory: %w", err)
+		}
+		if err := l.Pin(pin); err != nil {
+			l.Close()
+			return fmt.Errorf("pin tcx link %s: %w", pin, err)
+		}
+		l.Close()
+	}
+	return nil
+}
+
+func (d *Datapath) attachClsact(ifindex int) error {
+	lk, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("find interface %d for clsact attach: %w", ifindex, err)
+	}
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+	if err := netlink.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("add clsact qdisc to %s: %w", lk.Attrs().Name, err)
+	}
+	for _, a := range []struct {
+		parent uint32
+		prog   *ebpf.Program
+		name   string
+	}{{netlink.HANDLE_MIN_INGRESS, d.objs.TernFromPod, "tern_from_pod"}, {netlink.HANDLE_MIN_EGRESS, d.objs.TernToPod, "tern_to_pod"}} {
+		f := &netlink.BpfFilter{
+			FilterAttrs: netlink.FilterAttrs{
+				LinkIndex: ifindex,
+				Parent:    a.parent,
+				Handle:    clsactHandle,
+				Priority:  clsactPrio,
+				Protocol:  unix.ETH_P_ALL,
+			},
+			Fd:           a.prog.FD(),
+			Name:         a.name,
+			DirectAction: true,
+		}
+		if err := netlink.FilterReplace(f); err != nil {
+			return fmt.Errorf("attach %s to %s with clsact: %w", a.name, lk.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+// DetachPod removes the pod programs from an interface, whichever way they were attached.
+// A missing interface or attachment is not an error: a deleted veth takes its programs
+// with it. Run it in the interface's network namespace.
+func (d *Datapath) DetachPod(ifindex int) error {
+	var errs []error
+	for _, dir := range []string{"ingress", "egress"} {
+		pin := d.linkPin(ifindex, dir)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			if !errors.Is(err, os.ErrNotExist) {
+				os.Remove(pin)
+			}
+			continue
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
+		}
+		l.Close()
+	}
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex, Parent: parent, Handle: clsactHandle, Priority: clsactPrio, Protocol: unix.ETH_P_ALL,
+		}}
+		if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("remove clsact filter from ifindex %d: %w", ifindex, err))
+		}
+	}
+	return errors.Join(errs...)
+}

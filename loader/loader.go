@@ -1,0 +1,158 @@
+// Package loader loads tern's BPF programs with their load-time configuration, pins their
+// maps under a bpffs directory so that state outlives the agent, and attaches the pod
+// programs to veths with tcx (or clsact where tcx is missing).
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"go.uber.org/zap"
+)
+
+// DefaultPinRoot is where an agent pins maps and links unless told otherwise.
+const DefaultPinRoot = "/sys/fs/bpf/tern"
+
+// Config is the load-time configuration of the datapath. Zero fields take the defaults.
+type Config struct {
+	// PinRoot is the bpffs directory for maps and links. Tests use their own.
+	PinRoot string
+	// HairpinIP masquerades a pod reaching itself through a Service.
+	HairpinIP netip.Addr
+	// Conntrack lifetimes.
+	CTTCPSynTimeout         time.Duration
+	CTTCPEstablishedTimeout time.Duration
+	CTTCPClosingTimeout     time.Duration
+	CTUDPTimeout            time.Duration
+	// Map sizes. They are fixed when a map is first pinned: changing one later needs the
+	// pinned map removed (which drops its state).
+	MaxServices uint32
+	MaxBackends uint32
+	MaxFlows    uint32
+	MaxRevNAT   uint32
+	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
+	ForceClsact bool
+	Logger      *zap.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.PinRoot == "" {
+		c.PinRoot = DefaultPinRoot
+	}
+	if !c.HairpinIP.IsValid() {
+		c.HairpinIP = netip.MustParseAddr("169.254.42.1")
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.CTTCPSynTimeout, 60*time.Second)
+	def(&c.CTTCPEstablishedTimeout, 6*time.Hour)
+	def(&c.CTTCPClosingTimeout, 10*time.Second)
+	def(&c.CTUDPTimeout, 60*time.Second)
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+}
+
+// Datapath is the loaded pod programs and their pinned maps.
+type Datapath struct {
+	cfg  Config
+	objs PodObjects
+}
+
+// Load loads the pod programs, creating the pinned maps on first use and reusing them
+// afterwards, so conntrack and service state survive an agent restart.
+func Load(cfg Config) (*Datapath, error) {
+	cfg.setDefaults()
+	if !cfg.HairpinIP.Is4() {
+		return nil, fmt.Errorf("hairpin address %s is not IPv4", cfg.HairpinIP)
+	}
+	if err := os.MkdirAll(cfg.PinRoot, 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory %s (is bpffs mounted at /sys/fs/bpf?): %w", cfg.PinRoot, err)
+	}
+	spec, err := LoadPod()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
+	}
+
+	vars := map[string]any{
+		PodVarCFG_HAIRPIN_IP:                 AddrToBE(cfg.HairpinIP),
+		PodVarCFG_CT_TCP_SYN_TIMEOUT:         seconds(cfg.CTTCPSynTimeout),
+		PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT: seconds(cfg.CTTCPEstablishedTimeout),
+		PodVarCFG_CT_TCP_CLOSING_TIMEOUT:     seconds(cfg.CTTCPClosingTimeout),
+		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
+	}
+	for name, v := range vars {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("set load-time variable %s: %w", name, err)
+		}
+	}
+	sizes := map[string]uint32{
+		PodMapTernServices: cfg.MaxServices,
+		PodMapTernBackends: cfg.MaxBackends,
+		PodMapTernCt:       cfg.MaxFlows,
+		PodMapTernRevnat:   cfg.MaxRevNAT,
+	}
+	for name, n := range sizes {
+		if n != 0 {
+			spec.Maps[name].MaxEntries = n
+		}
+	}
+
+	d := &Datapath{cfg: cfg}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinRoot}}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("kernel verifier rejected the pod programs: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("a map pinned under %s does not match this build (size or layout changed); "+
+				"remove the pinned map to reset it, which drops its state: %w", cfg.PinRoot, err)
+		}
+		return nil, fmt.Errorf("load pod programs: %w", err)
+	}
+	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot))
+	return d, nil
+}
+
+func seconds(d time.Duration) uint32 { return uint32(d / time.Second) }
+
+// Config returns the configuration the datapath was loaded with, defaults filled in.
+func (d *Datapath) Config() Config { return d.cfg }
+
+// FromPod and ToPod are the programs for the host side of a pod veth.
+func (d *Datapath) FromPod() *ebpf.Program { return d.objs.TernFromPod }
+func (d *Datapath) ToPod() *ebpf.Program   { return d.objs.TernToPod }
+
+// Maps gives typed access to the datapath's maps.
+func (d *Datapath) Maps() *Maps {
+	return &Maps{
+		Services: d.objs.TernServices,
+		Backends: d.objs.TernBackends,
+		RevNAT:   d.objs.TernRevnat,
+		CT:       d.objs.TernCt,
+		Metrics:  d.objs.TernMetrics,
+	}
+}
+
+// Close releases this process's handles. Pinned maps and attached programs stay in the
+// kernel: the datapath keeps forwarding while the agent is away.
+func (d *Datapath) Close() error { return d.objs.Close() }
+
+// RemovePins deletes everything tern pinned under root: maps, links (which detaches tcx
+// programs) and the directory itself. It is for tests and for `ternctl reset`; an agent
+// never calls it.
+func RemovePins(root string) error {
+	if root == "" || root == "/" {
+		return fmt.Errorf("refusing to remove pin root %q", root)
+	}
+	return os.RemoveAll(filepath.Clean(root))
+}

@@ -1,0 +1,61 @@
+package loader
+
+import "strings"
+
+// Reason is a datapath verdict reason (enum tern_reason in bpf/lib/metrics.h). Its values
+// and names are generated from the object's BTF, so Go cannot drift from C.
+type Reason = PodTernReason
+
+// Direction is enum tern_dir: which pod program counted the packet.
+type Direction = PodTernDir
+
+const (
+	DirFromPod = PodTernDirDIR_FROM_POD
+	DirToPod   = PodTernDirDIR_TO_POD
+
+	ReasonPass             = PodTernReasonREASON_PASS
+	ReasonSvcForward       = PodTernReasonREASON_SVC_FORWARD
+	ReasonSvcRevNAT        = PodTernReasonREASON_SVC_REVNAT
+	ReasonSvcHairpin       = PodTernReasonREASON_SVC_HAIRPIN
+	ReasonSvcReject        = PodTernReasonREASON_SVC_REJECT
+	ReasonDropTruncated    = PodTernReasonREASON_DROP_TRUNCATED
+	ReasonDropBadIP        = PodTernReasonREASON_DROP_BAD_IP
+	ReasonDropFragNoHead   = PodTernReasonREASON_DROP_FRAG_NO_HEAD
+	ReasonDropCTFull       = PodTernReasonREASON_DROP_CT_FULL
+	ReasonDropNATFailed    = PodTernReasonREASON_DROP_NAT_FAILED
+	ReasonDropRejectFailed = PodTernReasonREASON_DROP_REJECT_FAILED
+	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
+	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
+)
+
+var reasonLabels = map[Reason]string{
+	ReasonPass: "pass", ReasonSvcForward: "svc_forward", ReasonSvcRevNAT: "svc_revnat",
+	ReasonSvcHairpin: "svc_hairpin", ReasonSvcReject: "svc_reject",
+	ReasonDropTruncated: "drop_truncated", ReasonDropBadIP: "drop_bad_ip",
+	ReasonDropFragNoHead: "drop_frag_no_head", ReasonDropCTFull: "drop_ct_full",
+	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
+	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
+}
+
+// String is the reason's Prometheus label value.
+func (r PodTernReason) String() string {
+	if n, ok := reasonLabels[r]; ok {
+		return n
+	}
+	return "unknown"
+}
+
+// IsDrop tells whether packets counted under r were dropped.
+func (r PodTernReason) IsDrop() bool {
+	return strings.HasPrefix(r.String(), "drop_")
+}
+
+func (d PodTernDir) String() string {
+	switch d {
+	case DirFromPod:
+		return "from-pod"
+	case DirToPod:
+		return "to-pod"
+	}
+	return "unknown"
+}
