@@ -495,22 +495,40 @@ func (e *Emulator) finishDeleteLocked(n *eni) {
 func (e *Emulator) scheduleLocked(n *eni, d time.Duration, finish func(*eni)) {
 	if n.timer != nil {
 		n.timer.Stop()
-		n.timer = nil
+		n.timer, n.pending = nil, nil
 	}
 	if d <= 0 {
 		finish(n)
 		return
 	}
 	gen := n.gen
+	n.pending = finish
 	n.timer = time.AfterFunc(d, func() {
 		e.mu.Lock()
 		defer e.mu.Unlock()
-		if e.closed || n.gen != gen {
+		if e.closed || n.gen != gen || n.pending == nil {
 			return
 		}
-		n.timer = nil
+		n.timer, n.pending = nil, nil
 		finish(n)
 	})
+}
+
+// FinishTransitions completes every pending ENI state transition now, as if its delay had
+// passed. Tests use it to step past Attaching/Detaching/Deleting without sleeping.
+func (e *Emulator) FinishTransitions() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, id := range slices.Clone(e.eniIDs) {
+		n := e.enis[id]
+		if n == nil || n.pending == nil {
+			continue
+		}
+		n.timer.Stop()
+		finish := n.pending
+		n.timer, n.pending = nil, nil
+		finish(n)
+	}
 }
 
 // ipLimitLocked is how many addresses n may hold: the instance type's per-ENI limit once

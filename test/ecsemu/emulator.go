@@ -136,6 +136,7 @@ type eni struct {
 	attachedAt  time.Time
 	plugged     bool        // the SDN has the ENI attached
 	timer       *time.Timer // pending state transition
+	pending     func(*eni)  // what the timer will do
 	gen         int         // bumps on every transition, so a stale timer does nothing
 }
 
