@@ -1,15 +1,17 @@
-package loader
+package loader_test
 
 import (
 	"testing"
 
 	"github.com/cilium/ebpf/btf"
+
+	"github.com/tern-net/tern/loader"
 )
 
 // Every reason in the C enum needs a metrics label, or drops would be exported as
 // "unknown".
 func TestEveryReasonHasALabel(t *testing.T) {
-	spec, err := LoadPod()
+	spec, err := loader.LoadPod()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -21,7 +23,7 @@ func TestEveryReasonHasALabel(t *testing.T) {
 		if v.Name == "__REASON_MAX" {
 			continue
 		}
-		if Reason(v.Value).String() == "unknown" {
+		if loader.Reason(v.Value).String() == "unknown" {
 			t.Errorf("%s (%d) has no label in reasons.go", v.Name, v.Value)
 		}
 	}

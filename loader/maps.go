@@ -99,3 +99,12 @@ func (m *Maps) MetricsTotals() (map[MetricsKey]MetricsValue, error) {
 
 // IsNotExist reports whether err is a map lookup or delete of a missing key.
 func IsNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
+
+// Writers used by the service reconciler (the seam service.LBMaps describes).
+
+func (m *Maps) PutService(k ServiceKey, v ServiceValue) error { return m.Services.Put(k, v) }
+func (m *Maps) DeleteService(k ServiceKey) error              { return m.Services.Delete(k) }
+func (m *Maps) PutBackend(k BackendKey, v BackendValue) error { return m.Backends.Put(k, v) }
+func (m *Maps) DeleteBackend(k BackendKey) error              { return m.Backends.Delete(k) }
+func (m *Maps) PutRevNAT(k RevNATKey, v RevNATValue) error    { return m.RevNAT.Put(k, v) }
+func (m *Maps) DeleteRevNAT(k RevNATKey) error                { return m.RevNAT.Delete(k) }

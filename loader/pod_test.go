@@ -1,4 +1,4 @@
-package loader
+package loader_test
 
 import (
 	"bytes"
@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/tern-net/tern/internal/packet"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/loader/loadertest"
 )
 
 const (
@@ -55,9 +57,9 @@ func wantAddrPort(t *testing.T, what string, gotA netip.Addr, gotP uint16, wantA
 func TestServiceDNATAndReverseNAT(t *testing.T) {
 	for _, proto := range []uint8{packet.ProtoTCP, packet.ProtoUDP} {
 		t.Run(map[uint8]string{packet.ProtoTCP: "tcp", packet.ProtoUDP: "udp"}[proto], func(t *testing.T) {
-			d := newTestDatapath(t, Config{})
+			d := loadertest.New(t, loader.Config{})
 			m := d.Maps()
-			putService(t, m, 1, vip.String(), 80, proto, backend{be1.String(), 8080})
+			loadertest.PutService(t, m, 1, vip.String(), 80, proto, loadertest.B(be1.String(), 8080))
 
 			var fwd packet.Frame
 			if proto == packet.ProtoTCP {
@@ -65,7 +67,7 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 			} else {
 				fwd = udp(client, 40000, vip, 80, "hello")
 			}
-			v, out := run(t, d.FromPod(), fwd.Build())
+			v, out := loadertest.Run(t, d.FromPod(), fwd.Build())
 			if v != verdictOK {
 				t.Fatalf("verdict %d, want TC_ACT_OK", v)
 			}
@@ -80,7 +82,7 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 			} else {
 				rep = udp(be1, 8080, client, 40000, "world")
 			}
-			v, out = run(t, d.ToPod(), rep.Build())
+			v, out = loadertest.Run(t, d.ToPod(), rep.Build())
 			if v != verdictOK {
 				t.Fatalf("reply verdict %d", v)
 			}
@@ -96,14 +98,14 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 				t.Fatalf("conntrack holds %d entries, want exactly one per flow", len(ct))
 			}
 			for _, e := range ct {
-				if e.Flags&CTFlagSeenReply == 0 {
+				if e.Flags&loader.CTFlagSeenReply == 0 {
 					t.Fatalf("conntrack entry not marked as replied: %+v", e)
 				}
 			}
-			if got := metric(t, m, ReasonSvcForward, DirFromPod); got != 1 {
+			if got := loadertest.Metric(t, m, loader.ReasonSvcForward, loader.DirFromPod); got != 1 {
 				t.Fatalf("svc_forward counted %d, want 1", got)
 			}
-			if got := metric(t, m, ReasonSvcRevNAT, DirToPod); got != 1 {
+			if got := loadertest.Metric(t, m, loader.ReasonSvcRevNAT, loader.DirToPod); got != 1 {
 				t.Fatalf("svc_revnat counted %d, want 1", got)
 			}
 		})
@@ -111,17 +113,17 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 }
 
 func TestFlowsStickToTheirBackend(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 80, packet.ProtoTCP, backend{be1.String(), 8080}, backend{be2.String(), 8080})
+	loadertest.PutService(t, m, 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(be1.String(), 8080), loadertest.B(be2.String(), 8080))
 
 	seen := map[netip.Addr]int{}
 	for port := uint16(30000); port < 30200; port++ {
-		_, out := run(t, d.FromPod(), tcp(client, port, vip, 80, packet.SYN).Build())
+		_, out := loadertest.Run(t, d.FromPod(), tcp(client, port, vip, 80, packet.SYN).Build())
 		first := parse(t, out).Dst
 		seen[first]++
 		for i := 0; i < 5; i++ {
-			_, out := run(t, d.FromPod(), tcp(client, port, vip, 80, packet.ACK).Build())
+			_, out := loadertest.Run(t, d.FromPod(), tcp(client, port, vip, 80, packet.ACK).Build())
 			if got := parse(t, out).Dst; got != first {
 				t.Fatalf("flow from port %d moved from %s to %s", port, first, got)
 			}
@@ -134,8 +136,8 @@ func TestFlowsStickToTheirBackend(t *testing.T) {
 }
 
 func TestNonServiceTrafficUntouched(t *testing.T) {
-	d := newTestDatapath(t, Config{})
-	putService(t, d.Maps(), 1, vip.String(), 80, packet.ProtoTCP, backend{be1.String(), 8080})
+	d := loadertest.New(t, loader.Config{})
+	loadertest.PutService(t, d.Maps(), 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(be1.String(), 8080))
 
 	arp := make([]byte, 42)
 	copy(arp[12:], []byte{0x08, 0x06})
@@ -152,8 +154,8 @@ func TestNonServiceTrafficUntouched(t *testing.T) {
 			name string
 			run  func() (uint32, []byte)
 		}{
-			{"from-pod", func() (uint32, []byte) { return run(t, d.FromPod(), in) }},
-			{"to-pod", func() (uint32, []byte) { return run(t, d.ToPod(), in) }},
+			{"from-pod", func() (uint32, []byte) { return loadertest.Run(t, d.FromPod(), in) }},
+			{"to-pod", func() (uint32, []byte) { return loadertest.Run(t, d.ToPod(), in) }},
 		} {
 			v, out := prog.run()
 			if v != verdictOK || !bytes.Equal(out, in) {
@@ -164,13 +166,13 @@ func TestNonServiceTrafficUntouched(t *testing.T) {
 }
 
 func TestNoEndpointsRejects(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 80, packet.ProtoTCP)
-	putService(t, m, 2, vip.String(), 53, packet.ProtoUDP)
+	loadertest.PutService(t, m, 1, vip.String(), 80, packet.ProtoTCP)
+	loadertest.PutService(t, m, 2, vip.String(), 53, packet.ProtoUDP)
 
 	t.Run("tcp syn gets rst", func(t *testing.T) {
-		v, out := run(t, d.FromPod(), tcp(client, 40000, vip, 80, packet.SYN).Build())
+		v, out := loadertest.Run(t, d.FromPod(), tcp(client, 40000, vip, 80, packet.SYN).Build())
 		if v != verdictRedirect {
 			t.Fatalf("verdict %d, want redirect back to the pod", v)
 		}
@@ -188,7 +190,7 @@ func TestNoEndpointsRejects(t *testing.T) {
 		f := tcp(client, 40001, vip, 80, packet.ACK)
 		f.Ack = 777
 		f.Payload = []byte("data")
-		v, out := run(t, d.FromPod(), f.Build())
+		v, out := loadertest.Run(t, d.FromPod(), f.Build())
 		p := parse(t, out)
 		if v != verdictRedirect || p.TCPFlags != packet.RST || p.Seq != 777 {
 			t.Fatalf("verdict %d flags %#x seq %d, want RST seq 777", v, p.TCPFlags, p.Seq)
@@ -196,7 +198,7 @@ func TestNoEndpointsRejects(t *testing.T) {
 	})
 	t.Run("udp gets icmp port unreachable", func(t *testing.T) {
 		in := udp(client, 5353, vip, 53, "query")
-		v, out := run(t, d.FromPod(), in.Build())
+		v, out := loadertest.Run(t, d.FromPod(), in.Build())
 		if v != verdictRedirect {
 			t.Fatalf("verdict %d, want redirect", v)
 		}
@@ -209,7 +211,7 @@ func TestNoEndpointsRejects(t *testing.T) {
 			t.Fatalf("icmp does not quote the client's header:\n got %x\nwant %x", p.L4[8:36], quoted)
 		}
 	})
-	if got := metric(t, m, ReasonSvcReject, DirFromPod); got != 3 {
+	if got := loadertest.Metric(t, m, loader.ReasonSvcReject, loader.DirFromPod); got != 3 {
 		t.Fatalf("svc_reject counted %d, want 3", got)
 	}
 	ct, _ := m.DumpCT()
@@ -219,9 +221,9 @@ func TestNoEndpointsRejects(t *testing.T) {
 }
 
 func TestMalformedPacketsDroppedWithReason(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 80, packet.ProtoTCP, backend{be1.String(), 8080})
+	loadertest.PutService(t, m, 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(be1.String(), 8080))
 	good := tcp(client, 40000, vip, 80, packet.SYN).Build()
 
 	badIHL := append([]byte(nil), good...)
@@ -236,34 +238,34 @@ func TestMalformedPacketsDroppedWithReason(t *testing.T) {
 	cases := []struct {
 		name   string
 		in     []byte
-		reason Reason
+		reason loader.Reason
 	}{
-		{"ipv4 options cut short", optionsCut, ReasonDropTruncated},
-		{"tcp header cut short", good[:packet.EthLen+20+8], ReasonDropTruncated},
-		{"ihl below 5", badIHL, ReasonDropBadIP},
-		{"total length below header", shortTotal, ReasonDropBadIP},
+		{"ipv4 options cut short", optionsCut, loader.ReasonDropTruncated},
+		{"tcp header cut short", good[:packet.EthLen+20+8], loader.ReasonDropTruncated},
+		{"ihl below 5", badIHL, loader.ReasonDropBadIP},
+		{"total length below header", shortTotal, loader.ReasonDropBadIP},
 	}
 	for _, c := range cases {
-		before := metric(t, m, c.reason, DirFromPod)
-		v, _ := run(t, d.FromPod(), c.in)
+		before := loadertest.Metric(t, m, c.reason, loader.DirFromPod)
+		v, _ := loadertest.Run(t, d.FromPod(), c.in)
 		if v != verdictShot {
 			t.Errorf("%s: verdict %d, want drop", c.name, v)
 		}
-		if metric(t, m, c.reason, DirFromPod) != before+1 {
+		if loadertest.Metric(t, m, c.reason, loader.DirFromPod) != before+1 {
 			t.Errorf("%s: drop not counted under %s", c.name, c.reason)
 		}
 	}
 }
 
 func TestIPOptionsAndZeroUDPChecksum(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 80, packet.ProtoTCP, backend{be1.String(), 8080})
-	putService(t, m, 2, vip.String(), 53, packet.ProtoUDP, backend{be2.String(), 5353})
+	loadertest.PutService(t, m, 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(be1.String(), 8080))
+	loadertest.PutService(t, m, 2, vip.String(), 53, packet.ProtoUDP, loadertest.B(be2.String(), 5353))
 
 	f := tcp(client, 40000, vip, 80, packet.SYN)
 	f.Options = []byte{1, 1, 1, 0} // NOP NOP NOP EOL
-	_, out := run(t, d.FromPod(), f.Build())
+	_, out := loadertest.Run(t, d.FromPod(), f.Build())
 	p := parse(t, out)
 	if p.IHL != 24 {
 		t.Fatalf("ihl %d, want options kept", p.IHL)
@@ -272,7 +274,7 @@ func TestIPOptionsAndZeroUDPChecksum(t *testing.T) {
 
 	u := udp(client, 40000, vip, 53, "q")
 	u.NoUDPChecksum = true
-	_, out = run(t, d.FromPod(), u.Build())
+	_, out = loadertest.Run(t, d.FromPod(), u.Build())
 	p = parse(t, out)
 	wantAddrPort(t, "dnat without udp checksum", p.Dst, p.DstPort, be2, 5353)
 	if !p.UDPChecksumZero {
@@ -281,9 +283,9 @@ func TestIPOptionsAndZeroUDPChecksum(t *testing.T) {
 }
 
 func TestFragments(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 53, packet.ProtoUDP, backend{be1.String(), 5353})
+	loadertest.PutService(t, m, 1, vip.String(), 53, packet.ProtoUDP, loadertest.B(be1.String(), 5353))
 
 	// A UDP datagram of 8+24 bytes split in two: header and 16 bytes, then 16 bytes.
 	payload := bytes.Repeat([]byte{0xab}, 24)
@@ -294,10 +296,10 @@ func TestFragments(t *testing.T) {
 	tail := packet.Frame{SrcMAC: podMAC, DstMAC: hostMAC, Src: client, Dst: vip, Proto: packet.ProtoUDP,
 		ID: 99, FragOffset: 2, L4Raw: l4[16:]}
 
-	_, out := run(t, d.FromPod(), head.Build())
+	_, out := loadertest.Run(t, d.FromPod(), head.Build())
 	ph, _ := packet.Parse(out)
 	wantAddrPort(t, "first fragment", ph.Dst, ph.DstPort, be1, 5353)
-	v, out := run(t, d.FromPod(), tail.Build())
+	v, out := loadertest.Run(t, d.FromPod(), tail.Build())
 	pt, _ := packet.Parse(out)
 	if v != verdictOK || pt.Dst != be1 || !pt.IPChecksumOK {
 		t.Fatalf("second fragment: verdict %d dst %s ip csum %v", v, pt.Dst, pt.IPChecksumOK)
@@ -311,20 +313,20 @@ func TestFragments(t *testing.T) {
 
 	orphan := tail
 	orphan.ID = 100
-	if v, _ := run(t, d.FromPod(), orphan.Build()); v != verdictShot {
+	if v, _ := loadertest.Run(t, d.FromPod(), orphan.Build()); v != verdictShot {
 		t.Fatalf("fragment without its head: verdict %d, want drop", v)
 	}
-	if metric(t, m, ReasonDropFragNoHead, DirFromPod) != 1 {
+	if loadertest.Metric(t, m, loader.ReasonDropFragNoHead, loader.DirFromPod) != 1 {
 		t.Fatal("headless fragment drop not counted")
 	}
 }
 
 func TestHairpin(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	hairpin := d.Config().HairpinIP
-	putService(t, d.Maps(), 1, vip.String(), 80, packet.ProtoTCP, backend{client.String(), 8080})
+	loadertest.PutService(t, d.Maps(), 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(client.String(), 8080))
 
-	v, out := run(t, d.FromPod(), tcp(client, 40000, vip, 80, packet.SYN).Build())
+	v, out := loadertest.Run(t, d.FromPod(), tcp(client, 40000, vip, 80, packet.SYN).Build())
 	if v != verdictRedirect {
 		t.Fatalf("verdict %d, want redirect back into the pod", v)
 	}
@@ -333,7 +335,7 @@ func TestHairpin(t *testing.T) {
 	wantAddrPort(t, "hairpin source", p.Src, p.SrcPort, hairpin, 40000)
 
 	// The pod answers the hairpin address; from-pod turns it back into VIP -> client.
-	v, out = run(t, d.FromPod(), tcp(client, 8080, hairpin, 40000, packet.SYN|packet.ACK).Build())
+	v, out = loadertest.Run(t, d.FromPod(), tcp(client, 8080, hairpin, 40000, packet.SYN|packet.ACK).Build())
 	if v != verdictRedirect {
 		t.Fatalf("reply verdict %d, want redirect", v)
 	}
@@ -343,20 +345,20 @@ func TestHairpin(t *testing.T) {
 }
 
 func TestSCTP(t *testing.T) {
-	d := newTestDatapath(t, Config{})
+	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
-	putService(t, m, 1, vip.String(), 9000, packet.ProtoSCTP, backend{be1.String(), 9000})
-	putService(t, m, 2, vip.String(), 9001, packet.ProtoSCTP, backend{be1.String(), 9999})
+	loadertest.PutService(t, m, 1, vip.String(), 9000, packet.ProtoSCTP, loadertest.B(be1.String(), 9000))
+	loadertest.PutService(t, m, 2, vip.String(), 9001, packet.ProtoSCTP, loadertest.B(be1.String(), 9999))
 	sctp := func(dport uint16) []byte {
 		return packet.Frame{SrcMAC: podMAC, DstMAC: hostMAC, Src: client, Dst: vip, Proto: packet.ProtoSCTP,
 			SrcPort: 5000, DstPort: dport}.Build()
 	}
-	v, out := run(t, d.FromPod(), sctp(9000))
+	v, out := loadertest.Run(t, d.FromPod(), sctp(9000))
 	p, _ := packet.Parse(out)
 	if v != verdictOK || p.Dst != be1 || p.DstPort != 9000 || !p.IPChecksumOK {
 		t.Fatalf("sctp same-port dnat: verdict %d dst %s:%d", v, p.Dst, p.DstPort)
 	}
-	if v, _ := run(t, d.FromPod(), sctp(9001)); v != verdictShot {
+	if v, _ := loadertest.Run(t, d.FromPod(), sctp(9001)); v != verdictShot {
 		t.Fatalf("sctp port translation: verdict %d, want drop (CRC32c cannot be patched)", v)
 	}
 }

@@ -1,0 +1,142 @@
+package service
+
+import (
+	"maps"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// Builder keeps the Services and EndpointSlices seen so far and the desired frontends each
+// Service yields. Every change returns the frontends it may have altered, so the reconciler
+// touches only those. It is not safe for concurrent use; the agent feeds it from one
+// goroutine.
+type Builder struct {
+	services map[types.NamespacedName]*corev1.Service
+	slices   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice
+	owned    map[types.NamespacedName]State
+	owner    map[Frontend]types.NamespacedName
+}
+
+func NewBuilder() *Builder {
+	return &Builder{
+		services: map[types.NamespacedName]*corev1.Service{},
+		slices:   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
+		owned:    map[types.NamespacedName]State{},
+		owner:    map[Frontend]types.NamespacedName{},
+	}
+}
+
+// UpsertService records a Service (new or changed).
+func (b *Builder) UpsertService(svc *corev1.Service) ([]Frontend, error) {
+	nn := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+	b.services[nn] = svc
+	return b.recompute(nn)
+}
+
+// DeleteService forgets a Service; its frontends go.
+func (b *Builder) DeleteService(nn types.NamespacedName) []Frontend {
+	delete(b.services, nn)
+	dirty, _ := b.recompute(nn)
+	return dirty
+}
+
+// serviceOf names the Service an EndpointSlice belongs to, from the label the
+// EndpointSlice controller sets. Slices without it are not for a Service.
+func serviceOf(s *discoveryv1.EndpointSlice) (types.NamespacedName, bool) {
+	name, ok := s.Labels[discoveryv1.LabelServiceName]
+	return types.NamespacedName{Namespace: s.Namespace, Name: name}, ok && name != ""
+}
+
+// UpsertSlice records an EndpointSlice (new or changed).
+func (b *Builder) UpsertSlice(s *discoveryv1.EndpointSlice) ([]Frontend, error) {
+	nn, ok := serviceOf(s)
+	if !ok {
+		return nil, nil
+	}
+	if b.slices[nn] == nil {
+		b.slices[nn] = map[string]*discoveryv1.EndpointSlice{}
+	}
+	b.slices[nn][s.Name] = s
+	return b.recompute(nn)
+}
+
+// DeleteSlice forgets an EndpointSlice.
+func (b *Builder) DeleteSlice(s *discoveryv1.EndpointSlice) []Frontend {
+	nn, ok := serviceOf(s)
+	if !ok {
+		return nil
+	}
+	delete(b.slices[nn], s.Name)
+	if len(b.slices[nn]) == 0 {
+		delete(b.slices, nn)
+	}
+	dirty, _ := b.recompute(nn)
+	return dirty
+}
+
+func (b *Builder) recompute(nn types.NamespacedName) ([]Frontend, error) {
+	old := b.owned[nn]
+	next := State{}
+	var err error
+	if svc, ok := b.services[nn]; ok {
+		eps := make([]*discoveryv1.EndpointSlice, 0, len(b.slices[nn]))
+		for _, s := range b.slices[nn] {
+			eps = append(eps, s)
+		}
+		next, err = Translate(svc, eps)
+	}
+	var dirty []Frontend
+	for f, bs := range old {
+		if nb, ok := next[f]; !ok || !equalBackends(bs, nb) {
+			dirty = append(dirty, f)
+		}
+		if _, ok := next[f]; !ok && b.owner[f] == nn {
+			delete(b.owner, f)
+		}
+	}
+	for f := range next {
+		if _, ok := old[f]; !ok {
+			dirty = append(dirty, f)
+		}
+		b.owner[f] = nn
+	}
+	if len(next) == 0 {
+		delete(b.owned, nn)
+	} else {
+		b.owned[nn] = next
+	}
+	return dirty, err
+}
+
+func equalBackends(a, b []Backend) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Desired returns the backends a frontend should have, and whether it should exist.
+func (b *Builder) Desired(f Frontend) ([]Backend, bool) {
+	nn, ok := b.owner[f]
+	if !ok {
+		return nil, false
+	}
+	bs, ok := b.owned[nn][f]
+	return bs, ok
+}
+
+// State returns the whole desired state (a copy).
+func (b *Builder) State() State {
+	out := State{}
+	for _, st := range b.owned {
+		maps.Copy(out, st)
+	}
+	return out
+}

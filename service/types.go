@@ -1,0 +1,66 @@
+// Package service turns Kubernetes Services and EndpointSlices into the load-balancer state
+// the datapath needs (frontends and their ready backends), and reconciles that desired
+// state into the BPF maps, writing only what differs.
+package service
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// Protocol is an IP protocol number; TCP, UDP and SCTP on one port are separate frontends.
+type Protocol uint8
+
+const (
+	TCP  Protocol = 6
+	UDP  Protocol = 17
+	SCTP Protocol = 132
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case TCP:
+		return "TCP"
+	case UDP:
+		return "UDP"
+	case SCTP:
+		return "SCTP"
+	}
+	return fmt.Sprintf("proto-%d", uint8(p))
+}
+
+// Frontend is one Service port on one cluster IP.
+type Frontend struct {
+	Addr  netip.Addr
+	Port  uint16
+	Proto Protocol
+}
+
+func (f Frontend) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), f.Proto)
+}
+
+// Backend is a ready endpoint address with the port the frontend translates to.
+type Backend struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+func (b Backend) String() string { return netip.AddrPortFrom(b.Addr, b.Port).String() }
+
+func compareBackends(a, b Backend) int {
+	if c := a.Addr.Compare(b.Addr); c != 0 {
+		return c
+	}
+	return int(a.Port) - int(b.Port)
+}
+
+// State is the desired load-balancer state: every frontend with its ready backends,
+// sorted and without duplicates. A frontend with no backends rejects.
+type State map[Frontend][]Backend
+
+func normalize(bs []Backend) []Backend {
+	slices.SortFunc(bs, compareBackends)
+	return slices.Compact(bs)
+}
