@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -337,5 +338,39 @@ func TestNetnsSDNCloseRemovesLinks(t *testing.T) {
 	must(t, e.Close())
 	if _, err := h.LinkByName("eth0"); err == nil {
 		t.Fatalf("eth0 survived Emulator.Close")
+	}
+}
+
+func TestNetnsSDNFromConfigPaths(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	vpc, n1 := testutil.NewNetNS(t), testutil.NewNetNS(t)
+	cfg := TestConfig()
+	cfg.VPC.NetNSPath = fmt.Sprintf("/proc/self/fd/%d", int(vpc))
+	cfg.Instances[0].NetNSPath = fmt.Sprintf("/proc/self/fd/%d", int(n1))
+	sdn, err := NewNetnsSDNFromConfig(cfg, nil)
+	must(t, err)
+	e, err := New(cfg, WithSDN(sdn))
+	must(t, err)
+	h, err := netlink.NewHandleAt(n1)
+	must(t, err)
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	must(t, err)
+	routes, err := h.RouteList(eth0, netlink.FAMILY_V4)
+	must(t, err)
+	gw := ""
+	for _, r := range routes {
+		if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+			gw = r.Gw.String()
+		}
+	}
+	if gw != "192.168.1.253" {
+		t.Fatalf("node default route via %q, want 192.168.1.253 (routes %v)", gw, routes)
+	}
+	must(t, e.Close())
+	must(t, sdn.Close())
+	cfg.Instances[0].NetNSPath = "/nonexistent/ns"
+	if _, err := NewNetnsSDNFromConfig(cfg, nil); err == nil || !strings.Contains(err.Error(), "i-test-0001") {
+		t.Fatalf("a missing namespace path gave %v, want an error naming the instance", err)
 	}
 }
