@@ -1,0 +1,180 @@
+package ipam
+
+import (
+	"context"
+	"net/netip"
+	"sort"
+
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/ipam/aliyun"
+	"github.com/tern-net/tern/ipam/store"
+)
+
+// reclaim gives idle addresses back to the cloud: those above max_pool_size, and those idle
+// longer than idle_ip_reclaim_after down to min_pool_size. It prefers addresses on the ENIs with
+// the fewest pods, and deletes an ENI outright when all its addresses go and no pod uses it.
+// It runs with opMu held.
+func (p *Pool) reclaim(ctx context.Context) {
+	type plan struct {
+		eni    *eniState
+		ips    []netip.Addr
+		delete bool
+	}
+	p.mu.Lock()
+	cfg := p.cfg
+	now := p.now()
+	idle, expired := 0, 0
+	for _, e := range p.enis {
+		for _, ip := range e.ips {
+			if ip.owner == "" && !ip.releasing {
+				idle++
+				if cfg.IdleIPReclaimAfter > 0 && now.Sub(ip.idleSince) >= cfg.IdleIPReclaimAfter {
+					expired++
+				}
+			}
+		}
+	}
+	n := reclaimCount(idle, expired, cfg.MinPoolSize, cfg.MaxPoolSize)
+	if n == 0 {
+		p.mu.Unlock()
+		return
+	}
+	enis := p.sortedENIsLocked()
+	sort.SliceStable(enis, func(i, j int) bool {
+		ui, ii := enis[i].counts()
+		uj, ij := enis[j].counts()
+		if ui != uj {
+			return ui < uj
+		}
+		return ii < ij
+	})
+	onlyExpired := idle <= cfg.MaxPoolSize // not over max: only expired addresses may go
+	var plans []plan
+	for _, e := range enis {
+		if n == 0 {
+			break
+		}
+		used, eidle := e.counts()
+		var cands []netip.Addr
+		for _, a := range e.sortedIPs() {
+			ip := e.ips[a]
+			if ip.owner != "" || ip.releasing {
+				continue
+			}
+			if onlyExpired && now.Sub(ip.idleSince) < cfg.IdleIPReclaimAfter {
+				continue
+			}
+			cands = append(cands, a)
+		}
+		sort.SliceStable(cands, func(i, j int) bool { return e.ips[cands[i]].idleSince.Before(e.ips[cands[j]].idleSince) })
+		take := min(n, len(cands))
+		if take == 0 {
+			continue
+		}
+		pl := plan{eni: e, ips: cands[:take]}
+		pl.delete = cfg.HotPlug && used == 0 && take == eidle && take == len(e.ips)
+		for _, a := range pl.ips {
+			e.ips[a].releasing = true
+		}
+		n -= take
+		plans = append(plans, pl)
+	}
+	p.publishLocked()
+	p.mu.Unlock()
+
+	for _, pl := range plans {
+		var err error
+		if pl.delete {
+			err = p.deleteOwnedENI(ctx, pl.eni)
+		} else {
+			err = p.unassign(ctx, pl.eni, pl.ips)
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				p.log.Warn("reclaim failed; addresses stay in the pool", zap.String("eni", pl.eni.info.ID), zap.Error(err))
+			}
+			p.mu.Lock()
+			for _, a := range pl.ips {
+				if ip, ok := pl.eni.ips[a]; ok {
+					ip.releasing = false
+				}
+			}
+			p.publishLocked()
+			p.mu.Unlock()
+		}
+	}
+}
+
+// unassign removes idle addresses from an ENI, at most aliyun.MaxIPsPerCall per call.
+func (p *Pool) unassign(ctx context.Context, e *eniState, ips []netip.Addr) error {
+	for len(ips) > 0 {
+		chunk := ips[:min(len(ips), aliyun.MaxIPsPerCall)]
+		ips = ips[len(chunk):]
+		intent := store.Intent{Token: newToken(), Kind: store.IntentUnassignIPs, ENIID: e.info.ID, IPs: chunk, Created: p.now()}
+		if err := p.st.PutIntent(intent); err != nil {
+			return err
+		}
+		if err := p.cloud.UnassignPrivateIPs(ctx, e.info.ID, chunk); err != nil {
+			p.dropIntentUnlessInterrupted(ctx, intent)
+			return err
+		}
+		gone := map[netip.Addr]bool{}
+		for _, a := range chunk {
+			gone[a] = true
+		}
+		p.mu.Lock()
+		rec := e.info
+		rec.IPs = nil
+		for _, a := range e.info.IPs {
+			if !gone[a] {
+				rec.IPs = append(rec.IPs, a)
+			}
+		}
+		p.mu.Unlock()
+		if err := p.st.Update(func(tx *store.Tx) error {
+			if err := tx.PutENI(rec); err != nil {
+				return err
+			}
+			return tx.DeleteIntent(intent.Token)
+		}); err != nil {
+			p.log.Error("cannot record unassigned IPs; reconciled at the next start", zap.String("eni", e.info.ID), zap.Error(err))
+		}
+		p.mu.Lock()
+		e.info = rec
+		for a := range gone {
+			delete(e.ips, a)
+		}
+		p.publishLocked()
+		p.mu.Unlock()
+		p.log.Info("released idle IPs", zap.String("eni", e.info.ID), zap.Int("count", len(chunk)))
+	}
+	return nil
+}
+
+// deleteOwnedENI detaches and deletes an ENI of the pool that no pod uses.
+func (p *Pool) deleteOwnedENI(ctx context.Context, e *eniState) error {
+	id := e.info.ID
+	intent := store.Intent{Token: newToken(), Kind: store.IntentDeleteENI, ENIID: id, Created: p.now()}
+	if err := p.st.PutIntent(intent); err != nil {
+		return err
+	}
+	if err := p.destroyENI(ctx, id); err != nil {
+		p.dropIntentUnlessInterrupted(ctx, intent)
+		return err
+	}
+	if err := p.st.Update(func(tx *store.Tx) error {
+		if err := tx.DeleteENI(id); err != nil {
+			return err
+		}
+		return tx.DeleteIntent(intent.Token)
+	}); err != nil {
+		p.log.Error("cannot record deleted ENI; reconciled at the next start", zap.String("eni", id), zap.Error(err))
+	}
+	p.mu.Lock()
+	delete(p.enis, id)
+	p.publishLocked()
+	p.mu.Unlock()
+	p.log.Info("deleted empty ENI", zap.String("eni", id))
+	return nil
+}
