@@ -606,3 +606,113 @@ func TestVSwitchExhaustion(t *testing.T) {
 		}
 	}
 }
+
+func TestCreateParameters(t *testing.T) {
+	cfg := TestConfig()
+	cfg.SecurityGroups = append(cfg.SecurityGroups, "sg-test-2")
+	_, addr := NewTestServer(t, cfg)
+	c, _ := NewTestClients(t, addr)
+
+	req := ecs.CreateCreateNetworkInterfaceRequest()
+	req.VSwitchId = "vsw-test-a"
+	req.SecurityGroupIds = &[]string{"sg-test", "sg-test-2"}
+	req.PrimaryIpAddress = "192.168.1.100"
+	req.PrivateIpAddress = &[]string{"192.168.1.101"}
+	req.NetworkInterfaceName = "tern-eni"
+	req.InstanceType = TypeTrunk
+	r, err := c.CreateNetworkInterface(req)
+	must(t, err)
+	var ips []string
+	for _, s := range r.PrivateIpSets.PrivateIpSet {
+		ips = append(ips, fmt.Sprintf("%s/%v", s.PrivateIpAddress, s.Primary))
+	}
+	if r.PrivateIpAddress != "192.168.1.100" || !slices.Equal(ips, []string{"192.168.1.100/true", "192.168.1.101/false"}) ||
+		!slices.Equal(r.SecurityGroupIds.SecurityGroupId, []string{"sg-test", "sg-test-2"}) ||
+		r.NetworkInterfaceName != "tern-eni" || r.Type != TypeTrunk {
+		t.Fatalf("CreateNetworkInterface reply %+v", r)
+	}
+
+	req2 := ecs.CreateCreateNetworkInterfaceRequest()
+	req2.VSwitchId = "vsw-test-a"
+	req2.SecurityGroupId = "sg-test"
+	req2.SecondaryPrivateIpAddressCount = requests.NewInteger(3)
+	r2, err := c.CreateNetworkInterface(req2)
+	must(t, err)
+	if len(r2.PrivateIpSets.PrivateIpSet) != 4 {
+		t.Fatalf("created with 3 secondaries, got IP sets %+v", r2.PrivateIpSets)
+	}
+
+	req3 := ecs.CreateCreateNetworkInterfaceRequest()
+	req3.VSwitchId = "vsw-test-a"
+	_, err = c.CreateNetworkInterface(req3)
+	wantCode(t, err, CodeMissingParameter)
+}
+
+func TestConcurrentAllocationsNeverCollide(t *testing.T) {
+	cfg := TestConfig()
+	for i := range 4 {
+		cfg.AddInstance(fmt.Sprintf("i-par-%d", i), "ecs.g7.4xlarge", "vsw-test-b", fmt.Sprintf("192.168.2.%d", 200+i))
+	}
+	e, addr := NewTestServer(t, cfg)
+	errc := make(chan error, 4)
+	for i := range 4 {
+		// One client per goroutine: the SDK's Client rewrites its shared http.Client timeout
+		// on every call (sdk.Client.setTimeout), a data race when a client is shared.
+		c, _ := NewTestClients(t, addr)
+		go func() {
+			for range 3 {
+				req := ecs.CreateCreateNetworkInterfaceRequest()
+				req.VSwitchId = "vsw-test-b"
+				req.SecurityGroupId = "sg-test"
+				r, err := c.CreateNetworkInterface(req)
+				if err != nil {
+					errc <- err
+					return
+				}
+				if err := attachNoT(c, fmt.Sprintf("i-par-%d", i), r.NetworkInterfaceId); err != nil {
+					errc <- err
+					return
+				}
+				for range 3 {
+					if _, err := assignN(c, r.NetworkInterfaceId, 5, ""); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}
+			errc <- nil
+		}()
+	}
+	for range 4 {
+		must(t, <-errc)
+	}
+	s := e.Snapshot()
+	seen := map[string]string{}
+	total := 0
+	for _, n := range s.ENIs {
+		for _, ip := range n.IPs {
+			if other, dup := seen[ip]; dup {
+				t.Fatalf("%s is held by both %s and %s", ip, other, n.ID)
+			}
+			seen[ip] = n.ID
+			if n.VSwitchID == "vsw-test-b" {
+				total++
+			}
+		}
+	}
+	// 4 primaries + 4 nodes × 3 ENIs × (1 + 3×5) addresses.
+	if want := 4 + 4*3*16; total != want {
+		t.Fatalf("vsw-test-b holds %d addresses, want %d", total, want)
+	}
+	if v, _ := s.VSwitch("vsw-test-b"); v.Available != 252-total {
+		t.Fatalf("vsw-test-b reports %d available with %d in use, want %d", v.Available, total, 252-total)
+	}
+}
+
+func attachNoT(c *ecs.Client, inst, eniID string) error {
+	req := ecs.CreateAttachNetworkInterfaceRequest()
+	req.InstanceId = inst
+	req.NetworkInterfaceId = eniID
+	_, err := c.AttachNetworkInterface(req)
+	return err
+}

@@ -79,6 +79,9 @@ type TransitionDelays struct {
 	Attach Duration `json:"attach"`
 	Detach Duration `json:"detach"`
 	Delete Duration `json:"delete"`
+	// Metadata is how long an ENI stays invisible in the instance metadata after it turns
+	// InUse: the real metadata service lags behind a fresh attach.
+	Metadata Duration `json:"metadata,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes JSON as a Go duration string ("1.5s").

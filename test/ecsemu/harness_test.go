@@ -258,3 +258,20 @@ func TestMetadataReflectsAttach(t *testing.T) {
 		t.Fatalf("metadata of an unknown instance answers HTTP %d, want 404", code)
 	}
 }
+
+func TestMetadataLag(t *testing.T) {
+	cfg := TestConfig()
+	cfg.Delays.Metadata = Duration(time.Hour)
+	e, addr := NewTestServer(t, cfg)
+	c, _ := NewTestClients(t, addr)
+	created := createENI(t, c, "vsw-test-a", nil)
+	must(t, attach(t, c, "i-test-0001", created.NetworkInterfaceId))
+	waitStatus(t, c, created.NetworkInterfaceId, StatusInUse)
+	if _, macs := getMeta(t, addr, "i-test-0001", "network/interfaces/macs/"); strings.Contains(macs, created.MacAddress) {
+		t.Fatalf("ENI visible in metadata despite a 1h lag: %q", macs)
+	}
+	e.SetDelays(TransitionDelays{})
+	if _, macs := getMeta(t, addr, "i-test-0001", "network/interfaces/macs/"); !strings.Contains(macs, created.MacAddress) {
+		t.Fatalf("ENI not in metadata once the lag is gone: %q", macs)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"time"
 )
 
 // MetadataHandler serves the instance-metadata service of one instance, as a guest would see
@@ -71,7 +72,8 @@ func (e *Emulator) metadata(instanceID, path string) (string, bool) {
 	var attached []*eni
 	for _, id := range e.eniIDs {
 		n := e.enis[id]
-		if n.instanceID == instanceID && n.status == StatusInUse {
+		visible := n.typ == TypePrimary || e.now().Sub(n.attachedAt) >= time.Duration(e.delays.Metadata)
+		if n.instanceID == instanceID && n.status == StatusInUse && visible {
 			attached = append(attached, n)
 		}
 	}
