@@ -322,12 +322,12 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	if aerr != nil {
 		return nil, aerr
 	}
-	if len(ips)+secondary > availableENIIPLimit || (len(ips) == 0 && secondary+1 > availableENIIPLimit) {
-		return nil, apiErr(http.StatusForbidden, CodeQuotaPrivateIP, "An ENI that is not attached holds at most %d private IP addresses.", availableENIIPLimit)
-	}
 	need := secondary
 	if p["PrimaryIpAddress"] == "" {
 		need++ // the primary comes from the pool too
+	}
+	if len(ips)+need > availableENIIPLimit {
+		return nil, apiErr(http.StatusForbidden, CodeQuotaPrivateIP, "An ENI that is not attached holds at most %d private IP addresses; %d were requested.", availableENIIPLimit, len(ips)+need)
 	}
 	more, aerr := allocLocked(vs, need)
 	if aerr != nil {

@@ -64,8 +64,8 @@ func statusOf(code string) int {
 		CodeInvalidAccessKeyID, CodeInvalidAction:
 		return http.StatusNotFound
 	case CodeEniPerInstanceLimit, CodeInvalidEniState, CodeIpv4CountExceeded, CodeQuotaPrivateIP,
-		CodeVSwitchIPNotEnough, CodeSignatureNonceUsed, CodeInvalidOperationPrimary, CodeIPUnassigned,
-		CodeSignatureDoesNotMatch, CodeInvalidEniType, CodeEniZoneMismatch:
+		CodeVSwitchIPNotEnough, CodeInvalidOperationPrimary, CodeIPUnassigned,
+		CodeInvalidEniType, CodeEniZoneMismatch:
 		return http.StatusForbidden
 	case CodeOperationConflict:
 		return http.StatusConflict

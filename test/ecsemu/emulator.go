@@ -14,7 +14,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -82,6 +81,7 @@ type Emulator struct {
 	now     func() time.Time
 	seed    uint64
 	auth    *authenticator
+	actions map[string]map[string]actionFunc
 	latency atomic.Int64 // time.Duration per call
 
 	mu       sync.Mutex
@@ -174,6 +174,7 @@ func New(cfg *Config, opts ...Option) (*Emulator, error) {
 		skew = 15 * time.Minute
 	}
 	e.auth = newAuthenticator(cfg.AccessKeys, skew, e.now)
+	e.actions = e.actionTables()
 	e.latency.Store(int64(cfg.Latency))
 	e.vpc = netip.MustParsePrefix(cfg.VPC.CIDR)
 	for _, t := range cfg.InstanceTypes {
@@ -453,8 +454,12 @@ func (e *Emulator) serveAPI(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, obj)
 }
 
-func (e *Emulator) route(version, action string) (func(map[string]string) (any, *APIError), *APIError) {
-	ecs := map[string]func(map[string]string) (any, *APIError){
+// actionFunc runs one API action on its parameters.
+type actionFunc func(map[string]string) (any, *APIError)
+
+// actionTables maps API version → action name → implementation.
+func (e *Emulator) actionTables() map[string]map[string]actionFunc {
+	ecs := map[string]actionFunc{
 		"DescribeInstanceTypes":      e.describeInstanceTypes,
 		"DescribeInstances":          e.describeInstances,
 		"DescribeInstanceAttribute":  e.describeInstanceAttribute,
@@ -466,16 +471,17 @@ func (e *Emulator) route(version, action string) (func(map[string]string) (any, 
 		"AssignPrivateIpAddresses":   e.assignPrivateIPAddresses,
 		"UnassignPrivateIpAddresses": e.unassignPrivateIPAddresses,
 	}
-	vpc := map[string]func(map[string]string) (any, *APIError){
+	vpc := map[string]actionFunc{
 		"DescribeVSwitches": e.describeVSwitches,
 	}
-	var table map[string]func(map[string]string) (any, *APIError)
-	switch version {
-	case ECSVersion:
-		table = ecs
-	case VPCVersion:
-		table = vpc
-	case "":
+	return map[string]map[string]actionFunc{ECSVersion: ecs, VPCVersion: vpc}
+}
+
+func (e *Emulator) route(version, action string) (actionFunc, *APIError) {
+	table, ok := e.actions[version]
+	switch {
+	case ok:
+	case version == "":
 		return nil, apiErr(http.StatusBadRequest, CodeMissingParameter, "The input parameter \"Version\" that is mandatory for processing this request is not supplied.")
 	default:
 		return nil, apiErr(http.StatusBadRequest, CodeUnsupportedVersion, "Version %q is not supported; ECS uses %s and VPC %s.", version, ECSVersion, VPCVersion)
@@ -676,14 +682,4 @@ func (s State) VSwitch(id string) (VSwitchState, bool) {
 		}
 	}
 	return VSwitchState{}, false
-}
-
-// sortedKeys is used to make listings deterministic.
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
 }
