@@ -45,12 +45,13 @@ static __always_inline int reject(struct __sk_buff *skb, const struct pkt *p)
 static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct revnat_hit hit;
+	__u64 now = ct_now();
 
 	if (!has_ports(p->proto) ||
-	    !revnat_find(p->saddr, p->sport, p->saddr, p->dport, p->proto, &hit) ||
+	    !revnat_find(p->saddr, p->sport, p->saddr, p->dport, p->proto, now, &hit) ||
 	    !(hit.ct->flags & CT_F_HAIRPIN))
 		return TC_ACT_OK;
-	ct_touch(hit.ct, p->proto, p->tcp_flags, true);
+	ct_touch(hit.ct, now, p->proto, p->tcp_flags, true);
 	if (nat_rewrite(skb, p, false, hit.vip, hit.vport) ||
 	    nat_rewrite(skb, p, true, p->saddr, p->dport) || swap_eth(skb))
 		return drop(skb, REASON_DROP_NAT_FAILED, DIR_FROM_POD);
@@ -61,7 +62,7 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 /* Conntrack entry for a new flow to svc: pick a backend and remember it. */
 static __always_inline int ct_create(struct __sk_buff *skb, const struct pkt *p,
 				     const struct ct_key *k, const struct svc_value *svc,
-				     struct ct_value *out)
+				     __u64 now, struct ct_value *out)
 {
 	struct backend_value *be = lb_pick_backend(svc);
 
@@ -73,7 +74,7 @@ static __always_inline int ct_create(struct __sk_buff *skb, const struct pkt *p,
 	out->svc_id = svc->id;
 	if (be->addr == p->saddr)
 		out->flags = CT_F_HAIRPIN;
-	out->expires_ns = bpf_ktime_get_ns() + ct_lifetime_ns(p->proto, out->flags);
+	out->expires_ns = now + ct_lifetime_ns(p->proto, out->flags);
 	if (bpf_map_update_elem(&tern_ct, k, out, BPF_ANY))
 		return REASON_DROP_CT_FULL;
 	return 0;
@@ -108,14 +109,15 @@ int tern_from_pod(struct __sk_buff *skb)
 	struct ct_key k = { .saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,
 			    .dport = p.dport, .proto = p.proto };
 	struct ct_value flow;
-	struct ct_value *ct = ct_lookup(&k);
+	__u64 now = ct_now();
+	struct ct_value *ct = ct_lookup(&k, now);
 	if (ct) {
-		ct_touch(ct, p.proto, p.tcp_flags, false);
+		ct_touch(ct, now, p.proto, p.tcp_flags, false);
 		flow = *ct;
 	} else {
 		if (svc->backend_count == 0)
 			return reject(skb, &p);
-		int reason = ct_create(skb, &p, &k, svc, &flow);
+		int reason = ct_create(skb, &p, &k, svc, now, &flow);
 		if (reason)
 			return drop(skb, reason, DIR_FROM_POD);
 	}
@@ -153,10 +155,11 @@ int tern_to_pod(struct __sk_buff *skb)
 	/* A fragment whose head was not seen here cannot be a reply we translated: pass. */
 	if (!frag_ports(&p) || !has_ports(p.proto))
 		return TC_ACT_OK;
-	if (!revnat_find(p.saddr, p.sport, p.daddr, p.dport, p.proto, &hit))
+	__u64 now = ct_now();
+	if (!revnat_find(p.saddr, p.sport, p.daddr, p.dport, p.proto, now, &hit))
 		return TC_ACT_OK;
 
-	ct_touch(hit.ct, p.proto, p.tcp_flags, true);
+	ct_touch(hit.ct, now, p.proto, p.tcp_flags, true);
 	if (p.proto == IPPROTO_SCTP && hit.vport != p.sport)
 		return drop(skb, REASON_DROP_SCTP_PORT, DIR_TO_POD);
 	if (nat_rewrite(skb, &p, false, hit.vip, hit.vport))

@@ -79,17 +79,21 @@ func (m *Maps) DumpCT() (map[CTKey]CTValue, error) {
 func (m *Maps) MetricsTotals() (map[MetricsKey]MetricsValue, error) {
 	out := make(map[MetricsKey]MetricsValue)
 	var (
-		k   MetricsKey
+		idx uint32
 		per []MetricsValue
 	)
 	it := m.Metrics.Iterate()
-	for it.Next(&k, &per) {
+	for it.Next(&idx, &per) {
 		var sum MetricsValue
 		for _, v := range per {
 			sum.Packets += v.Packets
 			sum.Bytes += v.Bytes
 		}
-		out[k] = sum
+		if sum.Packets == 0 {
+			continue
+		}
+		// METRICS_INDEX in bpf/lib/metrics.h: dir << 5 | reason.
+		out[MetricsKey{Reason: Reason(idx & 0x1f), Dir: Direction(idx >> 5)}] = sum
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate metrics map: %w", err)

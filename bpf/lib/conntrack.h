@@ -25,7 +25,7 @@ enum ct_flag {
 };
 
 struct ct_value {
-	__u64 expires_ns;     /* bpf_ktime_get_ns() deadline; an expired entry is a new flow */
+	__u64 expires_ns;     /* CLOCK_MONOTONIC (coarse) deadline; an expired entry is a new flow */
 	__be32 backend_addr;
 	__be16 backend_port;
 	__u16 flags;          /* enum ct_flag */
@@ -60,7 +60,8 @@ static __always_inline __u64 ct_lifetime_ns(__u8 proto, __u16 flags)
 /* Fold the packet's TCP flags into the entry and push its deadline out. The deadline is
  * written only when it moves by more than a second, so established flows do not write to
  * shared memory on every packet. */
-static __always_inline void ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_flags, bool reply)
+static __always_inline void ct_touch(struct ct_value *ct, __u64 now, __u8 proto, __u8 tcp_flags,
+				     bool reply)
 {
 	__u16 flags = ct->flags;
 
@@ -71,7 +72,7 @@ static __always_inline void ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_f
 	/* A new SYN on a closing tuple is the port being reused: start over. */
 	if (!reply && (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		flags &= ~(CT_F_CLOSING | CT_F_SEEN_REPLY);
-	__u64 deadline = bpf_ktime_get_ns() + ct_lifetime_ns(proto, flags);
+	__u64 deadline = now + ct_lifetime_ns(proto, flags);
 	if (flags != ct->flags) {
 		ct->flags = flags;
 		ct->expires_ns = deadline;
@@ -80,11 +81,18 @@ static __always_inline void ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_f
 	}
 }
 
-static __always_inline struct ct_value *ct_lookup(const struct ct_key *k)
+/* The coarse clock (tick resolution) is enough for lifetimes in seconds and far cheaper
+ * than reading the clock source on every packet. One read per packet, passed around. */
+static __always_inline __u64 ct_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
+static __always_inline struct ct_value *ct_lookup(const struct ct_key *k, __u64 now)
 {
 	struct ct_value *ct = bpf_map_lookup_elem(&tern_ct, k);
 
-	if (ct && ct->expires_ns < bpf_ktime_get_ns())
+	if (ct && ct->expires_ns < now)
 		return NULL;
 	return ct;
 }

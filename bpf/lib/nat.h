@@ -8,9 +8,6 @@
 #include "common.h"
 #include "parse.h"
 
-#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
-#define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 
 static __always_inline int l4_csum_off(const struct pkt *p, __u64 *flags)
 {
@@ -27,8 +24,24 @@ static __always_inline int l4_csum_off(const struct pkt *p, __u64 *flags)
 	}
 }
 
+/* RFC 1624: update a 16-bit one's complement checksum for a 32-bit field change. Works on
+ * raw network-order words: the sum does not care about byte order as long as it is
+ * consistent. */
+static __always_inline __u16 csum_replace4(__u16 check, __be32 from, __be32 to)
+{
+	__u32 s = (__u16)~check;
+
+	s += (__u16)~(from & 0xffff) + (__u16)~(from >> 16) + (to & 0xffff) + (to >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
 /* Rewrite the destination (dst=true) or source address and port. Returns 0 or a negative
- * helper error. */
+ * error. Fields are written with direct packet access and the IPv4 header checksum is
+ * patched by hand (it is never offloaded); the L4 checksum goes through the helper,
+ * which knows whether the packet is CHECKSUM_PARTIAL. Direct writes come first because a
+ * helper that may move packet data invalidates packet pointers. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *p, bool dst,
 				       __be32 new_addr, __be16 new_port)
 {
@@ -36,38 +49,39 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt *
 	__be16 old_port = dst ? p->dport : p->sport;
 	bool l4 = p->first_frag && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP ||
 				    p->proto == IPPROTO_SCTP);
+	bool addr_changes = old_addr != new_addr;
+	bool port_changes = l4 && old_port != new_port;
 	__u64 csum_flags = 0;
 	int csum_off = l4_csum_off(p, &csum_flags);
-	int ret;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 l4_off = p->l4_off & 0x7f; /* at most ETH_HLEN + 60: bounds for the verifier */
+	__be16 *ports = data + l4_off;
 
-	if (old_addr != new_addr) {
-		if (l4 && csum_off >= 0) {
-			ret = bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-						  BPF_F_PSEUDO_HDR | csum_flags | sizeof(new_addr));
-			if (ret)
-				return ret;
-		}
-		ret = bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr));
-		if (ret)
-			return ret;
-		ret = bpf_skb_store_bytes(skb, dst ? IP_DADDR_OFF : IP_SADDR_OFF, &new_addr,
-					  sizeof(new_addr), 0);
-		if (ret)
-			return ret;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (addr_changes) {
+		ip->check = csum_replace4(ip->check, old_addr, new_addr);
+		if (dst)
+			ip->daddr = new_addr;
+		else
+			ip->saddr = new_addr;
 	}
-	if (l4 && old_port != new_port) {
-		if (csum_off >= 0) {
-			ret = bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
-						  csum_flags | sizeof(new_port));
-			if (ret)
-				return ret;
-		}
-		/* Source port is the first 16 bits of TCP, UDP and SCTP headers; dest the next. */
-		ret = bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &new_port,
-					  sizeof(new_port), 0);
-		if (ret)
-			return ret;
+	if (port_changes) {
+		if ((void *)(ports + 2) > data_end)
+			return -1;
+		ports[dst ? 1 : 0] = new_port;
 	}
+	if (csum_off < 0 || !l4)
+		return 0;
+	if (addr_changes &&
+	    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+				BPF_F_PSEUDO_HDR | csum_flags | sizeof(new_addr)))
+		return -1;
+	if (port_changes &&
+	    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, csum_flags | sizeof(new_port)))
+		return -1;
 	return 0;
 }
 

@@ -16,7 +16,7 @@ struct revnat_hit {
 
 static __always_inline bool revnat_find(__be32 backend_addr, __be16 backend_port,
 					__be32 client_addr, __be16 client_port, __u8 proto,
-					struct revnat_hit *hit)
+					__u64 now, struct revnat_hit *hit)
 {
 	struct revnat_key rk = { .addr = backend_addr, .port = backend_port, .proto = proto };
 	struct revnat_value *rv = bpf_map_lookup_elem(&tern_revnat, &rk);
@@ -30,7 +30,7 @@ static __always_inline bool revnat_find(__be32 backend_addr, __be16 backend_port
 			break;
 		k.daddr = rv->frontends[i].addr;
 		k.dport = rv->frontends[i].port;
-		struct ct_value *ct = ct_lookup(&k);
+		struct ct_value *ct = ct_lookup(&k, now);
 		if (ct && ct->backend_addr == backend_addr && ct->backend_port == backend_port) {
 			hit->ct = ct;
 			hit->vip = k.daddr;
