@@ -638,3 +638,91 @@ func waitQuiet(t *testing.T, emu *ecsemu.Emulator) {
 		}
 	}
 }
+
+// fakeClock is a settable clock for idle-age decisions.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func TestWarmUpRefillAndIdleReclaim(t *testing.T) {
+	e := newEnv(t)
+	doc := fmt.Sprintf(`{"vswitches":{%q:["vsw-test-a"]},"security_group":"sg-test","min_pool_size":2,"max_pool_size":10,"ip_warm_up_size":6,"idle_ip_reclaim_after":"5m"}`, zone)
+	cfg, _, err := eniconfig.Parse([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	st, err := store.Open(e.dbPath, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	p, err := New(Options{Cloud: e.client(), Store: st, Config: cfg, InstanceID: bigNode, NodeName: nodeName, ClusterID: clusterTag,
+		Logger: zaptest.NewLogger(t), BatchWindow: time.Millisecond, MaintainInterval: time.Hour, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Stop()
+	if s := p.Status(); s.Idle != 6 {
+		t.Fatalf("after first start idle = %d, want ip_warm_up_size 6", s.Idle)
+	}
+
+	// Taking addresses below min_pool_size triggers a refill back to it.
+	allocateAll(t, p, 0, 5)
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Status().Idle < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("idle stayed at %d, below min_pool_size 2", p.Status().Idle)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	for i := range 5 {
+		if err := p.Release(context.Background(), podKey(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.opMu.Lock()
+	p.reclaim(context.Background())
+	idleBefore := p.Status().Idle
+	p.opMu.Unlock()
+	if idleBefore <= 2 {
+		t.Fatalf("idle %d: the test needs more than min idle before the clock moves", idleBefore)
+	}
+
+	// Idle for longer than idle_ip_reclaim_after: released down to min_pool_size.
+	clock.Advance(6 * time.Minute)
+	p.opMu.Lock()
+	p.reclaim(context.Background())
+	p.opMu.Unlock()
+	if s := p.Status(); s.Idle != 2 {
+		t.Fatalf("after idle_ip_reclaim_after idle = %d (was %d), want min_pool_size 2", s.Idle, idleBefore)
+	}
+	assertNoLeak(t, p, e.emu, st, bigNode)
+
+	// The warm-up is for the first start only: a restart keeps the pool at min.
+	p.Stop()
+	p2, err := New(Options{Cloud: e.client(), Store: st, Config: cfg, InstanceID: bigNode, NodeName: nodeName, ClusterID: clusterTag,
+		Logger: zaptest.NewLogger(t), BatchWindow: time.Millisecond, MaintainInterval: time.Hour, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Stop()
+	if s := p2.Status(); s.Idle != 2 {
+		t.Fatalf("after restart idle = %d, want 2 (no second warm-up)", s.Idle)
+	}
+}
