@@ -554,6 +554,7 @@ func crashMidBurst(t *testing.T, crashDuring string) {
 		t.Fatal(err)
 	}
 	wg.Wait()
+	p1.wg.Wait() // only so the abandoned pool does not log after the test ends
 	waitQuiet(t, e.emu)
 	mu.Lock()
 	t.Logf("crashed with %d allocations returned and intents in flight: %+v", len(returned), inFlight)

@@ -276,8 +276,13 @@ func (p *Pool) Start(ctx context.Context) error {
 	return nil
 }
 
-// Stop ends the background loop and waits for it. It does not close the store.
+// Stop ends the background loop and waits for it; later Allocate calls fail with
+// ErrNotStarted. It does not close the store.
 func (p *Pool) Stop() {
+	p.mu.Lock()
+	p.started = false
+	p.publishLocked()
+	p.mu.Unlock()
 	if p.cancel != nil {
 		p.cancel()
 	}
@@ -449,6 +454,10 @@ func (p *Pool) allocate(ctx context.Context, key PodKey) (Allocation, error) {
 		}
 		p.mu.Lock()
 		p.waiting--
+		if !p.started {
+			p.mu.Unlock()
+			return Allocation{}, ErrNotStarted
+		}
 		if waitErr != nil {
 			last := p.fillErr
 			p.mu.Unlock()

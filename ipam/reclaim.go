@@ -13,8 +13,8 @@ import (
 
 // reclaim gives idle addresses back to the cloud: those above max_pool_size, and those idle
 // longer than idle_ip_reclaim_after down to min_pool_size. It prefers addresses on the ENIs with
-// the fewest pods, and deletes an ENI outright when all its addresses go and no pod uses it.
-// It runs with opMu held.
+// the fewest pods, and deletes an ENI outright when no pod uses it and the pool keeps
+// min_pool_size without it. It runs with opMu held.
 func (p *Pool) reclaim(ctx context.Context) {
 	type plan struct {
 		eni    *eniState
@@ -36,10 +36,6 @@ func (p *Pool) reclaim(ctx context.Context) {
 		}
 	}
 	n := reclaimCount(idle, expired, cfg.MinPoolSize, cfg.MaxPoolSize)
-	if n == 0 {
-		p.mu.Unlock()
-		return
-	}
 	enis := p.sortedENIsLocked()
 	sort.SliceStable(enis, func(i, j int) bool {
 		ui, ii := enis[i].counts()
@@ -51,10 +47,8 @@ func (p *Pool) reclaim(ctx context.Context) {
 	})
 	onlyExpired := idle <= cfg.MaxPoolSize // not over max: only expired addresses may go
 	var plans []plan
+	remaining := idle
 	for _, e := range enis {
-		if n == 0 {
-			break
-		}
 		used, eidle := e.counts()
 		var cands []netip.Addr
 		for _, a := range e.sortedIPs() {
@@ -68,17 +62,29 @@ func (p *Pool) reclaim(ctx context.Context) {
 			cands = append(cands, a)
 		}
 		sort.SliceStable(cands, func(i, j int) bool { return e.ips[cands[i]].idleSince.Before(e.ips[cands[j]].idleSince) })
-		take := min(n, len(cands))
-		if take == 0 {
+		var pl plan
+		switch {
+		case cfg.HotPlug && used == 0 && eidle > 0 && len(cands) == eidle && eidle == len(e.ips) &&
+			p.waiting == 0 && remaining-eidle >= cfg.MinPoolSize:
+			// No pod uses this ENI and the pool stays at or above min without it: give the
+			// whole ENI back (one detach+delete instead of unassigns, and one ENI fewer),
+			// even if that takes the pool below max.
+			pl = plan{eni: e, ips: cands, delete: true}
+		case n > 0 && len(cands) > 0:
+			pl = plan{eni: e, ips: cands[:min(n, len(cands))]}
+		default:
 			continue
 		}
-		pl := plan{eni: e, ips: cands[:take]}
-		pl.delete = cfg.HotPlug && used == 0 && take == eidle && take == len(e.ips)
 		for _, a := range pl.ips {
 			e.ips[a].releasing = true
 		}
-		n -= take
+		n = max(n-len(pl.ips), 0)
+		remaining -= len(pl.ips)
 		plans = append(plans, pl)
+	}
+	if len(plans) == 0 {
+		p.mu.Unlock()
+		return
 	}
 	p.publishLocked()
 	p.mu.Unlock()
