@@ -727,3 +727,66 @@ func TestWarmUpRefillAndIdleReclaim(t *testing.T) {
 		t.Fatalf("after restart idle = %d, want 2 (no second warm-up)", s.Idle)
 	}
 }
+
+func TestHotPlugOffNeverCreatesENIs(t *testing.T) {
+	e := newEnv(t)
+	doc := fmt.Sprintf(`{"vswitches":{%q:["vsw-test-a"]},"security_group":"sg-test","hot_plug":false}`, zone)
+	cfg, _, err := eniconfig.Parse([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, st := e.startPool(bigNode, cfg)
+	defer st.Close()
+	defer p.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = p.Allocate(ctx, podKey(0))
+	if !errors.Is(err, ErrNodeFull) {
+		t.Fatalf("hot_plug=false with no ENI: err = %v, want ErrNodeFull", err)
+	}
+	if n := e.emu.Snapshot().Calls["CreateNetworkInterface"]; n != 0 {
+		t.Fatalf("hot_plug=false made %d CreateNetworkInterface calls", n)
+	}
+}
+
+// BenchmarkAllocateRelease measures one Allocate+Release on a warm pool (no cloud call on the
+// path; dominated by the two fsynced store commits).
+func BenchmarkAllocateRelease(b *testing.B) {
+	cfg := ecsemu.TestConfig()
+	cfg.AddInstance(bigNode, "ecs.g7.4xlarge", "vsw-test-a", "192.168.1.11")
+	_, ep := ecsemu.NewTestServer(b, cfg)
+	c, err := aliyun.New(aliyun.Options{RegionID: ecsemu.TestRegion, Endpoint: ep, PollInterval: 5 * time.Millisecond,
+		Credential: credential.Credential{AccessKeyID: ecsemu.TestAccessKeyID, AccessKeySecret: ecsemu.TestAccessKeySecret}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	st, err := store.Open(filepath.Join(b.TempDir(), "ipam.db"), time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	conf, _, err := eniconfig.Parse([]byte(fmt.Sprintf(`{"vswitches":{%q:["vsw-test-a"]},"security_group":"sg-test","min_pool_size":5,"max_pool_size":10}`, zone)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	p, err := New(Options{Cloud: c, Store: st, Config: conf, InstanceID: bigNode, NodeName: nodeName, MaintainInterval: time.Hour})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	defer p.Stop()
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		k := podKey(i)
+		if _, err := p.Allocate(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+		if err := p.Release(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
