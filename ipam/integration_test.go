@@ -484,6 +484,38 @@ func TestRestartKeepsAllocationsAndNeverGivesAnIPTwice(t *testing.T) {
 		}
 		used[a.IP] = true
 	}
+
+	// GC releases exactly the allocations whose pods are gone.
+	live := map[string]bool{}
+	for k := range second {
+		live[k.Namespace+"/"+k.Name] = true
+	}
+	gone := map[PodKey]bool{}
+	for k := range first {
+		if len(gone) < 6 {
+			gone[k] = true
+		} else {
+			live[k.Namespace+"/"+k.Name] = true
+		}
+	}
+	res, err := p2.GC(context.Background(), func() map[string]bool { return live })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.ReleasedAllocations) != 6 {
+		t.Errorf("GC released %v, want the 6 gone pods", res.ReleasedAllocations)
+	}
+	for _, k := range res.ReleasedAllocations {
+		if !gone[k] {
+			t.Errorf("GC released live pod %s", k)
+		}
+	}
+	if n := len(p2.Allocations()); n != 18 {
+		t.Errorf("%d allocations after GC, want 18", n)
+	}
+	if _, err := p2.GC(context.Background(), func() map[string]bool { return nil }); err == nil {
+		t.Error("GC with a nil live set did not refuse")
+	}
 	assertNoLeak(t, p2, e.emu, st2, bigNode)
 }
 
