@@ -221,8 +221,8 @@ func (s *NetnsSDN) AttachENI(eni ENIInfo) (err error) {
 		return fmt.Errorf("bring up %s in the VPC namespace: %w", vpcName, err)
 	}
 	for _, ip := range eni.IPs {
-		if err := s.vpcH.RouteReplace(hostRoute(ip, link.Attrs().Index)); err != nil {
-			return fmt.Errorf("route %s to ENI %s in the VPC namespace: %w", ip, eni.ID, err)
+		if err := s.routeLocked(eni, ip, link.Attrs().Index); err != nil {
+			return err
 		}
 	}
 	if eni.Primary {
@@ -331,8 +331,20 @@ func (s *NetnsSDN) AssignIP(eni ENIInfo, ip netip.Addr) error {
 	if err != nil {
 		return fmt.Errorf("find veth of ENI %s in the VPC namespace: %w", eni.ID, err)
 	}
-	if err := s.vpcH.RouteReplace(hostRoute(ip, l.Attrs().Index)); err != nil {
+	return s.routeLocked(eni, ip, l.Attrs().Index)
+}
+
+// routeLocked routes ip to the ENI's VPC-side veth and pins its neighbour entry to the ENI's
+// MAC. The real VPC knows which ENI owns every address and never ARPs the guest for it; a
+// secondary address usually belongs to a pod behind the node rather than to the node itself,
+// so an ARP request would go unanswered.
+func (s *NetnsSDN) routeLocked(eni ENIInfo, ip netip.Addr, linkIndex int) error {
+	if err := s.vpcH.RouteReplace(hostRoute(ip, linkIndex)); err != nil {
 		return fmt.Errorf("route %s to ENI %s in the VPC namespace: %w", ip, eni.ID, err)
+	}
+	if err := s.vpcH.NeighSet(&netlink.Neigh{LinkIndex: linkIndex, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
+		IP: ip.AsSlice(), HardwareAddr: eni.MAC}); err != nil {
+		return fmt.Errorf("add neighbour %s -> %s (ENI %s) in the VPC namespace: %w", ip, eni.MAC, eni.ID, err)
 	}
 	return nil
 }
@@ -347,6 +359,10 @@ func (s *NetnsSDN) UnassignIP(eni ENIInfo, ip netip.Addr) error {
 	}
 	if err := s.vpcH.RouteDel(hostRoute(ip, l.Attrs().Index)); err != nil && !errors.Is(err, unix.ESRCH) {
 		return fmt.Errorf("remove route %s of ENI %s from the VPC namespace: %w", ip, eni.ID, err)
+	}
+	n := &netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_INET, IP: ip.AsSlice()}
+	if err := s.vpcH.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove neighbour %s of ENI %s from the VPC namespace: %w", ip, eni.ID, err)
 	}
 	return nil
 }
