@@ -1,0 +1,320 @@
+// Package agent is tern-agent, the per-node daemon. This first cut serves IPAM to tern-cni
+// over a unix socket, loads the pod datapath and attaches it to pod veths when the CNI asks,
+// and garbage-collects addresses of sandboxes that are gone. It needs no Kubernetes API:
+// without a kubeconfig it is IPAM-only, and the live-sandbox set comes from CNI GC and DEL.
+//
+// Lifecycle: New checks the config; Run loads the datapath, opens the store, starts the pool,
+// serves the socket and the registered components, and tears all of it down when its context
+// ends. Components (the service load-balancing controller, later) plug in with AddComponent
+// and reach the loaded datapath and the pool through the Agent.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/datapath"
+	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/ipam/aliyun"
+	"github.com/tern-net/tern/ipam/credential"
+	"github.com/tern-net/tern/ipam/eniconfig"
+	"github.com/tern-net/tern/ipam/store"
+	"github.com/tern-net/tern/loader"
+)
+
+// Component is a long-running part of the agent started after the datapath and the pool are
+// up, and stopped, in reverse order, before they go down.
+type Component interface {
+	Name() string
+	Start(ctx context.Context) error
+	Stop()
+}
+
+// Agent is one node's tern-agent.
+type Agent struct {
+	cfg Config
+	log *zap.Logger
+	reg *prometheus.Registry
+	m   *metrics
+
+	mu         sync.Mutex
+	components []Component
+	dp         *loader.Datapath
+	pool       *ipam.Pool
+
+	ready    atomic.Bool
+	attachMu sync.Mutex // serialises BPF attach calls
+}
+
+// New checks cfg and builds an agent; it touches nothing.
+func New(cfg Config, log *zap.Logger) (*Agent, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("agent config: %w", err)
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a := &Agent{cfg: cfg, log: log.With(zap.String("node", cfg.NodeName)), reg: reg, m: newMetrics()}
+	reg.MustRegister(a.m.collectors()...)
+	return a, nil
+}
+
+// AddComponent registers a component; call it before Run.
+func (a *Agent) AddComponent(c Component) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.components = append(a.components, c)
+}
+
+// Datapath is the loaded datapath, nil until Run has loaded it.
+func (a *Agent) Datapath() *loader.Datapath {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.dp
+}
+
+// Pool is the IPAM pool, nil until Run has started it.
+func (a *Agent) Pool() *ipam.Pool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.pool
+}
+
+// Registry is the agent's Prometheus registry; components register their metrics here.
+func (a *Agent) Registry() *prometheus.Registry { return a.reg }
+
+// Config returns the configuration with defaults applied.
+func (a *Agent) Config() Config { return a.cfg }
+
+// Run runs the agent until ctx ends. The socket is served from the start, answering "try
+// again later" until the pool is up, so a CNI call during start-up fails fast and retries.
+func (a *Agent) Run(ctx context.Context) error {
+	if a.cfg.Kubeconfig != "" {
+		a.log.Warn("kubeconfig given, but no Kubernetes-driven component is built into this agent yet; running IPAM-only",
+			zap.String("kubeconfig", a.cfg.Kubeconfig))
+	}
+	var cleanups []func()
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}()
+
+	srv, err := a.serveSocket()
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		_ = os.Remove(a.cfg.SocketPath)
+	})
+	if a.cfg.MetricsAddr != "" {
+		msrv, err := a.serveMetrics()
+		if err != nil {
+			return err
+		}
+		cleanups = append(cleanups, func() { _ = msrv.Close() })
+	}
+
+	if err := datapath.PrepareNode(); err != nil {
+		return fmt.Errorf("prepare node sysctls: %w", err)
+	}
+	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact, Logger: a.log.Named("loader")})
+	if err != nil {
+		return fmt.Errorf("load datapath: %w", err)
+	}
+	a.mu.Lock()
+	a.dp = dp
+	a.mu.Unlock()
+	cleanups = append(cleanups, func() { _ = dp.Close() })
+
+	// The watcher hands reloads to the pool once it runs; it only runs after the pool started.
+	watcher := eniconfig.NewWatcher(a.cfg.ENIConfigPath, time.Duration(a.cfg.ENIConfigPollInterval), a.log.Named("eniconfig"),
+		func(c eniconfig.Config) {
+			if p := a.Pool(); p != nil {
+				p.UpdateConfig(c)
+			}
+		})
+	eniCfg, err := watcher.Load()
+	if err != nil {
+		return fmt.Errorf("load eni_conf (fix the file and restart): %w", err)
+	}
+	a.reg.MustRegister(watcher.Collectors()...)
+
+	cloud, err := a.newCloud(eniCfg)
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, cloud.Close)
+
+	if err := os.MkdirAll(filepath.Dir(a.cfg.StatePath), 0o700); err != nil {
+		return fmt.Errorf("create state directory for %s: %w", a.cfg.StatePath, err)
+	}
+	st, err := store.Open(a.cfg.StatePath, 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("open IPAM store %s (is another agent running?): %w", a.cfg.StatePath, err)
+	}
+	cleanups = append(cleanups, func() { _ = st.Close() })
+
+	pool, err := ipam.New(ipam.Options{
+		Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
+		ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
+		MaintainInterval: time.Duration(a.cfg.MaintainInterval),
+	})
+	if err != nil {
+		return err
+	}
+	a.reg.MustRegister(pool.Collectors()...)
+	if err := a.startPool(ctx, pool); err != nil {
+		return err
+	}
+	cleanups = append(cleanups, pool.Stop)
+	a.mu.Lock()
+	a.pool = pool
+	a.mu.Unlock()
+
+	wctx, wcancel := context.WithCancel(ctx)
+	wdone := make(chan struct{})
+	go func() { defer close(wdone); watcher.Run(wctx) }()
+	cleanups = append(cleanups, func() { wcancel(); <-wdone })
+
+	a.mu.Lock()
+	comps := append([]Component(nil), a.components...)
+	a.mu.Unlock()
+	for _, c := range comps {
+		if err := c.Start(ctx); err != nil {
+			return fmt.Errorf("start component %s: %w", c.Name(), err)
+		}
+		cleanups = append(cleanups, c.Stop)
+	}
+
+	a.ready.Store(true)
+	cleanups = append(cleanups, func() { a.ready.Store(false) })
+	s := pool.Status()
+	a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
+		zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))
+	<-ctx.Done()
+	a.log.Info("agent stopping")
+	return nil
+}
+
+// startPool starts the pool, retrying with backoff: the cloud may be throttling or briefly
+// unavailable, and a node agent that gives up leaves the node without pod networking.
+func (a *Agent) startPool(ctx context.Context, pool *ipam.Pool) error {
+	delay := 200 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		err := pool.Start(sctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, aliyun.ErrCredentials) || errors.Is(err, aliyun.ErrForbidden) {
+			return fmt.Errorf("start IPAM pool: %w", err)
+		}
+		a.log.Warn("IPAM pool start failed; retrying", zap.Int("attempt", attempt), zap.Duration("in", delay), zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("start IPAM pool: %w (last error: %v)", ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 10*time.Second)
+	}
+}
+
+func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
+	cred, err := credential.Resolve(eniCfg.AccessKey, eniCfg.AccessSecret, eniCfg.CredentialPath, os.Getenv)
+	if err != nil {
+		return nil, fmt.Errorf("cloud credentials (set access_key/access_secret or credential_path in eni_conf, or %s/%s): %w",
+			credential.EnvAccessKeyID, credential.EnvAccessKeySecret, err)
+	}
+	region := a.cfg.RegionID
+	if region == "" {
+		region = eniCfg.RegionID
+	}
+	t := a.cfg.Cloud
+	opts := aliyun.Options{
+		RegionID: region, Credential: cred, Endpoint: a.cfg.CloudEndpoint,
+		CallTimeout: time.Duration(t.CallTimeout), PollInterval: time.Duration(t.PollInterval), WaitTimeout: time.Duration(t.WaitTimeout),
+		Logger: a.log.Named("cloud"),
+	}
+	if t.BackoffAttempts > 0 {
+		opts.Backoff = aliyun.Backoff{Initial: time.Duration(t.BackoffInitial), Max: time.Duration(t.BackoffMax),
+			Multiplier: 2, Jitter: 0.5, MaxAttempts: t.BackoffAttempts}
+		if opts.Backoff.Initial <= 0 {
+			opts.Backoff.Initial = 100 * time.Millisecond
+		}
+		if opts.Backoff.Max <= 0 {
+			opts.Backoff.Max = 3 * time.Second
+		}
+	}
+	if t.RateLimitPerSecond > 0 {
+		opts.RateLimits = map[string]aliyun.RateLimit{}
+		for k := range aliyun.DefaultRateLimits() {
+			opts.RateLimits[k] = aliyun.RateLimit{PerSecond: t.RateLimitPerSecond, Burst: int(2 * t.RateLimitPerSecond)}
+		}
+	}
+	c, err := aliyun.New(opts)
+	if err != nil {
+		return nil, err
+	}
+	a.reg.MustRegister(c.Collectors()...)
+	return c, nil
+}
+
+// serveSocket listens on the unix socket with mode 0600: whoever can write to it can take
+// and release pod addresses, so only root (the runtime running the CNI) may.
+func (a *Agent) serveSocket() (*http.Server, error) {
+	if err := os.MkdirAll(filepath.Dir(a.cfg.SocketPath), 0o700); err != nil {
+		return nil, fmt.Errorf("create socket directory for %s: %w", a.cfg.SocketPath, err)
+	}
+	// A socket left by a killed agent would make Listen fail with EADDRINUSE.
+	if err := os.Remove(a.cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale socket %s: %w", a.cfg.SocketPath, err)
+	}
+	ln, err := net.Listen("unix", a.cfg.SocketPath)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", a.cfg.SocketPath, err)
+	}
+	if err := os.Chmod(a.cfg.SocketPath, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod 0600 %s: %w", a.cfg.SocketPath, err)
+	}
+	srv := &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("socket server stopped", zap.Error(err))
+		}
+	}()
+	return srv, nil
+}
+
+func (a *Agent) serveMetrics() (*http.Server, error) {
+	ln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics on %s: %w", a.cfg.MetricsAddr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	return srv, nil
+}

@@ -1,0 +1,167 @@
+// Package api is the contract between tern-cni and tern-agent: HTTP+JSON over the agent's
+// unix socket, versioned by path (/v1/...). It is a separate package so the CNI binary does
+// not link the agent (the cloud SDK, bbolt, the BPF loader).
+//
+// Every error response carries a CNI error code, so the plugin can hand it to the runtime
+// unchanged: 11 means "try again later" (the pool is refilling, the agent is starting), codes
+// from 100 up are tern's own.
+package api
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+)
+
+// Paths of the v1 API.
+const (
+	PathAllocate = "/v1/pods/allocate" // POST AllocateRequest → Allocation
+	PathLookup   = "/v1/pods/lookup"   // POST PodRef → LookupResponse
+	PathRelease  = "/v1/pods/release"  // POST PodRef → ReleaseResponse
+	PathAttach   = "/v1/pods/attach"   // POST AttachRequest → AttachResponse
+	PathGC       = "/v1/gc"            // POST GCRequest → GCResponse
+	PathStatus   = "/v1/status"        // GET → Status
+	PathState    = "/v1/state"         // GET → State (tests, ternctl)
+	PathMetrics  = "/metrics"          // Prometheus text format
+)
+
+// CNI error codes (spec 1.1.0 well-known codes, and tern's own from 100).
+const (
+	CodeInvalidEnv      = 4   // CNI: invalid necessary environment variables
+	CodeIOFailure       = 5   // CNI: I/O failure
+	CodeDecodeFailure   = 6   // CNI: failed to decode content
+	CodeInvalidConfig   = 7   // CNI: invalid network config
+	CodeTryAgainLater   = 11  // CNI: try again later
+	CodeNotAvailable    = 50  // CNI STATUS: the plugin is not available
+	CodeVSwitchExhaust  = 100 // every vSwitch of the node's zone is out of addresses
+	CodeNodeFull        = 101 // the node's ENIs hold as many addresses as the instance type allows
+	CodeCloudAuth       = 102 // the cloud refused the agent's credentials or permissions
+	CodeInternal        = 103 // anything else the agent could not do
+	CodeDatapath        = 104 // netlink or BPF setup failed
+	CodeUnknownPod      = 105 // CHECK: the agent has no allocation for this sandbox
+	CodeAgentNotStarted = CodeTryAgainLater
+)
+
+// PodRef names one pod sandbox's attachment.
+type PodRef struct {
+	Namespace   string `json:"namespace"`
+	Name        string `json:"name"`
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName,omitempty"`
+}
+
+// AllocateRequest asks for an address for a sandbox.
+type AllocateRequest struct {
+	PodRef
+	UID   string `json:"uid,omitempty"`
+	NetNS string `json:"netns,omitempty"`
+}
+
+// ENI describes the ENI that owns a pod address.
+type ENI struct {
+	ID          string `json:"id"`
+	MAC         string `json:"mac"`
+	PrimaryIP   string `json:"primaryIP"`
+	Gateway     string `json:"gateway"`
+	VSwitchID   string `json:"vSwitchID"`
+	VSwitchCIDR string `json:"vSwitchCIDR"`
+}
+
+// Allocation is a pod address with its ENI.
+type Allocation struct {
+	IP  string `json:"ip"`
+	ENI ENI    `json:"eni"`
+}
+
+// LookupResponse says whether a sandbox holds an address.
+type LookupResponse struct {
+	Found      bool        `json:"found"`
+	Allocation *Allocation `json:"allocation,omitempty"`
+}
+
+// ReleaseResponse says what was released (IP empty when the sandbox held nothing).
+type ReleaseResponse struct {
+	IP string `json:"ip,omitempty"`
+}
+
+// AttachRequest asks the agent to attach the pod programs to a host veth in its namespace.
+type AttachRequest struct {
+	PodRef
+	IfIndex int `json:"ifIndex"`
+}
+
+// AttachResponse reports how the programs were attached ("tcx" or "clsact").
+type AttachResponse struct {
+	Mode string `json:"mode"`
+}
+
+// GCAttachment is one attachment the runtime still uses (CNI GC's cni.dev/valid-attachments).
+type GCAttachment struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+}
+
+// GCRequest lists every attachment still valid; the agent releases the others.
+type GCRequest struct {
+	ValidAttachments []GCAttachment `json:"validAttachments"`
+}
+
+// GCResponse lists what GC released and cleaned in the cloud.
+type GCResponse struct {
+	Released    []PodRef `json:"released"`
+	DeletedENIs []string `json:"deletedENIs,omitempty"`
+	AdoptedENIs []string `json:"adoptedENIs,omitempty"`
+}
+
+// Status is the agent's readiness, the answer to CNI STATUS.
+type Status struct {
+	Ready   bool   `json:"ready"`
+	Message string `json:"message,omitempty"`
+}
+
+// ENIState is one ENI of the pool as the agent sees it.
+type ENIState struct {
+	ID    string   `json:"id"`
+	MAC   string   `json:"mac"`
+	IPs   []string `json:"ips"`   // every secondary address the pool holds
+	InUse []string `json:"inUse"` // those given to pods
+}
+
+// State is the agent's pool and allocations (for tests and ternctl).
+type State struct {
+	NodeName    string                `json:"nodeName"`
+	InstanceID  string                `json:"instanceID"`
+	Idle        int                   `json:"idle"`
+	InUse       int                   `json:"inUse"`
+	MaxPods     int                   `json:"maxPods"`
+	ENIs        []ENIState            `json:"enis"`
+	Allocations map[string]Allocation `json:"allocations"` // key namespace/name/containerID
+}
+
+// Error is an error response.
+type Error struct {
+	Code    uint   `json:"code"`
+	Msg     string `json:"msg"`
+	Details string `json:"details,omitempty"`
+}
+
+func (e *Error) Error() string {
+	if e.Details == "" {
+		return e.Msg
+	}
+	return e.Msg + ": " + e.Details
+}
+
+// HostVethName is the node-side name of a sandbox's veth: "tern" and 11 hex digits of a hash
+// of the container ID and interface name. Deriving it lets DEL and GC find the link without
+// any state, even when the pod's namespace is gone.
+func HostVethName(containerID, ifName string) string {
+	if ifName == "" {
+		ifName = "eth0"
+	}
+	h := sha256.Sum256([]byte(fmt.Sprintf("%s/%s", containerID, ifName)))
+	return "tern" + hex.EncodeToString(h[:])[:11]
+}
+
+// DefaultSocketPath is where the agent listens unless configured otherwise.
+const DefaultSocketPath = "/var/run/tern/agent.sock"

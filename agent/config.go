@@ -1,0 +1,146 @@
+package agent
+
+import (
+	"github.com/tern-net/tern/agent/api"
+
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Defaults of Config.
+const (
+	DefaultSocketPath    = api.DefaultSocketPath
+	DefaultStatePath     = "/var/lib/tern/ipam.db"
+	DefaultENIConfigPath = "/etc/eni/eni_conf"
+)
+
+// Duration is a time.Duration that reads "500ms" or a number of seconds from JSON.
+type Duration time.Duration
+
+// UnmarshalJSON accepts a Go duration string or a number of seconds.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("duration %q: %w", s, err)
+		}
+		*d = Duration(v)
+		return nil
+	}
+	var n float64
+	if err := json.Unmarshal(b, &n); err != nil {
+		return fmt.Errorf("duration %s: want a string like \"500ms\" or a number of seconds", b)
+	}
+	*d = Duration(n * float64(time.Second))
+	return nil
+}
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// CloudTuning adjusts the cloud client; zero fields keep ipam/aliyun's defaults. The lab uses
+// it to poll and retry faster than a real cloud warrants.
+type CloudTuning struct {
+	PollInterval    Duration `json:"pollInterval,omitempty"`
+	WaitTimeout     Duration `json:"waitTimeout,omitempty"`
+	CallTimeout     Duration `json:"callTimeout,omitempty"`
+	BackoffInitial  Duration `json:"backoffInitial,omitempty"`
+	BackoffMax      Duration `json:"backoffMax,omitempty"`
+	BackoffAttempts int      `json:"backoffAttempts,omitempty"`
+	// RateLimitPerSecond, when set, replaces every per-action rate limit (burst = 2×).
+	RateLimitPerSecond float64 `json:"rateLimitPerSecond,omitempty"`
+}
+
+// Config is the agent's configuration (the -config file of tern-agent, JSON).
+type Config struct {
+	// NodeName is the Kubernetes node name; it goes into the tags of the ENIs the node owns.
+	NodeName string `json:"nodeName"`
+	// InstanceID is this node's ECS instance.
+	InstanceID string `json:"instanceID"`
+	// ClusterID scopes ENI tags to one cluster (default "default").
+	ClusterID string `json:"clusterID,omitempty"`
+	// ENIConfigPath is Terway's eni_conf (the eni-config ConfigMap key), reloaded on change.
+	ENIConfigPath         string   `json:"eniConfigPath,omitempty"`
+	ENIConfigPollInterval Duration `json:"eniConfigPollInterval,omitempty"`
+	// RegionID overrides eni_conf's region_id.
+	RegionID string `json:"regionID,omitempty"`
+	// CloudEndpoint (host:port) sends every ECS/VPC call there, e.g. to the emulator.
+	CloudEndpoint string      `json:"cloudEndpoint,omitempty"`
+	Cloud         CloudTuning `json:"cloud,omitempty"`
+	// StatePath is the IPAM store (bbolt).
+	StatePath string `json:"statePath,omitempty"`
+	// SocketPath is the CNI API's unix socket (mode 0600).
+	SocketPath string `json:"socketPath,omitempty"`
+	// PinRoot is the bpffs directory of the datapath (default /sys/fs/bpf/tern).
+	PinRoot string `json:"pinRoot,omitempty"`
+	// ForceClsact attaches pod programs with clsact even where tcx works.
+	ForceClsact bool `json:"forceClsact,omitempty"`
+	// MetricsAddr, when set, also serves /metrics on this TCP address (the socket always does).
+	MetricsAddr string `json:"metricsAddr,omitempty"`
+	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// AllocateWait bounds how long one allocation waits for a refill before answering
+	// "try again later" (default 10s).
+	AllocateWait Duration `json:"allocateWait,omitempty"`
+	// MaintainInterval is the pool's background refill/reclaim period (default 10s).
+	MaintainInterval Duration `json:"maintainInterval,omitempty"`
+	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
+	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
+}
+
+// LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
+// silently keep a default.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("read agent config: %w", err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return c, fmt.Errorf("parse agent config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func (c *Config) setDefaults() {
+	if c.ClusterID == "" {
+		c.ClusterID = "default"
+	}
+	if c.ENIConfigPath == "" {
+		c.ENIConfigPath = DefaultENIConfigPath
+	}
+	if c.StatePath == "" {
+		c.StatePath = DefaultStatePath
+	}
+	if c.SocketPath == "" {
+		c.SocketPath = DefaultSocketPath
+	}
+	if c.ENILinkTimeout == 0 {
+		c.ENILinkTimeout = Duration(10 * time.Second)
+	}
+}
+
+// Validate reports every missing or wrong field at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("nodeName is required (the Kubernetes node name; it tags the node's ENIs)"))
+	}
+	if c.InstanceID == "" {
+		errs = append(errs, errors.New("instanceID is required (the node's ECS instance ID, i-...)"))
+	}
+	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath} {
+		if p != "" && !filepath.IsAbs(p) {
+			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", name, p))
+		}
+	}
+	return errors.Join(errs...)
+}

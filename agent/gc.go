@@ -1,0 +1,67 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/datapath"
+	"github.com/tern-net/tern/ipam"
+)
+
+// GCResult says what GC cleaned.
+type GCResult struct {
+	Released    []ipam.PodKey
+	DeletedENIs []string
+	AdoptedENIs []string
+}
+
+// GC releases every allocation whose sandbox keep rejects, after removing what the CNI built
+// for it on the node (host veth, policy rules), then lets the pool clean the cloud side.
+//
+// keep is the seam for live-sandbox sources: CNI GC passes the runtime's valid attachments
+// (by container ID); a Kubernetes pod informer can later pass the pods bound to this node (by
+// namespace/name). Node-side leftovers go first so that an address is never handed to a new
+// pod while the old pod's rules still point at it.
+func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, error) {
+	var res GCResult
+	pool := a.Pool()
+	if pool == nil {
+		return res, errors.New("agent GC: the IP pool is not started")
+	}
+	var errs []error
+	for key, al := range pool.Allocations() {
+		if keep(key) {
+			continue
+		}
+		if err := datapath.DeletePodRules(al.IP); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
+		if err := datapath.DeletePodLink(api.HostVethName(key.ContainerID, "eth0")); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
+		if err := pool.Release(ctx, key); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
+		res.Released = append(res.Released, key)
+		a.log.Info("GC released the address of a sandbox that is gone", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
+	}
+	// Every allocation left is live, so the pool's own pass only cleans ENIs and trims.
+	live := map[string]bool{}
+	for key := range pool.Allocations() {
+		live[key.Namespace+"/"+key.Name] = true
+	}
+	pres, err := pool.GC(ctx, func() map[string]bool { return live })
+	if err != nil {
+		errs = append(errs, err)
+	}
+	res.DeletedENIs, res.AdoptedENIs = pres.DeletedENIs, pres.AdoptedENIs
+	a.m.gcReleased.Add(float64(len(res.Released)))
+	return res, errors.Join(errs...)
+}

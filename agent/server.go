@@ -1,0 +1,262 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/ipam/aliyun"
+)
+
+func (a *Agent) handler() http.Handler {
+	mux := http.NewServeMux()
+	route := func(method, path string, h func(*http.Request) (any, *api.Error)) {
+		mux.HandleFunc(method+" "+path, func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
+			out, aerr := h(r)
+			code := http.StatusOK
+			if aerr != nil {
+				out, code = aerr, httpStatus(aerr.Code)
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(code)
+			_ = json.NewEncoder(w).Encode(out)
+			result := "ok"
+			if aerr != nil {
+				result = strconv.Itoa(int(aerr.Code))
+			}
+			a.m.requests.WithLabelValues(path, result).Inc()
+			a.m.duration.WithLabelValues(path).Observe(time.Since(start).Seconds())
+		})
+	}
+	route(http.MethodPost, api.PathAllocate, a.handleAllocate)
+	route(http.MethodPost, api.PathLookup, a.handleLookup)
+	route(http.MethodPost, api.PathRelease, a.handleRelease)
+	route(http.MethodPost, api.PathAttach, a.handleAttach)
+	route(http.MethodPost, api.PathGC, a.handleGC)
+	route(http.MethodGet, api.PathStatus, a.handleStatus)
+	route(http.MethodGet, api.PathState, a.handleState)
+	mux.Handle("GET "+api.PathMetrics, promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+func httpStatus(code uint) int {
+	switch code {
+	case api.CodeTryAgainLater:
+		return http.StatusServiceUnavailable
+	case api.CodeDecodeFailure, api.CodeInvalidConfig, api.CodeInvalidEnv:
+		return http.StatusBadRequest
+	case api.CodeUnknownPod:
+		return http.StatusNotFound
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+func decode(r *http.Request, v any) *api.Error {
+	if err := json.NewDecoder(r.Body).Decode(v); err != nil {
+		return &api.Error{Code: api.CodeDecodeFailure, Msg: "decode request body", Details: err.Error()}
+	}
+	return nil
+}
+
+// poolOrRetry returns the pool, or a try-again error while the agent is still starting.
+func (a *Agent) poolOrRetry() (*ipam.Pool, *api.Error) {
+	p := a.Pool()
+	if p == nil || !a.ready.Load() {
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the IP pool is not ready yet; try again"}
+	}
+	return p, nil
+}
+
+func podKey(r api.PodRef) (ipam.PodKey, *api.Error) {
+	if r.Namespace == "" || r.Name == "" || r.ContainerID == "" {
+		return ipam.PodKey{}, &api.Error{Code: api.CodeInvalidEnv,
+			Msg: fmt.Sprintf("pod reference %+v needs namespace, name and container ID (K8S_POD_NAMESPACE, K8S_POD_NAME, CNI_CONTAINERID)", r)}
+	}
+	return ipam.PodKey{Namespace: r.Namespace, Name: r.Name, ContainerID: r.ContainerID}, nil
+}
+
+// errorFor maps a pool error to a CNI error code.
+func errorFor(err error) *api.Error {
+	switch {
+	case errors.Is(err, ipam.ErrPoolEmptyTryAgain), errors.Is(err, ipam.ErrNotStarted),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		return &api.Error{Code: api.CodeTryAgainLater, Msg: "no IP address available yet: the pool is refilling; try again", Details: err.Error()}
+	case errors.Is(err, ipam.ErrVSwitchExhausted):
+		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
+	case errors.Is(err, ipam.ErrNodeFull):
+		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+	case errors.Is(err, aliyun.ErrCredentials), errors.Is(err, aliyun.ErrForbidden):
+		return &api.Error{Code: api.CodeCloudAuth, Msg: "the cloud API refused the agent's credentials or permissions", Details: err.Error()}
+	default:
+		return &api.Error{Code: api.CodeInternal, Msg: "IP allocation failed", Details: err.Error()}
+	}
+}
+
+func toAPI(al ipam.Allocation) api.Allocation {
+	return api.Allocation{IP: al.IP.String(), ENI: api.ENI{
+		ID: al.ENI.ID, MAC: al.ENI.MAC, PrimaryIP: al.ENI.PrimaryIP.String(), Gateway: al.ENI.Gateway.String(),
+		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(),
+	}}
+}
+
+func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
+	var req api.AllocateRequest
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	key, e := podKey(req.PodRef)
+	if e != nil {
+		return nil, e
+	}
+	pool, e := a.poolOrRetry()
+	if e != nil {
+		return nil, e
+	}
+	al, err := pool.Allocate(r.Context(), key)
+	if err != nil {
+		ae := errorFor(err)
+		a.log.Warn("allocate failed", zap.Stringer("pod", key), zap.Uint("code", ae.Code), zap.Error(err))
+		return nil, ae
+	}
+	a.log.Debug("allocated", zap.Stringer("pod", key), zap.Stringer("ip", al.IP), zap.String("eni", al.ENI.ID))
+	return toAPI(al), nil
+}
+
+func (a *Agent) lookup(key ipam.PodKey) (ipam.Allocation, bool) {
+	al, ok := a.Pool().Allocations()[key]
+	return al, ok
+}
+
+func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
+	var req api.PodRef
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	key, e := podKey(req)
+	if e != nil {
+		return nil, e
+	}
+	if _, e := a.poolOrRetry(); e != nil {
+		return nil, e
+	}
+	al, ok := a.lookup(key)
+	if !ok {
+		return api.LookupResponse{}, nil
+	}
+	out := toAPI(al)
+	return api.LookupResponse{Found: true, Allocation: &out}, nil
+}
+
+func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
+	var req api.PodRef
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	key, e := podKey(req)
+	if e != nil {
+		return nil, e
+	}
+	pool, e := a.poolOrRetry()
+	if e != nil {
+		return nil, e
+	}
+	al, ok := a.lookup(key)
+	if err := pool.Release(r.Context(), key); err != nil {
+		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
+	}
+	if !ok {
+		return api.ReleaseResponse{}, nil
+	}
+	a.log.Debug("released", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
+	return api.ReleaseResponse{IP: al.IP.String()}, nil
+}
+
+func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
+	var req api.AttachRequest
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	dp := a.Datapath()
+	if dp == nil {
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
+	}
+	if req.IfIndex <= 0 {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("attach: ifIndex %d is not a valid interface index", req.IfIndex)}
+	}
+	a.attachMu.Lock()
+	mode, err := dp.AttachPod(req.IfIndex)
+	a.attachMu.Unlock()
+	if err != nil {
+		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("attach pod programs to ifindex %d", req.IfIndex), Details: err.Error()}
+	}
+	return api.AttachResponse{Mode: string(mode)}, nil
+}
+
+func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {
+	var req api.GCRequest
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	if _, e := a.poolOrRetry(); e != nil {
+		return nil, e
+	}
+	valid := map[string]bool{}
+	for _, v := range req.ValidAttachments {
+		valid[v.ContainerID] = true
+	}
+	res, err := a.GC(r.Context(), func(k ipam.PodKey) bool { return valid[k.ContainerID] })
+	out := api.GCResponse{DeletedENIs: res.DeletedENIs, AdoptedENIs: res.AdoptedENIs}
+	for _, k := range res.Released {
+		out.Released = append(out.Released, api.PodRef{Namespace: k.Namespace, Name: k.Name, ContainerID: k.ContainerID})
+	}
+	if err != nil {
+		return nil, &api.Error{Code: api.CodeInternal, Msg: "garbage collection failed", Details: err.Error()}
+	}
+	return out, nil
+}
+
+func (a *Agent) handleStatus(*http.Request) (any, *api.Error) {
+	if _, e := a.poolOrRetry(); e != nil {
+		return api.Status{Ready: false, Message: e.Msg}, nil
+	}
+	return api.Status{Ready: true}, nil
+}
+
+func (a *Agent) handleState(*http.Request) (any, *api.Error) {
+	pool, e := a.poolOrRetry()
+	if e != nil {
+		return nil, e
+	}
+	s := pool.Status()
+	out := api.State{NodeName: a.cfg.NodeName, InstanceID: a.cfg.InstanceID, Idle: s.Idle, InUse: s.InUse,
+		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{}}
+	for _, e := range s.ENIs {
+		out.ENIs = append(out.ENIs, api.ENIState{ID: e.ID, MAC: e.MAC, IPs: addrs(e.IPs), InUse: addrs(e.InUse)})
+	}
+	for k, al := range pool.Allocations() {
+		out.Allocations[k.String()] = toAPI(al)
+	}
+	return out, nil
+}
+
+func addrs(in []netip.Addr) []string {
+	out := make([]string, len(in))
+	for i, a := range in {
+		out[i] = a.String()
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,74 @@
+// Command tern-agent is tern's node agent: it serves IPAM and datapath attachment to tern-cni
+// over a unix socket. The configuration comes from a JSON file (see agent.Config and
+// docs/cni.md); a few flags override it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/tern-net/tern/agent"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "tern-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("tern-agent", flag.ContinueOnError)
+	configPath := fs.String("config", "", "agent config file (JSON)")
+	nodeName := fs.String("node-name", "", "override nodeName")
+	instanceID := fs.String("instance-id", "", "override instanceID")
+	socket := fs.String("socket", "", "override socketPath")
+	kubeconfig := fs.String("kubeconfig", "", "override kubeconfig (none: IPAM-only)")
+	debug := fs.Bool("debug", false, "log at debug level")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var cfg agent.Config
+	if *configPath != "" {
+		c, err := agent.LoadConfig(*configPath)
+		if err != nil {
+			return err
+		}
+		cfg = c
+	}
+	for dst, v := range map[*string]string{&cfg.NodeName: *nodeName, &cfg.InstanceID: *instanceID,
+		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig} {
+		if v != "" {
+			*dst = v
+		}
+	}
+	if cfg.NodeName == "" && *configPath == "" {
+		return errors.New("-config (or at least -node-name and -instance-id) is required")
+	}
+
+	zc := zap.NewProductionConfig()
+	if *debug {
+		zc.Level = zap.NewAtomicLevelAt(zapcore.DebugLevel)
+	}
+	log, err := zc.Build()
+	if err != nil {
+		return fmt.Errorf("build logger: %w", err)
+	}
+	defer func() { _ = log.Sync() }()
+
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
+}

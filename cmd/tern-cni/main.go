@@ -1,0 +1,333 @@
+// Command tern-cni is tern's CNI plugin (spec 1.1.0: ADD, DEL, CHECK, STATUS, GC).
+//
+// The runtime runs it in the node's network namespace. It asks tern-agent for an address
+// over the agent's unix socket, builds the pod's veth and the node's policy routing with
+// package datapath, and asks the agent to attach the pod programs to the host veth (the
+// agent owns the loaded BPF objects, so the plugin never loads BPF itself). See docs/cni.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/datapath"
+	"github.com/tern-net/tern/internal/nsutil"
+)
+
+func main() {
+	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, Status: cmdStatus, GC: cmdGC},
+		version.PluginSupports("0.4.0", "1.0.0", "1.1.0"), "tern-cni: pods on ENI secondary IPs, eBPF datapath")
+}
+
+// NetConf is tern's network configuration (one entry of the conflist's plugins).
+type NetConf struct {
+	types.NetConf
+	// Socket is the agent's unix socket (default /var/run/tern/agent.sock).
+	Socket string `json:"socket,omitempty"`
+	// MTU of the pod veth; 0 keeps the kernel default (1500).
+	MTU int `json:"mtu,omitempty"`
+	// Timeout bounds each call to the agent (default 30s), ENILinkTimeout the wait for an
+	// attached ENI's link to appear in the node (default 10s). Go durations.
+	Timeout        string `json:"timeout,omitempty"`
+	ENILinkTimeout string `json:"eniLinkTimeout,omitempty"`
+
+	// ValidAttachments is set by GC.
+	ValidAttachments []types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
+
+	timeout, eniTimeout time.Duration
+}
+
+// K8sArgs are the CNI_ARGS the kubelet's runtime passes.
+type K8sArgs struct {
+	types.CommonArgs
+	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive // CNI_ARGS names
+	K8S_POD_NAME               types.UnmarshallableString //nolint:revive
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
+	K8S_POD_UID                types.UnmarshallableString //nolint:revive
+}
+
+func parseConf(b []byte) (*NetConf, error) {
+	c := &NetConf{Socket: api.DefaultSocketPath}
+	if err := json.Unmarshal(b, c); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "parse tern-cni network config", err.Error())
+	}
+	var err error
+	if c.timeout, err = durationOr(c.Timeout, 30*time.Second); err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "tern-cni config: timeout", err.Error())
+	}
+	if c.eniTimeout, err = durationOr(c.ENILinkTimeout, 10*time.Second); err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "tern-cni config: eniLinkTimeout", err.Error())
+	}
+	return c, nil
+}
+
+func durationOr(s string, def time.Duration) (time.Duration, error) {
+	if s == "" {
+		return def, nil
+	}
+	return time.ParseDuration(s)
+}
+
+func podRef(args *skel.CmdArgs) (api.PodRef, error) {
+	var k K8sArgs
+	if err := types.LoadArgs(args.Args, &k); err != nil {
+		return api.PodRef{}, types.NewError(types.ErrInvalidEnvironmentVariables, "parse CNI_ARGS", err.Error())
+	}
+	ref := api.PodRef{Namespace: string(k.K8S_POD_NAMESPACE), Name: string(k.K8S_POD_NAME), ContainerID: args.ContainerID, IfName: args.IfName}
+	if ref.Namespace == "" || ref.Name == "" {
+		return ref, types.NewError(types.ErrInvalidEnvironmentVariables,
+			"CNI_ARGS lack K8S_POD_NAMESPACE or K8S_POD_NAME: tern-cni serves Kubernetes pods only", args.Args)
+	}
+	return ref, nil
+}
+
+// cniError turns an agent or local error into the CNI error the runtime reports.
+func cniError(err error, code uint) error {
+	e := api.AsError(err, code)
+	return types.NewError(e.Code, e.Msg, e.Details)
+}
+
+func cmdAdd(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	ref, err := podRef(args)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
+	defer cancel()
+	client := api.NewClient(conf.Socket, conf.timeout)
+	var k K8sArgs
+	_ = types.LoadArgs(args.Args, &k)
+	al, err := client.Allocate(ctx, api.AllocateRequest{PodRef: ref, UID: string(k.K8S_POD_UID), NetNS: args.Netns})
+	if err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	podIP, eni, err := parseAllocation(al)
+	if err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+
+	done := false
+	defer func() {
+		if done {
+			return
+		}
+		// Undo in reverse so the address goes back to the pool only once nothing on the
+		// node points at it any more.
+		_ = datapath.DeletePodRules(podIP)
+		_ = datapath.DeletePodLink(hostIf)
+		rctx, rcancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer rcancel()
+		_, _ = client.Release(rctx, ref)
+	}()
+
+	link, err := datapath.EnsureENI(eni, conf.eniTimeout)
+	if err != nil {
+		return types.NewError(api.CodeDatapath, fmt.Sprintf("set up ENI %s (MAC %s) for pod %s/%s", al.ENI.ID, al.ENI.MAC, ref.Namespace, ref.Name), err.Error())
+	}
+	podNS, err := netns.GetFromPath(args.Netns)
+	if err != nil {
+		return types.NewError(types.ErrIOFailure, fmt.Sprintf("open pod network namespace %s", args.Netns), err.Error())
+	}
+	defer podNS.Close()
+	// A retried ADD of the same sandbox finds its own earlier veth: start over.
+	if err := datapath.DeletePodLink(hostIf); err != nil {
+		return types.NewError(api.CodeDatapath, "remove stale host veth "+hostIf, err.Error())
+	}
+	pl, err := datapath.SetupPodLink(datapath.PodLink{HostIfName: hostIf, PodIfName: args.IfName, PodNS: podNS, PodIP: podIP, MTU: conf.MTU})
+	if err != nil {
+		return types.NewError(api.CodeDatapath, fmt.Sprintf("set up pod veth %s for %s", hostIf, podIP), err.Error())
+	}
+	if err := datapath.SetupPodRules(podIP, link.Table); err != nil {
+		return types.NewError(api.CodeDatapath, fmt.Sprintf("policy routing for %s via ENI %s", podIP, link.Name), err.Error())
+	}
+	if _, err := client.Attach(ctx, api.AttachRequest{PodRef: ref, IfIndex: pl.HostIndex}); err != nil {
+		return cniError(err, api.CodeDatapath)
+	}
+
+	idx := 1
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: hostIf, Mac: pl.HostMAC.String()},
+			{Name: args.IfName, Mac: pl.PodMAC.String(), Sandbox: args.Netns},
+		},
+		IPs: []*current.IPConfig{{
+			Interface: &idx,
+			Address:   net.IPNet{IP: podIP.AsSlice(), Mask: net.CIDRMask(32, 32)},
+			Gateway:   datapath.PodGateway.AsSlice(),
+		}},
+		Routes: []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: datapath.PodGateway.AsSlice()}},
+	}
+	done = true
+	return types.PrintResult(result, conf.CNIVersion)
+}
+
+func parseAllocation(al api.Allocation) (netip.Addr, datapath.ENI, error) {
+	ip, err := netip.ParseAddr(al.IP)
+	if err != nil {
+		return ip, datapath.ENI{}, fmt.Errorf("agent returned a bad pod IP %q: %w", al.IP, err)
+	}
+	mac, err := net.ParseMAC(al.ENI.MAC)
+	if err != nil {
+		return ip, datapath.ENI{}, fmt.Errorf("agent returned a bad MAC %q for ENI %s: %w", al.ENI.MAC, al.ENI.ID, err)
+	}
+	gw, err := netip.ParseAddr(al.ENI.Gateway)
+	if err != nil {
+		return ip, datapath.ENI{}, fmt.Errorf("agent returned a bad gateway %q for ENI %s: %w", al.ENI.Gateway, al.ENI.ID, err)
+	}
+	primary, _ := netip.ParseAddr(al.ENI.PrimaryIP)
+	return ip, datapath.ENI{MAC: mac, PrimaryIP: primary, Gateway: gw}, nil
+}
+
+// cmdDel tears the sandbox's networking down. It needs neither the pod's namespace (the host
+// veth's deletion removes the pair) nor a cached result, and repeating it is harmless.
+func cmdDel(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+	if err := datapath.DeletePodLink(hostIf); err != nil {
+		return types.NewError(api.CodeDatapath, "delete host veth "+hostIf, err.Error())
+	}
+	ref, err := podRef(args)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
+	defer cancel()
+	client := api.NewClient(conf.Socket, conf.timeout)
+	// The address's rules are removed only while this sandbox still owns it: once released
+	// (by GC, say) it may already belong to another pod whose rules must stay.
+	lk, err := client.Lookup(ctx, ref)
+	if err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	if lk.Found {
+		ip, err := netip.ParseAddr(lk.Allocation.IP)
+		if err == nil {
+			if err := datapath.DeletePodRules(ip); err != nil {
+				return types.NewError(api.CodeDatapath, "delete policy rules of "+ip.String(), err.Error())
+			}
+		}
+	}
+	if _, err := client.Release(ctx, ref); err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	return nil
+}
+
+// cmdCheck verifies that the agent still holds the sandbox's address and that the node and
+// pod sides are wired as ADD left them.
+func cmdCheck(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	ref, err := podRef(args)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
+	defer cancel()
+	lk, err := api.NewClient(conf.Socket, conf.timeout).Lookup(ctx, ref)
+	if err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	if !lk.Found {
+		return types.NewError(api.CodeUnknownPod, fmt.Sprintf("tern-agent holds no address for sandbox %s of %s/%s", ref.ContainerID, ref.Namespace, ref.Name), "")
+	}
+	ip, err := netip.ParseAddr(lk.Allocation.IP)
+	if err != nil {
+		return types.NewError(api.CodeInternal, "agent returned a bad IP", lk.Allocation.IP)
+	}
+	if conf.PrevResult != nil {
+		prev, err := current.NewResultFromResult(conf.PrevResult)
+		if err == nil && (len(prev.IPs) == 0 || !prev.IPs[0].Address.IP.Equal(ip.AsSlice())) {
+			return types.NewError(api.CodeDatapath, fmt.Sprintf("the agent holds %s for this sandbox but ADD returned %v", ip, prev.IPs), "")
+		}
+	}
+	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+	hl, err := netlink.LinkByName(hostIf)
+	if err != nil || hl.Attrs().OperState != netlink.OperUp {
+		return types.NewError(api.CodeDatapath, "host veth "+hostIf+" is missing or down", fmt.Sprint(err))
+	}
+	rules, err := datapath.PodRulesOf(ip)
+	if err != nil || !rules.ToMain || rules.FromTable == 0 {
+		return types.NewError(api.CodeDatapath, fmt.Sprintf("policy rules of %s are incomplete: %+v", ip, rules), fmt.Sprint(err))
+	}
+	podNS, err := netns.GetFromPath(args.Netns)
+	if err != nil {
+		return types.NewError(types.ErrIOFailure, "open pod network namespace "+args.Netns, err.Error())
+	}
+	defer podNS.Close()
+	return nsutil.Do(podNS, func() error {
+		l, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return types.NewError(api.CodeDatapath, "pod interface "+args.IfName+" is missing", err.Error())
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			return types.NewError(api.CodeDatapath, "list pod addresses", err.Error())
+		}
+		for _, a := range addrs {
+			if a.IP.Equal(ip.AsSlice()) {
+				return nil
+			}
+		}
+		return types.NewError(api.CodeDatapath, fmt.Sprintf("pod interface %s lacks %s", args.IfName, ip), fmt.Sprint(addrs))
+	})
+}
+
+// cmdStatus reports whether pods can be added: the agent must answer and have its pool up.
+func cmdStatus(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := api.NewClient(conf.Socket, 5*time.Second).Status(ctx)
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "tern-agent is not reachable on "+conf.Socket, err.Error())
+	}
+	if !st.Ready {
+		return types.NewError(types.ErrPluginNotAvailable, "tern-agent is not ready", st.Message)
+	}
+	return nil
+}
+
+// cmdGC releases every address whose sandbox is not among the runtime's valid attachments.
+func cmdGC(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	req := api.GCRequest{ValidAttachments: []api.GCAttachment{}}
+	for _, v := range conf.ValidAttachments {
+		req.ValidAttachments = append(req.ValidAttachments, api.GCAttachment{ContainerID: v.ContainerID, IfName: v.IfName})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
+	defer cancel()
+	if _, err := api.NewClient(conf.Socket, conf.timeout).GC(ctx, req); err != nil {
+		return cniError(err, api.CodeInternal)
+	}
+	return nil
+}
