@@ -28,6 +28,27 @@ func NewBuilder() *Builder {
 	}
 }
 
+// Set replaces everything known about one Service: the object (nil when it is gone) and
+// all its EndpointSlices. Controllers that read from informer caches use this; the
+// per-object methods below suit event streams.
+func (b *Builder) Set(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice) ([]Frontend, error) {
+	if svc == nil {
+		delete(b.services, nn)
+	} else {
+		b.services[nn] = svc
+	}
+	if len(eps) == 0 {
+		delete(b.slices, nn)
+	} else {
+		m := make(map[string]*discoveryv1.EndpointSlice, len(eps))
+		for _, s := range eps {
+			m[s.Name] = s
+		}
+		b.slices[nn] = m
+	}
+	return b.recompute(nn)
+}
+
 // UpsertService records a Service (new or changed).
 func (b *Builder) UpsertService(svc *corev1.Service) ([]Frontend, error) {
 	nn := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
@@ -130,6 +151,18 @@ func (b *Builder) Desired(f Frontend) ([]Backend, bool) {
 	}
 	bs, ok := b.owned[nn][f]
 	return bs, ok
+}
+
+// Len is the number of desired frontends.
+func (b *Builder) Len() int { return len(b.owner) }
+
+// Services lists the Services the builder knows.
+func (b *Builder) Services() map[types.NamespacedName]bool {
+	out := make(map[types.NamespacedName]bool, len(b.services))
+	for nn := range b.services {
+		out[nn] = true
+	}
+	return out
 }
 
 // State returns the whole desired state (a copy).

@@ -142,15 +142,25 @@ func (r *Reconciler) RevNATOverflows() uint64 {
 	return r.overflow
 }
 
+// Lookup answers what a frontend should hold, and whether it should exist at all.
+// State.Lookup and Builder.Desired are Lookups.
+type Lookup func(Frontend) ([]Backend, bool)
+
+// Lookup makes a State usable where a Lookup is wanted.
+func (s State) Lookup(f Frontend) ([]Backend, bool) {
+	bs, ok := s[f]
+	return bs, ok
+}
+
 // Apply reconciles the given frontends against desired: each is created, updated or
 // deleted (when desired lacks it). Other frontends are not touched, so their flows are
 // undisturbed. Errors for one frontend do not stop the others.
-func (r *Reconciler) Apply(desired State, dirty []Frontend) error {
+func (r *Reconciler) Apply(desired Lookup, dirty []Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var errs []error
 	for _, f := range dirty {
-		bs, ok := desired[f]
+		bs, ok := desired(f)
 		var err error
 		if ok {
 			err = r.upsert(f, bs)

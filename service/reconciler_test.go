@@ -56,7 +56,7 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 		empty: {},
 	}
 	all := []Frontend{web, dns, empty}
-	if err := r.Apply(desired, all); err != nil {
+	if err := r.Apply(desired.Lookup, all); err != nil {
 		t.Fatal(err)
 	}
 	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
@@ -64,7 +64,7 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	}
 
 	w := r.Writes()
-	if err := r.Apply(desired, all); err != nil {
+	if err := r.Apply(desired.Lookup, all); err != nil {
 		t.Fatal(err)
 	}
 	if r.Writes() != w {
@@ -76,7 +76,7 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	dnsBefore, _ := m.DumpServices()
 	desired[web] = []Backend{be("10.0.0.2", 8080), be("10.0.0.3", 8080)}
 	w = r.Writes()
-	if err := r.Apply(desired, []Frontend{web}); err != nil {
+	if err := r.Apply(desired.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
 	if n := r.Writes() - w; n != 3 {
@@ -115,7 +115,7 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	// Deleting a frontend removes it and its slots.
 	delete(desired, empty)
 	delete(desired, web)
-	if err := r2.Apply(desired, []Frontend{empty, web}); err != nil {
+	if err := r2.Apply(desired.Lookup, []Frontend{empty, web}); err != nil {
 		t.Fatal(err)
 	}
 	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
@@ -132,7 +132,7 @@ func TestRetiredReverseNATWaitsForFlows(t *testing.T) {
 	r, _ := NewReconciler(m, nil)
 	web := fe("10.96.0.10", 80, TCP)
 	gone, stays := be("10.0.0.1", 8080), be("10.0.0.2", 8080)
-	if err := r.Apply(State{web: {gone, stays}}, []Frontend{web}); err != nil {
+	if err := r.Apply(State{web: {gone, stays}}.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
 	// A live flow from a client to web, served by the backend about to be removed.
@@ -141,7 +141,7 @@ func TestRetiredReverseNATWaitsForFlows(t *testing.T) {
 	if err := m.CT.Put(ck, loader.CTValue{ExpiresNs: ^uint64(0), BackendAddr: loader.AddrToBE(gone.Addr), BackendPort: loader.PortToBE(gone.Port)}); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Apply(State{web: {stays}}, []Frontend{web}); err != nil {
+	if err := r.Apply(State{web: {stays}}.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
 	revKey := pairOf(web, gone).backend

@@ -50,7 +50,9 @@ func fe(addr string, port uint16, p Protocol) Frontend {
 	return Frontend{Addr: netip.MustParseAddr(addr), Port: port, Proto: p}
 }
 
-func be(addr string, port uint16) Backend { return Backend{Addr: netip.MustParseAddr(addr), Port: port} }
+func be(addr string, port uint16) Backend {
+	return Backend{Addr: netip.MustParseAddr(addr), Port: port}
+}
 
 func TestTranslate(t *testing.T) {
 	cases := []struct {
@@ -149,9 +151,9 @@ func TestLayoutKeepsSurvivorsInPlace(t *testing.T) {
 		old, desired, want []Backend
 	}{
 		{nil, []Backend{b1, b2}, []Backend{b1, b2}},
-		{[]Backend{b1, b2, b3}, []Backend{b1, b3}, []Backend{b1, b3}},             // last fills the hole
+		{[]Backend{b1, b2, b3}, []Backend{b1, b3}, []Backend{b1, b3}},                 // last fills the hole
 		{[]Backend{b1, b2, b3}, []Backend{b1, b2, b3, b4}, []Backend{b1, b2, b3, b4}}, // append
-		{[]Backend{b1, b2, b3}, []Backend{b4, b2, b3}, []Backend{b4, b2, b3}},      // replace in place
+		{[]Backend{b1, b2, b3}, []Backend{b4, b2, b3}, []Backend{b4, b2, b3}},         // replace in place
 		{[]Backend{b1, b2, b3}, []Backend{b3}, []Backend{b3}},
 		{[]Backend{b1, b2}, nil, []Backend{}},
 	}

@@ -51,7 +51,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	both := []service.Backend{{Addr: b1.ip, Port: 8080}, {Addr: b2.ip, Port: 8080}}
 	desired := service.State{web: both, webUDP: both, empty: {}, emptyUDP: {},
 		self: {{Addr: client.ip, Port: 8080}}}
-	if err := r.Apply(desired, []service.Frontend{web, webUDP, self, empty, emptyUDP}); err != nil {
+	if err := r.Apply(desired.Lookup, []service.Frontend{web, webUDP, self, empty, emptyUDP}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -115,7 +115,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	defer est.c.Close()
 	remaining := map[string]service.Backend{"b1": both[0], "b2": both[1]}[keep]
 	desired[web] = []service.Backend{remaining}
-	if err := r.Apply(desired, []service.Frontend{web}); err != nil {
+	if err := r.Apply(desired.Lookup, []service.Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 10; i++ {

@@ -89,7 +89,7 @@ func loadWith(n int) (*loaded, error) {
 		keys = append(keys, f)
 	}
 	start := time.Now()
-	if err := r.Apply(st, keys); err != nil {
+	if err := r.Apply(st.Lookup, keys); err != nil {
 		return nil, err
 	}
 	return &loaded{dp: dp, root: root, n: n, load: time.Since(start), write: r.Writes()}, nil

@@ -1,0 +1,327 @@
+// Package controller feeds the service load balancer from Kubernetes: informers on Services
+// and EndpointSlices, a rate-limited workqueue keyed by Service, the desired-state builder
+// and the LB map reconciler, with a periodic full resync that repairs drift.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/tern-net/tern/service"
+)
+
+const byServiceIndex = "tern-service"
+
+// Options tune the controller. Zero values take the defaults.
+type Options struct {
+	// ResyncInterval is how often the whole desired state is compared with the maps.
+	ResyncInterval time.Duration
+	// GCInterval is how often retired reverse-NAT entries are collected.
+	GCInterval time.Duration
+	Recorder   record.EventRecorder // optional: Events on Services that cannot be served
+	Registerer prometheus.Registerer
+	Logger     *zap.Logger
+}
+
+// Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
+type Controller struct {
+	client  kubernetes.Interface
+	rec     *service.Reconciler
+	builder *service.Builder
+	opts    Options
+	log     *zap.Logger
+	queue   workqueue.TypedRateLimitingInterface[types.NamespacedName]
+
+	svcInformer   cache.SharedIndexInformer
+	sliceInformer cache.SharedIndexInformer
+
+	m metrics
+}
+
+type metrics struct {
+	syncs       *prometheus.CounterVec
+	syncSeconds *prometheus.HistogramVec
+	invalid     prometheus.Counter
+	frontends   prometheus.Gauge
+	mapWrites   prometheus.CounterFunc
+}
+
+// New builds a controller over a client and a reconciler. Nothing runs until Run.
+func New(client kubernetes.Interface, rec *service.Reconciler, opts Options) (*Controller, error) {
+	if opts.ResyncInterval == 0 {
+		opts.ResyncInterval = 5 * time.Minute
+	}
+	if opts.GCInterval == 0 {
+		opts.GCInterval = 30 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	c := &Controller{
+		client:  client,
+		rec:     rec,
+		builder: service.NewBuilder(),
+		opts:    opts,
+		log:     opts.Logger.Named("services"),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[types.NamespacedName](),
+			workqueue.TypedRateLimitingQueueConfig[types.NamespacedName]{Name: "services"}),
+	}
+	c.m = metrics{
+		syncs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tern_service_syncs_total",
+			Help: "Service reconciliations by kind (service, full) and result."}, []string{"kind", "result"}),
+		syncSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tern_service_sync_duration_seconds",
+			Help:    "Time to reconcile one Service (kind=service) or everything (kind=full) into the maps.",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 4, 10)}, []string{"kind"}),
+		invalid: prometheus.NewCounter(prometheus.CounterOpts{Name: "tern_service_invalid_total",
+			Help: "Services with fields tern could not translate (each occurrence; see Events)."}),
+		frontends: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tern_service_frontends",
+			Help: "Frontends (cluster IP, port, protocol) in the desired state."}),
+		mapWrites: prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tern_service_map_writes_total",
+			Help: "Writes and deletes to the LB maps."}, func() float64 { return float64(rec.Writes()) }),
+	}
+	if opts.Registerer != nil {
+		for _, col := range []prometheus.Collector{c.m.syncs, c.m.syncSeconds, c.m.invalid, c.m.frontends, c.m.mapWrites} {
+			if err := opts.Registerer.Register(col); err != nil {
+				return nil, fmt.Errorf("register service metrics: %w", err)
+			}
+		}
+	}
+
+	factory := informers.NewSharedInformerFactory(client, 0)
+	c.svcInformer = factory.Core().V1().Services().Informer()
+	c.sliceInformer = factory.Discovery().V1().EndpointSlices().Informer()
+	if err := c.sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceServiceKey}); err != nil {
+		return nil, fmt.Errorf("index EndpointSlices by Service: %w", err)
+	}
+	enqueue := func(obj any) {
+		if nn, ok := serviceKeyOf(obj); ok {
+			c.queue.Add(nn)
+		}
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    enqueue,
+		UpdateFunc: func(_, obj any) { enqueue(obj) },
+		DeleteFunc: enqueue,
+	}
+	if _, err := c.svcInformer.AddEventHandler(handler); err != nil {
+		return nil, err
+	}
+	if _, err := c.sliceInformer.AddEventHandler(handler); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func sliceServiceKey(obj any) ([]string, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, nil
+	}
+	name := s.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return nil, nil
+	}
+	return []string{s.Namespace + "/" + name}, nil
+}
+
+// serviceKeyOf names the Service an event is about (itself, or the owner of a slice).
+func serviceKeyOf(obj any) (types.NamespacedName, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	switch o := obj.(type) {
+	case *corev1.Service:
+		return types.NamespacedName{Namespace: o.Namespace, Name: o.Name}, true
+	case *discoveryv1.EndpointSlice:
+		name := o.Labels[discoveryv1.LabelServiceName]
+		return types.NamespacedName{Namespace: o.Namespace, Name: name}, name != ""
+	}
+	return types.NamespacedName{}, false
+}
+
+// Run starts the informers, does a full sync once their caches are filled, then follows
+// changes until ctx ends. The maps are left as they are on return: the datapath keeps
+// serving while the agent is away.
+func (c *Controller) Run(ctx context.Context) error {
+	go func() {
+		<-ctx.Done()
+		c.queue.ShutDown()
+	}()
+	go c.svcInformer.Run(ctx.Done())
+	go c.sliceInformer.Run(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), c.svcInformer.HasSynced, c.sliceInformer.HasSynced) {
+		return fmt.Errorf("service informers did not sync: %w", ctx.Err())
+	}
+	if err := c.fullSync(); err != nil {
+		// Keep going: per-Service retries and the next resync repair what failed.
+		c.log.Error("initial full sync incomplete", zap.Error(err))
+	}
+	go c.periodic(ctx)
+	for c.processNext() {
+	}
+	return nil
+}
+
+// HasSynced tells whether the first full sync has been done (for readiness).
+func (c *Controller) HasSynced() bool {
+	return c.svcInformer.HasSynced() && c.sliceInformer.HasSynced()
+}
+
+func (c *Controller) periodic(ctx context.Context) {
+	resync := time.NewTicker(c.opts.ResyncInterval)
+	gc := time.NewTicker(c.opts.GCInterval)
+	defer resync.Stop()
+	defer gc.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-resync.C:
+			// Queued through the same worker so the builder is only touched by one goroutine.
+			c.queue.Add(fullSyncKey)
+		case <-gc.C:
+			if n, err := c.rec.CollectRevNAT(); err != nil {
+				c.log.Warn("collecting retired reverse-NAT entries", zap.Error(err))
+			} else if n > 0 {
+				c.log.Debug("collected retired reverse-NAT entries", zap.Int("count", n))
+			}
+		}
+	}
+}
+
+// fullSyncKey is a queue key no Service can have (names cannot contain '/').
+var fullSyncKey = types.NamespacedName{Namespace: "/", Name: "full-sync"}
+
+func (c *Controller) processNext() bool {
+	nn, quit := c.queue.Get()
+	if quit {
+		return false
+	}
+	defer c.queue.Done(nn)
+	var err error
+	if nn == fullSyncKey {
+		err = c.fullSync()
+	} else {
+		err = c.syncService(nn)
+	}
+	if err != nil {
+		c.log.Warn("service sync failed; retrying with backoff", zap.Stringer("service", nn), zap.Error(err))
+		c.queue.AddRateLimited(nn)
+		return true
+	}
+	c.queue.Forget(nn)
+	return true
+}
+
+func (c *Controller) lookup(nn types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
+	var svc *corev1.Service
+	obj, exists, err := c.svcInformer.GetStore().GetByKey(nn.String())
+	if err != nil {
+		return nil, nil, err
+	}
+	if exists {
+		svc = obj.(*corev1.Service)
+	}
+	objs, err := c.sliceInformer.GetIndexer().ByIndex(byServiceIndex, nn.String())
+	if err != nil {
+		return nil, nil, err
+	}
+	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		eps = append(eps, o.(*discoveryv1.EndpointSlice))
+	}
+	return svc, eps, nil
+}
+
+func (c *Controller) syncService(nn types.NamespacedName) error {
+	start := time.Now()
+	svc, eps, err := c.lookup(nn)
+	if err != nil {
+		return err
+	}
+	dirty, terr := c.builder.Set(nn, svc, eps)
+	if terr != nil {
+		c.reportInvalid(svc, terr)
+	}
+	err = c.rec.Apply(c.builder.Desired, dirty)
+	c.observe("service", start, err)
+	c.m.frontends.Set(float64(c.builder.Len()))
+	if err != nil {
+		c.reportMapError(svc, err)
+	}
+	return err
+}
+
+func (c *Controller) fullSync() error {
+	start := time.Now()
+	seen := map[types.NamespacedName]bool{}
+	for _, o := range c.svcInformer.GetStore().List() {
+		s := o.(*corev1.Service)
+		nn := types.NamespacedName{Namespace: s.Namespace, Name: s.Name}
+		seen[nn] = true
+		svc, eps, err := c.lookup(nn)
+		if err != nil {
+			return err
+		}
+		if _, terr := c.builder.Set(nn, svc, eps); terr != nil {
+			c.reportInvalid(svc, terr)
+		}
+	}
+	// Services deleted while we were not looking.
+	for nn := range c.builder.Services() {
+		if !seen[nn] {
+			c.builder.Set(nn, nil, nil)
+		}
+	}
+	desired := c.builder.State()
+	c.m.frontends.Set(float64(len(desired)))
+	err := c.rec.Sync(desired)
+	c.observe("full", start, err)
+	c.log.Info("full sync", zap.Int("services", len(seen)), zap.Int("frontends", len(desired)),
+		zap.Duration("took", time.Since(start)), zap.Error(err))
+	return err
+}
+
+func (c *Controller) observe(kind string, start time.Time, err error) {
+	c.m.syncSeconds.WithLabelValues(kind).Observe(time.Since(start).Seconds())
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	c.m.syncs.WithLabelValues(kind, result).Inc()
+}
+
+func (c *Controller) reportInvalid(svc *corev1.Service, err error) {
+	c.m.invalid.Inc()
+	c.log.Warn("service has fields tern cannot serve; serving the rest", zap.Error(err))
+	if c.opts.Recorder != nil && svc != nil {
+		c.opts.Recorder.Eventf(svc, corev1.EventTypeWarning, "TernInvalidService", "%v", err)
+	}
+}
+
+func (c *Controller) reportMapError(svc *corev1.Service, err error) {
+	if c.opts.Recorder == nil || svc == nil {
+		return
+	}
+	reason := "TernLoadBalancerSyncFailed"
+	if errors.Is(err, unix.E2BIG) { // the kernel's answer to an update of a full map
+		reason = "TernLoadBalancerMapFull"
+	}
+	c.opts.Recorder.Eventf(svc, corev1.EventTypeWarning, reason,
+		"could not program the load balancer on this node (will retry): %v", err)
+}

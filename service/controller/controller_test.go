@@ -1,0 +1,166 @@
+package controller_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/tern-net/tern/internal/testutil"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/loader/loadertest"
+	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/test/k8s/controlplane"
+	"github.com/tern-net/tern/test/k8s/kubeletsim"
+)
+
+func startControlPlane(t *testing.T) *controlplane.ControlPlane {
+	t.Helper()
+	if _, err := controlplane.BinDir(); err != nil {
+		testutil.SkipOrFail(t, err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cp, err := controlplane.Start(ctx, controlplane.Options{ControllerManager: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cp.Stop() })
+	return cp
+}
+
+// backendsIn reads what the maps hold for a frontend, straight from the kernel.
+func backendsIn(t *testing.T, m *loader.Maps, f service.Frontend) ([]string, bool) {
+	t.Helper()
+	var v loader.ServiceValue
+	k := loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
+	if err := m.Services.Lookup(k, &v); err != nil {
+		return nil, false
+	}
+	var out []string
+	for i := uint32(1); i <= uint32(v.BackendCount); i++ {
+		var b loader.BackendValue
+		if err := m.Backends.Lookup(loader.BackendKey{SvcId: v.Id, Slot: i}, &b); err != nil {
+			t.Fatalf("slot %d of %s: %v", i, f, err)
+		}
+		out = append(out, netip.AddrPortFrom(loader.BEToAddr(b.Addr), loader.BEToPort(b.Port)).String())
+	}
+	slices.Sort(out)
+	return out, true
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestControllerFollowsTheAPIServer(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	cp := startControlPlane(t)
+	client := kubernetes.NewForConfigOrDie(cp.RestConfig())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	d := loadertest.New(t, loader.Config{})
+	rec, err := service.NewReconciler(d.Maps(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctl, err := controller.New(client, rec, controller.Options{Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ctl.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	if _, err := kubeletsim.EnsureNode(ctx, client, "node-a", "192.168.0.10"); err != nil {
+		t.Fatal(err)
+	}
+	ns := "web"
+	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"}, Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromString("web"), Protocol: corev1.ProtocolTCP},
+			{Name: "dns", Port: 53, TargetPort: intstr.FromInt32(5353), Protocol: corev1.ProtocolUDP},
+		}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := netip.MustParseAddr(svc.Spec.ClusterIP)
+	http := service.Frontend{Addr: vip, Port: 80, Proto: service.TCP}
+	dns := service.Frontend{Addr: vip, Port: 53, Proto: service.UDP}
+
+	// A Service with no pods yet: the frontend exists with no backends (reject).
+	waitFor(t, "frontend without backends", func() bool { b, ok := backendsIn(t, d.Maps(), http); return ok && len(b) == 0 })
+
+	// Pods whose named port "web" resolves to different numbers.
+	for i, port := range []int32{8080, 9090} {
+		_, err := kubeletsim.RunPod(ctx, client, kubeletsim.PodSpec{Namespace: ns, Name: fmt.Sprintf("web-%d", i), Node: "node-a",
+			Labels: map[string]string{"app": "web"}, Ports: []corev1.ContainerPort{{Name: "web", ContainerPort: port}}},
+			fmt.Sprintf("10.0.1.%d", 20+i))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{"10.0.1.20:8080", "10.0.1.21:9090"}
+	waitFor(t, "both pods as backends of the named port", func() bool {
+		b, _ := backendsIn(t, d.Maps(), http)
+		return slices.Equal(b, want)
+	})
+	waitFor(t, "the UDP port's backends", func() bool {
+		b, _ := backendsIn(t, d.Maps(), dns)
+		return slices.Equal(b, []string{"10.0.1.20:5353", "10.0.1.21:5353"})
+	})
+
+	// Pod churn: one pod goes, its endpoint leaves the map.
+	if err := kubeletsim.DeletePod(ctx, client, ns, "web-0"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "deleted pod to leave the backends", func() bool {
+		b, _ := backendsIn(t, d.Maps(), http)
+		return slices.Equal(b, []string{"10.0.1.21:9090"})
+	})
+
+	// An apiserver restart: the informers reconnect and later changes still arrive.
+	if err := cp.RestartAPIServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kubeletsim.RunPod(ctx, client, kubeletsim.PodSpec{Namespace: ns, Name: "web-2", Node: "node-a",
+		Labels: map[string]string{"app": "web"}, Ports: []corev1.ContainerPort{{Name: "web", ContainerPort: 8080}}}, "10.0.1.22"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a pod created after the apiserver restart", func() bool {
+		b, _ := backendsIn(t, d.Maps(), http)
+		return slices.Equal(b, []string{"10.0.1.21:9090", "10.0.1.22:8080"})
+	})
+
+	// Service deletion removes both frontends.
+	if err := client.CoreV1().Services(ns).Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "deleted service to leave the maps", func() bool {
+		_, ok1 := backendsIn(t, d.Maps(), http)
+		_, ok2 := backendsIn(t, d.Maps(), dns)
+		return !ok1 && !ok2
+	})
+}
