@@ -1,0 +1,157 @@
+// Package nodereport publishes the node's IPAM state on its Kubernetes Node, where operators
+// and schedulers look: the ENIs and the addresses pods use (Terway's
+// k8s.aliyun.com/allocated-eniips annotation), the pod capacity (Terway's
+// k8s.aliyun.com/max-available-ip), and a Node condition when addresses run out.
+package nodereport
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+)
+
+const (
+	// AnnotationAllocatedENIIPs maps each ENI ID to the addresses pods use on it (JSON).
+	AnnotationAllocatedENIIPs = "k8s.aliyun.com/allocated-eniips"
+	// AnnotationMaxAvailableIP is how many pod addresses this node can have at most.
+	AnnotationMaxAvailableIP = "k8s.aliyun.com/max-available-ip"
+	// ConditionIPExhausted is True while new pods cannot get an address.
+	ConditionIPExhausted corev1.NodeConditionType = "TernPodIPsExhausted"
+)
+
+// Snapshot is what the reporter publishes.
+type Snapshot struct {
+	ENIIPs    map[string][]string // ENI ID → addresses in use
+	MaxPods   int
+	InUse     int
+	Exhausted bool   // the last allocation failed for lack of addresses
+	Reason    string // why, with the cloud's error code when there was one
+}
+
+// Source gives the current snapshot; the agent builds it from the IPAM pool.
+type Source func() Snapshot
+
+// Reporter patches the Node when the snapshot changes, and at least every Interval.
+type Reporter struct {
+	client   kubernetes.Interface
+	node     string
+	source   Source
+	interval time.Duration
+	log      *zap.Logger
+	kick     chan struct{}
+	last     string
+}
+
+// New makes a reporter for node. Nothing runs until Run.
+func New(client kubernetes.Interface, node string, source Source, interval time.Duration, log *zap.Logger) *Reporter {
+	if interval <= 0 {
+		interval = 30 * time.Second
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Reporter{client: client, node: node, source: source, interval: interval,
+		log: log.Named("nodereport"), kick: make(chan struct{}, 1)}
+}
+
+// Changed asks for a report soon (after an allocation or release). It never blocks.
+func (r *Reporter) Changed() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run reports until ctx ends. Several changes in quick succession make one patch.
+func (r *Reporter) Run(ctx context.Context) error {
+	t := time.NewTicker(r.interval)
+	defer t.Stop()
+	for {
+		if err := r.Report(ctx); err != nil {
+			r.log.Warn("could not update the Node's IPAM annotations; will retry", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			r.last = "" // re-assert periodically even if unchanged (someone may have edited it)
+		case <-r.kick:
+			// Coalesce a burst of pod events into one patch.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+}
+
+// Report patches the Node now if the snapshot differs from the last one written.
+func (r *Reporter) Report(ctx context.Context) error {
+	s := r.source()
+	eniips, err := json.Marshal(s.ENIIPs)
+	if err != nil {
+		return err
+	}
+	meta := map[string]any{"metadata": map[string]any{"annotations": map[string]string{
+		AnnotationAllocatedENIIPs: string(eniips),
+		AnnotationMaxAvailableIP:  strconv.Itoa(s.MaxPods),
+	}}}
+	body, err := json.Marshal(meta)
+	if err != nil {
+		return err
+	}
+	cond := corev1.NodeCondition{Type: ConditionIPExhausted, Status: corev1.ConditionFalse,
+		Reason: "PodIPsAvailable", Message: fmt.Sprintf("%d of %d pod addresses in use", s.InUse, s.MaxPods)}
+	if s.Exhausted {
+		cond.Status, cond.Reason, cond.Message = corev1.ConditionTrue, "PodIPsExhausted", s.Reason
+	}
+	key := string(body) + string(cond.Status) + cond.Message
+	if key == r.last {
+		return nil
+	}
+	if _, err := r.client.CoreV1().Nodes().Patch(ctx, r.node, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
+		return fmt.Errorf("patch annotations of node %s: %w", r.node, err)
+	}
+	if err := r.setCondition(ctx, cond); err != nil {
+		return err
+	}
+	r.last = key
+	return nil
+}
+
+func (r *Reporter) setCondition(ctx context.Context, c corev1.NodeCondition) error {
+	node, err := r.client.CoreV1().Nodes().Get(ctx, r.node, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("get node %s: %w", r.node, err)
+	}
+	now := metav1.Now()
+	c.LastHeartbeatTime = now
+	c.LastTransitionTime = now
+	found := false
+	for i, old := range node.Status.Conditions {
+		if old.Type != c.Type {
+			continue
+		}
+		found = true
+		if old.Status == c.Status {
+			c.LastTransitionTime = old.LastTransitionTime
+		}
+		node.Status.Conditions[i] = c
+	}
+	if !found {
+		node.Status.Conditions = append(node.Status.Conditions, c)
+	}
+	if _, err := r.client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("set condition %s on node %s: %w", c.Type, r.node, err)
+	}
+	return nil
+}

@@ -1,0 +1,69 @@
+package nodereport_test
+
+import (
+	"context"
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/tern-net/tern/internal/testutil"
+	"github.com/tern-net/tern/ipam/nodereport"
+	"github.com/tern-net/tern/test/k8s/controlplane"
+	"github.com/tern-net/tern/test/k8s/kubeletsim"
+)
+
+func TestReportsOnTheNode(t *testing.T) {
+	if _, err := controlplane.BinDir(); err != nil {
+		testutil.SkipOrFail(t, err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cp, err := controlplane.Start(ctx, controlplane.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.Stop()
+	client := kubernetes.NewForConfigOrDie(cp.RestConfig())
+	if _, err := kubeletsim.EnsureNode(ctx, client, "node-a", "192.168.0.10"); err != nil {
+		t.Fatal(err)
+	}
+
+	snap := nodereport.Snapshot{ENIIPs: map[string][]string{"eni-1": {"192.168.0.20", "192.168.0.21"}}, MaxPods: 10, InUse: 2}
+	r := nodereport.New(client, "node-a", func() nodereport.Snapshot { return snap }, time.Hour, nil)
+	check := func(wantStatus corev1.ConditionStatus) {
+		t.Helper()
+		if err := r.Report(ctx); err != nil {
+			t.Fatal(err)
+		}
+		n, err := client.CoreV1().Nodes().Get(ctx, "node-a", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got map[string][]string
+		if err := json.Unmarshal([]byte(n.Annotations[nodereport.AnnotationAllocatedENIIPs]), &got); err != nil || !reflect.DeepEqual(got, snap.ENIIPs) {
+			t.Fatalf("allocated-eniips annotation = %q (%v), want %v", n.Annotations[nodereport.AnnotationAllocatedENIIPs], err, snap.ENIIPs)
+		}
+		if n.Annotations[nodereport.AnnotationMaxAvailableIP] != "10" {
+			t.Fatalf("max-available-ip = %q", n.Annotations[nodereport.AnnotationMaxAvailableIP])
+		}
+		for _, c := range n.Status.Conditions {
+			if c.Type == nodereport.ConditionIPExhausted {
+				if c.Status != wantStatus {
+					t.Fatalf("condition %s = %s (%s), want %s", c.Type, c.Status, c.Message, wantStatus)
+				}
+				return
+			}
+		}
+		t.Fatal("no IP exhaustion condition on the node")
+	}
+	check(corev1.ConditionFalse)
+
+	snap = nodereport.Snapshot{ENIIPs: map[string][]string{"eni-1": {"192.168.0.20"}}, MaxPods: 10, InUse: 1,
+		Exhausted: true, Reason: "InvalidVSwitchId.IpNotEnough: vsw-a has no free addresses"}
+	check(corev1.ConditionTrue)
+}
