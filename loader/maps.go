@@ -112,3 +112,22 @@ func (m *Maps) PutBackend(k BackendKey, v BackendValue) error { return m.Backend
 func (m *Maps) DeleteBackend(k BackendKey) error              { return m.Backends.Delete(k) }
 func (m *Maps) PutRevNAT(k RevNATKey, v RevNATValue) error    { return m.RevNAT.Put(k, v) }
 func (m *Maps) DeleteRevNAT(k RevNATKey) error                { return m.RevNAT.Delete(k) }
+
+// Batch writers, for loading many entries at once (an agent starting on a large cluster).
+// One syscall per chunk instead of one per entry.
+
+const batchChunk = 4096
+
+func batchPut[K, V any](m *ebpf.Map, keys []K, vals []V) error {
+	for i := 0; i < len(keys); i += batchChunk {
+		j := min(i+batchChunk, len(keys))
+		if _, err := m.BatchUpdate(keys[i:j], vals[i:j], nil); err != nil {
+			return fmt.Errorf("batch update of %s: %w", m, err)
+		}
+	}
+	return nil
+}
+
+func (m *Maps) PutServices(k []ServiceKey, v []ServiceValue) error { return batchPut(m.Services, k, v) }
+func (m *Maps) PutBackends(k []BackendKey, v []BackendValue) error { return batchPut(m.Backends, k, v) }
+func (m *Maps) PutRevNATs(k []RevNATKey, v []RevNATValue) error    { return batchPut(m.RevNAT, k, v) }

@@ -27,6 +27,15 @@ type LBMaps interface {
 	DeleteRevNAT(loader.RevNATKey) error
 }
 
+// BatchLBMaps is implemented by maps that can take many entries per syscall. The reconciler
+// uses it to load a large desired state into empty maps (an agent's first start on a big
+// cluster); everything else goes entry by entry.
+type BatchLBMaps interface {
+	PutServices([]loader.ServiceKey, []loader.ServiceValue) error
+	PutBackends([]loader.BackendKey, []loader.BackendValue) error
+	PutRevNATs([]loader.RevNATKey, []loader.RevNATValue) error
+}
+
 type realized struct {
 	id    uint32
 	slots []Backend // slot i+1 holds slots[i]
@@ -181,6 +190,9 @@ func (r *Reconciler) Sync(desired State) error {
 	defer r.mu.Unlock()
 	if err := r.load(); err != nil {
 		return err
+	}
+	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.revnat) == 0 && len(desired) > 0 {
+		return r.bulkLoad(bm, desired)
 	}
 	var errs []error
 	for f := range r.fronts {
@@ -451,4 +463,59 @@ func (r *Reconciler) CollectRevNAT() (int, error) {
 		delete(r.retired, p)
 	}
 	return removed, errors.Join(errs...)
+}
+
+// bulkLoad writes a whole desired state into empty maps with batch updates, in the same
+// order the per-entry path keeps: reverse NAT, then slots, then frontends.
+func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
+	var (
+		sk []loader.ServiceKey
+		sv []loader.ServiceValue
+		bk []loader.BackendKey
+		bv []loader.BackendValue
+	)
+	fronts := make(map[Frontend]*realized, len(desired))
+	rev := map[loader.RevNATKey][]loader.RevNATFrontend{}
+	for f, bs := range desired {
+		id, err := r.allocID()
+		if err != nil {
+			return err
+		}
+		re := &realized{id: id, slots: append([]Backend(nil), bs...)}
+		fronts[f] = re
+		for i, b := range bs {
+			bk = append(bk, loader.BackendKey{SvcId: id, Slot: uint32(i + 1)})
+			bv = append(bv, loader.BackendValue{Addr: loader.AddrToBE(b.Addr), Port: loader.PortToBE(b.Port)})
+			p := pairOf(f, b)
+			if len(rev[p.backend]) >= loader.RevNATMaxFrontends {
+				r.overflow++
+				continue
+			}
+			rev[p.backend] = append(rev[p.backend], p.frontend)
+		}
+		sk = append(sk, svcKey(f))
+		sv = append(sv, loader.ServiceValue{Id: id, BackendCount: uint16(len(bs))})
+	}
+	rk := make([]loader.RevNATKey, 0, len(rev))
+	rv := make([]loader.RevNATValue, 0, len(rev))
+	for k, fes := range rev {
+		var v loader.RevNATValue
+		v.Count = uint32(len(fes))
+		copy(v.Frontends[:], fes)
+		rk = append(rk, k)
+		rv = append(rv, v)
+	}
+	if err := bm.PutRevNATs(rk, rv); err != nil {
+		return fmt.Errorf("load reverse-NAT entries: %w", err)
+	}
+	if err := bm.PutBackends(bk, bv); err != nil {
+		return fmt.Errorf("load backend slots: %w", err)
+	}
+	if err := bm.PutServices(sk, sv); err != nil {
+		return fmt.Errorf("load frontends: %w", err)
+	}
+	r.writes += uint64(len(rk) + len(bk) + len(sk))
+	r.fronts = fronts
+	r.revnat = rev
+	return nil
 }

@@ -1,6 +1,7 @@
 package service
 
 import (
+	"fmt"
 	"reflect"
 	"testing"
 
@@ -158,5 +159,50 @@ func TestRetiredReverseNATWaitsForFlows(t *testing.T) {
 	}
 	if err := m.RevNAT.Lookup(revKey, &v); !loader.IsNotExist(err) {
 		t.Fatalf("reverse NAT entry still there: %v", err)
+	}
+}
+
+// A first Sync into empty maps goes through batch updates; the result and the mirror must be
+// the same as entry by entry, so later incremental changes work on top of it.
+func TestBulkLoadIntoEmptyMaps(t *testing.T) {
+	d := loadertest.New(t, loader.Config{})
+	m := d.Maps()
+	r, _ := NewReconciler(m, nil)
+	desired := State{}
+	for i := 0; i < 300; i++ {
+		f := fe(fmt.Sprintf("10.96.%d.%d", i/200, i%200), 80, TCP)
+		desired[f] = []Backend{be(fmt.Sprintf("10.0.%d.%d", i/200, i%200), 8080), be(fmt.Sprintf("10.1.%d.%d", i/200, i%200), 9090)}
+	}
+	if err := r.Sync(desired); err != nil {
+		t.Fatal(err)
+	}
+	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
+		t.Fatal("bulk load does not match the desired state")
+	}
+	f := fe("10.96.0.7", 80, TCP)
+	desired[f] = desired[f][:1]
+	w := r.Writes()
+	if err := r.Apply(desired.Lookup, []Frontend{f}); err != nil {
+		t.Fatal(err)
+	}
+	if r.Writes()-w != 2 { // count down, last slot gone
+		t.Fatalf("incremental change after bulk load took %d writes", r.Writes()-w)
+	}
+	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
+		t.Fatal("maps diverge after an incremental change on a bulk-loaded state")
+	}
+
+	// One backend behind 9 frontends: the datapath can reverse-NAT 8; the 9th is counted.
+	d2 := loadertest.New(t, loader.Config{})
+	r2, _ := NewReconciler(d2.Maps(), nil)
+	shared := State{}
+	for i := 0; i < 9; i++ {
+		shared[fe(fmt.Sprintf("10.96.1.%d", i), 80, TCP)] = []Backend{be("10.0.9.9", 9090)}
+	}
+	if err := r2.Sync(shared); err != nil {
+		t.Fatal(err)
+	}
+	if r2.RevNATOverflows() != 1 {
+		t.Fatalf("reverse-NAT overflows counted %d, want 1", r2.RevNATOverflows())
 	}
 }

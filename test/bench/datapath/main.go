@@ -84,12 +84,8 @@ func loadWith(n int) (*loaded, error) {
 		return nil, err
 	}
 	st := desired(n)
-	keys := make([]service.Frontend, 0, n)
-	for f := range st {
-		keys = append(keys, f)
-	}
 	start := time.Now()
-	if err := r.Apply(st.Lookup, keys); err != nil {
+	if err := r.Sync(st); err != nil {
 		return nil, err
 	}
 	return &loaded{dp: dp, root: root, n: n, load: time.Since(start), write: r.Writes()}, nil
@@ -170,7 +166,9 @@ func run(rounds, batch int) error {
 		)
 	}
 	for r := 0; r < rounds; r++ {
-		for _, s := range scenarios {
+		// Rotate the order every round so no scenario always runs first (cache, frequency).
+		for i := range scenarios {
+			s := scenarios[(i+r)%len(scenarios)]
 			ns, err := runBatch(s, batch)
 			if err != nil {
 				return err
