@@ -55,8 +55,9 @@ type Agent struct {
 	dp         *loader.Datapath
 	pool       *ipam.Pool
 
-	ready    atomic.Bool
-	attachMu sync.Mutex // serialises BPF attach calls
+	ready      atomic.Bool
+	attachMu   sync.Mutex // serialises BPF attach calls
+	onAllocate []func(ipam.PodKey, error)
 }
 
 // New checks cfg and builds an agent; it touches nothing.
@@ -80,6 +81,24 @@ func (a *Agent) AddComponent(c Component) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.components = append(a.components, c)
+}
+
+// OnAllocate registers fn to hear the outcome of every allocation the CNI asks for (err nil
+// on success), e.g. to report exhaustion as a Kubernetes Event. fn runs on the request's
+// goroutine and must not block.
+func (a *Agent) OnAllocate(fn func(ipam.PodKey, error)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.onAllocate = append(a.onAllocate, fn)
+}
+
+func (a *Agent) notifyAllocate(key ipam.PodKey, err error) {
+	a.mu.Lock()
+	hooks := append([]func(ipam.PodKey, error){}, a.onAllocate...)
+	a.mu.Unlock()
+	for _, fn := range hooks {
+		fn(key, err)
+	}
 }
 
 // Datapath is the loaded datapath, nil until Run has loaded it.

@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"github.com/tern-net/tern/agent/api"
-
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/tern-net/tern/agent/api"
 )
 
 // Defaults of Config.

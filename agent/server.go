@@ -126,6 +126,7 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 		return nil, e
 	}
 	al, err := pool.Allocate(r.Context(), key)
+	a.notifyAllocate(key, err)
 	if err != nil {
 		ae := errorFor(err)
 		a.log.Warn("allocate failed", zap.Stringer("pod", key), zap.Uint("code", ae.Code), zap.Error(err))

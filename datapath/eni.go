@@ -51,7 +51,7 @@ type ENILink struct {
 func FindLinkByMAC(mac net.HardwareAddr, timeout time.Duration) (netlink.Link, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		links, err := netlink.LinkList()
+		links, err := retryDump(netlink.LinkList)
 		if err != nil {
 			return nil, fmt.Errorf("list links to find MAC %s: %w", mac, err)
 		}
@@ -111,6 +111,22 @@ func EnsureENI(e ENI, timeout time.Duration) (ENILink, error) {
 	return out, nil
 }
 
+// retryDump repeats a netlink dump that the kernel interrupted: with pods coming and going,
+// links and rules change while they are listed and the dump is flagged inconsistent.
+func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
+	var err error
+	for range 20 {
+		var out []T
+		if out, err = dump(); err == nil {
+			return out, nil
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return nil, err
+		}
+	}
+	return nil, err
+}
+
 func hostPrefix(ip netip.Addr) *net.IPNet {
 	return &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}
 }
@@ -163,7 +179,7 @@ func PodRulesOf(podIP netip.Addr) (PodRules, error) {
 }
 
 func podRules(podIP netip.Addr) ([]netlink.Rule, error) {
-	rules, err := netlink.RuleList(netlink.FAMILY_V4)
+	rules, err := retryDump(func() ([]netlink.Rule, error) { return netlink.RuleList(netlink.FAMILY_V4) })
 	if err != nil {
 		return nil, fmt.Errorf("list policy rules: %w", err)
 	}

@@ -1,0 +1,424 @@
+//go:build linux
+
+// Package lab brings up a small Alibaba Cloud VPC made of real parts on one machine: a VPC
+// router namespace, one namespace per node (an ECS instance of the emulator, whose ENIs the
+// emulator's NetnsSDN plugs in as veths), a real tern-agent process per node running inside
+// its node namespace and reaching the emulator through nsbridge on 127.0.0.1, and pods created
+// by calling the real tern-cni binary through libcni, as containerd does.
+//
+// The root namespace is never a node: it reaches the lab only through loopback (the emulator)
+// and unix sockets (the agents). Down removes every namespace, process, pin, socket and
+// directory the lab made. Tests, cmd/tern-lab and `make demo` share this API.
+package lab
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/vishvananda/netns"
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/ipam/aliyun"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/test/ecsemu"
+)
+
+// Names of the lab's cloud.
+const (
+	Zone          = "cn-hangzhou-h"
+	NodeVSwitch   = "vsw-lab-nodes" // 192.168.0.0/24: the nodes' primary ENIs
+	PodVSwitch    = "vsw-lab-pods"  // 192.168.16.0/20: pod addresses by default
+	ClusterID     = "lab"
+	SecurityGroup = "sg-test"
+	NetworkName   = "tern"
+	// DefaultInstanceType holds 3 ENIs × 14 = 42 pods per node.
+	DefaultInstanceType = "ecs.g7.xlarge"
+)
+
+// ENIConf is the part of eni_conf the lab lets callers choose.
+type ENIConf struct {
+	VSwitches   []string // pod vSwitches of Zone; default [PodVSwitch]
+	MinPoolSize int
+	MaxPoolSize int // default 5
+}
+
+// Options configure Up.
+type Options struct {
+	Nodes        int    // default 2
+	InstanceType string // default DefaultInstanceType
+	// BinDir holds the tern-agent and tern-cni binaries (see BuildBinaries). Required.
+	BinDir string
+	// Dir is the lab's working directory (configs, stores, sockets, logs); default a new
+	// temporary directory. Down removes it either way.
+	Dir string
+	// ENIConf is every node's initial eni_conf.
+	ENIConf ENIConf
+	// ExtraVSwitches are added to the VPC (e.g. a tiny one to exhaust, or a spare).
+	ExtraVSwitches []ecsemu.VSwitchConfig
+	// Latency is added to every emulated API call.
+	Latency time.Duration
+	// Seed makes the emulator's fault injection reproducible (0: random).
+	Seed uint64
+	// AllocateWait is how long the agent lets one CNI ADD wait for a refill (default 5s).
+	AllocateWait time.Duration
+	// Logger receives the lab's own logs and the emulator's (nil: none). Agents log to files.
+	Logger *zap.Logger
+}
+
+// Lab is a running lab. Its methods are safe for concurrent use.
+type Lab struct {
+	opts    Options
+	log     *zap.Logger
+	dir     string
+	pinRoot string
+	vpc     netns.NsHandle
+	sdn     *ecsemu.NetnsSDN
+	emu     *ecsemu.Emulator
+	srv     *http.Server
+	emuAddr string
+	nodes   []*Node
+
+	mu   sync.Mutex
+	pods map[string]*Pod // by namespace/name
+}
+
+// BuildBinaries builds tern-agent and tern-cni into dir with the go tool; run it from inside
+// the module (tests do).
+func BuildBinaries(ctx context.Context, dir string) error {
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(filepath.Separator),
+		"github.com/tern-net/tern/cmd/tern-agent", "github.com/tern-net/tern/cmd/tern-cni")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("go build tern-agent and tern-cni into %s: %w\n%s", dir, err, out)
+	}
+	return nil
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Up builds the lab and waits until every node's agent is ready. On error everything made so
+// far is removed.
+func Up(ctx context.Context, o Options) (_ *Lab, err error) {
+	if o.Nodes <= 0 {
+		o.Nodes = 2
+	}
+	if o.InstanceType == "" {
+		o.InstanceType = DefaultInstanceType
+	}
+	if o.ENIConf.MaxPoolSize == 0 {
+		o.ENIConf.MaxPoolSize = 5
+	}
+	if len(o.ENIConf.VSwitches) == 0 {
+		o.ENIConf.VSwitches = []string{PodVSwitch}
+	}
+	if o.AllocateWait == 0 {
+		o.AllocateWait = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	for _, b := range []string{"tern-agent", "tern-cni"} {
+		if _, err := os.Stat(filepath.Join(o.BinDir, b)); err != nil {
+			return nil, fmt.Errorf("lab: %s not found in BinDir %q (build it with lab.BuildBinaries): %w", b, o.BinDir, err)
+		}
+	}
+	l := &Lab{opts: o, log: o.Logger, pods: map[string]*Pod{}}
+	defer func() {
+		if err != nil {
+			l.Down()
+		}
+	}()
+	if o.Dir != "" {
+		l.dir = o.Dir
+		if err := os.MkdirAll(l.dir, 0o700); err != nil {
+			return nil, fmt.Errorf("lab: create %s: %w", l.dir, err)
+		}
+	} else if l.dir, err = os.MkdirTemp("", "tern-lab-"); err != nil {
+		return nil, fmt.Errorf("lab: create work directory: %w", err)
+	}
+	l.pinRoot = filepath.Join("/sys/fs/bpf", "tern-lab-"+randHex(4))
+
+	if l.vpc, err = nsutil.NewAnon(); err != nil {
+		return nil, fmt.Errorf("lab: VPC namespace: %w", err)
+	}
+	cfg := l.cloudConfig()
+	nodeNS := map[string]netns.NsHandle{}
+	for i := range o.Nodes {
+		ns, err := nsutil.NewAnon()
+		if err != nil {
+			return nil, fmt.Errorf("lab: namespace of node %d: %w", i, err)
+		}
+		n := &Node{lab: l, Index: i, Name: fmt.Sprintf("node-%d", i+1), InstanceID: fmt.Sprintf("i-lab-%04d", i+1), NS: ns}
+		n.dir = filepath.Join(l.dir, n.Name)
+		l.nodes = append(l.nodes, n)
+		nodeNS[n.InstanceID] = ns
+	}
+	if l.sdn, err = ecsemu.NewNetnsSDN(l.vpc, nodeNS, o.Logger.Named("sdn")); err != nil {
+		return nil, fmt.Errorf("lab: SDN: %w", err)
+	}
+	eopts := []ecsemu.Option{ecsemu.WithSDN(l.sdn), ecsemu.WithLogger(o.Logger.Named("emulator"))}
+	if o.Seed != 0 {
+		eopts = append(eopts, ecsemu.WithSeed(o.Seed))
+	}
+	if l.emu, err = ecsemu.New(cfg, eopts...); err != nil {
+		return nil, fmt.Errorf("lab: emulator: %w", err)
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("lab: emulator listener: %w", err)
+	}
+	l.emuAddr = ln.Addr().String()
+	l.srv = &http.Server{Handler: l.emu.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = l.srv.Serve(ln) }()
+
+	for _, n := range l.nodes {
+		if err := n.prepare(); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range l.nodes {
+		if err := n.StartAgent(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if o.Latency > 0 {
+		l.emu.SetLatency(o.Latency)
+	}
+	l.log.Info("lab up", zap.String("dir", l.dir), zap.Int("nodes", len(l.nodes)), zap.String("emulator", l.emuAddr))
+	return l, nil
+}
+
+func (l *Lab) cloudConfig() *ecsemu.Config {
+	base := ecsemu.TestConfig()
+	cfg := &ecsemu.Config{
+		RegionID: ecsemu.TestRegion,
+		VPC:      ecsemu.VPCConfig{ID: "vpc-lab", CIDR: "192.168.0.0/16"},
+		VSwitches: append([]ecsemu.VSwitchConfig{
+			{ID: NodeVSwitch, Zone: Zone, CIDR: "192.168.0.0/24"},
+			{ID: PodVSwitch, Zone: Zone, CIDR: "192.168.16.0/20"},
+		}, l.opts.ExtraVSwitches...),
+		SecurityGroups: []string{SecurityGroup},
+		InstanceTypes:  base.InstanceTypes,
+		AccessKeys:     base.AccessKeys,
+		Delays: ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
+			Delete: ecsemu.Duration(10 * time.Millisecond)},
+	}
+	for i := range l.opts.Nodes {
+		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, fmt.Sprintf("192.168.0.%d", 10+i))
+	}
+	return cfg
+}
+
+// Emulator is the lab's cloud.
+func (l *Lab) Emulator() *ecsemu.Emulator { return l.emu }
+
+// EmulatorAddr is the emulator's host:port on the root namespace's (and every node's) loopback.
+func (l *Lab) EmulatorAddr() string { return l.emuAddr }
+
+// Dir is the lab's working directory.
+func (l *Lab) Dir() string { return l.dir }
+
+// Nodes lists the nodes.
+func (l *Lab) Nodes() []*Node { return l.nodes }
+
+// Node returns node i (0-based).
+func (l *Lab) Node(i int) *Node { return l.nodes[i] }
+
+// Pods lists the live pods, sorted by namespace/name.
+func (l *Lab) Pods() []*Pod {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]*Pod, 0, len(l.pods))
+	for _, p := range l.pods {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key() < out[j].Key() })
+	return out
+}
+
+// GC runs CNI GC on every node through libcni, with the live pods as valid attachments.
+func (l *Lab) GC(ctx context.Context) error {
+	var errs []error
+	for _, n := range l.nodes {
+		var valid []types.GCAttachment
+		for _, p := range l.Pods() {
+			if p.Node == n {
+				valid = append(valid, types.GCAttachment{ContainerID: p.ContainerID, IfName: "eth0"})
+			}
+		}
+		if err := n.gc(ctx, valid); err != nil {
+			errs = append(errs, fmt.Errorf("CNI GC on %s: %w", n.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Down stops the agents and removes everything the lab made. It is safe to call on a partly
+// built lab and more than once.
+func (l *Lab) Down() error {
+	var errs []error
+	for _, n := range l.nodes {
+		if err := n.StopAgent(); err != nil {
+			errs = append(errs, err)
+		}
+		n.closeLauncher()
+		if n.bridge != nil {
+			_ = n.bridge.Close()
+			n.bridge = nil
+		}
+	}
+	l.mu.Lock()
+	for k, p := range l.pods {
+		p.ns.Close()
+		delete(l.pods, k)
+	}
+	l.mu.Unlock()
+	if l.srv != nil {
+		_ = l.srv.Close()
+		l.srv = nil
+	}
+	if l.emu != nil {
+		if err := l.emu.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close emulator: %w", err))
+		}
+		l.emu = nil
+	}
+	if l.sdn != nil {
+		if err := l.sdn.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close SDN: %w", err))
+		}
+		l.sdn = nil
+	}
+	for _, n := range l.nodes {
+		if n.NS.IsOpen() {
+			n.NS.Close()
+		}
+	}
+	if l.vpc.IsOpen() {
+		l.vpc.Close()
+	}
+	if l.pinRoot != "" {
+		if err := loader.RemovePins(l.pinRoot); err != nil {
+			errs = append(errs, fmt.Errorf("remove pins %s: %w", l.pinRoot, err))
+		}
+		l.pinRoot = ""
+	}
+	if l.dir != "" {
+		if err := os.RemoveAll(l.dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", l.dir, err))
+		}
+		l.dir = ""
+	}
+	return errors.Join(errs...)
+}
+
+// CheckCloudMatchesAgents compares the emulator with every agent's pool: each ENI tagged for
+// a node is attached to that node's instance and holds exactly the secondary addresses the
+// agent holds; the agent knows no ENI the cloud lacks; no tern ENI is left detached; no
+// address is allocated twice across the lab. It returns every difference found.
+func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
+	s := l.emu.Snapshot()
+	var errs []error
+	seen := map[string]string{}
+	byNode := map[string]*Node{}
+	for _, n := range l.nodes {
+		byNode[n.Name] = n
+	}
+	for _, e := range s.ENIs {
+		if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern {
+			continue
+		}
+		n, ok := byNode[e.Tags[ipam.TagNode]]
+		if !ok || e.Status != aliyun.StatusInUse || e.InstanceID != n.InstanceID {
+			errs = append(errs, fmt.Errorf("cloud ENI %s (node tag %q) is %s on %q: leaked", e.ID, e.Tags[ipam.TagNode], e.Status, e.InstanceID))
+		}
+	}
+	for _, n := range l.nodes {
+		st, err := n.Client().State(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("state of %s's agent: %w", n.Name, err))
+			continue
+		}
+		agentENIs := map[string]api.ENIState{}
+		for _, e := range st.ENIs {
+			agentENIs[e.ID] = e
+		}
+		for _, e := range s.ENIs {
+			if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern || e.Tags[ipam.TagNode] != n.Name {
+				continue
+			}
+			ae, ok := agentENIs[e.ID]
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: cloud ENI %s with %d secondary IPs is unknown to the agent: leaked", n.Name, e.ID, len(e.IPs)-1))
+				continue
+			}
+			cloud := append([]string(nil), e.IPs[1:]...)
+			sort.Strings(cloud)
+			if fmt.Sprint(cloud) != fmt.Sprint(ae.IPs) {
+				errs = append(errs, fmt.Errorf("%s: ENI %s: cloud has %v, agent has %v", n.Name, e.ID, cloud, ae.IPs))
+			}
+			delete(agentENIs, e.ID)
+		}
+		for id := range agentENIs {
+			errs = append(errs, fmt.Errorf("%s: the agent holds ENI %s that the cloud does not list for the node", n.Name, id))
+		}
+		for k, a := range st.Allocations {
+			if prev, dup := seen[a.IP]; dup {
+				errs = append(errs, fmt.Errorf("IP %s allocated twice: %s and %s/%s", a.IP, prev, n.Name, k))
+			}
+			seen[a.IP] = n.Name + "/" + k
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	// Write then rename, so a watcher never reads half a file.
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", tmp, err)
+	}
+	return os.Rename(tmp, path)
+}
+
+// agentConfig is what the lab writes for a node's agent.
+func (n *Node) agentConfig() agent.Config {
+	return agent.Config{
+		NodeName: n.Name, InstanceID: n.InstanceID, ClusterID: ClusterID,
+		ENIConfigPath: n.eniConfPath(), ENIConfigPollInterval: agent.Duration(100 * time.Millisecond),
+		CloudEndpoint: n.lab.emuAddr,
+		Cloud: agent.CloudTuning{PollInterval: agent.Duration(10 * time.Millisecond), WaitTimeout: agent.Duration(30 * time.Second),
+			BackoffInitial: agent.Duration(20 * time.Millisecond), BackoffMax: agent.Duration(500 * time.Millisecond), BackoffAttempts: 8,
+			RateLimitPerSecond: 200},
+		StatePath:        filepath.Join(n.dir, "ipam.db"),
+		SocketPath:       n.Socket(),
+		PinRoot:          filepath.Join(n.lab.pinRoot, n.Name),
+		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
+		MaintainInterval: agent.Duration(2 * time.Second),
+	}
+}

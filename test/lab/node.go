@@ -1,0 +1,328 @@
+//go:build linux
+
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/vishvananda/netns"
+	"go.uber.org/zap"
+
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/test/ecsemu"
+	"github.com/tern-net/tern/test/k8s/nsbridge"
+)
+
+// Node is one ECS instance of the lab: a network namespace with its agent.
+type Node struct {
+	lab        *Lab
+	Index      int
+	Name       string // Kubernetes node name, node-1…
+	InstanceID string // i-lab-0001…
+	NS         netns.NsHandle
+	dir        string
+	bridge     *nsbridge.Bridge
+
+	launches chan launchReq // served by a thread locked into NS for the node's lifetime
+	mu       sync.Mutex
+	agent    *exec.Cmd
+	exited   chan struct{}
+	eniCfg   ENIConf
+	cni      *libcni.CNIConfig
+	list     *libcni.NetworkConfigList
+}
+
+// Socket is the agent's unix socket.
+func (n *Node) Socket() string { return filepath.Join(n.dir, "agent.sock") }
+
+// AgentLog is the file the agent's logs go to (appended across restarts).
+func (n *Node) AgentLog() string { return filepath.Join(n.dir, "agent.log") }
+
+// ConfDir is the node's CNI configuration directory (holds 10-tern.conflist).
+func (n *Node) ConfDir() string { return filepath.Join(n.dir, "net.d") }
+
+func (n *Node) eniConfPath() string { return filepath.Join(n.dir, "eni_conf") }
+
+// Client talks to the node's agent.
+func (n *Node) Client() *api.Client { return api.NewClient(n.Socket(), 30*time.Second) }
+
+// prepare writes the node's files and bridges the emulator into its namespace.
+func (n *Node) prepare() error {
+	for _, d := range []string{n.dir, n.ConfDir(), filepath.Join(n.dir, "cni-cache")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("lab: create %s: %w", d, err)
+		}
+	}
+	if err := n.UpdateENIConf(n.lab.opts.ENIConf); err != nil {
+		return err
+	}
+	if err := writeJSON(filepath.Join(n.dir, "agent.json"), n.agentConfig()); err != nil {
+		return err
+	}
+	conflist := map[string]any{
+		"cniVersion": "1.1.0",
+		"name":       NetworkName,
+		"plugins": []map[string]any{{
+			"type":   "tern-cni",
+			"socket": n.Socket(),
+			"capabilities": map[string]bool{
+				"portMappings": true, "bandwidth": true, "io.kubernetes.cri.pod-annotations": true,
+			},
+		}},
+	}
+	path := filepath.Join(n.ConfDir(), "10-tern.conflist")
+	if err := writeJSON(path, conflist); err != nil {
+		return err
+	}
+	// Load it back the way containerd does: the first conflist of the directory.
+	files, err := libcni.ConfFiles(n.ConfDir(), []string{".conflist"})
+	if err != nil || len(files) == 0 {
+		return fmt.Errorf("lab: find conflist in %s: %v", n.ConfDir(), err)
+	}
+	if n.list, err = libcni.ConfListFromFile(files[0]); err != nil {
+		return fmt.Errorf("lab: load %s: %w", files[0], err)
+	}
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.lab.opts.BinDir}, filepath.Join(n.dir, "cni-cache"), &nodeExec{ns: n.NS})
+
+	if err := n.startLauncher(); err != nil {
+		return err
+	}
+	b, err := nsbridge.Start(nsbridge.Config{NS: n.NS, Target: n.lab.emuAddr, Logger: n.lab.log.Named("nsbridge")})
+	if err != nil {
+		return fmt.Errorf("lab: bridge the emulator into %s: %w", n.Name, err)
+	}
+	n.bridge = b
+	return nil
+}
+
+// UpdateENIConf rewrites the node's eni_conf; the agent's watcher picks the change up.
+func (n *Node) UpdateENIConf(c ENIConf) error {
+	n.mu.Lock()
+	n.eniCfg = c
+	n.mu.Unlock()
+	doc := map[string]any{
+		"region_id":                ecsemu.TestRegion,
+		"access_key":               ecsemu.TestAccessKeyID,
+		"access_secret":            ecsemu.TestAccessKeySecret,
+		"vswitches":                map[string][]string{Zone: c.VSwitches},
+		"security_group":           SecurityGroup,
+		"min_pool_size":            c.MinPoolSize,
+		"max_pool_size":            c.MaxPoolSize,
+		"vswitch_selection_policy": "ordered",
+	}
+	return writeJSON(n.eniConfPath(), doc)
+}
+
+// ENIConf is the node's current eni_conf.
+func (n *Node) ENIConf() ENIConf {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.eniCfg
+}
+
+// StartAgent starts the node's tern-agent inside the node namespace and waits until it
+// reports ready. The process is forked from an OS thread switched into the namespace, so it
+// inherits that namespace, as a hostNetwork DaemonSet pod would run in the node's.
+func (n *Node) StartAgent(ctx context.Context) error {
+	n.mu.Lock()
+	if n.agent != nil {
+		n.mu.Unlock()
+		return fmt.Errorf("lab: the agent of %s is already running", n.Name)
+	}
+	logf, err := os.OpenFile(n.AgentLog(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		n.mu.Unlock()
+		return fmt.Errorf("lab: open agent log: %w", err)
+	}
+	cmd := exec.Command(filepath.Join(n.lab.opts.BinDir, "tern-agent"), "-config", filepath.Join(n.dir, "agent.json"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = cleanEnv()
+	// The agent dies with the lab process even if Down never runs.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := n.launch(cmd); err != nil {
+		n.mu.Unlock()
+		logf.Close()
+		return fmt.Errorf("lab: start tern-agent of %s: %w", n.Name, err)
+	}
+	exited := make(chan struct{})
+	n.agent, n.exited = cmd, exited
+	n.mu.Unlock()
+	go func() {
+		_ = cmd.Wait()
+		logf.Close()
+		close(exited)
+	}()
+	n.lab.log.Info("agent started", zap.String("node", n.Name), zap.Int("pid", cmd.Process.Pid))
+	return n.waitReady(ctx, exited)
+}
+
+// cleanEnv drops proxy variables: the agent's cloud endpoint is a loopback address.
+func cleanEnv() []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		switch {
+		case len(kv) > 10 && (kv[:10] == "HTTP_PROXY" || kv[:10] == "http_proxy"),
+			len(kv) > 11 && (kv[:11] == "HTTPS_PROXY" || kv[:11] == "https_proxy"),
+			len(kv) > 9 && (kv[:9] == "ALL_PROXY" || kv[:9] == "all_proxy"):
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+func (n *Node) waitReady(ctx context.Context, exited chan struct{}) error {
+	c := api.NewClient(n.Socket(), 2*time.Second)
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		st, err := c.Status(ctx)
+		if err == nil && st.Ready {
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("lab: tern-agent of %s exited during start-up; see %s", n.Name, n.AgentLog())
+		case <-ctx.Done():
+			return fmt.Errorf("lab: waiting for tern-agent of %s: %w", n.Name, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("lab: tern-agent of %s not ready after 90s (last: %+v, %v); see %s", n.Name, st, err, n.AgentLog())
+		}
+	}
+}
+
+// AgentPID is the running agent's process ID, 0 when none runs.
+func (n *Node) AgentPID() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent == nil {
+		return 0
+	}
+	return n.agent.Process.Pid
+}
+
+// KillAgent kills the agent with SIGKILL (no clean-up on its side) and waits for it to exit.
+func (n *Node) KillAgent() error { return n.stopAgent(syscall.SIGKILL) }
+
+// StopAgent stops the agent with SIGTERM (SIGKILL after 15 s). Stopping a stopped agent is a
+// no-op.
+func (n *Node) StopAgent() error { return n.stopAgent(syscall.SIGTERM) }
+
+func (n *Node) stopAgent(sig syscall.Signal) error {
+	n.mu.Lock()
+	cmd, exited := n.agent, n.exited
+	n.agent = nil
+	n.mu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-exited:
+		return nil
+	case <-time.After(15 * time.Second):
+		_ = cmd.Process.Kill()
+		<-exited
+		return fmt.Errorf("lab: tern-agent of %s ignored %s for 15s and was killed", n.Name, sig)
+	}
+}
+
+type launchReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+// startLauncher starts the goroutine that forks the node's agents. It holds its OS thread in
+// the node namespace until closeLauncher: a child inherits the netns of the forking thread,
+// and its parent-death signal fires when that thread exits, so the agent must be forked from
+// a thread that lives exactly as long as the node.
+func (n *Node) startLauncher() error {
+	n.launches = make(chan launchReq)
+	ready := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Never unlocked: the thread ends with the goroutine, in the node namespace.
+		if err := netns.Set(n.NS); err != nil {
+			ready <- fmt.Errorf("lab: enter namespace of %s: %w", n.Name, err)
+			return
+		}
+		ready <- nil
+		for r := range n.launches {
+			r.done <- r.cmd.Start()
+		}
+	}()
+	return <-ready
+}
+
+func (n *Node) launch(cmd *exec.Cmd) error {
+	done := make(chan error, 1)
+	n.launches <- launchReq{cmd: cmd, done: done}
+	return <-done
+}
+
+func (n *Node) closeLauncher() {
+	if n.launches != nil {
+		close(n.launches)
+		n.launches = nil
+	}
+}
+
+// Status runs CNI STATUS on the node through libcni.
+func (n *Node) Status(ctx context.Context) error { return n.cni.GetStatusNetworkList(ctx, n.list) }
+
+func (n *Node) gc(ctx context.Context, valid []types.GCAttachment) error {
+	return n.cni.GCNetworkList(ctx, n.list, &libcni.GCArgs{ValidAttachments: valid})
+}
+
+// nodeExec runs CNI plugins inside the node's namespace, as a runtime on that node would,
+// by forking them from a thread switched into it. Everything else is libcni's own exec.
+type nodeExec struct {
+	ns  netns.NsHandle
+	raw invoke.RawExec
+	dec version.PluginDecoder
+}
+
+func (e *nodeExec) ExecPlugin(ctx context.Context, pluginPath string, stdinData []byte, environ []string) ([]byte, error) {
+	var out []byte
+	var perr error
+	err := nsutil.Do(e.ns, func() error {
+		out, perr = e.raw.ExecPlugin(ctx, pluginPath, stdinData, environ)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, perr
+}
+
+func (e *nodeExec) FindInPath(plugin string, paths []string) (string, error) {
+	return e.raw.FindInPath(plugin, paths)
+}
+
+func (e *nodeExec) Decode(jsonBytes []byte) (version.PluginInfo, error) {
+	return e.dec.Decode(jsonBytes)
+}
+
+// CNIError returns err's CNI error, if it is one.
+func CNIError(err error) (*types.Error, bool) {
+	var te *types.Error
+	if errors.As(err, &te) {
+		return te, true
+	}
+	return nil, false
+}

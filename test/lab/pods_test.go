@@ -1,0 +1,150 @@
+//go:build linux
+
+package lab_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tern-net/tern/test/lab"
+)
+
+// addPods adds n pods round-robin over the lab's nodes, concurrently, named pod-<from+i>.
+func addPods(t *testing.T, l *lab.Lab, ctx context.Context, from, n int) []*lab.Pod {
+	t.Helper()
+	pods := make([]*lab.Pod, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pods[i], errs[i] = l.AddPod(ctx, (from+i)%len(l.Nodes()), "default", fmt.Sprintf("pod-%d", from+i))
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("add pod-%d: %v", from+i, err)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	return pods
+}
+
+func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
+	const minPool, maxPool = 2, 6
+	l := up(t, lab.Options{Nodes: 2, ENIConf: lab.ENIConf{MinPoolSize: minPool, MaxPoolSize: maxPool}})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	for _, n := range l.Nodes() {
+		if err := n.Status(ctx); err != nil {
+			t.Fatalf("CNI STATUS on %s: %v", n.Name, err)
+		}
+	}
+	pods := addPods(t, l, ctx, 0, 30)
+
+	// Distinct addresses, each a secondary IP of an ENI attached to the pod's node.
+	snap := l.Emulator().Snapshot()
+	owner := map[string]string{} // IP → instance
+	for _, e := range snap.ENIs {
+		if e.Status != "InUse" {
+			continue
+		}
+		for _, ip := range e.IPs[1:] {
+			owner[ip] = e.InstanceID
+		}
+	}
+	seen := map[netip.Addr]string{}
+	for _, p := range pods {
+		if prev, dup := seen[p.IP]; dup {
+			t.Fatalf("%s and %s both got %s", prev, p.Key(), p.IP)
+		}
+		seen[p.IP] = p.Key()
+		if owner[p.IP.String()] != p.Node.InstanceID {
+			t.Errorf("%s on %s got %s, which the cloud assigns to %q", p.Key(), p.Node.Name, p.IP, owner[p.IP.String()])
+		}
+		if err := l.Check(ctx, p); err != nil {
+			t.Errorf("CNI CHECK of %s: %v", p.Key(), err)
+		}
+	}
+	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
+		t.Fatalf("cloud and agents disagree after ADD: %v", err)
+	}
+
+	// Same-node and cross-node TCP: every pod serves; pairs talk in both directions.
+	for _, p := range pods {
+		s, err := p.Serve(8080)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+	}
+	var sameNode, crossNode int
+	for i, src := range pods {
+		for _, dst := range []*lab.Pod{pods[(i+1)%len(pods)], pods[(i+2)%len(pods)]} {
+			got, err := src.Ask(ctx, netip.AddrPortFrom(dst.IP, 8080).String(), "hello from "+src.Key())
+			if err != nil {
+				t.Fatalf("%s (%s, %s) → %s (%s, %s): %v", src.Key(), src.IP, src.Node.Name, dst.Key(), dst.IP, dst.Node.Name, err)
+			}
+			if got != dst.Key() {
+				t.Fatalf("%s → %s answered as %q", src.Key(), dst.Key(), got)
+			}
+			if src.Node == dst.Node {
+				sameNode++
+			} else {
+				crossNode++
+			}
+		}
+	}
+	if sameNode == 0 || crossNode == 0 {
+		t.Fatalf("pairs tested: %d same-node, %d cross-node; want both", sameNode, crossNode)
+	}
+	t.Logf("TCP ok for %d same-node and %d cross-node pairs", sameNode, crossNode)
+
+	// DEL returns addresses to the pool; a second DEL is harmless; the pool settles in [min,max].
+	for _, p := range pods {
+		if err := l.DeletePod(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range l.Nodes() {
+		st, err := n.Client().State(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Allocations) != 0 || st.InUse != 0 {
+			t.Errorf("%s still has allocations after DEL: %+v", n.Name, st.Allocations)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ok := true
+		var states []string
+		for _, n := range l.Nodes() {
+			st, err := n.Client().State(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			states = append(states, fmt.Sprintf("%s idle=%d", n.Name, st.Idle))
+			ok = ok && st.Idle >= minPool && st.Idle <= maxPool
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pool not within [%d,%d] 30s after releasing every pod: %v", minPool, maxPool, states)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
+		t.Fatalf("cloud and agents disagree after DEL: %v", err)
+	}
+}
