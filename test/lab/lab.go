@@ -76,6 +76,8 @@ type Options struct {
 	Latency time.Duration
 	// Seed makes the emulator's fault injection reproducible (0: random).
 	Seed uint64
+	// Faults are injected before the agents start, so their start-up sees them too.
+	Faults []ecsemu.Fault
 	// AllocateWait is how long the agent lets one CNI ADD wait for a refill (default 5s).
 	AllocateWait time.Duration
 	// Logger receives the lab's own logs and the emulator's (nil: none). Agents log to files.
@@ -197,13 +199,14 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 			return nil, err
 		}
 	}
+	l.emu.SetLatency(o.Latency)
+	for _, f := range o.Faults {
+		l.emu.InjectFault(f)
+	}
 	for _, n := range l.nodes {
 		if err := n.StartAgent(ctx); err != nil {
 			return nil, err
 		}
-	}
-	if o.Latency > 0 {
-		l.emu.SetLatency(o.Latency)
 	}
 	l.log.Info("lab up", zap.String("dir", l.dir), zap.Int("nodes", len(l.nodes)), zap.String("emulator", l.emuAddr))
 	return l, nil
