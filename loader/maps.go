@@ -3,6 +3,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 )
@@ -131,3 +132,39 @@ func batchPut[K, V any](m *ebpf.Map, keys []K, vals []V) error {
 func (m *Maps) PutServices(k []ServiceKey, v []ServiceValue) error { return batchPut(m.Services, k, v) }
 func (m *Maps) PutBackends(k []BackendKey, v []BackendValue) error { return batchPut(m.Backends, k, v) }
 func (m *Maps) PutRevNATs(k []RevNATKey, v []RevNATValue) error    { return batchPut(m.RevNAT, k, v) }
+
+// OpenPinnedMaps opens the maps an agent pinned under root, for read-only tools such as
+// ternctl. It loads no program and changes nothing.
+func OpenPinnedMaps(root string) (*Maps, error) {
+	open := func(name string) (*ebpf.Map, error) {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s under %s (is tern-agent running with this pin root?): %w", name, root, err)
+		}
+		return m, nil
+	}
+	var (
+		m   Maps
+		err error
+	)
+	for _, t := range []struct {
+		dst  **ebpf.Map
+		name string
+	}{{&m.Services, PodMapTernServices}, {&m.Backends, PodMapTernBackends}, {&m.RevNAT, PodMapTernRevnat},
+		{&m.CT, PodMapTernCt}, {&m.Metrics, PodMapTernMetrics}} {
+		if *t.dst, err = open(t.name); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	return &m, nil
+}
+
+// Close closes the map handles (pinned maps stay).
+func (m *Maps) Close() {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.RevNAT, m.CT, m.Metrics} {
+		if mp != nil {
+			mp.Close()
+		}
+	}
+}
