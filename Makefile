@@ -1,5 +1,6 @@
 # tern — build, test, benchmark, demo. See README.md.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 GO ?= go
 
 # The one pinned BPF compiler. bpf2go reads these; CI regenerates with them and fails on a diff.
@@ -62,3 +63,12 @@ bench-datapath:
 
 clean:
 	rm -rf $(BIN)
+
+# The demo. Until the multi-node Kubernetes lab lands this runs the namespace demo of the
+# datapath (a node namespace, pod namespaces, a ClusterIP with two backends) and prints what
+# it shows; it leaves nothing behind.
+demo: setup
+	$(GO) test -count=1 -v -run 'TestClusterIPEndToEnd' ./test/e2e 2>&1 | grep -E 'clusterip_test|^(---|===|ok|PASS|FAIL)'
+
+demo-down:
+	@echo "the namespace demo cleans up after itself; nothing to remove"

@@ -72,6 +72,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	if seen["b1"] == 0 || seen["b2"] == 0 || seen["b1"]+seen["b2"] != 30 {
 		t.Fatalf("TCP load did not spread over both backends: %v", seen)
 	}
+	t.Logf("30 TCP connections from pod client to 10.96.0.10:80 were answered by: b1 %d, b2 %d", seen["b1"], seen["b2"])
 
 	// UDP answers come from the VIP.
 	udpSeen := map[string]int{}
@@ -88,6 +89,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	if udpSeen["b1"] == 0 || udpSeen["b2"] == 0 {
 		t.Fatalf("UDP load did not spread: %v", udpSeen)
 	}
+	t.Logf("20 UDP queries to 10.96.0.10:80, every answer from the VIP: b1 %d, b2 %d", udpSeen["b1"], udpSeen["b2"])
 
 	// Hairpin: the client reaches itself through a Service.
 	if c, who, err := client.dialTCP("10.96.0.10:81"); err != nil || who != "client" {
@@ -106,6 +108,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	if _, _, err := client.udpAsk("10.96.0.11:53"); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("UDP service without endpoints: %v, want connection refused (ICMP port unreachable)", err)
 	}
+	t.Log("hairpin through 10.96.0.10:81 reached the client itself; a Service without endpoints refused TCP (RST) and UDP (ICMP) at once")
 
 	// Keep one established connection; remove the other backend.
 	est, keep, err := client.dialTCP("10.96.0.10:80")
@@ -131,6 +134,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	if err := est.echo("still there"); err != nil {
 		t.Fatalf("established flow to the remaining backend broke: %v", err)
 	}
+	t.Logf("after removing the other backend, 10 new connections all went to %s and the established one kept working", keep)
 
 	// Agent-equivalent restart: drop every handle, load again from the pins, re-attach.
 	if err := d.Close(); err != nil {
@@ -159,4 +163,5 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	} else {
 		c.c.Close()
 	}
+	t.Log("agent-equivalent restart (close, reload from pins, re-attach): the established connection survived and the resync wrote nothing")
 }
