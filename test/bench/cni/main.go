@@ -1,0 +1,217 @@
+//go:build linux
+
+// Command cni measures tern-cni end to end in the lab (real tern-agent, real plugin exec'd by
+// libcni, real kernel): ADD latency with a warm pool, the time to start 100 pods on one node
+// with a warm and with a cold pool (cloud latency emulated), and cloud API calls per pod IP.
+// It prints a Markdown table. Run as root: go run ./test/bench/cni
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tern-net/tern/test/lab"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench/cni:", err)
+		os.Exit(1)
+	}
+}
+
+type row struct{ name, value string }
+
+func run() error {
+	pods := flag.Int("pods", 100, "pods per scenario")
+	conc := flag.Int("concurrency", 10, "parallel ADDs in the burst scenarios (a kubelet starts pods in parallel)")
+	latency := flag.Duration("latency", 50*time.Millisecond, "emulated cloud API latency of the cold-pool scenario")
+	bin := flag.String("bin", "", "directory with tern-agent and tern-cni (default: build them)")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (network namespaces, BPF)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	if *bin == "" {
+		dir, err := os.MkdirTemp("", "tern-bench-bin-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		fmt.Fprintln(os.Stderr, "building tern-agent and tern-cni...")
+		if err := lab.BuildBinaries(ctx, dir); err != nil {
+			return err
+		}
+		*bin = dir
+	}
+	var rows []row
+
+	// Warm pool: min_pool_size covers every pod, so no ADD waits for the cloud. Each scenario
+	// gets a fresh lab so that one's refill or reclaim does not run into the next.
+	warm := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: *bin,
+		ENIConf: lab.ENIConf{MinPoolSize: *pods, MaxPoolSize: *pods + 10}}
+	err := withLab(ctx, warm, func(l *lab.Lab) error {
+		if err := waitIdle(ctx, l, *pods); err != nil {
+			return err
+		}
+		lat, _, err := burst(ctx, l, "seq", *pods, 1)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, row{fmt.Sprintf("ADD latency, warm pool, one at a time (%d pods): p50", *pods), ms(pct(lat, 50))},
+			row{"ADD latency, warm pool, one at a time: p99", ms(pct(lat, 99))})
+		m, err := l.Node(0).Client().Metrics(ctx)
+		if err != nil {
+			return err
+		}
+		for _, path := range []string{"/v1/pods/allocate", "/v1/pods/attach"} {
+			rows = append(rows, row{"  of which agent " + path + " (mean)", ms(meanOf(m, path))})
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("warm pool: %w", err)
+	}
+	err = withLab(ctx, warm, func(l *lab.Lab) error {
+		if err := waitIdle(ctx, l, *pods); err != nil {
+			return err
+		}
+		before := calls(l)
+		lat, total, err := burst(ctx, l, "warm", *pods, *conc)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, row{fmt.Sprintf("%d pods on one node, warm pool, %d in parallel: total", *pods, *conc), ms(total)},
+			row{"  ADD latency p50 / p99", ms(pct(lat, 50)) + " / " + ms(pct(lat, 99))},
+			row{"  cloud API calls per pod IP (background refill to min_pool_size)", fmt.Sprintf("%.2f", float64(calls(l)-before)/float64(*pods))})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("warm pool: %w", err)
+	}
+
+	// Cold pool: nothing is pre-allocated and every API call takes `latency` longer.
+	cold := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: *bin, Latency: *latency,
+		ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 5}}
+	err = withLab(ctx, cold, func(l *lab.Lab) error {
+		before := calls(l)
+		lat, total, err := burst(ctx, l, "cold", *pods, *conc)
+		if err != nil {
+			return err
+		}
+		n := calls(l) - before
+		rows = append(rows, row{fmt.Sprintf("%d pods on one node, cold pool, %v API latency, %d in parallel: total", *pods, *latency, *conc), ms(total)},
+			row{"  ADD latency p50 / p99", ms(pct(lat, 50)) + " / " + ms(pct(lat, 99))},
+			row{"  cloud API calls per pod IP", fmt.Sprintf("%.2f (%d calls)", float64(n)/float64(*pods), n)})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cold pool: %w", err)
+	}
+
+	fmt.Println("| measurement | value |")
+	fmt.Println("|---|---:|")
+	for _, r := range rows {
+		fmt.Printf("| %s | %s |\n", r.name, r.value)
+	}
+	return nil
+}
+
+func withLab(ctx context.Context, o lab.Options, fn func(*lab.Lab) error) error {
+	l, err := lab.Up(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := l.Down(); err != nil {
+			fmt.Fprintln(os.Stderr, "lab down:", err)
+		}
+	}()
+	return fn(l)
+}
+
+func waitIdle(ctx context.Context, l *lab.Lab, n int) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		st, err := l.Node(0).Client().State(ctx)
+		if err != nil {
+			return err
+		}
+		if st.Idle >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pool has %d idle addresses after 2 minutes, want %d", st.Idle, n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// burst adds n pods, conc at a time, and returns each ADD's latency (retries included) and the
+// wall time of the whole burst.
+func burst(ctx context.Context, l *lab.Lab, prefix string, n, conc int) ([]time.Duration, time.Duration, error) {
+	lat := make([]time.Duration, n)
+	errs := make([]error, n)
+	sem := make(chan struct{}, conc)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			t0 := time.Now()
+			_, errs[i] = l.AddPod(ctx, 0, "bench", fmt.Sprintf("%s-%d", prefix, i))
+			lat[i] = time.Since(t0)
+		}()
+	}
+	wg.Wait()
+	return lat, time.Since(start), errors.Join(errs...)
+}
+
+// meanOf reads the mean of tern_agent_api_request_duration_seconds for path from the
+// Prometheus text exposition.
+func meanOf(metrics, path string) time.Duration {
+	var sum, count float64
+	for _, line := range strings.Split(metrics, "\n") {
+		var v float64
+		switch {
+		case strings.HasPrefix(line, `tern_agent_api_request_duration_seconds_sum{path="`+path+`"}`):
+			fmt.Sscanf(line[strings.LastIndex(line, " ")+1:], "%g", &v)
+			sum = v
+		case strings.HasPrefix(line, `tern_agent_api_request_duration_seconds_count{path="`+path+`"}`):
+			fmt.Sscanf(line[strings.LastIndex(line, " ")+1:], "%g", &v)
+			count = v
+		}
+	}
+	if count == 0 {
+		return 0
+	}
+	return time.Duration(sum / count * float64(time.Second))
+}
+
+func calls(l *lab.Lab) int {
+	n := 0
+	for _, c := range l.Emulator().Snapshot().Calls {
+		n += c
+	}
+	return n
+}
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*p + 99) / 100
+	return s[max(0, min(len(s)-1, i-1))]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
