@@ -109,11 +109,16 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	t.Logf("TCP ok for %d same-node and %d cross-node pairs", sameNode, crossNode)
 
-	// DEL returns addresses to the pool; a second DEL is harmless; the pool settles in [min,max].
+	// DEL returns addresses to the pool. A repeated DEL is harmless, and so is a DEL whose pod
+	// namespace is already gone (pods[1]: destroyed first, taking its veth pair with it).
+	l.Forget(pods[1])
 	for _, p := range pods {
 		if err := l.DeletePod(ctx, p); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if err := l.DeletePod(ctx, pods[0]); err != nil {
+		t.Fatalf("second DEL of %s: %v", pods[0].Key(), err)
 	}
 	for _, n := range l.Nodes() {
 		st, err := n.Client().State(ctx)
