@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/agent/api"
@@ -41,7 +42,16 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
-		if err := datapath.DeletePodLink(api.HostVethName(key.ContainerID, "eth0")); err != nil {
+		hostIf := api.HostVethName(key.ContainerID, "eth0")
+		if l, err := netlink.LinkByName(hostIf); err == nil && a.Datapath() != nil {
+			a.attachMu.Lock()
+			derr := a.Datapath().DetachPod(l.Attrs().Index)
+			a.attachMu.Unlock()
+			if derr != nil {
+				a.log.Warn("GC: detach pod programs", zap.String("link", hostIf), zap.Error(derr))
+			}
+		}
+		if err := datapath.DeletePodLink(hostIf); err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}

@@ -44,6 +44,7 @@ func (a *Agent) handler() http.Handler {
 	route(http.MethodPost, api.PathLookup, a.handleLookup)
 	route(http.MethodPost, api.PathRelease, a.handleRelease)
 	route(http.MethodPost, api.PathAttach, a.handleAttach)
+	route(http.MethodPost, api.PathDetach, a.handleDetach)
 	route(http.MethodPost, api.PathGC, a.handleGC)
 	route(http.MethodGet, api.PathStatus, a.handleStatus)
 	route(http.MethodGet, api.PathState, a.handleState)
@@ -204,6 +205,26 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("attach pod programs to ifindex %d", req.IfIndex), Details: err.Error()}
 	}
 	return api.AttachResponse{Mode: string(mode)}, nil
+}
+
+// handleDetach removes the programs and their link pins before the CNI deletes the veth; a
+// tcx link pin would otherwise outlive its device in the pin root.
+func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
+	var req api.AttachRequest
+	if e := decode(r, &req); e != nil {
+		return nil, e
+	}
+	dp := a.Datapath()
+	if dp == nil {
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
+	}
+	a.attachMu.Lock()
+	err := dp.DetachPod(req.IfIndex)
+	a.attachMu.Unlock()
+	if err != nil {
+		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("detach pod programs from ifindex %d", req.IfIndex), Details: err.Error()}
+	}
+	return struct{}{}, nil
 }
 
 func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {

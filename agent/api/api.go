@@ -19,6 +19,7 @@ const (
 	PathLookup   = "/v1/pods/lookup"   // POST PodRef → LookupResponse
 	PathRelease  = "/v1/pods/release"  // POST PodRef → ReleaseResponse
 	PathAttach   = "/v1/pods/attach"   // POST AttachRequest → AttachResponse
+	PathDetach   = "/v1/pods/detach"   // POST AttachRequest → {}
 	PathGC       = "/v1/gc"            // POST GCRequest → GCResponse
 	PathStatus   = "/v1/status"        // GET → Status
 	PathState    = "/v1/state"         // GET → State (tests, ternctl)

@@ -58,6 +58,12 @@ func (c *Client) Attach(ctx context.Context, r AttachRequest) (AttachResponse, e
 	return out, c.do(ctx, http.MethodPost, PathAttach, r, &out)
 }
 
+// Detach asks the agent to remove the pod programs (and their pins) from a host veth.
+func (c *Client) Detach(ctx context.Context, r AttachRequest) error {
+	var out struct{}
+	return c.do(ctx, http.MethodPost, PathDetach, r, &out)
+}
+
 // GC releases every allocation whose attachment is not listed.
 func (c *Client) GC(ctx context.Context, r GCRequest) (GCResponse, error) {
 	var out GCResponse

@@ -203,7 +203,15 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
+	defer cancel()
+	client := api.NewClient(conf.Socket, conf.timeout)
 	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+	if l, err := netlink.LinkByName(hostIf); err == nil {
+		// Best effort: the veth's deletion detaches the programs anyway; this also drops the
+		// agent's link pins. An unreachable agent is reported by the lookup below.
+		_ = client.Detach(ctx, api.AttachRequest{IfIndex: l.Attrs().Index})
+	}
 	if err := datapath.DeletePodLink(hostIf); err != nil {
 		return types.NewError(api.CodeDatapath, "delete host veth "+hostIf, err.Error())
 	}
@@ -211,9 +219,6 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
-	defer cancel()
-	client := api.NewClient(conf.Socket, conf.timeout)
 	// The address's rules are removed only while this sandbox still owns it: once released
 	// (by GC, say) it may already belong to another pod whose rules must stay.
 	lk, err := client.Lookup(ctx, ref)

@@ -420,7 +420,7 @@ func (n *Node) agentConfig() agent.Config {
 			RateLimitPerSecond: 200},
 		StatePath:        filepath.Join(n.dir, "ipam.db"),
 		SocketPath:       n.Socket(),
-		PinRoot:          filepath.Join(n.lab.pinRoot, n.Name),
+		PinRoot:          n.PinRoot(),
 		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
 		MaintainInterval: agent.Duration(2 * time.Second),
 	}

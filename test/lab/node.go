@@ -52,6 +52,9 @@ func (n *Node) Socket() string { return filepath.Join(n.dir, "agent.sock") }
 // AgentLog is the file the agent's logs go to (appended across restarts).
 func (n *Node) AgentLog() string { return filepath.Join(n.dir, "agent.log") }
 
+// PinRoot is the bpffs directory of the node's datapath.
+func (n *Node) PinRoot() string { return filepath.Join(n.lab.pinRoot, n.Name) }
+
 // ConfDir is the node's CNI configuration directory (holds 10-tern.conflist).
 func (n *Node) ConfDir() string { return filepath.Join(n.dir, "net.d") }
 

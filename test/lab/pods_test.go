@@ -6,6 +6,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -36,6 +38,15 @@ func addPods(t *testing.T, l *lab.Lab, ctx context.Context, from, n int) []*lab.
 		t.FailNow()
 	}
 	return pods
+}
+
+func linkPins(t *testing.T, n *lab.Node) int {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(n.PinRoot(), "links"))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
 
 func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
@@ -78,6 +89,16 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
 		t.Fatalf("cloud and agents disagree after ADD: %v", err)
 	}
+	// The agent attached the pod programs with tcx: one pinned link per direction and pod.
+	perNode := map[*lab.Node]int{}
+	for _, p := range pods {
+		perNode[p.Node]++
+	}
+	for n, want := range perNode {
+		if got := linkPins(t, n); got != 2*want {
+			t.Errorf("%s has %d tcx link pins for %d pods, want %d", n.Name, got, want, 2*want)
+		}
+	}
 
 	// Same-node and cross-node TCP: every pod serves; pairs talk in both directions.
 	for _, p := range pods {
@@ -119,6 +140,12 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	if err := l.DeletePod(ctx, pods[0]); err != nil {
 		t.Fatalf("second DEL of %s: %v", pods[0].Key(), err)
+	}
+	for _, n := range l.Nodes() {
+		// pods[1]'s veth went with its namespace before DEL, so its pins stay until GC or Down.
+		if got := linkPins(t, n); got > 2 {
+			t.Errorf("%s still has %d tcx link pins after every DEL", n.Name, got)
+		}
 	}
 	for _, n := range l.Nodes() {
 		st, err := n.Client().State(ctx)
