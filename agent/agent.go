@@ -124,10 +124,6 @@ func (a *Agent) Config() Config { return a.cfg }
 // Run runs the agent until ctx ends. The socket is served from the start, answering "try
 // again later" until the pool is up, so a CNI call during start-up fails fast and retries.
 func (a *Agent) Run(ctx context.Context) error {
-	if a.cfg.Kubeconfig != "" {
-		a.log.Warn("kubeconfig given, but no Kubernetes-driven component is built into this agent yet; running IPAM-only",
-			zap.String("kubeconfig", a.cfg.Kubeconfig))
-	}
 	var cleanups []func()
 	defer func() {
 		for i := len(cleanups) - 1; i >= 0; i-- {
@@ -164,6 +160,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.dp = dp
 	a.mu.Unlock()
 	cleanups = append(cleanups, func() { _ = dp.Close() })
+	dpMetrics := loader.NewCollector(dp.Maps())
+	a.reg.MustRegister(dpMetrics)
+	cleanups = append(cleanups, func() { a.reg.Unregister(dpMetrics) })
 
 	// The watcher hands reloads to the pool once it runs; it only runs after the pool started.
 	watcher := eniconfig.NewWatcher(a.cfg.ENIConfigPath, time.Duration(a.cfg.ENIConfigPollInterval), a.log.Named("eniconfig"),
@@ -333,6 +332,16 @@ func (a *Agent) serveMetrics() (*http.Server, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
+	// /healthz: the process serves. /readyz: the datapath is loaded, the pool started and
+	// every component is running, so pods can be networked here.
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.ready.Load() {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv, nil

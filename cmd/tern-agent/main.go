@@ -1,5 +1,6 @@
 // Command tern-agent is tern's node agent: it serves IPAM and datapath attachment to tern-cni
-// over a unix socket. The configuration comes from a JSON file (see agent.Config and
+// over a unix socket and, given a kubeconfig, load-balances Services in eBPF and reports the
+// node's IPAM state on its Node. The configuration comes from a JSON file (see agent.Config and
 // docs/cni.md); a few flags override it.
 package main
 
@@ -15,7 +16,11 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
 	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/agent/kube"
 )
 
 func main() {
@@ -69,6 +74,20 @@ func run(ctx context.Context, args []string) error {
 	a, err := agent.New(cfg, log)
 	if err != nil {
 		return err
+	}
+	if cfg.Kubeconfig != "" {
+		rc, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+		if err != nil {
+			return fmt.Errorf("read kubeconfig %s: %w", cfg.Kubeconfig, err)
+		}
+		rc.UserAgent = "tern-agent/" + cfg.NodeName
+		client, err := kubernetes.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		a.AddComponent(kube.New(a, client, kube.Options{}, log))
+	} else {
+		log.Info("no kubeconfig: IPAM-only (no service load balancing, no Node report)")
 	}
 	return a.Run(ctx)
 }
