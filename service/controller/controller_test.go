@@ -60,7 +60,9 @@ func backendsIn(t *testing.T, m *loader.Maps, f service.Frontend) ([]string, boo
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	// Generous: after an apiserver restart client-go reconnects with exponential backoff, and
+	// CI runs other suites on the same two cores.
+	deadline := time.Now().Add(90 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
