@@ -80,21 +80,34 @@ static __always_inline int ct_create(struct __sk_buff *skb, const struct pkt *p,
 	return 0;
 }
 
+/* Parse; on anything but an IPv4 packet to work on, set the verdict (pass what is not
+ * IPv4, drop malformed IPv4 with its reason) and return false. */
+static __always_inline bool parse_or_verdict(struct __sk_buff *skb, struct pkt *p, __u8 dir, int *verdict)
+{
+	switch (parse_packet(skb, p)) {
+	case PARSE_OK:
+		return true;
+	case PARSE_NOT_IPV4:
+		*verdict = TC_ACT_OK;
+		return false;
+	case PARSE_TRUNCATED:
+		*verdict = drop(skb, REASON_DROP_TRUNCATED, dir);
+		return false;
+	default:
+		*verdict = drop(skb, REASON_DROP_BAD_IP, dir);
+		return false;
+	}
+}
+
 SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
 
-	switch (parse_packet(skb, &p)) {
-	case PARSE_OK:
-		break;
-	case PARSE_NOT_IPV4:
-		return TC_ACT_OK;
-	case PARSE_TRUNCATED:
-		return drop(skb, REASON_DROP_TRUNCATED, DIR_FROM_POD);
-	default:
-		return drop(skb, REASON_DROP_BAD_IP, DIR_FROM_POD);
-	}
+	int verdict;
+
+	if (!parse_or_verdict(skb, &p, DIR_FROM_POD, &verdict))
+		return verdict;
 	if (!frag_ports(&p))
 		return drop(skb, REASON_DROP_FRAG_NO_HEAD, DIR_FROM_POD);
 	if (p.daddr == CFG_HAIRPIN_IP)
@@ -141,17 +154,10 @@ int tern_to_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
 	struct revnat_hit hit;
+	int verdict;
 
-	switch (parse_packet(skb, &p)) {
-	case PARSE_OK:
-		break;
-	case PARSE_NOT_IPV4:
-		return TC_ACT_OK;
-	case PARSE_TRUNCATED:
-		return drop(skb, REASON_DROP_TRUNCATED, DIR_TO_POD);
-	default:
-		return drop(skb, REASON_DROP_BAD_IP, DIR_TO_POD);
-	}
+	if (!parse_or_verdict(skb, &p, DIR_TO_POD, &verdict))
+		return verdict;
 	/* A fragment whose head was not seen here cannot be a reply we translated: pass. */
 	if (!frag_ports(&p) || !has_ports(p.proto))
 		return TC_ACT_OK;
