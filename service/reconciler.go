@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
 )
@@ -428,8 +429,18 @@ func (r *Reconciler) CollectRevNAT() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("read conntrack: %w", err)
 	}
+	// Entries past their deadline are dead flows the LRU has not evicted yet; the datapath
+	// treats them as new flows, so they need no reverse NAT. The deadline is CLOCK_MONOTONIC.
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("read the monotonic clock: %w", err)
+	}
+	now := uint64(ts.Nano())
 	inUse := map[revPair]bool{}
 	for k, v := range ct {
+		if v.ExpiresNs < now {
+			continue
+		}
 		inUse[revPair{
 			backend:  loader.RevNATKey{Addr: v.BackendAddr, Port: v.BackendPort, Proto: k.Proto},
 			frontend: loader.RevNATFrontend{Addr: k.Daddr, Port: k.Dport},
