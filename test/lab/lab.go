@@ -38,6 +38,7 @@ import (
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/ecsemu"
+	"github.com/tern-net/tern/test/k8s/nsbridge"
 )
 
 // Names of the lab's cloud.
@@ -82,6 +83,19 @@ type Options struct {
 	AllocateWait time.Duration
 	// Logger receives the lab's own logs and the emulator's (nil: none). Agents log to files.
 	Logger *zap.Logger
+	// PinRoot is the bpffs directory under which every node pins its datapath; default
+	// /sys/fs/bpf/tern-lab-<random>. A daemon sets it to record it before Up, so that a
+	// later clean-up finds the pins even if the daemon died.
+	PinRoot string
+
+	// Kubernetes also runs a control plane (etcd, kube-apiserver, kube-controller-manager)
+	// on the root namespace's loopback, registers a Node per lab node, bridges the
+	// apiserver into every node namespace and gives each agent a kubeconfig, so that the
+	// agents load-balance Services and report their Nodes. Pods then come from RunPod.
+	Kubernetes bool
+	// KubernetesBinDir holds etcd, kube-apiserver and kube-controller-manager; empty means
+	// controlplane.BinDir() (test/k8s/build.sh's directory).
+	KubernetesBinDir string
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -96,6 +110,7 @@ type Lab struct {
 	srv     *http.Server
 	emuAddr string
 	nodes   []*Node
+	kube    *kubeParts // nil unless Options.Kubernetes
 
 	mu   sync.Mutex
 	pods map[string]*Pod // by namespace/name
@@ -159,7 +174,10 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	} else if l.dir, err = os.MkdirTemp("", "tern-lab-"); err != nil {
 		return nil, fmt.Errorf("lab: create work directory: %w", err)
 	}
-	l.pinRoot = filepath.Join("/sys/fs/bpf", "tern-lab-"+randHex(4))
+	l.pinRoot = o.PinRoot
+	if l.pinRoot == "" {
+		l.pinRoot = filepath.Join("/sys/fs/bpf", "tern-lab-"+randHex(4))
+	}
 
 	if l.vpc, err = nsutil.NewAnon(); err != nil {
 		return nil, fmt.Errorf("lab: VPC namespace: %w", err)
@@ -171,7 +189,8 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("lab: namespace of node %d: %w", i, err)
 		}
-		n := &Node{lab: l, Index: i, Name: fmt.Sprintf("node-%d", i+1), InstanceID: fmt.Sprintf("i-lab-%04d", i+1), NS: ns}
+		n := &Node{lab: l, Index: i, Name: fmt.Sprintf("node-%d", i+1), InstanceID: fmt.Sprintf("i-lab-%04d", i+1),
+			PrimaryIP: nodePrimaryIP(i), NS: ns}
 		n.dir = filepath.Join(l.dir, n.Name)
 		l.nodes = append(l.nodes, n)
 		nodeNS[n.InstanceID] = ns
@@ -194,6 +213,12 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	l.srv = &http.Server{Handler: l.emu.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = l.srv.Serve(ln) }()
 
+	if o.Kubernetes {
+		// Before the nodes are prepared: their agent configs name the kubeconfig.
+		if err := l.startKubernetes(ctx); err != nil {
+			return nil, err
+		}
+	}
 	for _, n := range l.nodes {
 		if err := n.prepare(); err != nil {
 			return nil, err
@@ -228,7 +253,7 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 			Delete: ecsemu.Duration(10 * time.Millisecond)},
 	}
 	for i := range l.opts.Nodes {
-		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, fmt.Sprintf("192.168.0.%d", 10+i))
+		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, nodePrimaryIP(i))
 	}
 	return cfg
 }
@@ -238,6 +263,12 @@ func (l *Lab) Emulator() *ecsemu.Emulator { return l.emu }
 
 // EmulatorAddr is the emulator's host:port on the root namespace's (and every node's) loopback.
 func (l *Lab) EmulatorAddr() string { return l.emuAddr }
+
+// nodePrimaryIP is the address of node i's primary ENI on NodeVSwitch.
+func nodePrimaryIP(i int) string { return fmt.Sprintf("192.168.0.%d", 10+i) }
+
+// PinRoot is the bpffs directory holding every node's pins (one subdirectory per node).
+func (l *Lab) PinRoot() string { return l.pinRoot }
 
 // Dir is the lab's working directory.
 func (l *Lab) Dir() string { return l.dir }
@@ -281,18 +312,27 @@ func (l *Lab) GC(ctx context.Context) error {
 // built lab and more than once.
 func (l *Lab) Down() error {
 	var errs []error
+	// Agents first, while the apiserver still answers: they shut their watches down cleanly.
 	for _, n := range l.nodes {
 		if err := n.StopAgent(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := l.stopKubernetes(); err != nil {
+		errs = append(errs, err)
+	}
+	for _, n := range l.nodes {
 		n.closeLauncher()
-		if n.bridge != nil {
-			_ = n.bridge.Close()
-			n.bridge = nil
+		for _, b := range []**nsbridge.Bridge{&n.bridge, &n.apiBridge} {
+			if *b != nil {
+				_ = (*b).Close()
+				*b = nil
+			}
 		}
 	}
 	l.mu.Lock()
 	for k, p := range l.pods {
+		p.stopServers()
 		p.ns.Close()
 		delete(l.pods, k)
 	}
@@ -423,5 +463,7 @@ func (n *Node) agentConfig() agent.Config {
 		PinRoot:          n.PinRoot(),
 		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
 		MaintainInterval: agent.Duration(2 * time.Second),
+		Kubeconfig:       n.lab.KubeconfigPath(),
+		MetricsAddr:      n.metricsAddr(),
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -33,9 +34,11 @@ type Node struct {
 	Index      int
 	Name       string // Kubernetes node name, node-1…
 	InstanceID string // i-lab-0001…
+	PrimaryIP  string // the primary ENI's address, the Node's InternalIP
 	NS         netns.NsHandle
 	dir        string
-	bridge     *nsbridge.Bridge
+	bridge     *nsbridge.Bridge // the emulator, on the same 127.0.0.1 port inside NS
+	apiBridge  *nsbridge.Bridge // the apiserver likewise (Kubernetes labs only)
 
 	launches chan launchReq // served by a thread locked into NS for the node's lifetime
 	mu       sync.Mutex
@@ -109,8 +112,29 @@ func (n *Node) prepare() error {
 		return fmt.Errorf("lab: bridge the emulator into %s: %w", n.Name, err)
 	}
 	n.bridge = b
+	if k := n.lab.kube; k != nil {
+		target := strings.TrimPrefix(k.cp.APIServerURL(), "https://")
+		if n.apiBridge, err = nsbridge.Start(nsbridge.Config{NS: n.NS, Target: target, Logger: n.lab.log.Named("nsbridge")}); err != nil {
+			return fmt.Errorf("lab: bridge the apiserver into %s: %w", n.Name, err)
+		}
+	}
 	return nil
 }
+
+// MetricsPort is where a Kubernetes lab's agents also serve /metrics, /healthz and /readyz,
+// on 127.0.0.1 inside their node namespace (the agent socket serves them too).
+const MetricsPort = 9464
+
+func (n *Node) metricsAddr() string {
+	if n.lab.kube == nil {
+		return ""
+	}
+	return fmt.Sprintf("127.0.0.1:%d", MetricsPort)
+}
+
+// NetNSPath is a path to the node's namespace (the lab process's file descriptor), usable
+// with nsenter --net=PATH while the lab runs.
+func (n *Node) NetNSPath() string { return nsPath(n.NS) }
 
 // UpdateENIConf rewrites the node's eni_conf; the agent's watcher picks the change up.
 func (n *Node) UpdateENIConf(c ENIConf) error {

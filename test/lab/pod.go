@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/test/k8s/kubeletsim"
 )
 
 // Pod is a pod sandbox of the lab: a network namespace wired by tern-cni.
@@ -33,7 +34,28 @@ type Pod struct {
 	// Attempts is how many ADDs it took (retries after "try again later").
 	Attempts int
 
-	ns netns.NsHandle
+	ns   netns.NsHandle
+	kube bool // made by RunPod: a Pod object exists
+
+	smu     sync.Mutex
+	servers []io.Closer // Serve and ServeHTTP listeners, stopped with the pod
+}
+
+func (p *Pod) track(c io.Closer) {
+	p.smu.Lock()
+	p.servers = append(p.servers, c)
+	p.smu.Unlock()
+}
+
+// stopServers closes the pod's listeners, as the containers stop before the sandbox goes.
+func (p *Pod) stopServers() {
+	p.smu.Lock()
+	s := p.servers
+	p.servers = nil
+	p.smu.Unlock()
+	for _, c := range s {
+		_ = c.Close()
+	}
 }
 
 // Key is namespace/name.
@@ -76,8 +98,14 @@ func runtimeConf(namespace, name, uid, containerID string, ns netns.NsHandle) *l
 // it retries an ADD that fails with code 11 ("try again later") — after a DEL of the failed
 // sandbox, with a new sandbox ID — until ctx ends; any other error is returned (as a
 // *types.Error when the plugin reported one) after the failed sandbox is deleted.
+//
+// In a Kubernetes lab use RunPod: no Pod object backs an AddPod pod, so the agent's pod
+// garbage collection releases its address within about two minutes.
 func (l *Lab) AddPod(ctx context.Context, node int, namespace, name string) (*Pod, error) {
-	n := l.nodes[node]
+	return l.addPod(ctx, l.nodes[node], namespace, name, randHex(8))
+}
+
+func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string) (*Pod, error) {
 	l.mu.Lock()
 	if _, dup := l.pods[namespace+"/"+name]; dup {
 		l.mu.Unlock()
@@ -88,7 +116,7 @@ func (l *Lab) AddPod(ctx context.Context, node int, namespace, name string) (*Po
 	if err != nil {
 		return nil, fmt.Errorf("lab: namespace of pod %s/%s: %w", namespace, name, err)
 	}
-	p := &Pod{Namespace: namespace, Name: name, UID: randHex(8), Node: n, ns: ns}
+	p := &Pod{Namespace: namespace, Name: name, UID: uid, Node: n, ns: ns}
 	delay := 50 * time.Millisecond
 	for {
 		p.Attempts++
@@ -124,9 +152,16 @@ func (l *Lab) AddPod(ctx context.Context, node int, namespace, name string) (*Po
 	return p, nil
 }
 
-// DeletePod runs CNI DEL for the pod, retrying "try again later" until ctx ends, then
-// destroys its namespace.
+// DeletePod removes a pod as the kubelet would: for a RunPod pod it deletes the Pod object
+// first (grace period 0), then stops the pod's servers, then runs CNI DEL, retrying "try
+// again later" until ctx ends, and finally destroys its namespace.
 func (l *Lab) DeletePod(ctx context.Context, p *Pod) error {
+	if p.kube && l.kube != nil {
+		if err := kubeletsim.DeletePod(ctx, l.kube.client, p.Namespace, p.Name); err != nil {
+			return fmt.Errorf("lab: %w", err)
+		}
+	}
+	p.stopServers()
 	delay := 50 * time.Millisecond
 	for {
 		err := p.Node.cni.DelNetworkList(ctx, p.Node.list, p.runtimeConf())
@@ -155,6 +190,7 @@ func (l *Lab) Forget(p *Pod) {
 		delete(l.pods, p.Key())
 	}
 	l.mu.Unlock()
+	p.stopServers()
 	if p.ns.IsOpen() {
 		p.ns.Close()
 	}
@@ -199,6 +235,7 @@ func (p *Pod) Serve(port int) (io.Closer, error) {
 	s := &server{ln: ln}
 	s.wg.Add(1)
 	go s.serve(p.Key())
+	p.track(s)
 	return s, nil
 }
 
@@ -226,9 +263,13 @@ func (s *server) serve(greeting string) {
 	}
 }
 
+// Close stops the listener; closing twice (the caller, then the pod's deletion) is fine.
 func (s *server) Close() error {
 	err := s.ln.Close()
 	s.wg.Wait()
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
 	return err
 }
 
