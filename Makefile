@@ -70,11 +70,16 @@ bench-datapath:
 clean:
 	rm -rf $(BIN)
 
-# The demo. Until the multi-node Kubernetes lab lands this runs the namespace demo of the
-# datapath (a node namespace, pod namespaces, a ClusterIP with two backends) and prints what
-# it shows; it leaves nothing behind.
-demo: setup
-	$(GO) test -count=1 -v -run 'TestClusterIPEndToEnd' ./test/e2e 2>&1 | grep -E 'clusterip_test|^(---|===|ok|PASS|FAIL)'
+# The demo: a 2-node Kubernetes lab on this machine (VPC and node network namespaces, the ECS
+# emulator, a real tern-agent per node, etcd + kube-apiserver + kube-controller-manager on
+# loopback; tern-lab plays the kubelet), then a guided walk-through (cmd/tern-lab demo). The
+# lab stays up for exploring (./bin/tern-lab, state in /run/tern-lab) until `make demo-down`,
+# which leaves no namespace, process, pin, socket or file behind.
+demo: setup build k8s-bins
+	@if $(BIN)/tern-lab status >/dev/null 2>&1; then \
+		echo "a lab from an earlier demo is up: tearing it down first"; $(BIN)/tern-lab down; fi
+	@TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(BIN)/tern-lab up -nodes 2
+	@$(BIN)/tern-lab demo
 
 demo-down:
-	@echo "the namespace demo cleans up after itself; nothing to remove"
+	@if [ -x $(BIN)/tern-lab ]; then $(BIN)/tern-lab down; else $(GO) run ./cmd/tern-lab down; fi

@@ -330,6 +330,8 @@ func (d *demo) dumps(ctx context.Context) error {
 			return err
 		}
 	}
+	say("\n(%s is the apiserver's own \"kubernetes\" Service: the lab's apiserver listens on the root", "10.96.0.1:443")
+	say("namespace's loopback only, so it has no endpoints and tern rejects connections to it.)")
 	for _, n := range d.st.Nodes {
 		say("\n$ tern-lab ternctl %s ipam          # the agent's ENIs and pod addresses", n.Name)
 		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, "ipam", n.PinRoot, n.Socket) }); err != nil {
@@ -346,6 +348,10 @@ func printIndented(fn func(io.Writer) error) error {
 		return err
 	}
 	for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
+		if strings.TrimSpace(l) == "" {
+			fmt.Println()
+			continue
+		}
 		fmt.Println("  " + l)
 	}
 	return nil
