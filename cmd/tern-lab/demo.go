@@ -166,7 +166,13 @@ func (d *demo) backends(ctx context.Context) error {
 		}
 		pods = append(pods, p)
 	}
-	return d.podTable(ctx, pods)
+	if err := d.podTable(ctx, pods); err != nil {
+		return err
+	}
+	say("\nThe pod IPs are VPC addresses: secondary private IPs of ENIs that each agent created and")
+	say("attached to its own instance through the ECS API (vSwitch vsw-lab-pods, 192.168.16.0/20).")
+	say("No overlay, no NAT: the VPC routes them to the right node.")
+	return nil
 }
 
 // podTable prints pods with the ENI each address belongs to, from the agents' IPAM state.
@@ -187,9 +193,6 @@ func (d *demo) podTable(ctx context.Context, pods []PodInfo) error {
 		fmt.Fprintf(w, "  %s\t%s\t%s\t%s\n", p.Name, p.Node, p.IP, eniOf[p.IP])
 	}
 	w.Flush()
-	say("\nThe pod IPs are VPC addresses: secondary private IPs of ENIs that each agent created and")
-	say("attached to its own instance through the ECS API (vSwitch vsw-lab-pods, 192.168.16.0/20).")
-	say("No overlay, no NAT: the VPC routes them to the right node.")
 	return nil
 }
 
@@ -278,7 +281,9 @@ func (d *demo) scaleUp(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_ = d.podTable(ctx, pods)
+	if err := d.podTable(ctx, pods); err != nil {
+		return err
+	}
 	say("\nBoth nodes' service maps held all 5 backends %s after the scale started (CNI ADD, Ready", took.Round(time.Millisecond))
 	say("and the EndpointSlice update included), %s after the last pod was reported Ready.\n",
 		max(0, took-ready.Sub(t0)).Round(time.Millisecond))
