@@ -1,0 +1,185 @@
+//go:build linux
+
+package kube_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tern-net/tern/internal/ternctl"
+	"github.com/tern-net/tern/test/lab"
+)
+
+// backendsOn returns the backends node's maps hold for frontend (vip:port/proto), and
+// whether the frontend exists there.
+func backendsOn(t *testing.T, n *lab.Node, front netip.AddrPort, proto string) ([]string, bool) {
+	t.Helper()
+	svcs, err := ternctl.ReadServicesAt(n.PinRoot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range svcs {
+		if s.Frontend == front && s.Proto == proto {
+			var out []string
+			for _, b := range s.Backends {
+				out = append(out, b.String())
+			}
+			slices.Sort(out)
+			return out, true
+		}
+	}
+	return nil, false
+}
+
+// eventually polls cond until it holds or the time is up.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		ok, state := cond()
+		if ok {
+			return
+		}
+		last = state
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not reached after %s (last: %s)", what, timeout, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// onEveryNode waits until every node's maps hold exactly want for the frontend (nil want:
+// the frontend is gone).
+func onEveryNode(t *testing.T, l *lab.Lab, front netip.AddrPort, proto string, want []string) {
+	t.Helper()
+	slices.Sort(want)
+	for _, n := range l.Nodes() {
+		eventually(t, 60*time.Second, fmt.Sprintf("%s/%s on %s", front, proto, n.Name), func() (bool, string) {
+			got, ok := backendsOn(t, n, front, proto)
+			if want == nil {
+				return !ok, fmt.Sprintf("present with %v", got)
+			}
+			return ok && slices.Equal(got, want), fmt.Sprintf("present %v, backends %v", ok, got)
+		})
+	}
+}
+
+// whoAnswers sends n HTTP requests from the client through url and counts the answering pods.
+func whoAnswers(t *testing.T, client *lab.Pod, url string, n int) map[string]int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	seen := map[string]int{}
+	for i := 0; i < n; i++ {
+		body, err := client.HTTPGet(ctx, url)
+		if err != nil {
+			t.Fatalf("request %d to %s: %v", i, url, err)
+		}
+		// "hello from <name> on <node> (<ip>)"
+		f := strings.Fields(body)
+		if len(f) < 3 {
+			t.Fatalf("unexpected answer %q", body)
+		}
+		seen[f[2]]++
+	}
+	return seen
+}
+
+func TestServiceLifecycleAndEndpointChurn(t *testing.T) {
+	l := getLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	const ns = "e2e-lifecycle"
+	c := l.Client()
+	app := map[string]string{"app": "web"}
+
+	// Three backends over two nodes. The named target port "http" is 8080 on two pods and
+	// 9090 on the third: the EndpointSlice controller resolves it per pod.
+	pods := map[string]*lab.Pod{}
+	for i, spec := range []struct {
+		node string
+		port int
+	}{{"node-1", 8080}, {"node-2", 8080}, {"node-1", 9090}} {
+		name := fmt.Sprintf("web-%d", i)
+		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: name, Node: spec.node, Labels: app, HTTPPort: spec.port})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods[name] = p
+	}
+	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: "node-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: app, Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromString("http"), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := netip.MustParseAddr(svc.Spec.ClusterIP)
+	front := netip.AddrPortFrom(vip, 80)
+	ep := func(p *lab.Pod, port int) string { return netip.AddrPortFrom(p.IP, uint16(port)).String() }
+	onEveryNode(t, l, front, "TCP", []string{ep(pods["web-0"], 8080), ep(pods["web-1"], 8080), ep(pods["web-2"], 9090)})
+	seen := whoAnswers(t, client, "http://"+front.String()+"/", 30)
+	if len(seen) != 3 {
+		t.Fatalf("30 requests through %s were answered by %v, want all three backends", front, seen)
+	}
+	t.Logf("created: %s answered by %v", front, seen)
+
+	// Update: the Service moves to port 8000; port 80 goes away on every node.
+	svc.Spec.Ports[0].Port = 8000
+	if _, err := c.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	front8000 := netip.AddrPortFrom(vip, 8000)
+	onEveryNode(t, l, front, "TCP", nil)
+	onEveryNode(t, l, front8000, "TCP", []string{ep(pods["web-0"], 8080), ep(pods["web-1"], 8080), ep(pods["web-2"], 9090)})
+	if seen := whoAnswers(t, client, "http://"+front8000.String()+"/", 10); len(seen) == 0 {
+		t.Fatal("no answer on the updated port")
+	}
+
+	// Pod churn: one backend goes, one comes; the EndpointSlices follow and so do the maps.
+	if err := l.DeletePod(ctx, pods["web-0"]); err != nil {
+		t.Fatal(err)
+	}
+	web3, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "web-3", Node: "node-2", Labels: app, HTTPPort: 8080})
+	if err != nil {
+		t.Fatal(err)
+	}
+	onEveryNode(t, l, front8000, "TCP", []string{ep(pods["web-1"], 8080), ep(pods["web-2"], 9090), ep(web3, 8080)})
+	seen = whoAnswers(t, client, "http://"+front8000.String()+"/", 30)
+	if seen["web-0"] != 0 || seen["web-3"] == 0 || len(seen) != 3 {
+		t.Fatalf("after churn the answers came from %v, want web-1, web-2, web-3 and never web-0", seen)
+	}
+	t.Logf("after churn: %v", seen)
+
+	// A pod that is running but not Ready is no backend.
+	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "web-unready", Node: "node-1", Labels: app,
+		HTTPPort: 8080, NotReady: true}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if got, _ := backendsOn(t, l.Node(0), front8000, "TCP"); len(got) != 3 {
+		t.Fatalf("backends %v after a not-ready pod appeared, want the 3 ready ones", got)
+	}
+
+	// Deletion removes the frontend everywhere.
+	if err := c.CoreV1().Services(ns).Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	onEveryNode(t, l, front8000, "TCP", nil)
+}
