@@ -155,6 +155,7 @@ type change struct {
 	vip     netip.Addr
 	addr    netip.Addr
 	written time.Time // taken just before the write; also the trigger-time annotation
+	acked   time.Time // when the apiserver answered the write
 	seen    time.Time // when the agent under test was seen holding addr; zero if never
 	// agentSays is the latency the agent itself reported for this change (kube-proxy's
 	// "Network programming" log line, from the same annotation); zero if none.
@@ -194,6 +195,7 @@ func (c *cluster) write(ctx context.Context, ch *change) error {
 	if err != nil {
 		return fmt.Errorf("update EndpointSlice %s: %w", s.Name, err)
 	}
+	ch.acked = time.Now()
 	c.slices[ch.svc] = out
 	return nil
 }

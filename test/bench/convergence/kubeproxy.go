@@ -15,6 +15,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/test/k8s/kubeletsim"
 	"github.com/tern-net/tern/test/k8s/nsbridge"
@@ -35,6 +38,8 @@ type kpResult struct {
 	// missing counts changed endpoints, still current, that the final rules lack.
 	missing, checked int
 	dumpTook         time.Duration
+	// ruleset is kube-proxy's own count of what it wrote (its "Reloading" log line).
+	ruleset string
 }
 
 // syncEvent is one "SyncProxyRules complete" line.
@@ -48,12 +53,17 @@ type syncEvent struct {
 // EndpointSlice change carrying a trigger-time annotation, naming the Service: the
 // arrival of that line is when the kernel held the change.
 type kpLog struct {
-	netProg, syncDone *regexp.Regexp
+	netProg, syncDone, reload *regexp.Regexp
 
 	mu      sync.Mutex
 	waiting []*change
 	syncs   []syncEvent
-	synced  chan struct{} // a token per sync, for waiters
+	// lastReload is the latest "Reloading service ... data" line's counts (services,
+	// endpoints and, in iptables mode, NAT chains and rules), and when it was logged:
+	// what a sync that has not finished is busy writing.
+	lastReload   string
+	lastReloadAt time.Time
+	synced       chan struct{} // a token per sync, for waiters
 }
 
 func newKPLog() *kpLog {
@@ -62,6 +72,7 @@ func newKPLog() *kpLog {
 		// elapsed=0.0123` and `"SyncProxyRules complete" ... elapsed="12.3ms"`.
 		netProg:  regexp.MustCompile(`"Network programming".*\bendpoint="([^"]+)".*\belapsed=([0-9.eE+-]+)`),
 		syncDone: regexp.MustCompile(`"SyncProxyRules complete".*\belapsed="([^"]+)"`),
+		reload:   regexp.MustCompile(`"Reloading service \w+ data" ipFamily="IPv4" (.*)`),
 		synced:   make(chan struct{}, 1),
 	}
 }
@@ -77,6 +88,12 @@ func (k *kpLog) line(at time.Time, s string) {
 			ch.seen, ch.agentSays = at, secs(elapsed)
 			k.waiting = slices.Delete(k.waiting, i, i+1)
 		}
+		k.mu.Unlock()
+		return
+	}
+	if m := k.reload.FindStringSubmatch(s); m != nil {
+		k.mu.Lock()
+		k.lastReload, k.lastReloadAt = m[1], at
 		k.mu.Unlock()
 		return
 	}
@@ -114,6 +131,13 @@ func (k *kpLog) lastSync() (syncEvent, bool) {
 		return syncEvent{}, false
 	}
 	return k.syncs[len(k.syncs)-1], true
+}
+
+// reloadInfo describes the latest rule reload for the report.
+func (k *kpLog) reloadInfo() (string, time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.lastReload, k.lastReloadAt
 }
 
 func (k *kpLog) expect(ch *change) {
@@ -271,6 +295,13 @@ func runKubeProxy(ctx context.Context, e *env, size int, mode string) (res *kpRe
 	}
 	defer func() {
 		kp.stop(15 * time.Second)
+		// kube-proxy's own children (an iptables-restore of a large ruleset) outlive it
+		// when it is stopped mid-sync; only processes in our namespace are touched.
+		if n, err := killNamespaceProcs(ns); err != nil {
+			retErr = errors.Join(retErr, err)
+		} else if n > 0 {
+			e.logf("killed %d process(es) kube-proxy left in its namespace", n)
+		}
 		// Nothing outlives the namespace, but --cleanup is what an operator switching
 		// modes runs; a failure here means the mode left state kube-proxy cannot remove.
 		if out, err := kenv.output(e.kubeProxy, "--cleanup", "-v=0"); err != nil {
@@ -283,12 +314,13 @@ func runKubeProxy(ctx context.Context, e *env, size int, mode string) (res *kpRe
 	for _, ep := range e.cl.slices[size-1].Endpoints {
 		sample = append(sample, netip.MustParseAddr(ep.Addresses[0]))
 	}
-	deadline := time.NewTimer(5 * time.Minute)
+	deadline := time.NewTimer(e.cfg.kpStartTimeout)
 	defer deadline.Stop()
 	// Checked after every sync, and every few seconds in case a sync's token was
 	// coalesced with an earlier one.
 	recheck := time.NewTicker(3 * time.Second)
 	defer recheck.Stop()
+	// The last dump that failed the check, for a reader of a failed run.
 	rulesPath := filepath.Join(e.logDir, fmt.Sprintf("rules-%s-%d.txt", mode, size))
 	for done := false; !done; {
 		select {
@@ -297,8 +329,12 @@ func runKubeProxy(ctx context.Context, e *env, size int, mode string) (res *kpRe
 		case <-kp.exited:
 			return nil, kp.exitedErr()
 		case <-deadline.C:
-			return nil, fmt.Errorf("kube-proxy (%s) did not program %d Services within 5 minutes: its rules lack %v (last dump in %s, see its log)",
-				mode, size, sample, rulesPath)
+			what, since := log.reloadInfo()
+			if what == "" {
+				return res, fmt.Errorf("kube-proxy (%s) did not start programming %d Services within %s (see its log)", mode, size, e.cfg.kpStartTimeout)
+			}
+			return res, fmt.Errorf("kube-proxy (%s) did not finish its first sync of %d Services within %s: it had been writing %s for %s",
+				mode, size, e.cfg.kpStartTimeout, what, time.Since(since).Round(time.Second))
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
@@ -316,6 +352,7 @@ func runKubeProxy(ctx context.Context, e *env, size int, mode string) (res *kpRe
 			_ = os.WriteFile(rulesPath, []byte(rules), 0o644)
 		}
 	}
+	res.ruleset, _ = log.reloadInfo()
 	e.logf("kube-proxy %s, %d Services: initial sync %s (%s after start); measuring %d changes",
 		mode, size, res.coldSync, res.coldStart, e.cfg.changes)
 
@@ -373,4 +410,37 @@ func legacyPath(logDir string, size int) (string, error) {
 		}
 	}
 	return dir, nil
+}
+
+// killNamespaceProcs SIGKILLs every process whose network namespace is ns (by inode),
+// and waits briefly for them to go.
+func killNamespaceProcs(ns netns.NsHandle) (int, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		return 0, fmt.Errorf("stat kube-proxy's namespace: %w", err)
+	}
+	want := fmt.Sprintf("net:[%d]", st.Ino)
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, fmt.Errorf("list /proc: %w", err)
+	}
+	var pids []int
+	for _, de := range entries {
+		pid, err := strconv.Atoi(de.Name())
+		if err != nil {
+			continue
+		}
+		if link, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid)); err == nil && link == want {
+			if unix.Kill(pid, unix.SIGKILL) == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, pid := range pids {
+		for unix.Kill(pid, 0) == nil && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return len(pids), nil
 }

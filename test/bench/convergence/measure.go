@@ -79,13 +79,17 @@ type stats struct {
 	p50, p90, p99, max   time.Duration
 	agentP50, agentP99   time.Duration // from the agent's own report, when it has one
 	agentN               int
+	writeP50, writeP99   time.Duration // the Update round trip: a floor for every agent
 	firstWrite, lastSeen time.Time
 }
 
 func summarize(chs []*change) stats {
 	s := stats{n: len(chs)}
-	var lat, agent []time.Duration
+	var lat, agent, write []time.Duration
 	for _, ch := range chs {
+		if !ch.acked.IsZero() {
+			write = append(write, ch.acked.Sub(ch.written))
+		}
 		if !ch.seen.IsZero() {
 			lat = append(lat, ch.latency())
 			s.lastSeen = maxTime(s.lastSeen, ch.seen)
@@ -105,6 +109,8 @@ func summarize(chs []*change) stats {
 		s.max = lat[len(lat)-1]
 	}
 	s.agentP50, s.agentP99 = quantile(agent, 0.50), quantile(agent, 0.99)
+	slices.Sort(write)
+	s.writeP50, s.writeP99 = quantile(write, 0.50), quantile(write, 0.99)
 	return s
 }
 

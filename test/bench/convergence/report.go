@@ -86,6 +86,16 @@ func renderReport(e *env, cmdline string, results []*sizeResult, total time.Dura
 		}
 	}
 
+	p("\nThe write itself (the EndpointSlice Update's round trip to the apiserver, which every agent's figure includes) took:")
+	for _, r := range results {
+		if r.tern != nil {
+			p(" p50 %s / p99 %s during tern's changes at %d Services;", fmtDur(r.tern.lat.writeP50), fmtDur(r.tern.lat.writeP99), r.size)
+		}
+		for _, kp := range r.kp {
+			p(" %s / %s during %s's;", fmtDur(kp.lat.writeP50), fmtDur(kp.lat.writeP99), kp.mode)
+		}
+	}
+	p("\n")
 	p("\n## Start, full sync, memory\n\n")
 	p("| Services | agent | start → all programmed | initial sync itself | full resync | RSS after the changes | peak RSS |\n|---:|---|---:|---:|---:|---:|---:|\n")
 	for _, r := range results {
@@ -105,10 +115,10 @@ func renderReport(e *env, cmdline string, results []*sizeResult, total time.Dura
 	p("- Memory is VmRSS and VmHWM of the agent process from /proc, after the changes. tern's BPF maps are kernel memory and not in either figure.\n")
 
 	p("\n## kube-proxy syncs during the changes, and cross-checks\n\n")
-	p("| Services | mode | syncs | sync p50 | sync max | own p50 / p99 (from the annotation) | final rules: changed endpoints missing | final dump took |\n|---:|---|---:|---:|---:|---|---:|---:|\n")
+	p("| Services | mode | ruleset (kube-proxy's count) | syncs | sync p50 | sync max | own p50 / p99 (from the annotation) | final rules: changed endpoints missing | final dump took |\n|---:|---|---|---:|---:|---:|---|---:|---:|\n")
 	for _, r := range results {
 		for _, kp := range r.kp {
-			p("| %d | %s | %d | %s | %s | %s / %s (%d lines) | %d of %d | %s |\n", r.size, kp.mode, kp.syncs, fmtDur(kp.syncP50), fmtDur(kp.syncMax),
+			p("| %d | %s | %s | %d | %s | %s | %s / %s (%d lines) | %d of %d | %s |\n", r.size, kp.mode, kp.ruleset, kp.syncs, fmtDur(kp.syncP50), fmtDur(kp.syncMax),
 				fmtDur(kp.lat.agentP50), fmtDur(kp.lat.agentP99), kp.lat.agentN, kp.missing, kp.checked, fmtDur(kp.dumpTook))
 		}
 	}
