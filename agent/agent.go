@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/datapath"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
@@ -224,6 +225,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		cleanups = append(cleanups, c.Stop)
 	}
 
+	if a.cfg.CNIConfDir != "" {
+		path, err := a.installConflist()
+		if err != nil {
+			return err
+		}
+		a.log.Info("installed CNI configuration", zap.String("path", path))
+	}
 	a.ready.Store(true)
 	cleanups = append(cleanups, func() { a.ready.Store(false) })
 	s := pool.Status()
@@ -345,4 +353,26 @@ func (a *Agent) serveMetrics() (*http.Server, error) {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv, nil
+}
+
+// installConflist writes the CNI configuration into CNIConfDir atomically (a runtime that
+// reads the directory never sees half a file). It is left in place on shutdown: pods keep
+// their networking, and the next agent rewrites it.
+func (a *Agent) installConflist() (string, error) {
+	b, err := api.Conflist(a.cfg.SocketPath)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(a.cfg.CNIConfDir, 0o755); err != nil {
+		return "", fmt.Errorf("create CNI config directory %s: %w", a.cfg.CNIConfDir, err)
+	}
+	path := filepath.Join(a.cfg.CNIConfDir, api.ConflistFile)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return "", fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return "", fmt.Errorf("install %s: %w", path, err)
+	}
+	return path, nil
 }

@@ -81,6 +81,10 @@ type Config struct {
 	PinRoot string `json:"pinRoot,omitempty"`
 	// ForceClsact attaches pod programs with clsact even where tcx works.
 	ForceClsact bool `json:"forceClsact,omitempty"`
+	// CNIConfDir, when set (e.g. /etc/cni/net.d), is where the agent installs its conflist
+	// once it is ready to serve the plugin, so the runtime only starts using tern-cni when an
+	// agent answers. Empty: the operator installs it.
+	CNIConfDir string `json:"cniConfDir,omitempty"`
 	// MetricsAddr, when set, also serves /metrics on this TCP address (the socket always does).
 	MetricsAddr string `json:"metricsAddr,omitempty"`
 	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
