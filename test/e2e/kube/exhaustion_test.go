@@ -1,0 +1,121 @@
+//go:build linux
+
+package kube_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tern-net/tern/ipam/nodereport"
+	"github.com/tern-net/tern/test/ecsemu"
+	"github.com/tern-net/tern/test/lab"
+)
+
+// When a node runs out of pod addresses, an operator sees it where they look: a Warning
+// Event on the pod that could not start, naming the cause, and the TernPodIPsExhausted
+// condition on the Node; the Node's annotations list the ENI addresses in use.
+func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
+	getLab(t) // the suite's binaries and privilege checks
+	const tiny, spare = "vsw-e2e-tiny", "vsw-e2e-spare"
+	l, err := lab.Up(context.Background(), lab.Options{Nodes: 1, Kubernetes: true, BinDir: current.bin,
+		ExtraVSwitches: []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"},
+			{ID: spare, Zone: lab.Zone, CIDR: "192.168.41.0/24"}},
+		ENIConf:        lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
+		AllocateWait:   2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Down()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := l.Client()
+	const ns = "e2e-exhaust"
+	for i := range 3 {
+		if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("fits-%d", i), Node: "node-1"}); err != nil {
+			t.Fatalf("pod %d of 3 on the /29: %v", i, err)
+		}
+	}
+	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "too-many", Node: "node-1"}); err == nil {
+		t.Fatal("a 4th pod got an address from a /29 that holds 3")
+	}
+
+	eventually(t, 30*time.Second, "a Warning Event on the pod", func() (bool, string) {
+		evs, err := c.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=too-many"})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, e := range evs.Items {
+			if e.Type == corev1.EventTypeWarning && e.Reason == "TernPodIPsExhausted" && strings.Contains(e.Message, tiny) {
+				t.Logf("event on the pod: %s: %s", e.Reason, e.Message)
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%d events, none a TernPodIPsExhausted warning naming %s", len(evs.Items), tiny)
+	})
+	eventually(t, 30*time.Second, "the Node's condition and annotations", func() (bool, string) {
+		n, err := c.CoreV1().Nodes().Get(ctx, "node-1", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		cond := ""
+		for _, x := range n.Status.Conditions {
+			if x.Type == nodereport.ConditionIPExhausted {
+				cond = string(x.Status)
+			}
+		}
+		ann := n.Annotations[nodereport.AnnotationAllocatedENIIPs]
+		return cond == "True" && strings.Count(ann, "192.168.40.") == 3 && n.Annotations[nodereport.AnnotationMaxAvailableIP] != "",
+			fmt.Sprintf("condition %q, allocated-eniips %q", cond, ann)
+	})
+
+	// A cloud that refuses (a RAM policy without the ENI permissions): the Event carries the
+	// cloud's own error code.
+	l.Emulator().InjectFault(ecsemu.Fault{Code: "Forbidden.RAM", Status: 403, Message: "the RAM user lacks ecs:AssignPrivateIpAddresses"})
+	n := l.Node(0)
+	conf := n.ENIConf()
+	conf.VSwitches = []string{tiny, spare}
+	if err := n.UpdateENIConf(conf); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the agent polls eni_conf every 100 ms
+	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "denied", Node: "node-1"}); err == nil {
+		t.Fatal("a pod got an address while the cloud refused every call")
+	}
+	eventually(t, 30*time.Second, "an Event with the cloud's error code", func() (bool, string) {
+		evs, err := c.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=denied"})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, e := range evs.Items {
+			if e.Type == corev1.EventTypeWarning && strings.Contains(e.Message, "Forbidden.RAM") {
+				t.Logf("event on the pod: %s: %s", e.Reason, e.Message)
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%d events, none naming Forbidden.RAM", len(evs.Items))
+	})
+
+	// The cloud recovers: the next pod starts from the new vSwitch and the condition clears.
+	l.Emulator().ClearFaults()
+	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "after", Node: "node-1"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the condition to clear", func() (bool, string) {
+		n, err := c.CoreV1().Nodes().Get(ctx, "node-1", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, x := range n.Status.Conditions {
+			if x.Type == nodereport.ConditionIPExhausted {
+				return x.Status == corev1.ConditionFalse, string(x.Status) + ": " + x.Message
+			}
+		}
+		return false, "no condition"
+	})
+}
