@@ -26,8 +26,8 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 	l, err := lab.Up(context.Background(), lab.Options{Nodes: 1, Kubernetes: true, BinDir: current.bin,
 		ExtraVSwitches: []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"},
 			{ID: spare, Zone: lab.Zone, CIDR: "192.168.41.0/24"}},
-		ENIConf:        lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
-		AllocateWait:   2 * time.Second})
+		ENIConf:      lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
+		AllocateWait: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
