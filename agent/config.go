@@ -81,6 +81,12 @@ type Config struct {
 	PinRoot string `json:"pinRoot,omitempty"`
 	// ForceClsact attaches pod programs with clsact even where tcx works.
 	ForceClsact bool `json:"forceClsact,omitempty"`
+	// Datapath map sizes (0: the loader's defaults). They are fixed when a map is first
+	// pinned; changing one later needs the pinned map removed, which drops its state.
+	MaxServices uint32 `json:"maxServices,omitempty"`
+	MaxBackends uint32 `json:"maxBackends,omitempty"`
+	MaxFlows    uint32 `json:"maxFlows,omitempty"`
+	MaxRevNAT   uint32 `json:"maxRevNAT,omitempty"`
 	// CNIConfDir, when set (e.g. /etc/cni/net.d), is where the agent installs its conflist
 	// once it is ready to serve the plugin, so the runtime only starts using tern-cni when an
 	// agent answers. Empty: the operator installs it.

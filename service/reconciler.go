@@ -134,7 +134,13 @@ func (r *Reconciler) del(fn func() error) error {
 
 func (r *Reconciler) put(fn func() error) error {
 	r.writes++
-	return fn()
+	err := fn()
+	if errors.Is(err, unix.E2BIG) {
+		// The kernel's answer to an insert into a full map; say what to do about it.
+		return fmt.Errorf("the BPF map is full: raise its size (agent maxServices/maxBackends/maxRevNAT) "+
+			"or remove Services: %w", err)
+	}
+	return err
 }
 
 // Writes counts map writes and deletes so far (for tests and metrics).

@@ -13,6 +13,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
@@ -165,4 +168,63 @@ func TestControllerFollowsTheAPIServer(t *testing.T) {
 		_, ok2 := backendsIn(t, d.Maps(), dns)
 		return !ok1 && !ok2
 	})
+}
+
+// A full service map is bad input the agent cannot fix: the Services that fit keep being
+// served, the one that does not gets a Warning Event saying so, and it is retried.
+func TestFullMapIsReportedAndOthersKeepServing(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	cp := startControlPlane(t)
+	client := kubernetes.NewForConfigOrDie(cp.RestConfig())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	// Room for the apiserver's own "kubernetes" Service and two more frontends.
+	d := loadertest.New(t, loader.Config{MaxServices: 3})
+	rec, err := service.NewReconciler(d.Maps(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := record.NewBroadcaster(record.WithContext(ctx))
+	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer b.Shutdown()
+	recorder := b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tern-agent-test"})
+	ctl, err := controller.New(client, rec, controller.Options{Logger: zaptest.NewLogger(t), Recorder: recorder})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ctl.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	var vips []netip.Addr
+	for i := 0; i < 3; i++ {
+		s, err := client.CoreV1().Services("default").Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("s%d", i)},
+			Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80, Protocol: corev1.ProtocolTCP}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vips = append(vips, netip.MustParseAddr(s.Spec.ClusterIP))
+		time.Sleep(200 * time.Millisecond) // in order, so the third is the one that does not fit
+	}
+	waitFor(t, "a map-full Event on the Service that did not fit", func() bool {
+		evs, err := client.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=s2"})
+		if err != nil {
+			return false
+		}
+		for _, e := range evs.Items {
+			if e.Reason == "TernLoadBalancerMapFull" {
+				t.Logf("event: %s", e.Message)
+				return true
+			}
+		}
+		return false
+	})
+	for _, vip := range vips[:2] {
+		if _, ok := backendsIn(t, d.Maps(), service.Frontend{Addr: vip, Port: 80, Proto: service.TCP}); !ok {
+			t.Fatalf("service %s that fits is not served", vip)
+		}
+	}
 }
