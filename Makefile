@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate vmlinux k8s-bins vet test test-unit e2e bench bench-datapath bench-attach bench-cni demo demo-down clean
+.PHONY: all setup build generate check-generate vmlinux k8s-bins vet test test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -56,13 +56,18 @@ test-unit:
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...
 
-bench: setup bench-datapath bench-attach bench-cni
+bench: setup bench-datapath bench-attach bench-cni bench-convergence
 
 bench-attach:
 	$(GO) test -run '^$$' -bench AttachPod -benchtime 30x ./loader
 
 bench-cni:
 	$(GO) run ./test/bench/cni
+
+# EndpointSlice-to-datapath latency, tern vs the real kube-proxy (iptables, nftables), 1k and
+# 10k Services (~11 min).
+bench-convergence: setup k8s-bins
+	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/convergence -services 1000,10000 -changes 200 -modes iptables,nftables
 
 bench-datapath:
 	$(GO) run ./test/bench/datapath -rounds 9 -batch 20000
