@@ -1,6 +1,6 @@
 // Command convergence measures how fast Service changes reach the datapath, for tern and
 // for the real kube-proxy (iptables and nftables modes), against one real kube-apiserver
-// in one run, and prints a Markdown report (docs/benchmarks-convergence.md).
+// in one run, and prints a Markdown report (merged into docs/benchmarks.md).
 //
 // The figure is the time from an EndpointSlice write (one endpoint of a random Service
 // moves to a new address) to the kernel holding the new endpoint: for tern, the pinned
