@@ -17,8 +17,8 @@ import (
 // IPv4 cluster IP gets one frontend per Service port; a Service port's backends are the
 // endpoints of slice ports with the same name and protocol (the EndpointSlice controller has
 // already resolved named target ports per pod, so one Service port can map to different
-// numbers on different pods); only ready endpoints count for now (a missing ready condition
-// means ready, as the API defines).
+// numbers on different pods); ready endpoints count (a missing ready condition means ready,
+// as the API defines), and serving-but-terminating ones only when none is ready.
 func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, error) {
 	out := State{}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
@@ -77,11 +77,14 @@ func protocolOf(p corev1.Protocol) (Protocol, error) {
 	return 0, fmt.Errorf("unsupported protocol %q (want TCP, UDP or SCTP)", p)
 }
 
+// readyBackends returns the backends of one Service port: its ready endpoints or, when none
+// is ready, the ones that are still serving while terminating (kube-proxy does the same, so
+// that a rolling update or a scale-down to zero does not cut traffic before pods stop).
 func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice) []Backend {
 	if proto == "" {
 		proto = corev1.ProtocolTCP
 	}
-	out := []Backend{}
+	var ready, terminating []Backend
 	for _, s := range eps {
 		if s.AddressType != discoveryv1.AddressTypeIPv4 {
 			continue
@@ -98,7 +101,10 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 				continue
 			}
 			for _, e := range s.Endpoints {
-				if e.Conditions.Ready != nil && !*e.Conditions.Ready {
+				c := e.Conditions
+				isReady := c.Ready == nil || *c.Ready
+				servingTerminating := c.Serving != nil && *c.Serving && c.Terminating != nil && *c.Terminating
+				if !isReady && !servingTerminating {
 					continue
 				}
 				for _, a := range e.Addresses {
@@ -106,10 +112,21 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 					if err != nil || !addr.Is4() {
 						continue
 					}
-					out = append(out, Backend{Addr: addr, Port: uint16(*p.Port)})
+					b := Backend{Addr: addr, Port: uint16(*p.Port)}
+					if isReady {
+						ready = append(ready, b)
+					} else {
+						terminating = append(terminating, b)
+					}
 				}
 			}
 		}
 	}
-	return normalize(out)
+	if len(ready) == 0 {
+		ready = terminating
+	}
+	if ready == nil {
+		ready = []Backend{}
+	}
+	return normalize(ready)
 }

@@ -81,6 +81,20 @@ func TestTranslate(t *testing.T) {
 			},
 		},
 		{
+			name: "serving-but-terminating endpoints only when no endpoint is ready",
+			svc: svc("roll", []string{"10.96.0.13"},
+				sport("a", corev1.ProtocolTCP, 80, intstr.FromInt32(80)),
+				sport("b", corev1.ProtocolTCP, 81, intstr.FromInt32(81))),
+			slices: []*discoveryv1.EndpointSlice{
+				termSlice("roll", "a", eport("a", corev1.ProtocolTCP, 80), []string{"10.0.0.5"}, []string{"10.0.0.6"}),
+				termSlice("roll", "b", eport("b", corev1.ProtocolTCP, 81), nil, []string{"10.0.0.7"}),
+			},
+			want: State{
+				fe("10.96.0.13", 80, TCP): {be("10.0.0.5", 80)},
+				fe("10.96.0.13", 81, TCP): {be("10.0.0.7", 81)},
+			},
+		},
+		{
 			name: "headless has no frontends",
 			svc:  svc("h", []string{"None"}, sport("", corev1.ProtocolTCP, 80, intstr.FromInt32(80))),
 			want: State{},
@@ -163,4 +177,20 @@ func TestLayoutKeepsSurvivorsInPlace(t *testing.T) {
 			t.Errorf("layout(%v, %v) = %v, want %v", c.old, c.desired, got, c.want)
 		}
 	}
+}
+
+// termSlice has ready endpoints and serving-but-terminating ones, plus one that is neither.
+func termSlice(svcName, name string, port discoveryv1.EndpointPort, ready, terminating []string) *discoveryv1.EndpointSlice {
+	s := slice(svcName, name, []discoveryv1.EndpointPort{port})
+	for _, a := range ready {
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{a},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)}})
+	}
+	for _, a := range terminating {
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{a},
+			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(false), Serving: ptr.To(true), Terminating: ptr.To(true)}})
+	}
+	s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{"10.0.0.99"},
+		Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(false), Serving: ptr.To(false), Terminating: ptr.To(true)}})
+	return s
 }
