@@ -70,7 +70,7 @@ bench-convergence: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/convergence -services 1000,10000 -changes 200 -modes iptables,nftables
 
 bench-datapath:
-	$(GO) run ./test/bench/datapath -rounds 9 -batch 20000
+	$(GO) run ./test/bench/datapath -rounds 9 -batch 20000 -png docs/img/datapath.png
 
 clean:
 	rm -rf $(BIN)

@@ -29,8 +29,9 @@ import (
 func main() {
 	rounds := flag.Int("rounds", 7, "interleaved rounds; medians are over rounds")
 	batch := flag.Int("batch", 20000, "test runs per scenario per round")
+	png := flag.String("png", "", "also draw the medians into this PNG file")
 	flag.Parse()
-	if err := run(*rounds, *batch); err != nil {
+	if err := run(*rounds, *batch, *png); err != nil {
 		fmt.Fprintln(os.Stderr, "datapath bench:", err)
 		os.Exit(1)
 	}
@@ -120,7 +121,7 @@ func median(v []float64) float64 {
 	return s[len(s)/2]
 }
 
-func run(rounds, batch int) error {
+func run(rounds, batch int, png string) error {
 	noopObjs := loader.NoopObjects{}
 	if err := loader.LoadNoopObjects(&noopObjs, nil); err != nil {
 		return fmt.Errorf("load no-op program: %w", err)
@@ -198,5 +199,8 @@ func run(rounds, batch int) error {
 		fmt.Printf("| %d | %s | %d |\n", l.n, l.load.Round(time.Millisecond), l.write)
 	}
 	fmt.Printf("\n(%d rounds x %d runs per scenario, interleaved; kernel-reported duration, one run per syscall)\n", rounds, batch)
+	if png != "" {
+		return writePlot(png, sizes, med, noop)
+	}
 	return nil
 }
