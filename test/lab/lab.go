@@ -96,6 +96,10 @@ type Options struct {
 	// KubernetesBinDir holds etcd, kube-apiserver and kube-controller-manager; empty means
 	// controlplane.BinDir() (test/k8s/build.sh's directory).
 	KubernetesBinDir string
+	// AgentKubeconfig, when set, gives a node's agent its kubeconfig path instead of the
+	// admin one, e.g. one with a ServiceAccount token to prove an RBAC role (test/deploy).
+	// It runs once per node after the control plane is up and before any agent starts.
+	AgentKubeconfig func(ctx context.Context, l *Lab, n *Node) (string, error)
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -217,6 +221,13 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		// Before the nodes are prepared: their agent configs name the kubeconfig.
 		if err := l.startKubernetes(ctx); err != nil {
 			return nil, err
+		}
+		if o.AgentKubeconfig != nil {
+			for _, n := range l.nodes {
+				if n.kubeconfig, err = o.AgentKubeconfig(ctx, l, n); err != nil {
+					return nil, fmt.Errorf("lab: kubeconfig for the agent of %s: %w", n.Name, err)
+				}
+			}
 		}
 	}
 	for _, n := range l.nodes {
@@ -463,7 +474,7 @@ func (n *Node) agentConfig() agent.Config {
 		PinRoot:          n.PinRoot(),
 		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
 		MaintainInterval: agent.Duration(2 * time.Second),
-		Kubeconfig:       n.lab.KubeconfigPath(),
+		Kubeconfig:       n.kubeconfigPath(),
 		MetricsAddr:      n.metricsAddr(),
 	}
 }

@@ -39,6 +39,7 @@ type Node struct {
 	dir        string
 	bridge     *nsbridge.Bridge // the emulator, on the same 127.0.0.1 port inside NS
 	apiBridge  *nsbridge.Bridge // the apiserver likewise (Kubernetes labs only)
+	kubeconfig string           // from Options.AgentKubeconfig; empty: the admin kubeconfig
 
 	launches chan launchReq // served by a thread locked into NS for the node's lifetime
 	mu       sync.Mutex
@@ -130,6 +131,14 @@ func (n *Node) metricsAddr() string {
 		return ""
 	}
 	return fmt.Sprintf("127.0.0.1:%d", MetricsPort)
+}
+
+// kubeconfigPath is the agent's kubeconfig: Options.AgentKubeconfig's, else the admin one.
+func (n *Node) kubeconfigPath() string {
+	if n.kubeconfig != "" {
+		return n.kubeconfig
+	}
+	return n.lab.KubeconfigPath()
 }
 
 // NetNSPath is a path to the node's namespace (the lab process's file descriptor), usable
