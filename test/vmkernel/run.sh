@@ -26,7 +26,9 @@ GO=${GO:-go}
 # bpftool is not in the guest; everything else in ./loader runs there.
 loader_flags=${TERN_VMKERNEL_LOADER-"-test.skip ^TestBpftoolPrettyPrintsMaps\$"}
 e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd)\$"}
-common_flags="-test.v -test.count=1 -test.timeout=$((timeout_s - 30))s"
+# The guest's own test timeout fires first, so a hang still prints its goroutine dump.
+test_timeout=$((timeout_s > 90 ? timeout_s - 30 : timeout_s * 2 / 3))
+common_flags="-test.v -test.count=1 -test.timeout=${test_timeout}s"
 # Modules the tests need when the kernel builds them as modules: veth pairs, clsact
 # (sch_ingress) with cls_bpf/act_bpf, and xfrm_user + nfnetlink, without which
 # netlink.NewHandleAt fails with "protocol not supported".
@@ -156,7 +158,7 @@ log "built test binaries and initramfs ($(du -m "$tmp/initrd" | cut -f1) MiB) in
 log "booting $pkg $version under qemu TCG (killed after ${timeout_s} s)"
 t0=$(date +%s)
 set +e
-timeout -k 5 "$timeout_s" qemu-system-x86_64 \
+timeout --foreground -k 5 "$timeout_s" qemu-system-x86_64 \
 	-machine q35 -accel tcg,thread=multi -cpu max -smp "$(nproc)" -m "$mem" \
 	-nodefaults -display none -serial stdio -no-reboot \
 	-bios "$qboot" -kernel "$kdir/vmlinux" -initrd "$tmp/initrd" \
