@@ -10,7 +10,8 @@
 # is a failure, and this script exits with their status.
 #
 # Environment (all optional):
-#   TERN_VMKERNEL_PKG      kernel package (default: what linux-image-amd64 depends on)
+#   TERN_VMKERNEL_PKG      kernel package or meta package (default linux-image-amd64, 6.1;
+#                          linux-image-6.12-amd64 boots a kernel with tcx)
 #   TERN_VMKERNEL_CACHE    cache directory (default /var/cache/tern/vmkernel)
 #   TERN_VMKERNEL_TIMEOUT  seconds before qemu is killed (default 480)
 #   TERN_VMKERNEL_MEM      guest memory in MiB (default 512)
@@ -53,11 +54,13 @@ qboot=/usr/share/qemu/qboot.rom # shipped by qemu-system-data
 [ -f "$qboot" ] || die "$qboot missing (it comes with qemu-system-data)"
 
 # --- kernel, vmlinux and the module/busybox part of the initramfs (cached) -------------
-pkg=${TERN_VMKERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null |
-	awk '$1 == "Depends:" && $2 ~ /^linux-image-/ {print $2; exit}')}
-[ -n "$pkg" ] || die "cannot resolve linux-image-amd64 to a kernel package (run apt-get update?)"
+# A meta package (linux-image-amd64, linux-image-6.12-amd64) names the current kernel.
+want=${TERN_VMKERNEL_PKG:-linux-image-amd64}
+pkg=$(apt-cache depends "$want" 2>/dev/null |
+	awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')
+pkg=${pkg:-$want}
 version=$(apt-cache show "$pkg" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
-[ -n "$version" ] || die "apt knows no version of $pkg"
+[ -n "$version" ] || die "apt knows no version of $pkg (run apt-get update?)"
 kdir=$cache/${pkg}_$version
 mkdir -p "$kdir"
 
@@ -92,6 +95,7 @@ extract_vmlinux() {
 		exit 0
 	fi
 	log "preparing $pkg $version in $kdir"
+	started=$(date +%s)
 	deb=$(ls "$kdir"/"${pkg}"_*.deb 2>/dev/null | head -n1 || true)
 	if [ -z "$deb" ]; then
 		(cd "$kdir" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2)
@@ -134,6 +138,7 @@ extract_vmlinux() {
 	mv "$kdir/base.cpio.new" "$kdir/base.cpio"
 	echo "$stamp" >"$kdir/stamp"
 	rm -rf "$x" "$root"
+	log "prepared kernel, vmlinux and module initramfs in $(($(date +%s) - started)) s"
 ) 9>"$cache/.lock"
 
 # --- the test binaries and the plan (every run) ----------------------------------------
