@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate vmlinux k8s-bins vet test test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: all setup build generate check-generate vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -49,6 +49,14 @@ vet:
 # need root; with TERN_PRIVILEGED=1 (CI) a privileged test that skips fails.
 test: setup check-generate vet k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 40m ./...
+	bash test/vmkernel/run.sh
+
+# The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so
+# AttachPod's automatic clsact fallback carries the traffic (this one is part of `make test`);
+# 6.12 has tcx. ~40 s each when cached.
+test-kernels:
+	bash test/vmkernel/run.sh
+	TERN_VMKERNEL_PKG=linux-image-6.12-amd64 bash test/vmkernel/run.sh
 
 test-unit:
 	$(GO) test -count=1 ./...

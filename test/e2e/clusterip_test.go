@@ -22,7 +22,7 @@ func TestClusterIPEndToEnd(t *testing.T) {
 	for _, mode := range []struct {
 		name   string
 		clsact bool
-	}{{"tcx", false}, {"clsact", true}} {
+	}{{"auto", false}, {"clsact", true}} { // auto: tcx where the kernel has it, else clsact
 		t.Run(mode.name, func(t *testing.T) { testClusterIP(t, mode.clsact) })
 	}
 }
