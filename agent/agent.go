@@ -32,6 +32,7 @@ import (
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/credential"
 	"github.com/tern-net/tern/ipam/eniconfig"
+	"github.com/tern-net/tern/ipam/metadata"
 	"github.com/tern-net/tern/ipam/store"
 	"github.com/tern-net/tern/loader"
 )
@@ -125,6 +126,15 @@ func (a *Agent) Config() Config { return a.cfg }
 // Run runs the agent until ctx ends. The socket is served from the start, answering "try
 // again later" until the pool is up, so a CNI call during start-up fails fast and retries.
 func (a *Agent) Run(ctx context.Context) error {
+	// Who this node is comes first: everything the socket answers is about this instance.
+	if a.cfg.InstanceID == "" {
+		id, err := metadata.New(a.cfg.MetadataEndpoint).Get(ctx, "instance-id", 30*time.Second)
+		if err != nil {
+			return err
+		}
+		a.cfg.InstanceID = id
+		a.log.Info("instance ID from the metadata service", zap.String("instance", id))
+	}
 	var cleanups []func()
 	defer func() {
 		for i := len(cleanups) - 1; i >= 0; i-- {
@@ -277,6 +287,13 @@ func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
 	region := a.cfg.RegionID
 	if region == "" {
 		region = eniCfg.RegionID
+	}
+	if region == "" {
+		r, err := metadata.New(a.cfg.MetadataEndpoint).Get(context.Background(), "region-id", 30*time.Second)
+		if err != nil {
+			return nil, fmt.Errorf("no region_id in eni_conf or the agent config, and %w", err)
+		}
+		region = r
 	}
 	t := a.cfg.Cloud
 	opts := aliyun.Options{

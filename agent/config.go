@@ -61,8 +61,11 @@ type CloudTuning struct {
 type Config struct {
 	// NodeName is the Kubernetes node name; it goes into the tags of the ENIs the node owns.
 	NodeName string `json:"nodeName"`
-	// InstanceID is this node's ECS instance.
-	InstanceID string `json:"instanceID"`
+	// InstanceID is this node's ECS instance. Empty: read from the instance metadata service.
+	InstanceID string `json:"instanceID,omitempty"`
+	// MetadataEndpoint is the instance metadata service (default http://100.100.100.200),
+	// read for instanceID and, when neither this config nor eni_conf sets it, regionID.
+	MetadataEndpoint string `json:"metadataEndpoint,omitempty"`
 	// ClusterID scopes ENI tags to one cluster (default "default").
 	ClusterID string `json:"clusterID,omitempty"`
 	// ENIConfigPath is Terway's eni_conf (the eni-config ConfigMap key), reloaded on change.
@@ -143,9 +146,6 @@ func (c Config) Validate() error {
 	var errs []error
 	if c.NodeName == "" {
 		errs = append(errs, errors.New("nodeName is required (the Kubernetes node name; it tags the node's ENIs)"))
-	}
-	if c.InstanceID == "" {
-		errs = append(errs, errors.New("instanceID is required (the node's ECS instance ID, i-...)"))
 	}
 	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath} {
 		if p != "" && !filepath.IsAbs(p) {

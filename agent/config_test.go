@@ -33,7 +33,7 @@ func TestNewReportsEveryMissingField(t *testing.T) {
 	if err == nil {
 		t.Fatal("empty config accepted")
 	}
-	for _, want := range []string{"nodeName", "instanceID", "socketPath"} {
+	for _, want := range []string{"nodeName", "socketPath"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
