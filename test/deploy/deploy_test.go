@@ -225,7 +225,7 @@ func TestConfigMatchesDaemonSet(t *testing.T) {
 			nodeNameEnv = true
 		}
 	}
-	if !nodeNameEnv || !strings.Contains(strings.Join(c.Args, " "), `-node-name "$NODE_NAME"`) {
+	if !nodeNameEnv || !strings.Contains(strings.Join(c.Args, " "), "-node-name $(NODE_NAME)") {
 		t.Error("the node name does not come from the downward API into -node-name")
 	}
 
