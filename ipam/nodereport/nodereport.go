@@ -13,9 +13,11 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
 )
 
 const (
@@ -128,7 +130,13 @@ func (r *Reporter) Report(ctx context.Context) error {
 	return nil
 }
 
+// setCondition sets one condition on the Node's status. The kubelet writes the same status
+// every few seconds, so a conflict is expected now and then: re-read and try again.
 func (r *Reporter) setCondition(ctx context.Context, c corev1.NodeCondition) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error { return r.trySetCondition(ctx, c) })
+}
+
+func (r *Reporter) trySetCondition(ctx context.Context, c corev1.NodeCondition) error {
 	node, err := r.client.CoreV1().Nodes().Get(ctx, r.node, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("get node %s: %w", r.node, err)
@@ -150,8 +158,9 @@ func (r *Reporter) setCondition(ctx context.Context, c corev1.NodeCondition) err
 	if !found {
 		node.Status.Conditions = append(node.Status.Conditions, c)
 	}
-	if _, err := r.client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
+	_, err = r.client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
+	if err != nil && !apierrors.IsConflict(err) {
 		return fmt.Errorf("set condition %s on node %s: %w", c.Type, r.node, err)
 	}
-	return nil
+	return err
 }
