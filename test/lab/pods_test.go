@@ -86,9 +86,7 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 			t.Errorf("CNI CHECK of %s: %v", p.Key(), err)
 		}
 	}
-	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
-		t.Fatalf("cloud and agents disagree after ADD: %v", err)
-	}
+	settled(t, l, ctx) // background refill may still be assigning addresses
 	// The agent attached the pod programs with tcx: one pinned link per direction and pod.
 	perNode := map[*lab.Node]int{}
 	for _, p := range pods {
@@ -176,7 +174,6 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
-		t.Fatalf("cloud and agents disagree after DEL: %v", err)
-	}
+	// An emptied ENI may still be detaching in the background: wait for the two to agree.
+	settled(t, l, ctx)
 }
