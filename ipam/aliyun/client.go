@@ -412,6 +412,25 @@ func matches(e ENI, f ENIFilter) bool {
 	return true
 }
 
+// splitIPs separates an ENI's primary address from its secondary ones. The set marks the
+// primary, but the ENI's own PrivateIpAddress field names it too; either is enough.
+func splitIPs(primary string, set []ecs.PrivateIpSet) (netip.Addr, []netip.Addr) {
+	prim, _ := netip.ParseAddr(primary)
+	var secondary []netip.Addr
+	for _, p := range set {
+		ip, err := netip.ParseAddr(p.PrivateIpAddress)
+		if err != nil {
+			continue
+		}
+		if p.Primary || ip == prim {
+			prim = ip
+			continue
+		}
+		secondary = append(secondary, ip)
+	}
+	return prim, secondary
+}
+
 func eniFromSet(s ecs.NetworkInterfaceSet) ENI {
 	e := ENI{
 		ID: s.NetworkInterfaceId, MAC: s.MacAddress, VSwitchID: s.VSwitchId, ZoneID: s.ZoneId,
@@ -420,18 +439,7 @@ func eniFromSet(s ecs.NetworkInterfaceSet) ENI {
 	if e.InstanceID == "" {
 		e.InstanceID = s.Attachment.InstanceId
 	}
-	e.PrimaryIP, _ = netip.ParseAddr(s.PrivateIpAddress)
-	for _, p := range s.PrivateIpSets.PrivateIpSet {
-		ip, err := netip.ParseAddr(p.PrivateIpAddress)
-		if err != nil {
-			continue
-		}
-		if p.Primary || ip == e.PrimaryIP {
-			e.PrimaryIP = ip
-			continue
-		}
-		e.Secondary = append(e.Secondary, ip)
-	}
+	e.PrimaryIP, e.Secondary = splitIPs(s.PrivateIpAddress, s.PrivateIpSets.PrivateIpSet)
 	for _, t := range s.Tags.Tag {
 		k, v := t.Key, t.Value
 		if k == "" {
@@ -476,18 +484,7 @@ func (c *Client) CreateENI(ctx context.Context, r CreateENIRequest) (ENI, error)
 	}
 	e := ENI{ID: resp.NetworkInterfaceId, MAC: resp.MacAddress, VSwitchID: resp.VSwitchId, ZoneID: resp.ZoneId,
 		Status: resp.Status, Type: resp.Type, Tags: map[string]string{}}
-	e.PrimaryIP, _ = netip.ParseAddr(resp.PrivateIpAddress)
-	for _, p := range resp.PrivateIpSets.PrivateIpSet {
-		ip, err := netip.ParseAddr(p.PrivateIpAddress)
-		if err != nil {
-			continue
-		}
-		if p.Primary || ip == e.PrimaryIP {
-			e.PrimaryIP = ip
-			continue
-		}
-		e.Secondary = append(e.Secondary, ip)
-	}
+	e.PrimaryIP, e.Secondary = splitIPs(resp.PrivateIpAddress, resp.PrivateIpSets.PrivateIpSet)
 	for k, v := range r.Tags {
 		e.Tags[k] = v
 	}
