@@ -657,9 +657,12 @@ func (p *Pool) Status() Status {
 
 // AllocatedENIIPs maps each ENI ID to its addresses in use, the content of the Node annotation
 // k8s.aliyun.com/allocated-eniips.
-func (p *Pool) AllocatedENIIPs() map[string][]string {
+func (p *Pool) AllocatedENIIPs() map[string][]string { return p.Status().InUseByENI() }
+
+// InUseByENI maps each ENI ID to the addresses pods use on it (the Node annotation).
+func (s Status) InUseByENI() map[string][]string {
 	out := map[string][]string{}
-	for _, e := range p.Status().ENIs {
+	for _, e := range s.ENIs {
 		ips := make([]string, len(e.InUse))
 		for i, a := range e.InUse {
 			ips[i] = a.String()

@@ -135,7 +135,7 @@ func (c *Component) snapshot() nodereport.Snapshot {
 	c.mu.Lock()
 	why := c.exhausted
 	c.mu.Unlock()
-	return nodereport.Snapshot{ENIIPs: pool.AllocatedENIIPs(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
+	return nodereport.Snapshot{ENIIPs: st.InUseByENI(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
 		Exhausted: why != "", Reason: why}
 }
 
