@@ -237,15 +237,21 @@ func (c *Controller) lookup(nn types.NamespacedName) (*corev1.Service, []*discov
 	if exists {
 		svc = obj.(*corev1.Service)
 	}
+	eps, err := c.slicesOf(nn)
+	return svc, eps, err
+}
+
+// slicesOf returns the EndpointSlices of a Service from the informer's index.
+func (c *Controller) slicesOf(nn types.NamespacedName) ([]*discoveryv1.EndpointSlice, error) {
 	objs, err := c.sliceInformer.GetIndexer().ByIndex(byServiceIndex, nn.String())
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
 	for _, o := range objs {
 		eps = append(eps, o.(*discoveryv1.EndpointSlice))
 	}
-	return svc, eps, nil
+	return eps, nil
 }
 
 func (c *Controller) syncService(nn types.NamespacedName) error {
@@ -274,12 +280,12 @@ func (c *Controller) fullSync() error {
 		s := o.(*corev1.Service)
 		nn := types.NamespacedName{Namespace: s.Namespace, Name: s.Name}
 		seen[nn] = true
-		svc, eps, err := c.lookup(nn)
+		eps, err := c.slicesOf(nn)
 		if err != nil {
 			return err
 		}
-		if _, terr := c.builder.Set(nn, svc, eps); terr != nil {
-			c.reportInvalid(svc, terr)
+		if _, terr := c.builder.Set(nn, s, eps); terr != nil {
+			c.reportInvalid(s, terr)
 		}
 	}
 	// Services deleted while we were not looking.
