@@ -341,9 +341,13 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 		errs = append(errs, r.del(func() error { return r.maps.DeleteBackend(k) }))
 	}
 	// 5. Backends that left retire; their reverse NAT stays while flows use them.
+	kept := make(map[Backend]bool, len(slots))
+	for _, b := range slots {
+		kept[b] = true
+	}
 	for _, b := range cur.slots {
 		// A zero Backend is a slot found missing in the map (drift), not a backend.
-		if b.Addr.IsValid() && !contains(slots, b) {
+		if b.Addr.IsValid() && !kept[b] {
 			r.retired[pairOf(f, b)] = true
 		}
 	}
@@ -353,15 +357,6 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 	cur.slots = slots
 	r.fronts[f] = cur
 	return errors.Join(errs...)
-}
-
-func contains(bs []Backend, b Backend) bool {
-	for _, x := range bs {
-		if x == b {
-			return true
-		}
-	}
-	return false
 }
 
 func (r *Reconciler) remove(f Frontend) error {
