@@ -113,16 +113,23 @@ func toAPI(al ipam.Allocation) api.Allocation {
 	}}
 }
 
+// podAndPool validates a request's pod and returns the pool to serve it ("try again" while
+// the pool is starting).
+func (a *Agent) podAndPool(ref api.PodRef) (ipam.PodKey, *ipam.Pool, *api.Error) {
+	key, e := podKey(ref)
+	if e != nil {
+		return key, nil, e
+	}
+	pool, e := a.poolOrRetry()
+	return key, pool, e
+}
+
 func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 	var req api.AllocateRequest
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, e := podKey(req.PodRef)
-	if e != nil {
-		return nil, e
-	}
-	pool, e := a.poolOrRetry()
+	key, pool, e := a.podAndPool(req.PodRef)
 	if e != nil {
 		return nil, e
 	}
@@ -137,24 +144,16 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 	return toAPI(al), nil
 }
 
-func (a *Agent) lookup(key ipam.PodKey) (ipam.Allocation, bool) {
-	al, ok := a.Pool().Allocations()[key]
-	return al, ok
-}
-
 func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
 	var req api.PodRef
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, e := podKey(req)
+	key, pool, e := a.podAndPool(req)
 	if e != nil {
 		return nil, e
 	}
-	if _, e := a.poolOrRetry(); e != nil {
-		return nil, e
-	}
-	al, ok := a.lookup(key)
+	al, ok := pool.Allocations()[key]
 	if !ok {
 		return api.LookupResponse{}, nil
 	}
@@ -167,15 +166,11 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, e := podKey(req)
+	key, pool, e := a.podAndPool(req)
 	if e != nil {
 		return nil, e
 	}
-	pool, e := a.poolOrRetry()
-	if e != nil {
-		return nil, e
-	}
-	al, ok := a.lookup(key)
+	al, ok := pool.Allocations()[key]
 	if err := pool.Release(r.Context(), key); err != nil {
 		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
 	}
