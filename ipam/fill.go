@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/ipam/aliyun"
+	"github.com/tern-net/tern/ipam/eniconfig"
 	"github.com/tern-net/tern/ipam/store"
 )
 
@@ -134,47 +135,26 @@ func (p *Pool) assign(ctx context.Context, eniID string, n int) error {
 	}
 	ips, err := p.cloud.AssignPrivateIPs(ctx, eniID, n, intent.Token)
 	if err != nil {
-		p.dropIntentUnlessInterrupted(ctx, intent)
+		p.settleFailedIntent(ctx, intent, err)
 		return err
 	}
+	// The reply is the truth about the new addresses; a listing may not show them yet.
+	p.addIPs(eniID, ips, intent.Token)
 	p.mu.Lock()
-	e, ok := p.enis[eniID]
-	if !ok {
-		p.mu.Unlock()
-		return fmt.Errorf("ENI %s vanished from the pool during assign", eniID)
-	}
-	rec := e.info
-	rec.IPs = append(append([]netip.Addr(nil), rec.IPs...), ips...)
-	p.mu.Unlock()
-
-	if err := p.st.Update(func(tx *store.Tx) error {
-		if err := tx.PutENI(rec); err != nil {
-			return err
-		}
-		return tx.DeleteIntent(intent.Token)
-	}); err != nil {
-		// The addresses are real; the intent stays and the next start reconciles them.
-		p.log.Error("cannot record assigned IPs; they are used anyway and reconciled at the next start",
-			zap.String("eni", eniID), zap.Error(err))
-	}
-	p.mu.Lock()
-	e.info = rec
-	p.takeFromVSwitchLocked(rec.VSwitchID, len(ips))
-	now := p.now()
-	for _, ip := range ips {
-		if _, ok := e.ips[ip]; !ok {
-			e.ips[ip] = &ipState{idleSince: now}
-		}
+	if e, ok := p.enis[eniID]; ok {
+		p.takeFromVSwitchLocked(e.info.VSwitchID, len(ips))
 	}
 	p.mu.Unlock()
 	p.log.Debug("assigned IPs", zap.String("eni", eniID), zap.Int("count", len(ips)))
 	return nil
 }
 
-// dropIntentUnlessInterrupted removes the intent of a call that definitely ended. A call cut
-// short by ctx may still land on the server, so its intent stays for the next reconcile.
-func (p *Pool) dropIntentUnlessInterrupted(ctx context.Context, in store.Intent) {
-	if ctx.Err() != nil {
+// settleFailedIntent removes the intent of a call the cloud refused. A call whose outcome is
+// unknown (cut short, or a failure that does not say) may have taken effect: its intent stays
+// and is replayed with the same token by the next verify pass.
+func (p *Pool) settleFailedIntent(ctx context.Context, in store.Intent, err error) {
+	if outcomeUnknown(ctx, err) {
+		p.scheduleVerify()
 		return
 	}
 	if err := p.st.DeleteIntent(in.Token); err != nil {
@@ -299,23 +279,13 @@ func (p *Pool) createENI(ctx context.Context, vswID string, n int) error {
 		n = max(min(n, v.Available-1), 0) // the primary address comes from the vSwitch too
 	}
 	p.mu.Unlock()
-	tags := map[string]string{}
-	for k, v := range cfg.ENITags {
-		tags[k] = v
-	}
-	for k, v := range p.ownTags() {
-		tags[k] = v
-	}
 	intent := store.Intent{Token: newToken(), Kind: store.IntentCreateENI, VSwitchID: vswID, Count: n, Created: p.now()}
 	if err := p.st.PutIntent(intent); err != nil {
 		return fmt.Errorf("record intent to create an ENI on %s: %w", vswID, err)
 	}
-	eni, err := p.cloud.CreateENI(ctx, aliyun.CreateENIRequest{
-		VSwitchID: vswID, SecurityGroups: cfg.SecurityGroups, SecondaryIPs: n, Tags: tags,
-		Name: "tern-" + p.opts.NodeName, Description: "tern ENIIP pool of node " + p.opts.NodeName, Token: intent.Token,
-	})
+	eni, err := p.cloud.CreateENI(ctx, p.createRequest(cfg, vswID, n, intent.Token))
 	if err != nil {
-		p.dropIntentUnlessInterrupted(ctx, intent)
+		p.settleFailedIntent(ctx, intent, err)
 		return err
 	}
 	rec := store.ENI{ID: eni.ID, MAC: eni.MAC, VSwitchID: vswID, CIDR: cidr, PrimaryIP: eni.PrimaryIP, IPs: eni.Secondary, State: aliyun.StatusAvailable}
@@ -330,45 +300,40 @@ func (p *Pool) createENI(ctx context.Context, vswID string, n int) error {
 	}
 	attached, err := p.cloud.AttachENI(ctx, eni.ID, p.opts.InstanceID)
 	if err != nil {
-		if ctx.Err() == nil {
-			p.log.Warn("attach failed; deleting the new ENI", zap.String("eni", eni.ID), zap.Error(err))
-			if derr := p.destroyENI(ctx, eni.ID); derr != nil {
-				p.log.Warn("cannot delete the unattached ENI; GC retries", zap.String("eni", eni.ID), zap.Error(derr))
-			}
-			_ = p.st.Update(func(tx *store.Tx) error {
-				if err := tx.DeleteENI(eni.ID); err != nil {
-					return err
-				}
-				return tx.DeleteIntent(intent.Token)
-			})
+		err = fmt.Errorf("attach ENI %s to %s: %w", eni.ID, p.opts.InstanceID, err)
+		if outcomeUnknown(ctx, err) {
+			p.scheduleVerify() // the replay of the intent finishes the attach
+			return err
 		}
-		return fmt.Errorf("attach ENI %s to %s: %w", eni.ID, p.opts.InstanceID, err)
+		p.log.Warn("attach failed; deleting the new ENI", zap.String("eni", eni.ID), zap.Error(err))
+		if derr := p.abandonCreated(ctx, intent, eni.ID); derr != nil {
+			p.log.Warn("cannot delete the unattached ENI; the replay of its intent retries", zap.String("eni", eni.ID), zap.Error(derr))
+			p.scheduleVerify()
+		}
+		return err
 	}
 	if attached.MAC != "" {
 		rec.MAC = attached.MAC
 	}
-	rec.State = aliyun.StatusInUse
-	if err := p.st.Update(func(tx *store.Tx) error {
-		if err := tx.PutENI(rec); err != nil {
-			return err
-		}
-		return tx.DeleteIntent(intent.Token)
-	}); err != nil {
-		p.log.Error("cannot record attached ENI; reconciled at the next start", zap.String("eni", eni.ID), zap.Error(err))
-	}
-	p.mu.Lock()
-	st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
-	now := p.now()
-	for _, ip := range rec.IPs {
-		st.ips[ip] = &ipState{idleSince: now}
-	}
-	p.enis[rec.ID] = st
-	p.takeFromVSwitchLocked(vswID, 1+len(rec.IPs))
-	p.publishLocked()
-	p.mu.Unlock()
+	p.addENI(rec, intent.Token)
 	p.log.Info("ENI created and attached", zap.String("eni", rec.ID), zap.String("mac", rec.MAC),
 		zap.String("vSwitch", vswID), zap.Int("ips", len(rec.IPs)))
 	return nil
+}
+
+// createRequest is the CreateNetworkInterface of one growth step; a replay sends the same.
+func (p *Pool) createRequest(cfg eniconfig.Config, vswID string, n int, token string) aliyun.CreateENIRequest {
+	tags := map[string]string{}
+	for k, v := range cfg.ENITags {
+		tags[k] = v
+	}
+	for k, v := range p.ownTags() {
+		tags[k] = v
+	}
+	return aliyun.CreateENIRequest{
+		VSwitchID: vswID, SecurityGroups: cfg.SecurityGroups, SecondaryIPs: n, Tags: tags,
+		Name: "tern-" + p.opts.NodeName, Description: "tern ENIIP pool of node " + p.opts.NodeName, Token: token,
+	}
 }
 
 // destroyENI detaches (if needed) and deletes an ENI.

@@ -37,6 +37,8 @@ type env struct {
 	emu      *ecsemu.Emulator
 	endpoint string
 	dbPath   string
+	grace    time.Duration // the pools' ListingGrace (0: the default)
+	now      func() time.Time
 }
 
 func newEnv(t *testing.T, opts ...ecsemu.Option) *env {
@@ -104,7 +106,7 @@ func (e *env) startPool(instance string, cfg eniconfig.Config) (*Pool, *store.St
 	p, err := New(Options{
 		Cloud: e.client(), Store: st, Config: cfg, InstanceID: instance, NodeName: nodeName, ClusterID: clusterTag,
 		Logger: zaptest.NewLogger(e.t).Named("pool"), AllocateWait: 20 * time.Second,
-		BatchWindow: 20 * time.Millisecond, MaintainInterval: time.Hour,
+		BatchWindow: 20 * time.Millisecond, MaintainInterval: time.Hour, ListingGrace: e.grace, Now: e.now,
 	})
 	if err != nil {
 		e.t.Fatal(err)
@@ -530,9 +532,13 @@ func TestCrashMidBurstLeavesNothingLeaked(t *testing.T) {
 func crashMidBurst(t *testing.T, crashDuring string) {
 	e := newEnv(t)
 	cfg := eniConf(t, 0, 5, "vsw-test-a")
-	// Slow transitions and calls so the crash lands in the middle of creating and attaching.
+	// Slow transitions and calls so the crash lands in the middle of creating and attaching,
+	// and a listing that lags behind them as the real one may.
 	e.emu.SetDelays(ecsemu.TransitionDelays{Attach: ecsemu.Duration(80 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond)})
 	e.emu.SetLatency(15 * time.Millisecond)
+	e.emu.SetListingLag(ecsemu.ListingLag{Assigned: ecsemu.Duration(500 * time.Millisecond), Unassigned: ecsemu.Duration(time.Second),
+		Status: ecsemu.Duration(100 * time.Millisecond)})
+	e.grace = 1500 * time.Millisecond
 
 	p1, st1 := e.startPool(bigNode, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -631,13 +637,21 @@ func crashMidBurst(t *testing.T, crashDuring string) {
 			}
 		}
 	}
-	// A stray ENI tagged for this node but detached (as a crash between create and attach
-	// after the restart would leave) is deleted by GC.
+	// A stray ENI tagged for this node but detached (made outside the pool: no intent) is
+	// deleted by GC, once a listing ListingGrace after the first still shows it.
 	stray, err := p2.cloud.CreateENI(context.Background(), aliyun.CreateENIRequest{
 		VSwitchID: "vsw-test-a", SecurityGroups: []string{"sg-test"}, Tags: p2.ownTags(), Token: newToken()})
 	if err != nil {
 		t.Fatal(err)
 	}
+	res, err = p2.GC(context.Background(), func() map[string]bool { return live })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.DeletedENIs) != 0 {
+		t.Errorf("GC deleted %v on the first sight of the stray; it must wait ListingGrace", res.DeletedENIs)
+	}
+	time.Sleep(e.grace)
 	res, err = p2.GC(context.Background(), func() map[string]bool { return live })
 	if err != nil {
 		t.Fatal(err)

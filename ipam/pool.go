@@ -108,6 +108,10 @@ type Options struct {
 	MaintainInterval time.Duration
 	// VSwitchCacheTTL bounds the age of vSwitch free counts (default 1m).
 	VSwitchCacheTTL time.Duration
+	// ListingGrace is how long DescribeNetworkInterfaces may lag behind the calls that change
+	// ENIs (default 10s). The pool acts on a disagreement between itself and a listing only
+	// when a listing this much later still shows it; it must exceed the cloud's real lag.
+	ListingGrace time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -152,9 +156,14 @@ type Pool struct {
 	vswAt     time.Time
 	warmUp    int // extra idle target until the first warm-up completes
 	rnd       *rand.Rand
+	// suspects are disagreements between the pool and a listing, with the time of the listing
+	// that first showed each (see compareWithListing).
+	suspects    map[suspectKey]time.Time
+	verifyTimer *time.Timer // pending kickVerify, at most one
 
 	kickFill    chan struct{}
 	kickReclaim chan struct{}
+	kickVerify  chan struct{}
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
 }
@@ -203,6 +212,9 @@ func New(o Options) (*Pool, error) {
 	if o.VSwitchCacheTTL <= 0 {
 		o.VSwitchCacheTTL = time.Minute
 	}
+	if o.ListingGrace <= 0 {
+		o.ListingGrace = 10 * time.Second
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
@@ -218,9 +230,11 @@ func New(o Options) (*Pool, error) {
 		allocs:      map[string]*allocState{},
 		changed:     make(chan struct{}),
 		exhausted:   map[string]bool{},
+		suspects:    map[suspectKey]time.Time{},
 		rnd:         rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x7465726e)),
 		kickFill:    make(chan struct{}, 1),
 		kickReclaim: make(chan struct{}, 1),
+		kickVerify:  make(chan struct{}, 1),
 	}, nil
 }
 
@@ -281,6 +295,10 @@ func (p *Pool) Start(ctx context.Context) error {
 func (p *Pool) Stop() {
 	p.mu.Lock()
 	p.started = false
+	if p.verifyTimer != nil {
+		p.verifyTimer.Stop()
+		p.verifyTimer = nil
+	}
 	p.publishLocked()
 	p.mu.Unlock()
 	if p.cancel != nil {
@@ -306,6 +324,10 @@ func (p *Pool) loop(ctx context.Context) {
 		case <-p.kickReclaim:
 			p.opMu.Lock()
 			p.reclaim(ctx)
+			p.opMu.Unlock()
+		case <-p.kickVerify:
+			p.opMu.Lock()
+			p.verify(ctx)
 			p.opMu.Unlock()
 		case <-t.C:
 			p.opMu.Lock()

@@ -3,6 +3,7 @@ package ipam
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"sort"
 
 	"go.uber.org/zap"
@@ -91,18 +92,24 @@ func (p *Pool) reclaim(ctx context.Context) {
 
 	for _, pl := range plans {
 		var err error
+		var unsure []netip.Addr // addresses of a call whose outcome is unknown
 		if pl.delete {
-			err = p.deleteOwnedENI(ctx, pl.eni)
+			if err = p.deleteOwnedENI(ctx, pl.eni); err != nil {
+				unsure = pl.ips // the ENI may be detached already: its deletion is replayed
+			}
 		} else {
-			err = p.unassign(ctx, pl.eni, pl.ips)
+			unsure, err = p.unassign(ctx, pl.eni, pl.ips)
 		}
 		if err != nil {
 			if ctx.Err() == nil {
-				p.log.Warn("reclaim failed; addresses stay in the pool", zap.String("eni", pl.eni.info.ID), zap.Error(err))
+				p.log.Warn("reclaim failed; addresses whose removal is uncertain stay held back until its replay, the others stay in the pool",
+					zap.String("eni", pl.eni.info.ID), zap.Stringers("uncertain", unsure), zap.Error(err))
 			}
+			// An address whose unassign may have happened must never be handed out: it stays
+			// releasing until the intent's replay removes it.
 			p.mu.Lock()
 			for _, a := range pl.ips {
-				if ip, ok := pl.eni.ips[a]; ok {
+				if ip, ok := pl.eni.ips[a]; ok && !slices.Contains(unsure, a) {
 					ip.releasing = false
 				}
 			}
@@ -112,50 +119,29 @@ func (p *Pool) reclaim(ctx context.Context) {
 	}
 }
 
-// unassign removes idle addresses from an ENI, at most aliyun.MaxIPsPerCall per call.
-func (p *Pool) unassign(ctx context.Context, e *eniState, ips []netip.Addr) error {
+// unassign removes idle addresses from an ENI, at most aliyun.MaxIPsPerCall per call. On
+// failure it returns the addresses of the call whose outcome is unknown (their intent stays
+// for the replay), if that is what failed.
+func (p *Pool) unassign(ctx context.Context, e *eniState, ips []netip.Addr) ([]netip.Addr, error) {
+	id := e.info.ID
 	for len(ips) > 0 {
 		chunk := ips[:min(len(ips), aliyun.MaxIPsPerCall)]
 		ips = ips[len(chunk):]
-		intent := store.Intent{Token: newToken(), Kind: store.IntentUnassignIPs, ENIID: e.info.ID, IPs: chunk, Created: p.now()}
+		intent := store.Intent{Token: newToken(), Kind: store.IntentUnassignIPs, ENIID: id, IPs: chunk, Created: p.now()}
 		if err := p.st.PutIntent(intent); err != nil {
-			return err
+			return nil, err
 		}
-		if err := p.cloud.UnassignPrivateIPs(ctx, e.info.ID, chunk); err != nil {
-			p.dropIntentUnlessInterrupted(ctx, intent)
-			return err
-		}
-		gone := map[netip.Addr]bool{}
-		for _, a := range chunk {
-			gone[a] = true
-		}
-		p.mu.Lock()
-		rec := e.info
-		rec.IPs = nil
-		for _, a := range e.info.IPs {
-			if !gone[a] {
-				rec.IPs = append(rec.IPs, a)
+		if err := p.cloud.UnassignPrivateIPs(ctx, id, chunk); err != nil {
+			p.settleFailedIntent(ctx, intent, err)
+			if outcomeUnknown(ctx, err) {
+				return chunk, err
 			}
+			return nil, err
 		}
-		p.mu.Unlock()
-		if err := p.st.Update(func(tx *store.Tx) error {
-			if err := tx.PutENI(rec); err != nil {
-				return err
-			}
-			return tx.DeleteIntent(intent.Token)
-		}); err != nil {
-			p.log.Error("cannot record unassigned IPs; reconciled at the next start", zap.String("eni", e.info.ID), zap.Error(err))
-		}
-		p.mu.Lock()
-		e.info = rec
-		for a := range gone {
-			delete(e.ips, a)
-		}
-		p.publishLocked()
-		p.mu.Unlock()
-		p.log.Info("released idle IPs", zap.String("eni", e.info.ID), zap.Int("count", len(chunk)))
+		p.removeIPs(id, chunk, intent.Token)
+		p.log.Info("released idle IPs", zap.String("eni", id), zap.Int("count", len(chunk)))
 	}
-	return nil
+	return nil, nil
 }
 
 // deleteOwnedENI detaches and deletes an ENI of the pool that no pod uses.
@@ -166,21 +152,11 @@ func (p *Pool) deleteOwnedENI(ctx context.Context, e *eniState) error {
 		return err
 	}
 	if err := p.destroyENI(ctx, id); err != nil {
-		p.dropIntentUnlessInterrupted(ctx, intent)
+		// Whatever failed, the pool gave the ENI up; the intent's replay finishes the job.
+		p.scheduleVerify()
 		return err
 	}
-	if err := p.st.Update(func(tx *store.Tx) error {
-		if err := tx.DeleteENI(id); err != nil {
-			return err
-		}
-		return tx.DeleteIntent(intent.Token)
-	}); err != nil {
-		p.log.Error("cannot record deleted ENI; reconciled at the next start", zap.String("eni", id), zap.Error(err))
-	}
-	p.mu.Lock()
-	delete(p.enis, id)
-	p.publishLocked()
-	p.mu.Unlock()
+	p.forgetENI(id, intent.Token)
 	p.log.Info("deleted empty ENI", zap.String("eni", id))
 	return nil
 }

@@ -515,8 +515,10 @@ func (c *Client) AttachENI(ctx context.Context, eniID, instanceID string) (ENI, 
 			return true, nil
 		case e.Status == StatusAttaching:
 			return false, nil
-		case e.Status == StatusAvailable && err == nil:
-			return false, nil // the attach may not be visible yet
+		case e.Status == StatusAvailable:
+			// The attach may not be visible yet: the listing lags behind the call, also when
+			// the call found the ENI already attaching (a wrong-state reply).
+			return false, nil
 		default:
 			if err != nil {
 				return false, err
@@ -549,8 +551,8 @@ func (c *Client) DetachENI(ctx context.Context, eniID, instanceID string) error 
 			return true, nil
 		case e.Status == StatusDetaching:
 			return false, nil
-		case e.Status == StatusInUse && err == nil:
-			return false, nil
+		case e.Status == StatusInUse && e.InstanceID == instanceID:
+			return false, nil // the detach may not be visible yet (the listing lags)
 		default:
 			if err != nil {
 				return false, err
@@ -634,37 +636,29 @@ func (c *Client) UnassignPrivateIPs(ctx context.Context, eniID string, ips []net
 			return err
 		})
 	}
+	gone := func(err error) bool {
+		var ae *APIError
+		return asAPIError(err, &ae) && ae.Code == "InvalidIp.IpUnassigned"
+	}
 	err := unassign(ips)
 	if err == nil || isNotFound(err) {
 		return nil
 	}
-	var ae *APIError
-	if !asAPIError(err, &ae) || ae.Code != "InvalidIp.IpUnassigned" {
+	if !gone(err) || len(ips) == 1 {
+		if gone(err) {
+			return nil
+		}
 		return err
 	}
-	// Some are already gone (an earlier attempt, or a crash before our bookkeeping): retry
-	// with the ones the ENI still has.
-	enis, lerr := c.ListENIs(ctx, ENIFilter{IDs: []string{eniID}})
-	if lerr != nil {
-		return fmt.Errorf("%w; and listing %s to retry failed: %v", err, eniID, lerr)
-	}
-	if len(enis) == 0 {
-		return nil
-	}
-	have := map[netip.Addr]bool{}
-	for _, ip := range enis[0].Secondary {
-		have[ip] = true
-	}
-	var left []netip.Addr
+	// Some are already gone (an earlier attempt, or a crash before our bookkeeping). A listing
+	// cannot say which (it lags behind unassignments), so remove them one by one: for a single
+	// address, "not assigned" means done.
 	for _, ip := range ips {
-		if have[ip] {
-			left = append(left, ip)
+		if err := unassign([]netip.Addr{ip}); err != nil && !gone(err) && !isNotFound(err) {
+			return err
 		}
 	}
-	if len(left) == 0 {
-		return nil
-	}
-	return unassign(left)
+	return nil
 }
 
 // VSwitches implements Cloud.

@@ -3,6 +3,7 @@ package aliyun_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -136,6 +137,7 @@ func TestErrorsMapToCauses(t *testing.T) {
 		{ecsemu.CodeVSwitchIPNotEnough, aliyun.ErrVSwitchExhausted},
 		{ecsemu.CodeQuotaPrivateIP, aliyun.ErrVSwitchExhausted},
 		{ecsemu.CodeEniPerInstanceLimit, aliyun.ErrQuota},
+		{ecsemu.CodeIpv4CountExceeded, aliyun.ErrQuota},
 		{"Forbidden.RAM", aliyun.ErrForbidden},
 		{ecsemu.CodeEniNotFound, aliyun.ErrNotFound},
 		{ecsemu.CodeInvalidEniState, aliyun.ErrInvalidState},
@@ -197,4 +199,42 @@ func label(m *dto.Metric, name string) string {
 		}
 	}
 	return ""
+}
+
+// TestAddressLimitErrorsFromTheEmulator drives the two "no more addresses" errors for real (not
+// injected): an ENI past its own limit answers InvalidOperation.Ipv4CountExceeded (ErrQuota:
+// this ENI is full, another may not be), a vSwitch out of addresses answers
+// QuotaExceeded.PrivateIpAddress with HTTP 400 (ErrVSwitchExhausted: use another vSwitch).
+func TestAddressLimitErrorsFromTheEmulator(t *testing.T) {
+	cfg := ecsemu.TestConfig()
+	cfg.VSwitches = append(cfg.VSwitches, ecsemu.VSwitchConfig{ID: "vsw-tiny", Zone: "cn-hangzhou-h", CIDR: "192.168.3.0/29"})
+	_, ep := ecsemu.NewTestServer(t, cfg)
+	c := newClient(t, ep, ecsemu.TestAccessKeySecret, 2)
+	ctx := context.Background()
+
+	// An unattached ENI holds at most 50 addresses, its primary included.
+	e, err := c.CreateENI(ctx, aliyun.CreateENIRequest{VSwitchID: "vsw-test-b", SecurityGroups: []string{"sg-test"}, SecondaryIPs: 10, Token: "tok-big"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range []int{10, 10, 10, 9} {
+		if _, err := c.AssignPrivateIPs(ctx, e.ID, n, fmt.Sprintf("tok-fill-%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = c.AssignPrivateIPs(ctx, e.ID, 1, "tok-one-more")
+	var ae *aliyun.APIError
+	if !errors.Is(err, aliyun.ErrQuota) || errors.Is(err, aliyun.ErrVSwitchExhausted) || !errors.As(err, &ae) || ae.Code != "InvalidOperation.Ipv4CountExceeded" {
+		t.Fatalf("51st address on an unattached ENI: %v; want ErrQuota with InvalidOperation.Ipv4CountExceeded", err)
+	}
+
+	// A /29 has 4 usable addresses: the ENI's primary and 3 secondaries.
+	tiny, err := c.CreateENI(ctx, aliyun.CreateENIRequest{VSwitchID: "vsw-tiny", SecurityGroups: []string{"sg-test"}, SecondaryIPs: 3, Token: "tok-tiny"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.AssignPrivateIPs(ctx, tiny.ID, 1, "tok-tiny-more")
+	if !errors.Is(err, aliyun.ErrVSwitchExhausted) || !errors.As(err, &ae) || ae.Code != "QuotaExceeded.PrivateIpAddress" || ae.HTTPStatus != 400 {
+		t.Fatalf("assign on an exhausted vSwitch: %v (%+v); want ErrVSwitchExhausted with QuotaExceeded.PrivateIpAddress, HTTP 400", err, ae)
+	}
 }

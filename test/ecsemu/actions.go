@@ -106,12 +106,12 @@ func (e *Emulator) wireInstanceLocked(in *instance, withENIs bool) wireInstance 
 		}{NetworkInterface: []wireInstanceENI{}}
 		for _, id := range e.eniIDs {
 			n := e.enis[id]
-			if n.instanceID != in.cfg.ID || n.status != StatusInUse {
+			if v := e.viewLocked(n); v.instanceID != in.cfg.ID || v.status != StatusInUse {
 				continue
 			}
 			w.NetworkInterfaces.NetworkInterface = append(w.NetworkInterfaces.NetworkInterface, wireInstanceENI{
 				NetworkInterfaceID: n.id, MacAddress: n.mac.String(), PrimaryIPAddress: n.ips[0].String(),
-				Type: n.typ, VSwitchID: n.vswitch.cfg.ID, PrivateIPSets: ipSets(n),
+				Type: n.typ, VSwitchID: n.vswitch.cfg.ID, PrivateIPSets: ipSets(e.listedIPsLocked(n)),
 			})
 		}
 	}
@@ -152,30 +152,40 @@ func (e *Emulator) describeVSwitches(p map[string]string) (any, *APIError) {
 
 // --- network interfaces ---
 
-func ipSets(n *eni) wirePrivateIPSets {
+func ipSets(ips []netip.Addr) wirePrivateIPSets {
 	s := wirePrivateIPSets{PrivateIPSet: []wirePrivateIP{}}
-	for i, ip := range n.ips {
+	for i, ip := range ips {
 		s.PrivateIPSet = append(s.PrivateIPSet, wirePrivateIP{PrivateIPAddress: ip.String(), Primary: i == 0})
 	}
 	return s
 }
 
-func (e *Emulator) wireENILocked(n *eni) wireENI {
+// listedENILocked is an ENI as a listing shows it now, lag included (see ListingLag).
+func (e *Emulator) listedENILocked(n *eni) wireENI {
+	return e.wireENILocked(n, e.viewLocked(n), e.listedIPsLocked(n))
+}
+
+// trueENILocked is an ENI as it is, for the reply of the call that changed it.
+func (e *Emulator) trueENILocked(n *eni) wireENI {
+	return e.wireENILocked(n, eniView{status: n.status, instanceID: n.instanceID, deviceIndex: n.deviceIndex, attachedAt: n.attachedAt}, n.ips)
+}
+
+func (e *Emulator) wireENILocked(n *eni, v eniView, ips []netip.Addr) wireENI {
 	w := wireENI{
 		NetworkInterfaceID: n.id, NetworkInterfaceName: n.name, Description: n.description,
-		Status: n.status, Type: n.typ, VpcID: e.cfg.VPC.ID, VSwitchID: n.vswitch.cfg.ID,
+		Status: v.status, Type: n.typ, VpcID: e.cfg.VPC.ID, VSwitchID: n.vswitch.cfg.ID,
 		ZoneID: n.vswitch.cfg.Zone, MacAddress: n.mac.String(), PrivateIPAddress: n.ips[0].String(),
-		InstanceID: n.instanceID, CreationTime: n.created.UTC().Format(timeLayout),
-		SecurityGroupIDs: wireSGs{SecurityGroupID: nonNil(n.sgs)}, PrivateIPSets: ipSets(n),
+		InstanceID: v.instanceID, CreationTime: n.created.UTC().Format(timeLayout),
+		SecurityGroupIDs: wireSGs{SecurityGroupID: nonNil(n.sgs)}, PrivateIPSets: ipSets(ips),
 		Tags: wireTags{Tag: []wireTag{}}, OwnerID: "1234567890123456", SourceDestCheck: false,
 	}
 	for _, t := range n.tags {
 		w.Tags.Tag = append(w.Tags.Tag, wireTag{Key: t.Key, Value: t.Value, TagKey: t.Key, TagValue: t.Value})
 	}
-	if n.instanceID != "" {
-		w.Attachment = &wireAttachment{InstanceID: n.instanceID, DeviceIndex: n.deviceIndex}
-		if !n.attachedAt.IsZero() {
-			w.Attachment.AttachedTime = n.attachedAt.UTC().Format(timeLayout)
+	if v.instanceID != "" {
+		w.Attachment = &wireAttachment{InstanceID: v.instanceID, DeviceIndex: v.deviceIndex}
+		if !v.attachedAt.IsZero() {
+			w.Attachment.AttachedTime = v.attachedAt.UTC().Format(timeLayout)
 		}
 	}
 	return w
@@ -193,17 +203,18 @@ func (e *Emulator) describeNetworkInterfaces(p map[string]string) (any, *APIErro
 		if len(ids) > 0 && !slices.Contains(ids, id) {
 			continue
 		}
-		if (p["InstanceId"] != "" && p["InstanceId"] != n.instanceID) ||
+		v := e.viewLocked(n) // filters see what the listing shows
+		if (p["InstanceId"] != "" && p["InstanceId"] != v.instanceID) ||
 			(p["VSwitchId"] != "" && p["VSwitchId"] != n.vswitch.cfg.ID) ||
 			(p["VpcId"] != "" && p["VpcId"] != e.cfg.VPC.ID) ||
-			(p["Status"] != "" && p["Status"] != n.status) ||
+			(p["Status"] != "" && p["Status"] != v.status) ||
 			(p["Type"] != "" && p["Type"] != n.typ) ||
 			(p["SecurityGroupId"] != "" && !slices.Contains(n.sgs, p["SecurityGroupId"])) ||
 			(p["NetworkInterfaceName"] != "" && p["NetworkInterfaceName"] != n.name) ||
 			(p["PrimaryIpAddress"] != "" && p["PrimaryIpAddress"] != n.ips[0].String()) {
 			continue
 		}
-		if len(ipFilter) > 0 && !slices.ContainsFunc(n.ips, func(a netip.Addr) bool { return slices.Contains(ipFilter, a.String()) }) {
+		if len(ipFilter) > 0 && !slices.ContainsFunc(e.listedIPsLocked(n), func(a netip.Addr) bool { return slices.Contains(ipFilter, a.String()) }) {
 			continue
 		}
 		if !hasTags(n.tags, tags) {
@@ -218,7 +229,7 @@ func (e *Emulator) describeNetworkInterfaces(p map[string]string) (any, *APIErro
 	r := describeENIsReply{NetworkInterfaceSets: wireENIs{NetworkInterfaceSet: []wireENI{}}, TotalCount: len(match),
 		PageNumber: w.pageNumber, PageSize: w.pageSize, NextToken: w.nextToken}
 	for _, n := range match[w.from:w.to] {
-		r.NetworkInterfaceSets.NetworkInterfaceSet = append(r.NetworkInterfaceSets.NetworkInterfaceSet, e.wireENILocked(n))
+		r.NetworkInterfaceSets.NetworkInterfaceSet = append(r.NetworkInterfaceSets.NetworkInterfaceSet, e.listedENILocked(n))
 	}
 	return r, nil
 }
@@ -241,11 +252,11 @@ func (e *Emulator) enILocked(id string) (*eni, *APIError) {
 	return n, nil
 }
 
-// allocLocked takes n free addresses from vs, lowest first (deterministic for tests).
-func allocLocked(vs *vswitch, n int) ([]netip.Addr, *APIError) {
+// allocLocked takes n free addresses from vs, lowest first (deterministic for tests). A
+// vSwitch without enough free addresses answers exhausted.
+func allocLocked(vs *vswitch, n int, exhausted func(format string, args ...any) *APIError) ([]netip.Addr, *APIError) {
 	if usableCount(vs.prefix)-len(vs.used) < n {
-		return nil, apiErr(http.StatusForbidden, CodeVSwitchIPNotEnough,
-			"The specified VSwitch %s does not have enough IP addresses: %d requested, %d available.", vs.cfg.ID, n, usableCount(vs.prefix)-len(vs.used))
+		return nil, exhausted("The specified VSwitch %s does not have enough IP addresses: %d requested, %d available.", vs.cfg.ID, n, usableCount(vs.prefix)-len(vs.used))
 	}
 	var out []netip.Addr
 	for a := vs.prefix.Addr().Next(); len(out) < n && vs.prefix.Contains(a); a = a.Next() {
@@ -293,11 +304,13 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	if t := p["ClientToken"]; t != "" {
 		tokenKey = "CreateNetworkInterface/" + t
 		if prev, ok := e.tokens[tokenKey]; ok {
-			id := prev.(string)
-			if n, ok := e.enis[id]; ok {
-				return e.wireENILocked(n), nil
+			// The same call again: the first reply, with exactly the addresses it created
+			// (whatever was assigned or unassigned since).
+			r := prev.(wireENI)
+			if _, ok := e.enis[r.NetworkInterfaceID]; ok {
+				return r, nil
 			}
-			return nil, apiErr(http.StatusBadRequest, "IdempotentParameterMismatch", "ClientToken %q was used for ENI %s, which no longer exists.", t, id)
+			return nil, apiErr(http.StatusBadRequest, CodeIdempotentMismatch, "ClientToken %q was used for ENI %s, which no longer exists.", t, r.NetworkInterfaceID)
 		}
 	}
 	vs, ok := e.vsws[p["VSwitchId"]]
@@ -327,9 +340,11 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 		need++ // the primary comes from the pool too
 	}
 	if len(ips)+need > availableENIIPLimit {
-		return nil, apiErr(http.StatusForbidden, CodeQuotaPrivateIP, "An ENI that is not attached holds at most %d private IP addresses; %d were requested.", availableENIIPLimit, len(ips)+need)
+		return nil, apiErr(http.StatusForbidden, CodeIpv4CountExceeded, "An ENI that is not attached holds at most %d private IP addresses; %d were requested.", availableENIIPLimit, len(ips)+need)
 	}
-	more, aerr := allocLocked(vs, need)
+	more, aerr := allocLocked(vs, need, func(f string, a ...any) *APIError {
+		return apiErr(http.StatusForbidden, CodeVSwitchIPNotEnough, f, a...)
+	})
 	if aerr != nil {
 		return nil, aerr
 	}
@@ -346,11 +361,13 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	n.tags = tagParams(p)
 	n.name = p["NetworkInterfaceName"]
 	n.description = p["Description"]
+	e.noteAssignedLocked(n, n.ips[1:])
+	reply := e.trueENILocked(n)
 	if tokenKey != "" {
-		e.tokens[tokenKey] = n.id
+		e.tokens[tokenKey] = reply
 	}
 	e.log.Info("ENI created", zap.String("eni", n.id), zap.String("mac", n.mac.String()), zap.String("vSwitch", vs.cfg.ID))
-	return e.wireENILocked(n), nil
+	return reply, nil
 }
 
 func (e *Emulator) attachNetworkInterface(p map[string]string) (any, *APIError) {
@@ -399,9 +416,11 @@ func (e *Emulator) attachNetworkInterface(p map[string]string) (any, *APIError) 
 	for used[idx] {
 		idx++
 	}
-	n.status = StatusAttaching
-	n.instanceID = in.cfg.ID
-	n.deviceIndex = idx
+	e.transitionLocked(n, func() {
+		n.status = StatusAttaching
+		n.instanceID = in.cfg.ID
+		n.deviceIndex = idx
+	})
 	n.gen++
 	e.scheduleLocked(n, time.Duration(e.delays.Attach), e.finishAttachLocked)
 	return map[string]any{}, nil
@@ -411,14 +430,18 @@ func (e *Emulator) finishAttachLocked(n *eni) {
 	if err := e.sdn.AttachENI(e.infoLocked(n)); err != nil {
 		e.log.Error("SDN attach failed; ENI goes back to Available", zap.String("eni", n.id),
 			zap.String("instance", n.instanceID), zap.Error(err))
-		n.status = StatusAvailable
-		n.instanceID = ""
-		n.deviceIndex = 0
+		e.transitionLocked(n, func() {
+			n.status = StatusAvailable
+			n.instanceID = ""
+			n.deviceIndex = 0
+		})
 		return
 	}
 	n.plugged = true
-	n.status = StatusInUse
-	n.attachedAt = e.now()
+	e.transitionLocked(n, func() {
+		n.status = StatusInUse
+		n.attachedAt = e.now()
+	})
 	e.log.Info("ENI attached", zap.String("eni", n.id), zap.String("instance", n.instanceID), zap.Int("deviceIndex", n.deviceIndex))
 }
 
@@ -441,7 +464,7 @@ func (e *Emulator) detachNetworkInterface(p map[string]string) (any, *APIError) 
 	if n.status != StatusInUse || n.instanceID != p["InstanceId"] {
 		return nil, apiErr(http.StatusForbidden, CodeInvalidEniState, "ENI %s is %s (instance %q); it must be InUse on instance %s to detach.", n.id, n.status, n.instanceID, p["InstanceId"])
 	}
-	n.status = StatusDetaching
+	e.transitionLocked(n, func() { n.status = StatusDetaching })
 	n.gen++
 	e.scheduleLocked(n, time.Duration(e.delays.Detach), e.finishDetachLocked)
 	return map[string]any{}, nil
@@ -456,10 +479,12 @@ func (e *Emulator) finishDetachLocked(n *eni) {
 		n.plugged = false
 	}
 	e.log.Info("ENI detached", zap.String("eni", n.id), zap.String("instance", n.instanceID))
-	n.status = StatusAvailable
-	n.instanceID = ""
-	n.deviceIndex = 0
-	n.attachedAt = time.Time{}
+	e.transitionLocked(n, func() {
+		n.status = StatusAvailable
+		n.instanceID = ""
+		n.deviceIndex = 0
+		n.attachedAt = time.Time{}
+	})
 }
 
 func (e *Emulator) deleteNetworkInterface(p map[string]string) (any, *APIError) {
@@ -475,7 +500,7 @@ func (e *Emulator) deleteNetworkInterface(p map[string]string) (any, *APIError) 
 	if n.typ == TypePrimary || n.status != StatusAvailable {
 		return nil, apiErr(http.StatusForbidden, CodeInvalidEniState, "ENI %s is %s %s; only an Available secondary ENI can be deleted.", n.id, n.typ, n.status)
 	}
-	n.status = StatusDeleting
+	e.transitionLocked(n, func() { n.status = StatusDeleting })
 	n.gen++
 	e.scheduleLocked(n, time.Duration(e.delays.Delete), e.finishDeleteLocked)
 	return map[string]any{}, nil
@@ -532,13 +557,13 @@ func (e *Emulator) FinishTransitions() {
 }
 
 // ipLimitLocked is how many addresses n may hold: the instance type's per-ENI limit once
-// attached, the API's fixed limit while Available.
-func (e *Emulator) ipLimitLocked(n *eni) (int, string) {
+// attached, the API's fixed limit while Available. Past either, the API answers
+// InvalidOperation.Ipv4CountExceeded (QuotaExceeded.PrivateIpAddress is the vSwitch's).
+func (e *Emulator) ipLimitLocked(n *eni) int {
 	if n.instanceID != "" {
-		in := e.insts[n.instanceID]
-		return in.typ.EniPrivateIpAddressQuantity, CodeIpv4CountExceeded
+		return e.insts[n.instanceID].typ.EniPrivateIpAddressQuantity
 	}
-	return availableENIIPLimit, CodeQuotaPrivateIP
+	return availableENIIPLimit
 }
 
 func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError) {
@@ -581,11 +606,14 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 	if aerr != nil {
 		return nil, aerr
 	}
-	if limit, code := e.ipLimitLocked(n); len(n.ips)+count > limit {
-		return nil, apiErr(http.StatusForbidden, code, "ENI %s holds %d private IP addresses and %d more would exceed its limit of %d.", n.id, len(n.ips), count, limit)
+	if limit := e.ipLimitLocked(n); len(n.ips)+count > limit {
+		return nil, apiErr(http.StatusForbidden, CodeIpv4CountExceeded, "ENI %s holds %d private IP addresses and %d more would exceed its limit of %d.", n.id, len(n.ips), count, limit)
 	}
 	if ips == nil {
-		if ips, aerr = allocLocked(n.vswitch, count); aerr != nil {
+		// The published error table: QuotaExceeded.PrivateIpAddress (HTTP 400) is an assign
+		// the vSwitch has too few free addresses for.
+		exhausted := func(f string, a ...any) *APIError { return apiErr(http.StatusBadRequest, CodeQuotaPrivateIP, f, a...) }
+		if ips, aerr = allocLocked(n.vswitch, count, exhausted); aerr != nil {
 			return nil, aerr
 		}
 	}
@@ -606,6 +634,7 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 		n.ips = append(n.ips, ip)
 		r.AssignedPrivateIPAddressesSet.PrivateIPSet.PrivateIPAddress = append(r.AssignedPrivateIPAddressesSet.PrivateIPSet.PrivateIPAddress, ip.String())
 	}
+	e.noteAssignedLocked(n, ips)
 	if tokenKey != "" {
 		e.tokens[tokenKey] = r
 	}
@@ -650,6 +679,7 @@ func (e *Emulator) unassignPrivateIPAddresses(p map[string]string) (any, *APIErr
 		}
 		delete(n.vswitch.used, ip)
 		n.ips = slices.DeleteFunc(n.ips, func(a netip.Addr) bool { return a == ip })
+		e.noteUnassignedLocked(n, ip)
 	}
 	e.log.Info("private IPs unassigned", zap.String("eni", n.id), zap.Stringers("ips", drop))
 	return map[string]any{}, nil

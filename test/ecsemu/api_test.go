@@ -548,12 +548,15 @@ func TestIPQuota(t *testing.T) {
 	_, err = assignN(c, id, 1, "")
 	wantCode(t, err, CodeIpv4CountExceeded)
 
-	// Before attachment the API's own cap applies (49 secondaries).
+	// Before attachment the API's own cap applies (49 secondaries); past it the error is the
+	// per-ENI one too (QuotaExceeded.PrivateIpAddress is the vSwitch running out).
 	free := createENI(t, c, "vsw-test-b", nil).NetworkInterfaceId
 	_, err = assignN(c, free, 49, "")
 	must(t, err)
 	_, err = assignN(c, free, 1, "")
-	wantCode(t, err, CodeQuotaPrivateIP)
+	if se := wantCode(t, err, CodeIpv4CountExceeded); se.HttpStatus() != 403 {
+		t.Errorf("Ipv4CountExceeded with HTTP %d, want 403", se.HttpStatus())
+	}
 	// ... and an ENI holding more than the instance type allows cannot be attached.
 	big := createENI(t, c, "vsw-test-a", nil).NetworkInterfaceId
 	_, err = assignN(c, big, 6, "") // 7 IPs > 6
@@ -586,8 +589,12 @@ func TestVSwitchExhaustion(t *testing.T) {
 	if got := free(); got != 0 {
 		t.Fatalf("%d addresses left, want 0", got)
 	}
+	// An assign the vSwitch cannot serve: QuotaExceeded.PrivateIpAddress, HTTP 400, as the
+	// published error table has it; a create says InvalidVSwitchId.IpNotEnough.
 	_, err = assignN(c, id, 1, "")
-	wantCode(t, err, CodeVSwitchIPNotEnough)
+	if se := wantCode(t, err, CodeQuotaPrivateIP); se.HttpStatus() != 400 {
+		t.Errorf("QuotaExceeded.PrivateIpAddress with HTTP %d, want 400", se.HttpStatus())
+	}
 	req := ecs.CreateCreateNetworkInterfaceRequest()
 	req.VSwitchId = "vsw-tiny"
 	req.SecurityGroupId = "sg-test"

@@ -50,6 +50,7 @@ const (
 	CodeInvalidOperationPrimary = "InvalidOperation.DetachPrimaryEniNotAllowed"
 	CodeEniZoneMismatch         = "InvalidOperation.EniZoneMismatch"
 	CodeInvalidEniType          = "InvalidOperation.InvalidEniType"
+	CodeIdempotentMismatch      = "IdempotentParameterMismatch"
 )
 
 // statusOf gives the HTTP status for a code injected as a fault, so a fault behaves like the
@@ -63,7 +64,7 @@ func statusOf(code string) int {
 	case CodeInstanceNotFound, CodeEniNotFound, CodeVSwitchNotFound, CodeSecurityGroupNotFound,
 		CodeInvalidAccessKeyID, CodeInvalidAction:
 		return http.StatusNotFound
-	case CodeEniPerInstanceLimit, CodeInvalidEniState, CodeIpv4CountExceeded, CodeQuotaPrivateIP,
+	case CodeEniPerInstanceLimit, CodeInvalidEniState, CodeIpv4CountExceeded,
 		CodeVSwitchIPNotEnough, CodeInvalidOperationPrimary, CodeIPUnassigned,
 		CodeInvalidEniType, CodeEniZoneMismatch:
 		return http.StatusForbidden

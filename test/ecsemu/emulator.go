@@ -102,6 +102,8 @@ type Emulator struct {
 	errs     map[string]int
 	faults   []Fault
 	delays   TransitionDelays
+	lag      ListingLag
+	holds    []*hold
 	requests uint64
 }
 
@@ -138,6 +140,7 @@ type eni struct {
 	timer       *time.Timer // pending state transition
 	pending     func(*eni)  // what the timer will do
 	gen         int         // bumps on every transition, so a stale timer does nothing
+	lag         lagState    // what listings still show or do not show yet
 }
 
 type tag struct{ Key, Value string }
@@ -164,6 +167,7 @@ func New(cfg *Config, opts ...Option) (*Emulator, error) {
 		calls:  map[string]int{},
 		errs:   map[string]int{},
 		delays: cfg.Delays,
+		lag:    cfg.ListingLag,
 	}
 	for _, o := range opts {
 		o(e)
@@ -437,6 +441,18 @@ func (e *Emulator) serveAPI(w http.ResponseWriter, r *http.Request) {
 	if aerr != nil {
 		e.writeError(w, reqID, action, aerr)
 		return
+	}
+	e.mu.Lock()
+	h, held := e.takeHoldLocked(action, p, reply)
+	e.mu.Unlock()
+	if h != nil {
+		h.held <- held
+		select {
+		case <-h.release:
+		case <-r.Context().Done():
+			e.log.Info("reply lost: the client went away while it was held", zap.String("action", action), zap.String("eni", held.ENIID))
+			return
+		}
 	}
 	b, err := json.Marshal(reply)
 	if err != nil {
