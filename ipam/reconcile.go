@@ -55,9 +55,35 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		return err
 	}
 	now := p.now()
+	// An ENI recorded but not yet recorded as attached is a creation whose intent is open: its
+	// replay attaches it (or deletes it). Without such an intent (not expected) the record is
+	// dropped, and the listing comparison adopts or deletes the ENI.
+	var unattached []string
+	for _, rec := range snap.ENIs {
+		if rec.State != aliyun.StatusInUse && !slices.ContainsFunc(snap.Intents, func(in store.Intent) bool {
+			return in.Kind == store.IntentCreateENI && in.ENIID == rec.ID
+		}) {
+			unattached = append(unattached, rec.ID)
+		}
+	}
+	if len(unattached) > 0 {
+		if err := p.st.Update(func(tx *store.Tx) error {
+			for _, id := range unattached {
+				if err := tx.DeleteENI(id); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("drop unattached ENI records %v: %w", unattached, err)
+		}
+	}
 	p.mu.Lock()
 	p.enis = map[string]*eniState{}
 	for _, rec := range snap.ENIs {
+		if rec.State != aliyun.StatusInUse {
+			continue
+		}
 		st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
 		for _, ip := range rec.IPs {
 			st.ips[ip] = &ipState{idleSince: now}

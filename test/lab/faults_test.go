@@ -9,9 +9,11 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -53,8 +55,9 @@ func TestFaultsAndLatencyEveryPodGetsAnAddressNoLeak(t *testing.T) {
 	// 30 % of calls fail, every call takes 50 ms more, and an ADD waits at most 200 ms for the
 	// pool before answering "try again later", so the kubelet-style retry is exercised.
 	l := up(t, lab.Options{Nodes: 2, Seed: 7, Latency: 50 * time.Millisecond, AllocateWait: 200 * time.Millisecond,
-		Faults:  []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}},
-		ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 4}})
+		Faults:     []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}},
+		ListingLag: lab.LaggingListing,
+		ENIConf:    lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 4}})
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	emu := l.Emulator()
@@ -98,139 +101,159 @@ func TestFaultsAndLatencyEveryPodGetsAnAddressNoLeak(t *testing.T) {
 	}
 }
 
+// Crash points of the kill -9 test.
+const (
+	pointRandom   = "random moment"
+	pointAssign   = "AssignPrivateIpAddresses reply lost"
+	pointCreate   = "CreateNetworkInterface reply lost"
+	pointAttach   = "new ENI still Attaching"
+	pointUnassign = "UnassignPrivateIpAddresses in progress"
+)
+
+// heldAction is the call whose reply the emulator holds back until the agent is killed.
+var heldAction = map[string]string{
+	pointAssign:   "AssignPrivateIpAddresses",
+	pointCreate:   "CreateNetworkInterface",
+	pointAttach:   "AttachNetworkInterface",
+	pointUnassign: "UnassignPrivateIpAddresses",
+}
+
+// TestAgentKilledDuringBurstNeverGivesAnAddressTwice kills agents with SIGKILL and restarts
+// them at once while pods come and go, against a cloud whose listing lags (lab.LaggingListing). Besides
+// random moments it kills an agent exactly when a reply is lost: the emulator applies the call,
+// holds the reply, and the agent dies waiting for it. Each crash point is hit minHits times.
 func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
-	l := up(t, lab.Options{Nodes: 2, ENIConf: lab.ENIConf{MinPoolSize: 1, MaxPoolSize: 4}})
+	const minHits = 5
+	points := []string{pointRandom, pointAssign, pointCreate, pointAttach, pointUnassign}
+	// ecs.g7.large: two pod ENIs of 5 addresses. Pods churn between 1 and 6 per node, so ENIs
+	// are created, attached, filled, trimmed by unassigns and deleted all along.
+	l := up(t, lab.Options{Nodes: 2, InstanceType: "ecs.g7.large", ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 2},
+		ListingLag: lab.LaggingListing,
+		Delays:     ecsemu.TransitionDelays{Attach: ecsemu.Duration(500 * time.Millisecond)}})
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	emu := l.Emulator()
 
-	// The killer: kill -9 a random agent at random moments, restart it shortly after.
 	stop := make(chan struct{})
-	var kills int
-	var killerErr error
-	var kwg sync.WaitGroup
-	kwg.Add(1)
-	go func() {
-		defer kwg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(time.Duration(100+rng.IntN(300)) * time.Millisecond):
-			}
-			n := l.Node(rng.IntN(2))
-			if err := n.KillAgent(); err != nil {
-				killerErr = err
-				return
-			}
-			kills++
-			time.Sleep(time.Duration(rng.IntN(150)) * time.Millisecond)
-			if err := n.StartAgent(ctx); err != nil {
-				killerErr = err
-				return
-			}
-		}
-	}()
-
-	// The burst: 50 operations, 35 ADDs and 15 DELs of pods added earlier in the burst.
 	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var added []*lab.Pod
-	errs := make(chan error, 50)
-	for i := range 35 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			p, err := l.AddPod(ctx, i%2, "burst", fmt.Sprintf("pod-%d", i))
-			if err != nil {
-				errs <- err
-				return
-			}
-			mu.Lock()
-			added = append(added, p)
-			mu.Unlock()
-		}()
-	}
-	for range 15 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				mu.Lock()
-				var p *lab.Pod
-				if len(added) > 0 {
-					j := rng.IntN(len(added))
-					p = added[j]
-					added = append(added[:j], added[j+1:]...)
-				}
-				mu.Unlock()
-				if p == nil {
-					time.Sleep(50 * time.Millisecond)
-					continue
-				}
-				if err := l.DeletePod(ctx, p); err != nil {
+	errs := make(chan error, 64)
+	var ops atomic.Int64
+	for node := range 2 {
+		c := &churn{l: l, node: node, low: 1, high: 6, grow: true}
+		for range 3 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := c.run(ctx, stop, &ops); err != nil {
 					errs <- err
 				}
-				return
-			}
-		}()
+			}()
+		}
 	}
-	wg.Wait()
+
+	hits, misses := map[string]int{}, map[string]int{}
+	kills := 0
+	restart := func(n *lab.Node, release func()) {
+		if err := n.KillAgent(); err != nil {
+			t.Error(err)
+		}
+		if release != nil {
+			release() // the client is gone: nobody reads the reply
+		}
+		kills++
+		if err := n.StartAgent(ctx); err != nil { // at once: the listing still lags
+			t.Error(err)
+		}
+	}
+	deadline := time.Now().Add(150 * time.Second)
+	for !t.Failed() && time.Now().Before(deadline) {
+		point := ""
+		for _, p := range points {
+			if hits[p] < minHits && (point == "" || hits[p] < hits[point]) {
+				point = p
+			}
+		}
+		if point == "" {
+			break
+		}
+		n := l.Node(rand.IntN(2))
+		if point == pointRandom {
+			time.Sleep(time.Duration(50+rand.IntN(400)) * time.Millisecond)
+			restart(n, nil)
+			hits[point]++
+			continue
+		}
+		held, release := emu.HoldReply(heldAction[point], func(h ecsemu.HeldCall) bool { return h.Tags[ipam.TagNode] == n.Name })
+		select {
+		case h := <-held:
+			counted := true
+			if point == pointAttach {
+				s, _ := emu.Snapshot().ENI(h.ENIID)
+				counted = s.Status == ecsemu.StatusAttaching
+			}
+			restart(n, release)
+			if counted {
+				hits[point]++
+			}
+		case <-time.After(10 * time.Second):
+			release()
+			misses[point]++
+		}
+	}
 	close(stop)
-	kwg.Wait()
+	wg.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
 	}
-	if killerErr != nil {
-		t.Fatalf("killer: %v", killerErr)
+	t.Logf("%d kills; crash points hit %v (waits that saw no such call: %v); %d ADD/DEL operations", kills, hits, misses, ops.Load())
+	for _, p := range points {
+		if hits[p] < minHits {
+			t.Errorf("crash point %q hit %d times, want at least %d", p, hits[p], minHits)
+		}
 	}
 	if t.Failed() {
 		t.FailNow()
 	}
-	if kills == 0 {
-		t.Fatal("no agent was killed: the test proved nothing")
-	}
-	for _, n := range l.Nodes() {
-		if n.AgentPID() == 0 {
-			if err := n.StartAgent(ctx); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+
 	before := agentAllocations(t, l, ctx)
 	live := l.Pods()
-	t.Logf("%d kills; %d live pods; agents hold %d allocations before GC", kills, len(live), len(before))
-	if len(live) != 20 {
-		t.Fatalf("%d live pods, want 35-15=20", len(live))
-	}
-
-	// Every live pod's address is its own, by the agents' records and by the pods' interfaces.
+	t.Logf("%d live pods; agents hold %d allocations before GC", len(live), len(before))
+	// No address is given to two live pods, and no live pod lost its address.
 	seen := map[netip.Addr]string{}
 	for _, p := range live {
 		if prev, dup := seen[p.IP]; dup {
-			t.Fatalf("%s and %s both hold %s", prev, p.Key(), p.IP)
+			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
 		}
 		seen[p.IP] = p.Key()
 		if before[p.ContainerID] != p.IP.String() {
 			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
 		}
 	}
-	// GC through libcni releases what interrupted ADDs left behind.
+	// GC through libcni releases what interrupted ADDs left behind; then the cloud and the
+	// agents agree exactly (nothing leaked in the emulator, nothing missing in the agents).
 	if err := l.GC(ctx); err != nil {
 		t.Fatal(err)
 	}
+	settled(t, l, ctx)
 	after := agentAllocations(t, l, ctx)
 	if len(after) != len(live) {
 		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
 	}
-	settled(t, l, ctx)
+	for _, p := range live {
+		if after[p.ContainerID] != p.IP.String() {
+			t.Errorf("after GC %s has %s but its agent records %q", p.Key(), p.IP, after[p.ContainerID])
+		}
+	}
 
 	// The survivors still talk, across nodes too.
 	for _, p := range live {
 		if err := l.Check(ctx, p); err != nil {
 			t.Errorf("CNI CHECK of %s after the burst: %v", p.Key(), err)
 		}
+	}
+	if len(live) < 2 {
+		return
 	}
 	srv, err := live[0].Serve(9000)
 	if err != nil {
@@ -241,6 +264,61 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 		if got, err := p.Ask(ctx, netip.AddrPortFrom(live[0].IP, 9000).String(), "ping"); err != nil || got != live[0].Key() {
 			t.Errorf("%s → %s after the burst: %q, %v", p.Key(), live[0].Key(), got, err)
 		}
+	}
+}
+
+// churn keeps one node's pod count swinging between low and high: ADDs until high, then DELs
+// until low, from several workers at once.
+type churn struct {
+	l         *lab.Lab
+	node      int
+	low, high int
+
+	mu     sync.Mutex
+	pods   []*lab.Pod
+	adding int
+	grow   bool
+	seq    int
+}
+
+func (c *churn) run(ctx context.Context, stop chan struct{}, ops *atomic.Int64) error {
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		c.mu.Lock()
+		if c.grow && len(c.pods)+c.adding >= c.high {
+			c.grow = false
+		} else if !c.grow && len(c.pods) <= c.low {
+			c.grow = true
+		}
+		if c.grow {
+			c.adding++
+			c.seq++
+			name := fmt.Sprintf("n%d-pod-%d", c.node, c.seq)
+			c.mu.Unlock()
+			p, err := c.l.AddPod(ctx, c.node, "burst", name)
+			c.mu.Lock()
+			c.adding--
+			if err == nil {
+				c.pods = append(c.pods, p)
+			}
+			c.mu.Unlock()
+			if err != nil {
+				return fmt.Errorf("ADD of %s: %w", name, err)
+			}
+		} else {
+			j := rand.IntN(len(c.pods))
+			p := c.pods[j]
+			c.pods = append(c.pods[:j], c.pods[j+1:]...)
+			c.mu.Unlock()
+			if err := c.l.DeletePod(ctx, p); err != nil {
+				return err
+			}
+		}
+		ops.Add(1)
 	}
 }
 

@@ -53,6 +53,12 @@ const (
 	DefaultInstanceType = "ecs.g7.xlarge"
 )
 
+// LaggingListing is the listing lag the fault and crash tests run with: an assigned address
+// shows in DescribeNetworkInterfaces 500 ms after the call, an unassigned one lingers 1 s, a
+// status change shows 200 ms late. The real API promises no read-after-write consistency.
+var LaggingListing = ecsemu.ListingLag{Assigned: ecsemu.Duration(500 * time.Millisecond),
+	Unassigned: ecsemu.Duration(time.Second), Status: ecsemu.Duration(200 * time.Millisecond)}
+
 // ENIConf is the part of eni_conf the lab lets callers choose.
 type ENIConf struct {
 	VSwitches   []string // pod vSwitches of Zone; default [PodVSwitch]
@@ -75,6 +81,12 @@ type Options struct {
 	ExtraVSwitches []ecsemu.VSwitchConfig
 	// Latency is added to every emulated API call.
 	Latency time.Duration
+	// ListingLag makes the emulator's DescribeNetworkInterfaces lag behind the calls that
+	// change ENIs, as the real API may (zero: no lag).
+	ListingLag ecsemu.ListingLag
+	// Delays of the emulator's ENI transitions; zero fields take the lab's defaults (attach
+	// and detach 20 ms, delete 10 ms).
+	Delays ecsemu.TransitionDelays
 	// Seed makes the emulator's fault injection reproducible (0: random).
 	Seed uint64
 	// Faults are injected before the agents start, so their start-up sees them too.
@@ -261,7 +273,17 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 		InstanceTypes:  base.InstanceTypes,
 		AccessKeys:     base.AccessKeys,
 		Delays: ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
-			Delete: ecsemu.Duration(10 * time.Millisecond)},
+			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata},
+		ListingLag: l.opts.ListingLag,
+	}
+	if d := l.opts.Delays; d.Attach != 0 {
+		cfg.Delays.Attach = d.Attach
+	}
+	if d := l.opts.Delays; d.Detach != 0 {
+		cfg.Delays.Detach = d.Detach
+	}
+	if d := l.opts.Delays; d.Delete != 0 {
+		cfg.Delays.Delete = d.Delete
 	}
 	for i := range l.opts.Nodes {
 		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, nodePrimaryIP(i))

@@ -130,8 +130,13 @@ func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string) 
 			p.IP, _ = netip.AddrFromSlice(p.Result.IPs[0].Address.IP.To4())
 			break
 		}
-		// The kubelet's runtime tears a failed sandbox down before trying again.
-		_ = n.cni.DelNetworkList(ctx, n.list, p.runtimeConf())
+		// The kubelet's runtime tears a failed sandbox down before trying again, and retries
+		// the teardown while the agent cannot answer (a sandbox whose ADD was cut short by an
+		// agent crash may hold an address).
+		if derr := n.del(ctx, p.runtimeConf()); derr != nil {
+			ns.Close()
+			return nil, fmt.Errorf("lab: tear down failed sandbox of %s/%s: %w", namespace, name, derr)
+		}
 		te, ok := CNIError(err)
 		if !ok || te.Code != types.ErrTryAgainLater {
 			ns.Close()
@@ -162,24 +167,31 @@ func (l *Lab) DeletePod(ctx context.Context, p *Pod) error {
 		}
 	}
 	p.stopServers()
+	if err := p.Node.del(ctx, p.runtimeConf()); err != nil {
+		return fmt.Errorf("lab: DEL of %s: %w", p.Key(), err)
+	}
+	l.Forget(p)
+	return nil
+}
+
+// del runs CNI DEL, retrying "try again later" (the agent is restarting) until ctx ends.
+func (n *Node) del(ctx context.Context, rc *libcni.RuntimeConf) error {
 	delay := 50 * time.Millisecond
 	for {
-		err := p.Node.cni.DelNetworkList(ctx, p.Node.list, p.runtimeConf())
+		err := n.cni.DelNetworkList(ctx, n.list, rc)
 		if err == nil {
-			break
+			return nil
 		}
 		if te, ok := CNIError(err); !ok || te.Code != types.ErrTryAgainLater {
-			return fmt.Errorf("lab: DEL of %s: %w", p.Key(), err)
+			return err
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("lab: DEL of %s: %w (last: %v)", p.Key(), ctx.Err(), err)
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
 		case <-time.After(delay):
 		}
 		delay = min(2*delay, time.Second)
 	}
-	l.Forget(p)
-	return nil
 }
 
 // Forget drops the pod from the lab and destroys its namespace without any CNI call, like a
