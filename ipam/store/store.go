@@ -1,7 +1,7 @@
 // Package store keeps the ENI pool's durable state in a bbolt file: which pod holds which
 // address, which ENIs and addresses the node owns, and intent records written before each cloud
-// call so that a crash between the call and the local write is recovered by reconciling with the
-// cloud on restart. Every write is one transaction, fsynced before it returns.
+// call so that a crash between the call and the local write is recovered on restart by replaying
+// the call with its idempotency token. Every write is one transaction, fsynced before it returns.
 package store
 
 import (
@@ -60,7 +60,8 @@ const (
 
 // Intent is a cloud operation that was about to start. It is written before the call and
 // deleted in the same transaction that records the call's outcome; one still present at start-up
-// was interrupted, and its outcome must be read back from the cloud.
+// was interrupted, and the call is replayed with the same token (the cloud answers with the
+// first call's outcome) rather than read back from a listing, which may lag.
 type Intent struct {
 	Token     string       `json:"token"` // also the ClientToken of the call
 	Kind      string       `json:"kind"`
