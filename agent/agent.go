@@ -164,7 +164,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("prepare node sysctls: %w", err)
 	}
 	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
-		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows, MaxRevNAT: a.cfg.MaxRevNAT,
+		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
 		Logger: a.log.Named("loader")})
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)

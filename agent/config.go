@@ -89,7 +89,10 @@ type Config struct {
 	MaxServices uint32 `json:"maxServices,omitempty"`
 	MaxBackends uint32 `json:"maxBackends,omitempty"`
 	MaxFlows    uint32 `json:"maxFlows,omitempty"`
-	MaxRevNAT   uint32 `json:"maxRevNAT,omitempty"`
+	// MaxRevNAT sized the reverse-NAT index of the first datapath. Replies now find their
+	// frontend in the flow's conntrack entry, so it is accepted and ignored, so that older
+	// configurations keep loading.
+	MaxRevNAT uint32 `json:"maxRevNAT,omitempty"`
 	// CNIConfDir, when set (e.g. /etc/cni/net.d), is where the agent installs its conflist
 	// once it is ready to serve the plugin, so the runtime only starts using tern-cni when an
 	// agent answers. Empty: the operator installs it.

@@ -25,11 +25,11 @@ func TestBpftoolPrettyPrintsMaps(t *testing.T) {
 	loadertest.Run(t, d.FromPod(), tcp(client, 40000, vip, 80, packet.SYN).Build())
 
 	for name, fields := range map[string][]string{
-		"tern_services": {`"addr":`, `"port":`, `"proto": 6`, `"id": 7`, `"backend_count": 1`},
-		"tern_backends": {`"svc_id": 7`, `"slot": 1`},
-		"tern_revnat":   {`"frontends": [{`, `"count": 1`},
-		"tern_ct":       {`"saddr":`, `"backend_port":`, `"expires_ns":`},
-		"tern_metrics":  {`"packets": 1`},
+		"tern_services":   {`"addr":`, `"port":`, `"proto": 6`, `"id": 7`, `"backend_count": 1`},
+		"tern_backends":   {`"svc_id": 7`, `"slot": 1`},
+		"tern_lb_members": {`"svc_id": 7`, `"addr":`},
+		"tern_conntrack":  {`"addr_a":`, `"nat_port":`, `"expires_ns":`, `"kind": "CT_KIND_SVC"`},
+		"tern_metrics":    {`"packets": 1`},
 	} {
 		out, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(root, name)).CombinedOutput()
 		if err != nil {

@@ -30,11 +30,16 @@ type Config struct {
 	CTTCPClosingTimeout     time.Duration
 	CTUDPTimeout            time.Duration
 	// Map sizes. They are fixed when a map is first pinned: changing one later needs the
-	// pinned map removed (which drops its state).
+	// pinned map removed (which drops its state). MaxFlows counts conntrack entries: a
+	// service flow takes two. MaxBackends sizes both the backend slots and the membership
+	// index.
 	MaxServices uint32
 	MaxBackends uint32
 	MaxFlows    uint32
-	MaxRevNAT   uint32
+	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
+	// its translated tuple is already another live flow's (default 61000, 4536 ports).
+	CollisionPortMin   uint16
+	CollisionPortCount uint16
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	Logger      *zap.Logger
@@ -56,6 +61,12 @@ func (c *Config) setDefaults() {
 	def(&c.CTTCPEstablishedTimeout, 6*time.Hour)
 	def(&c.CTTCPClosingTimeout, 10*time.Second)
 	def(&c.CTUDPTimeout, 60*time.Second)
+	if c.CollisionPortMin == 0 {
+		c.CollisionPortMin = 61000
+	}
+	if c.CollisionPortCount == 0 {
+		c.CollisionPortCount = uint16(65536 - int(c.CollisionPortMin))
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -71,6 +82,9 @@ type Datapath struct {
 // afterwards, so conntrack and service state survive an agent restart.
 func Load(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
+	if int(cfg.CollisionPortMin)+int(cfg.CollisionPortCount) > 65536 {
+		return nil, fmt.Errorf("collision port range %d+%d goes past 65535", cfg.CollisionPortMin, cfg.CollisionPortCount)
+	}
 	if !cfg.HairpinIP.Is4() {
 		return nil, fmt.Errorf("hairpin address %s is not IPv4", cfg.HairpinIP)
 	}
@@ -88,6 +102,8 @@ func Load(cfg Config) (*Datapath, error) {
 		PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT: seconds(cfg.CTTCPEstablishedTimeout),
 		PodVarCFG_CT_TCP_CLOSING_TIMEOUT:     seconds(cfg.CTTCPClosingTimeout),
 		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
+		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
+		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {
@@ -95,10 +111,10 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 	sizes := map[string]uint32{
-		PodMapTernServices: cfg.MaxServices,
-		PodMapTernBackends: cfg.MaxBackends,
-		PodMapTernCt:       cfg.MaxFlows,
-		PodMapTernRevnat:   cfg.MaxRevNAT,
+		PodMapTernServices:  cfg.MaxServices,
+		PodMapTernBackends:  cfg.MaxBackends,
+		PodMapTernLbMembers: cfg.MaxBackends,
+		PodMapTernConntrack: cfg.MaxFlows,
 	}
 	for name, n := range sizes {
 		if n != 0 {
@@ -137,11 +153,14 @@ func (d *Datapath) Maps() *Maps {
 	return &Maps{
 		Services: d.objs.TernServices,
 		Backends: d.objs.TernBackends,
-		RevNAT:   d.objs.TernRevnat,
-		CT:       d.objs.TernCt,
+		Members:  d.objs.TernLbMembers,
+		CT:       d.objs.TernConntrack,
 		Metrics:  d.objs.TernMetrics,
 	}
 }
+
+// FragsForTest is the fragment map, for tests that check what it holds.
+func (d *Datapath) FragsForTest() *ebpf.Map { return d.objs.TernFrags }
 
 // Close releases this process's handles. Pinned maps and attached programs stay in the
 // kernel: the datapath keeps forwarding while the agent is away.

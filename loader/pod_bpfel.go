@@ -28,22 +28,31 @@ type PodBackendValue struct {
 
 type PodCtKey struct {
 	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
-	Sport uint16
-	Dport uint16
+	AddrA uint32
+	AddrB uint32
+	PortA uint16
+	PortB uint16
 	Proto uint8
-	Pad   [3]uint8
+	Kind  PodCtKind
+	Pad   uint16
 }
 
+type PodCtKind uint8
+
+const (
+	PodCtKindCT_KIND_FLOW PodCtKind = 0
+	PodCtKindCT_KIND_SVC  PodCtKind = 1
+)
+
 type PodCtValue struct {
-	_           structs.HostLayout
-	ExpiresNs   uint64
-	BackendAddr uint32
-	BackendPort uint16
-	Flags       uint16
-	SvcId       uint32
-	Pad         uint32
+	_         structs.HostLayout
+	ExpiresNs uint64
+	NatAddr   uint32
+	NatPort   uint16
+	NatSport  uint16
+	SvcId     uint32
+	Flags     uint16
+	Pad       uint16
 }
 
 type PodFragKey struct {
@@ -61,6 +70,14 @@ type PodFragValue struct {
 	Dport uint16
 }
 
+type PodMemberKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Addr  uint32
+	Port  uint16
+	Pad   uint16
+}
+
 type PodMetricsKey struct {
 	_      structs.HostLayout
 	Reason PodTernReason
@@ -72,27 +89,6 @@ type PodMetricsValue struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
-}
-
-type PodRevnatFrontend struct {
-	_    structs.HostLayout
-	Addr uint32
-	Port uint16
-	Pad  uint16
-}
-
-type PodRevnatKey struct {
-	_     structs.HostLayout
-	Addr  uint32
-	Port  uint16
-	Proto uint8
-	Pad   uint8
-}
-
-type PodRevnatValue struct {
-	_         structs.HostLayout
-	Count     uint32
-	Frontends [8]PodRevnatFrontend
 }
 
 type PodSvcKey struct {
@@ -125,14 +121,15 @@ const (
 	PodTernReasonREASON_SVC_REVNAT           PodTernReason = 2
 	PodTernReasonREASON_SVC_HAIRPIN          PodTernReason = 3
 	PodTernReasonREASON_SVC_REJECT           PodTernReason = 4
+	PodTernReasonREASON_SVC_PORT_SNAT        PodTernReason = 5
 	PodTernReasonREASON_DROP_TRUNCATED       PodTernReason = 10
 	PodTernReasonREASON_DROP_BAD_IP          PodTernReason = 11
-	PodTernReasonREASON_DROP_FRAG_NO_HEAD    PodTernReason = 12
 	PodTernReasonREASON_DROP_CT_FULL         PodTernReason = 13
 	PodTernReasonREASON_DROP_NAT_FAILED      PodTernReason = 14
 	PodTernReasonREASON_DROP_REJECT_FAILED   PodTernReason = 15
 	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
 	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
+	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
 	PodTernReasonREASON_MAX                  PodTernReason = 32
 )
 
@@ -141,13 +138,15 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	PodMapTernBackends                   = "tern_backends"
-	PodMapTernCt                         = "tern_ct"
+	PodMapTernConntrack                  = "tern_conntrack"
 	PodMapTernFrags                      = "tern_frags"
+	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernMetrics                    = "tern_metrics"
-	PodMapTernRevnat                     = "tern_revnat"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
+	PodVarCFG_COLLISION_PORT_COUNT       = "CFG_COLLISION_PORT_COUNT"
+	PodVarCFG_COLLISION_PORT_MIN         = "CFG_COLLISION_PORT_MIN"
 	PodVarCFG_CT_TCP_CLOSING_TIMEOUT     = "CFG_CT_TCP_CLOSING_TIMEOUT"
 	PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT = "CFG_CT_TCP_ESTABLISHED_TIMEOUT"
 	PodVarCFG_CT_TCP_SYN_TIMEOUT         = "CFG_CT_TCP_SYN_TIMEOUT"
@@ -205,18 +204,20 @@ type PodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
-	TernBackends *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernCt       *ebpf.MapSpec `ebpf:"tern_ct"`
-	TernFrags    *ebpf.MapSpec `ebpf:"tern_frags"`
-	TernMetrics  *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernRevnat   *ebpf.MapSpec `ebpf:"tern_revnat"`
-	TernServices *ebpf.MapSpec `ebpf:"tern_services"`
+	TernBackends  *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernFrags     *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodVariableSpecs struct {
+	CFG_COLLISION_PORT_COUNT       *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_COUNT"`
+	CFG_COLLISION_PORT_MIN         *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
@@ -244,21 +245,21 @@ func (o *PodObjects) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
-	TernBackends *ebpf.Map `ebpf:"tern_backends"`
-	TernCt       *ebpf.Map `ebpf:"tern_ct"`
-	TernFrags    *ebpf.Map `ebpf:"tern_frags"`
-	TernMetrics  *ebpf.Map `ebpf:"tern_metrics"`
-	TernRevnat   *ebpf.Map `ebpf:"tern_revnat"`
-	TernServices *ebpf.Map `ebpf:"tern_services"`
+	TernBackends  *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
+	TernFrags     *ebpf.Map `ebpf:"tern_frags"`
+	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
+	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
+	TernServices  *ebpf.Map `ebpf:"tern_services"`
 }
 
 func (m *PodMaps) Close() error {
 	return _PodClose(
 		m.TernBackends,
-		m.TernCt,
+		m.TernConntrack,
 		m.TernFrags,
+		m.TernLbMembers,
 		m.TernMetrics,
-		m.TernRevnat,
 		m.TernServices,
 	)
 }
@@ -267,6 +268,8 @@ func (m *PodMaps) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodVariables struct {
+	CFG_COLLISION_PORT_COUNT       *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_COUNT"`
+	CFG_COLLISION_PORT_MIN         *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.Variable `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.Variable `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.Variable `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`

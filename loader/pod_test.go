@@ -94,8 +94,13 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(ct) != 1 {
-				t.Fatalf("conntrack holds %d entries, want exactly one per flow", len(ct))
+			// One SVC entry (what the client sent) and one FLOW entry (the wire tuple).
+			kinds := map[loader.PodCtKind]int{}
+			for k := range ct {
+				kinds[k.Kind]++
+			}
+			if len(ct) != 2 || kinds[loader.CTKindSvc] != 1 || kinds[loader.CTKindFlow] != 1 {
+				t.Fatalf("conntrack holds %v, want one SVC and one FLOW entry for the flow", kinds)
 			}
 			for _, e := range ct {
 				if e.Flags&loader.CTFlagSeenReply == 0 {
@@ -311,13 +316,53 @@ func TestFragments(t *testing.T) {
 		t.Fatalf("reassembled datagram: %v checksum ok %v port %d", err, p.L4ChecksumOK, p.DstPort)
 	}
 
+	// A later fragment whose head was not translated here passes untouched: it is either
+	// not service traffic or addressed to a VIP nothing routes.
 	orphan := tail
 	orphan.ID = 100
-	if v, _ := loadertest.Run(t, d.FromPod(), orphan.Build()); v != verdictShot {
-		t.Fatalf("fragment without its head: verdict %d, want drop", v)
+	if v, out := loadertest.Run(t, d.FromPod(), orphan.Build()); v != verdictOK || !bytes.Equal(out[:len(orphan.Build())], orphan.Build()) {
+		t.Fatalf("fragment without a translated head: verdict %d, want it passed untouched", v)
 	}
-	if loadertest.Metric(t, m, loader.ReasonDropFragNoHead, loader.DirFromPod) != 1 {
-		t.Fatal("headless fragment drop not counted")
+}
+
+// A fragmented datagram that is not service traffic passes, head and tail, in both
+// programs, and leaves nothing in the fragment map (so such traffic can never evict the
+// heads of service datagrams).
+func TestNonServiceFragmentsPass(t *testing.T) {
+	d := loadertest.New(t, loader.Config{})
+	m := d.Maps()
+	loadertest.PutService(t, m, 1, vip.String(), 53, packet.ProtoUDP, loadertest.B(be1.String(), 5353))
+	other := netip.MustParseAddr("10.0.3.30")
+	payload := bytes.Repeat([]byte{0xcd}, 24)
+	l4 := udp(client, 40000, other, 53, string(payload)).Build()[packet.EthLen+20:]
+	head := packet.Frame{SrcMAC: podMAC, DstMAC: hostMAC, Src: client, Dst: other, Proto: packet.ProtoUDP,
+		ID: 77, MoreFragments: true, L4Raw: l4[:16]}
+	tail := packet.Frame{SrcMAC: podMAC, DstMAC: hostMAC, Src: client, Dst: other, Proto: packet.ProtoUDP,
+		ID: 77, FragOffset: 2, L4Raw: l4[16:]}
+	for _, prog := range []struct {
+		name string
+		run  func([]byte) (uint32, []byte)
+	}{
+		{"from-pod", func(b []byte) (uint32, []byte) { return loadertest.Run(t, d.FromPod(), b) }},
+		{"to-pod", func(b []byte) (uint32, []byte) { return loadertest.Run(t, d.ToPod(), b) }},
+	} {
+		for _, f := range []packet.Frame{head, tail} {
+			in := f.Build()
+			v, out := prog.run(in)
+			if v != verdictOK || !bytes.Equal(out[:len(in)], in) {
+				t.Fatalf("%s: fragment at offset %d: verdict %d, want it passed untouched", prog.name, f.FragOffset, v)
+			}
+		}
+	}
+	var (
+		k  loader.PodFragKey
+		fv loader.PodFragValue
+	)
+	if d.Maps() != nil {
+		frags := d.FragsForTest()
+		if frags.Iterate().Next(&k, &fv) {
+			t.Fatalf("a non-service datagram left a fragment entry: %+v", k)
+		}
 	}
 }
 

@@ -18,23 +18,25 @@ const (
 	ReasonSvcRevNAT        = PodTernReasonREASON_SVC_REVNAT
 	ReasonSvcHairpin       = PodTernReasonREASON_SVC_HAIRPIN
 	ReasonSvcReject        = PodTernReasonREASON_SVC_REJECT
+	ReasonSvcPortSNAT      = PodTernReasonREASON_SVC_PORT_SNAT
 	ReasonDropTruncated    = PodTernReasonREASON_DROP_TRUNCATED
 	ReasonDropBadIP        = PodTernReasonREASON_DROP_BAD_IP
-	ReasonDropFragNoHead   = PodTernReasonREASON_DROP_FRAG_NO_HEAD
 	ReasonDropCTFull       = PodTernReasonREASON_DROP_CT_FULL
 	ReasonDropNATFailed    = PodTernReasonREASON_DROP_NAT_FAILED
 	ReasonDropRejectFailed = PodTernReasonREASON_DROP_REJECT_FAILED
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
+	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
 )
 
 var reasonLabels = map[Reason]string{
 	ReasonPass: "pass", ReasonSvcForward: "svc_forward", ReasonSvcRevNAT: "svc_revnat",
 	ReasonSvcHairpin: "svc_hairpin", ReasonSvcReject: "svc_reject",
 	ReasonDropTruncated: "drop_truncated", ReasonDropBadIP: "drop_bad_ip",
-	ReasonDropFragNoHead: "drop_frag_no_head", ReasonDropCTFull: "drop_ct_full",
+	ReasonSvcPortSNAT: "svc_port_snat", ReasonDropCTFull: "drop_ct_full",
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
+	ReasonDropCTCollision: "drop_ct_collision",
 }
 
 // String is the reason's Prometheus label value.

@@ -3,7 +3,6 @@ package service
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"sync"
 
 	"go.uber.org/zap"
@@ -12,20 +11,18 @@ import (
 	"github.com/tern-net/tern/loader"
 )
 
-// LBMaps is the kernel seam: the three load-balancer maps the reconciler owns, plus a read
-// of conntrack to know which reverse-NAT entries live flows still need. loader.Maps
-// implements it.
+// LBMaps is the kernel seam: the three load-balancer maps the reconciler owns.
+// loader.Maps implements it.
 type LBMaps interface {
 	DumpServices() (map[loader.ServiceKey]loader.ServiceValue, error)
 	DumpBackends() (map[loader.BackendKey]loader.BackendValue, error)
-	DumpRevNAT() (map[loader.RevNATKey]loader.RevNATValue, error)
-	DumpCT() (map[loader.CTKey]loader.CTValue, error)
+	DumpMembers() (map[loader.MemberKey]uint32, error)
 	PutService(loader.ServiceKey, loader.ServiceValue) error
 	DeleteService(loader.ServiceKey) error
 	PutBackend(loader.BackendKey, loader.BackendValue) error
 	DeleteBackend(loader.BackendKey) error
-	PutRevNAT(loader.RevNATKey, loader.RevNATValue) error
-	DeleteRevNAT(loader.RevNATKey) error
+	PutMember(loader.MemberKey, uint32) error
+	DeleteMember(loader.MemberKey) error
 }
 
 // BatchLBMaps is implemented by maps that can take many entries per syscall. The reconciler
@@ -34,7 +31,7 @@ type LBMaps interface {
 type BatchLBMaps interface {
 	PutServices([]loader.ServiceKey, []loader.ServiceValue) error
 	PutBackends([]loader.BackendKey, []loader.BackendValue) error
-	PutRevNATs([]loader.RevNATKey, []loader.RevNATValue) error
+	PutMembers([]loader.MemberKey, []uint32) error
 }
 
 type realized struct {
@@ -42,30 +39,27 @@ type realized struct {
 	slots []Backend // slot i+1 holds slots[i]
 }
 
-type revPair struct {
-	backend  loader.RevNATKey
-	frontend loader.RevNATFrontend
-}
-
 // Reconciler writes desired load-balancer state into the maps. It keeps a mirror of what
 // it wrote, so an incremental change costs only the writes that change something; Sync
 // re-reads the maps and repairs any drift.
 //
 // One reconciler owns all three LB maps because their write order is part of correctness:
-// reverse-NAT entries before a backend can be chosen, backend slots before the frontend's
-// count covers them, the count lowered before trailing slots go.
+// a backend is a member of its frontend before a flow can be given it, backend slots are
+// written before the frontend's count covers them, the count is lowered before trailing
+// slots go, and membership ends only once the backend has no slot.
+//
+// Replies need nothing from these maps: a flow's conntrack entry carries the frontend to
+// restore, so removing a backend or a frontend never breaks the replies of live flows.
 type Reconciler struct {
 	maps LBMaps
 	log  *zap.Logger
 
-	mu       sync.Mutex
-	fronts   map[Frontend]*realized
-	usedIDs  map[uint32]bool
-	nextID   uint32
-	revnat   map[loader.RevNATKey][]loader.RevNATFrontend
-	retired  map[revPair]bool // removed from desired; kept until no flow uses them
-	writes   uint64
-	overflow uint64
+	mu      sync.Mutex
+	fronts  map[Frontend]*realized
+	usedIDs map[uint32]bool
+	nextID  uint32
+	members map[loader.MemberKey]bool
+	writes  uint64
 }
 
 // NewReconciler reads the maps' current contents (left by a previous agent) as its
@@ -90,9 +84,9 @@ func (r *Reconciler) load() error {
 	if err != nil {
 		return fmt.Errorf("read backend map: %w", err)
 	}
-	rev, err := r.maps.DumpRevNAT()
+	mem, err := r.maps.DumpMembers()
 	if err != nil {
-		return fmt.Errorf("read reverse-NAT map: %w", err)
+		return fmt.Errorf("read backend membership map: %w", err)
 	}
 	r.fronts = map[Frontend]*realized{}
 	r.usedIDs = map[uint32]bool{}
@@ -115,13 +109,40 @@ func (r *Reconciler) load() error {
 		}
 		re.slots[k.Slot-1] = Backend{Addr: loader.BEToAddr(v.Addr), Port: loader.BEToPort(v.Port)}
 	}
-	r.revnat = map[loader.RevNATKey][]loader.RevNATFrontend{}
-	for k, v := range rev {
-		n := min(int(v.Count), loader.RevNATMaxFrontends)
-		r.revnat[k] = append([]loader.RevNATFrontend(nil), v.Frontends[:n]...)
+	// Membership must match the slots exactly: a member without a slot would keep a removed
+	// backend's UDP flows alive, a slot without a member would move them needlessly. A map
+	// left by an older layout has no members at all; they are rebuilt here, before any
+	// program that reads them is attached.
+	r.members = map[loader.MemberKey]bool{}
+	want := map[loader.MemberKey]uint32{}
+	for _, re := range byID {
+		for i, b := range re.slots {
+			if b.Addr.IsValid() {
+				want[memberKey(re.id, b)] = uint32(i + 1)
+			}
+		}
 	}
-	r.retired = map[revPair]bool{}
+	for k := range mem {
+		if _, ok := want[k]; !ok {
+			errs = append(errs, r.del(func() error { return r.maps.DeleteMember(k) }))
+			continue
+		}
+		r.members[k] = true
+	}
+	for k, slot := range want {
+		if !r.members[k] {
+			if err := r.put(func() error { return r.maps.PutMember(k, slot) }); err != nil {
+				errs = append(errs, fmt.Errorf("restore backend membership: %w", err))
+				continue
+			}
+			r.members[k] = true
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func memberKey(id uint32, b Backend) loader.MemberKey {
+	return loader.MemberKey{SvcId: id, Addr: loader.AddrToBE(b.Addr), Port: loader.PortToBE(b.Port)}
 }
 
 func (r *Reconciler) del(fn func() error) error {
@@ -137,7 +158,7 @@ func (r *Reconciler) put(fn func() error) error {
 	err := fn()
 	if errors.Is(err, unix.E2BIG) {
 		// The kernel's answer to an insert into a full map; say what to do about it.
-		return fmt.Errorf("the BPF map is full: raise its size (agent maxServices/maxBackends/maxRevNAT) "+
+		return fmt.Errorf("the BPF map is full: raise its size (agent maxServices/maxBackends) "+
 			"or remove Services: %w", err)
 	}
 	return err
@@ -148,14 +169,6 @@ func (r *Reconciler) Writes() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.writes
-}
-
-// RevNATOverflows counts backends that serve more frontends than the datapath can
-// reverse-NAT (loader.RevNATMaxFrontends).
-func (r *Reconciler) RevNATOverflows() uint64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.overflow
 }
 
 // Lookup answers what a frontend should hold, and whether it should exist at all.
@@ -198,7 +211,7 @@ func (r *Reconciler) Sync(desired State) error {
 	if err := r.load(); err != nil {
 		return err
 	}
-	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.revnat) == 0 && len(desired) > 0 {
+	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.members) == 0 && len(desired) > 0 {
 		return r.bulkLoad(bm, desired)
 	}
 	var errs []error
@@ -209,21 +222,9 @@ func (r *Reconciler) Sync(desired State) error {
 			}
 		}
 	}
-	wanted := map[revPair]bool{}
 	for f, bs := range desired {
 		if err := r.upsert(f, bs); err != nil {
 			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
-		}
-		for _, b := range bs {
-			wanted[pairOf(f, b)] = true
-		}
-	}
-	// Reverse-NAT entries nobody wants any more retire: they go once no flow uses them.
-	for k, fes := range r.revnat {
-		for _, fe := range fes {
-			if p := (revPair{k, fe}); !wanted[p] {
-				r.retired[p] = true
-			}
 		}
 	}
 	return errors.Join(errs...)
@@ -246,13 +247,6 @@ func (r *Reconciler) allocID() (uint32, error) {
 
 func svcKey(f Frontend) loader.ServiceKey {
 	return loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
-}
-
-func pairOf(f Frontend, b Backend) revPair {
-	return revPair{
-		backend:  loader.RevNATKey{Addr: loader.AddrToBE(b.Addr), Port: loader.PortToBE(b.Port), Proto: uint8(f.Proto)},
-		frontend: loader.RevNATFrontend{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port)},
-	}
 }
 
 // layout places the desired backends into slots, keeping every surviving backend in the
@@ -310,11 +304,16 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 	}
 	slots := layout(cur.slots, desired)
 
-	// 1. Reverse NAT for every backend, before any new flow can reach it.
-	for _, b := range slots {
-		if err := r.addRevNAT(pairOf(f, b)); err != nil {
-			return err
+	// 1. Membership for every backend, before any new flow can be given it.
+	for i, b := range slots {
+		k := memberKey(cur.id, b)
+		if r.members[k] {
+			continue
 		}
+		if err := r.put(func() error { return r.maps.PutMember(k, uint32(i+1)) }); err != nil {
+			return fmt.Errorf("write backend membership: %w", err)
+		}
+		r.members[k] = true
 	}
 	// 2. Slots that change.
 	for i, b := range slots {
@@ -340,7 +339,8 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 		k := loader.BackendKey{SvcId: cur.id, Slot: uint32(i + 1)}
 		errs = append(errs, r.del(func() error { return r.maps.DeleteBackend(k) }))
 	}
-	// 5. Backends that left retire; their reverse NAT stays while flows use them.
+	// 5. Backends that left stop being members: their UDP flows move on their next datagram
+	// and a new SYN on a reused tuple picks a live backend; established TCP flows continue.
 	kept := make(map[Backend]bool, len(slots))
 	for _, b := range slots {
 		kept[b] = true
@@ -348,11 +348,8 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 	for _, b := range cur.slots {
 		// A zero Backend is a slot found missing in the map (drift), not a backend.
 		if b.Addr.IsValid() && !kept[b] {
-			r.retired[pairOf(f, b)] = true
+			errs = append(errs, r.dropMember(memberKey(cur.id, b)))
 		}
-	}
-	for _, b := range slots {
-		delete(r.retired, pairOf(f, b))
 	}
 	cur.slots = slots
 	r.fronts[f] = cur
@@ -374,7 +371,7 @@ func (r *Reconciler) remove(f Frontend) error {
 	}
 	for _, b := range cur.slots {
 		if b.Addr.IsValid() {
-			r.retired[pairOf(f, b)] = true
+			errs = append(errs, r.dropMember(memberKey(cur.id, b)))
 		}
 	}
 	delete(r.fronts, f)
@@ -382,112 +379,27 @@ func (r *Reconciler) remove(f Frontend) error {
 	return errors.Join(errs...)
 }
 
-func (r *Reconciler) addRevNAT(p revPair) error {
-	fes := r.revnat[p.backend]
-	for _, fe := range fes {
-		if fe == p.frontend {
-			return nil
-		}
+func (r *Reconciler) dropMember(k loader.MemberKey) error {
+	if err := r.del(func() error { return r.maps.DeleteMember(k) }); err != nil {
+		return fmt.Errorf("delete backend membership: %w", err)
 	}
-	if len(fes) >= loader.RevNATMaxFrontends {
-		r.overflow++
-		r.log.Warn("backend serves more frontends than the datapath can reverse-NAT; replies through the extra ones will not be translated",
-			zap.Stringer("backend", netip.AddrPortFrom(loader.BEToAddr(p.backend.Addr), loader.BEToPort(p.backend.Port))),
-			zap.Int("limit", loader.RevNATMaxFrontends))
-		return nil
-	}
-	fes = append(fes, p.frontend)
-	if err := r.writeRevNAT(p.backend, fes); err != nil {
-		return err
-	}
-	r.revnat[p.backend] = fes
+	delete(r.members, k)
 	return nil
-}
-
-func (r *Reconciler) writeRevNAT(k loader.RevNATKey, fes []loader.RevNATFrontend) error {
-	if len(fes) == 0 {
-		return r.del(func() error { return r.maps.DeleteRevNAT(k) })
-	}
-	var v loader.RevNATValue
-	v.Count = uint32(len(fes))
-	copy(v.Frontends[:], fes)
-	if err := r.put(func() error { return r.maps.PutRevNAT(k, v) }); err != nil {
-		return fmt.Errorf("write reverse-NAT entry: %w", err)
-	}
-	return nil
-}
-
-// CollectRevNAT removes retired reverse-NAT entries that no live conntrack entry needs.
-// The agent runs it periodically; until then, established flows to a removed backend keep
-// getting their replies translated, as they do with kube-proxy's conntrack.
-func (r *Reconciler) CollectRevNAT() (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.retired) == 0 {
-		return 0, nil
-	}
-	ct, err := r.maps.DumpCT()
-	if err != nil {
-		return 0, fmt.Errorf("read conntrack: %w", err)
-	}
-	// Entries past their deadline are dead flows the LRU has not evicted yet; the datapath
-	// treats them as new flows, so they need no reverse NAT. The deadline is CLOCK_MONOTONIC.
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return 0, fmt.Errorf("read the monotonic clock: %w", err)
-	}
-	now := uint64(ts.Nano())
-	inUse := map[revPair]bool{}
-	for k, v := range ct {
-		if v.ExpiresNs < now {
-			continue
-		}
-		inUse[revPair{
-			backend:  loader.RevNATKey{Addr: v.BackendAddr, Port: v.BackendPort, Proto: k.Proto},
-			frontend: loader.RevNATFrontend{Addr: k.Daddr, Port: k.Dport},
-		}] = true
-	}
-	removed := 0
-	var errs []error
-	for p := range r.retired {
-		if inUse[p] {
-			continue
-		}
-		fes := r.revnat[p.backend]
-		kept := fes[:0:0]
-		for _, fe := range fes {
-			if fe != p.frontend {
-				kept = append(kept, fe)
-			}
-		}
-		if len(kept) != len(fes) {
-			if err := r.writeRevNAT(p.backend, kept); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			if len(kept) == 0 {
-				delete(r.revnat, p.backend)
-			} else {
-				r.revnat[p.backend] = kept
-			}
-			removed++
-		}
-		delete(r.retired, p)
-	}
-	return removed, errors.Join(errs...)
 }
 
 // bulkLoad writes a whole desired state into empty maps with batch updates, in the same
-// order the per-entry path keeps: reverse NAT, then slots, then frontends.
+// order the per-entry path keeps: membership, then slots, then frontends.
 func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
 	var (
 		sk []loader.ServiceKey
 		sv []loader.ServiceValue
 		bk []loader.BackendKey
 		bv []loader.BackendValue
+		mk []loader.MemberKey
+		mv []uint32
 	)
 	fronts := make(map[Frontend]*realized, len(desired))
-	rev := map[loader.RevNATKey][]loader.RevNATFrontend{}
+	members := map[loader.MemberKey]bool{}
 	for f, bs := range desired {
 		id, err := r.allocID()
 		if err != nil {
@@ -498,27 +410,16 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
 		for i, b := range bs {
 			bk = append(bk, loader.BackendKey{SvcId: id, Slot: uint32(i + 1)})
 			bv = append(bv, loader.BackendValue{Addr: loader.AddrToBE(b.Addr), Port: loader.PortToBE(b.Port)})
-			p := pairOf(f, b)
-			if len(rev[p.backend]) >= loader.RevNATMaxFrontends {
-				r.overflow++
-				continue
-			}
-			rev[p.backend] = append(rev[p.backend], p.frontend)
+			k := memberKey(id, b)
+			mk = append(mk, k)
+			mv = append(mv, uint32(i+1))
+			members[k] = true
 		}
 		sk = append(sk, svcKey(f))
 		sv = append(sv, loader.ServiceValue{Id: id, BackendCount: uint16(len(bs))})
 	}
-	rk := make([]loader.RevNATKey, 0, len(rev))
-	rv := make([]loader.RevNATValue, 0, len(rev))
-	for k, fes := range rev {
-		var v loader.RevNATValue
-		v.Count = uint32(len(fes))
-		copy(v.Frontends[:], fes)
-		rk = append(rk, k)
-		rv = append(rv, v)
-	}
-	if err := bm.PutRevNATs(rk, rv); err != nil {
-		return fmt.Errorf("load reverse-NAT entries: %w", err)
+	if err := bm.PutMembers(mk, mv); err != nil {
+		return fmt.Errorf("load backend membership: %w", err)
 	}
 	if err := bm.PutBackends(bk, bv); err != nil {
 		return fmt.Errorf("load backend slots: %w", err)
@@ -526,8 +427,8 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
 	if err := bm.PutServices(sk, sv); err != nil {
 		return fmt.Errorf("load frontends: %w", err)
 	}
-	r.writes += uint64(len(rk) + len(bk) + len(sk))
+	r.writes += uint64(len(mk) + len(bk) + len(sk))
 	r.fronts = fronts
-	r.revnat = rev
+	r.members = members
 	return nil
 }

@@ -10,7 +10,7 @@ import (
 )
 
 // mapState decodes the kernel maps back into a State, independently of the reconciler's
-// mirror, and checks the reverse-NAT index covers every backend.
+// mirror, and checks that the membership index holds exactly the backends in slots.
 func mapState(t *testing.T, m *loader.Maps) State {
 	t.Helper()
 	svcs, err := m.DumpServices()
@@ -18,8 +18,9 @@ func mapState(t *testing.T, m *loader.Maps) State {
 		t.Fatal(err)
 	}
 	bes, _ := m.DumpBackends()
-	rev, _ := m.DumpRevNAT()
+	mem, _ := m.DumpMembers()
 	out := State{}
+	want := map[loader.MemberKey]bool{}
 	for k, v := range svcs {
 		f := Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: Protocol(k.Proto)}
 		bs := []Backend{}
@@ -29,16 +30,18 @@ func mapState(t *testing.T, m *loader.Maps) State {
 				t.Fatalf("frontend %s counts slot %d that is missing", f, i)
 			}
 			bs = append(bs, Backend{Addr: loader.BEToAddr(b.Addr), Port: loader.BEToPort(b.Port)})
-			rv := rev[loader.RevNATKey{Addr: b.Addr, Port: b.Port, Proto: k.Proto}]
-			found := false
-			for _, fe := range rv.Frontends[:rv.Count] {
-				found = found || (fe.Addr == k.Addr && fe.Port == k.Port)
+			mk := loader.MemberKey{SvcId: v.Id, Addr: b.Addr, Port: b.Port}
+			if _, ok := mem[mk]; !ok {
+				t.Fatalf("backend %v of %s is not a member", b, f)
 			}
-			if !found {
-				t.Fatalf("backend %v of %s has no reverse-NAT entry", b, f)
-			}
+			want[mk] = true
 		}
 		out[f] = normalize(bs)
+	}
+	for k := range mem {
+		if !want[k] {
+			t.Fatalf("membership entry %+v has no slot", k)
+		}
 	}
 	return out
 }
@@ -80,8 +83,10 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	if err := r.Apply(desired.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
-	if n := r.Writes() - w; n != 3 {
-		t.Fatalf("removing one backend took %d writes, want 3", n)
+	// The last slot moves into the hole, the count goes down, the trailing slot and the
+	// removed backend's membership go.
+	if n := r.Writes() - w; n != 4 {
+		t.Fatalf("removing one backend took %d writes, want 4", n)
 	}
 	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
 		t.Fatalf("maps hold %v, want %v", got, desired)
@@ -127,7 +132,11 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	}
 }
 
-func TestRetiredReverseNATWaitsForFlows(t *testing.T) {
+// A backend that leaves a frontend stops being a member at once (so the datapath moves its
+// UDP flows), a backend that stays keeps its membership, and a reconciler that starts on
+// maps with no membership at all (left by the previous datapath layout) rebuilds it from
+// the slots before anything else.
+func TestMembershipFollowsBackends(t *testing.T) {
 	d := loadertest.New(t, loader.Config{})
 	m := d.Maps()
 	r, _ := NewReconciler(m, nil)
@@ -136,32 +145,33 @@ func TestRetiredReverseNATWaitsForFlows(t *testing.T) {
 	if err := r.Apply(State{web: {gone, stays}}.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
-	// A live flow from a client to web, served by the backend about to be removed.
-	ck := loader.CTKey{Saddr: loader.AddrToBE(be("10.0.9.9", 0).Addr), Daddr: svcKey(web).Addr,
-		Sport: loader.PortToBE(40000), Dport: svcKey(web).Port, Proto: uint8(TCP)}
-	if err := m.CT.Put(ck, loader.CTValue{ExpiresNs: ^uint64(0), BackendAddr: loader.AddrToBE(gone.Addr), BackendPort: loader.PortToBE(gone.Port)}); err != nil {
-		t.Fatal(err)
-	}
 	if err := r.Apply(State{web: {stays}}.Lookup, []Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
-	revKey := pairOf(web, gone).backend
-	if n, err := r.CollectRevNAT(); err != nil || n != 0 {
-		t.Fatalf("collected %d (%v) while a flow still uses the backend", n, err)
+	id := r.fronts[web].id
+	var slot uint32
+	if err := m.Members.Lookup(memberKey(id, gone), &slot); !loader.IsNotExist(err) {
+		t.Fatalf("removed backend is still a member: %v", err)
 	}
-	var v loader.RevNATValue
-	if err := m.RevNAT.Lookup(revKey, &v); err != nil || v.Count != 1 {
-		t.Fatalf("reverse NAT for the removed backend vanished under a live flow: %v %+v", err, v)
+	if err := m.Members.Lookup(memberKey(id, stays), &slot); err != nil {
+		t.Fatalf("remaining backend lost its membership: %v", err)
 	}
-	// An expired flow the LRU has not evicted yet does not hold the entry either.
-	if err := m.CT.Put(ck, loader.CTValue{ExpiresNs: 1, BackendAddr: loader.AddrToBE(gone.Addr), BackendPort: loader.PortToBE(gone.Port)}); err != nil {
+
+	// Wipe membership, as an upgrade from the previous layout finds it, plus a stray entry.
+	mem, _ := m.DumpMembers()
+	for k := range mem {
+		if err := m.Members.Delete(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Members.Put(memberKey(id, gone), uint32(7)); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := r.CollectRevNAT(); err != nil || n != 1 {
-		t.Fatalf("collected %d (%v), want 1 once the flow has expired", n, err)
+	if _, err := NewReconciler(m, nil); err != nil {
+		t.Fatal(err)
 	}
-	if err := m.RevNAT.Lookup(revKey, &v); !loader.IsNotExist(err) {
-		t.Fatalf("reverse NAT entry still there: %v", err)
+	if got := mapState(t, m); !reflect.DeepEqual(got, State{web: {stays}}) {
+		t.Fatalf("after restart: %v", got)
 	}
 }
 
@@ -188,24 +198,24 @@ func TestBulkLoadIntoEmptyMaps(t *testing.T) {
 	if err := r.Apply(desired.Lookup, []Frontend{f}); err != nil {
 		t.Fatal(err)
 	}
-	if r.Writes()-w != 2 { // count down, last slot gone
+	if r.Writes()-w != 3 { // count down, last slot gone, its membership gone
 		t.Fatalf("incremental change after bulk load took %d writes", r.Writes()-w)
 	}
 	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
 		t.Fatal("maps diverge after an incremental change on a bulk-loaded state")
 	}
 
-	// One backend behind 9 frontends: the datapath can reverse-NAT 8; the 9th is counted.
+	// One backend behind 50 frontends: nothing limits how many frontends share a backend.
 	d2 := loadertest.New(t, loader.Config{})
 	r2, _ := NewReconciler(d2.Maps(), nil)
 	shared := State{}
-	for i := 0; i < 9; i++ {
+	for i := 0; i < 50; i++ {
 		shared[fe(fmt.Sprintf("10.96.1.%d", i), 80, TCP)] = []Backend{be("10.0.9.9", 9090)}
 	}
 	if err := r2.Sync(shared); err != nil {
 		t.Fatal(err)
 	}
-	if r2.RevNATOverflows() != 1 {
-		t.Fatalf("reverse-NAT overflows counted %d, want 1", r2.RevNATOverflows())
+	if got := mapState(t, d2.Maps()); !reflect.DeepEqual(got, shared) {
+		t.Fatal("50 frontends sharing a backend not loaded")
 	}
 }

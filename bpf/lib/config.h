@@ -16,3 +16,11 @@ volatile const __u32 CFG_CT_TCP_SYN_TIMEOUT = 60;
 volatile const __u32 CFG_CT_TCP_ESTABLISHED_TIMEOUT = 21600;
 volatile const __u32 CFG_CT_TCP_CLOSING_TIMEOUT = 10;
 volatile const __u32 CFG_CT_UDP_TIMEOUT = 60;
+
+/* Source ports for a service flow whose translated tuple (client:port -> backend) is already
+ * another live flow's: the client reused its port towards another frontend that landed on
+ * the same backend. The flow gets a free port from this range on the wire, and its replies
+ * get the client's port back. Default 61000-65535, above Linux's default ephemeral range
+ * (32768-60999), so it does not compete with the client's own sockets. */
+volatile const __u16 CFG_COLLISION_PORT_MIN = 61000;
+volatile const __u16 CFG_COLLISION_PORT_COUNT = 4536;

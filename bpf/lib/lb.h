@@ -1,5 +1,5 @@
-/* Service load balancing state: the ClusterIP frontends, their backends, and the reverse
- * index from a backend to the frontends it serves. All three maps are written only by the
+/* Service load balancing state: the ClusterIP frontends, their backends, and which backends
+ * each frontend has. All three maps are written only by the
  * agent's service reconciler (service/), which computes them from Service and
  * EndpointSlice objects; the datapath only reads them. */
 #pragma once
@@ -56,42 +56,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_backends SEC(".maps");
 
-/* A backend (address, port, protocol) serves at most this many frontends whose replies we
- * can reverse-NAT. The reconciler counts and logs overflows. */
-#define REVNAT_MAX_FRONTENDS 8
-
-struct revnat_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-
-struct revnat_frontend {
+struct member_key {
+	__u32 svc_id;
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
 };
 
-struct revnat_value {
-	__u32 count;
-	struct revnat_frontend frontends[REVNAT_MAX_FRONTENDS];
-};
-
-/* tern_revnat: key revnat_key (backend address, port, protocol), value revnat_value (the
- * frontends that backend serves). A reply from a backend names the backend, not the VIP;
- * this index gives the candidate VIPs so the reply can find its flow's single conntrack
- * entry, which is keyed by the client's original tuple. Size from the loader (default
- * 262144); never evicted. Writer: agent service reconciler. Reader: to-pod and the
- * hairpin path of from-pod. */
+/* tern_lb_members: key member_key (frontend id, backend address, port), value the backend's
+ * slot. It answers "is this backend still one of this frontend's" in one lookup, without
+ * knowing its slot (slots move when a backend leaves). Established UDP flows ask it on every
+ * datagram and TCP on every new SYN, so a removed backend gets no more datagrams from a
+ * long-lived socket and no new connection on a reused tuple, while established TCP flows to
+ * it continue (as with kube-proxy). Size from the loader (default 524288, like the slots);
+ * never evicted. Writer: agent service reconciler (a member is added before its slot and
+ * removed after). Reader: from-pod program. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct revnat_key);
-	__type(value, struct revnat_value);
-	__uint(max_entries, 262144);
+	__type(key, struct member_key);
+	__type(value, __u32);
+	__uint(max_entries, 524288);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tern_revnat SEC(".maps");
+} tern_lb_members SEC(".maps");
 
 static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 port, __u8 proto)
 {
@@ -100,14 +87,16 @@ static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 p
 	return bpf_map_lookup_elem(&tern_services, &k);
 }
 
-/* Uniform random choice among the ready backends. Returns NULL when the slot is missing,
- * which the reconciler's write order should make impossible. */
-static __always_inline struct backend_value *lb_pick_backend(const struct svc_value *svc)
+static __always_inline struct backend_value *lb_backend(__u32 svc_id, __u32 slot)
 {
-	struct backend_key k = {
-		.svc_id = svc->id,
-		.slot = (bpf_get_prandom_u32() % svc->backend_count) + 1,
-	};
+	struct backend_key k = { .svc_id = svc_id, .slot = slot };
 
 	return bpf_map_lookup_elem(&tern_backends, &k);
+}
+
+static __always_inline bool lb_is_member(__u32 svc_id, __be32 addr, __be16 port)
+{
+	struct member_key k = { .svc_id = svc_id, .addr = addr, .port = port };
+
+	return bpf_map_lookup_elem(&tern_lb_members, &k) != NULL;
 }

@@ -21,14 +21,15 @@ enum tern_reason : __u8 {
 	REASON_SVC_REVNAT = 2,      /* reverse NAT of a backend's reply */
 	REASON_SVC_HAIRPIN = 3,     /* pod reached itself through a Service */
 	REASON_SVC_REJECT = 4,      /* no ready endpoints: answered with RST / ICMP */
+	REASON_SVC_PORT_SNAT = 5,   /* new service flow whose wire tuple was taken: source port changed */
 	REASON_DROP_TRUNCATED = 10, /* packet shorter than its headers claim */
 	REASON_DROP_BAD_IP = 11,    /* IPv4 header invalid (IHL < 5, total length) */
-	REASON_DROP_FRAG_NO_HEAD = 12, /* non-first fragment of a service flow, head not seen */
 	REASON_DROP_CT_FULL = 13,   /* conntrack insert failed */
 	REASON_DROP_NAT_FAILED = 14, /* a checksum or store helper failed */
 	REASON_DROP_REJECT_FAILED = 15, /* could not build the RST / ICMP reply */
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
+	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
 	__REASON_MAX = 32,
 };
 

@@ -173,16 +173,33 @@ func flows(w *tabwriter.Writer, m *loader.Maps) error {
 		if v.Flags&loader.CTFlagHairpin != 0 {
 			state += ",hairpin"
 		}
+		if v.Flags&loader.CTFlagPortSNAT != 0 {
+			state += ",port-snat"
+		}
 		left := "expired"
 		if v.ExpiresNs > now {
 			left = time.Duration(v.ExpiresNs - now).Round(time.Second).String()
 		}
-		client := ap(k.Saddr, k.Sport)
-		rows = append(rows, row{client.String(), fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", Proto(k.Proto), client,
-			ap(k.Daddr, k.Dport), ap(v.BackendAddr, v.BackendPort), state, left)})
+		a, b := ap(k.AddrA, k.PortA), ap(k.AddrB, k.PortB)
+		var kind, from, to, via string
+		if k.Kind == loader.CTKindSvc {
+			// What the client sent, and where its flow goes on the wire.
+			kind, from, to = "service", a.String(), b.String()
+			via = fmt.Sprintf("backend %s (source port %d)", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
+		} else {
+			kind, from, to = "flow", a.String(), b.String()
+			if v.Flags&loader.CTFlagOriginB != 0 {
+				from, to = to, from
+			}
+			via = "-"
+			if v.Flags&loader.CTFlagRevNAT != 0 {
+				via = fmt.Sprintf("replies from %s to port %d", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
+			}
+		}
+		rows = append(rows, row{kind + from, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", kind, Proto(k.Proto), from, to, via, state, left)})
 	}
 	sort.Slice(rows, func(i, j int) bool { return rows[i].key < rows[j].key })
-	fmt.Fprintln(w, "PROTO\tCLIENT\tFRONTEND\tBACKEND\tSTATE\tEXPIRES IN")
+	fmt.Fprintln(w, "KIND\tPROTO\tFROM\tTO\tTRANSLATION\tSTATE\tEXPIRES IN")
 	for _, r := range rows {
 		fmt.Fprintln(w, r.line)
 	}

@@ -52,7 +52,7 @@ type Backend struct {
 	Port uint16
 }
 
-// PutService writes a frontend and its backends directly (slots, frontend, reverse NAT),
+// PutService writes a frontend and its backends directly (membership, slots, frontend),
 // for datapath tests that do not need the reconciler.
 func PutService(tb testing.TB, m *loader.Maps, id uint32, vip string, port uint16, proto uint8, backends ...Backend) {
 	tb.Helper()
@@ -62,14 +62,8 @@ func PutService(tb testing.TB, m *loader.Maps, id uint32, vip string, port uint1
 		if err := m.Backends.Put(k, v); err != nil {
 			tb.Fatal(err)
 		}
-		rk := loader.RevNATKey{Addr: v.Addr, Port: v.Port, Proto: proto}
-		var rv loader.RevNATValue
-		if err := m.RevNAT.Lookup(rk, &rv); err != nil && !loader.IsNotExist(err) {
-			tb.Fatal(err)
-		}
-		rv.Frontends[rv.Count] = loader.RevNATFrontend{Addr: loader.AddrToBE(netip.MustParseAddr(vip)), Port: loader.PortToBE(port)}
-		rv.Count++
-		if err := m.RevNAT.Put(rk, rv); err != nil {
+		mk := loader.MemberKey{SvcId: id, Addr: v.Addr, Port: v.Port}
+		if err := m.Members.Put(mk, uint32(i+1)); err != nil {
 			tb.Fatal(err)
 		}
 	}

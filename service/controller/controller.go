@@ -194,12 +194,6 @@ func (c *Controller) periodic(ctx context.Context) {
 		case <-resync.C:
 			// Queued through the same worker so the builder is only touched by one goroutine.
 			c.queue.Add(fullSyncKey)
-		case <-gc.C:
-			if n, err := c.rec.CollectRevNAT(); err != nil {
-				c.log.Warn("collecting retired reverse-NAT entries", zap.Error(err))
-			} else if n > 0 {
-				c.log.Debug("collected retired reverse-NAT entries", zap.Int("count", n))
-			}
 		}
 	}
 }

@@ -1,0 +1,289 @@
+/* Service translation on top of conntrack (conntrack.h) and the LB maps (lb.h).
+ *
+ *   svc_forward   a client's packet to a frontend: find or open its flow, DNAT to the
+ *                 flow's backend (and source port, if the wire tuple had to change)
+ *   svc_restore   a backend's reply found on a REVNAT flow entry: back to frontend -> client
+ *
+ * Both halves of a service flow (SVC and FLOW entries) can be rebuilt from each other, and
+ * each direction re-touches the other half at most once a second (svc_keep_pair), so LRU
+ * pressure evicts idle flows whole rather than a live flow by halves. */
+#pragma once
+
+#include "common.h"
+#include "config.h"
+#include "conntrack.h"
+#include "lb.h"
+#include "nat.h"
+
+#define SVC_PORT_TRIES 8
+
+/* The two sides of a FLOW key, loaded into registers before choosing one. Choosing with
+ * `c ? k->x : k->y` or an array index lets clang select between stack addresses, which the
+ * verifier refuses; a select between loaded values is fine. */
+struct ct_side {
+	__be32 addr;
+	__be16 port;
+};
+
+static __always_inline struct ct_side ct_side_of(const struct ct_key *k, bool b)
+{
+	__be32 aa = k->addr_a, ab = k->addr_b;
+	__be16 pa = k->port_a, pb = k->port_b;
+
+	asm volatile("" : "+r"(aa), "+r"(ab), "+r"(pa), "+r"(pb));
+	struct ct_side s = { .addr = b ? ab : aa, .port = b ? pb : pa };
+	return s;
+}
+
+/* The address a service flow's client has on the wire: itself, or the hairpin address when
+ * the backend is the client. */
+static __always_inline __be32 svc_wire_client(__be32 client, __u16 flags)
+{
+	return (flags & CT_F_HAIRPIN) ? CFG_HAIRPIN_IP : client;
+}
+
+/* Whether an established SVC entry must give way to a new backend choice: a UDP flow whose
+ * backend left the frontend (a long-lived socket must not keep sending to it), or a new TCP
+ * connection (a SYN) on a reused tuple whose old flow closed or whose backend left. */
+static __always_inline bool svc_must_repick(const struct ct_value *ct, const struct pkt *p)
+{
+	if (p->proto == IPPROTO_TCP) {
+		if (!is_pure_syn(p->tcp_flags))
+			return false;
+		if (ct->flags & CT_F_CLOSING)
+			return true;
+	}
+	return !lb_is_member(ct->svc_id, ct->nat_addr, ct->nat_port);
+}
+
+/* Merge the TCP state of the two halves and give both the same deadline. */
+static __always_inline void svc_merge(struct ct_value *a, struct ct_value *b, __u8 proto, __u64 now)
+{
+	__u16 st = (a->flags | b->flags) & (CT_F_SEEN_REPLY | CT_F_CLOSING);
+	__u64 deadline = now + ct_lifetime_ns(proto, st);
+
+	a->flags |= st;
+	b->flags |= st;
+	a->expires_ns = deadline;
+	b->expires_ns = deadline;
+}
+
+/* Keep a service flow's two halves together: svc is the SVC entry whose key is sk, flow the
+ * FLOW entry whose key is fk (client_is_a: the client's wire side is fk's side a);
+ * whichever the packet found is non-NULL, the other is looked up and refreshed, or rebuilt
+ * from the one at hand if it was evicted. */
+static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_value *svc,
+					  const struct ct_key *fk, struct ct_value *flow,
+					  bool client_is_a, __u8 proto, __u64 now)
+{
+	struct ct_value v = {};
+
+	if (svc) {
+		flow = bpf_map_lookup_elem(&tern_conntrack, fk);
+		if (flow) {
+			svc_merge(svc, flow, proto, now);
+			return;
+		}
+		v.expires_ns = svc->expires_ns;
+		v.nat_addr = sk->addr_b;
+		v.nat_port = sk->port_b;
+		v.nat_sport = sk->port_a;
+		v.svc_id = svc->svc_id;
+		v.flags = (svc->flags & (CT_F_SEEN_REPLY | CT_F_CLOSING | CT_F_HAIRPIN | CT_F_PORT_SNAT)) |
+			  CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B);
+		bpf_map_update_elem(&tern_conntrack, fk, &v, BPF_ANY);
+		return;
+	}
+	svc = bpf_map_lookup_elem(&tern_conntrack, sk);
+	if (svc) {
+		svc_merge(svc, flow, proto, now);
+		return;
+	}
+	v.expires_ns = flow->expires_ns;
+	struct ct_side backend = ct_side_of(fk, client_is_a);
+	struct ct_side client = ct_side_of(fk, !client_is_a);
+
+	v.nat_addr = backend.addr;
+	v.nat_port = backend.port;
+	v.nat_sport = client.port;
+	v.svc_id = flow->svc_id;
+	v.flags = flow->flags & (CT_F_SEEN_REPLY | CT_F_CLOSING | CT_F_HAIRPIN | CT_F_PORT_SNAT);
+	bpf_map_update_elem(&tern_conntrack, sk, &v, BPF_ANY);
+}
+
+/* The SVC key of a service flow, rebuilt from its FLOW entry (fk, flow): the client is the
+ * side that opened the flow (the backend, for a hairpin flow, whose client is itself). */
+static __always_inline void svc_key_of_flow(struct ct_key *sk, const struct ct_key *fk,
+					    const struct ct_value *flow)
+{
+	/* The client's wire side opened the flow; a hairpin flow's client is the backend. */
+	bool b = !!(flow->flags & CT_F_ORIGIN_B);
+
+	if (flow->flags & CT_F_HAIRPIN)
+		b = !b;
+	sk->addr_a = ct_side_of(fk, b).addr;
+	sk->port_a = flow->nat_sport;
+	sk->addr_b = flow->nat_addr;
+	sk->port_b = flow->nat_port;
+	sk->proto = fk->proto;
+	sk->kind = CT_KIND_SVC;
+	sk->pad = 0;
+}
+
+/* Open a new service flow from p to svc: choose a backend, claim its wire tuple and write
+ * both halves (FLOW first, so a reply can never arrive before its entry). When the wire
+ * tuple is another live flow's, the source port changes, taken from the collision range.
+ * Returns a reason to drop, or 0 with the flow's SVC half in *out. */
+static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk,
+				    const struct svc_value *svc, __u64 now, struct ct_value *out)
+{
+	__u32 slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
+	struct backend_value *be = lb_backend(svc->id, slot);
+
+	if (!be)
+		return REASON_DROP_NO_BACKEND_SLOT;
+
+	__u16 flags = be->addr == p->saddr ? CT_F_HAIRPIN : 0;
+	__be32 wire_client = svc_wire_client(p->saddr, flags);
+	__be16 sport = p->sport;
+	struct ct_key fk;
+	bool client_is_a;
+
+	for (int i = 0; i < SVC_PORT_TRIES; i++) {
+		ct_flow_key(&fk, wire_client, sport, be->addr, be->port, p->proto, &client_is_a);
+		struct ct_value *old = ct_lookup(&fk, now);
+		/* Free, or this very client flow's own (its SVC half expired or was evicted). */
+		if (!old || ((old->flags & CT_F_REVNAT) && old->nat_addr == p->daddr &&
+			     old->nat_port == p->dport && old->nat_sport == p->sport))
+			goto claim;
+		if (p->proto == IPPROTO_SCTP)
+			return REASON_DROP_CT_COLLISION; /* its CRC32c forbids a port change */
+		flags |= CT_F_PORT_SNAT;
+		sport = bpf_htons(CFG_COLLISION_PORT_MIN +
+				  bpf_get_prandom_u32() % CFG_COLLISION_PORT_COUNT);
+	}
+	return REASON_DROP_CT_COLLISION;
+
+claim:;
+	struct ct_value flow = {
+		.nat_addr = p->daddr,
+		.nat_port = p->dport,
+		.nat_sport = p->sport,
+		.svc_id = svc->id,
+		.flags = flags | CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B),
+	};
+	flow.expires_ns = now + ct_lifetime_ns(p->proto, 0);
+	if (bpf_map_update_elem(&tern_conntrack, &fk, &flow, BPF_ANY))
+		return REASON_DROP_CT_FULL;
+
+	__builtin_memset(out, 0, sizeof(*out));
+	out->expires_ns = flow.expires_ns;
+	out->nat_addr = be->addr;
+	out->nat_port = be->port;
+	out->nat_sport = sport;
+	out->svc_id = svc->id;
+	out->flags = flags;
+	if (bpf_map_update_elem(&tern_conntrack, sk, out, BPF_ANY))
+		return REASON_DROP_CT_FULL;
+	return 0;
+}
+
+/* The established or new flow of a client's packet to a frontend. Returns a reason to drop,
+ * SVC_NEEDS_REJECT when the frontend has no backend, or 0 with the flow in *flow. */
+#define SVC_NEEDS_REJECT (-1)
+
+static __always_inline int svc_flow(const struct pkt *p, const struct svc_value *svc, __u64 now,
+				    struct ct_value *flow)
+{
+	struct ct_key sk;
+
+	ct_svc_key(&sk, p);
+	struct ct_value *ct = ct_lookup(&sk, now);
+	if (ct && !svc_must_repick(ct, p)) {
+		bool moved = ct_touch(ct, now, p->proto, p->tcp_flags, false);
+		/* Until established, every packet looks for the reply's mark on the FLOW half;
+		 * after that, once a second is enough to keep the halves together. */
+		if (moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY))) {
+			struct ct_key fk;
+			bool client_is_a;
+
+			ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
+				    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
+			svc_keep_pair(&sk, ct, &fk, NULL, client_is_a, p->proto, now);
+		}
+		*flow = *ct;
+		return 0;
+	}
+	if (svc->backend_count == 0)
+		return SVC_NEEDS_REJECT;
+	return svc_open(p, &sk, svc, now, flow);
+}
+
+/* DNAT a client's packet onto its flow: destination to the backend, source port to the
+ * flow's wire port, and for a hairpin flow the source to the hairpin address. */
+static __always_inline int svc_translate(struct __sk_buff *skb, const struct pkt *p,
+					 const struct ct_value *flow)
+{
+	if (p->proto == IPPROTO_SCTP && flow->nat_port != p->dport)
+		return REASON_DROP_SCTP_PORT;
+	if (nat_rewrite(skb, p, true, flow->nat_addr, flow->nat_port))
+		return REASON_DROP_NAT_FAILED;
+	if (nat_rewrite(skb, p, false, svc_wire_client(p->saddr, flow->flags), flow->nat_sport))
+		return REASON_DROP_NAT_FAILED;
+	return 0;
+}
+
+/* Turn a backend's reply on a REVNAT flow back into frontend -> client: the source becomes
+ * the frontend, the destination port the client's own (and for a hairpin flow the
+ * destination the client itself, which is the replying backend). */
+static __always_inline int svc_restore(struct __sk_buff *skb, const struct pkt *p,
+				       const struct ct_value *flow)
+{
+	__be32 client = (flow->flags & CT_F_HAIRPIN) ? p->saddr : p->daddr;
+
+	if (p->proto == IPPROTO_SCTP && flow->nat_port != p->sport)
+		return REASON_DROP_SCTP_PORT;
+	if (nat_rewrite(skb, p, false, flow->nat_addr, flow->nat_port))
+		return REASON_DROP_NAT_FAILED;
+	if (nat_rewrite(skb, p, true, client, flow->nat_sport))
+		return REASON_DROP_NAT_FAILED;
+	return 0;
+}
+
+/* The flow stage for packets that are not addressed to a frontend: find or open the FLOW
+ * entry, keep a service flow's SVC half warm. *out is the entry, *reply whether the packet
+ * travels against the flow's opening direction. Returns a reason to drop, or 0. */
+static __always_inline int flow_track(const struct pkt *p, __u64 now, struct ct_value **out,
+				      bool *reply)
+{
+	struct ct_key fk;
+	bool from_a;
+
+	ct_flow_key(&fk, p->saddr, p->sport, p->daddr, p->dport, p->proto, &from_a);
+	struct ct_value *ct = ct_lookup(&fk, now);
+	if (!ct) {
+		struct ct_value v = {};
+
+		if (!from_a)
+			v.flags |= CT_F_ORIGIN_B;
+		/* A TCP segment without SYN belongs to a flow older than its entry (an upgrade,
+		 * an eviction): take it as established. */
+		if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
+			v.flags |= CT_F_SEEN_REPLY;
+		v.expires_ns = now + ct_lifetime_ns(p->proto, v.flags);
+		if (bpf_map_update_elem(&tern_conntrack, &fk, &v, BPF_ANY))
+			return REASON_DROP_CT_FULL;
+		*out = NULL;
+		*reply = false;
+		return 0;
+	}
+	*reply = ct_is_reply(ct, from_a);
+	if (ct_touch(ct, now, p->proto, p->tcp_flags, *reply) && (ct->flags & CT_F_REVNAT)) {
+		struct ct_key sk;
+
+		svc_key_of_flow(&sk, &fk, ct);
+		svc_keep_pair(&sk, NULL, &fk, ct, !(ct->flags & CT_F_ORIGIN_B), p->proto, now);
+	}
+	*out = ct;
+	return 0;
+}
