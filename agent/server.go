@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/netip"
 	"sort"
@@ -24,7 +26,14 @@ func (a *Agent) handler() http.Handler {
 	route := func(method, path string, h func(*http.Request) (any, *api.Error)) {
 		mux.HandleFunc(method+" "+path, func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
-			out, aerr := h(r)
+			out, aerr := readRequest(w, r)
+			if aerr == nil {
+				out, aerr = h(r)
+			}
+			if tc, ok := r.Context().Value(trackedConnKey{}).(*trackedConn); ok {
+				// Idle on a kept-alive connection, it may be evicted again.
+				defer tc.delivered.Store(false)
+			}
 			code := http.StatusOK
 			if aerr != nil {
 				out, code = aerr, httpStatus(aerr.Code)
@@ -63,6 +72,26 @@ func httpStatus(code uint) int {
 	default:
 		return http.StatusInternalServerError
 	}
+}
+
+// readRequest reads the whole body (at most MaxRequestBody) before any handler runs, so a
+// handler never waits on a slow client, and marks the connection as having delivered it.
+func readRequest(w http.ResponseWriter, r *http.Request) (any, *api.Error) {
+	if r.ContentLength > MaxRequestBody {
+		return nil, &api.Error{Code: api.CodeDecodeFailure,
+			Msg: fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, MaxRequestBody)}
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxRequestBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, &api.Error{Code: api.CodeDecodeFailure, Msg: fmt.Sprintf("request body exceeds the limit of %d bytes", MaxRequestBody)}
+		}
+		return nil, &api.Error{Code: api.CodeDecodeFailure, Msg: "read request body", Details: err.Error()}
+	}
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	requestRead(r)
+	return nil, nil
 }
 
 func decode(r *http.Request, v any) *api.Error {
