@@ -59,6 +59,7 @@ type Agent struct {
 
 	ready      atomic.Bool
 	attachMu   sync.Mutex // serialises BPF attach calls
+	sandboxes  sandboxLocks
 	onAllocate []func(ipam.PodKey, error)
 }
 

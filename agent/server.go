@@ -110,14 +110,6 @@ func (a *Agent) poolOrRetry() (*ipam.Pool, *api.Error) {
 	return p, nil
 }
 
-func podKey(r api.PodRef) (ipam.PodKey, *api.Error) {
-	if r.Namespace == "" || r.Name == "" || r.ContainerID == "" {
-		return ipam.PodKey{}, &api.Error{Code: api.CodeInvalidEnv,
-			Msg: fmt.Sprintf("pod reference %+v needs namespace, name and container ID (K8S_POD_NAMESPACE, K8S_POD_NAME, CNI_CONTAINERID)", r)}
-	}
-	return ipam.PodKey{Namespace: r.Namespace, Name: r.Name, ContainerID: r.ContainerID}, nil
-}
-
 // errorFor maps a pool error to a CNI error code.
 func errorFor(err error) *api.Error {
 	switch {
@@ -162,6 +154,19 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 	if e != nil {
 		return nil, e
 	}
+	unlock := a.sandboxes.lock(key.ContainerID)
+	defer unlock()
+	// A client that gave up (its timeout passed while this request queued) gets nothing: the
+	// runtime has moved on and would leave the address behind until GC.
+	if err := r.Context().Err(); err != nil {
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "the client left before its allocation started; nothing was allocated", Details: err.Error()}
+	}
+	if owner, ok := sandboxOwner(pool, key.ContainerID); ok && owner != key {
+		return nil, &api.Error{Code: api.CodeInvalidEnv, Msg: fmt.Sprintf(
+			"container ID %s already holds an address for pod %s/%s; refusing a second one for %s/%s: a sandbox belongs to one pod (DEL it first)",
+			key.ContainerID, owner.Namespace, owner.Name, key.Namespace, key.Name)}
+	}
+	_, existed := pool.Allocations()[key]
 	al, err := pool.Allocate(r.Context(), key)
 	a.notifyAllocate(key, err)
 	if err != nil {
@@ -169,8 +174,34 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 		a.log.Warn("allocate failed", zap.Stringer("pod", key), zap.Uint("code", ae.Code), zap.Error(err))
 		return nil, ae
 	}
+	if cerr := r.Context().Err(); cerr != nil && !existed {
+		// Nobody will read the answer: give the address back rather than strand it.
+		if err := pool.Release(context.WithoutCancel(r.Context()), key); err != nil {
+			a.log.Warn("release of an allocation whose client left failed; GC will release it", zap.Stringer("pod", key), zap.Error(err))
+		}
+		a.log.Info("client left during allocation; released its address", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "the client left during its allocation; the address was released", Details: cerr.Error()}
+	}
 	a.log.Debug("allocated", zap.Stringer("pod", key), zap.Stringer("ip", al.IP), zap.String("eni", al.ENI.ID))
 	return toAPI(al), nil
+}
+
+// podOrSandbox resolves a lookup or release: a full pod reference, or — for a DEL whose
+// runtime sent no K8S_POD_* arguments — a container ID alone, matched against the
+// allocations. ok is false when a bare container ID holds nothing.
+func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool *ipam.Pool, ok bool, e *api.Error) {
+	if ref.Namespace != "" || ref.Name != "" {
+		key, pool, e = a.podAndPool(ref)
+		return key, pool, e == nil, e
+	}
+	if err := api.ValidateContainerID(ref.ContainerID); err != nil {
+		return key, nil, false, &api.Error{Code: api.CodeInvalidEnv, Msg: err.Error()}
+	}
+	if pool, e = a.poolOrRetry(); e != nil {
+		return key, nil, false, e
+	}
+	key, ok = sandboxOwner(pool, ref.ContainerID)
+	return key, pool, ok, nil
 }
 
 func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
@@ -178,9 +209,12 @@ func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, pool, e := a.podAndPool(req)
+	key, pool, found, e := a.podOrSandbox(req)
 	if e != nil {
 		return nil, e
+	}
+	if !found {
+		return api.LookupResponse{}, nil
 	}
 	al, ok := pool.Allocations()[key]
 	if !ok {
@@ -195,10 +229,15 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, pool, e := a.podAndPool(req)
+	key, pool, found, e := a.podOrSandbox(req)
 	if e != nil {
 		return nil, e
 	}
+	if !found {
+		return api.ReleaseResponse{}, nil
+	}
+	unlock := a.sandboxes.lock(key.ContainerID)
+	defer unlock()
 	al, ok := pool.Allocations()[key]
 	if err := pool.Release(r.Context(), key); err != nil {
 		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
@@ -219,8 +258,8 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
-	if req.IfIndex <= 0 {
-		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("attach: ifIndex %d is not a valid interface index", req.IfIndex)}
+	if err := checkPodVeth(req.IfIndex); err != nil {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
 	}
 	a.attachMu.Lock()
 	mode, err := dp.AttachPod(req.IfIndex)
@@ -242,6 +281,9 @@ func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
+	if req.IfIndex <= 0 {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("detach: ifIndex %d is not a valid interface index (want the host veth's, > 0)", req.IfIndex)}
+	}
 	a.attachMu.Lock()
 	err := dp.DetachPod(req.IfIndex)
 	a.attachMu.Unlock()
@@ -255,6 +297,12 @@ func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {
 	var req api.GCRequest
 	if e := decode(r, &req); e != nil {
 		return nil, e
+	}
+	// A request without the list is not "nothing is valid": that reading once released every
+	// pod of the node.
+	if req.ValidAttachments == nil {
+		return nil, &api.Error{Code: api.CodeInvalidConfig,
+			Msg: "GC request lacks validAttachments (CNI GC's cni.dev/valid-attachments); nothing was released"}
 	}
 	if _, e := a.poolOrRetry(); e != nil {
 		return nil, e
