@@ -221,7 +221,7 @@ func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
 		return api.LookupResponse{}, nil
 	}
 	out := toAPI(al)
-	return api.LookupResponse{Found: true, Allocation: &out}, nil
+	return api.LookupResponse{Found: true, Allocation: &out, Pod: &api.PodRef{Namespace: key.Namespace, Name: key.Name, ContainerID: key.ContainerID}}, nil
 }
 
 func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {

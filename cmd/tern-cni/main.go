@@ -231,6 +231,13 @@ func cmdDel(args *skel.CmdArgs) error {
 	// The address's rules are removed only while this sandbox still owns it: once released
 	// (by GC, say) it may already belong to another pod whose rules must stay.
 	lk, lerr := client.Lookup(ctx, ref)
+	if lerr == nil && !lk.Found && ref.Name != "" {
+		// The container ID may hold another pod's address (an ADD under a second pod name was
+		// refused): its veth and rules are that pod's, so this DEL has nothing to remove.
+		if other, err := client.Lookup(ctx, api.PodRef{ContainerID: ref.ContainerID}); err == nil && other.Found && other.Pod != nil {
+			return nil
+		}
+	}
 	var ip netip.Addr
 	if lerr == nil && lk.Found {
 		ip, _ = netip.ParseAddr(lk.Allocation.IP)
