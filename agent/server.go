@@ -120,6 +120,8 @@ func errorFor(err error) *api.Error {
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):
 		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+	case errors.Is(err, aliyun.ErrBadVSwitch):
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "eni_conf names a vSwitch the cloud does not know: fix vswitches in eni_conf (the agent reloads it)", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrCredentials), errors.Is(err, aliyun.ErrForbidden):
 		return &api.Error{Code: api.CodeCloudAuth, Msg: "the cloud API refused the agent's credentials or permissions", Details: err.Error()}
 	default:
