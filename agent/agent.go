@@ -59,6 +59,7 @@ type Agent struct {
 
 	ready      atomic.Bool
 	attachMu   sync.Mutex // serialises BPF attach calls
+	sandboxes  sandboxLocks
 	onAllocate []func(ipam.PodKey, error)
 }
 
@@ -128,6 +129,8 @@ func (a *Agent) Config() Config { return a.cfg }
 func (a *Agent) Run(ctx context.Context) error {
 	// Who this node is comes first: everything the socket answers is about this instance.
 	if a.cfg.InstanceID == "" {
+		a.log.Info("instanceID is not configured: reading it from the instance metadata service (up to 30s)",
+			zap.String("endpoint", a.cfg.MetadataEndpoint))
 		id, err := metadata.New(a.cfg.MetadataEndpoint).Get(ctx, "instance-id", 30*time.Second)
 		if err != nil {
 			return err
@@ -142,7 +145,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}()
 
-	srv, err := a.serveSocket()
+	srv, removeSocket, err := a.serveSocket()
 	if err != nil {
 		return err
 	}
@@ -150,7 +153,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
-		_ = os.Remove(a.cfg.SocketPath)
+		removeSocket()
 	})
 	if a.cfg.MetricsAddr != "" {
 		msrv, err := a.serveMetrics()
@@ -323,33 +326,6 @@ func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
 	}
 	a.reg.MustRegister(c.Collectors()...)
 	return c, nil
-}
-
-// serveSocket listens on the unix socket with mode 0600: whoever can write to it can take
-// and release pod addresses, so only root (the runtime running the CNI) may.
-func (a *Agent) serveSocket() (*http.Server, error) {
-	if err := os.MkdirAll(filepath.Dir(a.cfg.SocketPath), 0o700); err != nil {
-		return nil, fmt.Errorf("create socket directory for %s: %w", a.cfg.SocketPath, err)
-	}
-	// A socket left by a killed agent would make Listen fail with EADDRINUSE.
-	if err := os.Remove(a.cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale socket %s: %w", a.cfg.SocketPath, err)
-	}
-	ln, err := net.Listen("unix", a.cfg.SocketPath)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", a.cfg.SocketPath, err)
-	}
-	if err := os.Chmod(a.cfg.SocketPath, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("chmod 0600 %s: %w", a.cfg.SocketPath, err)
-	}
-	srv := &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			a.log.Error("socket server stopped", zap.Error(err))
-		}
-	}()
-	return srv, nil
 }
 
 func (a *Agent) serveMetrics() (*http.Server, error) {

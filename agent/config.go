@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -155,5 +156,32 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", name, p))
 		}
 	}
+	// The agent replaces whatever stale socket is at socketPath on start: the path must not be
+	// one of the files it keeps.
+	for name, p := range map[string]string{"statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "kubeconfig": c.Kubeconfig} {
+		if c.SocketPath != "" && p != "" && filepath.Clean(c.SocketPath) == filepath.Clean(p) {
+			errs = append(errs, fmt.Errorf("socketPath and %s are both %q: give the socket a path of its own (default %s)", name, p, DefaultSocketPath))
+		}
+	}
+	for name, d := range map[string]Duration{
+		"allocateWait": c.AllocateWait, "maintainInterval": c.MaintainInterval, "eniLinkTimeout": c.ENILinkTimeout,
+		"eniConfigPollInterval": c.ENIConfigPollInterval, "cloud.pollInterval": c.Cloud.PollInterval,
+		"cloud.waitTimeout": c.Cloud.WaitTimeout, "cloud.callTimeout": c.Cloud.CallTimeout,
+		"cloud.backoffInitial": c.Cloud.BackoffInitial, "cloud.backoffMax": c.Cloud.BackoffMax,
+	} {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("%s %s is negative: use a positive duration such as \"10s\", or leave it out for the default", name, time.Duration(d)))
+		}
+	}
+	if c.Cloud.BackoffAttempts < 0 || c.Cloud.RateLimitPerSecond < 0 {
+		errs = append(errs, fmt.Errorf("cloud.backoffAttempts %d and cloud.rateLimitPerSecond %g must not be negative",
+			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
+	}
+	sortErrors(errs)
 	return errors.Join(errs...)
+}
+
+// sortErrors orders errors by text: map iteration would otherwise make the report vary.
+func sortErrors(errs []error) {
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 }

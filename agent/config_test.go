@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -44,5 +46,96 @@ func TestNewReportsEveryMissingField(t *testing.T) {
 	}
 	if c := a.Config(); c.SocketPath != DefaultSocketPath || c.StatePath != DefaultStatePath || c.ClusterID != "default" {
 		t.Errorf("defaults not applied: %+v", c)
+	}
+}
+
+// A config typo must never cost a file: a socketPath that names a regular file, a symlink or
+// the IPAM database is refused with an error naming it, and the file is left as it was.
+func TestSocketPathNeverRemovesAFile(t *testing.T) {
+	dir := t.TempDir()
+	content := []byte("precious: not a socket\n")
+	write := func(name string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, content, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	db := write("ipam.db")
+	regular := write("notes.txt")
+	link := filepath.Join(dir, "link.sock")
+	if err := os.Symlink(regular, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, socket, state, want string
+	}{
+		{"socketPath is statePath", db, db, "socketPath and statePath are both"},
+		{"socketPath is statePath spelt differently", filepath.Join(dir, "x", "..", "ipam.db"), db, "socketPath and statePath are both"},
+		{"socketPath is a regular file", regular, filepath.Join(dir, "state", "ipam.db"), "exists and is not a socket"},
+		{"socketPath is a symlink to a file", link, filepath.Join(dir, "state", "ipam.db"), "exists and is not a socket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{NodeName: "n1", InstanceID: "i-1", SocketPath: tc.socket, StatePath: tc.state,
+				ENIConfigPath: filepath.Join(dir, "eni_conf")}
+			a, err := New(cfg, nil)
+			if err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				err = a.Run(ctx)
+				cancel()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), filepath.Base(tc.socket)) {
+				t.Fatalf("got %v, want an error containing %q and naming the path", err, tc.want)
+			}
+			for _, p := range []string{db, regular} {
+				b, err := os.ReadFile(p)
+				if err != nil || !bytes.Equal(b, content) {
+					t.Fatalf("%s after the refused start: %q, %v", p, b, err)
+				}
+			}
+			if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+				t.Fatalf("symlink %s after the refused start: %v, %v", link, fi, err)
+			}
+		})
+	}
+}
+
+func TestValidateRefusesNegativeDurations(t *testing.T) {
+	c := Config{NodeName: "n1", AllocateWait: Duration(-5 * time.Second), Cloud: CloudTuning{PollInterval: Duration(-time.Millisecond)}}
+	c.setDefaults()
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "allocateWait -5s is negative") || !strings.Contains(err.Error(), "cloud.pollInterval -1ms is negative") {
+		t.Fatalf("Validate: %v", err)
+	}
+	c = Config{NodeName: "n1", AllocateWait: Duration(time.Second)}
+	c.setDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("a positive allocateWait refused: %v", err)
+	}
+}
+
+// A shared directory such as /tmp would let anyone replace the socket; an existing private
+// directory with a loose mode is tightened.
+func TestSocketDirMode(t *testing.T) {
+	dir := t.TempDir()
+	shared := filepath.Join(dir, "shared")
+	if err := os.Mkdir(shared, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(shared, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	if err := prepareSocketDir(shared); err == nil || !strings.Contains(err.Error(), "is shared") {
+		t.Fatalf("prepareSocketDir of a sticky world-writable dir: %v", err)
+	}
+	loose := filepath.Join(dir, "loose")
+	if err := os.Mkdir(loose, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := prepareSocketDir(loose); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(loose); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("existing socket dir has mode %s, want 0700", fi.Mode().Perm())
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/agent/api"
@@ -38,20 +37,21 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 		if keep(key) {
 			continue
 		}
-		if err := datapath.DeletePodRules(al.IP); err != nil {
+		// The host veth is found by its route to the address, so a sandbox added with any
+		// interface name (not only eth0) loses it; the eth0 name is the fallback.
+		hostIf, err := datapath.HostVethOf(al.IP)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
-		hostIf := api.HostVethName(key.ContainerID, "eth0")
-		if l, err := netlink.LinkByName(hostIf); err == nil && a.Datapath() != nil {
-			a.attachMu.Lock()
-			derr := a.Datapath().DetachPod(l.Attrs().Index)
-			a.attachMu.Unlock()
-			if derr != nil {
-				a.log.Warn("GC: detach pod programs", zap.String("link", hostIf), zap.Error(derr))
-			}
+		if hostIf == "" {
+			hostIf = api.HostVethName(key.ContainerID, "eth0")
 		}
-		if err := datapath.DeletePodLink(hostIf); err != nil {
+		derr, err := datapath.TeardownPod(datapath.PodTeardown{HostIfName: hostIf, IP: al.IP, Detach: a.detach})
+		if derr != nil {
+			a.log.Warn("GC: detach pod programs", zap.String("link", hostIf), zap.Error(derr))
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
@@ -74,4 +74,15 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 	res.DeletedENIs, res.AdoptedENIs = pres.DeletedENIs, pres.AdoptedENIs
 	a.m.gcReleased.Add(float64(len(res.Released)))
 	return res, errors.Join(errs...)
+}
+
+// detach removes the pod programs from a host veth, if the datapath is loaded.
+func (a *Agent) detach(ifindex int) error {
+	dp := a.Datapath()
+	if dp == nil {
+		return nil
+	}
+	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	return dp.DetachPod(ifindex)
 }

@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/netip"
 	"sort"
@@ -24,7 +26,14 @@ func (a *Agent) handler() http.Handler {
 	route := func(method, path string, h func(*http.Request) (any, *api.Error)) {
 		mux.HandleFunc(method+" "+path, func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
-			out, aerr := h(r)
+			out, aerr := readRequest(w, r)
+			if aerr == nil {
+				out, aerr = h(r)
+			}
+			if tc, ok := r.Context().Value(trackedConnKey{}).(*trackedConn); ok {
+				// Idle on a kept-alive connection, it may be evicted again.
+				defer tc.delivered.Store(false)
+			}
 			code := http.StatusOK
 			if aerr != nil {
 				out, code = aerr, httpStatus(aerr.Code)
@@ -65,6 +74,26 @@ func httpStatus(code uint) int {
 	}
 }
 
+// readRequest reads the whole body (at most MaxRequestBody) before any handler runs, so a
+// handler never waits on a slow client, and marks the connection as having delivered it.
+func readRequest(w http.ResponseWriter, r *http.Request) (any, *api.Error) {
+	if r.ContentLength > MaxRequestBody {
+		return nil, &api.Error{Code: api.CodeDecodeFailure,
+			Msg: fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, MaxRequestBody)}
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxRequestBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, &api.Error{Code: api.CodeDecodeFailure, Msg: fmt.Sprintf("request body exceeds the limit of %d bytes", MaxRequestBody)}
+		}
+		return nil, &api.Error{Code: api.CodeDecodeFailure, Msg: "read request body", Details: err.Error()}
+	}
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	requestRead(r)
+	return nil, nil
+}
+
 func decode(r *http.Request, v any) *api.Error {
 	if err := json.NewDecoder(r.Body).Decode(v); err != nil {
 		return &api.Error{Code: api.CodeDecodeFailure, Msg: "decode request body", Details: err.Error()}
@@ -81,14 +110,6 @@ func (a *Agent) poolOrRetry() (*ipam.Pool, *api.Error) {
 	return p, nil
 }
 
-func podKey(r api.PodRef) (ipam.PodKey, *api.Error) {
-	if r.Namespace == "" || r.Name == "" || r.ContainerID == "" {
-		return ipam.PodKey{}, &api.Error{Code: api.CodeInvalidEnv,
-			Msg: fmt.Sprintf("pod reference %+v needs namespace, name and container ID (K8S_POD_NAMESPACE, K8S_POD_NAME, CNI_CONTAINERID)", r)}
-	}
-	return ipam.PodKey{Namespace: r.Namespace, Name: r.Name, ContainerID: r.ContainerID}, nil
-}
-
 // errorFor maps a pool error to a CNI error code.
 func errorFor(err error) *api.Error {
 	switch {
@@ -99,6 +120,8 @@ func errorFor(err error) *api.Error {
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):
 		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+	case errors.Is(err, aliyun.ErrBadVSwitch):
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "eni_conf names a vSwitch the cloud does not know: fix vswitches in eni_conf (the agent reloads it)", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrCredentials), errors.Is(err, aliyun.ErrForbidden):
 		return &api.Error{Code: api.CodeCloudAuth, Msg: "the cloud API refused the agent's credentials or permissions", Details: err.Error()}
 	default:
@@ -133,6 +156,19 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 	if e != nil {
 		return nil, e
 	}
+	unlock := a.sandboxes.lock(key.ContainerID)
+	defer unlock()
+	// A client that gave up (its timeout passed while this request queued) gets nothing: the
+	// runtime has moved on and would leave the address behind until GC.
+	if err := r.Context().Err(); err != nil {
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "the client left before its allocation started; nothing was allocated", Details: err.Error()}
+	}
+	if owner, ok := sandboxOwner(pool, key.ContainerID); ok && owner != key {
+		return nil, &api.Error{Code: api.CodeInvalidEnv, Msg: fmt.Sprintf(
+			"container ID %s already holds an address for pod %s/%s; refusing a second one for %s/%s: a sandbox belongs to one pod (DEL it first)",
+			key.ContainerID, owner.Namespace, owner.Name, key.Namespace, key.Name)}
+	}
+	_, existed := pool.Allocations()[key]
 	al, err := pool.Allocate(r.Context(), key)
 	a.notifyAllocate(key, err)
 	if err != nil {
@@ -140,8 +176,34 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 		a.log.Warn("allocate failed", zap.Stringer("pod", key), zap.Uint("code", ae.Code), zap.Error(err))
 		return nil, ae
 	}
+	if cerr := r.Context().Err(); cerr != nil && !existed {
+		// Nobody will read the answer: give the address back rather than strand it.
+		if err := pool.Release(context.WithoutCancel(r.Context()), key); err != nil {
+			a.log.Warn("release of an allocation whose client left failed; GC will release it", zap.Stringer("pod", key), zap.Error(err))
+		}
+		a.log.Info("client left during allocation; released its address", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
+		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "the client left during its allocation; the address was released", Details: cerr.Error()}
+	}
 	a.log.Debug("allocated", zap.Stringer("pod", key), zap.Stringer("ip", al.IP), zap.String("eni", al.ENI.ID))
 	return toAPI(al), nil
+}
+
+// podOrSandbox resolves a lookup or release: a full pod reference, or — for a DEL whose
+// runtime sent no K8S_POD_* arguments — a container ID alone, matched against the
+// allocations. ok is false when a bare container ID holds nothing.
+func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool *ipam.Pool, ok bool, e *api.Error) {
+	if ref.Namespace != "" || ref.Name != "" {
+		key, pool, e = a.podAndPool(ref)
+		return key, pool, e == nil, e
+	}
+	if err := api.ValidateContainerID(ref.ContainerID); err != nil {
+		return key, nil, false, &api.Error{Code: api.CodeInvalidEnv, Msg: err.Error()}
+	}
+	if pool, e = a.poolOrRetry(); e != nil {
+		return key, nil, false, e
+	}
+	key, ok = sandboxOwner(pool, ref.ContainerID)
+	return key, pool, ok, nil
 }
 
 func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
@@ -149,16 +211,19 @@ func (a *Agent) handleLookup(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, pool, e := a.podAndPool(req)
+	key, pool, found, e := a.podOrSandbox(req)
 	if e != nil {
 		return nil, e
+	}
+	if !found {
+		return api.LookupResponse{}, nil
 	}
 	al, ok := pool.Allocations()[key]
 	if !ok {
 		return api.LookupResponse{}, nil
 	}
 	out := toAPI(al)
-	return api.LookupResponse{Found: true, Allocation: &out}, nil
+	return api.LookupResponse{Found: true, Allocation: &out, Pod: &api.PodRef{Namespace: key.Namespace, Name: key.Name, ContainerID: key.ContainerID}}, nil
 }
 
 func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
@@ -166,10 +231,15 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	key, pool, e := a.podAndPool(req)
+	key, pool, found, e := a.podOrSandbox(req)
 	if e != nil {
 		return nil, e
 	}
+	if !found {
+		return api.ReleaseResponse{}, nil
+	}
+	unlock := a.sandboxes.lock(key.ContainerID)
+	defer unlock()
 	al, ok := pool.Allocations()[key]
 	if err := pool.Release(r.Context(), key); err != nil {
 		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
@@ -190,8 +260,8 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
-	if req.IfIndex <= 0 {
-		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("attach: ifIndex %d is not a valid interface index", req.IfIndex)}
+	if err := checkPodVeth(req.IfIndex); err != nil {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
 	}
 	a.attachMu.Lock()
 	mode, err := dp.AttachPod(req.IfIndex)
@@ -213,6 +283,9 @@ func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
+	if req.IfIndex <= 0 {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("detach: ifIndex %d is not a valid interface index (want the host veth's, > 0)", req.IfIndex)}
+	}
 	a.attachMu.Lock()
 	err := dp.DetachPod(req.IfIndex)
 	a.attachMu.Unlock()
@@ -226,6 +299,12 @@ func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {
 	var req api.GCRequest
 	if e := decode(r, &req); e != nil {
 		return nil, e
+	}
+	// A request without the list is not "nothing is valid": that reading once released every
+	// pod of the node.
+	if req.ValidAttachments == nil {
+		return nil, &api.Error{Code: api.CodeInvalidConfig,
+			Msg: "GC request lacks validAttachments (CNI GC's cni.dev/valid-attachments); nothing was released"}
 	}
 	if _, e := a.poolOrRetry(); e != nil {
 		return nil, e

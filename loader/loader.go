@@ -91,6 +91,10 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := os.MkdirAll(cfg.PinRoot, 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s (is bpffs mounted at /sys/fs/bpf?): %w", cfg.PinRoot, err)
 	}
+	// MkdirAll leaves an existing directory's mode alone; the pins are the datapath's state.
+	if err := os.Chmod(cfg.PinRoot, 0o700); err != nil {
+		return nil, fmt.Errorf("chmod 0700 pin directory %s: %w", cfg.PinRoot, err)
+	}
 	spec, err := LoadPod()
 	if err != nil {
 		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)

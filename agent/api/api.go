@@ -78,6 +78,8 @@ type Allocation struct {
 type LookupResponse struct {
 	Found      bool        `json:"found"`
 	Allocation *Allocation `json:"allocation,omitempty"`
+	// Pod is the allocation's owner (a lookup by container ID alone may find another pod's).
+	Pod *PodRef `json:"pod,omitempty"`
 }
 
 // ReleaseResponse says what was released (IP empty when the sandbox held nothing).

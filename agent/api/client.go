@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"syscall"
 	"time"
 )
 
@@ -26,8 +27,20 @@ func NewClient(socket string, timeout time.Duration) *Client {
 	}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			// EAGAIN means the agent's accept queue is full (a burst, or a client flooding the
+			// socket): the agent drains it quickly, so wait for room rather than fail the call.
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			for {
+				c, err := d.DialContext(ctx, "unix", socket)
+				if err == nil || !errors.Is(err, syscall.EAGAIN) {
+					return c, err
+				}
+				select {
+				case <-ctx.Done():
+					return nil, fmt.Errorf("%w (the agent's accept queue stayed full)", err)
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
 		},
 		DisableKeepAlives: true,
 	}

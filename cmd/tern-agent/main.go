@@ -39,6 +39,7 @@ func run(ctx context.Context, args []string) error {
 	instanceID := fs.String("instance-id", "", "override instanceID")
 	socket := fs.String("socket", "", "override socketPath")
 	kubeconfig := fs.String("kubeconfig", "", "override kubeconfig (none: IPAM-only)")
+	metricsAddr := fs.String("metrics-addr", "", "override metricsAddr, e.g. $(HOST_IP):9464 to serve /metrics, /healthz and /readyz on the node's internal address only")
 	debug := fs.Bool("debug", false, "log at debug level")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -52,7 +53,7 @@ func run(ctx context.Context, args []string) error {
 		cfg = c
 	}
 	for dst, v := range map[*string]string{&cfg.NodeName: *nodeName, &cfg.InstanceID: *instanceID,
-		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig} {
+		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig, &cfg.MetricsAddr: *metricsAddr} {
 		if v != "" {
 			*dst = v
 		}

@@ -43,8 +43,9 @@ type NetConf struct {
 	Timeout        string `json:"timeout,omitempty"`
 	ENILinkTimeout string `json:"eniLinkTimeout,omitempty"`
 
-	// ValidAttachments is set by GC.
-	ValidAttachments []types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
+	// ValidAttachments is set by GC. A pointer, so that a missing key is told from an empty
+	// list: only the latter means "no attachment is valid".
+	ValidAttachments *[]types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
 
 	timeout, eniTimeout time.Duration
 }
@@ -88,9 +89,21 @@ func podRef(args *skel.CmdArgs) (api.PodRef, error) {
 	ref := api.PodRef{Namespace: string(k.K8S_POD_NAMESPACE), Name: string(k.K8S_POD_NAME), ContainerID: args.ContainerID, IfName: args.IfName}
 	if ref.Namespace == "" || ref.Name == "" {
 		return ref, types.NewError(types.ErrInvalidEnvironmentVariables,
-			"CNI_ARGS lack K8S_POD_NAMESPACE or K8S_POD_NAME: tern-cni serves Kubernetes pods only", args.Args)
+			"CNI_ARGS lack K8S_POD_NAMESPACE or K8S_POD_NAME: tern-cni serves Kubernetes pods only", bounded(args.Args))
+	}
+	if err := api.ValidatePodRef(ref); err != nil {
+		return ref, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_ARGS: "+err.Error(), "")
 	}
 	return ref, nil
+}
+
+// bounded cuts s to a length fit for an error message.
+func bounded(s string) string {
+	const max = 200
+	if len(s) > max {
+		return fmt.Sprintf("%s… (%d bytes)", s[:max], len(s))
+	}
+	return s
 }
 
 // cniError turns an agent or local error into the CNI error the runtime reports.
@@ -106,6 +119,9 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	ref, err := podRef(args)
 	if err != nil {
+		return err
+	}
+	if err := checkNetNS(args.Netns); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
@@ -197,7 +213,9 @@ func parseAllocation(al api.Allocation) (netip.Addr, datapath.ENI, error) {
 }
 
 // cmdDel tears the sandbox's networking down. It needs neither the pod's namespace (the host
-// veth's deletion removes the pair) nor a cached result, and repeating it is harmless.
+// veth's deletion removes the pair) nor a cached result, and repeating it is harmless. Without
+// usable K8S_POD_* arguments it still works: the agent finds the sandbox by container ID, so
+// a DEL can always succeed.
 func cmdDel(args *skel.CmdArgs) error {
 	conf, err := parseConf(args.StdinData)
 	if err != nil {
@@ -206,32 +224,36 @@ func cmdDel(args *skel.CmdArgs) error {
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	client := api.NewClient(conf.Socket, conf.timeout)
-	hostIf := api.HostVethName(args.ContainerID, args.IfName)
-	if l, err := netlink.LinkByName(hostIf); err == nil {
-		// Best effort: the veth's deletion detaches the programs anyway; this also drops the
-		// agent's link pins. An unreachable agent is reported by the lookup below.
-		_ = client.Detach(ctx, api.AttachRequest{IfIndex: l.Attrs().Index})
-	}
-	if err := datapath.DeletePodLink(hostIf); err != nil {
-		return types.NewError(api.CodeDatapath, "delete host veth "+hostIf, err.Error())
-	}
 	ref, err := podRef(args)
 	if err != nil {
-		return err
+		ref = api.PodRef{ContainerID: args.ContainerID, IfName: args.IfName}
 	}
 	// The address's rules are removed only while this sandbox still owns it: once released
 	// (by GC, say) it may already belong to another pod whose rules must stay.
-	lk, err := client.Lookup(ctx, ref)
-	if err != nil {
-		return cniError(err, api.CodeInternal)
-	}
-	if lk.Found {
-		ip, err := netip.ParseAddr(lk.Allocation.IP)
-		if err == nil {
-			if err := datapath.DeletePodRules(ip); err != nil {
-				return types.NewError(api.CodeDatapath, "delete policy rules of "+ip.String(), err.Error())
-			}
+	lk, lerr := client.Lookup(ctx, ref)
+	if lerr == nil && !lk.Found && ref.Name != "" {
+		// The container ID may hold another pod's address (an ADD under a second pod name was
+		// refused): its veth and rules are that pod's, so this DEL has nothing to remove.
+		if other, err := client.Lookup(ctx, api.PodRef{ContainerID: ref.ContainerID}); err == nil && other.Found && other.Pod != nil {
+			return nil
 		}
+	}
+	var ip netip.Addr
+	if lerr == nil && lk.Found {
+		ip, _ = netip.ParseAddr(lk.Allocation.IP)
+	}
+	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+	// The veth goes even when the agent is unreachable; the rules then wait for GC.
+	_, terr := datapath.TeardownPod(datapath.PodTeardown{HostIfName: hostIf, IP: ip,
+		Detach: func(ifindex int) error { return client.Detach(ctx, api.AttachRequest{IfIndex: ifindex}) }})
+	if terr != nil {
+		return types.NewError(api.CodeDatapath, "tear down host veth "+hostIf, terr.Error())
+	}
+	if lerr != nil {
+		return cniError(lerr, api.CodeInternal)
+	}
+	if !lk.Found {
+		return nil
 	}
 	if _, err := client.Release(ctx, ref); err != nil {
 		return cniError(err, api.CodeInternal)
@@ -325,8 +347,13 @@ func cmdGC(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	if conf.ValidAttachments == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig,
+			"CNI GC without cni.dev/valid-attachments: refusing to read it as \"no attachment is valid\", which would tear down every pod of the node; "+
+				"the runtime must list the attachments it still uses (an empty list means none)", "")
+	}
 	req := api.GCRequest{ValidAttachments: []api.GCAttachment{}}
-	for _, v := range conf.ValidAttachments {
+	for _, v := range *conf.ValidAttachments {
 		req.ValidAttachments = append(req.ValidAttachments, api.GCAttachment{ContainerID: v.ContainerID, IfName: v.IfName})
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)

@@ -23,6 +23,9 @@ var (
 	ErrCredentials = errors.New("cloud credentials rejected")
 	// ErrForbidden: the key lacks a RAM permission (Forbidden*, NoPermission).
 	ErrForbidden = errors.New("cloud permission denied")
+	// ErrBadVSwitch: eni_conf names a vSwitch the cloud does not know or accept
+	// (InvalidVSwitchId.NotFound, …; not IpNotEnough, which is ErrVSwitchExhausted).
+	ErrBadVSwitch = errors.New("eni_conf names a vSwitch the cloud does not know")
 	// ErrNotFound: the named resource does not exist (*.NotFound).
 	ErrNotFound = errors.New("cloud resource not found")
 	// ErrInvalidState: the resource is in the wrong state for the call
@@ -114,6 +117,7 @@ func classify(action string, err error) (*APIError, bool) {
 	default:
 		ae.Message = err.Error()
 	}
+	ae.Message = redactSigned(ae.Message)
 	code := ae.Code
 	switch {
 	case code == "InvalidVSwitchId.IpNotEnough" || code == "QuotaExceeded.PrivateIpAddress":
@@ -126,6 +130,9 @@ func classify(action string, err error) (*APIError, bool) {
 		ae.cause = ErrCredentials
 	case strings.HasPrefix(code, "Forbidden") || code == "NoPermission":
 		ae.cause = ErrForbidden
+	case strings.HasPrefix(code, "InvalidVSwitchId"):
+		// Only a change of eni_conf fixes a vSwitch the cloud does not know.
+		ae.cause = ErrBadVSwitch
 	case strings.HasSuffix(code, ".NotFound"):
 		ae.cause = ErrNotFound
 	case code == "InvalidOperation.InvalidEniState" || code == "IncorrectInstanceStatus" || code == "IncorrectVSwitchStatus":

@@ -46,7 +46,7 @@ func (c *Client) Get(ctx context.Context, item string, wait time.Duration) (stri
 		}
 		select {
 		case <-ctx.Done():
-			return "", ctx.Err()
+			return "", fmt.Errorf("read %s from the instance metadata service (%s): %w (last error: %v)", item, url, ctx.Err(), err)
 		case <-time.After(delay):
 		}
 		delay = min(2*delay, 2*time.Second)

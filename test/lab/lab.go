@@ -328,7 +328,7 @@ func (l *Lab) Pods() []*Pod {
 func (l *Lab) GC(ctx context.Context) error {
 	var errs []error
 	for _, n := range l.nodes {
-		var valid []types.GCAttachment
+		valid := []types.GCAttachment{} // an empty list, never a missing one
 		for _, p := range l.Pods() {
 			if p.Node == n {
 				valid = append(valid, types.GCAttachment{ContainerID: p.ContainerID, IfName: "eth0"})

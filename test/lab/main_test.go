@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -20,6 +21,11 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	if socket := os.Getenv(floodEnv); socket != "" {
+		count, _ := strconv.Atoi(os.Getenv(floodCountEnv))
+		floodHelper(socket, count)
+		return
+	}
 	dir, err := os.MkdirTemp("", "tern-lab-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -4,6 +4,7 @@ package lab
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -361,4 +362,26 @@ func CNIError(err error) (*types.Error, bool) {
 		return te, true
 	}
 	return nil, false
+}
+
+// PluginConf is the tern-cni network configuration as libcni hands it to the plugin (the
+// conflist's plugin entry with the list's name and cniVersion).
+func (n *Node) PluginConf() []byte {
+	var m map[string]any
+	_ = json.Unmarshal(n.list.Plugins[0].Bytes, &m)
+	m["name"], m["cniVersion"] = n.list.Name, n.list.CNIVersion
+	b, _ := json.Marshal(m)
+	return b
+}
+
+// ExecCNI runs tern-cni in the node's namespace with exactly the CNI_* variables in env and
+// stdin as given, for inputs libcni would never produce. A plugin error comes back as a
+// *types.Error.
+func (n *Node) ExecCNI(ctx context.Context, env map[string]string, stdin []byte) ([]byte, error) {
+	environ := []string{"CNI_PATH=" + n.lab.opts.BinDir, "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	for k, v := range env {
+		environ = append(environ, k+"="+v)
+	}
+	e := &nodeExec{ns: n.NS}
+	return e.ExecPlugin(ctx, filepath.Join(n.lab.opts.BinDir, "tern-cni"), stdin, environ)
 }
