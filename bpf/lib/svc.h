@@ -134,10 +134,42 @@ static __always_inline void svc_key_of_flow(struct ct_key *sk, const struct ct_k
  * both halves (FLOW first, so a reply can never arrive before its entry). When the wire
  * tuple is another live flow's, the source port changes, taken from the collision range.
  * Returns a reason to drop, or 0 with the flow's SVC half in *out. */
+/* A TCP segment in the middle of a flow whose SVC half is gone (idle long enough for the LRU
+ * to take it) should find the backend its surviving FLOW half names rather than be
+ * balanced again. Look through the first few slots; 0 when none holds this flow. */
+#define SVC_RECOVER_SLOTS 8
+
+static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct svc_value *svc,
+					      __u64 now)
+{
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & TCP_FLAG_SYN))
+		return 0;
+	for (__u32 slot = 1; slot <= SVC_RECOVER_SLOTS; slot++) {
+		if (slot > svc->backend_count)
+			break;
+		struct backend_value *be = lb_backend(svc->id, slot);
+		if (!be)
+			break;
+		struct ct_key fk;
+		bool client_is_a;
+
+		ct_flow_key(&fk, svc_wire_client(p->saddr, be->addr == p->saddr ? CT_F_HAIRPIN : 0),
+			    p->sport, be->addr, be->port, p->proto, &client_is_a);
+		struct ct_value *old = ct_lookup(&fk, now);
+		if (old && (old->flags & CT_F_REVNAT) && old->nat_addr == p->daddr &&
+		    old->nat_port == p->dport && old->nat_sport == p->sport)
+			return slot;
+	}
+	return 0;
+}
+
 static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk,
 				    const struct svc_value *svc, __u64 now, struct ct_value *out)
 {
-	__u32 slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
+	__u32 slot = svc_recover_slot(p, svc, now);
+
+	if (!slot)
+		slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
 	struct backend_value *be = lb_backend(svc->id, slot);
 
 	if (!be)
