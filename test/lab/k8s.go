@@ -310,10 +310,15 @@ func (p *Pod) ServeHTTP(port int) (io.Closer, error) {
 // HTTPGet fetches url from inside the pod on a new connection (no keep-alive, so every
 // request through a ClusterIP is a new flow and a new backend choice) and returns the body.
 func (p *Pod) HTTPGet(ctx context.Context, url string) (string, error) {
+	return p.HTTPGetFrom(ctx, url, 0)
+}
+
+// HTTPGetFrom is HTTPGet from a given source port (0: any; see DialFrom).
+func (p *Pod) HTTPGetFrom(ctx context.Context, url string, localPort int) (string, error) {
 	tr := &http.Transport{
 		Proxy: nil, // the lab's addresses are never behind a proxy
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return p.Dial(ctx, addr)
+			return p.DialFrom(ctx, addr, localPort)
 		},
 		DisableKeepAlives: true,
 	}

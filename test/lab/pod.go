@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
@@ -218,9 +219,28 @@ func (p *Pod) Exec(fn func() error) error { return nsutil.Do(p.ns, fn) }
 
 // Dial opens a TCP connection from inside the pod.
 func (p *Pod) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return p.DialFrom(ctx, addr, 0)
+}
+
+// DialFrom opens a TCP connection from inside the pod with the given source port (0: any),
+// reusing it even while an earlier connection from it is in TIME_WAIT (SO_REUSEADDR), as a
+// busy client's kernel reuses ephemeral ports.
+func (p *Pod) DialFrom(ctx context.Context, addr string, localPort int) (net.Conn, error) {
 	var c net.Conn
 	err := p.Exec(func() error {
 		var d net.Dialer
+		if localPort != 0 {
+			d.LocalAddr = &net.TCPAddr{Port: localPort}
+			d.Control = func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			}
+		}
 		var err error
 		c, err = d.DialContext(ctx, "tcp4", addr)
 		return err
