@@ -54,7 +54,10 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 			errs = append(errs, fmt.Errorf("port %q: number %d out of range 1-65535", sp.Name, sp.Port))
 			continue
 		}
-		backends := readyBackends(sp.Name, sp.Protocol, eps)
+		backends, bad := readyBackends(sp.Name, sp.Protocol, eps)
+		for _, a := range bad {
+			errs = append(errs, fmt.Errorf("port %q: endpoint address %q is not a unicast IPv4 address a pod can have; it is left out", sp.Name, a))
+		}
 		for _, vip := range vips {
 			out[Frontend{Addr: vip, Port: uint16(sp.Port), Proto: proto}] = backends
 		}
@@ -80,7 +83,10 @@ func protocolOf(p corev1.Protocol) (Protocol, error) {
 // readyBackends returns the backends of one Service port: its ready endpoints or, when none
 // is ready, the ones that are still serving while terminating (kube-proxy does the same, so
 // that a rolling update or a scale-down to zero does not cut traffic before pods stop).
-func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice) []Backend {
+// Addresses that no backend can have (unspecified, broadcast, multicast, class E, loopback)
+// are left out and returned, so that the caller reports them.
+func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice) ([]Backend, []string) {
+	var bad []string
 	if proto == "" {
 		proto = corev1.ProtocolTCP
 	}
@@ -109,7 +115,8 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 				}
 				for _, a := range e.Addresses {
 					addr, err := netip.ParseAddr(a)
-					if err != nil || !addr.Is4() {
+					if err != nil || !addr.Is4() || !isBackendAddr(addr) {
+						bad = append(bad, a)
 						continue
 					}
 					b := Backend{Addr: addr, Port: uint16(*p.Port)}
@@ -128,5 +135,13 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 	if ready == nil {
 		ready = []Backend{}
 	}
-	return normalize(ready)
+	return normalize(ready), bad
+}
+
+var classE = netip.MustParsePrefix("240.0.0.0/4")
+
+// isBackendAddr tells whether a pod could have addr: a unicast address that is not the
+// unspecified, loopback, multicast or class E (reserved, including limited broadcast) one.
+func isBackendAddr(addr netip.Addr) bool {
+	return !addr.IsUnspecified() && !addr.IsLoopback() && !addr.IsMulticast() && !classE.Contains(addr)
 }

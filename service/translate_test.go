@@ -63,6 +63,17 @@ func TestTranslate(t *testing.T) {
 		wantErr bool
 	}{
 		{
+			name: "endpoint addresses no pod can have are left out and reported",
+			svc:  svc("odd", []string{"10.96.0.11"}, sport("http", corev1.ProtocolTCP, 80, intstr.FromInt32(8080))),
+			slices: []*discoveryv1.EndpointSlice{
+				slice("odd", "a", []discoveryv1.EndpointPort{eport("http", corev1.ProtocolTCP, 8080)},
+					ep{"255.255.255.255", nil}, ep{"239.1.2.3", nil}, ep{"224.0.0.1", nil}, ep{"240.0.0.1", nil},
+					ep{"0.0.0.0", nil}, ep{"127.0.0.1", nil}, ep{"10.0.0.5", nil}),
+			},
+			want:    State{fe("10.96.0.11", 80, TCP): {be("10.0.0.5", 8080)}},
+			wantErr: true,
+		},
+		{
 			name: "ports by name, protocols kept apart, only ready endpoints",
 			svc: svc("web", []string{"10.96.0.10"},
 				sport("http", corev1.ProtocolTCP, 80, intstr.FromString("web")),
