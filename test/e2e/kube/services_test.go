@@ -163,12 +163,19 @@ func TestServiceLifecycleAndEndpointChurn(t *testing.T) {
 	front := netip.AddrPortFrom(vip, 80)
 	ep := func(p *lab.Pod, port int) string { return netip.AddrPortFrom(p.IP, uint16(port)).String() }
 	onEveryNode(t, l, front, "TCP", []string{ep(pods["web-0"], 8080), ep(pods["web-1"], 8080), ep(pods["web-2"], 9090)})
-	// The client reuses a few source ports, as a busy client does: each backend then holds
-	// some of those tuples in TIME_WAIT when the Service changes its port below.
-	reused := []int{41001, 41002, 41003, 41004}
-	seen := whoAnswersFrom(t, client, "http://"+front.String()+"/", 30, reused)
+	// The client uses 32 fixed source ports once each, and again towards the new port below,
+	// as a busy client's kernel reuses ports across destinations (never towards the same
+	// one while its own TIME_WAIT holds the tuple: connect refuses that). The backends then
+	// hold those tuples in TIME_WAIT or closing when the same ports come towards the new
+	// frontend and land on the same backend (each does with p = 1/3, so all 32 missing
+	// has p = (2/3)^32 < 3e-6).
+	var reused []int
+	for p := 41001; p <= 41032; p++ {
+		reused = append(reused, p)
+	}
+	seen := whoAnswersFrom(t, client, "http://"+front.String()+"/", len(reused), reused)
 	if len(seen) != 3 {
-		t.Fatalf("30 requests through %s were answered by %v, want all three backends", front, seen)
+		t.Fatalf("%d requests through %s were answered by %v, want all three backends", len(reused), front, seen)
 	}
 	t.Logf("created: %s answered by %v", front, seen)
 
@@ -184,7 +191,7 @@ func TestServiceLifecycleAndEndpointChurn(t *testing.T) {
 	// old flows' tuples are closing: the datapath gives those flows another wire port
 	// (docs/architecture.md), so no request may fail.
 	snatBefore := portSNATs(t, client.Node)
-	if seen := whoAnswersFrom(t, client, "http://"+front8000.String()+"/", 30, reused); len(seen) == 0 {
+	if seen := whoAnswersFrom(t, client, "http://"+front8000.String()+"/", len(reused), reused); len(seen) == 0 {
 		t.Fatal("no answer on the updated port")
 	}
 	// The case must really have happened, or this proves nothing.
