@@ -99,7 +99,10 @@ func (c *Controller) waitForInformers(ctx context.Context) error {
 }
 
 // watchError keeps client-go's handling of informer errors (logging) and, before the first
-// sync, records the error so that readiness says why the node waits.
+// sync, records the error so that readiness says why the node waits. client-go calls it for
+// errors it does not retry by itself (forbidden, say); errors it retries inside a watch-list
+// request (connection refused) do not reach it, and the reason then only says what is not
+// listed yet.
 func (c *Controller) watchError(ctx context.Context, r *cache.Reflector, err error) {
 	cache.DefaultWatchErrorHandler(ctx, r, err)
 	if c.synced.Load() {
