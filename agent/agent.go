@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/agent/readiness"
 	"github.com/tern-net/tern/datapath"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
@@ -57,8 +58,10 @@ type Agent struct {
 	dp         *loader.Datapath
 	pool       *ipam.Pool
 
-	ready      atomic.Bool
-	attachMu   sync.Mutex // serialises BPF attach calls
+	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
+	readiness  *readiness.Registry
+	self       *readiness.Component // the agent's own start-up: datapath, pool, components
+	attachMu   sync.Mutex           // serialises BPF attach calls
 	sandboxes  sandboxLocks
 	onAllocate []func(ipam.PodKey, error)
 }
@@ -74,10 +77,22 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	a := &Agent{cfg: cfg, log: log.With(zap.String("node", cfg.NodeName)), reg: reg, m: newMetrics()}
+	a := &Agent{cfg: cfg, log: log.With(zap.String("node", cfg.NodeName)), reg: reg, m: newMetrics(),
+		readiness: readiness.New()}
+	self, err := a.readiness.Register("agent", "not started")
+	if err != nil {
+		return nil, err
+	}
+	a.self = self
 	reg.MustRegister(a.m.collectors()...)
 	return a, nil
 }
+
+// Readiness is the registry of everything that must be in place before the node takes pods.
+// A datapath component registers itself in its Start and reports ready after its first full
+// sync; Run installs the CNI configuration, and /readyz and CNI STATUS answer ready, only
+// once every registered component is ready.
+func (a *Agent) Readiness() *readiness.Registry { return a.readiness }
 
 // AddComponent registers a component; call it before Run.
 func (a *Agent) AddComponent(c Component) {
@@ -163,6 +178,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		cleanups = append(cleanups, func() { _ = msrv.Close() })
 	}
 
+	a.self.NotReady("loading the datapath")
 	if err := datapath.PrepareNode(); err != nil {
 		return fmt.Errorf("prepare node sysctls: %w", err)
 	}
@@ -193,6 +209,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.reg.MustRegister(watcher.Collectors()...)
 
+	a.self.NotReady("starting the IP pool (cloud API)")
 	cloud, err := a.newCloud(eniCfg)
 	if err != nil {
 		return err
@@ -230,6 +247,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer close(wdone); watcher.Run(wctx) }()
 	cleanups = append(cleanups, func() { wcancel(); <-wdone })
 
+	a.self.NotReady("starting components")
 	a.mu.Lock()
 	comps := append([]Component(nil), a.components...)
 	a.mu.Unlock()
@@ -239,16 +257,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		cleanups = append(cleanups, c.Stop)
 	}
-
-	if a.cfg.CNIConfDir != "" {
-		path, err := a.installConflist()
-		if err != nil {
-			return err
-		}
-		a.log.Info("installed CNI configuration", zap.String("path", path))
-	}
+	// The pool serves from here on: a restarted agent's node already has the CNI
+	// configuration and its pinned maps still hold the last agent's Services.
 	a.ready.Store(true)
-	cleanups = append(cleanups, func() { a.ready.Store(false) })
+	a.self.Ready()
+	cleanups = append(cleanups, func() {
+		a.ready.Store(false)
+		a.self.NotReady("stopping")
+	})
+	if err := a.waitReadyForPods(ctx); err != nil {
+		return err
+	}
 	s := pool.Status()
 	a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
 		zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))
@@ -335,16 +354,11 @@ func (a *Agent) serveMetrics() (*http.Server, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
-	// /healthz: the process serves. /readyz: the datapath is loaded, the pool started and
-	// every component is running, so pods can be networked here.
+	// /healthz: the process serves (liveness). /readyz: every readiness component is ready
+	// (the datapath loaded, the pool started, each datapath component's first full sync in
+	// the maps), so pods can be networked here; otherwise 503 naming what is not ready.
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready.Load() {
-			http.Error(w, "starting", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
+	mux.Handle("/readyz", a.readiness)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv, nil

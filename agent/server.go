@@ -325,10 +325,7 @@ func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {
 }
 
 func (a *Agent) handleStatus(*http.Request) (any, *api.Error) {
-	if _, e := a.poolOrRetry(); e != nil {
-		return api.Status{Ready: false, Message: e.Msg}, nil
-	}
-	return api.Status{Ready: true}, nil
+	return a.cniStatus(), nil // agent/ready.go
 }
 
 func (a *Agent) handleState(*http.Request) (any, *api.Error) {

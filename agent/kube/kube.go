@@ -70,7 +70,8 @@ func New(a *agent.Agent, client kubernetes.Interface, opts Options, log *zap.Log
 
 func (c *Component) Name() string { return "kubernetes" }
 
-// Start begins watching; it returns once everything is started, not synced.
+// Start begins watching; it returns once everything is started, not synced. The "services"
+// readiness component it registers becomes ready after the first full Service sync.
 func (c *Component) Start(ctx context.Context) error {
 	ctx, c.cancel = context.WithCancel(ctx)
 	node := c.a.Config().NodeName
@@ -87,8 +88,21 @@ func (c *Component) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("service reconciler: %w", err)
 	}
+	// The node is not ready for pods until every Service of the initial list is in the maps:
+	// a pod's first packets (DNS, usually) go to ClusterIPs.
+	svcReady, err := c.a.Readiness().Register("services", controller.FirstSync{}.String())
+	if err != nil {
+		return err
+	}
 	c.ctl, err = controller.New(c.client, rec, controller.Options{ResyncInterval: c.opts.ServiceResync,
-		Recorder: c.recorder, Registerer: c.a.Registry(), Logger: c.log})
+		Recorder: c.recorder, Registerer: c.a.Registry(), Logger: c.log,
+		Progress: func(p controller.FirstSync) {
+			if p.Done {
+				svcReady.Ready()
+			} else {
+				svcReady.NotReady(p.String())
+			}
+		}})
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +37,10 @@ type Options struct {
 	Recorder   record.EventRecorder // optional: Events on Services that cannot be served
 	Registerer prometheus.Registerer
 	Logger     *zap.Logger
+	// Progress, when set, hears how far the first full sync has come, on every change that
+	// matters to an operator, last with Done. The agent's readiness follows it. It is called
+	// from the controller's goroutines, one call at a time, and must not block.
+	Progress func(FirstSync)
 }
 
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
@@ -48,6 +54,10 @@ type Controller struct {
 
 	svcInformer   cache.SharedIndexInformer
 	sliceInformer cache.SharedIndexInformer
+
+	synced     atomic.Bool // the first full sync is in the maps
+	progressMu sync.Mutex
+	progress   FirstSync
 
 	m metrics
 }
@@ -124,6 +134,11 @@ func New(client kubernetes.Interface, rec *service.Reconciler, opts Options) (*C
 	if _, err := c.sliceInformer.AddEventHandler(handler); err != nil {
 		return nil, err
 	}
+	for _, inf := range []cache.SharedIndexInformer{c.svcInformer, c.sliceInformer} {
+		if err := inf.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
+			return nil, fmt.Errorf("set the informers' watch error handler: %w", err)
+		}
+	}
 	return c, nil
 }
 
@@ -164,12 +179,14 @@ func (c *Controller) Run(ctx context.Context) error {
 	}()
 	go c.svcInformer.Run(ctx.Done())
 	go c.sliceInformer.Run(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), c.svcInformer.HasSynced, c.sliceInformer.HasSynced) {
-		return fmt.Errorf("service informers did not sync: %w", ctx.Err())
+	if err := c.waitForInformers(ctx); err != nil {
+		return err
 	}
 	if err := c.fullSync(); err != nil {
-		// Keep going: per-Service retries and the next resync repair what failed.
-		c.log.Error("initial full sync incomplete", zap.Error(err))
+		// Keep serving what was written; the full sync is retried with backoff until it
+		// succeeds, and only then is the first sync done (HasSynced, Progress).
+		c.log.Error("initial full sync incomplete; retrying", zap.Error(err))
+		c.queue.AddRateLimited(fullSyncKey)
 	}
 	go c.periodic(ctx)
 	for c.processNext() {
@@ -177,10 +194,10 @@ func (c *Controller) Run(ctx context.Context) error {
 	return nil
 }
 
-// HasSynced tells whether the first full sync has been done (for readiness).
-func (c *Controller) HasSynced() bool {
-	return c.svcInformer.HasSynced() && c.sliceInformer.HasSynced()
-}
+// HasSynced tells whether the first full sync is done: the informers have listed every
+// Service and EndpointSlice, and every frontend they yield has been written to the maps
+// without error. The node is not ready for pods before.
+func (c *Controller) HasSynced() bool { return c.synced.Load() }
 
 func (c *Controller) periodic(ctx context.Context) {
 	resync := time.NewTicker(c.opts.ResyncInterval)
@@ -270,7 +287,15 @@ func (c *Controller) syncService(nn types.NamespacedName) error {
 func (c *Controller) fullSync() error {
 	start := time.Now()
 	seen := map[types.NamespacedName]bool{}
-	for _, o := range c.svcInformer.GetStore().List() {
+	list := c.svcInformer.GetStore().List()
+	first := !c.synced.Load()
+	if first {
+		c.report(func(p *FirstSync) { p.Services, p.Translated, p.Frontends = len(list), 0, 0 })
+	}
+	for i, o := range list {
+		if first && i > 0 && i%progressEvery == 0 {
+			c.report(func(p *FirstSync) { p.Translated = i })
+		}
 		s := o.(*corev1.Service)
 		nn := types.NamespacedName{Namespace: s.Namespace, Name: s.Name}
 		seen[nn] = true
@@ -290,10 +315,19 @@ func (c *Controller) fullSync() error {
 	}
 	desired := c.builder.State()
 	c.m.frontends.Set(float64(len(desired)))
+	if first {
+		c.report(func(p *FirstSync) { p.Translated, p.Frontends = len(list), len(desired) })
+	}
 	err := c.rec.Sync(desired)
 	c.observe("full", start, err)
 	c.log.Info("full sync", zap.Int("services", len(seen)), zap.Int("frontends", len(desired)),
 		zap.Duration("took", time.Since(start)), zap.Error(err))
+	if first {
+		if err == nil {
+			c.synced.Store(true)
+		}
+		c.report(func(p *FirstSync) { p.Err, p.Done = err, err == nil })
+	}
 	return err
 }
 

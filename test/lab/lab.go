@@ -112,6 +112,10 @@ type Options struct {
 	// admin one, e.g. one with a ServiceAccount token to prove an RBAC role (test/deploy).
 	// It runs once per node after the control plane is up and before any agent starts.
 	AgentKubeconfig func(ctx context.Context, l *Lab, n *Node) (string, error)
+	// DeferAgents leaves every node's agent unstarted: the test prepares the cluster (a
+	// fresh node joining a cluster that already has Services, say) and then starts them with
+	// Node.StartAgent or Node.LaunchAgent.
+	DeferAgents bool
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -150,7 +154,7 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// Up builds the lab and waits until every node's agent is ready. On error everything made so
+// Up builds the lab and waits until every node's agent is ready (unless DeferAgents). On error everything made so
 // far is removed.
 func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	if o.Nodes <= 0 {
@@ -252,6 +256,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		l.emu.InjectFault(f)
 	}
 	for _, n := range l.nodes {
+		if o.DeferAgents {
+			break
+		}
 		if err := n.StartAgent(ctx); err != nil {
 			return nil, err
 		}
@@ -498,5 +505,6 @@ func (n *Node) agentConfig() agent.Config {
 		MaintainInterval: agent.Duration(2 * time.Second),
 		Kubeconfig:       n.kubeconfigPath(),
 		MetricsAddr:      n.metricsAddr(),
+		CNIConfDir:       n.AgentConfDir(),
 	}
 }

@@ -172,18 +172,29 @@ func (n *Node) ENIConf() ENIConf {
 }
 
 // StartAgent starts the node's tern-agent inside the node namespace and waits until it
-// reports ready. The process is forked from an OS thread switched into the namespace, so it
+// reports ready (CNI STATUS's answer: the pool serves and every datapath component has
+// synced). The process is forked from an OS thread switched into the namespace, so it
 // inherits that namespace, as a hostNetwork DaemonSet pod would run in the node's.
 func (n *Node) StartAgent(ctx context.Context) error {
+	exited, err := n.LaunchAgent()
+	if err != nil {
+		return err
+	}
+	return n.waitReady(ctx, exited)
+}
+
+// LaunchAgent starts the node's tern-agent like StartAgent but does not wait for it: a test
+// can watch its start-up. The returned channel closes when the process exits.
+func (n *Node) LaunchAgent() (<-chan struct{}, error) {
 	n.mu.Lock()
 	if n.agent != nil {
 		n.mu.Unlock()
-		return fmt.Errorf("lab: the agent of %s is already running", n.Name)
+		return nil, fmt.Errorf("lab: the agent of %s is already running", n.Name)
 	}
 	logf, err := os.OpenFile(n.AgentLog(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		n.mu.Unlock()
-		return fmt.Errorf("lab: open agent log: %w", err)
+		return nil, fmt.Errorf("lab: open agent log: %w", err)
 	}
 	cmd := exec.Command(filepath.Join(n.lab.opts.BinDir, "tern-agent"), "-config", filepath.Join(n.dir, "agent.json"))
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -193,7 +204,7 @@ func (n *Node) StartAgent(ctx context.Context) error {
 	if err := n.launch(cmd); err != nil {
 		n.mu.Unlock()
 		logf.Close()
-		return fmt.Errorf("lab: start tern-agent of %s: %w", n.Name, err)
+		return nil, fmt.Errorf("lab: start tern-agent of %s: %w", n.Name, err)
 	}
 	exited := make(chan struct{})
 	n.agent, n.exited = cmd, exited
@@ -204,7 +215,7 @@ func (n *Node) StartAgent(ctx context.Context) error {
 		close(exited)
 	}()
 	n.lab.log.Info("agent started", zap.String("node", n.Name), zap.Int("pid", cmd.Process.Pid))
-	return n.waitReady(ctx, exited)
+	return exited, nil
 }
 
 // cleanEnv drops proxy variables: the agent's cloud endpoint is a loopback address.
@@ -222,7 +233,7 @@ func cleanEnv() []string {
 	return out
 }
 
-func (n *Node) waitReady(ctx context.Context, exited chan struct{}) error {
+func (n *Node) waitReady(ctx context.Context, exited <-chan struct{}) error {
 	c := api.NewClient(n.Socket(), 2*time.Second)
 	deadline := time.Now().Add(90 * time.Second)
 	for {
