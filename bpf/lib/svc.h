@@ -144,6 +144,8 @@ static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct 
 {
 	if (p->proto != IPPROTO_TCP || (p->tcp_flags & TCP_FLAG_SYN))
 		return 0;
+	/* Unrolled: Linux 6.1's verifier refuses this loop's back-edge (newer ones accept it). */
+#pragma unroll
 	for (__u32 slot = 1; slot <= SVC_RECOVER_SLOTS; slot++) {
 		if (slot > svc->backend_count)
 			break;
@@ -181,6 +183,8 @@ static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk
 	struct ct_key fk;
 	bool client_is_a;
 
+	/* Unrolled, as above. */
+#pragma unroll
 	for (int i = 0; i < SVC_PORT_TRIES; i++) {
 		ct_flow_key(&fk, wire_client, sport, be->addr, be->port, p->proto, &client_is_a);
 		struct ct_value *old = ct_lookup(&fk, now);
