@@ -29,6 +29,7 @@ import (
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/agent/readiness"
 	"github.com/tern-net/tern/datapath"
+	"github.com/tern-net/tern/endpoint"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/credential"
@@ -56,6 +57,7 @@ type Agent struct {
 	mu         sync.Mutex
 	components []Component
 	dp         *loader.Datapath
+	endpoints  *endpoint.Registry
 	pool       *ipam.Pool
 
 	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
@@ -188,8 +190,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)
 	}
+	endpoints, err := openEndpoints(dp, a.log.Named("endpoint"))
+	if err != nil {
+		_ = dp.Close()
+		return fmt.Errorf("load endpoint registry: %w", err)
+	}
 	a.mu.Lock()
 	a.dp = dp
+	a.endpoints = endpoints
 	a.mu.Unlock()
 	cleanups = append(cleanups, func() { _ = dp.Close() })
 	dpMetrics := loader.NewCollector(dp.Maps())

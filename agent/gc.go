@@ -76,7 +76,8 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 	return res, errors.Join(errs...)
 }
 
-// detach removes the pod programs from a host veth, if the datapath is loaded.
+// detach removes the pod programs and its endpoint record from a host veth, if the
+// datapath is loaded.
 func (a *Agent) detach(ifindex int) error {
 	dp := a.Datapath()
 	if dp == nil {
@@ -84,5 +85,5 @@ func (a *Agent) detach(ifindex int) error {
 	}
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	return dp.DetachPod(ifindex)
+	return errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
 }

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/endpoint"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 )
@@ -263,9 +264,20 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if err := checkPodVeth(req.IfIndex); err != nil {
 		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
 	}
+	ep, record, err := endpointOf(req)
+	if err != nil {
+		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
+	}
 	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	// The endpoint is recorded before the programs run on the veth, so they never see an
+	// unknown pod.
+	if record {
+		if err := a.endpointRegistry().Upsert(ep); err != nil {
+			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("record endpoint %s on ifindex %d", ep.Addr, req.IfIndex), Details: err.Error()}
+		}
+	}
 	mode, err := dp.AttachPod(req.IfIndex)
-	a.attachMu.Unlock()
 	if err != nil {
 		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("attach pod programs to ifindex %d", req.IfIndex), Details: err.Error()}
 	}
@@ -274,6 +286,12 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 
 // handleDetach removes the programs and their link pins before the CNI deletes the veth; a
 // tcx link pin would otherwise outlive its device in the pin root.
+func (a *Agent) endpointRegistry() *endpoint.Registry {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.endpoints
+}
+
 func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	var req api.AttachRequest
 	if e := decode(r, &req); e != nil {
@@ -286,10 +304,7 @@ func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	if req.IfIndex <= 0 {
 		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("detach: ifIndex %d is not a valid interface index (want the host veth's, > 0)", req.IfIndex)}
 	}
-	a.attachMu.Lock()
-	err := dp.DetachPod(req.IfIndex)
-	a.attachMu.Unlock()
-	if err != nil {
+	if err := a.detach(req.IfIndex); err != nil {
 		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("detach pod programs from ifindex %d", req.IfIndex), Details: err.Error()}
 	}
 	return struct{}{}, nil

@@ -17,6 +17,7 @@
 #include "lib/frag.h"
 #include "lib/conntrack.h"
 #include "lib/lb.h"
+#include "lib/endpoint.h"
 #include "lib/nat.h"
 #include "lib/svc.h"
 #include "lib/reject.h"

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/internal/packet"
@@ -52,7 +53,9 @@ func frame(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint
 	return udp(src, sport, dst, dport, "x")
 }
 
-func protoName(p uint8) string { return map[uint8]string{packet.ProtoTCP: "tcp", packet.ProtoUDP: "udp"}[p] }
+func protoName(p uint8) string {
+	return map[uint8]string{packet.ProtoTCP: "tcp", packet.ProtoUDP: "udp"}[p]
+}
 
 // A client reuses its source port towards two frontends that share their only backend:
 // the second flow's wire tuple would be the first one's, so its source port changes, and
@@ -331,9 +334,10 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 	}
 }
 
-// Capacity: a conntrack map of N entries holds N live flows inserted from one CPU (the
-// global LRU; per-CPU lists held about N/CPUs), and past N the least recently used flows
-// go first.
+// Capacity: a conntrack map of N entries holds N live flows inserted from one CPU, less at
+// most the 128 spare entries each other CPU may keep on its local free list (the kernel's
+// LOCAL_FREE_TARGET; the Go thread running the test moves between CPUs). Per-CPU LRU lists
+// held about N/CPUs. Past N the least recently used flows go first.
 func TestConntrackHoldsItsSize(t *testing.T) {
 	const n = 8192
 	h := newCT(t, loader.Config{MaxFlows: n})
@@ -346,8 +350,12 @@ func TestConntrackHoldsItsSize(t *testing.T) {
 		h.forward(udp(a, p, dst, 53, "q"))
 	}
 	ct := mustDump(t, h.m)
-	if len(ct) < n*99/100 {
-		t.Fatalf("a map of %d entries holds %d flows inserted from one CPU", n, len(ct))
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if floor := n - 128*(cpus-1); len(ct) < floor {
+		t.Fatalf("a map of %d entries holds %d flows inserted from one CPU, want at least %d on %d CPUs", n, len(ct), floor, cpus)
 	}
 	t.Logf("%d of %d flows held", len(ct), n)
 	// Keep the first half warm, then insert n/4 more: the evicted ones are cold flows.

@@ -155,11 +155,13 @@ func (d *Datapath) ToPod() *ebpf.Program   { return d.objs.TernToPod }
 // Maps gives typed access to the datapath's maps.
 func (d *Datapath) Maps() *Maps {
 	return &Maps{
-		Services: d.objs.TernServices,
-		Backends: d.objs.TernBackends,
-		Members:  d.objs.TernLbMembers,
-		CT:       d.objs.TernConntrack,
-		Metrics:  d.objs.TernMetrics,
+		Services:  d.objs.TernServices,
+		Backends:  d.objs.TernBackends,
+		Members:   d.objs.TernLbMembers,
+		Endpoints: d.objs.TernEndpoints,
+		IPCache:   d.objs.TernIpcache,
+		CT:        d.objs.TernConntrack,
+		Metrics:   d.objs.TernMetrics,
 	}
 }
 

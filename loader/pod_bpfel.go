@@ -55,6 +55,20 @@ type PodCtValue struct {
 	Pad       uint16
 }
 
+type PodEndpointKey struct {
+	_       structs.HostLayout
+	Ifindex uint32
+}
+
+type PodEndpointValue struct {
+	_        structs.HostLayout
+	Addr     uint32
+	Mac      [6]uint8
+	Flags    uint16
+	Identity uint32
+	BwSlot   uint32
+}
+
 type PodFragKey struct {
 	_     structs.HostLayout
 	Saddr uint32
@@ -68,6 +82,20 @@ type PodFragValue struct {
 	_     structs.HostLayout
 	Sport uint16
 	Dport uint16
+}
+
+type PodIpcacheKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type PodIpcacheValue struct {
+	_        structs.HostLayout
+	Identity uint32
+	NodeAddr uint32
+	Flags    uint16
+	Pad      uint16
 }
 
 type PodMemberKey struct {
@@ -139,7 +167,9 @@ const (
 const (
 	PodMapTernBackends                   = "tern_backends"
 	PodMapTernConntrack                  = "tern_conntrack"
+	PodMapTernEndpoints                  = "tern_endpoints"
 	PodMapTernFrags                      = "tern_frags"
+	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernMetrics                    = "tern_metrics"
 	PodMapTernServices                   = "tern_services"
@@ -206,7 +236,9 @@ type PodProgramSpecs struct {
 type PodMapSpecs struct {
 	TernBackends  *ebpf.MapSpec `ebpf:"tern_backends"`
 	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernFrags     *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
@@ -247,7 +279,9 @@ func (o *PodObjects) Close() error {
 type PodMaps struct {
 	TernBackends  *ebpf.Map `ebpf:"tern_backends"`
 	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
 	TernFrags     *ebpf.Map `ebpf:"tern_frags"`
+	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
 	TernServices  *ebpf.Map `ebpf:"tern_services"`
@@ -257,7 +291,9 @@ func (m *PodMaps) Close() error {
 	return _PodClose(
 		m.TernBackends,
 		m.TernConntrack,
+		m.TernEndpoints,
 		m.TernFrags,
+		m.TernIpcache,
 		m.TernLbMembers,
 		m.TernMetrics,
 		m.TernServices,

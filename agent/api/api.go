@@ -91,6 +91,10 @@ type ReleaseResponse struct {
 type AttachRequest struct {
 	PodRef
 	IfIndex int `json:"ifIndex"`
+	// IP and MAC are the pod's address and eth0 MAC, recorded in the endpoint registry
+	// (attach only; optional for older plugins).
+	IP  string `json:"ip,omitempty"`
+	MAC string `json:"mac,omitempty"`
 }
 
 // AttachResponse reports how the programs were attached ("tcx" or "clsact").

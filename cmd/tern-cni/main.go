@@ -173,7 +173,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := datapath.SetupPodRules(podIP, link.Table); err != nil {
 		return types.NewError(api.CodeDatapath, fmt.Sprintf("policy routing for %s via ENI %s", podIP, link.Name), err.Error())
 	}
-	if _, err := client.Attach(ctx, api.AttachRequest{PodRef: ref, IfIndex: pl.HostIndex}); err != nil {
+	if _, err := client.Attach(ctx, api.AttachRequest{PodRef: ref, IfIndex: pl.HostIndex, IP: podIP.String(), MAC: pl.PodMAC.String()}); err != nil {
 		return cniError(err, api.CodeDatapath)
 	}
 
