@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -97,6 +98,24 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 			t.Errorf("%s has %d tcx link pins for %d pods, want %d", n.Name, got, want, 2*want)
 		}
 	}
+	// Each node's endpoint registry holds exactly its pods, and its ipcache marks them local.
+	for _, n := range l.Nodes() {
+		want := map[netip.Addr]bool{}
+		for _, p := range pods {
+			if p.Node == n {
+				want[p.IP] = true
+			}
+		}
+		if got := endpointAddrs(t, n); len(got) != len(want) {
+			t.Errorf("%s's endpoint registry holds %v, want its %d pods", n.Name, got, len(want))
+		} else {
+			for a := range got {
+				if !want[a] {
+					t.Errorf("%s's endpoint registry holds %s, not one of its pods", n.Name, a)
+				}
+			}
+		}
+	}
 
 	// Same-node and cross-node TCP: every pod serves; pairs talk in both directions.
 	for _, p := range pods {
@@ -140,9 +159,13 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 		t.Fatalf("second DEL of %s: %v", pods[0].Key(), err)
 	}
 	for _, n := range l.Nodes() {
-		// pods[1]'s veth went with its namespace before DEL, so its pins stay until GC or Down.
+		// pods[1]'s veth went with its namespace before DEL, so its pins (and its endpoint
+		// record) stay until GC, the agent's next start, or Down.
 		if got := linkPins(t, n); got > 2 {
 			t.Errorf("%s still has %d tcx link pins after every DEL", n.Name, got)
+		}
+		if got := endpointAddrs(t, n); len(got) > 1 {
+			t.Errorf("%s's endpoint registry still holds %v after every DEL", n.Name, got)
 		}
 	}
 	for _, n := range l.Nodes() {
@@ -176,4 +199,30 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	// An emptied ENI may still be detaching in the background: wait for the two to agree.
 	settled(t, l, ctx)
+}
+
+// endpointAddrs reads a node's pinned endpoint registry: pod address → whether the ipcache
+// marks it local too, and with a MAC recorded.
+func endpointAddrs(t *testing.T, n *lab.Node) map[netip.Addr]bool {
+	t.Helper()
+	m, err := loader.OpenPinnedMaps(n.PinRoot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	eps, err := m.DumpEndpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[netip.Addr]bool{}
+	for _, v := range eps {
+		a := loader.BEToAddr(v.Addr)
+		var c loader.IPCacheValue
+		err := m.IPCache.Lookup(loader.IPCacheKey{Prefixlen: 32, Addr: v.Addr}, &c)
+		if err != nil || c.Flags&loader.IPCacheFlagLocal == 0 || v.Mac == ([6]byte{}) {
+			t.Errorf("%s: endpoint %s has ipcache %+v (%v), MAC %x", n.Name, a, c, err, v.Mac)
+		}
+		out[a] = true
+	}
+	return out
 }
