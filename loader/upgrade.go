@@ -5,17 +5,25 @@ package loader
 // refuses to start:
 //
 //  1. Load moves every pinned map whose layout changed aside (renamed to
-//     <name>_old_<unix time>: bpffs refuses dots in names) before the new maps are created;
-//     entries are copied over when only the size or flags changed (same key and value). The old programs keep their
-//     maps: moving or removing a pin does not free a map that an attached program holds.
+//     <name>_old_<unix time>: bpffs refuses dots in names) before the new maps are
+//     created; entries are copied over when only the size or flags changed (same key and
+//     value). The old programs keep their maps: moving or removing a pin does not free a
+//     map that an attached program holds.
 //  2. Load converts the live flows of the first layout's conntrack (tern_ct) into this
 //     layout's pair of entries (SVC + FLOW), exactly as svc_open would have written them,
 //     so established flows keep their backend. The service maps keep their layout and are
 //     taken over by the reconciler, which rebuilds the membership index from their slots.
 //  3. The agent re-attaches every pod (ReattachPods): tcx link update or clsact filter
 //     replace, both atomic per hook.
-//  4. FinishUpgrade converts again (flows the old programs opened or refreshed in between)
-//     and removes the old layout's pins.
+//     It converts again right before swapping (flows the old programs opened since Load).
+//  4. FinishUpgrade converts a last time (flows opened during the swap) and removes the old
+//     layout's pins and the moved-aside maps.
+//
+// What is not carried: a flow the old programs open after the pre-swap pass whose first
+// packet under the new programs comes before FinishUpgrade's pass is load-balanced anew
+// (the new programs cannot see tern_ct); the window is the re-attach loop, milliseconds
+// per pod. A flow whose converted wire tuple is already another live flow's (the first
+// layout's own collision bug, issue 7) is not converted either.
 
 import (
 	"errors"
@@ -393,6 +401,12 @@ func (d *Datapath) ReattachPods() ([]int, error) {
 		done []int
 		errs []error
 	)
+	// Flows the old programs opened since Load (the agent starts its pool and components in
+	// between, seconds) are converted right before the swap, so only those opened during
+	// the swap itself are left for FinishUpgrade's pass.
+	if d.v1CT != nil {
+		d.migrate("before swap")
+	}
 	seen := map[int]bool{}
 	entries, err := os.ReadDir(filepath.Join(d.cfg.PinRoot, "links"))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
