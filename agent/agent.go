@@ -239,6 +239,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		cleanups = append(cleanups, c.Stop)
 	}
+	a.takeOverPods(dp)
 
 	if a.cfg.CNIConfDir != "" {
 		path, err := a.installConflist()
