@@ -276,6 +276,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.waitReadyForPods(ctx); err != nil {
 		return err
 	}
+	// Pods running under an older agent's programs move to this one's once the maps hold
+	// every Service (an upgrade converts the old layout's flows first).
+	a.takeOverPods(dp)
 	s := pool.Status()
 	a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
 		zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))

@@ -29,8 +29,9 @@ type Config struct {
 	CTTCPEstablishedTimeout time.Duration
 	CTTCPClosingTimeout     time.Duration
 	CTUDPTimeout            time.Duration
-	// Map sizes. They are fixed when a map is first pinned: changing one later needs the
-	// pinned map removed (which drops its state). MaxFlows counts conntrack entries: a
+	// Map sizes. They are fixed when a map is first pinned: changing one later makes Load
+	// move the pinned map aside and create a new one with the entries that fit (see
+	// upgrade.go; FinishUpgrade removes the old one). MaxFlows counts conntrack entries: a
 	// service flow takes two. MaxBackends sizes both the backend slots and the membership
 	// index.
 	MaxServices uint32
@@ -76,6 +77,13 @@ func (c *Config) setDefaults() {
 type Datapath struct {
 	cfg  Config
 	objs PodObjects
+
+	// An upgrade in progress (upgrade.go): pins Load moved aside, the first layout's
+	// conntrack map while its flows are still being converted, and what the last
+	// conversion did.
+	moved         []movedMap
+	v1CT          *ebpf.Map
+	lastMigration MigrationStats
 }
 
 // Load loads the pod programs, creating the pinned maps on first use and reusing them
@@ -127,20 +135,50 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 
 	d := &Datapath{cfg: cfg}
+	// A pinned map this build cannot reuse (an older layout, a changed size) is moved aside
+	// rather than refused: the programs still attached keep it, and FinishUpgrade removes
+	// it once they are replaced.
+	moved, olds, err := moveAsideIncompatible(spec, cfg.PinRoot, cfg.Logger)
+	if err != nil {
+		return nil, err
+	}
+	d.moved = moved
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinRoot}}
 	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		d.restoreMoved(olds)
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("kernel verifier rejected the pod programs: %+v", ve)
 		}
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("a map pinned under %s does not match this build (size or layout changed); "+
-				"remove the pinned map to reset it, which drops its state: %w", cfg.PinRoot, err)
+			// Only a pin that appeared between the check and the load gets here.
+			return nil, fmt.Errorf("a map pinned under %s changed while loading (another agent running?); "+
+				"restart the agent: %w", cfg.PinRoot, err)
 		}
 		return nil, fmt.Errorf("load pod programs: %w", err)
 	}
+	d.upgradeOnLoad(olds)
 	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot))
 	return d, nil
+}
+
+// restoreMoved puts pins moved aside back after a failed load, so the next attempt finds
+// the node as it was.
+func (d *Datapath) restoreMoved(olds []*ebpf.Map) {
+	for i, mv := range d.moved {
+		orig := filepath.Join(d.cfg.PinRoot, mv.name)
+		// A failed load may have pinned its new map there already.
+		if err := os.Remove(orig); err != nil && !errors.Is(err, os.ErrNotExist) {
+			d.cfg.Logger.Warn("could not remove a new map pin after a failed load", zap.String("pin", orig), zap.Error(err))
+		}
+		if err := movePin(olds[i], mv.pin, orig); err != nil {
+			d.cfg.Logger.Warn("could not move a map pin back after a failed load", zap.String("pin", mv.pin), zap.Error(err))
+		}
+		if olds[i] != nil {
+			olds[i].Close()
+		}
+	}
+	d.moved = nil
 }
 
 func seconds(d time.Duration) uint32 { return uint32(d / time.Second) }
@@ -170,7 +208,13 @@ func (d *Datapath) FragsForTest() *ebpf.Map { return d.objs.TernFrags }
 
 // Close releases this process's handles. Pinned maps and attached programs stay in the
 // kernel: the datapath keeps forwarding while the agent is away.
-func (d *Datapath) Close() error { return d.objs.Close() }
+func (d *Datapath) Close() error {
+	if d.v1CT != nil {
+		d.v1CT.Close()
+		d.v1CT = nil
+	}
+	return d.objs.Close()
+}
 
 // RemovePins deletes everything tern pinned under root: maps, links (which detaches tcx
 // programs) and the directory itself. It is for tests and for `ternctl reset`; an agent
