@@ -277,7 +277,7 @@ const (
 )
 
 func addrAt(b []byte, off int) netip.Addr { return netip.AddrFrom4([4]byte(b[off : off+4])) }
-func portAt(b []byte, off int) uint16      { return binary.BigEndian.Uint16(b[off:]) }
+func portAt(b []byte, off int) uint16     { return binary.BigEndian.Uint16(b[off:]) }
 
 func describe(b []byte) string {
 	pp, err := packet.Parse(b)
