@@ -176,6 +176,7 @@ type subject struct {
 	tr       *traffic
 	from, to *ebpf.Program
 	maps     []*ebpf.Map
+	ct       *ebpf.Map // conntrack, for tests that check the flows are what they claim
 	close    func()
 	seed     time.Duration // writing the Services into the maps
 	// Per established flow, learnt when the flow was opened: its backend, and the reply
@@ -217,6 +218,7 @@ func loadV2Subject(p params, topo topology, tr *traffic) (*subject, error) {
 		close: func() { dp.Close(); loader.RemovePins(root) }}
 	m := dp.Maps()
 	s.maps = []*ebpf.Map{m.Services, m.Backends, m.Members, m.CT, m.Metrics}
+	s.ct = m.CT
 	r, err := service.NewReconciler(m, nil)
 	if err != nil {
 		s.close()
@@ -237,7 +239,7 @@ func loadV1Subject(p params, topo topology, tr *traffic) (*subject, error) {
 		return nil, err
 	}
 	s := &subject{version: "v1", topo: topo, tr: tr, from: coll.Programs["tern_from_pod"],
-		to: coll.Programs["tern_to_pod"], close: func() { coll.Close() }}
+		to: coll.Programs["tern_to_pod"], ct: coll.Maps["tern_ct"], close: func() { coll.Close() }}
 	for _, m := range coll.Maps {
 		s.maps = append(s.maps, m)
 	}
