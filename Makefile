@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: all setup build generate check-generate check-tidy vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -44,10 +44,14 @@ k8s-bins:
 vet:
 	$(GO) vet ./...
 
+# go.mod and go.sum must be what `go mod tidy` makes of them.
+check-tidy:
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit" >&2; exit 1; }
+
 # Every tier: unit tests, BPF program tests (BPF_PROG_TEST_RUN), namespace end-to-end
 # tests, the cloud emulator and IPAM, and the Kubernetes end-to-end suite. Privileged tiers
 # need root; with TERN_PRIVILEGED=1 (CI) a privileged test that skips fails.
-test: setup check-generate vet k8s-bins
+test: setup check-generate check-tidy vet k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 40m ./...
 	bash test/vmkernel/run.sh
 
