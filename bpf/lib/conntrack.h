@@ -12,7 +12,7 @@
  *
  * Keeping the pair together under map pressure: both entries live in one global LRU map,
  * and the forward path re-reads the FLOW entry (recreating it if it was evicted) whenever it
- * pushes its own deadline, which it does at most once a second per flow while packets flow,
+ * pushes its own deadline (every sixteenth of the flow's lifetime, at least a second apart),
  * and on every packet until the flow is established or when it closes. A lookup marks an LRU
  * entry as referenced, so an active flow keeps both halves warm; the LRU evicts idle flows
  * first. The SVC half can only be evicted while the flow is idle; a new SVC entry for the
@@ -99,8 +99,10 @@ static __always_inline bool is_pure_syn(__u8 tcp_flags)
 }
 
 /* Fold the packet's TCP flags into the entry and push its deadline out. Returns true when
- * the entry changed state or its deadline moved by more than a second (the only times it is
- * written, so established flows do not write shared memory on every packet). */
+ * the entry changed state or its deadline moved by more than a sixteenth of its lifetime (at
+ * least a second): the only times it is written, so that flows do not write shared memory
+ * on every packet, and the only times the caller re-touches a service flow's other half.
+ * A flow thus lives between 15/16 of its lifetime and all of it after its last packet. */
 static __always_inline bool ct_touch(struct ct_value *ct, __u64 now, __u8 proto, __u8 tcp_flags,
 				     bool reply)
 {
@@ -113,13 +115,17 @@ static __always_inline bool ct_touch(struct ct_value *ct, __u64 now, __u8 proto,
 	/* A new SYN on a closing tuple is the port being reused: start over. */
 	if (!reply && is_pure_syn(tcp_flags))
 		flags &= ~(CT_F_CLOSING | CT_F_SEEN_REPLY);
-	__u64 deadline = now + ct_lifetime_ns(proto, flags);
+	__u64 lifetime = ct_lifetime_ns(proto, flags);
+	__u64 deadline = now + lifetime;
 	if (flags != ct->flags) {
 		ct->flags = flags;
 		ct->expires_ns = deadline;
 		return true;
 	}
-	if (deadline > ct->expires_ns + NSEC_PER_SEC) {
+	__u64 slack = lifetime >> 4;
+	if (slack < NSEC_PER_SEC)
+		slack = NSEC_PER_SEC;
+	if (deadline > ct->expires_ns + slack) {
 		ct->expires_ns = deadline;
 		return true;
 	}

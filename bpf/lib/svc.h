@@ -5,7 +5,7 @@
  *   svc_restore   a backend's reply found on a REVNAT flow entry: back to frontend -> client
  *
  * Both halves of a service flow (SVC and FLOW entries) can be rebuilt from each other, and
- * each direction re-touches the other half at most once a second (svc_keep_pair), so LRU
+ * each direction re-touches the other half whenever it pushes its deadline (svc_keep_pair), so LRU
  * pressure evicts idle flows whole rather than a live flow by halves. */
 #pragma once
 
