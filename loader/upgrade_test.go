@@ -1,6 +1,8 @@
 package loader_test
 
 import (
+	"bytes"
+	_ "embed"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -14,6 +16,11 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 )
+
+// v1Object is embedded so that the test binary carries it into the qemu kernels' initramfs.
+//
+//go:embed testdata/v1/pod_bpfel.o
+var v1Object []byte
 
 // v1 conntrack entry, as bpf/lib/conntrack.h of the first layout (loader/testdata/v1)
 // defines it.
@@ -36,7 +43,7 @@ type v1Value struct {
 // newV1CT pins an empty first-layout tern_ct under root, made from the kept v1 object.
 func newV1CT(t *testing.T, root string) *ebpf.Map {
 	t.Helper()
-	spec, err := ebpf.LoadCollectionSpec("testdata/v1/pod_bpfel.o")
+	spec, err := ebpf.LoadCollectionSpecFromReader(bytes.NewReader(v1Object))
 	if err != nil {
 		t.Fatal(err)
 	}
