@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -51,5 +53,24 @@ func TestMetricsOptionsValidated(t *testing.T) {
 				t.Errorf("%s: error %q does not say %q", tc.name, err, w)
 			}
 		}
+	}
+}
+
+// TestMetricsOptionsJSONNames: the field names docs/cni.md and deploy/README.md give load.
+func TestMetricsOptionsJSONNames(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.json")
+	doc := `{"nodeName":"n1","metricsAddr":":9464","kubeconfig":"/etc/tern/kubeconfig",
+		"metricsTLSCertFile":"/etc/tern/metrics-tls/tls.crt","metricsTLSKeyFile":"/etc/tern/metrics-tls/tls.key",
+		"metricsAuth":"kubernetes"}`
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.MetricsTLSCertFile != "/etc/tern/metrics-tls/tls.crt" || c.MetricsTLSKeyFile != "/etc/tern/metrics-tls/tls.key" ||
+		c.MetricsAuth != MetricsAuthKubernetes {
+		t.Fatalf("loaded %+v", c)
 	}
 }
