@@ -13,8 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -23,7 +21,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
 	"github.com/tern-net/tern/agent/api"
@@ -356,23 +353,6 @@ func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
 	}
 	a.reg.MustRegister(c.Collectors()...)
 	return c, nil
-}
-
-func (a *Agent) serveMetrics() (*http.Server, error) {
-	ln, err := net.Listen("tcp", a.cfg.MetricsAddr)
-	if err != nil {
-		return nil, fmt.Errorf("listen for metrics on %s: %w", a.cfg.MetricsAddr, err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
-	// /healthz: the process serves (liveness). /readyz: every readiness component is ready
-	// (the datapath loaded, the pool started, each datapath component's first full sync in
-	// the maps), so pods can be networked here; otherwise 503 naming what is not ready.
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.Handle("/readyz", a.readiness)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
-	return srv, nil
 }
 
 // installConflist writes the CNI configuration into CNIConfDir atomically (a runtime that

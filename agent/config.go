@@ -100,6 +100,15 @@ type Config struct {
 	CNIConfDir string `json:"cniConfDir,omitempty"`
 	// MetricsAddr, when set, also serves /metrics on this TCP address (the socket always does).
 	MetricsAddr string `json:"metricsAddr,omitempty"`
+	// MetricsTLSCertFile and MetricsTLSKeyFile (PEM), set together, make metricsAddr serve
+	// HTTPS. The files are read again when they change (a rotated certificate needs no
+	// restart).
+	MetricsTLSCertFile string `json:"metricsTLSCertFile,omitempty"`
+	MetricsTLSKeyFile  string `json:"metricsTLSKeyFile,omitempty"`
+	// MetricsAuth "kubernetes" requires a bearer token on metricsAddr's /metrics, checked
+	// with a TokenReview and a SubjectAccessReview through Kubeconfig (see agent/metricsauth);
+	// /healthz and /readyz stay open for the kubelet's probes. Empty: no authentication.
+	MetricsAuth string `json:"metricsAuth,omitempty"`
 	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
 	Kubeconfig string `json:"kubeconfig,omitempty"`
 	// AllocateWait bounds how long one allocation waits for a refill before answering
@@ -177,6 +186,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("cloud.backoffAttempts %d and cloud.rateLimitPerSecond %g must not be negative",
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
 	}
+	errs = append(errs, c.validateMetrics()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

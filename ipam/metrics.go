@@ -57,6 +57,8 @@ func causeOf(err error) string {
 		return "permission"
 	case errors.Is(err, aliyun.ErrQuota):
 		return "quota"
+	case errors.Is(err, aliyun.ErrBadVSwitch):
+		return "bad_vswitch"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return "canceled"
 	default:

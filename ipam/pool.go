@@ -501,6 +501,10 @@ func waiterError(err error) error {
 		return err
 	case errors.Is(err, aliyun.ErrCredentials), errors.Is(err, aliyun.ErrForbidden):
 		return err
+	case errors.Is(err, aliyun.ErrBadVSwitch):
+		// eni_conf names a vSwitch the cloud does not know: retrying the ADD cannot help
+		// until the operator fixes the file, so the caller must see it as a config error.
+		return err
 	default:
 		return fmt.Errorf("%w: %v", ErrPoolEmptyTryAgain, err)
 	}

@@ -180,7 +180,7 @@ func (c *Component) allocated(key ipam.PodKey, err error) {
 		msg = fmt.Sprintf("cloud error %s: %v", code, err)
 	}
 	ref := &corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: key.Namespace, Name: key.Name}
-	c.recorder.Event(ref, corev1.EventTypeWarning, reason, msg)
+	c.recorder.Event(ref, corev1.EventTypeWarning, reason, boundEventMessage(msg))
 }
 
 // gcLoop releases addresses of pods that no longer exist on this node. A pod must be missing

@@ -690,7 +690,10 @@ func (c *Client) VSwitches(ctx context.Context, ids []string) ([]VSwitch, error)
 		}
 		if !found {
 			return nil, &APIError{Action: actDescribeVSwitches, Code: "InvalidVSwitchId.NotFound", RequestID: resp.RequestId,
-				Message: fmt.Sprintf("vSwitch %s not found in region %s; check eni_conf vswitches", id, c.opts.RegionID), cause: ErrNotFound}
+				Message: fmt.Sprintf("vSwitch %s not found in region %s; check eni_conf vswitches", id, c.opts.RegionID),
+				// The IDs come from eni_conf: only a config change fixes this, as with the
+				// cloud's own InvalidVSwitchId codes.
+				cause: ErrBadVSwitch}
 		}
 	}
 	return out, nil

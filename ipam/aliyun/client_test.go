@@ -116,6 +116,12 @@ func TestENILifecycleThroughTheSDK(t *testing.T) {
 	if err != nil || len(vs) != 1 || vs[0].CIDR.String() != "192.168.1.0/24" || vs[0].Available <= 0 {
 		t.Fatalf("vswitches = %+v, %v", vs, err)
 	}
+	// DescribeVSwitches answers an unknown ID with an empty list, not an error code: the
+	// client must still call it what it is, a bad eni_conf.
+	_, err = c.VSwitches(ctx, []string{"vsw-test-a", "vsw-nobody-made"})
+	if !errors.Is(err, aliyun.ErrBadVSwitch) || !strings.Contains(err.Error(), "vsw-nobody-made") {
+		t.Fatalf("an unknown vSwitch: %v; want ErrBadVSwitch naming it", err)
+	}
 }
 
 func TestErrorsMapToCauses(t *testing.T) {

@@ -281,12 +281,14 @@ func TestConfigMatchesDaemonSet(t *testing.T) {
 // wantRules is the ClusterRole the code needs, and no more; each line names its caller. A
 // change in either direction must change this table and the manifest together.
 var wantRules = []rbacv1.PolicyRule{
-	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"list", "watch"}},                       // service/controller informer
-	{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"list", "watch"}}, // service/controller informer
-	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                           // agent/kube pod informer (spec.nodeName)
-	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch"}},                           // ipam/nodereport
-	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                          // ipam/nodereport condition
-	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                       // client-go recorder, core/v1 sink
+	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"list", "watch"}},                          // service/controller informer
+	{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"list", "watch"}},    // service/controller informer
+	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                              // agent/kube pod informer (spec.nodeName)
+	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch"}},                              // ipam/nodereport
+	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                             // ipam/nodereport condition
+	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                          // client-go recorder, core/v1 sink
+	{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},        // agent/metricsauth (metricsAuth "kubernetes")
+	{APIGroups: []string{"authorization.k8s.io"}, Resources: []string{"subjectaccessreviews"}, Verbs: []string{"create"}}, // agent/metricsauth
 }
 
 // TestManifestsAcceptedByAPIServer starts a real kube-apiserver (RBAC on) and
@@ -366,6 +368,7 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 		{"list", "", "pods", "", ""}, {"watch", "", "pods", "", ""},
 		{"get", "", "nodes", "", ""}, {"patch", "", "nodes", "", ""}, {"update", "", "nodes", "status", ""},
 		{"create", "", "events", "", "default"}, {"patch", "", "events", "", "default"},
+		{"create", "authentication.k8s.io", "tokenreviews", "", ""}, {"create", "authorization.k8s.io", "subjectaccessreviews", "", ""},
 	}
 	denied := []check{
 		{"delete", "", "pods", "", "default"}, {"create", "", "pods", "", "default"}, {"get", "", "pods", "", "default"},
@@ -379,6 +382,8 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 		{"create", "events.k8s.io", "events", "", "default"}, {"delete", "", "events", "", "default"},
 		{"create", "", "serviceaccounts", "token", "kube-system"},
 		{"escalate", "rbac.authorization.k8s.io", "clusterroles", "", ""},
+		{"impersonate", "", "users", "", ""}, {"impersonate", "", "serviceaccounts", "", "kube-system"},
+		{"create", "certificates.k8s.io", "certificatesigningrequests", "", ""},
 	}
 	ask := func(c check) bool {
 		t.Helper()
