@@ -2,9 +2,10 @@
 /* Programs on the host side of a pod's veth.
  *
  *   tern_from_pod  (tc ingress: what the pod sends)
- *       parse -> fragment ports -> hairpin reply? -> service? translate : track
+ *       parse -> fragment ports -> conntrack lookup -> hairpin reply? restore
+ *             -> a service flow, or no flow and a frontend? translate : track
  *   tern_to_pod    (tc egress: what the pod receives)
- *       parse -> fragment ports -> track -> reply of a service flow? restore the frontend
+ *       parse -> fragment ports -> conntrack lookup -> track -> a service flow's reply? restore
  *
  * Every TCP, UDP and SCTP flow of the pod is tracked (conntrack.h); service flows are
  * translated on the client's veth (svc.h). Each stage is a small inline function in
@@ -63,15 +64,24 @@ static __always_inline bool parse_or_verdict(struct __sk_buff *skb, struct pkt *
 	}
 }
 
-/* A client's packet to a frontend. */
-static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
+/* A client's packet to a frontend (svc), on its established flow (f->ct) or opening one. */
+static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p, struct flow *f,
 					   const struct svc_value *svc, __u64 now)
 {
 	struct ct_value flow;
-	int reason = svc_flow(p, svc, now, &flow);
+	int reason = SVC_REPICK;
 
-	if (reason == SVC_NEEDS_REJECT)
-		return reject(skb, p);
+	if (f->ct)
+		reason = svc_established(p, f, now, &flow);
+	if (reason == SVC_REPICK) {
+		if (!svc)
+			svc = lb_lookup_service(p->daddr, p->dport, p->proto);
+		if (!svc)
+			return TC_ACT_OK; /* the frontend is gone: nothing to translate to */
+		if (svc->backend_count == 0)
+			return reject(skb, p);
+		reason = svc_open(p, f, svc, now, &flow);
+	}
 	if (!reason)
 		reason = svc_translate(skb, p, &flow);
 	if (reason)
@@ -89,17 +99,16 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 
 /* A hairpin flow's reply: the pod answers the hairpin address, and the packet goes back
  * into the same pod as frontend -> client. */
-static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt *p, __u64 now)
+static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt *p, struct flow *f, __u64 now)
 {
-	struct ct_value *ct;
 	bool reply;
-	int reason = flow_track(p, now, &ct, &reply);
+	int reason = flow_track(p, now, f, &reply);
 
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
-	if (!ct || !reply || !(ct->flags & CT_F_HAIRPIN))
+	if (!f->ct || !reply || !(f->ct->flags & CT_F_HAIRPIN) || !(f->ct->flags & CT_F_REVNAT))
 		return TC_ACT_OK;
-	reason = svc_restore(skb, p, ct);
+	reason = svc_restore(skb, p, f->ct);
 	if (reason || swap_eth(skb))
 		return drop(skb, reason ?: REASON_DROP_NAT_FAILED, DIR_FROM_POD);
 	frag_remember(p);
@@ -111,6 +120,8 @@ SEC("tc")
 int tern_from_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
+	struct flow f;
+	bool reply;
 	int verdict;
 
 	if (!parse_or_verdict(skb, &p, DIR_FROM_POD, &verdict))
@@ -120,15 +131,18 @@ int tern_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u64 now = ct_now();
+	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
-		return hairpin_reply(skb, &p, now);
-	struct svc_value *svc = lb_lookup_service(p.daddr, p.dport, p.proto);
-	if (svc)
-		return service_forward(skb, &p, svc, now);
-
-	struct ct_value *ct;
-	bool reply;
-	int reason = flow_track(&p, now, &ct, &reply);
+		return hairpin_reply(skb, &p, &f, now);
+	if (f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a))
+		return service_forward(skb, &p, &f, NULL, now);
+	/* Only a packet with no flow asks whether it opens a service flow. */
+	if (!f.ct) {
+		struct svc_value *svc = lb_lookup_service(p.daddr, p.dport, p.proto);
+		if (svc)
+			return service_forward(skb, &p, &f, svc, now);
+	}
+	int reason = flow_track(&p, now, &f, &reply);
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
 	return TC_ACT_OK;
@@ -138,6 +152,8 @@ SEC("tc")
 int tern_to_pod(struct __sk_buff *skb)
 {
 	struct pkt p;
+	struct flow f;
+	bool reply;
 	int verdict;
 
 	/* A packet from-pod turned back into the pod (hairpin, reject) was handled there. */
@@ -149,14 +165,16 @@ int tern_to_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u64 now = ct_now();
-	struct ct_value *ct;
-	bool reply;
-	int reason = flow_track(&p, now, &ct, &reply);
+	flow_lookup(&p, now, &f);
+	/* A client's untranslated tuple seen coming in is not a reply to restore. */
+	if (f.ct && (f.ct->flags & CT_F_SVC))
+		return TC_ACT_OK;
+	int reason = flow_track(&p, now, &f, &reply);
 	if (reason)
 		return drop(skb, reason, DIR_TO_POD);
-	if (!ct || !reply || !(ct->flags & CT_F_REVNAT) || (ct->flags & CT_F_HAIRPIN))
+	if (!f.ct || !reply || !(f.ct->flags & CT_F_REVNAT) || (f.ct->flags & CT_F_HAIRPIN))
 		return TC_ACT_OK;
-	reason = svc_restore(skb, &p, ct);
+	reason = svc_restore(skb, &p, f.ct);
 	if (reason)
 		return drop(skb, reason, DIR_TO_POD);
 	frag_remember(&p);

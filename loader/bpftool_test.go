@@ -28,7 +28,7 @@ func TestBpftoolPrettyPrintsMaps(t *testing.T) {
 		"tern_services":   {`"addr":`, `"port":`, `"proto": 6`, `"id": 7`, `"backend_count": 1`},
 		"tern_backends":   {`"svc_id": 7`, `"slot": 1`},
 		"tern_lb_members": {`"svc_id": 7`, `"addr":`},
-		"tern_conntrack":  {`"addr_a":`, `"nat_port":`, `"expires_ns":`, `"kind": "CT_KIND_SVC"`},
+		"tern_conntrack":  {`"addr_a":`, `"nat_port":`, `"expires_ns":`, `"nat_sport":`},
 		"tern_metrics":    {`"packets": 1`},
 	} {
 		out, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(root, name)).CombinedOutput()

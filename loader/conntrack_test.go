@@ -198,7 +198,7 @@ func TestConntrackStatesAndExpiry(t *testing.T) {
 		now := ts.Nano()
 		n := 0
 		for k, v := range ct {
-			if svc != (k.Kind == loader.CTKindSvc) && k.Kind == loader.CTKindSvc {
+			if !svc && v.Flags&loader.CTFlagSvc != 0 {
 				t.Fatalf("%s: unexpected SVC entry %+v", step, k)
 			}
 			n++
@@ -275,8 +275,8 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 
 	byKind := func() (loader.CTKey, loader.CTKey) {
 		var svc, flow loader.CTKey
-		for k := range mustDump(t, h.m) {
-			if k.Kind == loader.CTKindSvc {
+		for k, v := range mustDump(t, h.m) {
+			if v.Flags&loader.CTFlagSvc != 0 {
 				svc = k
 			} else {
 				flow = k
@@ -389,7 +389,7 @@ func flowKey(src netip.Addr, sport uint16, dst netip.Addr, dport uint16, proto u
 	a := s < d || (s == d && sp <= dp)
 	*fromA = a
 	if a {
-		return loader.CTKey{AddrA: s, AddrB: d, PortA: sp, PortB: dp, Proto: proto, Kind: loader.CTKindFlow}
+		return loader.CTKey{AddrA: s, AddrB: d, PortA: sp, PortB: dp, Proto: proto}
 	}
-	return loader.CTKey{AddrA: d, AddrB: s, PortA: dp, PortB: sp, Proto: proto, Kind: loader.CTKindFlow}
+	return loader.CTKey{AddrA: d, AddrB: s, PortA: dp, PortB: sp, Proto: proto}
 }

@@ -34,12 +34,7 @@ const (
 	CTFlagOriginB   = 1 << 3
 	CTFlagRevNAT    = 1 << 4
 	CTFlagPortSNAT  = 1 << 5
-)
-
-// CT entry kinds, mirroring enum ct_kind.
-const (
-	CTKindFlow = PodCtKindCT_KIND_FLOW
-	CTKindSvc  = PodCtKindCT_KIND_SVC
+	CTFlagSvc       = 1 << 6
 )
 
 // Endpoint and ipcache flags, mirroring enum endpoint_flag and enum ipcache_flag in

@@ -33,16 +33,8 @@ type PodCtKey struct {
 	PortA uint16
 	PortB uint16
 	Proto uint8
-	Kind  PodCtKind
-	Pad   uint16
+	Pad   [3]uint8
 }
-
-type PodCtKind uint8
-
-const (
-	PodCtKindCT_KIND_FLOW PodCtKind = 0
-	PodCtKindCT_KIND_SVC  PodCtKind = 1
-)
 
 type PodCtValue struct {
 	_         structs.HostLayout

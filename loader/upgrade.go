@@ -28,6 +28,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -188,11 +189,18 @@ func monotonicCoarseNs() uint64 {
 	return uint64(ts.Nano())
 }
 
+// CTFlowKey is the conntrack key of a wire tuple (ct_flow_key in bpf/lib/conntrack.h), for
+// tools and tests that look a flow up.
+func CTFlowKey(src netip.Addr, sport uint16, dst netip.Addr, dport uint16, proto uint8) CTKey {
+	k, _ := flowKey(AddrToBE(src), PortToBE(sport), AddrToBE(dst), PortToBE(dport), proto)
+	return k
+}
+
 // flowKey is ct_flow_key in bpf/lib/conntrack.h: the wire tuple in canonical order. The
 // comparison is on the raw (network order) values as the C code compares them.
 func flowKey(saddr uint32, sport uint16, daddr uint32, dport uint16, proto uint8) (CTKey, bool) {
 	a := saddr < daddr || (saddr == daddr && sport <= dport)
-	k := CTKey{Proto: proto, Kind: CTKindFlow}
+	k := CTKey{Proto: proto}
 	if a {
 		k.AddrA, k.PortA, k.AddrB, k.PortB = saddr, sport, daddr, dport
 	} else {
@@ -201,7 +209,7 @@ func flowKey(saddr uint32, sport uint16, daddr uint32, dport uint16, proto uint8
 	return k, a
 }
 
-// convertV1 turns a first-layout conntrack entry into the SVC and FLOW entries svc_open
+// convertV1 turns a first-layout conntrack entry into the SVC and REVNAT entries svc_open
 // (bpf/lib/svc.h) writes for the same flow when it keeps the client's port, with the TCP
 // state both halves get from svc_merge. hairpin is the hairpin address (network order).
 func convertV1(k v1CTKey, v v1CTValue, hairpin uint32) (sk CTKey, sv CTValue, fk CTKey, fv CTValue) {
@@ -216,9 +224,12 @@ func convertV1(k v1CTKey, v v1CTValue, hairpin uint32) (sk CTKey, sv CTValue, fk
 	if !clientIsA {
 		fv.Flags |= CTFlagOriginB
 	}
-	sk = CTKey{AddrA: k.Saddr, AddrB: k.Daddr, PortA: k.Sport, PortB: k.Dport, Proto: k.Proto, Kind: CTKindSvc}
+	sk, svcClientIsA := flowKey(k.Saddr, k.Sport, k.Daddr, k.Dport, k.Proto)
 	sv = CTValue{ExpiresNs: v.ExpiresNs, NatAddr: v.BackendAddr, NatPort: v.BackendPort, NatSport: k.Sport,
-		SvcId: v.SvcID, Flags: flags}
+		SvcId: v.SvcID, Flags: flags | CTFlagSvc}
+	if !svcClientIsA {
+		sv.Flags |= CTFlagOriginB
+	}
 	return sk, sv, fk, fv
 }
 

@@ -115,13 +115,13 @@ func TestV1ConntrackConversionMatchesDatapath(t *testing.T) {
 	root := loadertest.PinRoot(t)
 	old := newV1CT(t, root)
 	for _, f := range flows {
-		sk := loader.CTKey{AddrA: loader.AddrToBE(client), AddrB: loader.AddrToBE(vip), PortA: loader.PortToBE(f.sport),
-			PortB: loader.PortToBE(f.vport), Proto: f.proto, Kind: loader.CTKindSvc}
+		sk := loader.CTFlowKey(client, f.sport, vip, f.vport, f.proto)
 		sv, ok := want[sk]
-		if !ok {
+		if !ok || sv.Flags&loader.CTFlagSvc == 0 {
 			t.Fatalf("%s: the datapath wrote no SVC entry %+v", f.name, sk)
 		}
-		k := v1Key{Saddr: sk.AddrA, Daddr: sk.AddrB, Sport: sk.PortA, Dport: sk.PortB, Proto: f.proto}
+		k := v1Key{Saddr: loader.AddrToBE(client), Daddr: loader.AddrToBE(vip), Sport: loader.PortToBE(f.sport),
+			Dport: loader.PortToBE(f.vport), Proto: f.proto}
 		v := v1Value{ExpiresNs: sv.ExpiresNs, BackendAddr: loader.AddrToBE(f.be), BackendPort: loader.PortToBE(f.bport),
 			Flags: f.v1Flags, SvcID: f.svcID}
 		if err := old.Put(k, v); err != nil {

@@ -1,22 +1,24 @@
-/* Connection tracking for every pod flow, found from either direction with one exact lookup
- * of the wire tuple.
+/* Connection tracking for every pod flow, found with one exact lookup of the wire tuple,
+ * whichever way the packet travels.
  *
- * A flow on the wire has one FLOW entry, keyed by its tuple in canonical order (the lower
- * address:port first), so a packet in either direction builds the same key. The entry says
- * which side opened the flow and, for a service flow, what its replies must be turned back
- * into (the frontend, and the client's own port if the source port had to be changed).
+ * Every entry is keyed by a tuple as it is on the wire, in canonical order (the lower
+ * address:port first), so a packet in either direction builds the same key. An entry says
+ * which side opened the flow, so each packet knows whether it is a reply.
  *
- * A service flow also has one SVC entry, keyed by what the client sent (client -> VIP):
- * the client never names the backend, so its packets need this second key to find the
- * backend and the source port the flow uses on the wire.
+ * A service flow has two entries, one per tuple it has on the wire:
+ *   - the client's tuple (client -> frontend), marked CT_F_SVC: what the client's packets
+ *     find; it names the backend and the source port the flow uses after translation;
+ *   - the translated tuple (client -> backend), marked CT_F_REVNAT: what the backend's
+ *     replies find; it names the frontend to restore and the client's own port.
+ * So an established packet in either direction costs one conntrack lookup and no service
+ * lookup; only a packet that finds no entry asks the frontend map whether it opens a
+ * service flow.
  *
  * Keeping the pair together under map pressure: both entries live in one global LRU map,
- * and the forward path re-reads the FLOW entry (recreating it if it was evicted) whenever it
- * pushes its own deadline (every sixteenth of the flow's lifetime, at least a second apart),
- * and on every packet until the flow is established or when it closes. A lookup marks an LRU
- * entry as referenced, so an active flow keeps both halves warm; the LRU evicts idle flows
- * first. The SVC half can only be evicted while the flow is idle; a new SVC entry for the
- * same client tuple then finds its old FLOW entry by the frontend it names (see lb.h). */
+ * each can be rebuilt from the other, and whenever a packet pushes its entry's deadline
+ * (svc.h) it looks the other up, merges their state, or rebuilds it if the LRU took it. A
+ * lookup marks an LRU entry as referenced, so an active flow keeps both halves warm; the LRU
+ * evicts idle flows first. */
 #pragma once
 
 #include "common.h"
@@ -24,45 +26,38 @@
 #include "metrics.h"
 #include "parse.h"
 
-#pragma clang diagnostic ignored "-Wfixed-enum-extension"
-
-enum ct_kind : __u8 {
-	CT_KIND_FLOW = 0, /* the wire tuple, canonical order */
-	CT_KIND_SVC = 1,  /* client -> frontend, as the client sent it */
-};
-
 struct ct_key {
-	__be32 addr_a; /* FLOW: lower side; SVC: client */
-	__be32 addr_b; /* FLOW: higher side; SVC: frontend (VIP) */
+	__be32 addr_a; /* lower side */
+	__be32 addr_b; /* higher side */
 	__be16 port_a;
 	__be16 port_b;
 	__u8 proto;
-	enum ct_kind kind;
-	__u16 pad;
+	__u8 pad[3];
 };
 
 enum ct_flag {
 	CT_F_SEEN_REPLY = 1 << 0, /* a reply came back: established */
 	CT_F_CLOSING = 1 << 1,    /* FIN or RST seen */
 	CT_F_HAIRPIN = 1 << 2,    /* backend is the client itself: source masqueraded */
-	CT_F_ORIGIN_B = 1 << 3,   /* FLOW: side b opened the flow (else side a) */
-	CT_F_REVNAT = 1 << 4,     /* FLOW: a service flow; replies are turned back */
+	CT_F_ORIGIN_B = 1 << 3,   /* side b opened the flow (else side a) */
+	CT_F_REVNAT = 1 << 4,     /* the translated tuple of a service flow: replies are turned back */
 	CT_F_PORT_SNAT = 1 << 5,  /* the client's source port was changed on the wire */
+	CT_F_SVC = 1 << 6,        /* the client's tuple of a service flow: packets are translated */
 };
 
 struct ct_value {
 	__u64 expires_ns; /* CLOCK_MONOTONIC (coarse) deadline; an expired entry is a new flow */
-	__be32 nat_addr;  /* SVC: backend; FLOW with REVNAT: frontend address replies come from */
-	__be16 nat_port;  /* SVC: backend port; FLOW with REVNAT: frontend port */
-	__be16 nat_sport; /* SVC: client port on the wire; FLOW with REVNAT: client's own port */
+	__be32 nat_addr;  /* SVC: backend; REVNAT: frontend address replies come from */
+	__be16 nat_port;  /* SVC: backend port; REVNAT: frontend port */
+	__be16 nat_sport; /* SVC: client port on the wire; REVNAT: client's own port */
 	__u32 svc_id;     /* frontend id at creation (lb.h), for membership checks and ternctl */
 	__u16 flags;      /* enum ct_flag */
 	__u16 pad;
 };
 
-/* tern_conntrack: key ct_key, value ct_value. One FLOW entry per pod flow (service or not)
- * plus one SVC entry per service flow, so a map of N entries holds N plain flows or N/2
- * service flows. LRU with one global list: per-CPU lists (BPF_F_NO_COMMON_LRU) divide the
+/* tern_conntrack: key ct_key, value ct_value. One entry per pod flow, two per service flow
+ * (the client's tuple and the translated one), so a map of N entries holds N plain flows or
+ * N/2 service flows. LRU with one global list: per-CPU lists (BPF_F_NO_COMMON_LRU) divide the
  * size between CPUs and evicted live flows from one CPU while the map was half empty.
  * Size from the loader (default 524288). Writers: both pod programs (create, refresh).
  * Readers: both pod programs; the agent and ternctl dump it. Pinned, so flows survive an
@@ -141,7 +136,7 @@ static __always_inline struct ct_value *ct_lookup(const struct ct_key *k, __u64 
 	return ct;
 }
 
-/* The FLOW key of a wire tuple. *from_a tells whether the packet's sender is side a. */
+/* The key of a wire tuple. *from_a tells whether the packet's sender is side a. */
 static __always_inline void ct_flow_key(struct ct_key *k, __be32 saddr, __be16 sport,
 					__be32 daddr, __be16 dport, __u8 proto, bool *from_a)
 {
@@ -152,8 +147,7 @@ static __always_inline void ct_flow_key(struct ct_key *k, __be32 saddr, __be16 s
 	k->addr_b = a ? daddr : saddr;
 	k->port_b = a ? dport : sport;
 	k->proto = proto;
-	k->kind = CT_KIND_FLOW;
-	k->pad = 0;
+	k->pad[0] = k->pad[1] = k->pad[2] = 0;
 	*from_a = a;
 }
 
@@ -162,15 +156,4 @@ static __always_inline void ct_flow_key(struct ct_key *k, __be32 saddr, __be16 s
 static __always_inline bool ct_is_reply(const struct ct_value *ct, bool from_a)
 {
 	return from_a == !!(ct->flags & CT_F_ORIGIN_B);
-}
-
-static __always_inline void ct_svc_key(struct ct_key *k, const struct pkt *p)
-{
-	k->addr_a = p->saddr;
-	k->port_a = p->sport;
-	k->addr_b = p->daddr;
-	k->port_b = p->dport;
-	k->proto = p->proto;
-	k->kind = CT_KIND_SVC;
-	k->pad = 0;
 }

@@ -1,12 +1,15 @@
 /* Service translation on top of conntrack (conntrack.h) and the LB maps (lb.h).
  *
- *   svc_forward   a client's packet to a frontend: find or open its flow, DNAT to the
- *                 flow's backend (and source port, if the wire tuple had to change)
- *   svc_restore   a backend's reply found on a REVNAT flow entry: back to frontend -> client
+ *   flow_lookup   the one conntrack lookup of a packet's wire tuple
+ *   svc_flow      a client's packet to a frontend: its established flow, or a new one
+ *   svc_translate DNAT to the flow's backend (and source port, if the wire tuple had to change)
+ *   flow_track    any other packet: refresh or open its entry
+ *   svc_restore   a backend's reply found on a REVNAT entry: back to frontend -> client
  *
- * Both halves of a service flow (SVC and FLOW entries) can be rebuilt from each other, and
- * each direction re-touches the other half whenever it pushes its deadline (svc_keep_pair), so LRU
- * pressure evicts idle flows whole rather than a live flow by halves. */
+ * Both entries of a service flow (SVC: the client's tuple; REVNAT: the translated one) can
+ * be rebuilt from each other, and each re-touches the other whenever it pushes its own
+ * deadline (svc_keep_pair), so LRU pressure evicts idle flows whole rather than a live flow
+ * by halves. */
 #pragma once
 
 #include "common.h"
@@ -17,7 +20,20 @@
 
 #define SVC_PORT_TRIES 8
 
-/* The two sides of a FLOW key, loaded into registers before choosing one. Choosing with
+/* A packet's conntrack entry, found by its wire tuple. */
+struct flow {
+	struct ct_key key;
+	struct ct_value *ct; /* NULL: no live entry */
+	bool from_a;         /* the packet's sender is side a of key */
+};
+
+static __always_inline void flow_lookup(const struct pkt *p, __u64 now, struct flow *f)
+{
+	ct_flow_key(&f->key, p->saddr, p->sport, p->daddr, p->dport, p->proto, &f->from_a);
+	f->ct = ct_lookup(&f->key, now);
+}
+
+/* The two sides of a key, loaded into registers before choosing one. Choosing with
  * `c ? k->x : k->y` or an array index lets clang select between stack addresses, which the
  * verifier refuses; a select between loaded values is fine. */
 struct ct_side {
@@ -68,75 +84,69 @@ static __always_inline void svc_merge(struct ct_value *a, struct ct_value *b, __
 	b->expires_ns = deadline;
 }
 
-/* Keep a service flow's two halves together: svc is the SVC entry whose key is sk, flow the
- * FLOW entry whose key is fk (client_is_a: the client's wire side is fk's side a);
- * whichever the packet found is non-NULL, the other is looked up and refreshed, or rebuilt
- * from the one at hand if it was evicted. */
-static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_value *svc,
-					  const struct ct_key *fk, struct ct_value *flow,
-					  bool client_is_a, __u8 proto, __u64 now)
+#define SVC_PAIR_FLAGS (CT_F_SEEN_REPLY | CT_F_CLOSING | CT_F_HAIRPIN | CT_F_PORT_SNAT)
+
+/* Keep a service flow's two entries together. sk/svc is the SVC entry (svc_client_b: the
+ * client is side b of sk), fk/rev the REVNAT entry (rev_client_b: the client's wire side is
+ * side b of fk). Whichever the packet found is non-NULL; the other is looked up and merged,
+ * or rebuilt from the one at hand if the LRU took it. */
+static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_value *svc, bool svc_client_b,
+					  const struct ct_key *fk, struct ct_value *rev, bool rev_client_b,
+					  __u8 proto, __u64 now)
 {
 	struct ct_value v = {};
 
 	if (svc) {
-		flow = bpf_map_lookup_elem(&tern_conntrack, fk);
-		if (flow) {
-			svc_merge(svc, flow, proto, now);
+		rev = bpf_map_lookup_elem(&tern_conntrack, fk);
+		if (rev) {
+			svc_merge(svc, rev, proto, now);
 			return;
 		}
+		struct ct_side client = ct_side_of(sk, svc_client_b);
+		struct ct_side front = ct_side_of(sk, !svc_client_b);
+
 		v.expires_ns = svc->expires_ns;
-		v.nat_addr = sk->addr_b;
-		v.nat_port = sk->port_b;
-		v.nat_sport = sk->port_a;
+		v.nat_addr = front.addr;
+		v.nat_port = front.port;
+		v.nat_sport = client.port;
 		v.svc_id = svc->svc_id;
-		v.flags = (svc->flags & (CT_F_SEEN_REPLY | CT_F_CLOSING | CT_F_HAIRPIN | CT_F_PORT_SNAT)) |
-			  CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B);
+		v.flags = (svc->flags & SVC_PAIR_FLAGS) | CT_F_REVNAT | (rev_client_b ? CT_F_ORIGIN_B : 0);
 		bpf_map_update_elem(&tern_conntrack, fk, &v, BPF_ANY);
 		return;
 	}
 	svc = bpf_map_lookup_elem(&tern_conntrack, sk);
 	if (svc) {
-		svc_merge(svc, flow, proto, now);
+		svc_merge(svc, rev, proto, now);
 		return;
 	}
-	v.expires_ns = flow->expires_ns;
-	struct ct_side backend = ct_side_of(fk, client_is_a);
-	struct ct_side client = ct_side_of(fk, !client_is_a);
+	struct ct_side backend = ct_side_of(fk, !rev_client_b);
+	struct ct_side wire = ct_side_of(fk, rev_client_b);
 
+	v.expires_ns = rev->expires_ns;
 	v.nat_addr = backend.addr;
 	v.nat_port = backend.port;
-	v.nat_sport = client.port;
-	v.svc_id = flow->svc_id;
-	v.flags = flow->flags & (CT_F_SEEN_REPLY | CT_F_CLOSING | CT_F_HAIRPIN | CT_F_PORT_SNAT);
+	v.nat_sport = wire.port;
+	v.svc_id = rev->svc_id;
+	v.flags = (rev->flags & SVC_PAIR_FLAGS) | CT_F_SVC | (svc_client_b ? CT_F_ORIGIN_B : 0);
 	bpf_map_update_elem(&tern_conntrack, sk, &v, BPF_ANY);
 }
 
-/* The SVC key of a service flow, rebuilt from its FLOW entry (fk, flow): the client is the
- * side that opened the flow (the backend, for a hairpin flow, whose client is itself). */
-static __always_inline void svc_key_of_flow(struct ct_key *sk, const struct ct_key *fk,
-					    const struct ct_value *flow)
+/* The SVC key of a service flow, rebuilt from its REVNAT entry (fk, rev): the client is the
+ * side that opened the flow, or for a hairpin flow (whose client is the backend itself) the
+ * other side. */
+static __always_inline void svc_key_of_rev(struct ct_key *sk, bool *client_b, const struct ct_key *fk,
+					   const struct ct_value *rev)
 {
-	/* The client's wire side opened the flow; a hairpin flow's client is the backend. */
-	bool b = !!(flow->flags & CT_F_ORIGIN_B);
+	bool b = !!(rev->flags & CT_F_ORIGIN_B);
+	bool client_a;
 
-	if (flow->flags & CT_F_HAIRPIN)
+	if (rev->flags & CT_F_HAIRPIN)
 		b = !b;
-	sk->addr_a = ct_side_of(fk, b).addr;
-	sk->port_a = flow->nat_sport;
-	sk->addr_b = flow->nat_addr;
-	sk->port_b = flow->nat_port;
-	sk->proto = fk->proto;
-	sk->kind = CT_KIND_SVC;
-	sk->pad = 0;
+	ct_flow_key(sk, ct_side_of(fk, b).addr, rev->nat_sport, rev->nat_addr, rev->nat_port,
+		    fk->proto, &client_a);
+	*client_b = !client_a;
 }
 
-/* Open a new service flow from p to svc: choose a backend, claim its wire tuple and write
- * both halves (FLOW first, so a reply can never arrive before its entry). When the wire
- * tuple is another live flow's, the source port changes, taken from the collision range.
- * Returns a reason to drop, or 0 with the flow's SVC half in *out. */
-/* A TCP segment in the middle of a flow whose SVC half is gone (idle long enough for the LRU
- * to take it) should find the backend its surviving FLOW half names rather than be
- * balanced again. Look through the first few slots; 0 when none holds this flow. */
 #define SVC_RECOVER_SLOTS 8
 
 static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct svc_value *svc,
@@ -165,7 +175,12 @@ static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct 
 	return 0;
 }
 
-static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk,
+
+/* Open a new service flow from p (its SVC key in f) to svc: choose a backend, claim its wire
+ * tuple and write both entries (REVNAT first, so a reply can never arrive before its entry).
+ * When the wire tuple is another live flow's, the source port changes, taken from the
+ * collision range. Returns a reason to drop, or 0 with the flow's SVC entry in *out. */
+static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
 				    const struct svc_value *svc, __u64 now, struct ct_value *out)
 {
 	__u32 slot = svc_recover_slot(p, svc, now);
@@ -183,12 +198,12 @@ static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk
 	struct ct_key fk;
 	bool client_is_a;
 
-	/* Unrolled, as above. */
+	/* Unrolled: Linux 6.1's verifier refuses this loop's back-edge (newer ones accept it). */
 #pragma unroll
 	for (int i = 0; i < SVC_PORT_TRIES; i++) {
 		ct_flow_key(&fk, wire_client, sport, be->addr, be->port, p->proto, &client_is_a);
 		struct ct_value *old = ct_lookup(&fk, now);
-		/* Free, or this very client flow's own (its SVC half expired or was evicted). */
+		/* Free, or this very client flow's own (its SVC entry expired or was evicted). */
 		if (!old || ((old->flags & CT_F_REVNAT) && old->nat_addr == p->daddr &&
 			     old->nat_port == p->dport && old->nat_sport == p->sport))
 			goto claim;
@@ -201,62 +216,56 @@ static __always_inline int svc_open(const struct pkt *p, const struct ct_key *sk
 	return REASON_DROP_CT_COLLISION;
 
 claim:;
-	struct ct_value flow = {
+	struct ct_value rev = {
 		.nat_addr = p->daddr,
 		.nat_port = p->dport,
 		.nat_sport = p->sport,
 		.svc_id = svc->id,
 		.flags = flags | CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B),
 	};
-	flow.expires_ns = now + ct_lifetime_ns(p->proto, 0);
-	if (bpf_map_update_elem(&tern_conntrack, &fk, &flow, BPF_ANY))
+	rev.expires_ns = now + ct_lifetime_ns(p->proto, 0);
+	if (bpf_map_update_elem(&tern_conntrack, &fk, &rev, BPF_ANY))
 		return REASON_DROP_CT_FULL;
 
 	__builtin_memset(out, 0, sizeof(*out));
-	out->expires_ns = flow.expires_ns;
+	out->expires_ns = rev.expires_ns;
 	out->nat_addr = be->addr;
 	out->nat_port = be->port;
 	out->nat_sport = sport;
 	out->svc_id = svc->id;
-	out->flags = flags;
-	if (bpf_map_update_elem(&tern_conntrack, sk, out, BPF_ANY))
+	out->flags = flags | CT_F_SVC | (f->from_a ? 0 : CT_F_ORIGIN_B);
+	if (bpf_map_update_elem(&tern_conntrack, &f->key, out, BPF_ANY))
 		return REASON_DROP_CT_FULL;
 	return 0;
 }
 
-/* The established or new flow of a client's packet to a frontend. Returns a reason to drop,
- * SVC_NEEDS_REJECT when the frontend has no backend, or 0 with the flow in *flow. */
-#define SVC_NEEDS_REJECT (-1)
+/* The flow of a client's packet whose SVC entry f found: refresh it (and its REVNAT half
+ * when its deadline moves) and return 0 with the flow in *out, or SVC_REPICK when a new
+ * backend must be chosen (svc_must_repick). */
+#define SVC_REPICK (-2)
 
-static __always_inline int svc_flow(const struct pkt *p, const struct svc_value *svc, __u64 now,
-				    struct ct_value *flow)
+static __always_inline int svc_established(const struct pkt *p, struct flow *f, __u64 now,
+					   struct ct_value *out)
 {
-	struct ct_key sk;
+	struct ct_value *ct = f->ct;
 
-	ct_svc_key(&sk, p);
-	struct ct_value *ct = ct_lookup(&sk, now);
-	if (ct && !svc_must_repick(ct, p)) {
-		bool moved = ct_touch(ct, now, p->proto, p->tcp_flags, false);
-		/* Until established, every packet looks for the reply's mark on the FLOW half;
-		 * after that, once a second is enough to keep the halves together. */
-		if (moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY))) {
-			struct ct_key fk;
-			bool client_is_a;
+	if (svc_must_repick(ct, p))
+		return SVC_REPICK;
+	bool moved = ct_touch(ct, now, p->proto, p->tcp_flags, false);
+	/* Until established, every packet looks for the reply's mark on the REVNAT half;
+	 * after that, only when the deadline moves. */
+	if (moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY))) {
+		struct ct_key fk;
+		bool client_is_a;
 
-			ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
-				    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
-			svc_keep_pair(&sk, ct, &fk, NULL, client_is_a, p->proto, now);
-		}
-		*flow = *ct;
-		return 0;
+		ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
+			    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
+		svc_keep_pair(&f->key, ct, !f->from_a, &fk, NULL, !client_is_a, p->proto, now);
 	}
-	if (svc->backend_count == 0)
-		return SVC_NEEDS_REJECT;
-	return svc_open(p, &sk, svc, now, flow);
+	*out = *ct;
+	return 0;
 }
 
-/* DNAT a client's packet onto its flow: destination to the backend, source port to the
- * flow's wire port, and for a hairpin flow the source to the hairpin address. */
 static __always_inline int svc_translate(struct __sk_buff *skb, const struct pkt *p,
 					 const struct ct_value *flow)
 {
@@ -269,9 +278,7 @@ static __always_inline int svc_translate(struct __sk_buff *skb, const struct pkt
 	return 0;
 }
 
-/* Turn a backend's reply on a REVNAT flow back into frontend -> client: the source becomes
- * the frontend, the destination port the client's own (and for a hairpin flow the
- * destination the client itself, which is the replying backend). */
+
 static __always_inline int svc_restore(struct __sk_buff *skb, const struct pkt *p,
 				       const struct ct_value *flow)
 {
@@ -286,40 +293,37 @@ static __always_inline int svc_restore(struct __sk_buff *skb, const struct pkt *
 	return 0;
 }
 
-/* The flow stage for packets that are not addressed to a frontend: find or open the FLOW
- * entry, keep a service flow's SVC half warm. *out is the entry, *reply whether the packet
- * travels against the flow's opening direction. Returns a reason to drop, or 0. */
-static __always_inline int flow_track(const struct pkt *p, __u64 now, struct ct_value **out,
-				      bool *reply)
-{
-	struct ct_key fk;
-	bool from_a;
 
-	ct_flow_key(&fk, p->saddr, p->sport, p->daddr, p->dport, p->proto, &from_a);
-	struct ct_value *ct = ct_lookup(&fk, now);
+/* A packet that is not a client's packet to a frontend: refresh its entry (keeping a service
+ * flow's SVC half warm) or open one with the sender as the side that opened the flow.
+ * *reply tells whether the packet travels against the flow's opening direction. Returns a
+ * reason to drop, or 0. */
+static __always_inline int flow_track(const struct pkt *p, __u64 now, struct flow *f, bool *reply)
+{
+	struct ct_value *ct = f->ct;
+
 	if (!ct) {
 		struct ct_value v = {};
 
-		if (!from_a)
+		if (!f->from_a)
 			v.flags |= CT_F_ORIGIN_B;
 		/* A TCP segment without SYN belongs to a flow older than its entry (an upgrade,
 		 * an eviction): take it as established. */
 		if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
 			v.flags |= CT_F_SEEN_REPLY;
 		v.expires_ns = now + ct_lifetime_ns(p->proto, v.flags);
-		if (bpf_map_update_elem(&tern_conntrack, &fk, &v, BPF_ANY))
-			return REASON_DROP_CT_FULL;
-		*out = NULL;
 		*reply = false;
+		if (bpf_map_update_elem(&tern_conntrack, &f->key, &v, BPF_ANY))
+			return REASON_DROP_CT_FULL;
 		return 0;
 	}
-	*reply = ct_is_reply(ct, from_a);
+	*reply = ct_is_reply(ct, f->from_a);
 	if (ct_touch(ct, now, p->proto, p->tcp_flags, *reply) && (ct->flags & CT_F_REVNAT)) {
 		struct ct_key sk;
+		bool client_b;
 
-		svc_key_of_flow(&sk, &fk, ct);
-		svc_keep_pair(&sk, NULL, &fk, ct, !(ct->flags & CT_F_ORIGIN_B), p->proto, now);
+		svc_key_of_rev(&sk, &client_b, &f->key, ct);
+		svc_keep_pair(&sk, NULL, client_b, &f->key, ct, !!(ct->flags & CT_F_ORIGIN_B), p->proto, now);
 	}
-	*out = ct;
 	return 0;
 }

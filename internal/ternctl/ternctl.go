@@ -181,20 +181,18 @@ func flows(w *tabwriter.Writer, m *loader.Maps) error {
 			left = time.Duration(v.ExpiresNs - now).Round(time.Second).String()
 		}
 		a, b := ap(k.AddrA, k.PortA), ap(k.AddrB, k.PortB)
-		var kind, from, to, via string
-		if k.Kind == loader.CTKindSvc {
+		// From the side that opened the flow to the other.
+		kind, from, to, via := "flow", a.String(), b.String(), "-"
+		if v.Flags&loader.CTFlagOriginB != 0 {
+			from, to = to, from
+		}
+		switch {
+		case v.Flags&loader.CTFlagSvc != 0:
 			// What the client sent, and where its flow goes on the wire.
-			kind, from, to = "service", a.String(), b.String()
-			via = fmt.Sprintf("backend %s (source port %d)", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
-		} else {
-			kind, from, to = "flow", a.String(), b.String()
-			if v.Flags&loader.CTFlagOriginB != 0 {
-				from, to = to, from
-			}
-			via = "-"
-			if v.Flags&loader.CTFlagRevNAT != 0 {
-				via = fmt.Sprintf("replies from %s to port %d", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
-			}
+			kind = "service"
+			via = fmt.Sprintf("to backend %s (source port %d)", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
+		case v.Flags&loader.CTFlagRevNAT != 0:
+			via = fmt.Sprintf("replies from %s to port %d", ap(v.NatAddr, v.NatPort), loader.BEToPort(v.NatSport))
 		}
 		rows = append(rows, row{kind + from, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", kind, Proto(k.Proto), from, to, via, state, left)})
 	}

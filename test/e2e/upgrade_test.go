@@ -310,8 +310,7 @@ func testUpgrade(t *testing.T, clsact bool) {
 	}
 	check := func(what string, proto service.Protocol, sport, vport uint16, backend string) {
 		t.Helper()
-		k := loader.CTKey{AddrA: loader.AddrToBE(client.ip), AddrB: loader.AddrToBE(vip), PortA: loader.PortToBE(sport),
-			PortB: loader.PortToBE(vport), Proto: uint8(proto), Kind: loader.CTKindSvc}
+		k := loader.CTFlowKey(client.ip, sport, vip, vport, uint8(proto))
 		v, ok := ct[k]
 		if !ok || v.NatAddr != loader.AddrToBE(byName[backend]) {
 			t.Fatalf("%s from port %d: converted entry %+v (present %v), want its backend %s", what, sport, v, ok, backend)

@@ -136,7 +136,7 @@ func establishedFlows(t *testing.T, s *subject) int {
 		var k loader.CTKey
 		var v loader.CTValue
 		for it.Next(&k, &v) {
-			if k.Kind == loader.CTKindSvc && v.Flags&loader.CTFlagSeenReply != 0 {
+			if v.Flags&loader.CTFlagSvc != 0 && v.Flags&loader.CTFlagSeenReply != 0 {
 				n++
 			}
 		}
