@@ -300,7 +300,7 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 	}
 
 	svcKey, flowKey := byKind()
-	// The FLOW half goes; the client's next packet rebuilds it, and the reply still finds it.
+	// The translated half goes; the client's next packet rebuilds it, and the reply still finds it.
 	if err := h.m.CT.Delete(flowKey); err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +309,7 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 		t.Fatalf("flow moved to %s", got)
 	}
 	in := h.reply(tcp(backend, 8080, client, 3000, packet.ACK))
-	wantAddrPort(t, "reply after the FLOW half was rebuilt", in.Src, in.SrcPort, vip, 80)
+	wantAddrPort(t, "reply after the translated half was rebuilt", in.Src, in.SrcPort, vip, 80)
 
 	// The SVC half goes; a reply rebuilds it, and the client's packets keep their backend.
 	if err := h.m.CT.Delete(svcKey); err != nil {
@@ -322,7 +322,7 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 	}
 
 	// The SVC half goes and no reply comes first: a mid-flow segment finds its backend
-	// through the surviving FLOW half instead of being balanced again.
+	// through the surviving translated half instead of being balanced again.
 	for i := 0; i < 20; i++ {
 		svcKey, _ = byKind()
 		if err := h.m.CT.Delete(svcKey); err != nil {

@@ -94,7 +94,7 @@ func TestServiceDNATAndReverseNAT(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			// One SVC entry (what the client sent) and one FLOW entry (the wire tuple).
+			// The client's tuple and the translated one.
 			kinds := map[string]int{}
 			for _, v := range ct {
 				switch {

@@ -10,7 +10,7 @@ package loader
 //     value). The old programs keep their maps: moving or removing a pin does not free a
 //     map that an attached program holds.
 //  2. Load converts the live flows of the first layout's conntrack (tern_ct) into this
-//     layout's pair of entries (SVC + FLOW), exactly as svc_open would have written them,
+//     layout's pair of entries (the client's tuple and the translated one), exactly as svc_open would have written them,
 //     so established flows keep their backend. The service maps keep their layout and are
 //     taken over by the reconciler, which rebuilds the membership index from their slots.
 //  3. The agent re-attaches every pod (ReattachPods): tcx link update or clsact filter
@@ -235,7 +235,7 @@ func convertV1(k v1CTKey, v v1CTValue, hairpin uint32) (sk CTKey, sv CTValue, fk
 
 // MigrationStats says what one conversion pass did.
 type MigrationStats struct {
-	Converted int // live flows written as SVC + FLOW pairs (or refreshed)
+	Converted int // live flows written as pairs of entries (or refreshed)
 	Expired   int // old entries past their deadline, skipped
 	Kept      int // flows the new programs had already opened to another backend, left alone
 	Collided  int // wire tuple held by another live flow (the old layout's own collision bug)

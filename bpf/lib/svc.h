@@ -295,7 +295,7 @@ static __always_inline int svc_restore(struct __sk_buff *skb, const struct pkt *
 
 
 /* A packet that is not a client's packet to a frontend: refresh its entry (keeping a service
- * flow's SVC half warm) or open one with the sender as the side that opened the flow.
+ * flow's other half warm) or open one with the sender as the side that opened the flow.
  * *reply tells whether the packet travels against the flow's opening direction. Returns a
  * reason to drop, or 0. */
 static __always_inline int flow_track(const struct pkt *p, __u64 now, struct flow *f, bool *reply)
