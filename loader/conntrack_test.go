@@ -371,8 +371,7 @@ func TestConntrackHoldsItsSize(t *testing.T) {
 	warmLost := 0
 	for i := 0; i < n/2; i++ {
 		a, p := src(i)
-		var from bool
-		k := flowKey(a, p, dst, 53, packet.ProtoUDP, &from)
+		k := loader.CTFlowKey(a, p, dst, 53, packet.ProtoUDP)
 		if _, ok := ct[k]; !ok {
 			warmLost++
 		}
@@ -380,16 +379,4 @@ func TestConntrackHoldsItsSize(t *testing.T) {
 	if warmLost > n/100 {
 		t.Fatalf("%d of %d recently used flows were evicted while cold ones remained", warmLost, n/2)
 	}
-}
-
-// flowKey builds the canonical FLOW key the datapath uses (conntrack.h ct_flow_key).
-func flowKey(src netip.Addr, sport uint16, dst netip.Addr, dport uint16, proto uint8, fromA *bool) loader.CTKey {
-	s, d := loader.AddrToBE(src), loader.AddrToBE(dst)
-	sp, dp := loader.PortToBE(sport), loader.PortToBE(dport)
-	a := s < d || (s == d && sp <= dp)
-	*fromA = a
-	if a {
-		return loader.CTKey{AddrA: s, AddrB: d, PortA: sp, PortB: dp, Proto: proto}
-	}
-	return loader.CTKey{AddrA: d, AddrB: s, PortA: dp, PortB: sp, Proto: proto}
 }
