@@ -265,12 +265,7 @@ func (p *Pool) addIPs(eniID string, ips []netip.Addr, token string) {
 		return
 	}
 	rec := e.info
-	rec.IPs = slices.Clone(rec.IPs)
-	for _, ip := range ips {
-		if !slices.Contains(rec.IPs, ip) {
-			rec.IPs = append(rec.IPs, ip)
-		}
-	}
+	rec.IPs = unionIPs(rec.IPs, ips)
 	p.mu.Unlock()
 	if err := p.st.Update(func(tx *store.Tx) error {
 		if err := tx.PutENI(rec); err != nil {
@@ -769,12 +764,7 @@ func (p *Pool) adoptIPs(eniID string, ips []netip.Addr) {
 		return
 	}
 	rec := e.info
-	rec.IPs = slices.Clone(rec.IPs)
-	for _, a := range ips {
-		if !slices.Contains(rec.IPs, a) {
-			rec.IPs = append(rec.IPs, a)
-		}
-	}
+	rec.IPs = unionIPs(rec.IPs, ips)
 	p.mu.Unlock()
 	if err := p.st.Update(func(tx *store.Tx) error { return tx.PutENI(rec) }); err != nil {
 		p.log.Error("cannot record adopted IPs", zap.String("eni", eniID), zap.Error(err))
@@ -805,4 +795,16 @@ func (p *Pool) scheduleVerify() {
 		p.mu.Unlock()
 		kick(p.kickVerify)
 	})
+}
+
+// unionIPs returns have plus the addresses of add it lacks, in a new slice (have may be a
+// record the pool still shares).
+func unionIPs(have, add []netip.Addr) []netip.Addr {
+	out := slices.Clone(have)
+	for _, a := range add {
+		if !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
