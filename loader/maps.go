@@ -133,7 +133,7 @@ func (m *Maps) MetricsTotals() (map[MetricsKey]MetricsValue, error) {
 // IsNotExist reports whether err is a map lookup or delete of a missing key.
 func IsNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
 
-// Writers used by the service reconciler (the seam service.LBMaps describes).
+// Writers used by the service reconciler (the seam lbmap.LBMaps describes).
 
 func (m *Maps) PutService(k ServiceKey, v ServiceValue) error { return m.Services.Put(k, v) }
 func (m *Maps) DeleteService(k ServiceKey) error              { return m.Services.Delete(k) }

@@ -405,7 +405,7 @@ func (d *Datapath) FinishUpgrade() error {
 // place, clsact filters at tern's handle and priority are replaced in place. Neither leaves
 // a moment without a program. Run it in the network namespace of the pod veths, before
 // FinishUpgrade and after the service reconciler has rebuilt the membership index from the
-// maps (service.NewReconciler), or established UDP flows would be load-balanced again.
+// maps (lbmap.NewReconciler), or established UDP flows would be load-balanced again.
 // Returns the interfaces it re-attached.
 func (d *Datapath) ReattachPods() ([]int, error) {
 	var (

@@ -170,26 +170,6 @@ func TestBuilderReportsOnlyChangedFrontends(t *testing.T) {
 	}
 }
 
-func TestLayoutKeepsSurvivorsInPlace(t *testing.T) {
-	b1, b2, b3, b4 := be("10.0.0.1", 1), be("10.0.0.2", 1), be("10.0.0.3", 1), be("10.0.0.4", 1)
-	cases := []struct {
-		old, desired, want []Backend
-	}{
-		{nil, []Backend{b1, b2}, []Backend{b1, b2}},
-		{[]Backend{b1, b2, b3}, []Backend{b1, b3}, []Backend{b1, b3}},                 // last fills the hole
-		{[]Backend{b1, b2, b3}, []Backend{b1, b2, b3, b4}, []Backend{b1, b2, b3, b4}}, // append
-		{[]Backend{b1, b2, b3}, []Backend{b4, b2, b3}, []Backend{b4, b2, b3}},         // replace in place
-		{[]Backend{b1, b2, b3}, []Backend{b3}, []Backend{b3}},
-		{[]Backend{b1, b2}, nil, []Backend{}},
-	}
-	for _, c := range cases {
-		got := layout(c.old, c.desired)
-		if len(got) != len(c.want) || (len(got) > 0 && !reflect.DeepEqual(got, c.want)) {
-			t.Errorf("layout(%v, %v) = %v, want %v", c.old, c.desired, got, c.want)
-		}
-	}
-}
-
 // termSlice has ready endpoints and serving-but-terminating ones, plus one that is neither.
 func termSlice(svcName, name string, port discoveryv1.EndpointPort, ready, terminating []string) *discoveryv1.EndpointSlice {
 	s := slice(svcName, name, []discoveryv1.EndpointPort{port})

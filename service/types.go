@@ -1,6 +1,6 @@
-// Package service turns Kubernetes Services and EndpointSlices into the load-balancer state
-// the datapath needs (frontends and their ready backends), and reconciles that desired
-// state into the BPF maps, writing only what differs.
+// Package service says what Kubernetes Services and EndpointSlices mean for load balancing:
+// the frontends and their backends (State), computed per Service (Translate, Builder). It
+// knows nothing of BPF maps; service/lbmap encodes State into them.
 package service
 
 import (
@@ -63,4 +63,14 @@ type State map[Frontend][]Backend
 func normalize(bs []Backend) []Backend {
 	slices.SortFunc(bs, compareBackends)
 	return slices.Compact(bs)
+}
+
+// Lookup answers what a frontend should hold, and whether it should exist at all.
+// State.Lookup and Builder.Desired are Lookups.
+type Lookup func(Frontend) ([]Backend, bool)
+
+// Lookup makes a State usable where a Lookup is wanted.
+func (s State) Lookup(f Frontend) ([]Backend, bool) {
+	bs, ok := s[f]
+	return bs, ok
 }

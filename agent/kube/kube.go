@@ -26,8 +26,8 @@ import (
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/nodereport"
-	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 // Options tune the component.
@@ -84,7 +84,7 @@ func (c *Component) Start(ctx context.Context) error {
 	if dp == nil {
 		return errors.New("kubernetes component: the datapath is not loaded")
 	}
-	rec, err := service.NewReconciler(dp.Maps(), c.log)
+	rec, err := lbmap.NewReconciler(dp.Maps(), c.log)
 	if err != nil {
 		return fmt.Errorf("service reconciler: %w", err)
 	}

@@ -24,6 +24,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 const byServiceIndex = "tern-service"
@@ -46,7 +47,7 @@ type Options struct {
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
 type Controller struct {
 	client  kubernetes.Interface
-	rec     *service.Reconciler
+	rec     *lbmap.Reconciler
 	builder *service.Builder
 	opts    Options
 	log     *zap.Logger
@@ -71,7 +72,7 @@ type metrics struct {
 }
 
 // New builds a controller over a client and a reconciler. Nothing runs until Run.
-func New(client kubernetes.Interface, rec *service.Reconciler, opts Options) (*Controller, error) {
+func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Controller, error) {
 	if opts.ResyncInterval == 0 {
 		opts.ResyncInterval = 5 * time.Minute
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/service/lbmap"
 	"github.com/tern-net/tern/test/k8s/controlplane"
 	"github.com/tern-net/tern/test/k8s/kubeletsim"
 )
@@ -82,7 +83,7 @@ func TestControllerFollowsTheAPIServer(t *testing.T) {
 	defer cancel()
 
 	d := loadertest.New(t, loader.Config{})
-	rec, err := service.NewReconciler(d.Maps(), nil)
+	rec, err := lbmap.NewReconciler(d.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +182,7 @@ func TestFullMapIsReportedAndOthersKeepServing(t *testing.T) {
 
 	// Room for the apiserver's own "kubernetes" Service and two more frontends.
 	d := loadertest.New(t, loader.Config{MaxServices: 3})
-	rec, err := service.NewReconciler(d.Maps(), nil)
+	rec, err := lbmap.NewReconciler(d.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 // gatedMaps are the real maps whose frontend writes wait at a gate the test opens: a
@@ -103,7 +104,7 @@ func TestFirstSyncIsDoneOnlyWhenEveryServiceIsInTheMaps(t *testing.T) {
 
 	d := loadertest.New(t, loader.Config{})
 	g := &gatedMaps{Maps: d.Maps(), blocked: make(chan struct{}), release: make(chan struct{})}
-	rec, err := service.NewReconciler(g, nil)
+	rec, err := lbmap.NewReconciler(g, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

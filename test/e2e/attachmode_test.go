@@ -17,6 +17,7 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 // TestAttachModeFollowsKernel attaches without ForceClsact and checks that AttachPod picked
@@ -61,7 +62,7 @@ func TestAttachModeFollowsKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	r, err := service.NewReconciler(d.Maps(), nil)
+	r, err := lbmap.NewReconciler(d.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 var (
@@ -39,7 +40,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	cfg := loader.Config{PinRoot: loadertest.PinRoot(t), ForceClsact: forceClsact}
 	d := loadertest.New(t, cfg)
 	lab.attachAll(d)
-	r, err := service.NewReconciler(d.Maps(), nil)
+	r, err := lbmap.NewReconciler(d.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +149,7 @@ func testClusterIP(t *testing.T, forceClsact bool) {
 	if err := est.echo("after restart"); err != nil {
 		t.Fatalf("established flow broke across the restart: %v", err)
 	}
-	r2, err := service.NewReconciler(d2.Maps(), nil)
+	r2, err := lbmap.NewReconciler(d2.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

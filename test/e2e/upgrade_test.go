@@ -22,6 +22,7 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 // The first layout's reverse-NAT index (tern_revnat), which its reply path needs: per
@@ -293,7 +294,7 @@ func testUpgrade(t *testing.T, clsact bool) {
 	// The new agent: load on the same pin root (the old programs stay attached and keep
 	// forwarding), take over the service maps, convert conntrack.
 	d := loadertest.New(t, loader.Config{PinRoot: root, ForceClsact: clsact})
-	r, err := service.NewReconciler(d.Maps(), nil)
+	r, err := lbmap.NewReconciler(d.Maps(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

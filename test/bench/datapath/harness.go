@@ -21,6 +21,7 @@ import (
 	"github.com/tern-net/tern/internal/packet"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 const (
@@ -219,7 +220,7 @@ func loadV2Subject(p params, topo topology, tr *traffic) (*subject, error) {
 	m := dp.Maps()
 	s.maps = []*ebpf.Map{m.Services, m.Backends, m.Members, m.CT, m.Metrics}
 	s.ct = m.CT
-	r, err := service.NewReconciler(m, nil)
+	r, err := lbmap.NewReconciler(m, nil)
 	if err != nil {
 		s.close()
 		return nil, fmt.Errorf("v2 service reconciler: %w", err)

@@ -22,8 +22,8 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tern-net/tern/loader"
-	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 func main() {
@@ -82,7 +82,7 @@ func run(kubeconfig, pinRoot string, keepPins bool, resync time.Duration) error 
 			}
 		}()
 	}
-	rec, err := service.NewReconciler(dp.Maps(), log)
+	rec, err := lbmap.NewReconciler(dp.Maps(), log)
 	if err != nil {
 		return fmt.Errorf("read existing LB maps under %s: %w", pinRoot, err)
 	}

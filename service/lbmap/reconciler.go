@@ -1,4 +1,7 @@
-package service
+// Package lbmap encodes load-balancer state (service.State: what the Services mean) into the
+// datapath's LB maps and keeps them reconciled: frontends, backend slots and the backend
+// membership index, written in an order that keeps every reader safe.
+package lbmap
 
 import (
 	"errors"
@@ -9,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/service"
 )
 
 // LBMaps is the kernel seam: the three load-balancer maps the reconciler owns.
@@ -36,7 +40,7 @@ type BatchLBMaps interface {
 
 type realized struct {
 	id    uint32
-	slots []Backend // slot i+1 holds slots[i]
+	slots []service.Backend // slot i+1 holds slots[i]
 }
 
 // Reconciler writes desired load-balancer state into the maps. It keeps a mirror of what
@@ -55,7 +59,7 @@ type Reconciler struct {
 	log  *zap.Logger
 
 	mu      sync.Mutex
-	fronts  map[Frontend]*realized
+	fronts  map[service.Frontend]*realized
 	usedIDs map[uint32]bool
 	nextID  uint32
 	members map[loader.MemberKey]bool
@@ -88,13 +92,13 @@ func (r *Reconciler) load() error {
 	if err != nil {
 		return fmt.Errorf("read backend membership map: %w", err)
 	}
-	r.fronts = map[Frontend]*realized{}
+	r.fronts = map[service.Frontend]*realized{}
 	r.usedIDs = map[uint32]bool{}
 	r.nextID = 1
 	byID := map[uint32]*realized{}
 	for k, v := range svcs {
-		f := Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: Protocol(k.Proto)}
-		re := &realized{id: v.Id, slots: make([]Backend, v.BackendCount)}
+		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto)}
+		re := &realized{id: v.Id, slots: make([]service.Backend, v.BackendCount)}
 		r.fronts[f] = re
 		r.usedIDs[v.Id] = true
 		byID[v.Id] = re
@@ -107,7 +111,7 @@ func (r *Reconciler) load() error {
 			errs = append(errs, r.del(func() error { return r.maps.DeleteBackend(k) }))
 			continue
 		}
-		re.slots[k.Slot-1] = Backend{Addr: loader.BEToAddr(v.Addr), Port: loader.BEToPort(v.Port)}
+		re.slots[k.Slot-1] = service.Backend{Addr: loader.BEToAddr(v.Addr), Port: loader.BEToPort(v.Port)}
 	}
 	// Membership must match the slots exactly: a member without a slot would keep a removed
 	// backend's UDP flows alive, a slot without a member would move them needlessly. A map
@@ -141,7 +145,7 @@ func (r *Reconciler) load() error {
 	return errors.Join(errs...)
 }
 
-func memberKey(id uint32, b Backend) loader.MemberKey {
+func memberKey(id uint32, b service.Backend) loader.MemberKey {
 	return loader.MemberKey{SvcId: id, Addr: loader.AddrToBE(b.Addr), Port: loader.PortToBE(b.Port)}
 }
 
@@ -171,20 +175,10 @@ func (r *Reconciler) Writes() uint64 {
 	return r.writes
 }
 
-// Lookup answers what a frontend should hold, and whether it should exist at all.
-// State.Lookup and Builder.Desired are Lookups.
-type Lookup func(Frontend) ([]Backend, bool)
-
-// Lookup makes a State usable where a Lookup is wanted.
-func (s State) Lookup(f Frontend) ([]Backend, bool) {
-	bs, ok := s[f]
-	return bs, ok
-}
-
 // Apply reconciles the given frontends against desired: each is created, updated or
 // deleted (when desired lacks it). Other frontends are not touched, so their flows are
 // undisturbed. Errors for one frontend do not stop the others.
-func (r *Reconciler) Apply(desired Lookup, dirty []Frontend) error {
+func (r *Reconciler) Apply(desired service.Lookup, dirty []service.Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var errs []error
@@ -205,7 +199,7 @@ func (r *Reconciler) Apply(desired Lookup, dirty []Frontend) error {
 
 // Sync re-reads the maps and reconciles every frontend, desired or present: the periodic
 // full resync that repairs drift and removes what nobody wants.
-func (r *Reconciler) Sync(desired State) error {
+func (r *Reconciler) Sync(desired service.State) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err := r.load(); err != nil {
@@ -245,19 +239,19 @@ func (r *Reconciler) allocID() (uint32, error) {
 	return 0, errors.New("no free service id")
 }
 
-func svcKey(f Frontend) loader.ServiceKey {
+func svcKey(f service.Frontend) loader.ServiceKey {
 	return loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
 }
 
 // layout places the desired backends into slots, keeping every surviving backend in the
 // slot it already has so that as few slots as possible are rewritten.
-func layout(old, desired []Backend) []Backend {
-	want := map[Backend]bool{}
+func layout(old, desired []service.Backend) []service.Backend {
+	want := map[service.Backend]bool{}
 	for _, b := range desired {
 		want[b] = true
 	}
-	slots := make([]Backend, len(old))
-	have := map[Backend]bool{}
+	slots := make([]service.Backend, len(old))
+	have := map[service.Backend]bool{}
 	var holes []int
 	for i, b := range old {
 		if want[b] && !have[b] {
@@ -293,7 +287,7 @@ func layout(old, desired []Backend) []Backend {
 	return slots
 }
 
-func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
+func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend) error {
 	cur := r.fronts[f]
 	if cur == nil {
 		id, err := r.allocID()
@@ -341,7 +335,7 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 	}
 	// 5. Backends that left stop being members: their UDP flows move on their next datagram
 	// and a new SYN on a reused tuple picks a live backend; established TCP flows continue.
-	kept := make(map[Backend]bool, len(slots))
+	kept := make(map[service.Backend]bool, len(slots))
 	for _, b := range slots {
 		kept[b] = true
 	}
@@ -356,7 +350,7 @@ func (r *Reconciler) upsert(f Frontend, desired []Backend) error {
 	return errors.Join(errs...)
 }
 
-func (r *Reconciler) remove(f Frontend) error {
+func (r *Reconciler) remove(f service.Frontend) error {
 	cur, ok := r.fronts[f]
 	if !ok {
 		return nil
@@ -389,7 +383,7 @@ func (r *Reconciler) dropMember(k loader.MemberKey) error {
 
 // bulkLoad writes a whole desired state into empty maps with batch updates, in the same
 // order the per-entry path keeps: membership, then slots, then frontends.
-func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
+func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State) error {
 	var (
 		sk []loader.ServiceKey
 		sv []loader.ServiceValue
@@ -398,14 +392,14 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired State) error {
 		mk []loader.MemberKey
 		mv []uint32
 	)
-	fronts := make(map[Frontend]*realized, len(desired))
+	fronts := make(map[service.Frontend]*realized, len(desired))
 	members := map[loader.MemberKey]bool{}
 	for f, bs := range desired {
 		id, err := r.allocID()
 		if err != nil {
 			return err
 		}
-		re := &realized{id: id, slots: append([]Backend(nil), bs...)}
+		re := &realized{id: id, slots: append([]service.Backend(nil), bs...)}
 		fronts[f] = re
 		for i, b := range bs {
 			bk = append(bk, loader.BackendKey{SvcId: id, Slot: uint32(i + 1)})
