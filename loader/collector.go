@@ -11,6 +11,8 @@ type Collector struct {
 	packets *prometheus.Desc
 	bytes   *prometheus.Desc
 	errors  *prometheus.Desc
+	entries *prometheus.Desc
+	capac   *prometheus.Desc
 }
 
 // NewCollector reads m at every scrape.
@@ -24,6 +26,10 @@ func NewCollector(m *Maps) *Collector {
 			"Bytes the pod programs acted on, by reason and direction.", labels, nil),
 		errors: prometheus.NewDesc("tern_datapath_metrics_read_failed",
 			"1 when this scrape could not read the datapath counters.", nil, nil),
+		entries: prometheus.NewDesc("tern_datapath_map_entries",
+			"Entries in a datapath map, counted at scrape time (conntrack at capacity means LRU eviction of idle flows).", []string{"map"}, nil),
+		capac: prometheus.NewDesc("tern_datapath_map_capacity",
+			"The size a datapath map was created with.", []string{"map"}, nil),
 	}
 }
 
@@ -31,6 +37,8 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.packets
 	ch <- c.bytes
 	ch <- c.errors
+	ch <- c.entries
+	ch <- c.capac
 }
 
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
@@ -38,6 +46,14 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	failed := 0.0
 	if err != nil {
 		failed = 1
+	}
+	pressure, err := c.maps.Pressure()
+	if err != nil {
+		failed = 1
+	}
+	for _, p := range pressure {
+		ch <- prometheus.MustNewConstMetric(c.entries, prometheus.GaugeValue, float64(p.Entries), p.Name)
+		ch <- prometheus.MustNewConstMetric(c.capac, prometheus.GaugeValue, float64(p.Capacity), p.Name)
 	}
 	ch <- prometheus.MustNewConstMetric(c.errors, prometheus.GaugeValue, failed)
 	for k, v := range tot {
