@@ -178,6 +178,22 @@ type ipState struct {
 	owner     string // allocation key; "" when idle
 	idleSince time.Time
 	releasing bool // being unassigned: not for allocation
+	// primary marks the ENI's own primary address. It serves a pod like a secondary one, but
+	// the cloud cannot unassign it: it leaves only with the ENI.
+	primary bool
+}
+
+// newENIState is the pool's view of an ENI record: its secondary addresses and its primary,
+// all idle since now.
+func newENIState(rec store.ENI, now time.Time) *eniState {
+	st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
+	for _, ip := range rec.IPs {
+		st.ips[ip] = &ipState{idleSince: now}
+	}
+	if rec.PrimaryIP.IsValid() {
+		st.ips[rec.PrimaryIP] = &ipState{idleSince: now, primary: true}
+	}
+	return st
 }
 
 type allocState struct {
@@ -647,7 +663,7 @@ func (p *Pool) Capacity() Capacity { return CapacityOf(p.limits) }
 // ENIStatus is one ENI as the pool sees it.
 type ENIStatus struct {
 	ENIInfo
-	IPs   []netip.Addr // every secondary address the pool holds on it
+	IPs   []netip.Addr // every address the pool holds on it, the ENI's primary included
 	InUse []netip.Addr // those given to pods
 }
 
