@@ -847,3 +847,61 @@ func BenchmarkAllocateRelease(b *testing.B) {
 		}
 	}
 }
+
+// TestCapacityMatchesPlanningTable fills a node of each instance type of the published ENIIP
+// planning table through the pool and the emulator's quotas: pods = (EniQuantity − 1) ×
+// EniPrivateIpAddressQuantity, and one more pod is refused with ErrNodeFull.
+func TestCapacityMatchesPlanningTable(t *testing.T) {
+	for _, tc := range []struct {
+		typ       string
+		enis, ips int
+		pods      int
+	}{
+		{"ecs.g7.large", 3, 6, 12},
+		{"ecs.g7.xlarge", 4, 10, 30},
+		{"ecs.g7.2xlarge", 4, 15, 45},
+		{"ecs.g7.4xlarge", 8, 20, 140},
+	} {
+		t.Run(tc.typ, func(t *testing.T) {
+			const inst = "i-plan-0001"
+			cfg := ecsemu.TestConfig()
+			cfg.AddInstance(inst, tc.typ, "vsw-test-a", "192.168.1.12")
+			emu, ep := ecsemu.NewTestServer(t, cfg)
+			e := &env{t: t, emu: emu, endpoint: ep, dbPath: filepath.Join(t.TempDir(), "ipam.db")}
+			p, st := e.startPool(inst, eniConf(t, 0, 0, "vsw-test-a"))
+			defer st.Close()
+			defer p.Stop()
+
+			c := p.Capacity()
+			if c.MaxPods != tc.pods || c.ENIs != tc.enis-1 || c.IPsPerENI != tc.ips {
+				t.Fatalf("capacity %+v, want %d ENIs × %d IPs = %d pods", c, tc.enis-1, tc.ips, tc.pods)
+			}
+			allocs := allocateAll(t, p, 0, tc.pods)
+			ips := map[netip.Addr]bool{}
+			for _, a := range allocs {
+				ips[a.IP] = true
+			}
+			if len(ips) != tc.pods {
+				t.Fatalf("%d distinct addresses for %d pods", len(ips), tc.pods)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, err := p.Allocate(ctx, podKey(tc.pods))
+			cancel()
+			if !errors.Is(err, ErrNodeFull) {
+				t.Fatalf("allocation %d on %s: err = %v, want ErrNodeFull", tc.pods+1, tc.typ, err)
+			}
+			cloud := ourENIs(e.emu.Snapshot())
+			held := 0
+			for _, ce := range cloud {
+				held += len(ce.IPs)
+			}
+			if len(cloud) != tc.enis-1 || held != tc.pods {
+				t.Errorf("cloud: %d ENIs with %d addresses, want %d ENIs with %d", len(cloud), held, tc.enis-1, tc.pods)
+			}
+			if s := p.Status(); s.InUse != tc.pods || s.Idle != 0 {
+				t.Errorf("status: %d in use, %d idle; want %d and 0", s.InUse, s.Idle, tc.pods)
+			}
+			assertNoLeak(t, p, e.emu, st, inst)
+		})
+	}
+}
