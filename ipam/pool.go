@@ -104,7 +104,8 @@ type Options struct {
 	// BatchWindow is how long the filler lets concurrent requests gather before asking the
 	// cloud (default 20ms).
 	BatchWindow time.Duration
-	// MaintainInterval is the period of the background refill/reclaim pass (default 10s).
+	// MaintainInterval is the period of the background refill/reclaim pass (default 10s),
+	// each period jittered by ±LoopJitter.
 	MaintainInterval time.Duration
 	// VSwitchCacheTTL bounds the age of vSwitch free counts (default 1m).
 	VSwitchCacheTTL time.Duration
@@ -323,8 +324,11 @@ func (p *Pool) Stop() {
 	p.wg.Wait()
 }
 
+// loop runs the refill/reclaim passes: on demand (kicks) and every MaintainInterval, jittered by
+// ±LoopJitter per period so that nodes started together drift apart.
 func (p *Pool) loop(ctx context.Context) {
-	t := time.NewTicker(p.opts.MaintainInterval)
+	rnd := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x6c6f6f70))
+	t := time.NewTimer(Jitter(p.opts.MaintainInterval, LoopJitter, rnd))
 	defer t.Stop()
 	for {
 		select {
@@ -350,6 +354,7 @@ func (p *Pool) loop(ctx context.Context) {
 			p.fill(ctx)
 			p.reclaim(ctx)
 			p.opMu.Unlock()
+			t.Reset(Jitter(p.opts.MaintainInterval, LoopJitter, rnd))
 		}
 	}
 }

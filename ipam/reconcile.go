@@ -770,14 +770,17 @@ func (p *Pool) adoptIPs(eniID string, ips []netip.Addr) {
 	p.log.Warn("adopted addresses the cloud lists on the ENI but the pool did not hold", zap.String("eni", eniID), zap.Stringers("ips", ips))
 }
 
-// scheduleVerify makes the maintenance loop compare with the cloud again after ListingGrace.
+// scheduleVerify makes the maintenance loop compare with the cloud again after ListingGrace
+// (plus jitter).
 func (p *Pool) scheduleVerify() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.verifyTimer != nil {
 		return
 	}
-	p.verifyTimer = time.AfterFunc(p.opts.ListingGrace, func() {
+	// Up to LoopJitter later than ListingGrace (never earlier: a listing is trusted only
+	// after the grace), so nodes that failed together do not list ENIs again together.
+	p.verifyTimer = time.AfterFunc(JitterUp(p.opts.ListingGrace, LoopJitter, p.rnd), func() {
 		p.mu.Lock()
 		p.verifyTimer = nil
 		p.mu.Unlock()
