@@ -63,14 +63,15 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	pods := addPods(t, l, ctx, 0, 30)
 
-	// Distinct addresses, each a secondary IP of an ENI attached to the pod's node.
+	// Distinct addresses, each an IP (secondary, or a secondary ENI's primary) of an ENI
+	// attached to the pod's node.
 	snap := l.Emulator().Snapshot()
 	owner := map[string]string{} // IP → instance
 	for _, e := range snap.ENIs {
 		if e.Status != "InUse" {
 			continue
 		}
-		for _, ip := range e.IPs[1:] {
+		for _, ip := range e.IPs {
 			owner[ip] = e.InstanceID
 		}
 	}
