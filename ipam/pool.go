@@ -1,5 +1,5 @@
-// Package ipam is the node's ENIIP pool: it gives each pod sandbox a secondary private IP of one
-// of the node's ENIs, keeps a warm pool of idle addresses between min_pool_size and
+// Package ipam is the node's ENIIP pool: it gives each pod sandbox a private IP of one of the
+// node's secondary ENIs (a secondary address or the ENI's primary), keeps a warm pool of idle addresses between min_pool_size and
 // max_pool_size, grows by assigning addresses in batches and by creating and attaching ENIs, and
 // shrinks by unassigning idle addresses and deleting emptied ENIs.
 //
