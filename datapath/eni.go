@@ -34,7 +34,7 @@ func ENITable(ifindex int) int { return ENITableBase + ifindex }
 
 // ENI is what the node needs to know to route through one ENI.
 type ENI struct {
-	MAC       net.HardwareAddr
+	MAC net.HardwareAddr
 	// PrimaryIP is the ENI's own address. It is never put on the link: the pool hands it to a
 	// pod like a secondary address, and a local address would take the pod's traffic.
 	PrimaryIP netip.Addr
