@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -67,6 +68,7 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	// attached to the pod's node.
 	snap := l.Emulator().Snapshot()
 	owner := map[string]string{} // IP → instance
+	primary := map[string]bool{} // secondary ENIs' primary addresses
 	for _, e := range snap.ENIs {
 		if e.Status != "InUse" {
 			continue
@@ -74,6 +76,20 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 		for _, ip := range e.IPs {
 			owner[ip] = e.InstanceID
 		}
+		if e.Tags[ipam.TagCreator] == ipam.TagCreatorTern {
+			primary[e.PrimaryIP] = true
+		}
+	}
+	onPrimary := 0
+	for _, p := range pods {
+		if primary[p.IP.String()] {
+			onPrimary++
+		}
+	}
+	// The pool hands out an ENI's primary address too; the traffic checks below must cover
+	// such a pod (its address must not be local to the node).
+	if onPrimary == 0 {
+		t.Errorf("no pod got a secondary ENI's primary address; the test cannot show they are reachable")
 	}
 	seen := map[netip.Addr]string{}
 	for _, p := range pods {
