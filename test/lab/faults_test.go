@@ -125,8 +125,9 @@ var heldAction = map[string]string{
 func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	const minHits = 5
 	points := []string{pointRandom, pointAssign, pointCreate, pointAttach, pointUnassign}
-	// ecs.g7.large: two pod ENIs of 5 addresses. Pods churn between 1 and 6 per node, so ENIs
-	// are created, attached, filled, trimmed by unassigns and deleted all along.
+	// ecs.g7.large: two pod ENIs of 6 addresses (the primary included). Pods churn between 1
+	// and 8 per node, across the first ENI's 6, so ENIs are created, attached, filled, trimmed
+	// by unassigns and deleted all along.
 	l := up(t, lab.Options{Nodes: 2, InstanceType: "ecs.g7.large", ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 2},
 		ListingLag: lab.LaggingListing,
 		Delays:     ecsemu.TransitionDelays{Attach: ecsemu.Duration(500 * time.Millisecond)}})
@@ -139,7 +140,7 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	errs := make(chan error, 64)
 	var ops atomic.Int64
 	for node := range 2 {
-		c := &churn{l: l, node: node, low: 1, high: 6, grow: true}
+		c := &churn{l: l, node: node, low: 1, high: 8, grow: true}
 		for range 3 {
 			wg.Add(1)
 			go func() {
