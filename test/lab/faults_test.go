@@ -327,22 +327,22 @@ func TestVSwitchExhaustionThenHotReloadedVSwitch(t *testing.T) {
 	const tiny, spare = "vsw-lab-tiny", "vsw-lab-spare"
 	l := up(t, lab.Options{Nodes: 1,
 		ExtraVSwitches: []ecsemu.VSwitchConfig{
-			{ID: tiny, Zone: lab.Zone, CIDR: "192.168.32.0/29"}, // 4 usable: the ENI's primary and 3 pods
+			{ID: tiny, Zone: lab.Zone, CIDR: "192.168.32.0/29"}, // 4 usable: 4 pods (the ENI's primary serves one)
 			{ID: spare, Zone: lab.Zone, CIDR: "192.168.33.0/24"},
 		},
 		ENIConf: lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3}})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
-	for i := range 3 {
+	for i := range 4 {
 		if _, err := l.AddPod(ctx, 0, "default", fmt.Sprintf("fits-%d", i)); err != nil {
-			t.Fatalf("pod %d of 3 on the /29: %v", i, err)
+			t.Fatalf("pod %d of 4 on the /29: %v", i, err)
 		}
 	}
 	_, err := l.AddPod(ctx, 0, "default", "too-many")
 	te, ok := lab.CNIError(err)
 	if !ok || te.Code != 100 || !strings.Contains(te.Error(), tiny) {
-		t.Fatalf("4th pod on an exhausted vSwitch: %v; want CNI error 100 naming %s", err, tiny)
+		t.Fatalf("5th pod on an exhausted vSwitch: %v; want CNI error 100 naming %s", err, tiny)
 	}
 	t.Logf("exhausted: %v", te)
 
