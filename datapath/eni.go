@@ -34,8 +34,10 @@ func ENITable(ifindex int) int { return ENITableBase + ifindex }
 
 // ENI is what the node needs to know to route through one ENI.
 type ENI struct {
-	MAC       net.HardwareAddr
-	PrimaryIP netip.Addr // the ENI's own address; put on the link as a /32 (ARP source)
+	MAC net.HardwareAddr
+	// PrimaryIP is the ENI's own address. It is never put on the link: the pool hands it to a
+	// pod like a secondary address, and a local address would take the pod's traffic.
+	PrimaryIP netip.Addr
 	Gateway   netip.Addr // the vSwitch gateway
 }
 
@@ -67,9 +69,9 @@ func FindLinkByMAC(mac net.HardwareAddr, timeout time.Duration) (netlink.Link, e
 	}
 }
 
-// EnsureENI makes the ENI with e.MAC usable for pod egress: the link is up, carries its
-// primary address as a /32 (no prefix route, which would compete with the primary
-// interface's route to the same vSwitch), has reverse-path filtering off (replies to pods
+// EnsureENI makes the ENI with e.MAC usable for pod egress: the link is up, carries no
+// address (its primary may be a pod's; one left by an earlier version is removed), has
+// reverse-path filtering off (replies to pods
 // arrive on it for addresses that are not the node's) and owns a routing table whose default
 // route goes via the vSwitch gateway, onlink. It is idempotent and safe to run concurrently
 // for the same ENI. Run it in the node namespace.
@@ -95,9 +97,11 @@ func EnsureENI(e ENI, timeout time.Duration) (ENILink, error) {
 		}
 	}
 	if e.PrimaryIP.Is4() {
+		// Earlier versions put the primary on the link as a /32; as a local address it would
+		// swallow the traffic of the pod that now holds it.
 		a := &netlink.Addr{IPNet: &net.IPNet{IP: e.PrimaryIP.AsSlice(), Mask: net.CIDRMask(32, 32)}}
-		if err := netlink.AddrReplace(l, a); err != nil {
-			return out, fmt.Errorf("add primary address %s to ENI link %s: %w", e.PrimaryIP, name, err)
+		if err := netlink.AddrDel(l, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return out, fmt.Errorf("remove primary address %s from ENI link %s (it may serve a pod): %w", e.PrimaryIP, name, err)
 		}
 	}
 	if err := WaitOperUp(name, timeout); err != nil {

@@ -21,6 +21,23 @@ func TestEnsureENIAndPodRules(t *testing.T) {
 	gw := netip.MustParseAddr("192.168.2.253")
 	pod := netip.MustParseAddr("192.168.2.20")
 	err := nsutil.Do(node, func() error {
+		// A node has its own address on its primary interface (the ENI links carry none);
+		// the kernel accepts an onlink gateway only in a namespace with some IPv4 address.
+		pa := netlink.NewLinkAttrs()
+		pa.Name = "eth0"
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: pa, PeerName: "vpc0"}); err != nil {
+			return err
+		}
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(eth0); err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(192, 168, 0, 10).To4(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+			return err
+		}
 		la := netlink.NewLinkAttrs()
 		la.Name = "eth1"
 		la.HardwareAddr = mac
@@ -32,6 +49,14 @@ func TestEnsureENIAndPodRules(t *testing.T) {
 			return err
 		}
 		if err := netlink.LinkSetUp(peer); err != nil {
+			return err
+		}
+		// An earlier version left the ENI's primary on the link; EnsureENI must take it off.
+		eth1, err := netlink.LinkByName("eth1")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(eth1, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(192, 168, 2, 10).To4(), Mask: net.CIDRMask(32, 32)}}); err != nil {
 			return err
 		}
 		e := ENI{MAC: mac, PrimaryIP: netip.MustParseAddr("192.168.2.10"), Gateway: gw}
@@ -49,6 +74,10 @@ func TestEnsureENIAndPodRules(t *testing.T) {
 		l, _ := netlink.LinkByName("eth1")
 		if l.Attrs().OperState != netlink.OperUp {
 			t.Errorf("eth1 operstate %s, want up", l.Attrs().OperState)
+		}
+		// The ENI's primary address may be a pod's: the link must not hold it.
+		if addrs, err := netlink.AddrList(l, netlink.FAMILY_V4); err != nil || len(addrs) != 0 {
+			t.Errorf("eth1 addresses %v (%v), want none", addrs, err)
 		}
 		routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: got.Table}, netlink.RT_FILTER_TABLE)
 		if err != nil {

@@ -104,8 +104,8 @@ func (p *Pool) fill(ctx context.Context) {
 	}
 }
 
-// perENI is how many secondary addresses one ENI may hold.
-func (p *Pool) perENI() int { return max(p.limits.IPsPerENI-1, 0) }
+// perENI is how many addresses one ENI may hold, its primary included (every one serves a pod).
+func (p *Pool) perENI() int { return max(p.limits.IPsPerENI, 0) }
 
 // eniWithRoomLocked picks the ENI to grow: the fullest one that still has room and whose
 // vSwitch is not known to be exhausted, so ENIs fill up one after another.
@@ -194,8 +194,10 @@ func (p *Pool) growENI(ctx context.Context, n int) error {
 	p.mu.Unlock()
 
 	var last error
+	// The new ENI's primary address is one of the n the pool asked for.
+	secondaries := max(n-1, 0)
 	for _, id := range order {
-		err := p.createENI(ctx, id, n)
+		err := p.createENI(ctx, id, secondaries)
 		if err == nil {
 			return nil
 		}
@@ -266,8 +268,8 @@ func (p *Pool) vswitchCIDR(ctx context.Context, id string) (netip.Prefix, error)
 	return vs[0].CIDR, nil
 }
 
-// createENI creates, records and attaches one ENI, intent first; on a failed attach it deletes
-// the ENI again.
+// createENI creates, records and attaches one ENI with n secondary addresses (plus its
+// primary), intent first; on a failed attach it deletes the ENI again.
 func (p *Pool) createENI(ctx context.Context, vswID string, n int) error {
 	cidr, err := p.vswitchCIDR(ctx, vswID)
 	if err != nil {

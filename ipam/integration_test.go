@@ -25,8 +25,8 @@ import (
 
 const (
 	zone       = "cn-hangzhou-h"
-	bigNode    = "i-big-0001"  // ecs.g7.4xlarge: 7 ENIs × 29 = 203 pods
-	smallNode  = "i-test-0001" // ecs.g7.large: 2 ENIs × 5 = 10 pods
+	bigNode    = "i-big-0001"  // ecs.g7.4xlarge: 7 ENIs × 20 = 140 pods
+	smallNode  = "i-test-0001" // ecs.g7.large: 2 ENIs × 6 = 12 pods
 	tinyVSw    = "vsw-tiny"    // a /29: 4 usable addresses
 	nodeName   = "node-1"
 	clusterTag = "cluster-test"
@@ -235,7 +235,7 @@ func assertNoLeak(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, 
 		}
 		seen[a.IP] = a.Key()
 		se, ok := stored[a.ENIID]
-		found := false
+		found := ok && se.PrimaryIP == a.IP // an ENI's primary serves a pod too
 		for _, ip := range se.IPs {
 			found = found || ip == a.IP
 		}
@@ -276,11 +276,11 @@ func TestBurstOf30DistinctBatchedAndVisibleInCloud(t *testing.T) {
 			t.Errorf("%s: ENI %s is %s on %q", k, ce.ID, ce.Status, ce.InstanceID)
 		}
 		onENI := false
-		for _, ip := range ce.IPs[1:] {
+		for _, ip := range ce.IPs { // the ENI's primary (IPs[0]) serves a pod too
 			onENI = onENI || ip == a.IP.String()
 		}
 		if !onENI {
-			t.Errorf("%s: IP %s is not a secondary IP of ENI %s (%v)", k, a.IP, ce.ID, ce.IPs)
+			t.Errorf("%s: IP %s is not an IP of ENI %s (%v)", k, a.IP, ce.ID, ce.IPs)
 		}
 		vs, _ := after.VSwitch(ce.VSwitchID)
 		if a.ENI.MAC != ce.MAC || a.ENI.PrimaryIP.String() != ce.PrimaryIP || a.ENI.Gateway.String() != vs.Gateway || a.ENI.VSwitchCIDR.String() != vs.CIDR {
@@ -315,8 +315,8 @@ func TestBurstOf30DistinctBatchedAndVisibleInCloud(t *testing.T) {
 	if n != 31 {
 		t.Errorf("annotation lists %d IPs in use, want 31: %v", n, ann)
 	}
-	if c := p.Capacity(); c.MaxPods != 203 {
-		t.Errorf("capacity %+v, want 203 pods for ecs.g7.4xlarge", c)
+	if c := p.Capacity(); c.MaxPods != 140 {
+		t.Errorf("capacity %+v, want 140 pods for ecs.g7.4xlarge", c)
 	}
 	assertNoLeak(t, p, e.emu, st, bigNode)
 }
@@ -331,17 +331,28 @@ func TestPoolStaysWithinMinMaxAndDeletesEmptyENIs(t *testing.T) {
 	if s := p.Status(); s.Idle != minPool {
 		t.Fatalf("after warm-up idle = %d, want min_pool_size %d", s.Idle, minPool)
 	}
-	// Fill the node: ecs.g7.large holds 10 pod IPs on 2 secondary ENIs.
-	allocs := allocateAll(t, p, 0, 10)
-	if len(ourENIs(e.emu.Snapshot())) != 2 {
-		t.Fatalf("want 2 ENIs for 10 pods")
+	// Fill the node: ecs.g7.large holds 12 pod IPs on 2 secondary ENIs, each ENI's primary
+	// address included (the planning table's (3 − 1) × 6).
+	allocs := allocateAll(t, p, 0, 12)
+	cloudNow := ourENIs(e.emu.Snapshot())
+	if len(cloudNow) != 2 {
+		t.Fatalf("want 2 ENIs for 12 pods, cloud has %d", len(cloudNow))
 	}
-	// An 11th pod does not fit.
+	primaries := 0
+	for _, a := range allocs {
+		if a.IP == a.ENI.PrimaryIP {
+			primaries++
+		}
+	}
+	if primaries != 2 {
+		t.Errorf("%d pods got an ENI's primary address, want 2 (one per secondary ENI)", primaries)
+	}
+	// A 13th pod does not fit.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	_, err := p.Allocate(ctx, podKey(99))
 	cancel()
 	if !errors.Is(err, ErrNodeFull) {
-		t.Fatalf("11th allocation on ecs.g7.large: err = %v, want ErrNodeFull", err)
+		t.Fatalf("13th allocation on ecs.g7.large: err = %v, want ErrNodeFull", err)
 	}
 
 	for k := range allocs {
@@ -367,10 +378,10 @@ func TestPoolStaysWithinMinMaxAndDeletesEmptyENIs(t *testing.T) {
 	}
 	cloudIPs := 0
 	for _, ce := range cloud {
-		cloudIPs += len(ce.IPs) - 1
+		cloudIPs += len(ce.IPs) // the primary is idle in the pool too
 	}
 	if cloudIPs != s.Idle {
-		t.Errorf("cloud holds %d secondary IPs, pool has %d idle", cloudIPs, s.Idle)
+		t.Errorf("cloud holds %d IPs on our ENIs, pool has %d idle", cloudIPs, s.Idle)
 	}
 	assertNoLeak(t, p, e.emu, st, smallNode)
 }
@@ -423,18 +434,18 @@ func TestVSwitchExhaustionThenRecoveryByUpdateConfig(t *testing.T) {
 	defer st.Close()
 	defer p.Stop()
 
-	// vsw-tiny has 4 usable addresses: an ENI's primary and 3 for pods.
-	allocs := allocateAll(t, p, 0, 3)
+	// vsw-tiny has 4 usable addresses: an ENI's primary and 3 secondaries, all for pods.
+	allocs := allocateAll(t, p, 0, 4)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	_, err := p.Allocate(ctx, podKey(3))
+	_, err := p.Allocate(ctx, podKey(4))
 	cancel()
 	var ve *VSwitchExhaustedError
 	if !errors.Is(err, ErrVSwitchExhausted) || !errors.As(err, &ve) || len(ve.VSwitchIDs) != 1 || ve.VSwitchIDs[0] != tinyVSw {
-		t.Fatalf("4th allocation: err = %v, want a VSwitchExhaustedError naming %s", err, tinyVSw)
+		t.Fatalf("5th allocation: err = %v, want a VSwitchExhaustedError naming %s", err, tinyVSw)
 	}
 
 	p.UpdateConfig(eniConf(t, 0, 5, tinyVSw, "vsw-test-b"))
-	a, err := p.Allocate(context.Background(), podKey(3))
+	a, err := p.Allocate(context.Background(), podKey(4))
 	if err != nil {
 		t.Fatalf("after adding vsw-test-b: %v", err)
 	}
@@ -631,7 +642,7 @@ func crashMidBurst(t *testing.T, crashDuring string) {
 		}
 	}
 	for id, ce := range ourENIs(e.emu.Snapshot()) {
-		for _, ip := range ce.IPs[1:] {
+		for _, ip := range ce.IPs { // the primary included: it serves pods too
 			if !known[ip] {
 				t.Errorf("IP %s on ENI %s is unknown to the pool after restart: leaked", ip, id)
 			}
@@ -836,5 +847,63 @@ func BenchmarkAllocateRelease(b *testing.B) {
 		if err := p.Release(ctx, k); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestCapacityMatchesPlanningTable fills a node of each instance type of the published ENIIP
+// planning table through the pool and the emulator's quotas: pods = (EniQuantity − 1) ×
+// EniPrivateIpAddressQuantity, and one more pod is refused with ErrNodeFull.
+func TestCapacityMatchesPlanningTable(t *testing.T) {
+	for _, tc := range []struct {
+		typ       string
+		enis, ips int
+		pods      int
+	}{
+		{"ecs.g7.large", 3, 6, 12},
+		{"ecs.g7.xlarge", 4, 10, 30},
+		{"ecs.g7.2xlarge", 4, 15, 45},
+		{"ecs.g7.4xlarge", 8, 20, 140},
+	} {
+		t.Run(tc.typ, func(t *testing.T) {
+			const inst = "i-plan-0001"
+			cfg := ecsemu.TestConfig()
+			cfg.AddInstance(inst, tc.typ, "vsw-test-a", "192.168.1.12")
+			emu, ep := ecsemu.NewTestServer(t, cfg)
+			e := &env{t: t, emu: emu, endpoint: ep, dbPath: filepath.Join(t.TempDir(), "ipam.db")}
+			p, st := e.startPool(inst, eniConf(t, 0, 0, "vsw-test-a"))
+			defer st.Close()
+			defer p.Stop()
+
+			c := p.Capacity()
+			if c.MaxPods != tc.pods || c.ENIs != tc.enis-1 || c.IPsPerENI != tc.ips {
+				t.Fatalf("capacity %+v, want %d ENIs × %d IPs = %d pods", c, tc.enis-1, tc.ips, tc.pods)
+			}
+			allocs := allocateAll(t, p, 0, tc.pods)
+			ips := map[netip.Addr]bool{}
+			for _, a := range allocs {
+				ips[a.IP] = true
+			}
+			if len(ips) != tc.pods {
+				t.Fatalf("%d distinct addresses for %d pods", len(ips), tc.pods)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, err := p.Allocate(ctx, podKey(tc.pods))
+			cancel()
+			if !errors.Is(err, ErrNodeFull) {
+				t.Fatalf("allocation %d on %s: err = %v, want ErrNodeFull", tc.pods+1, tc.typ, err)
+			}
+			cloud := ourENIs(e.emu.Snapshot())
+			held := 0
+			for _, ce := range cloud {
+				held += len(ce.IPs)
+			}
+			if len(cloud) != tc.enis-1 || held != tc.pods {
+				t.Errorf("cloud: %d ENIs with %d addresses, want %d ENIs with %d", len(cloud), held, tc.enis-1, tc.pods)
+			}
+			if s := p.Status(); s.InUse != tc.pods || s.Idle != 0 {
+				t.Errorf("status: %d in use, %d idle; want %d and 0", s.InUse, s.Idle, tc.pods)
+			}
+			assertNoLeak(t, p, e.emu, st, inst)
+		})
 	}
 }

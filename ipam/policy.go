@@ -13,28 +13,29 @@ type Capacity struct {
 	InstanceType string
 	// ENIs usable for pods: EniQuantity less the primary ENI, which belongs to the node.
 	ENIs int
-	// IPsPerENI usable for pods: EniPrivateIpAddressQuantity less the ENI's own primary
-	// address, which tern leaves to the ENI (Terway hands it to a pod too; see docs/ipam.md).
+	// IPsPerENI usable for pods: EniPrivateIpAddressQuantity, the ENI's own primary address
+	// included — a secondary ENI's primary serves a pod like its secondary addresses, as in
+	// Terway and in the published planning table (see docs/ipam.md).
 	IPsPerENI int
 	// MaxPods = ENIs × IPsPerENI.
 	MaxPods int
 }
 
-// CapacityOf computes the ENIIP pod capacity: (EniQuantity − 1) × (EniPrivateIpAddressQuantity − 1).
+// CapacityOf computes the ENIIP pod capacity: (EniQuantity − 1) × EniPrivateIpAddressQuantity.
 func CapacityOf(l aliyun.Limits) Capacity {
-	c := Capacity{InstanceType: l.InstanceType, ENIs: max(l.ENIs-1, 0), IPsPerENI: max(l.IPsPerENI-1, 0)}
+	c := Capacity{InstanceType: l.InstanceType, ENIs: max(l.ENIs-1, 0), IPsPerENI: max(l.IPsPerENI, 0)}
 	c.MaxPods = c.ENIs * c.IPsPerENI
 	return c
 }
 
 // orderVSwitches returns the IDs of the candidates that may take a new ENI, in the order to try
-// them: vSwitches with fewer than two free addresses (a new ENI needs its primary plus one for a
-// pod) or marked exhausted are skipped; "ordered" sorts by free
+// them: vSwitches without a free address (a new ENI needs one, its primary, which serves a pod)
+// or marked exhausted are skipped; "ordered" sorts by free
 // addresses (most first, config order breaking ties), "random" shuffles.
 func orderVSwitches(cands []aliyun.VSwitch, policy string, exhausted map[string]bool, rnd *rand.Rand) []string {
 	var ok []aliyun.VSwitch
 	for _, v := range cands {
-		if v.Available >= 2 && !exhausted[v.ID] {
+		if v.Available >= 1 && !exhausted[v.ID] {
 			ok = append(ok, v)
 		}
 	}

@@ -17,15 +17,16 @@ func TestCapacityOf(t *testing.T) {
 		enis, ips int
 		want      int
 	}{
-		{"ecs.g7.large", 3, 6, 10},
-		{"ecs.g7.xlarge", 4, 15, 42},
-		{"ecs.g7.2xlarge", 6, 15, 70},
-		{"ecs.g7.4xlarge", 8, 30, 203},
+		// The published planning table: (EniQuantity − 1) × EniPrivateIpAddressQuantity.
+		{"ecs.g7.large", 3, 6, 12},
+		{"ecs.g7.xlarge", 4, 10, 30},
+		{"ecs.g7.2xlarge", 4, 15, 45},
+		{"ecs.g7.4xlarge", 8, 20, 140},
 		{"no secondary ENI", 1, 10, 0},
 	}
 	for _, tc := range tests {
 		c := CapacityOf(aliyun.Limits{InstanceType: tc.typ, ENIs: tc.enis, IPsPerENI: tc.ips})
-		if c.MaxPods != tc.want || c.ENIs != tc.enis-1 || c.IPsPerENI != tc.ips-1 {
+		if c.MaxPods != tc.want || c.ENIs != tc.enis-1 || c.IPsPerENI != tc.ips {
 			t.Errorf("%s: capacity %+v, want %d pods", tc.typ, c, tc.want)
 		}
 	}
@@ -41,16 +42,17 @@ func TestOrderVSwitches(t *testing.T) {
 		{ID: "vsw-f", Available: 99},
 	}
 	got := orderVSwitches(cands, eniconfig.VSwitchOrdered, map[string]bool{"vsw-f": true}, nil)
-	// Most free first, config order on ties; empty, one-address and exhausted ones skipped.
-	if want := []string{"vsw-c", "vsw-d", "vsw-a"}; !slices.Equal(got, want) {
+	// Most free first, config order on ties; empty and exhausted ones skipped (one free
+	// address is enough: the new ENI's primary serves a pod).
+	if want := []string{"vsw-c", "vsw-d", "vsw-a", "vsw-e"}; !slices.Equal(got, want) {
 		t.Errorf("ordered = %v, want %v", got, want)
 	}
 	rnd := rand.New(rand.NewPCG(1, 2))
 	seen := map[string]bool{}
 	for range 50 {
 		got := orderVSwitches(cands, eniconfig.VSwitchRandom, nil, rnd)
-		if len(got) != 4 || slices.Contains(got, "vsw-b") || slices.Contains(got, "vsw-e") {
-			t.Fatalf("random = %v: must hold exactly a, c, d, f", got)
+		if len(got) != 5 || slices.Contains(got, "vsw-b") {
+			t.Fatalf("random = %v: must hold exactly a, c, d, e, f", got)
 		}
 		seen[got[0]] = true
 	}

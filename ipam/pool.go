@@ -1,5 +1,5 @@
-// Package ipam is the node's ENIIP pool: it gives each pod sandbox a secondary private IP of one
-// of the node's ENIs, keeps a warm pool of idle addresses between min_pool_size and
+// Package ipam is the node's ENIIP pool: it gives each pod sandbox a private IP of one of the
+// node's secondary ENIs (a secondary address or the ENI's primary), keeps a warm pool of idle addresses between min_pool_size and
 // max_pool_size, grows by assigning addresses in batches and by creating and attaching ENIs, and
 // shrinks by unassigning idle addresses and deleting emptied ENIs.
 //
@@ -104,7 +104,8 @@ type Options struct {
 	// BatchWindow is how long the filler lets concurrent requests gather before asking the
 	// cloud (default 20ms).
 	BatchWindow time.Duration
-	// MaintainInterval is the period of the background refill/reclaim pass (default 10s).
+	// MaintainInterval is the period of the background refill/reclaim pass (default 10s),
+	// each period jittered by ±LoopJitter.
 	MaintainInterval time.Duration
 	// VSwitchCacheTTL bounds the age of vSwitch free counts (default 1m).
 	VSwitchCacheTTL time.Duration
@@ -178,6 +179,22 @@ type ipState struct {
 	owner     string // allocation key; "" when idle
 	idleSince time.Time
 	releasing bool // being unassigned: not for allocation
+	// primary marks the ENI's own primary address. It serves a pod like a secondary one, but
+	// the cloud cannot unassign it: it leaves only with the ENI.
+	primary bool
+}
+
+// newENIState is the pool's view of an ENI record: its secondary addresses and its primary,
+// all idle since now.
+func newENIState(rec store.ENI, now time.Time) *eniState {
+	st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
+	for _, ip := range rec.IPs {
+		st.ips[ip] = &ipState{idleSince: now}
+	}
+	if rec.PrimaryIP.IsValid() {
+		st.ips[rec.PrimaryIP] = &ipState{idleSince: now, primary: true}
+	}
+	return st
 }
 
 type allocState struct {
@@ -307,8 +324,11 @@ func (p *Pool) Stop() {
 	p.wg.Wait()
 }
 
+// loop runs the refill/reclaim passes: on demand (kicks) and every MaintainInterval, jittered by
+// ±LoopJitter per period so that nodes started together drift apart.
 func (p *Pool) loop(ctx context.Context) {
-	t := time.NewTicker(p.opts.MaintainInterval)
+	rnd := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0x6c6f6f70))
+	t := time.NewTimer(Jitter(p.opts.MaintainInterval, LoopJitter, rnd))
 	defer t.Stop()
 	for {
 		select {
@@ -334,6 +354,7 @@ func (p *Pool) loop(ctx context.Context) {
 			p.fill(ctx)
 			p.reclaim(ctx)
 			p.opMu.Unlock()
+			t.Reset(Jitter(p.opts.MaintainInterval, LoopJitter, rnd))
 		}
 	}
 }
@@ -647,7 +668,7 @@ func (p *Pool) Capacity() Capacity { return CapacityOf(p.limits) }
 // ENIStatus is one ENI as the pool sees it.
 type ENIStatus struct {
 	ENIInfo
-	IPs   []netip.Addr // every secondary address the pool holds on it
+	IPs   []netip.Addr // every address the pool holds on it, the ENI's primary included
 	InUse []netip.Addr // those given to pods
 }
 

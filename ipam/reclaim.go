@@ -13,7 +13,8 @@ import (
 )
 
 // reclaim gives idle addresses back to the cloud: those above max_pool_size, and those idle
-// longer than idle_ip_reclaim_after down to min_pool_size. It prefers addresses on the ENIs with
+// longer than idle_ip_reclaim_after down to min_pool_size. An ENI's primary address is never
+// unassigned; it goes with its ENI. It prefers addresses on the ENIs with
 // the fewest pods, and deletes an ENI outright when no pod uses it and the pool keeps
 // min_pool_size without it. It runs with opMu held.
 func (p *Pool) reclaim(ctx context.Context) {
@@ -63,6 +64,9 @@ func (p *Pool) reclaim(ctx context.Context) {
 			cands = append(cands, a)
 		}
 		sort.SliceStable(cands, func(i, j int) bool { return e.ips[cands[i]].idleSince.Before(e.ips[cands[j]].idleSince) })
+		// The ENI's primary address cannot be unassigned (the cloud refuses): it is given back
+		// only by deleting the ENI.
+		secondary := slices.DeleteFunc(slices.Clone(cands), func(a netip.Addr) bool { return e.ips[a].primary })
 		var pl plan
 		switch {
 		case cfg.HotPlug && used == 0 && eidle > 0 && len(cands) == eidle && eidle == len(e.ips) &&
@@ -71,8 +75,8 @@ func (p *Pool) reclaim(ctx context.Context) {
 			// whole ENI back (one detach+delete instead of unassigns, and one ENI fewer),
 			// even if that takes the pool below max.
 			pl = plan{eni: e, ips: cands, delete: true}
-		case n > 0 && len(cands) > 0:
-			pl = plan{eni: e, ips: cands[:min(n, len(cands))]}
+		case n > 0 && len(secondary) > 0:
+			pl = plan{eni: e, ips: secondary[:min(n, len(secondary))]}
 		default:
 			continue
 		}

@@ -84,11 +84,7 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		if rec.State != aliyun.StatusInUse {
 			continue
 		}
-		st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
-		for _, ip := range rec.IPs {
-			st.ips[ip] = &ipState{idleSince: now}
-		}
-		p.enis[rec.ID] = st
+		p.enis[rec.ID] = newENIState(rec, now)
 	}
 	// What an open intent is about is not for allocation until the intent is resolved.
 	for _, in := range snap.Intents {
@@ -385,12 +381,7 @@ func (p *Pool) addENI(rec store.ENI, token string) {
 		p.log.Error("cannot record attached ENI; recorded on the next replay", zap.String("eni", rec.ID), zap.Error(err))
 	}
 	p.mu.Lock()
-	st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
-	now := p.now()
-	for _, ip := range rec.IPs {
-		st.ips[ip] = &ipState{idleSince: now}
-	}
-	p.enis[rec.ID] = st
+	p.enis[rec.ID] = newENIState(rec, p.now())
 	p.touchLocked(rec.ID)
 	p.takeFromVSwitchLocked(rec.VSwitchID, 1+len(rec.IPs))
 	p.publishLocked()
@@ -596,7 +587,8 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 			}
 		}
 		for a, ip := range st.ips {
-			if !have[a] && !ip.releasing {
+			// The primary is never in the secondary list; the ENI's listing vouches for it.
+			if !have[a] && !ip.releasing && !ip.primary {
 				found[suspectKey{kind: missingIP, eni: id, ip: a}] = true
 			}
 		}
@@ -682,11 +674,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 				return fmt.Errorf("record adopted ENI %s: %w", le.ID, err)
 			}
 			p.mu.Lock()
-			st := &eniState{info: rec, ips: map[netip.Addr]*ipState{}}
-			for _, ip := range rec.IPs {
-				st.ips[ip] = &ipState{idleSince: p.now()}
-			}
-			p.enis[le.ID] = st
+			p.enis[le.ID] = newENIState(rec, p.now())
 			p.publishLocked()
 			p.mu.Unlock()
 			res.AdoptedENIs = append(res.AdoptedENIs, le.ID)
@@ -782,14 +770,17 @@ func (p *Pool) adoptIPs(eniID string, ips []netip.Addr) {
 	p.log.Warn("adopted addresses the cloud lists on the ENI but the pool did not hold", zap.String("eni", eniID), zap.Stringers("ips", ips))
 }
 
-// scheduleVerify makes the maintenance loop compare with the cloud again after ListingGrace.
+// scheduleVerify makes the maintenance loop compare with the cloud again after ListingGrace
+// (plus jitter).
 func (p *Pool) scheduleVerify() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.verifyTimer != nil {
 		return
 	}
-	p.verifyTimer = time.AfterFunc(p.opts.ListingGrace, func() {
+	// Up to LoopJitter later than ListingGrace (never earlier: a listing is trusted only
+	// after the grace), so nodes that failed together do not list ENIs again together.
+	p.verifyTimer = time.AfterFunc(JitterUp(p.opts.ListingGrace, LoopJitter, p.rnd), func() {
 		p.mu.Lock()
 		p.verifyTimer = nil
 		p.mu.Unlock()

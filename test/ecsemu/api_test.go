@@ -151,7 +151,7 @@ func TestDescribeInstanceTypes(t *testing.T) {
 	for _, it := range resp.InstanceTypes.InstanceType {
 		got[it.InstanceTypeId] = [2]int{it.EniQuantity, it.EniPrivateIpAddressQuantity}
 	}
-	want := map[string][2]int{"ecs.g7.large": {3, 6}, "ecs.g7.4xlarge": {8, 30}}
+	want := map[string][2]int{"ecs.g7.large": {3, 6}, "ecs.g7.4xlarge": {8, 20}}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("instance types %v, want %v", got, want)
 	}

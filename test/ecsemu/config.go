@@ -214,15 +214,16 @@ const (
 	TestRegion          = "cn-hangzhou"
 )
 
-// Instance types with their ENI limits. The g7 numbers follow Alibaba Cloud's published
-// "g7, general-purpose instance family" table as given in the project brief; they could not be
+// Instance types with their ENI limits. The g7 numbers are those of the ENIIP planning table
+// users size clusters by (issue 12, /work/shared/FACTS.md "Capacity (ENIIP)"): pods =
+// (EniQuantity − 1) × EniPrivateIpAddressQuantity = 12, 30, 45, 140. They could not be
 // re-checked against the live documentation from this machine.
 func g7Types() []InstanceTypeConfig {
 	return []InstanceTypeConfig{
 		{ID: "ecs.g7.large", CpuCoreCount: 2, MemorySize: 8, EniQuantity: 3, EniPrivateIpAddressQuantity: 6, EniTotalQuantity: 3, EniIpv6AddressQuantity: 6},
-		{ID: "ecs.g7.xlarge", CpuCoreCount: 4, MemorySize: 16, EniQuantity: 4, EniPrivateIpAddressQuantity: 15, EniTotalQuantity: 4, EniIpv6AddressQuantity: 15},
-		{ID: "ecs.g7.2xlarge", CpuCoreCount: 8, MemorySize: 32, EniQuantity: 6, EniPrivateIpAddressQuantity: 15, EniTotalQuantity: 6, EniIpv6AddressQuantity: 15},
-		{ID: "ecs.g7.4xlarge", CpuCoreCount: 16, MemorySize: 64, EniQuantity: 8, EniPrivateIpAddressQuantity: 30, EniTotalQuantity: 8, EniIpv6AddressQuantity: 30},
+		{ID: "ecs.g7.xlarge", CpuCoreCount: 4, MemorySize: 16, EniQuantity: 4, EniPrivateIpAddressQuantity: 10, EniTotalQuantity: 4, EniIpv6AddressQuantity: 10},
+		{ID: "ecs.g7.2xlarge", CpuCoreCount: 8, MemorySize: 32, EniQuantity: 4, EniPrivateIpAddressQuantity: 15, EniTotalQuantity: 4, EniIpv6AddressQuantity: 15},
+		{ID: "ecs.g7.4xlarge", CpuCoreCount: 16, MemorySize: 64, EniQuantity: 8, EniPrivateIpAddressQuantity: 20, EniTotalQuantity: 8, EniIpv6AddressQuantity: 20},
 	}
 }
 

@@ -125,8 +125,9 @@ var heldAction = map[string]string{
 func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	const minHits = 5
 	points := []string{pointRandom, pointAssign, pointCreate, pointAttach, pointUnassign}
-	// ecs.g7.large: two pod ENIs of 5 addresses. Pods churn between 1 and 6 per node, so ENIs
-	// are created, attached, filled, trimmed by unassigns and deleted all along.
+	// ecs.g7.large: two pod ENIs of 6 addresses (the primary included). Pods churn between 1
+	// and 8 per node, across the first ENI's 6, so ENIs are created, attached, filled, trimmed
+	// by unassigns and deleted all along.
 	l := up(t, lab.Options{Nodes: 2, InstanceType: "ecs.g7.large", ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 2},
 		ListingLag: lab.LaggingListing,
 		Delays:     ecsemu.TransitionDelays{Attach: ecsemu.Duration(500 * time.Millisecond)}})
@@ -139,7 +140,7 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	errs := make(chan error, 64)
 	var ops atomic.Int64
 	for node := range 2 {
-		c := &churn{l: l, node: node, low: 1, high: 6, grow: true}
+		c := &churn{l: l, node: node, low: 1, high: 8, grow: true}
 		for range 3 {
 			wg.Add(1)
 			go func() {
@@ -326,22 +327,22 @@ func TestVSwitchExhaustionThenHotReloadedVSwitch(t *testing.T) {
 	const tiny, spare = "vsw-lab-tiny", "vsw-lab-spare"
 	l := up(t, lab.Options{Nodes: 1,
 		ExtraVSwitches: []ecsemu.VSwitchConfig{
-			{ID: tiny, Zone: lab.Zone, CIDR: "192.168.32.0/29"}, // 4 usable: the ENI's primary and 3 pods
+			{ID: tiny, Zone: lab.Zone, CIDR: "192.168.32.0/29"}, // 4 usable: 4 pods (the ENI's primary serves one)
 			{ID: spare, Zone: lab.Zone, CIDR: "192.168.33.0/24"},
 		},
 		ENIConf: lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3}})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
-	for i := range 3 {
+	for i := range 4 {
 		if _, err := l.AddPod(ctx, 0, "default", fmt.Sprintf("fits-%d", i)); err != nil {
-			t.Fatalf("pod %d of 3 on the /29: %v", i, err)
+			t.Fatalf("pod %d of 4 on the /29: %v", i, err)
 		}
 	}
 	_, err := l.AddPod(ctx, 0, "default", "too-many")
 	te, ok := lab.CNIError(err)
 	if !ok || te.Code != 100 || !strings.Contains(te.Error(), tiny) {
-		t.Fatalf("4th pod on an exhausted vSwitch: %v; want CNI error 100 naming %s", err, tiny)
+		t.Fatalf("5th pod on an exhausted vSwitch: %v; want CNI error 100 naming %s", err, tiny)
 	}
 	t.Logf("exhausted: %v", te)
 

@@ -162,6 +162,10 @@ func TestKubernetesServiceAcrossNodes(t *testing.T) {
 				t.Fatal(err)
 			}
 			if node.Annotations["k8s.aliyun.com/allocated-eniips"] != "" && node.Annotations["k8s.aliyun.com/max-available-ip"] != "" {
+				// The planning table's figure for the lab's ecs.g7.xlarge: (4 − 1) × 10.
+				if got := node.Annotations["k8s.aliyun.com/max-available-ip"]; got != "30" {
+					t.Errorf("%s: max-available-ip %q, want 30 for %s", n.Name, got, lab.DefaultInstanceType)
+				}
 				break
 			}
 			if ctx.Err() != nil {

@@ -49,7 +49,7 @@ const (
 	ClusterID     = "lab"
 	SecurityGroup = "sg-test"
 	NetworkName   = "tern"
-	// DefaultInstanceType holds 3 ENIs × 14 = 42 pods per node.
+	// DefaultInstanceType holds 3 ENIs × 10 = 30 pods per node.
 	DefaultInstanceType = "ecs.g7.xlarge"
 )
 
@@ -417,8 +417,8 @@ func (l *Lab) Down() error {
 }
 
 // CheckCloudMatchesAgents compares the emulator with every agent's pool: each ENI tagged for
-// a node is attached to that node's instance and holds exactly the secondary addresses the
-// agent holds; the agent knows no ENI the cloud lacks; no tern ENI is left detached; no
+// a node is attached to that node's instance and holds exactly the addresses the agent holds
+// (its primary included, which serves a pod too); the agent knows no ENI the cloud lacks; no tern ENI is left detached; no
 // address is allocated twice across the lab. It returns every difference found.
 func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	s := l.emu.Snapshot()
@@ -453,10 +453,10 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 			}
 			ae, ok := agentENIs[e.ID]
 			if !ok {
-				errs = append(errs, fmt.Errorf("%s: cloud ENI %s with %d secondary IPs is unknown to the agent: leaked", n.Name, e.ID, len(e.IPs)-1))
+				errs = append(errs, fmt.Errorf("%s: cloud ENI %s with %d IPs is unknown to the agent: leaked", n.Name, e.ID, len(e.IPs)))
 				continue
 			}
-			cloud := append([]string(nil), e.IPs[1:]...)
+			cloud := append([]string(nil), e.IPs...)
 			sort.Strings(cloud)
 			if fmt.Sprint(cloud) != fmt.Sprint(ae.IPs) {
 				errs = append(errs, fmt.Errorf("%s: ENI %s: cloud has %v, agent has %v", n.Name, e.ID, cloud, ae.IPs))

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -63,16 +64,32 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	pods := addPods(t, l, ctx, 0, 30)
 
-	// Distinct addresses, each a secondary IP of an ENI attached to the pod's node.
+	// Distinct addresses, each an IP (secondary, or a secondary ENI's primary) of an ENI
+	// attached to the pod's node.
 	snap := l.Emulator().Snapshot()
 	owner := map[string]string{} // IP → instance
+	primary := map[string]bool{} // secondary ENIs' primary addresses
 	for _, e := range snap.ENIs {
 		if e.Status != "InUse" {
 			continue
 		}
-		for _, ip := range e.IPs[1:] {
+		for _, ip := range e.IPs {
 			owner[ip] = e.InstanceID
 		}
+		if e.Tags[ipam.TagCreator] == ipam.TagCreatorTern {
+			primary[e.PrimaryIP] = true
+		}
+	}
+	onPrimary := 0
+	for _, p := range pods {
+		if primary[p.IP.String()] {
+			onPrimary++
+		}
+	}
+	// The pool hands out an ENI's primary address too; the traffic checks below must cover
+	// such a pod (its address must not be local to the node).
+	if onPrimary == 0 {
+		t.Errorf("no pod got a secondary ENI's primary address; the test cannot show they are reachable")
 	}
 	seen := map[netip.Addr]string{}
 	for _, p := range pods {
