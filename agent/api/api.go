@@ -130,7 +130,7 @@ type Status struct {
 type ENIState struct {
 	ID    string   `json:"id"`
 	MAC   string   `json:"mac"`
-	IPs   []string `json:"ips"`   // every secondary address the pool holds
+	IPs   []string `json:"ips"`   // every address of the ENI the pool holds (its primary included)
 	InUse []string `json:"inUse"` // those given to pods
 }
 
