@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -81,4 +83,25 @@ func (d *Datapath) NetdevAttached(ifindex int) bool {
 		}
 	}
 	return false
+}
+
+// NetdevPinned lists the interfaces that have netdev tcx link pins, so an agent can clear
+// the pins of ENIs that left the instance (the link went, the pin stayed).
+func (d *Datapath) NetdevPinned() ([]int, error) {
+	entries, err := os.ReadDir(filepath.Join(d.cfg.PinRoot, "links"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("list link pins under %s: %w", d.cfg.PinRoot, err)
+	}
+	var out []int
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), d.netdevHooks().pinPrefix)
+		if !ok {
+			continue
+		}
+		ifindex, ok := parseLinkPin(rest)
+		if ok && strings.HasSuffix(rest, "_ingress") {
+			out = append(out, ifindex)
+		}
+	}
+	return out, nil
 }
