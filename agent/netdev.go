@@ -28,18 +28,7 @@ import (
 func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	if pinned, err := dp.NetdevPinned(); err != nil {
-		a.log.Warn("could not list netdev link pins", zap.Error(err))
-	} else {
-		for _, ifindex := range pinned {
-			if _, err := netlink.LinkByIndex(ifindex); err == nil {
-				continue
-			}
-			if err := dp.DetachNetdev(ifindex); err != nil {
-				a.log.Warn("could not clear the netdev pins of a removed interface", zap.Int("ifindex", ifindex), zap.Error(err))
-			}
-		}
-	}
+	a.sweepNetdevPinsLocked(dp)
 	if idx, err := primaryNIC(); err != nil {
 		a.log.Warn("netdev programs not attached to the primary NIC", zap.Error(err))
 	} else {
@@ -53,6 +42,25 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
 			continue
 		}
 		a.attachNetdevLocked(dp, idx, "ENI "+e.ID)
+	}
+}
+
+// sweepNetdevPinsLocked clears the netdev link pins of interfaces that are gone (an ENI the
+// pool detached): the tcx link went with the device, its pin did not. Called with attachMu
+// held, at start and after a GC.
+func (a *Agent) sweepNetdevPinsLocked(dp *loader.Datapath) {
+	pinned, err := dp.NetdevPinned()
+	if err != nil {
+		a.log.Warn("could not list netdev link pins", zap.Error(err))
+		return
+	}
+	for _, ifindex := range pinned {
+		if _, err := netlink.LinkByIndex(ifindex); err == nil {
+			continue
+		}
+		if err := dp.DetachNetdev(ifindex); err != nil {
+			a.log.Warn("could not clear the netdev pins of a removed interface", zap.Int("ifindex", ifindex), zap.Error(err))
+		}
 	}
 }
 

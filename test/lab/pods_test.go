@@ -290,6 +290,96 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	// An emptied ENI may still be detaching in the background: wait for the two to agree.
 	settled(t, l, ctx)
+	// ENIs the pool detached took their netdev tcx links with them; after a GC their pins
+	// are gone too. The pool may not have detached any here, so one is made: a link with a
+	// pinned tcx link under the netdev name, then deleted.
+	stalePin := pinLinkThenDeleteIt(t, l.Node(0))
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range l.Nodes() {
+		if stale := staleNetdevPins(t, n); len(stale) > 0 {
+			t.Errorf("%s keeps netdev link pins of interfaces that are gone after GC: %v", n.Name, stale)
+		}
+	}
+	if _, err := os.Stat(stalePin); !os.IsNotExist(err) {
+		t.Errorf("GC left the netdev pin %s of a deleted link (stat: %v)", stalePin, err)
+	}
+}
+
+// pinLinkThenDeleteIt adds a veth to the node, attaches a no-op program with tcx, pins the
+// link where the agent pins netdev links, and deletes the veth: the pin an ENI
+// leaves when the pool detaches it. Returns the pin's path.
+func pinLinkThenDeleteIt(t *testing.T, n *lab.Node) string {
+	t.Helper()
+	spec, err := loader.LoadNoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := ebpf.NewProgram(spec.Programs[loader.NoopProgTernNoop])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	var pin string
+	err = nsutil.Do(n.NS, func() error {
+		d := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eni-gone"}, PeerName: "eni-gone-peer"}
+		if err := netlink.LinkAdd(d); err != nil {
+			return fmt.Errorf("add veth: %w", err)
+		}
+		defer netlink.LinkDel(d)
+		dl, err := netlink.LinkByName(d.Name)
+		if err != nil {
+			return err
+		}
+		idx := dl.Attrs().Index
+		l, err := link.AttachTCX(link.TCXOptions{Interface: idx, Program: prog, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return fmt.Errorf("tcx attach to ifindex %d: %w", idx, err)
+		}
+		defer l.Close()
+		pin = filepath.Join(n.PinRoot(), "links", fmt.Sprintf("netdev_if%d_ingress", idx))
+		if err := l.Pin(pin); err != nil {
+			return fmt.Errorf("pin %s: %w", pin, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("make a stale netdev pin on %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { os.Remove(pin) })
+	return pin
+}
+
+// staleNetdevPins lists the netdev link pins of a node whose interface no longer exists in
+// its namespace, and logs how many pins it checked.
+func staleNetdevPins(t *testing.T, n *lab.Node) []string {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(n.PinRoot(), "links"))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var stale []string
+	checked := 0
+	err = nsutil.Do(n.NS, func() error {
+		for _, e := range ents {
+			var idx int
+			var dir string
+			if _, err := fmt.Sscanf(strings.ReplaceAll(e.Name(), "_", " "), "netdev if%d %s", &idx, &dir); err != nil {
+				continue
+			}
+			checked++
+			if _, err := netlink.LinkByIndex(idx); err != nil {
+				stale = append(stale, e.Name())
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: %d netdev link pins, %d of them stale", n.Name, checked, len(stale))
+	return stale
 }
 
 // endpointAddrs reads a node's pinned endpoint registry: pod address → whether the ipcache
