@@ -74,7 +74,7 @@ func (c *Config) setDefaults() {
 	}
 }
 
-// Datapath is the loaded pod programs and their pinned maps.
+// Datapath is the loaded pod and netdev programs and their pinned maps.
 type Datapath struct {
 	cfg    Config
 	objs   PodObjects
@@ -88,7 +88,7 @@ type Datapath struct {
 	lastMigration MigrationStats
 }
 
-// Load loads the pod programs, creating the pinned maps on first use and reusing them
+// Load loads the pod and netdev programs, creating the pinned maps on first use and reusing them
 // afterwards, so conntrack and service state survive an agent restart.
 func Load(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
