@@ -88,8 +88,8 @@ type Datapath struct {
 	lastMigration MigrationStats
 }
 
-// Load loads the pod and netdev programs, creating the pinned maps on first use and reusing them
-// afterwards, so conntrack and service state survive an agent restart.
+// Load loads the pod and netdev programs, creating the pinned maps on first use and reusing
+// them afterwards, so conntrack and service state survive an agent restart.
 func Load(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
 	if int(cfg.CollisionPortMin)+int(cfg.CollisionPortCount) > 65536 {
