@@ -246,6 +246,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	a.pool = pool
 	a.mu.Unlock()
+	a.attachNetdevs(dp, pool)
 
 	wctx, wcancel := context.WithCancel(ctx)
 	wdone := make(chan struct{})

@@ -72,6 +72,11 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 		errs = append(errs, err)
 	}
 	res.DeletedENIs, res.AdoptedENIs = pres.DeletedENIs, pres.AdoptedENIs
+	if dp := a.Datapath(); dp != nil {
+		a.attachMu.Lock()
+		a.sweepNetdevPinsLocked(dp)
+		a.attachMu.Unlock()
+	}
 	a.m.gcReleased.Add(float64(len(res.Released)))
 	return res, errors.Join(errs...)
 }

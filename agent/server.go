@@ -281,6 +281,8 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if err != nil {
 		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("attach pod programs to ifindex %d", req.IfIndex), Details: err.Error()}
 	}
+	// A new ENI gets the netdev programs with its first pod (netdev.go).
+	a.ensureNetdevFor(dp, ep.Addr)
 	return api.AttachResponse{Mode: string(mode)}, nil
 }
 

@@ -28,8 +28,22 @@ const (
 	clsactHandle = 1
 )
 
-func (d *Datapath) linkPin(ifindex int, dir string) string {
-	return filepath.Join(d.cfg.PinRoot, "links", fmt.Sprintf("if%d_%s", ifindex, dir))
+// hookPrograms is one object's pair of tc programs and how their tcx links are pinned.
+type hookPrograms struct {
+	ingress, egress         *ebpf.Program
+	ingressName, egressName string // clsact filter names: the programs' names
+	// pinPrefix starts the link pin names under links/: "" for the pod programs (if<N>_<dir>,
+	// what ReattachPods parses), "netdev_" for the netdev programs.
+	pinPrefix string
+}
+
+func (d *Datapath) podHooks() hookPrograms {
+	return hookPrograms{ingress: d.objs.TernFromPod, egress: d.objs.TernToPod,
+		ingressName: PodProgTernFromPod, egressName: PodProgTernToPod}
+}
+
+func (d *Datapath) linkPin(h hookPrograms, ifindex int, dir string) string {
+	return filepath.Join(d.cfg.PinRoot, "links", fmt.Sprintf("%sif%d_%s", h.pinPrefix, ifindex, dir))
 }
 
 // AttachPod attaches the pod programs to the host side of a pod veth: tern_from_pod on
@@ -37,8 +51,12 @@ func (d *Datapath) linkPin(ifindex int, dir string) string {
 // interface (tcx and netlink resolve ifindex in the calling thread's namespace). Calling it
 // again, for instance from a restarted agent, atomically replaces the programs.
 func (d *Datapath) AttachPod(ifindex int) (AttachMode, error) {
+	return d.attach(d.podHooks(), ifindex)
+}
+
+func (d *Datapath) attach(h hookPrograms, ifindex int) (AttachMode, error) {
 	if !d.cfg.ForceClsact {
-		err := d.attachTCX(ifindex)
+		err := d.attachTCX(h, ifindex)
 		if err == nil {
 			return AttachTCX, nil
 		}
@@ -47,16 +65,16 @@ func (d *Datapath) AttachPod(ifindex int) (AttachMode, error) {
 		}
 		d.cfg.Logger.Info("tcx not supported by this kernel, falling back to clsact", zap.Int("ifindex", ifindex))
 	}
-	return AttachClsact, d.attachClsact(ifindex)
+	return AttachClsact, d.attachClsact(h, ifindex)
 }
 
-func (d *Datapath) attachTCX(ifindex int) error {
+func (d *Datapath) attachTCX(h hookPrograms, ifindex int) error {
 	for _, a := range []struct {
 		dir  string
 		prog *ebpf.Program
 		at   ebpf.AttachType
-	}{{"ingress", d.objs.TernFromPod, ebpf.AttachTCXIngress}, {"egress", d.objs.TernToPod, ebpf.AttachTCXEgress}} {
-		pin := d.linkPin(ifindex, a.dir)
+	}{{"ingress", h.ingress, ebpf.AttachTCXIngress}, {"egress", h.egress, ebpf.AttachTCXEgress}} {
+		pin := d.linkPin(h, ifindex, a.dir)
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			// Re-attach after a restart: swap the program under the existing link.
 			err = l.Update(a.prog)
@@ -84,7 +102,7 @@ func (d *Datapath) attachTCX(ifindex int) error {
 	return nil
 }
 
-func (d *Datapath) attachClsact(ifindex int) error {
+func (d *Datapath) attachClsact(h hookPrograms, ifindex int) error {
 	lk, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
 		return fmt.Errorf("find interface %d for clsact attach: %w", ifindex, err)
@@ -104,7 +122,7 @@ func (d *Datapath) attachClsact(ifindex int) error {
 		parent uint32
 		prog   *ebpf.Program
 		name   string
-	}{{netlink.HANDLE_MIN_INGRESS, d.objs.TernFromPod, "tern_from_pod"}, {netlink.HANDLE_MIN_EGRESS, d.objs.TernToPod, "tern_to_pod"}} {
+	}{{netlink.HANDLE_MIN_INGRESS, h.ingress, h.ingressName}, {netlink.HANDLE_MIN_EGRESS, h.egress, h.egressName}} {
 		f := &netlink.BpfFilter{
 			FilterAttrs: netlink.FilterAttrs{
 				LinkIndex: ifindex,
@@ -128,9 +146,13 @@ func (d *Datapath) attachClsact(ifindex int) error {
 // A missing interface or attachment is not an error: a deleted veth takes its programs
 // with it. Run it in the interface's network namespace.
 func (d *Datapath) DetachPod(ifindex int) error {
+	return d.detach(d.podHooks(), ifindex)
+}
+
+func (d *Datapath) detach(h hookPrograms, ifindex int) error {
 	var errs []error
 	for _, dir := range []string{"ingress", "egress"} {
-		pin := d.linkPin(ifindex, dir)
+		pin := d.linkPin(h, ifindex, dir)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {
 			if !errors.Is(err, os.ErrNotExist) {

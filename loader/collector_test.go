@@ -18,11 +18,13 @@ func TestCollectorExportsDatapathCounters(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		loadertest.Run(t, d.FromPod(), tcp(client, uint16(40000+i), vip, 80, packet.SYN).Build())
 	}
+	loadertest.Run(t, d.FromNetdev(), tcp(be1, 8080, client, 40000, packet.SYN|packet.ACK).Build())
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(loader.NewCollector(d.Maps()))
 	want := `
-# HELP tern_datapath_packets_total Packets the pod programs acted on, by reason (drops are reasons starting with drop_) and direction.
+# HELP tern_datapath_packets_total Packets the datapath programs (pod veths, ENIs and the primary NIC) acted on, by reason (drops are reasons starting with drop_) and direction.
 # TYPE tern_datapath_packets_total counter
+tern_datapath_packets_total{direction="from-netdev",reason="pass"} 1
 tern_datapath_packets_total{direction="from-pod",reason="svc_forward"} 3
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "tern_datapath_packets_total"); err != nil {

@@ -1,6 +1,7 @@
 // Package loader loads tern's BPF programs with their load-time configuration, pins their
 // maps under a bpffs directory so that state outlives the agent, and attaches the pod
-// programs to veths with tcx (or clsact where tcx is missing).
+// programs to veths and the netdev programs to ENI links and the primary NIC with tcx (or
+// clsact where tcx is missing).
 package loader
 
 import (
@@ -73,10 +74,11 @@ func (c *Config) setDefaults() {
 	}
 }
 
-// Datapath is the loaded pod programs and their pinned maps.
+// Datapath is the loaded pod and netdev programs and their pinned maps.
 type Datapath struct {
-	cfg  Config
-	objs PodObjects
+	cfg    Config
+	objs   PodObjects
+	netdev NetdevObjects // the programs for ENI links and the primary NIC (netdev.go)
 
 	// An upgrade in progress (upgrade.go): pins Load moved aside, the first layout's
 	// conntrack map while its flows are still being converted, and what the last
@@ -86,8 +88,8 @@ type Datapath struct {
 	lastMigration MigrationStats
 }
 
-// Load loads the pod programs, creating the pinned maps on first use and reusing them
-// afterwards, so conntrack and service state survive an agent restart.
+// Load loads the pod and netdev programs, creating the pinned maps on first use and reusing
+// them afterwards, so conntrack and service state survive an agent restart.
 func Load(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
 	if int(cfg.CollisionPortMin)+int(cfg.CollisionPortCount) > 65536 {
@@ -157,6 +159,14 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		return nil, fmt.Errorf("load pod programs: %w", err)
 	}
+	// The netdev object after the pod object: every map it pins is one the pod object
+	// declares too (TestNetdevMapsAreThePodObjects), so it finds them pinned, compatible,
+	// and shares them.
+	if err := loadNetdev(&d.netdev, opts); err != nil {
+		d.objs.Close()
+		d.restoreMoved(olds)
+		return nil, err
+	}
 	d.upgradeOnLoad(olds)
 	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot))
 	return d, nil
@@ -213,7 +223,7 @@ func (d *Datapath) Close() error {
 		d.v1CT.Close()
 		d.v1CT = nil
 	}
-	return d.objs.Close()
+	return errors.Join(d.netdev.Close(), d.objs.Close())
 }
 
 // RemovePins deletes everything tern pinned under root: maps, links (which detaches tcx

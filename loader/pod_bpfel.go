@@ -129,8 +129,10 @@ type PodSvcValue struct {
 type PodTernDir uint8
 
 const (
-	PodTernDirDIR_FROM_POD PodTernDir = 1
-	PodTernDirDIR_TO_POD   PodTernDir = 2
+	PodTernDirDIR_FROM_POD    PodTernDir = 1
+	PodTernDirDIR_TO_POD      PodTernDir = 2
+	PodTernDirDIR_FROM_NETDEV PodTernDir = 3
+	PodTernDirDIR_TO_NETDEV   PodTernDir = 4
 )
 
 type PodTernReason uint8

@@ -6,12 +6,16 @@ import "strings"
 // and names are generated from the object's BTF, so Go cannot drift from C.
 type Reason = PodTernReason
 
-// Direction is enum tern_dir: which pod program counted the packet.
+// Direction is enum tern_dir: which program counted the packet (pod veth or netdev).
 type Direction = PodTernDir
 
 const (
 	DirFromPod = PodTernDirDIR_FROM_POD
 	DirToPod   = PodTernDirDIR_TO_POD
+	// DirFromNetdev and DirToNetdev count what the netdev programs saw arrive on and leave
+	// through an ENI link or the primary NIC.
+	DirFromNetdev = PodTernDirDIR_FROM_NETDEV
+	DirToNetdev   = PodTernDirDIR_TO_NETDEV
 
 	ReasonPass             = PodTernReasonREASON_PASS
 	ReasonSvcForward       = PodTernReasonREASON_SVC_FORWARD
@@ -58,6 +62,10 @@ func (d PodTernDir) String() string {
 		return "from-pod"
 	case DirToPod:
 		return "to-pod"
+	case DirFromNetdev:
+		return "from-netdev"
+	case DirToNetdev:
+		return "to-netdev"
 	}
 	return "unknown"
 }

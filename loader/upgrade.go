@@ -436,7 +436,7 @@ func (d *Datapath) ReattachPods() ([]int, error) {
 			}
 			continue
 		}
-		if err := d.attachTCX(ifindex); err != nil {
+		if err := d.attachTCX(d.podHooks(), ifindex); err != nil {
 			errs = append(errs, fmt.Errorf("re-attach tcx programs to ifindex %d: %w", ifindex, err))
 			continue
 		}
@@ -452,7 +452,7 @@ func (d *Datapath) ReattachPods() ([]int, error) {
 			continue
 		}
 		seen[ifindex] = true
-		if err := d.attachClsact(ifindex); err != nil {
+		if err := d.attachClsact(d.podHooks(), ifindex); err != nil {
 			errs = append(errs, fmt.Errorf("re-attach clsact programs to %s: %w", l.Attrs().Name, err))
 			continue
 		}
@@ -462,7 +462,9 @@ func (d *Datapath) ReattachPods() ([]int, error) {
 	return done, errors.Join(errs...)
 }
 
-// parseLinkPin reads the ifindex out of a link pin name (if<N>_ingress, if<N>_egress).
+// parseLinkPin reads the ifindex out of a pod link pin name (if<N>_ingress, if<N>_egress).
+// The netdev programs' pins (netdev_if<N>_...) do not parse: ReattachPods must never put
+// pod programs on an ENI.
 func parseLinkPin(name string) (int, bool) {
 	rest, ok := strings.CutPrefix(name, "if")
 	if !ok {
@@ -476,7 +478,8 @@ func parseLinkPin(name string) (int, bool) {
 	return n, err == nil && n > 0
 }
 
-// hasTernClsact tells whether an interface has a tern program as a clsact filter.
+// hasTernClsact tells whether an interface has a tern pod program as a clsact filter. The
+// netdev programs (tern_*_netdev) are not pod programs.
 func hasTernClsact(ifindex int) bool {
 	lk := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
 	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
@@ -486,7 +489,8 @@ func hasTernClsact(ifindex int) bool {
 		}
 		for _, f := range fs {
 			bf, ok := f.(*netlink.BpfFilter)
-			if ok && bf.Handle == clsactHandle && bf.Priority == clsactPrio && strings.HasPrefix(bf.Name, "tern_") {
+			if ok && bf.Handle == clsactHandle && bf.Priority == clsactPrio && strings.HasPrefix(bf.Name, "tern_") &&
+				!strings.HasSuffix(bf.Name, "_netdev") {
 				return true
 			}
 		}

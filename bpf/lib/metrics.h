@@ -12,11 +12,13 @@
 enum tern_dir : __u8 {
 	DIR_FROM_POD = 1,
 	DIR_TO_POD = 2,
+	DIR_FROM_NETDEV = 3, /* netdev.c: arriving on an ENI or the primary NIC */
+	DIR_TO_NETDEV = 4,   /* netdev.c: leaving through one */
 };
 
 /* Keep in sync with loader/reasons.go (a test checks the names against BTF). */
 enum tern_reason : __u8 {
-	REASON_PASS = 0,            /* not service traffic, left untouched */
+	REASON_PASS = 0,            /* left untouched (counted by the netdev programs only) */
 	REASON_SVC_FORWARD = 1,     /* DNAT to a backend (new or established flow) */
 	REASON_SVC_REVNAT = 2,      /* reverse NAT of a backend's reply */
 	REASON_SVC_HAIRPIN = 3,     /* pod reached itself through a Service */
@@ -47,12 +49,13 @@ struct metrics_value {
 };
 
 #define METRICS_INDEX(reason, dir) (((__u32)(dir) << 5) | ((reason) & 0x1f))
-#define METRICS_SIZE (3 << 5)
+#define METRICS_SIZE (5 << 5)
 
 /* tern_metrics: key METRICS_INDEX(reason, direction) = dir*32 + reason, value metrics_value
- * per CPU. Size 96; an array, so nothing is ever evicted and the lookup is inlined by the
- * verifier (a hash lookup per packet cost ~40 ns here). Written by every program, read by
- * the agent (/metrics) and ternctl, which sum the per-CPU values. */
+ * per CPU. Size 160 (directions up to 4); an array, so nothing is ever evicted and the
+ * lookup is inlined by the verifier (a hash lookup per packet cost ~40 ns here). Written by
+ * every program (pod and netdev objects share the pin), read by the agent (/metrics) and
+ * ternctl, which sum the per-CPU values. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

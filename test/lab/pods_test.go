@@ -8,10 +8,16 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+
+	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
@@ -42,13 +48,94 @@ func addPods(t *testing.T, l *lab.Lab, ctx context.Context, from, n int) []*lab.
 	return pods
 }
 
+// linkPins counts the pod programs' tcx link pins (if<N>_<dir>); the netdev programs'
+// (netdev_if<N>_<dir>) are checked by checkNetdevAttached.
 func linkPins(t *testing.T, n *lab.Node) int {
 	t.Helper()
 	ents, err := os.ReadDir(filepath.Join(n.PinRoot(), "links"))
 	if err != nil && !os.IsNotExist(err) {
 		t.Fatal(err)
 	}
-	return len(ents)
+	pins := 0
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "if") {
+			pins++
+		}
+	}
+	return pins
+}
+
+// checkNetdevAttached asserts that the node's primary NIC (eth0) and every ENI carrying a
+// pod have the netdev programs attached: a tcx link pinned as links/netdev_if<N>_<dir>
+// that is live on that interface and runs tern_from_netdev / tern_to_netdev.
+func checkNetdevAttached(t *testing.T, ctx context.Context, n *lab.Node) {
+	t.Helper()
+	st, err := n.Client().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{} // MAC → what it is
+	for _, e := range st.ENIs {
+		if len(e.InUse) > 0 {
+			want[e.MAC] = "ENI " + e.ID
+		}
+	}
+	if len(want) == 0 {
+		t.Fatalf("%s: no ENI carries a pod", n.Name)
+	}
+	ifindex := map[string]int{} // name or MAC → ifindex in the node namespace
+	err = nsutil.Do(n.NS, func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			ifindex[l.Attrs().HardwareAddr.String()] = l.Attrs().Index
+			ifindex[l.Attrs().Name] = l.Attrs().Index
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want["eth0"] = "primary NIC"
+	for key, what := range want {
+		idx, ok := ifindex[key]
+		if !ok {
+			t.Errorf("%s: %s (%s) has no link in the node namespace", n.Name, what, key)
+			continue
+		}
+		for dir, prog := range map[string]string{"ingress": "tern_from_netdev", "egress": "tern_to_netdev"} {
+			pin := filepath.Join(n.PinRoot(), "links", fmt.Sprintf("netdev_if%d_%s", idx, dir))
+			l, err := link.LoadPinnedLink(pin, nil)
+			if err != nil {
+				t.Errorf("%s: %s (ifindex %d) has no netdev %s link: %v", n.Name, what, idx, dir, err)
+				continue
+			}
+			info, err := l.Info()
+			l.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tcx := info.TCX(); tcx == nil || int(tcx.Ifindex) != idx {
+				t.Errorf("%s: netdev %s link of %s is not live on ifindex %d: %+v", n.Name, dir, what, idx, info.TCX())
+				continue
+			}
+			p, err := ebpf.NewProgramFromID(info.Program)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pi, err := p.Info()
+			p.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The kernel keeps 15 characters of a program's name.
+			if !strings.HasPrefix(prog, pi.Name) || pi.Name == "" {
+				t.Errorf("%s: %s %s runs %q, want %s", n.Name, what, dir, pi.Name, prog)
+			}
+		}
+	}
 }
 
 func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
@@ -114,6 +201,10 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 		if got := linkPins(t, n); got != 2*want {
 			t.Errorf("%s has %d tcx link pins for %d pods, want %d", n.Name, got, want, 2*want)
 		}
+	}
+	// The netdev programs are on every node's primary NIC and every ENI its pods use.
+	for _, n := range l.Nodes() {
+		checkNetdevAttached(t, ctx, n)
 	}
 	// Each node's endpoint registry holds exactly its pods, and its ipcache marks them local.
 	for _, n := range l.Nodes() {
@@ -216,6 +307,96 @@ func TestThirtyPodsAcrossTwoNodes(t *testing.T) {
 	}
 	// An emptied ENI may still be detaching in the background: wait for the two to agree.
 	settled(t, l, ctx)
+	// ENIs the pool detached took their netdev tcx links with them; after a GC their pins
+	// are gone too. The pool may not have detached any here, so one is made: a link with a
+	// pinned tcx link under the netdev name, then deleted.
+	stalePin := pinLinkThenDeleteIt(t, l.Node(0))
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range l.Nodes() {
+		if stale := staleNetdevPins(t, n); len(stale) > 0 {
+			t.Errorf("%s keeps netdev link pins of interfaces that are gone after GC: %v", n.Name, stale)
+		}
+	}
+	if _, err := os.Stat(stalePin); !os.IsNotExist(err) {
+		t.Errorf("GC left the netdev pin %s of a deleted link (stat: %v)", stalePin, err)
+	}
+}
+
+// pinLinkThenDeleteIt adds a veth to the node, attaches a no-op program with tcx, pins the
+// link where the agent pins netdev links, and deletes the veth: the pin an ENI
+// leaves when the pool detaches it. Returns the pin's path.
+func pinLinkThenDeleteIt(t *testing.T, n *lab.Node) string {
+	t.Helper()
+	spec, err := loader.LoadNoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := ebpf.NewProgram(spec.Programs[loader.NoopProgTernNoop])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	var pin string
+	err = nsutil.Do(n.NS, func() error {
+		d := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eni-gone"}, PeerName: "eni-gone-peer"}
+		if err := netlink.LinkAdd(d); err != nil {
+			return fmt.Errorf("add veth: %w", err)
+		}
+		defer netlink.LinkDel(d)
+		dl, err := netlink.LinkByName(d.Name)
+		if err != nil {
+			return err
+		}
+		idx := dl.Attrs().Index
+		l, err := link.AttachTCX(link.TCXOptions{Interface: idx, Program: prog, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return fmt.Errorf("tcx attach to ifindex %d: %w", idx, err)
+		}
+		defer l.Close()
+		pin = filepath.Join(n.PinRoot(), "links", fmt.Sprintf("netdev_if%d_ingress", idx))
+		if err := l.Pin(pin); err != nil {
+			return fmt.Errorf("pin %s: %w", pin, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("make a stale netdev pin on %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { os.Remove(pin) })
+	return pin
+}
+
+// staleNetdevPins lists the netdev link pins of a node whose interface no longer exists in
+// its namespace, and logs how many pins it checked.
+func staleNetdevPins(t *testing.T, n *lab.Node) []string {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(n.PinRoot(), "links"))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var stale []string
+	checked := 0
+	err = nsutil.Do(n.NS, func() error {
+		for _, e := range ents {
+			var idx int
+			var dir string
+			if _, err := fmt.Sscanf(strings.ReplaceAll(e.Name(), "_", " "), "netdev if%d %s", &idx, &dir); err != nil {
+				continue
+			}
+			checked++
+			if _, err := netlink.LinkByIndex(idx); err != nil {
+				stale = append(stale, e.Name())
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: %d netdev link pins, %d of them stale", n.Name, checked, len(stale))
+	return stale
 }
 
 // endpointAddrs reads a node's pinned endpoint registry: pod address → whether the ipcache

@@ -1,0 +1,145 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/loader"
+)
+
+// The netdev programs (loader/netdev.go) go on the node's primary NIC and on every ENI link
+// the pool holds: at start for those present, and for an ENI that appears later when its
+// first pod is attached (the CNI has configured the ENI's link and policy routing by then,
+// datapath.EnsureENI). Today they count; NodePort and masquerade will need them on every
+// interface traffic enters or leaves the node through.
+
+// attachNetdevs attaches the netdev programs to the primary NIC and every ENI of the pool
+// whose link is in the node namespace, and clears the pins of interfaces that are gone. A
+// failure is logged, not fatal: today the programs only count, and the next pod attach or
+// agent start tries again.
+func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
+	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	a.sweepNetdevPinsLocked(dp)
+	if idx, err := primaryNIC(); err != nil {
+		a.log.Warn("netdev programs not attached to the primary NIC", zap.Error(err))
+	} else {
+		a.attachNetdevLocked(dp, idx, "primary NIC")
+	}
+	for _, e := range pool.Status().ENIs {
+		idx, err := linkByMAC(e.MAC)
+		if err != nil {
+			// Not in the guest yet: the first pod on it attaches the programs.
+			a.log.Info("ENI link not present yet; netdev programs follow with its first pod", zap.String("eni", e.ID), zap.Error(err))
+			continue
+		}
+		a.attachNetdevLocked(dp, idx, "ENI "+e.ID)
+	}
+}
+
+// sweepNetdevPinsLocked clears the netdev link pins of interfaces that are gone (an ENI the
+// pool detached): the tcx link went with the device, its pin did not. Called with attachMu
+// held, at start and after a GC.
+func (a *Agent) sweepNetdevPinsLocked(dp *loader.Datapath) {
+	pinned, err := dp.NetdevPinned()
+	if err != nil {
+		a.log.Warn("could not list netdev link pins", zap.Error(err))
+		return
+	}
+	for _, ifindex := range pinned {
+		if _, err := netlink.LinkByIndex(ifindex); err == nil {
+			continue
+		}
+		if err := dp.DetachNetdev(ifindex); err != nil {
+			a.log.Warn("could not clear the netdev pins of a removed interface", zap.Int("ifindex", ifindex), zap.Error(err))
+		}
+	}
+}
+
+// ensureNetdevFor attaches the netdev programs to the ENI that holds podIP if they are not
+// there yet. Called with attachMu held, after the pod's programs are attached.
+func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
+	pool := a.Pool()
+	if pool == nil || !podIP.IsValid() {
+		return
+	}
+	for _, e := range pool.Status().ENIs {
+		if !containsAddr(e.IPs, podIP) {
+			continue
+		}
+		idx, err := linkByMAC(e.MAC)
+		if err != nil {
+			a.log.Warn("netdev programs not attached to a pod's ENI", zap.String("eni", e.ID), zap.Error(err))
+			return
+		}
+		if !dp.NetdevAttached(idx) {
+			a.attachNetdevLocked(dp, idx, "ENI "+e.ID)
+		}
+		return
+	}
+}
+
+func (a *Agent) attachNetdevLocked(dp *loader.Datapath, ifindex int, what string) {
+	mode, err := dp.AttachNetdev(ifindex)
+	if err != nil {
+		a.log.Error("could not attach the netdev programs", zap.String("interface", what), zap.Int("ifindex", ifindex), zap.Error(err))
+		return
+	}
+	a.log.Info("netdev programs attached", zap.String("interface", what), zap.Int("ifindex", ifindex), zap.String("mode", string(mode)))
+}
+
+func containsAddr(as []netip.Addr, x netip.Addr) bool {
+	for _, a := range as {
+		if a == x {
+			return true
+		}
+	}
+	return false
+}
+
+// primaryNIC is the interface of the main table's IPv4 default route: how the instance
+// image configures eth0 (its primary ENI).
+func primaryNIC() (int, error) {
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return 0, fmt.Errorf("list main-table routes to find the primary NIC: %w", err)
+	}
+	for _, r := range routes {
+		if (r.Dst == nil || r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask)) && r.LinkIndex > 0 {
+			return r.LinkIndex, nil
+		}
+	}
+	return 0, errors.New("no IPv4 default route in the main table: cannot tell the primary NIC")
+}
+
+func isZeroMask(m net.IPMask) bool {
+	ones, _ := m.Size()
+	return ones == 0
+}
+
+// linkByMAC is the ifindex of the link with the given MAC, without waiting.
+func linkByMAC(mac string) (int, error) {
+	hw, err := net.ParseMAC(mac)
+	if err != nil {
+		return 0, fmt.Errorf("bad ENI MAC %q: %w", mac, err)
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return 0, fmt.Errorf("list links to find MAC %s: %w", mac, err)
+	}
+	for _, l := range links {
+		if bytes.Equal(l.Attrs().HardwareAddr, hw) {
+			return l.Attrs().Index, nil
+		}
+	}
+	return 0, fmt.Errorf("no link with MAC %s in the node namespace", mac)
+}
