@@ -86,7 +86,7 @@ func TestAgentRunsWithItsServiceAccount(t *testing.T) {
 		return agentKubeconfig, err
 	}
 
-	const tiny = "vsw-deploy-tiny" // a /29: the ENI's primary address and three pods
+	const tiny = "vsw-deploy-tiny" // a /29: four addresses, each a pod's (the ENI's primary too)
 	l, err := lab.Up(ctx, lab.Options{Nodes: 1, BinDir: binDir, Kubernetes: true, AgentKubeconfig: withServiceAccount,
 		ExtraVSwitches: []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"}},
 		ENIConf:        lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},

@@ -26,7 +26,7 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 	l, err := lab.Up(context.Background(), lab.Options{Nodes: 1, Kubernetes: true, BinDir: current.bin,
 		ExtraVSwitches: []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"},
 			{ID: spare, Zone: lab.Zone, CIDR: "192.168.41.0/24"}},
-		ENIConf:      lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
+		ENIConf:      lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 4},
 		AllocateWait: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -36,13 +36,15 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 	defer cancel()
 	c := l.Client()
 	const ns = "e2e-exhaust"
-	for i := range 3 {
+	// A /29 has 4 usable addresses (the first and the last three are reserved), and every one
+	// serves a pod: the ENI's primary address too, as in Terway's capacity.
+	for i := range 4 {
 		if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("fits-%d", i), Node: "node-1"}); err != nil {
-			t.Fatalf("pod %d of 3 on the /29: %v", i, err)
+			t.Fatalf("pod %d of 4 on the /29: %v", i, err)
 		}
 	}
 	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "too-many", Node: "node-1"}); err == nil {
-		t.Fatal("a 4th pod got an address from a /29 that holds 3")
+		t.Fatal("a 5th pod got an address from a /29 that holds 4")
 	}
 
 	eventually(t, 30*time.Second, "a Warning Event on the pod", func() (bool, string) {
@@ -70,7 +72,7 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 			}
 		}
 		ann := n.Annotations[nodereport.AnnotationAllocatedENIIPs]
-		return cond == "True" && strings.Count(ann, "192.168.40.") == 3 && n.Annotations[nodereport.AnnotationMaxAvailableIP] != "",
+		return cond == "True" && strings.Count(ann, "192.168.40.") == 4 && n.Annotations[nodereport.AnnotationMaxAvailableIP] != "",
 			fmt.Sprintf("condition %q, allocated-eniips %q", cond, ann)
 	})
 
