@@ -226,14 +226,20 @@ func Parse(data []byte) (Config, []string, error) {
 		bad("security_groups", fmt.Sprintf("%d groups", len(c.SecurityGroups)), fmt.Sprintf("at most %d (an ENI carries at most %d)", MaxSecurityGroups, MaxSecurityGroups))
 	}
 
-	for k, v := range r.ENITags {
+	// In key order: the same document must give the same report on every reload (the watcher
+	// logs it, and an operator compares reports), and map order is random.
+	tagKeys := make([]string, 0, len(r.ENITags))
+	for k := range r.ENITags {
+		tagKeys = append(tagKeys, k)
+	}
+	sort.Strings(tagKeys)
+	for _, k := range tagKeys {
 		if k == "" {
 			bad("eni_tags", "an empty key", "non-empty tag keys")
 		}
 		if strings.HasPrefix(k, "aliyun") || strings.HasPrefix(k, "acs:") {
 			bad("eni_tags", quote(k), "keys not starting with \"aliyun\" or \"acs:\" (reserved by the cloud)")
 		}
-		_ = v
 	}
 
 	if r.MaxPoolSize != nil {

@@ -139,3 +139,21 @@ func unjoin(err error) []error {
 	}
 	return []error{err}
 }
+
+// Found by FuzzParse: eni_tags problems came out in map order, so one document gave a
+// different report on each reload.
+func TestParseReportsTagProblemsInKeyOrder(t *testing.T) {
+	doc := []byte(`{"vswitches":{"z":["vsw-a"]},"security_group":"sg-1","eni_tags":{"aliyun-a":"1","acs:b":"2","":"3","aliyun-c":"4"}}`)
+	_, _, first := Parse(doc)
+	if first == nil {
+		t.Fatal("reserved tag keys accepted")
+	}
+	for range 20 {
+		if _, _, err := Parse(doc); err.Error() != first.Error() {
+			t.Fatalf("report changed between runs:\n%v\n%v", first, err)
+		}
+	}
+	if i, j := strings.Index(first.Error(), `"acs:b"`), strings.Index(first.Error(), `"aliyun-a"`); i < 0 || j < i {
+		t.Fatalf("tag problems not in key order:\n%v", first)
+	}
+}
