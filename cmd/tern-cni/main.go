@@ -64,6 +64,9 @@ func parseConf(b []byte) (*NetConf, error) {
 	if err := json.Unmarshal(b, c); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "parse tern-cni network config", err.Error())
 	}
+	if c.Socket == "" {
+		c.Socket = api.DefaultSocketPath
+	}
 	var err error
 	if c.timeout, err = durationOr(c.Timeout, 30*time.Second); err != nil {
 		return nil, types.NewError(types.ErrInvalidNetworkConfig, "tern-cni config: timeout", err.Error())
@@ -74,11 +77,20 @@ func parseConf(b []byte) (*NetConf, error) {
 	return c, nil
 }
 
+// durationOr parses a positive Go duration, def when s is empty. Zero or negative would make
+// every call to the agent fail at once with a deadline error that does not name the config.
 func durationOr(s string, def time.Duration) (time.Duration, error) {
 	if s == "" {
 		return def, nil
 	}
-	return time.ParseDuration(s)
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	if d <= 0 {
+		return 0, fmt.Errorf("%q is not a positive duration (want e.g. %q, or leave it out for %v)", s, "30s", def)
+	}
+	return d, nil
 }
 
 func podRef(args *skel.CmdArgs) (api.PodRef, error) {
