@@ -244,6 +244,14 @@ func TestMalformedPacketsDroppedWithReason(t *testing.T) {
 	optionsCut[packet.EthLen] = 0x4f
 	shortTotal := append([]byte(nil), good...)
 	shortTotal[packet.EthLen+2], shortTotal[packet.EthLen+3] = 0, 10
+	// Found by FuzzPodPrograms: a total length beyond the frame, or one that ends inside
+	// the TCP header (the rest is padding), was translated and forwarded.
+	longTotal := append([]byte(nil), good...)
+	longTotal[packet.EthLen+2], longTotal[packet.EthLen+3] = 0x30, 0x30
+	totalCutsTCP := append(append([]byte(nil), good...), make([]byte, 20)...)
+	totalCutsTCP[packet.EthLen+2], totalCutsTCP[packet.EthLen+3] = 0, 20+8
+	badDoff := append([]byte(nil), good...)
+	badDoff[packet.EthLen+20+12] = 0x40
 
 	cases := []struct {
 		name   string
@@ -254,6 +262,9 @@ func TestMalformedPacketsDroppedWithReason(t *testing.T) {
 		{"tcp header cut short", good[:packet.EthLen+20+8], loader.ReasonDropTruncated},
 		{"ihl below 5", badIHL, loader.ReasonDropBadIP},
 		{"total length below header", shortTotal, loader.ReasonDropBadIP},
+		{"total length beyond the frame", longTotal, loader.ReasonDropTruncated},
+		{"total length ends inside the tcp header", totalCutsTCP, loader.ReasonDropTruncated},
+		{"tcp data offset below 5", badDoff, loader.ReasonDropBadIP},
 	}
 	for _, c := range cases {
 		before := loadertest.Metric(t, m, c.reason, loader.DirFromPod)

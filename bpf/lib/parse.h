@@ -52,8 +52,14 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	__u32 ihl_len = ip->ihl * 4;
 	if ((void *)ip + ihl_len > data_end)
 		return PARSE_TRUNCATED;
-	if (bpf_ntohs(ip->tot_len) < ihl_len)
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < ihl_len)
 		return PARSE_BAD_IP;
+	/* A packet shorter than its header says is truncated: the stack would drop it in
+	 * ip_rcv, but a translated one redirected to a backend's veth would skip that check
+	 * here. skb->len, not data_end: a large packet has paged data beyond the linear part. */
+	if (tot_len > skb->len - ETH_HLEN)
+		return PARSE_TRUNCATED;
 
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
@@ -75,8 +81,10 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	switch (p->proto) {
 	case IPPROTO_TCP: {
 		struct tcphdr *tcp = l4;
-		if ((void *)(tcp + 1) > data_end)
+		if ((void *)(tcp + 1) > data_end || tot_len < ihl_len + sizeof(*tcp))
 			return PARSE_TRUNCATED;
+		if (tcp->doff < 5 || tot_len < ihl_len + tcp->doff * 4)
+			return PARSE_BAD_IP;
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->tcp_flags = ((__u8 *)tcp)[13];
@@ -86,7 +94,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	case IPPROTO_SCTP: {
 		/* UDP and SCTP both start with source and destination port. */
 		struct udphdr *udp = l4;
-		if ((void *)(udp + 1) > data_end)
+		if ((void *)(udp + 1) > data_end || tot_len < ihl_len + sizeof(*udp))
 			return PARSE_TRUNCATED;
 		p->sport = udp->source;
 		p->dport = udp->dest;
