@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate check-tidy test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -53,6 +53,7 @@ check-tidy:
 # need root; with TERN_PRIVILEGED=1 (CI) a privileged test that skips fails.
 test: setup check-generate check-tidy vet k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 40m ./...
+	$(MAKE) fuzz FUZZTIME=5s
 	bash test/vmkernel/run.sh
 
 # The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so
@@ -61,6 +62,20 @@ test: setup check-generate check-tidy vet k8s-bins
 test-kernels:
 	bash test/vmkernel/run.sh
 	TERN_VMKERNEL_PKG=linux-image-6.12-amd64 bash test/vmkernel/run.sh
+
+# Fuzzing (go test -fuzz), FUZZTIME per target. The corpus is committed under each package's
+# testdata/fuzz, so a plain `go test` replays it (and every input a fuzzer ever failed on) as
+# regression tests; this target searches for new inputs. FuzzPodPrograms needs root (it runs
+# the pod programs with BPF_PROG_TEST_RUN). One worker each: the CI machine has 2 cores.
+# See docs/reliability.md.
+FUZZTIME ?= 20s
+FUZZ_TARGETS := service:FuzzTranslate service:FuzzTranslateFields ipam/eniconfig:FuzzParse \
+	cmd/tern-cni:FuzzParseConf cmd/tern-cni:FuzzPodRef agent:FuzzSocketAPI loader:FuzzPodPrograms
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz: $${t#*:} in ./$${t%%:*} for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) -parallel 1 ./$${t%%:*}; \
+	done
 
 # The race detector over the Go-heavy packages (~8 min on 2 cores). Not yet part of `make test`
 # (issue 13): it found one timing assumption in an ipam test on its first run.
