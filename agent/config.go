@@ -81,6 +81,10 @@ type Config struct {
 	StatePath string `json:"statePath,omitempty"`
 	// SocketPath is the CNI API's unix socket (mode 0600).
 	SocketPath string `json:"socketPath,omitempty"`
+	// SocketAllowedUIDs are the uids besides root (0) whose processes may use the socket;
+	// the agent checks each connection's peer credentials (SO_PEERCRED) and closes the
+	// others unanswered. The runtime runs the CNI plugin as root, so this is normally empty.
+	SocketAllowedUIDs []uint32 `json:"socketAllowedUIDs,omitempty"`
 	// PinRoot is the bpffs directory of the datapath (default /sys/fs/bpf/tern).
 	PinRoot string `json:"pinRoot,omitempty"`
 	// ForceClsact attaches pod programs with clsact even where tcx works.

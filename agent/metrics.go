@@ -6,6 +6,9 @@ type metrics struct {
 	requests   *prometheus.CounterVec
 	duration   *prometheus.HistogramVec
 	gcReleased prometheus.Counter
+	// socketRefused counts connections closed at accept because the peer's uid may not use
+	// the socket (SO_PEERCRED).
+	socketRefused prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -23,9 +26,13 @@ func newMetrics() *metrics {
 			Name: "tern_agent_gc_released_total",
 			Help: "Allocations released by garbage collection because their sandbox was gone.",
 		}),
+		socketRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tern_agent_socket_refused_total",
+			Help: "Connections to the agent's CNI socket closed unanswered because the peer's uid is not allowed (SO_PEERCRED).",
+		}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.gcReleased}
+	return []prometheus.Collector{m.requests, m.duration, m.gcReleased, m.socketRefused}
 }

@@ -87,7 +87,8 @@ func prepareSocketDir(dir string) error {
 }
 
 // serveSocket listens on the unix socket with mode 0600: whoever can write to it can take
-// and release pod addresses, so only root (the runtime running the CNI) may.
+// and release pod addresses, so only root (the runtime running the CNI) may. Each
+// connection's peer uid is checked as well (peercred.go).
 func (a *Agent) serveSocket() (*http.Server, func(), error) {
 	path := a.cfg.SocketPath
 	if err := checkSocketPath(path); err != nil {
@@ -125,7 +126,7 @@ func (a *Agent) serveSocket() (*http.Server, func(), error) {
 		}
 	}
 
-	lim := newConnLimiter(ln, MaxSocketConns)
+	lim := newConnLimiter(a.newPeerCredListener(ln), MaxSocketConns)
 	srv := &http.Server{
 		Handler:           a.handler(),
 		ReadHeaderTimeout: socketReadHeaderTimeout,
