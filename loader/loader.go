@@ -105,35 +105,9 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := os.Chmod(cfg.PinRoot, 0o700); err != nil {
 		return nil, fmt.Errorf("chmod 0700 pin directory %s: %w", cfg.PinRoot, err)
 	}
-	spec, err := LoadPod()
+	spec, err := podSpec(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
-	}
-
-	vars := map[string]any{
-		PodVarCFG_HAIRPIN_IP:                 AddrToBE(cfg.HairpinIP),
-		PodVarCFG_CT_TCP_SYN_TIMEOUT:         seconds(cfg.CTTCPSynTimeout),
-		PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT: seconds(cfg.CTTCPEstablishedTimeout),
-		PodVarCFG_CT_TCP_CLOSING_TIMEOUT:     seconds(cfg.CTTCPClosingTimeout),
-		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
-		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
-		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
-	}
-	for name, v := range vars {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return nil, fmt.Errorf("set load-time variable %s: %w", name, err)
-		}
-	}
-	sizes := map[string]uint32{
-		PodMapTernServices:  cfg.MaxServices,
-		PodMapTernBackends:  cfg.MaxBackends,
-		PodMapTernLbMembers: cfg.MaxBackends,
-		PodMapTernConntrack: cfg.MaxFlows,
-	}
-	for name, n := range sizes {
-		if n != 0 {
-			spec.Maps[name].MaxEntries = n
-		}
+		return nil, err
 	}
 
 	d := &Datapath{cfg: cfg}
@@ -170,6 +144,42 @@ func Load(cfg Config) (*Datapath, error) {
 	d.upgradeOnLoad(olds)
 	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot))
 	return d, nil
+}
+
+// podSpec is the pod object as Load loads it: the load-time variables and map sizes of cfg
+// (defaults filled in) set. The verifier budget test loads the same spec.
+func podSpec(cfg Config) (*ebpf.CollectionSpec, error) {
+	spec, err := LoadPod()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
+	}
+
+	vars := map[string]any{
+		PodVarCFG_HAIRPIN_IP:                 AddrToBE(cfg.HairpinIP),
+		PodVarCFG_CT_TCP_SYN_TIMEOUT:         seconds(cfg.CTTCPSynTimeout),
+		PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT: seconds(cfg.CTTCPEstablishedTimeout),
+		PodVarCFG_CT_TCP_CLOSING_TIMEOUT:     seconds(cfg.CTTCPClosingTimeout),
+		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
+		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
+		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
+	}
+	for name, v := range vars {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("set load-time variable %s: %w", name, err)
+		}
+	}
+	sizes := map[string]uint32{
+		PodMapTernServices:  cfg.MaxServices,
+		PodMapTernBackends:  cfg.MaxBackends,
+		PodMapTernLbMembers: cfg.MaxBackends,
+		PodMapTernConntrack: cfg.MaxFlows,
+	}
+	for name, n := range sizes {
+		if n != 0 {
+			spec.Maps[name].MaxEntries = n
+		}
+	}
+	return spec, nil
 }
 
 // restoreMoved puts pins moved aside back after a failed load, so the next attempt finds
