@@ -76,5 +76,8 @@ func up(t *testing.T, o lab.Options) *lab.Lab {
 			t.Errorf("lab down: %v", err)
 		}
 	})
+	// Registered after Down's clean-up, so it runs before it, while the logs and agents are
+	// still there.
+	t.Cleanup(func() { checkNoSecrets(t, l) })
 	return l
 }
