@@ -184,11 +184,31 @@ func ourENIs(s ecsemu.State) map[string]ecsemu.ENIState {
 }
 
 // assertNoLeak compares the cloud with the store: the same ENIs, all attached to instance, the
-// same secondary addresses, and every allocation on an address its ENI has.
+// same secondary addresses, and every allocation on an address its ENI has. A background
+// refill or reclaim pass may still be running when the test gets here, so the comparison
+// is repeated (each time with the pool's operations held off) until it holds or 10 s pass.
 func assertNoLeak(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, instance string) {
 	t.Helper()
-	// Let background refill/reclaim passes finish and hold them off while comparing.
-	time.Sleep(3 * p.opts.BatchWindow)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		probs := leaks(t, p, emu, st, instance)
+		if len(probs) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			for _, pr := range probs {
+				t.Error(pr)
+			}
+			t.FailNow()
+		}
+		time.Sleep(p.opts.BatchWindow)
+	}
+}
+
+// leaks lists what assertNoLeak finds wrong, compared while the pool's operations wait.
+func leaks(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, instance string) []string {
+	t.Helper()
+	var probs []string
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
 	cloud := ourENIs(emu.Snapshot())
@@ -202,11 +222,11 @@ func assertNoLeak(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, 
 	}
 	for id, ce := range cloud {
 		if ce.Status != aliyun.StatusInUse || ce.InstanceID != instance {
-			t.Errorf("cloud ENI %s is %s on %q: leaked (not attached to %s)", id, ce.Status, ce.InstanceID, instance)
+			probs = append(probs, fmt.Sprintf("cloud ENI %s is %s on %q: leaked (not attached to %s)", id, ce.Status, ce.InstanceID, instance))
 		}
 		se, ok := stored[id]
 		if !ok {
-			t.Errorf("cloud ENI %s (%d IPs) is not in the store: leaked", id, len(ce.IPs)-1)
+			probs = append(probs, fmt.Sprintf("cloud ENI %s (%d IPs) is not in the store: leaked", id, len(ce.IPs)-1))
 			continue
 		}
 		var want []string
@@ -220,18 +240,18 @@ func assertNoLeak(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, 
 		sort.Strings(want)
 		sort.Strings(got)
 		if fmt.Sprint(want) != fmt.Sprint(got) {
-			t.Errorf("ENI %s: cloud has secondary IPs %v, store has %v", id, want, got)
+			probs = append(probs, fmt.Sprintf("ENI %s: cloud has secondary IPs %v, store has %v", id, want, got))
 		}
 	}
 	for id := range stored {
 		if _, ok := cloud[id]; !ok {
-			t.Errorf("store ENI %s does not exist in the cloud", id)
+			probs = append(probs, fmt.Sprintf("store ENI %s does not exist in the cloud", id))
 		}
 	}
 	seen := map[netip.Addr]string{}
 	for _, a := range snap.Allocations {
 		if prev, dup := seen[a.IP]; dup {
-			t.Errorf("IP %s allocated twice: %s and %s", a.IP, prev, a.Key())
+			probs = append(probs, fmt.Sprintf("IP %s allocated twice: %s and %s", a.IP, prev, a.Key()))
 		}
 		seen[a.IP] = a.Key()
 		se, ok := stored[a.ENIID]
@@ -240,12 +260,13 @@ func assertNoLeak(t *testing.T, p *Pool, emu *ecsemu.Emulator, st *store.Store, 
 			found = found || ip == a.IP
 		}
 		if !ok || !found {
-			t.Errorf("allocation %s: IP %s not on ENI %s", a.Key(), a.IP, a.ENIID)
+			probs = append(probs, fmt.Sprintf("allocation %s: IP %s not on ENI %s", a.Key(), a.IP, a.ENIID))
 		}
 	}
 	if len(snap.Intents) != 0 {
-		t.Errorf("intents left behind: %+v", snap.Intents)
+		probs = append(probs, fmt.Sprintf("intents left behind: %+v", snap.Intents))
 	}
+	return probs
 }
 
 func TestBurstOf30DistinctBatchedAndVisibleInCloud(t *testing.T) {

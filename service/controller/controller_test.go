@@ -207,8 +207,16 @@ func TestFullMapIsReportedAndOthersKeepServing(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		vips = append(vips, netip.MustParseAddr(s.Spec.ClusterIP))
-		time.Sleep(200 * time.Millisecond) // in order, so the third is the one that does not fit
+		vip := netip.MustParseAddr(s.Spec.ClusterIP)
+		vips = append(vips, vip)
+		// In order, so the third is the one that does not fit: the next Service is created
+		// only once this one's frontend is in the map.
+		if i < 2 {
+			waitFor(t, fmt.Sprintf("service %s (%s) in the map", s.Name, vip), func() bool {
+				_, ok := backendsIn(t, d.Maps(), service.Frontend{Addr: vip, Port: 80, Proto: service.TCP})
+				return ok
+			})
+		}
 	}
 	waitFor(t, "a map-full Event on the Service that did not fit", func() bool {
 		evs, err := client.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=s2"})

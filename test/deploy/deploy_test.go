@@ -18,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/agent/api"
@@ -292,8 +293,8 @@ var wantRules = []rbacv1.PolicyRule{
 }
 
 // TestManifestsAcceptedByAPIServer starts a real kube-apiserver (RBAC on) and
-//   - dry-runs every manifest (server-side, strict field validation); the ServiceMonitor only
-//     where its CRD is served, which this control plane never does (logged as skipped);
+//   - dry-runs every manifest (server-side, strict field validation), the ServiceMonitor
+//     against the Prometheus Operator's CRD installed from testdata/crds;
 //   - applies the RBAC objects for real and asks SubjectAccessReviews as the agent's
 //     ServiceAccount: every verb the code uses is allowed, verbs it must not have are denied;
 //   - checks the ClusterRole equals wantRules exactly.
@@ -316,10 +317,7 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 	rc := cp.RestConfig()
 	warnings := &warningLog{}
 	rc.WarningHandler = warnings
-	ap, err := deploy.NewApplier(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ap := withServiceMonitorCRD(ctx, t, rc)
 	// The dry run is a real check: a DaemonSet whose selector misses its pods is refused.
 	for _, o := range objs {
 		if o.Raw.GetKind() == "DaemonSet" {
@@ -334,9 +332,6 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 	for _, o := range objs {
 		t.Run("dry-run "+o.Raw.GetKind()+"/"+o.Raw.GetName(), func(t *testing.T) {
 			if !ap.Known(o) {
-				if o.Raw.GetKind() == "ServiceMonitor" {
-					t.Skipf("%s: the monitoring.coreos.com CRD is not installed in this control plane; decoded and cross-checked only", o)
-				}
 				t.Fatalf("%s: kind not served", o)
 			}
 			if err := ap.Create(ctx, o, true); err != nil {
@@ -436,4 +431,37 @@ func rbacObjects(objs []deploy.Object) []deploy.Object {
 		}
 	}
 	return out
+}
+
+// withServiceMonitorCRD installs the ServiceMonitor CRD (testdata/crds) and returns an
+// Applier that knows the kind, once the apiserver serves it.
+func withServiceMonitorCRD(ctx context.Context, t *testing.T, rc *rest.Config) *deploy.Applier {
+	t.Helper()
+	crds, err := deploy.Load("testdata/crds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap, err := deploy.NewApplier(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range crds {
+		if err := ap.Create(ctx, c, false); err != nil {
+			t.Fatalf("install CRD: %v", err)
+		}
+	}
+	monitor := deploy.Object{Raw: &unstructured.Unstructured{}}
+	monitor.Raw.SetAPIVersion("monitoring.coreos.com/v1")
+	monitor.Raw.SetKind("ServiceMonitor")
+	// Discovery shows the kind once the CRD is established.
+	for {
+		if ap, err = deploy.NewApplier(rc); err == nil && ap.Known(monitor) {
+			return ap
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the apiserver does not serve ServiceMonitor after installing its CRD (last error %v)", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
