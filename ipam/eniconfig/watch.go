@@ -127,12 +127,14 @@ func (w *Watcher) Poll() {
 		w.log.Error("new eni_conf is invalid; keeping the previous config", zap.Error(err))
 		return
 	}
-	w.reloads.WithLabelValues("ok").Inc()
 	w.current = cfg
 	w.log.Info("eni_conf reloaded")
 	if w.onChange != nil {
 		w.onChange(cfg)
 	}
+	// Counted once the new config is applied, so that the counter tells a caller (an
+	// operator, a test) that what follows uses it.
+	w.reloads.WithLabelValues("ok").Inc()
 }
 
 func (w *Watcher) stat() (statKey, error) {

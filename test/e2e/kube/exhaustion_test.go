@@ -5,6 +5,7 @@ package kube_test
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -82,10 +83,14 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 	n := l.Node(0)
 	conf := n.ENIConf()
 	conf.VSwitches = []string{tiny, spare}
+	reloads := eniConfReloads(t, ctx, n)
 	if err := n.UpdateENIConf(conf); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond) // the agent polls eni_conf every 100 ms
+	eventually(t, 30*time.Second, "the agent applying the new eni_conf", func() (bool, string) {
+		got := eniConfReloads(t, ctx, n)
+		return got > reloads, fmt.Sprintf("%d reloads applied, %d before the change", got, reloads)
+	})
 	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "denied", Node: "node-1"}); err == nil {
 		t.Fatal("a pod got an address while the cloud refused every call")
 	}
@@ -120,4 +125,23 @@ func TestIPExhaustionIsReportedOnPodAndNode(t *testing.T) {
 		}
 		return false, "no condition"
 	})
+}
+
+// eniConfReloads is the node agent's count of eni_conf reloads it has applied.
+func eniConfReloads(t *testing.T, ctx context.Context, n *lab.Node) int {
+	t.Helper()
+	m, err := n.Client().Metrics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(m, "\n") {
+		if v, ok := strings.CutPrefix(line, `tern_eniconfig_reloads_total{result="ok"} `); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric line %q: %v", line, err)
+			}
+			return int(f)
+		}
+	}
+	return 0
 }
