@@ -54,6 +54,7 @@ check-tidy:
 test: setup check-generate check-tidy vet k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 40m ./...
 	$(MAKE) fuzz FUZZTIME=5s
+	$(MAKE) test-race
 	bash test/vmkernel/run.sh
 
 # The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so
@@ -77,10 +78,12 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) -parallel 1 ./$${t%%:*}; \
 	done
 
-# The race detector over the Go-heavy packages (~8 min on 2 cores). Not yet part of `make test`
-# (issue 13): it found one timing assumption in an ipam test on its first run.
+# The race detector over the Go-heavy packages, part of `make test`: ~8 min on 2 quiet cores,
+# 15-20 min measured with the machine shared (docs/reliability.md). The loader and the
+# namespace, lab and Kubernetes e2e suites are left out: their work is in the kernel and
+# in child processes, and under -race they would double `make test`.
 test-race:
-	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -race -count=1 ./agent/... ./ipam/... ./service/... ./endpoint/ ./internal/... ./cmd/...
+	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -race -count=1 -timeout 30m ./agent/... ./ipam/... ./service/... ./endpoint/ ./internal/... ./cmd/...
 
 test-unit:
 	$(GO) test -count=1 ./...
