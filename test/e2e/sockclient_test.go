@@ -1,0 +1,262 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/tern-net/tern/internal/nsutil"
+)
+
+// The socket hooks act on the cgroup of the process that made the socket, so a client of
+// the socket-LB tests is a process of its own: this test binary run again with
+// sockClientEnv set, started straight into a test cgroup (clone3 CLONE_INTO_CGROUP) and
+// told which network namespace to enter (fd 3). It reads one command per line on stdin
+// and answers each with one JSON line on stdout.
+
+const sockClientEnv = "TERN_E2E_SOCK_CLIENT"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(sockClientEnv) == "1" {
+		os.Exit(sockClientMain())
+	}
+	os.Exit(m.Run())
+}
+
+// sockAnswer is one command's outcome.
+type sockAnswer struct {
+	Who   string `json:"who,omitempty"`   // the backend pod that answered
+	Seen  string `json:"seen,omitempty"`  // the client address the backend saw
+	Peer  string `json:"peer,omitempty"`  // getpeername() of the client's socket, or a UDP reply's source
+	Local string `json:"local,omitempty"` // the client socket's own address
+	Err   string `json:"err,omitempty"`
+	Errno int    `json:"errno,omitempty"`
+}
+
+func sockClientMain() int {
+	var held *net.UDPConn
+	in := bufio.NewScanner(os.Stdin)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		f := strings.Fields(in.Text())
+		var a sockAnswer
+		err := nsutil.Do(netns.NsHandle(3), func() error {
+			switch f[0] {
+			case "tcp": // tcp ADDR: connect, read the greeting, report getpeername
+				a = clientTCP(f[1])
+			case "sendto": // sendto ADDR: one datagram from an unconnected socket
+				a = clientSendto(f[1])
+			case "udpconn": // udpconn ADDR: connect a UDP socket, keep it, ask once
+				if held != nil {
+					held.Close()
+				}
+				c, err := net.Dial("udp4", f[1])
+				if err != nil {
+					a = errAnswer(err)
+					return nil
+				}
+				held = c.(*net.UDPConn)
+				a = askHeld(held)
+			case "udpheld": // udpheld: ask again on the kept socket
+				a = askHeld(held)
+			default:
+				a.Err = "unknown command " + f[0]
+			}
+			return nil
+		})
+		if err != nil {
+			a = errAnswer(err)
+		}
+		if err := out.Encode(a); err != nil {
+			return 1
+		}
+	}
+	return 0
+}
+
+func errAnswer(err error) sockAnswer {
+	a := sockAnswer{Err: err.Error()}
+	var en syscall.Errno
+	if errors.As(err, &en) {
+		a.Errno = int(en)
+	}
+	return a
+}
+
+func peerOf(c syscall.Conn) string {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err.Error()
+	}
+	var peer string
+	rc.Control(func(fd uintptr) {
+		sa, err := unix.Getpeername(int(fd))
+		if err != nil {
+			peer = err.Error()
+			return
+		}
+		if in4, ok := sa.(*unix.SockaddrInet4); ok {
+			peer = netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)).String()
+		}
+	})
+	return peer
+}
+
+func clientTCP(addr string) sockAnswer {
+	d := net.Dialer{Timeout: 3 * time.Second}
+	c, err := d.Dial("tcp4", addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return errAnswer(fmt.Errorf("read greeting: %w", err))
+	}
+	a := greeting(line)
+	a.Peer = peerOf(c.(*net.TCPConn))
+	a.Local = c.LocalAddr().String()
+	return a
+}
+
+func greeting(s string) sockAnswer {
+	f := strings.Fields(s)
+	a := sockAnswer{}
+	if len(f) > 0 {
+		a.Who = f[0]
+	}
+	if len(f) > 1 {
+		a.Seen = f[1]
+	}
+	return a
+}
+
+func clientSendto(addr string) sockAnswer {
+	to, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	c, err := net.ListenUDP("udp4", nil)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteToUDPAddrPort([]byte("who"), to); err != nil {
+		return errAnswer(err)
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 1500)
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return errAnswer(err)
+	}
+	a := greeting(string(buf[:n]))
+	a.Peer = from.String()
+	a.Local = c.LocalAddr().String()
+	return a
+}
+
+func askHeld(c *net.UDPConn) sockAnswer {
+	if c == nil {
+		return sockAnswer{Err: "no UDP socket held"}
+	}
+	if _, err := c.Write([]byte("who")); err != nil {
+		return errAnswer(err)
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 1500)
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return errAnswer(err)
+	}
+	a := greeting(string(buf[:n]))
+	a.Peer = from.String()
+	a.Local = c.LocalAddr().String()
+	return a
+}
+
+// sockClient is a running client process.
+type sockClient struct {
+	t   *testing.T
+	in  io.WriteCloser
+	out *bufio.Scanner
+}
+
+// startSockClient starts a client process in cgroup (a cgroup v2 directory) and network
+// namespace ns. It is stopped when the test ends.
+func startSockClient(t *testing.T, ns netns.NsHandle, cgroup string) *sockClient {
+	t.Helper()
+	nsfd, err := unix.Dup(int(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsFile := os.NewFile(uintptr(nsfd), "netns")
+	defer nsFile.Close()
+	cg, err := os.Open(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), sockClientEnv+"=1")
+	cmd.ExtraFiles = []*os.File{nsFile}
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start a client process in cgroup %s: %v", cgroup, err)
+	}
+	t.Cleanup(func() {
+		in.Close()
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("client process in %s: %v", cgroup, err)
+		}
+	})
+	return &sockClient{t: t, in: in, out: bufio.NewScanner(out)}
+}
+
+func (c *sockClient) do(cmd string) sockAnswer {
+	c.t.Helper()
+	if _, err := fmt.Fprintln(c.in, cmd); err != nil {
+		c.t.Fatalf("send %q to the client process: %v", cmd, err)
+	}
+	if !c.out.Scan() {
+		c.t.Fatalf("client process gave no answer to %q: %v", cmd, c.out.Err())
+	}
+	var a sockAnswer
+	if err := json.Unmarshal(c.out.Bytes(), &a); err != nil {
+		c.t.Fatalf("answer to %q: %v (%s)", cmd, err, c.out.Bytes())
+	}
+	return a
+}
+
+// ok runs cmd and fails the test on an error answer.
+func (c *sockClient) ok(cmd string) sockAnswer {
+	c.t.Helper()
+	a := c.do(cmd)
+	if a.Err != "" {
+		c.t.Fatalf("%s: %s", cmd, a.Err)
+	}
+	return a
+}
