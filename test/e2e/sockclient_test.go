@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -44,6 +45,7 @@ type sockAnswer struct {
 	Local string `json:"local,omitempty"` // the client socket's own address
 	Err   string `json:"err,omitempty"`
 	Errno int    `json:"errno,omitempty"`
+	Nanos int64  `json:"nanos,omitempty"` // connloop: time taken
 }
 
 func sockClientMain() int {
@@ -72,6 +74,9 @@ func sockClientMain() int {
 				a = askHeld(held)
 			case "udpheld": // udpheld: ask again on the kept socket
 				a = askHeld(held)
+			case "connloop": // connloop ADDR N: N connect()+close(), timed
+				n, _ := strconv.Atoi(f[2])
+				a = connLoop(f[1], n)
 			default:
 				a.Err = "unknown command " + f[0]
 			}
@@ -170,6 +175,23 @@ func clientSendto(addr string) sockAnswer {
 	return a
 }
 
+func connLoop(addr string, n int) sockAnswer {
+	to, err := net.ResolveTCPAddr("tcp4", addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	start := time.Now()
+	for range n {
+		c, err := net.DialTCP("tcp4", nil, to)
+		if err != nil {
+			return errAnswer(err)
+		}
+		c.SetLinger(0) // RST on close: no TIME_WAIT piles up over a long loop
+		c.Close()
+	}
+	return sockAnswer{Nanos: time.Since(start).Nanoseconds()}
+}
+
 func askHeld(c *net.UDPConn) sockAnswer {
 	if c == nil {
 		return sockAnswer{Err: "no UDP socket held"}
@@ -191,14 +213,14 @@ func askHeld(c *net.UDPConn) sockAnswer {
 
 // sockClient is a running client process.
 type sockClient struct {
-	t   *testing.T
+	t   testing.TB
 	in  io.WriteCloser
 	out *bufio.Scanner
 }
 
 // startSockClient starts a client process in cgroup (a cgroup v2 directory) and network
 // namespace ns. It is stopped when the test ends.
-func startSockClient(t *testing.T, ns netns.NsHandle, cgroup string) *sockClient {
+func startSockClient(t testing.TB, ns netns.NsHandle, cgroup string) *sockClient {
 	t.Helper()
 	nsfd, err := unix.Dup(int(ns))
 	if err != nil {

@@ -24,7 +24,7 @@ import (
 // newTestCgroups makes <cgroup v2 root>/tern-test-<random>/{in,out} and removes them when
 // the test ends (after its client processes, whose cleanups run first). Only "in" gets
 // the socket hooks.
-func newTestCgroups(t *testing.T) (in, out string) {
+func newTestCgroups(t testing.TB) (in, out string) {
 	t.Helper()
 	root, err := loader.CgroupV2Root()
 	if err != nil {
@@ -51,7 +51,7 @@ func newTestCgroups(t *testing.T) (in, out string) {
 
 // serveSeen starts TCP and UDP servers in the pod that greet with "<pod name> <the client
 // address they saw>".
-func (p *podNS) serveSeen(t *testing.T, port int) {
+func (p *podNS) serveSeen(t testing.TB, port int) {
 	t.Helper()
 	var (
 		tl net.Listener
