@@ -43,8 +43,8 @@ struct sock_revnat_value {
 };
 
 /* tern_sock_revnat: key sock_revnat_key (socket cookie, backend address, port), value
- * sock_revnat_value (frontend address, port, service id). Size from the loader (default
- * 262144, as Cilium's LB4_REVERSE_NAT_SK_MAP); LRU: entries are never deleted, a closed
+ * sock_revnat_value (frontend address, port, service id). Size 262144, as Cilium's
+ * LB4_REVERSE_NAT_SK_MAP; LRU: entries are never deleted, a closed
  * socket's entry ages out (cookies are never reused within a boot, so a stale entry matches
  * nothing). An evicted live entry makes recvmsg()/getpeername() show the backend. Writer:
  * connect4 and sendmsg4 (sock.c). Readers: recvmsg4 and getpeername4, and the UDP destroy
