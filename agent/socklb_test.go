@@ -46,7 +46,11 @@ func TestStartSockLB(t *testing.T) {
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.Remove(cg) })
+	t.Cleanup(func() {
+		if err := os.Remove(cg); err != nil {
+			t.Errorf("remove test cgroup: %v", err)
+		}
+	})
 	fi, err := os.Stat(cg)
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/sockclient"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
@@ -47,11 +48,11 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 	if err := r.Apply(desired.Lookup, []service.Frontend{web}); err != nil {
 		b.Fatal(err)
 	}
-	cin := startSockClient(b, client.ns, in)
-	cout := startSockClient(b, client.ns, out)
+	cin := sockclient.Start(b, client.ns, in)
+	cout := sockclient.Start(b, client.ns, out)
 	for _, c := range []struct {
 		name string
-		cl   *sockClient
+		cl   *sockclient.Client
 		addr string
 	}{
 		// direct first: a plain flow reusing the wire tuple of a tc-path service flow that
@@ -62,7 +63,7 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 		{"tc-path", cout, "10.96.0.10:80"},
 	} {
 		b.Run(c.name, func(b *testing.B) {
-			a := c.cl.ok(fmt.Sprintf("connloop %s %d", c.addr, b.N))
+			a := c.cl.OK(fmt.Sprintf("connloop %s %d", c.addr, b.N))
 			b.ReportMetric(float64(b.N)/(time.Duration(a.Nanos).Seconds()), "connects/s")
 			b.ReportMetric(float64(a.Nanos)/float64(b.N), "ns/connect")
 		})

@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/sockclient"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
@@ -157,15 +158,15 @@ func TestSocketLB(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := d.Maps()
-	cin := startSockClient(t, client.ns, in)
-	cout := startSockClient(t, client.ns, out)
+	cin := sockclient.Start(t, client.ns, in)
+	cout := sockclient.Start(t, client.ns, out)
 
 	t.Run("tcp connect in the cgroup", func(t *testing.T) {
 		before := counters(t, m)
 		seen := map[string]int{}
 		const n = 20
 		for range n {
-			a := cin.ok("tcp 10.96.0.10:80")
+			a := cin.OK("tcp 10.96.0.10:80")
 			if a.Peer != "10.96.0.10:80" {
 				t.Fatalf("getpeername gave %s, want the VIP 10.96.0.10:80", a.Peer)
 			}
@@ -199,7 +200,7 @@ func TestSocketLB(t *testing.T) {
 		seen := map[string]int{}
 		const n = 20
 		for range n {
-			a := cin.ok("sendto 10.96.0.10:53")
+			a := cin.OK("sendto 10.96.0.10:53")
 			if a.Peer != "10.96.0.10:53" {
 				t.Fatalf("reply came from %s, want the VIP 10.96.0.10:53", a.Peer)
 			}
@@ -222,7 +223,7 @@ func TestSocketLB(t *testing.T) {
 	})
 
 	t.Run("no endpoints", func(t *testing.T) {
-		a := cin.do("tcp 10.96.0.11:80")
+		a := cin.Do("tcp 10.96.0.11:80")
 		if a.Errno != int(syscall.ECONNREFUSED) {
 			t.Fatalf("connect to a Service without endpoints: %+v, want ECONNREFUSED", a)
 		}
@@ -230,7 +231,7 @@ func TestSocketLB(t *testing.T) {
 
 	t.Run("outside the cgroup", func(t *testing.T) {
 		before := counters(t, m)
-		a := cout.ok("tcp 10.96.0.10:80")
+		a := cout.OK("tcp 10.96.0.10:80")
 		after := counters(t, m)
 		if a.Peer != "10.96.0.10:80" || (a.Who != "b1" && a.Who != "b2") {
 			t.Fatalf("outside the cgroup: %+v", a)
@@ -245,15 +246,15 @@ func TestSocketLB(t *testing.T) {
 	})
 
 	t.Run("host-network process", func(t *testing.T) {
-		host := startSockClient(t, lab.node, in)
-		a := host.ok("tcp 10.96.0.10:80")
+		host := sockclient.Start(t, lab.node, in)
+		a := host.OK("tcp 10.96.0.10:80")
 		if a.Peer != "10.96.0.10:80" || (a.Who != "b1" && a.Who != "b2") {
 			t.Fatalf("host-network client: %+v", a)
 		}
 		if a.Seen != a.Local {
 			t.Fatalf("backend saw %s, the node's socket is %s", a.Seen, a.Local)
 		}
-		u := host.ok("sendto 10.96.0.10:53")
+		u := host.OK("sendto 10.96.0.10:53")
 		if u.Peer != "10.96.0.10:53" {
 			t.Fatalf("host-network UDP reply from %s", u.Peer)
 		}
@@ -261,7 +262,7 @@ func TestSocketLB(t *testing.T) {
 	})
 
 	t.Run("connected udp on a removed backend", func(t *testing.T) {
-		first := cin.ok("udpconn 10.96.0.10:53")
+		first := cin.OK("udpconn 10.96.0.10:53")
 		if first.Peer != "10.96.0.10:53" {
 			t.Fatalf("connected UDP reply from %s, want the VIP", first.Peer)
 		}
@@ -273,7 +274,7 @@ func TestSocketLB(t *testing.T) {
 		}
 		// The problem: the socket is connected to the backend itself; nothing per packet
 		// can move it, and it still reaches the removed (still running) pod.
-		if a := cin.ok("udpheld"); a.Who != first.Who {
+		if a := cin.OK("udpheld"); a.Who != first.Who {
 			t.Fatalf("before the destroy pass the held socket was answered by %s", a.Who)
 		}
 		before := counters(t, m)
@@ -291,11 +292,11 @@ func TestSocketLB(t *testing.T) {
 		if got := delta(counters(t, m), before, loader.ReasonSockDestroy, loader.DirSock); got != 1 {
 			t.Fatalf("sock_destroy counted %d", got)
 		}
-		a := cin.do("udpheld")
+		a := cin.Do("udpheld")
 		if a.Errno != int(syscall.ECONNABORTED) && a.Errno != int(syscall.EDESTADDRREQ) {
 			t.Fatalf("the destroyed socket answered %+v, want ECONNABORTED", a)
 		}
-		again := cin.ok("udpconn 10.96.0.10:53")
+		again := cin.OK("udpconn 10.96.0.10:53")
 		if again.Who != keep || again.Peer != "10.96.0.10:53" {
 			t.Fatalf("a new socket after the destroy: %+v, want %s through the VIP", again, keep)
 		}
@@ -327,7 +328,7 @@ func TestSocketLB(t *testing.T) {
 					h, id.link, id.prog, after[h].link, after[h].prog)
 			}
 		}
-		if a := cin.ok("tcp 10.96.0.10:80"); a.Peer != "10.96.0.10:80" {
+		if a := cin.OK("tcp 10.96.0.10:80"); a.Peer != "10.96.0.10:80" {
 			t.Fatalf("after the swap: %+v", a)
 		}
 	})
@@ -337,7 +338,7 @@ func TestSocketLB(t *testing.T) {
 			t.Fatal(err)
 		}
 		before := counters(t, m)
-		if a := cin.ok("tcp 10.96.0.10:80"); a.Peer != "10.96.0.10:80" {
+		if a := cin.OK("tcp 10.96.0.10:80"); a.Peer != "10.96.0.10:80" {
 			t.Fatalf("after detach: %+v", a)
 		}
 		after := counters(t, m)
@@ -374,4 +375,9 @@ func loadPinnedLinkInfo(pin string) (linkProg, error) {
 		return linkProg{}, err
 	}
 	return linkProg{link: uint32(info.ID), prog: uint32(info.Program)}, nil
+}
+
+func TestMain(m *testing.M) {
+	sockclient.MaybeRun()
+	os.Exit(m.Run())
 }

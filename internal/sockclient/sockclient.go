@@ -1,4 +1,10 @@
-package e2e
+// Package sockclient is a client process for socket-LB tests. The cgroup socket hooks act on
+// the cgroup of the process that made the socket, so a test client must be a process of its
+// own: the test binary run again with Env set (the test package's TestMain calls
+// MaybeRun), started straight into a cgroup (clone3 CLONE_INTO_CGROUP) and told which
+// network namespace to enter (fd 3). It reads one command per line on stdin and answers each
+// with one JSON line on stdout.
+package sockclient
 
 import (
 	"bufio"
@@ -22,23 +28,18 @@ import (
 	"github.com/tern-net/tern/internal/nsutil"
 )
 
-// The socket hooks act on the cgroup of the process that made the socket, so a client of
-// the socket-LB tests is a process of its own: this test binary run again with
-// sockClientEnv set, started straight into a test cgroup (clone3 CLONE_INTO_CGROUP) and
-// told which network namespace to enter (fd 3). It reads one command per line on stdin
-// and answers each with one JSON line on stdout.
+// Env marks the client process.
+const Env = "TERN_SOCK_CLIENT"
 
-const sockClientEnv = "TERN_E2E_SOCK_CLIENT"
-
-func TestMain(m *testing.M) {
-	if os.Getenv(sockClientEnv) == "1" {
-		os.Exit(sockClientMain())
+// MaybeRun runs the client and exits when this process is one; call it first in TestMain.
+func MaybeRun() {
+	if os.Getenv(Env) == "1" {
+		os.Exit(clientMain())
 	}
-	os.Exit(m.Run())
 }
 
-// sockAnswer is one command's outcome.
-type sockAnswer struct {
+// Answer is one command's outcome.
+type Answer struct {
 	Who   string `json:"who,omitempty"`   // the backend pod that answered
 	Seen  string `json:"seen,omitempty"`  // the client address the backend saw
 	Peer  string `json:"peer,omitempty"`  // getpeername() of the client's socket, or a UDP reply's source
@@ -48,13 +49,13 @@ type sockAnswer struct {
 	Nanos int64  `json:"nanos,omitempty"` // connloop: time taken
 }
 
-func sockClientMain() int {
+func clientMain() int {
 	var held *net.UDPConn
 	in := bufio.NewScanner(os.Stdin)
 	out := json.NewEncoder(os.Stdout)
 	for in.Scan() {
 		f := strings.Fields(in.Text())
-		var a sockAnswer
+		var a Answer
 		err := nsutil.Do(netns.NsHandle(3), func() error {
 			switch f[0] {
 			case "tcp": // tcp ADDR: connect, read the greeting, report getpeername
@@ -92,8 +93,8 @@ func sockClientMain() int {
 	return 0
 }
 
-func errAnswer(err error) sockAnswer {
-	a := sockAnswer{Err: err.Error()}
+func errAnswer(err error) Answer {
+	a := Answer{Err: err.Error()}
 	var en syscall.Errno
 	if errors.As(err, &en) {
 		a.Errno = int(en)
@@ -120,7 +121,7 @@ func peerOf(c syscall.Conn) string {
 	return peer
 }
 
-func clientTCP(addr string) sockAnswer {
+func clientTCP(addr string) Answer {
 	d := net.Dialer{Timeout: 3 * time.Second}
 	c, err := d.Dial("tcp4", addr)
 	if err != nil {
@@ -138,9 +139,9 @@ func clientTCP(addr string) sockAnswer {
 	return a
 }
 
-func greeting(s string) sockAnswer {
+func greeting(s string) Answer {
 	f := strings.Fields(s)
-	a := sockAnswer{}
+	a := Answer{}
 	if len(f) > 0 {
 		a.Who = f[0]
 	}
@@ -150,7 +151,7 @@ func greeting(s string) sockAnswer {
 	return a
 }
 
-func clientSendto(addr string) sockAnswer {
+func clientSendto(addr string) Answer {
 	to, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return errAnswer(err)
@@ -175,7 +176,7 @@ func clientSendto(addr string) sockAnswer {
 	return a
 }
 
-func connLoop(addr string, n int) sockAnswer {
+func connLoop(addr string, n int) Answer {
 	to, err := net.ResolveTCPAddr("tcp4", addr)
 	if err != nil {
 		return errAnswer(err)
@@ -189,12 +190,12 @@ func connLoop(addr string, n int) sockAnswer {
 		c.SetLinger(0) // RST on close: no TIME_WAIT piles up over a long loop
 		c.Close()
 	}
-	return sockAnswer{Nanos: time.Since(start).Nanoseconds()}
+	return Answer{Nanos: time.Since(start).Nanoseconds()}
 }
 
-func askHeld(c *net.UDPConn) sockAnswer {
+func askHeld(c *net.UDPConn) Answer {
 	if c == nil {
-		return sockAnswer{Err: "no UDP socket held"}
+		return Answer{Err: "no UDP socket held"}
 	}
 	if _, err := c.Write([]byte("who")); err != nil {
 		return errAnswer(err)
@@ -211,16 +212,19 @@ func askHeld(c *net.UDPConn) sockAnswer {
 	return a
 }
 
-// sockClient is a running client process.
-type sockClient struct {
+// Client is a running client process. Commands: "tcp ADDR" (connect, read a greeting line
+// "<who> <address the server saw>", report getpeername), "sendto ADDR" (one datagram from an
+// unconnected socket), "udpconn ADDR" (connect a UDP socket, keep it, ask once), "udpheld"
+// (ask again on it), "connloop ADDR N" (N connect()+close(), timed).
+type Client struct {
 	t   testing.TB
 	in  io.WriteCloser
 	out *bufio.Scanner
 }
 
-// startSockClient starts a client process in cgroup (a cgroup v2 directory) and network
+// Start starts a client process in cgroup (a cgroup v2 directory) and network
 // namespace ns. It is stopped when the test ends.
-func startSockClient(t testing.TB, ns netns.NsHandle, cgroup string) *sockClient {
+func Start(t testing.TB, ns netns.NsHandle, cgroup string) *Client {
 	t.Helper()
 	nsfd, err := unix.Dup(int(ns))
 	if err != nil {
@@ -234,7 +238,7 @@ func startSockClient(t testing.TB, ns netns.NsHandle, cgroup string) *sockClient
 	}
 	defer cg.Close()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), sockClientEnv+"=1")
+	cmd.Env = append(os.Environ(), Env+"=1")
 	cmd.ExtraFiles = []*os.File{nsFile}
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	cmd.Stderr = os.Stderr
@@ -255,10 +259,10 @@ func startSockClient(t testing.TB, ns netns.NsHandle, cgroup string) *sockClient
 			t.Errorf("client process in %s: %v", cgroup, err)
 		}
 	})
-	return &sockClient{t: t, in: in, out: bufio.NewScanner(out)}
+	return &Client{t: t, in: in, out: bufio.NewScanner(out)}
 }
 
-func (c *sockClient) do(cmd string) sockAnswer {
+func (c *Client) Do(cmd string) Answer {
 	c.t.Helper()
 	if _, err := fmt.Fprintln(c.in, cmd); err != nil {
 		c.t.Fatalf("send %q to the client process: %v", cmd, err)
@@ -266,17 +270,17 @@ func (c *sockClient) do(cmd string) sockAnswer {
 	if !c.out.Scan() {
 		c.t.Fatalf("client process gave no answer to %q: %v", cmd, c.out.Err())
 	}
-	var a sockAnswer
+	var a Answer
 	if err := json.Unmarshal(c.out.Bytes(), &a); err != nil {
 		c.t.Fatalf("answer to %q: %v (%s)", cmd, err, c.out.Bytes())
 	}
 	return a
 }
 
-// ok runs cmd and fails the test on an error answer.
-func (c *sockClient) ok(cmd string) sockAnswer {
+// OK runs cmd and fails the test on an error answer.
+func (c *Client) OK(cmd string) Answer {
 	c.t.Helper()
-	a := c.do(cmd)
+	a := c.Do(cmd)
 	if a.Err != "" {
 		c.t.Fatalf("%s: %s", cmd, a.Err)
 	}
