@@ -101,4 +101,3 @@ func sockConnects(t *testing.T, n *lab.Node) uint64 {
 	}
 	return tot[loader.MetricsKey{Reason: loader.ReasonSockConnect, Dir: loader.DirSock}].Packets
 }
-
