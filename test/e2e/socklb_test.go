@@ -3,6 +3,7 @@ package e2e
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/tern-net/tern/internal/nsutil"
@@ -283,6 +285,21 @@ func TestSocketLB(t *testing.T) {
 			destroyed, err = sock.DestroyStaleUDP()
 			return err
 		})
+		if !st.UDPDestroy {
+			// The documented fallback (Linux < 6.5): nothing is destroyed, and the socket
+			// keeps its removed backend until the application reconnects.
+			if !errors.Is(err, ebpf.ErrNotSupported) {
+				t.Fatalf("without bpf_sock_destroy: %v, want ErrNotSupported", err)
+			}
+			if a := cin.OK("udpheld"); a.Who != first.Who {
+				t.Fatalf("without destroy the held socket moved to %s", a.Who)
+			}
+			if again := cin.OK("udpconn 10.96.0.10:53"); again.Who != keep {
+				t.Fatalf("a reconnect went to %s, want %s", again.Who, keep)
+			}
+			t.Logf("kernel without bpf_sock_destroy (%s): the socket stayed on %s until it reconnected", st.DestroyUnsupported, first.Who)
+			return
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
