@@ -53,11 +53,14 @@ type sockHookDef struct {
 	attach ebpf.AttachType
 }
 
-var sockHookDefs = [...]sockHookDef{
-	{SockConnect4, SockProgTernSockConnect4, ebpf.AttachCGroupInet4Connect},
-	{SockSendmsg4, SockProgTernSockSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-	{SockRecvmsg4, SockProgTernSockRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-	{SockGetpeername4, SockProgTernSockGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+// sockHookDefs lists the hooks, their programs and attach types.
+func sockHookDefs() [4]sockHookDef {
+	return [...]sockHookDef{
+		{SockConnect4, SockProgTernSockConnect4, ebpf.AttachCGroupInet4Connect},
+		{SockSendmsg4, SockProgTernSockSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{SockRecvmsg4, SockProgTernSockRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{SockGetpeername4, SockProgTernSockGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+	}
 }
 
 // SockStatus says what socket-level load balancing does on this node.
@@ -108,7 +111,7 @@ func probeSockHook(at ebpf.AttachType) error {
 func (d *Datapath) LoadSock() (*SockLB, error) {
 	st := SockStatus{Missing: map[SockHook]string{}}
 	have := map[SockHook]bool{}
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		if err := probeSockHook(h.attach); err != nil {
 			st.Missing[h.hook] = err.Error()
 			continue
@@ -138,7 +141,7 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 		return nil, fmt.Errorf("set load-time variable %s: %w", SockVarCFG_SOCK_HAVE_SET_RETVAL, err)
 	}
 	destroySpec := spec.Copy()
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		if !have[h.hook] {
 			delete(spec.Programs, h.prog)
 		}
@@ -169,7 +172,7 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 		return nil, fmt.Errorf("load sock programs (pin root %s): %w", d.cfg.PinRoot, err)
 	}
 	s := &SockLB{pinRoot: d.cfg.PinRoot, log: d.cfg.Logger, coll: coll, progs: map[SockHook]*ebpf.Program{}}
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		if have[h.hook] {
 			s.progs[h.hook] = coll.Programs[h.prog]
 			st.Hooks = append(st.Hooks, h.hook)
@@ -264,7 +267,7 @@ func (s *SockLB) Attach(cgroup string) error {
 	if err := os.MkdirAll(filepath.Join(s.pinRoot, "links"), 0o700); err != nil {
 		return fmt.Errorf("create link pin directory under %s: %w", s.pinRoot, err)
 	}
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		prog := s.progs[h.hook]
 		pin := sockLinkPin(s.pinRoot, h.hook)
 		if prog == nil {
@@ -348,7 +351,7 @@ func unpinLink(pin string) error {
 // until they close.
 func DetachSock(root string) error {
 	var errs []error
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		errs = append(errs, unpinLink(sockLinkPin(root, h.hook)))
 	}
 	return errors.Join(errs...)
@@ -357,7 +360,7 @@ func DetachSock(root string) error {
 // SockAttached lists the hooks with a live link pinned under root, and the cgroup id they
 // are attached to (0 if none).
 func SockAttached(root string) (hooks []SockHook, cgroupID uint64) {
-	for _, h := range sockHookDefs {
+	for _, h := range sockHookDefs() {
 		l, err := link.LoadPinnedLink(sockLinkPin(root, h.hook), nil)
 		if err != nil {
 			continue
