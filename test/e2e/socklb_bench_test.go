@@ -57,7 +57,7 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 	}{
 		// direct first: a plain flow reusing the wire tuple of a tc-path service flow that
 		// is still in tern_conntrack (closing) has its replies reverse-translated to the
-		// VIP and stalls on a SYN retransmit (a tc-path limitation, see docs/socket-lb.md).
+		// VIP and stalls on a SYN retransmit (docs/socket-lb.md, known limits).
 		{"direct", cout, "10.0.1.21:8080"}, // to one backend's address: no Service at all
 		{"socket-lb", cin, "10.96.0.10:80"},
 		{"tc-path", cout, "10.96.0.10:80"},
