@@ -42,13 +42,18 @@ func TestStartSockLB(t *testing.T) {
 	}
 	var b [6]byte
 	rand.Read(b[:])
-	cg := filepath.Join(root, "tern-test-"+hex.EncodeToString(b[:]))
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		t.Fatal(err)
+	parent := filepath.Join(root, "tern-test-"+hex.EncodeToString(b[:]))
+	cg := filepath.Join(parent, "agent")
+	for _, d := range []string{parent, cg} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(func() {
-		if err := os.Remove(cg); err != nil {
-			t.Errorf("remove test cgroup: %v", err)
+		for _, d := range []string{cg, parent} {
+			if err := os.Remove(d); err != nil {
+				t.Errorf("remove test cgroup: %v", err)
+			}
 		}
 	})
 	fi, err := os.Stat(cg)
