@@ -5,6 +5,7 @@ package lab_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"path/filepath"
 	"testing"
 	"time"
@@ -36,6 +37,7 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "echo"},
 		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"}, Ports: []corev1.ServicePort{
 			{Name: "echo", Port: 7, TargetPort: intstr.FromInt32(7777), Protocol: corev1.ProtocolTCP},
+			{Name: "dns", Port: 53, TargetPort: intstr.FromInt32(5353), Protocol: corev1.ProtocolUDP},
 		}},
 	}, metav1.CreateOptions{})
 	if err != nil {
@@ -43,13 +45,16 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	}
 	vip := svc.Spec.ClusterIP
 	want := map[string]bool{}
+	pods := map[string]*lab.Pod{}
 	for i := range 2 {
 		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("echo-%d", i), Node: l.Node(i).Name,
 			Labels: map[string]string{"app": "echo"}, ServePort: 7777})
 		if err != nil {
 			t.Fatal(err)
 		}
-		want[ns+"/"+p.Name] = true
+		want[p.Key()] = true
+		pods[p.Key()] = p
+		serveUDP(t, p, 5353)
 	}
 
 	node := l.Node(0)
@@ -85,10 +90,72 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 		t.Fatalf("the socket hooks of %s counted %d connects, the client made %d", node.Name, got, total)
 	}
 	t.Logf("host-network process on %s reached %v through %s:7; getpeername showed the ClusterIP", node.Name, seen, vip)
+
+	// A connected UDP socket of the host-network process; its backend then leaves the
+	// Service (not ready) while the pod keeps answering. The agent's reconciler removes it,
+	// and its destroy pass must find the socket in the node's namespace.
+	first := host.OK("udpconn " + vip + ":53")
+	if first.Peer != vip+":53" || !want[first.Who] {
+		t.Fatalf("connected UDP through the ClusterIP: %+v", first)
+	}
+	if err := l.SetPodReady(ctx, pods[first.Who], false); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		a := host.Do("udpheld")
+		if a.Err != "" {
+			t.Logf("after %s left the Service the held socket failed: %s", first.Who, a.Err)
+			break
+		}
+		if a.Who != first.Who {
+			t.Fatalf("the held socket was answered by %s, it is connected to %s", a.Who, first.Who)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30s after %s became not ready its connected UDP socket still reaches it", first.Who)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	again := host.OK("udpconn " + vip + ":53")
+	if again.Who == first.Who || !want[again.Who] || again.Peer != vip+":53" {
+		t.Fatalf("a new socket after the destroy: %+v (the removed backend is %s)", again, first.Who)
+	}
+	if got := sockCounter(t, node, loader.ReasonSockDestroy); got == 0 {
+		t.Fatal("the destroy was not counted as sock_destroy")
+	}
 }
 
-// sockConnects reads the node's sock_connect counter from its pinned tern_metrics.
+// serveUDP answers every datagram to port inside the pod with the pod's namespace/name.
+func serveUDP(t *testing.T, p *lab.Pod, port int) {
+	t.Helper()
+	var c net.PacketConn
+	if err := p.Exec(func() (err error) {
+		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { c.Close(); <-done })
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		for {
+			_, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			c.WriteTo([]byte(p.Key()), from)
+		}
+	}()
+}
+
 func sockConnects(t *testing.T, n *lab.Node) uint64 {
+	return sockCounter(t, n, loader.ReasonSockConnect)
+}
+
+// sockCounter reads one of the node's sock-direction counters from its pinned tern_metrics.
+func sockCounter(t *testing.T, n *lab.Node, r loader.Reason) uint64 {
 	t.Helper()
 	m, err := ebpf.LoadPinnedMap(filepath.Join(n.PinRoot(), loader.PodMapTernMetrics), nil)
 	if err != nil {
@@ -99,5 +166,5 @@ func sockConnects(t *testing.T, n *lab.Node) uint64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return tot[loader.MetricsKey{Reason: loader.ReasonSockConnect, Dir: loader.DirSock}].Packets
+	return tot[loader.MetricsKey{Reason: r, Dir: loader.DirSock}].Packets
 }
