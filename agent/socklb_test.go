@@ -81,8 +81,8 @@ func TestStartSockLB(t *testing.T) {
 		t.Fatal("after stop the reconciler still gets the watching maps")
 	}
 	hooks, got := loader.SockAttached(dp.Config().PinRoot)
-	if len(hooks) != 4 || got != id {
-		t.Fatalf("after the agent stopped: hooks %v on cgroup %d, want 4 on %d (they outlive the agent)", hooks, got, id)
+	if len(hooks) != 8 || got != id {
+		t.Fatalf("after the agent stopped: hooks %v on cgroup %d, want 8 on %d (they outlive the agent)", hooks, got, id)
 	}
 
 	off, err := New(Config{NodeName: "n1"}, nil)

@@ -6,6 +6,7 @@
  *   tern_sock_sendmsg4      sendto():       frontend? -> backend (unconnected UDP)
  *   tern_sock_recvmsg4      recvfrom():     backend given to this socket -> frontend
  *   tern_sock_getpeername4  getpeername():  backend given to this socket -> frontend
+ *   tern_sock_*6            the same for IPv6 sockets' v4-mapped addresses (::ffff:VIP)
  *   tern_sock_destroy_udp   (iter/udp, run by the agent after a backend leaves)
  *                           connected UDP socket on a removed backend -> bpf_sock_destroy
  *
@@ -22,25 +23,50 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 SEC("cgroup/connect4")
 int tern_sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock_xlate_fwd(ctx, REASON_SOCK_CONNECT);
+	return sock4_xlate_fwd(ctx, REASON_SOCK_CONNECT);
 }
 
 SEC("cgroup/sendmsg4")
 int tern_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock_xlate_fwd(ctx, REASON_SOCK_SENDMSG);
+	return sock4_xlate_fwd(ctx, REASON_SOCK_SENDMSG);
 }
 
 SEC("cgroup/recvmsg4")
 int tern_sock_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock_xlate_rev(ctx);
+	return sock4_xlate_rev(ctx);
 }
 
 SEC("cgroup/getpeername4")
 int tern_sock_getpeername4(struct bpf_sock_addr *ctx)
 {
-	return sock_xlate_rev(ctx);
+	return sock4_xlate_rev(ctx);
+}
+
+/* The same for IPv6 sockets, for their v4-mapped destinations only. */
+SEC("cgroup/connect6")
+int tern_sock_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_fwd(ctx, REASON_SOCK_CONNECT);
+}
+
+SEC("cgroup/sendmsg6")
+int tern_sock_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_fwd(ctx, REASON_SOCK_SENDMSG);
+}
+
+SEC("cgroup/recvmsg6")
+int tern_sock_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_rev(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int tern_sock_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_rev(ctx);
 }
 
 /* Linux 6.5+. The loader loads this program on its own, so a kernel without the kfunc

@@ -9,9 +9,10 @@ package loader
 //
 // What the kernel lacks is probed, never assumed:
 //   - connect4 missing: no socket LB at all; the tc path serves pods as before.
-//   - recvmsg4 missing: UDP is not translated at the socket (replies would show the
-//     backend's address); the tc path keeps translating pods' UDP.
-//   - getpeername4 missing: TCP is translated, getpeername() shows the backend.
+//   - recvmsg4 (or recvmsg6, where connect6 exists) missing: UDP is not translated at the
+//     socket (replies would show the backend's address); the tc path keeps translating pods' UDP.
+//   - getpeername4/6 missing: TCP is translated, getpeername() shows the backend.
+//   - connect6 and friends missing: dual-stack sockets' v4-mapped connects are not translated.
 //   - bpf_link for cgroups missing (Linux < 5.7): no socket LB (a prog-attach could not be
 //     replaced atomically nor found again by a restarted agent).
 //   - bpf_sock_destroy missing (Linux < 6.5): connected UDP sockets on a removed backend are
@@ -45,6 +46,12 @@ const (
 	SockSendmsg4     SockHook = "sendmsg4"
 	SockRecvmsg4     SockHook = "recvmsg4"
 	SockGetpeername4 SockHook = "getpeername4"
+	// The IPv6 hooks translate only v4-mapped destinations (::ffff:VIP), for dual-stack
+	// applications; each came in the same kernel release as its IPv4 twin.
+	SockConnect6     SockHook = "connect6"
+	SockSendmsg6     SockHook = "sendmsg6"
+	SockRecvmsg6     SockHook = "recvmsg6"
+	SockGetpeername6 SockHook = "getpeername6"
 )
 
 type sockHookDef struct {
@@ -54,12 +61,16 @@ type sockHookDef struct {
 }
 
 // sockHookDefs lists the hooks, their programs and attach types.
-func sockHookDefs() [4]sockHookDef {
+func sockHookDefs() [8]sockHookDef {
 	return [...]sockHookDef{
 		{SockConnect4, SockProgTernSockConnect4, ebpf.AttachCGroupInet4Connect},
 		{SockSendmsg4, SockProgTernSockSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
 		{SockRecvmsg4, SockProgTernSockRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
 		{SockGetpeername4, SockProgTernSockGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{SockConnect6, SockProgTernSockConnect6, ebpf.AttachCGroupInet6Connect},
+		{SockSendmsg6, SockProgTernSockSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{SockRecvmsg6, SockProgTernSockRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{SockGetpeername6, SockProgTernSockGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 	}
 }
 
@@ -123,10 +134,16 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 			"the tc path serves pods: %w", st.Missing[SockConnect4], ebpf.ErrNotSupported)
 	}
 	st.TCP = true
-	st.UDP = have[SockRecvmsg4] // sendmsg4 exists wherever recvmsg4 does (4.18 < 5.2)
+	// UDP needs every recvmsg hook of a family whose connect/sendmsg hooks translate, or
+	// replies would show the backend; the one switch (CFG_SOCK_UDP) covers both families.
+	st.UDP = have[SockRecvmsg4] && (!have[SockConnect6] || have[SockRecvmsg6])
 	if !st.UDP {
-		delete(have, SockSendmsg4)
-		st.Missing[SockSendmsg4] = "not used: without recvmsg4 UDP replies would show the backend"
+		for _, h := range []SockHook{SockSendmsg4, SockSendmsg6} {
+			if have[h] {
+				delete(have, h)
+				st.Missing[h] = "not used: without recvmsg4/recvmsg6 UDP replies would show the backend"
+			}
+		}
 	}
 	retval := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval) == nil
 

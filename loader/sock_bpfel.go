@@ -89,10 +89,14 @@ const (
 	SockMapTernServices             = "tern_services"
 	SockMapTernSockRevnat           = "tern_sock_revnat"
 	SockProgTernSockConnect4        = "tern_sock_connect4"
+	SockProgTernSockConnect6        = "tern_sock_connect6"
 	SockProgTernSockDestroyUdp      = "tern_sock_destroy_udp"
 	SockProgTernSockGetpeername4    = "tern_sock_getpeername4"
+	SockProgTernSockGetpeername6    = "tern_sock_getpeername6"
 	SockProgTernSockRecvmsg4        = "tern_sock_recvmsg4"
+	SockProgTernSockRecvmsg6        = "tern_sock_recvmsg6"
 	SockProgTernSockSendmsg4        = "tern_sock_sendmsg4"
+	SockProgTernSockSendmsg6        = "tern_sock_sendmsg6"
 	SockVarCFG_SOCK_HAVE_SET_RETVAL = "CFG_SOCK_HAVE_SET_RETVAL"
 	SockVarCFG_SOCK_UDP             = "CFG_SOCK_UDP"
 )
@@ -140,10 +144,14 @@ type SockSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockProgramSpecs struct {
 	TernSockConnect4     *ebpf.ProgramSpec `ebpf:"tern_sock_connect4"`
+	TernSockConnect6     *ebpf.ProgramSpec `ebpf:"tern_sock_connect6"`
 	TernSockDestroyUdp   *ebpf.ProgramSpec `ebpf:"tern_sock_destroy_udp"`
 	TernSockGetpeername4 *ebpf.ProgramSpec `ebpf:"tern_sock_getpeername4"`
+	TernSockGetpeername6 *ebpf.ProgramSpec `ebpf:"tern_sock_getpeername6"`
 	TernSockRecvmsg4     *ebpf.ProgramSpec `ebpf:"tern_sock_recvmsg4"`
+	TernSockRecvmsg6     *ebpf.ProgramSpec `ebpf:"tern_sock_recvmsg6"`
 	TernSockSendmsg4     *ebpf.ProgramSpec `ebpf:"tern_sock_sendmsg4"`
+	TernSockSendmsg6     *ebpf.ProgramSpec `ebpf:"tern_sock_sendmsg6"`
 }
 
 // SockMapSpecs contains maps before they are loaded into the kernel.
@@ -215,19 +223,27 @@ type SockVariables struct {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockPrograms struct {
 	TernSockConnect4     *ebpf.Program `ebpf:"tern_sock_connect4"`
+	TernSockConnect6     *ebpf.Program `ebpf:"tern_sock_connect6"`
 	TernSockDestroyUdp   *ebpf.Program `ebpf:"tern_sock_destroy_udp"`
 	TernSockGetpeername4 *ebpf.Program `ebpf:"tern_sock_getpeername4"`
+	TernSockGetpeername6 *ebpf.Program `ebpf:"tern_sock_getpeername6"`
 	TernSockRecvmsg4     *ebpf.Program `ebpf:"tern_sock_recvmsg4"`
+	TernSockRecvmsg6     *ebpf.Program `ebpf:"tern_sock_recvmsg6"`
 	TernSockSendmsg4     *ebpf.Program `ebpf:"tern_sock_sendmsg4"`
+	TernSockSendmsg6     *ebpf.Program `ebpf:"tern_sock_sendmsg6"`
 }
 
 func (p *SockPrograms) Close() error {
 	return _SockClose(
 		p.TernSockConnect4,
+		p.TernSockConnect6,
 		p.TernSockDestroyUdp,
 		p.TernSockGetpeername4,
+		p.TernSockGetpeername6,
 		p.TernSockRecvmsg4,
+		p.TernSockRecvmsg6,
 		p.TernSockSendmsg4,
+		p.TernSockSendmsg6,
 	)
 }
 

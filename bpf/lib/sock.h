@@ -1,9 +1,10 @@
 /* Socket-level load balancing: the stages of the cgroup hooks in sock.c.
  *
- *   sock_xlate_fwd  connect()/sendmsg() to a frontend: pick a backend (lb.h), remember the
- *                   frontend for this socket and backend, and hand the kernel the backend
- *   sock_xlate_rev  recvmsg()/getpeername() seeing a backend this socket was given: show
- *                   the frontend instead
+ *   sock_pick       connect()/sendmsg() to a frontend: pick a backend (lb.h), remember the
+ *                   frontend for this socket and backend (sock4_/sock6_xlate_fwd hand the
+ *                   kernel the backend)
+ *   sock_frontend   recvmsg()/getpeername() seeing a backend this socket was given: the
+ *                   frontend to show instead (sock4_/sock6_xlate_rev)
  *   sock_stale_udp  (socket iterator) a connected UDP socket whose backend left its frontend
  *
  * The socket never learns the backend's address, and its packets carry the backend's from
@@ -79,30 +80,29 @@ static __always_inline int sock_reject(void)
 	return SYS_REJECT;
 }
 
-/* connect()/sendmsg() to ctx's destination: a frontend gets a backend. Anything else, or a
- * frontend whose backend cannot be remembered, goes on untouched (to the tc path, which
- * translates it per packet for pods). */
-static __always_inline int sock_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason)
+/* connect()/sendmsg() to (vip, vport): a frontend gets a backend, returned in *addr, *port
+ * (SOCK_XLATE). Anything else, or a frontend whose backend cannot be remembered, goes on
+ * untouched (SOCK_PASS: to the tc path, which translates it per packet for pods). */
+enum { SOCK_PASS, SOCK_XLATE, SOCK_REFUSE };
+
+static __always_inline int sock_pick(void *ctx, __u32 proto, __be32 vip, __be16 vport, __u8 reason,
+				     __be32 *addr, __be16 *port)
 {
-	__u32 proto = ctx->protocol;
-
 	if (!sock_proto_on(proto))
-		return SYS_PROCEED;
+		return SOCK_PASS;
 
-	__be32 vip = ctx->user_ip4;
-	__be16 vport = sock_dport(ctx);
 	struct svc_value *svc = lb_lookup_service(vip, vport, proto);
 
 	if (!svc)
-		return SYS_PROCEED;
+		return SOCK_PASS;
 	if (svc->backend_count == 0)
-		return sock_reject();
+		return SOCK_REFUSE;
 
 	struct backend_value *be = lb_select_backend(svc, bpf_get_prandom_u32());
 
 	if (!be) {
 		count_event(REASON_DROP_NO_BACKEND_SLOT, DIR_SOCK);
-		return SYS_PROCEED;
+		return SOCK_PASS;
 	}
 
 	struct sock_revnat_key k = {
@@ -114,32 +114,96 @@ static __always_inline int sock_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason
 
 	if (bpf_map_update_elem(&tern_sock_revnat, &k, &v, BPF_ANY)) {
 		count_event(REASON_SOCK_REVNAT_FULL, DIR_SOCK);
-		return SYS_PROCEED;
+		return SOCK_PASS;
 	}
-	ctx->user_ip4 = be->addr;
-	ctx->user_port = (__u32)be->port;
 	count_event(reason, DIR_SOCK);
+	*addr = be->addr;
+	*port = be->port;
+	return SOCK_XLATE;
+}
+
+/* The backend this socket was given for (addr, port), or NULL. */
+static __always_inline struct sock_revnat_value *sock_frontend(void *ctx, __u32 proto, __be32 addr, __be16 port)
+{
+	if (!sock_proto_on(proto))
+		return NULL;
+
+	struct sock_revnat_key k = { .cookie = bpf_get_socket_cookie(ctx), .addr = addr, .port = port };
+	struct sock_revnat_value *v = bpf_map_lookup_elem(&tern_sock_revnat, &k);
+
+	if (v)
+		count_event(REASON_SOCK_REVNAT, DIR_SOCK);
+	return v;
+}
+
+/* IPv4 sockets. */
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason)
+{
+	__be32 addr;
+	__be16 port;
+
+	switch (sock_pick(ctx, ctx->protocol, ctx->user_ip4, sock_dport(ctx), reason, &addr, &port)) {
+	case SOCK_REFUSE:
+		return sock_reject();
+	case SOCK_XLATE:
+		ctx->user_ip4 = addr;
+		ctx->user_port = (__u32)port;
+	}
 	return SYS_PROCEED;
 }
 
-/* recvmsg()/getpeername(): a backend this socket was given shows as its frontend. */
-static __always_inline int sock_xlate_rev(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
 {
-	if (!sock_proto_on(ctx->protocol))
+	struct sock_revnat_value *v = sock_frontend(ctx, ctx->protocol, ctx->user_ip4, sock_dport(ctx));
+
+	if (v) {
+		ctx->user_ip4 = v->addr;
+		ctx->user_port = (__u32)v->port;
+	}
+	return SYS_PROCEED;
+}
+
+/* IPv6 sockets talking IPv4 through v4-mapped addresses (::ffff:a.b.c.d), as dual-stack
+ * applications (Java, by default) do: their connect() runs the IPv6 hooks. Native IPv6 is
+ * left alone (the datapath is IPv4 only). */
+static __always_inline bool sock6_v4mapped(const struct bpf_sock_addr *ctx, __be32 *v4)
+{
+	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] != bpf_htonl(0xffff))
+		return false;
+	*v4 = ctx->user_ip6[3];
+	return true;
+}
+
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason)
+{
+	__be32 vip, addr;
+	__be16 port;
+
+	if (!sock6_v4mapped(ctx, &vip))
+		return SYS_PROCEED;
+	switch (sock_pick(ctx, ctx->protocol, vip, sock_dport(ctx), reason, &addr, &port)) {
+	case SOCK_REFUSE:
+		return sock_reject();
+	case SOCK_XLATE:
+		ctx->user_ip6[3] = addr;
+		ctx->user_port = (__u32)port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int sock6_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	__be32 addr;
+
+	if (!sock6_v4mapped(ctx, &addr))
 		return SYS_PROCEED;
 
-	struct sock_revnat_key k = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.addr = ctx->user_ip4,
-		.port = sock_dport(ctx),
-	};
-	struct sock_revnat_value *v = bpf_map_lookup_elem(&tern_sock_revnat, &k);
+	struct sock_revnat_value *v = sock_frontend(ctx, ctx->protocol, addr, sock_dport(ctx));
 
-	if (!v)
-		return SYS_PROCEED;
-	ctx->user_ip4 = v->addr;
-	ctx->user_port = (__u32)v->port;
-	count_event(REASON_SOCK_REVNAT, DIR_SOCK);
+	if (v) {
+		ctx->user_ip6[3] = v->addr;
+		ctx->user_port = (__u32)v->port;
+	}
 	return SYS_PROCEED;
 }
 

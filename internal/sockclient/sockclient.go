@@ -75,6 +75,10 @@ func clientMain() int {
 				a = askHeld(held)
 			case "udpheld": // udpheld: ask again on the kept socket
 				a = askHeld(held)
+			case "tcp6m": // tcp6m ADDR: as tcp, from a dual-stack IPv6 socket to ::ffff:ADDR
+				a = clientTCP6Mapped(f[1])
+			case "sendto6m": // sendto6m ADDR: as sendto, from a dual-stack IPv6 socket
+				a = clientSendto6Mapped(f[1])
 			case "connloop": // connloop ADDR N: N connect()+close(), timed
 				n, _ := strconv.Atoi(f[2])
 				a = connLoop(f[1], n)
@@ -193,6 +197,103 @@ func connLoop(addr string, n int) Answer {
 	return Answer{Nanos: time.Since(start).Nanoseconds()}
 }
 
+// v4mapped is ADDR (a.b.c.d:port) as ::ffff:a.b.c.d.
+func v4mapped(addr string) (*unix.SockaddrInet6, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}, nil
+}
+
+// unmapped prints an IPv6 socket address as the IPv4 one it maps, if it does.
+func unmapped(sa unix.Sockaddr) string {
+	in6, ok := sa.(*unix.SockaddrInet6)
+	if !ok {
+		return fmt.Sprintf("%v", sa)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom16(in6.Addr).Unmap(), uint16(in6.Port)).String()
+}
+
+// dualStackSocket is an AF_INET6 socket that may talk IPv4 (IPV6_V6ONLY off), with 3 s
+// send and receive timeouts (the send one bounds connect()).
+func dualStackSocket(typ int) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET6, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	tv := unix.Timeval{Sec: 3}
+	for _, e := range []error{
+		unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0),
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv),
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv),
+	} {
+		if e != nil {
+			unix.Close(fd)
+			return -1, e
+		}
+	}
+	return fd, nil
+}
+
+func clientTCP6Mapped(addr string) Answer {
+	sa, err := v4mapped(addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	fd, err := dualStackSocket(unix.SOCK_STREAM)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Connect(fd, sa); err != nil {
+		return errAnswer(err)
+	}
+	var line []byte
+	buf := make([]byte, 256)
+	for !strings.Contains(string(line), "\n") {
+		n, err := unix.Read(fd, buf)
+		if err != nil {
+			return errAnswer(fmt.Errorf("read greeting: %w", err))
+		}
+		if n == 0 {
+			return errAnswer(io.ErrUnexpectedEOF)
+		}
+		line = append(line, buf[:n]...)
+	}
+	a := greeting(string(line))
+	if p, err := unix.Getpeername(fd); err == nil {
+		a.Peer = unmapped(p)
+	}
+	if l, err := unix.Getsockname(fd); err == nil {
+		a.Local = unmapped(l)
+	}
+	return a
+}
+
+func clientSendto6Mapped(addr string) Answer {
+	sa, err := v4mapped(addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	fd, err := dualStackSocket(unix.SOCK_DGRAM)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Sendto(fd, []byte("who"), 0, sa); err != nil {
+		return errAnswer(err)
+	}
+	buf := make([]byte, 1500)
+	n, from, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		return errAnswer(err)
+	}
+	a := greeting(string(buf[:n]))
+	a.Peer = unmapped(from)
+	return a
+}
+
 func askHeld(c *net.UDPConn) Answer {
 	if c == nil {
 		return Answer{Err: "no UDP socket held"}
@@ -214,7 +315,8 @@ func askHeld(c *net.UDPConn) Answer {
 
 // Client is a running client process. Commands: "tcp ADDR" (connect, read a greeting line
 // "<who> <address the server saw>", report getpeername), "sendto ADDR" (one datagram from an
-// unconnected socket), "udpconn ADDR" (connect a UDP socket, keep it, ask once), "udpheld"
+// unconnected socket), "tcp6m ADDR" and "sendto6m ADDR" (the same from a dual-stack IPv6
+// socket to ::ffff:ADDR), "udpconn ADDR" (connect a UDP socket, keep it, ask once), "udpheld"
 // (ask again on it), "connloop ADDR N" (N connect()+close(), timed).
 type Client struct {
 	t   testing.TB

@@ -139,8 +139,8 @@ func TestSocketLB(t *testing.T) {
 	}
 	defer sock.Close()
 	st := sock.Status()
-	if !st.TCP || !st.UDP || len(st.Hooks) != 4 {
-		t.Fatalf("this kernel (6.x) has all four hooks; got %+v", st)
+	if !st.TCP || !st.UDP || len(st.Hooks) != 8 {
+		t.Fatalf("this kernel (6.x) has all eight hooks; got %+v", st)
 	}
 	in, out := newTestCgroups(t)
 	if err := sock.Attach(in); err != nil {
@@ -222,6 +222,25 @@ func TestSocketLB(t *testing.T) {
 			t.Fatalf("tc translated %d datagrams", got)
 		}
 		t.Logf("%d unconnected datagrams to 10.96.0.10:53: %v, every reply's source was the VIP", n, seen)
+	})
+
+	t.Run("dual-stack socket, v4-mapped ClusterIP", func(t *testing.T) {
+		before := counters(t, m)
+		a := cin.OK("tcp6m 10.96.0.10:80")
+		if a.Peer != "10.96.0.10:80" || (a.Who != "b1" && a.Who != "b2") || a.Seen != a.Local {
+			t.Fatalf("IPv6 socket to ::ffff:10.96.0.10:80: %+v", a)
+		}
+		u := cin.OK("sendto6m 10.96.0.10:53")
+		if u.Peer != "10.96.0.10:53" || (u.Who != "b1" && u.Who != "b2") {
+			t.Fatalf("IPv6 UDP socket to ::ffff:10.96.0.10:53: %+v", u)
+		}
+		after := counters(t, m)
+		if delta(after, before, loader.ReasonSockConnect, loader.DirSock) != 1 ||
+			delta(after, before, loader.ReasonSockSendmsg, loader.DirSock) != 1 ||
+			delta(after, before, loader.ReasonSvcForward, loader.DirFromPod) != 0 {
+			t.Fatal("the v4-mapped connect and sendto were not translated by the IPv6 socket hooks alone")
+		}
+		t.Logf("dual-stack sockets: TCP reached %s (peer ::ffff:10.96.0.10:80), UDP %s answered from the VIP", a.Who, u.Who)
 	})
 
 	t.Run("no endpoints", func(t *testing.T) {
@@ -371,7 +390,7 @@ type linkProg struct{ link, prog uint32 }
 func linkProgIDs(t *testing.T, root string) map[string]linkProg {
 	t.Helper()
 	out := map[string]linkProg{}
-	for _, h := range []string{"connect4", "sendmsg4", "recvmsg4", "getpeername4"} {
+	for _, h := range []string{"connect4", "sendmsg4", "recvmsg4", "getpeername4", "connect6", "sendmsg6", "recvmsg6", "getpeername6"} {
 		l, err := loadPinnedLinkInfo(filepath.Join(root, "links", "sock_"+h))
 		if err != nil {
 			t.Fatalf("hook %s: %v", h, err)
