@@ -26,7 +26,8 @@
 /* bpf_set_retval (Linux 5.18): a refused connect() fails with ECONNREFUSED, as kube-proxy's
  * REJECT makes it, rather than the hook's default EPERM. */
 volatile const __u8 CFG_SOCK_HAVE_SET_RETVAL = 1;
-/* Translate UDP: only when recvmsg4 is attached too, or replies would show the backend. */
+/* Translate UDP: only when the recvmsg hooks (recvmsg4, and recvmsg6 where connect6 is used)
+ * are attached too, or replies would show the backend. */
 volatile const __u8 CFG_SOCK_UDP = 1;
 
 struct sock_revnat_key {
