@@ -14,7 +14,11 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
+<<<<<<< HEAD
 .PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+=======
+.PHONY: all setup build generate check-generate check-tidy test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+>>>>>>> socklb
 
 all: build
 
@@ -91,10 +95,14 @@ test-unit:
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...
 
-bench: setup bench-datapath bench-attach bench-cni bench-convergence
+bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb
 
 bench-attach:
 	$(GO) test -run '^$$' -bench AttachPod -benchtime 30x ./loader
+
+# connect()+close() rate: socket LB vs the tc path vs straight to a backend (~30 s).
+bench-socklb:
+	$(GO) test -count=1 -run '^$$' -bench SocketLBConnect -benchtime 5000x ./test/e2e
 
 bench-cni:
 	$(GO) run ./test/bench/cni

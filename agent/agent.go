@@ -56,6 +56,7 @@ type Agent struct {
 	dp         *loader.Datapath
 	endpoints  *endpoint.Registry
 	pool       *ipam.Pool
+	sock       *sockLB // socket-level LB; nil when off or unsupported (socklb.go)
 
 	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
 	readiness  *readiness.Registry
@@ -197,6 +198,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.endpoints = endpoints
 	a.mu.Unlock()
 	cleanups = append(cleanups, func() { _ = dp.Close() })
+	stopSock, err := a.startSockLB(ctx, dp)
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, stopSock)
 	dpMetrics := loader.NewCollector(dp.Maps())
 	a.reg.MustRegister(dpMetrics)
 	cleanups = append(cleanups, func() { a.reg.Unregister(dpMetrics) })

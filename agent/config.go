@@ -122,6 +122,8 @@ type Config struct {
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
 	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
+	// SocketLB is socket-level load balancing (agent/socklb.go, docs/socket-lb.md).
+	SocketLB SocketLBConfig `json:"socketLB,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -191,6 +193,7 @@ func (c Config) Validate() error {
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
 	}
 	errs = append(errs, c.validateMetrics()...)
+	errs = append(errs, c.SocketLB.validate()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

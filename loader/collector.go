@@ -21,7 +21,7 @@ func NewCollector(m *Maps) *Collector {
 	return &Collector{
 		maps: m,
 		packets: prometheus.NewDesc("tern_datapath_packets_total",
-			"Packets the datapath programs (pod veths, ENIs and the primary NIC) acted on, by reason (drops are reasons starting with drop_) and direction.", labels, nil),
+			"Packets the datapath programs (pod veths, ENIs and the primary NIC) acted on, by reason (drops are reasons starting with drop_) and direction; for direction sock, calls of the socket-LB hooks.", labels, nil),
 		bytes: prometheus.NewDesc("tern_datapath_bytes_total",
 			"Bytes the datapath programs acted on, by reason and direction.", labels, nil),
 		errors: prometheus.NewDesc("tern_datapath_metrics_read_failed",

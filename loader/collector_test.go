@@ -22,7 +22,7 @@ func TestCollectorExportsDatapathCounters(t *testing.T) {
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(loader.NewCollector(d.Maps()))
 	want := `
-# HELP tern_datapath_packets_total Packets the datapath programs (pod veths, ENIs and the primary NIC) acted on, by reason (drops are reasons starting with drop_) and direction.
+# HELP tern_datapath_packets_total Packets the datapath programs (pod veths, ENIs and the primary NIC) acted on, by reason (drops are reasons starting with drop_) and direction; for direction sock, calls of the socket-LB hooks.
 # TYPE tern_datapath_packets_total counter
 tern_datapath_packets_total{direction="from-netdev",reason="pass"} 1
 tern_datapath_packets_total{direction="from-pod",reason="svc_forward"} 3

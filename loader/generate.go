@@ -7,3 +7,4 @@ package loader
 //go:generate go tool bpf2go -target bpfel -go-package loader -type svc_key -type svc_value -type backend_key -type backend_value -type member_key -type endpoint_key -type endpoint_value -type ipcache_key -type ipcache_value -type ct_key -type ct_value -type frag_key -type frag_value -type metrics_key -type metrics_value -type tern_reason -type tern_dir Pod ../bpf/pod.c -- -I../bpf/include -I../bpf
 //go:generate go tool bpf2go -target bpfel -go-package loader Noop ../bpf/noop.c -- -I../bpf/include -I../bpf
 //go:generate go tool bpf2go -target bpfel -go-package loader Netdev ../bpf/netdev.c -- -I../bpf/include -I../bpf
+//go:generate go tool bpf2go -target bpfel -go-package loader -type sock_revnat_key -type sock_revnat_value -type sock_destroyed Sock ../bpf/sock.c -- -I../bpf/include -I../bpf

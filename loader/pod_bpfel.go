@@ -133,6 +133,7 @@ const (
 	PodTernDirDIR_TO_POD      PodTernDir = 2
 	PodTernDirDIR_FROM_NETDEV PodTernDir = 3
 	PodTernDirDIR_TO_NETDEV   PodTernDir = 4
+	PodTernDirDIR_SOCK        PodTernDir = 5
 )
 
 type PodTernReason uint8
@@ -152,6 +153,12 @@ const (
 	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
 	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
 	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
+	PodTernReasonREASON_SOCK_CONNECT         PodTernReason = 19
+	PodTernReasonREASON_SOCK_SENDMSG         PodTernReason = 20
+	PodTernReasonREASON_SOCK_REVNAT          PodTernReason = 21
+	PodTernReasonREASON_SOCK_REJECT          PodTernReason = 22
+	PodTernReasonREASON_SOCK_REVNAT_FULL     PodTernReason = 23
+	PodTernReasonREASON_SOCK_DESTROY         PodTernReason = 24
 	PodTernReasonREASON_MAX                  PodTernReason = 32
 )
 

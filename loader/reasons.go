@@ -16,6 +16,8 @@ const (
 	// through an ENI link or the primary NIC.
 	DirFromNetdev = PodTernDirDIR_FROM_NETDEV
 	DirToNetdev   = PodTernDirDIR_TO_NETDEV
+	// DirSock counts the socket hooks' calls (bpf/sock.c): packets are calls, bytes are 0.
+	DirSock = PodTernDirDIR_SOCK
 
 	ReasonPass             = PodTernReasonREASON_PASS
 	ReasonSvcForward       = PodTernReasonREASON_SVC_FORWARD
@@ -31,6 +33,12 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	ReasonSockConnect      = PodTernReasonREASON_SOCK_CONNECT
+	ReasonSockSendmsg      = PodTernReasonREASON_SOCK_SENDMSG
+	ReasonSockRevNAT       = PodTernReasonREASON_SOCK_REVNAT
+	ReasonSockReject       = PodTernReasonREASON_SOCK_REJECT
+	ReasonSockRevNATFull   = PodTernReasonREASON_SOCK_REVNAT_FULL
+	ReasonSockDestroy      = PodTernReasonREASON_SOCK_DESTROY
 )
 
 var reasonLabels = map[Reason]string{
@@ -41,6 +49,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonSockConnect:     "sock_connect", ReasonSockSendmsg: "sock_sendmsg", ReasonSockRevNAT: "sock_revnat",
+	ReasonSockReject: "sock_reject", ReasonSockRevNATFull: "sock_revnat_full", ReasonSockDestroy: "sock_destroy",
 }
 
 // String is the reason's Prometheus label value.
@@ -66,6 +76,8 @@ func (d PodTernDir) String() string {
 		return "from-netdev"
 	case DirToNetdev:
 		return "to-netdev"
+	case DirSock:
+		return "sock"
 	}
 	return "unknown"
 }

@@ -84,7 +84,7 @@ func (c *Component) Start(ctx context.Context) error {
 	if dp == nil {
 		return errors.New("kubernetes component: the datapath is not loaded")
 	}
-	rec, err := lbmap.NewReconciler(dp.Maps(), c.log)
+	rec, err := lbmap.NewReconciler(c.a.LBMaps(dp), c.log)
 	if err != nil {
 		return fmt.Errorf("service reconciler: %w", err)
 	}

@@ -101,3 +101,11 @@ static __always_inline bool lb_is_member(__u32 svc_id, __be32 addr, __be16 port)
 
 	return bpf_map_lookup_elem(&tern_lb_members, &k) != NULL;
 }
+
+/* The backend a new connection or datagram of svc goes to, from a random number the caller
+ * draws (the tc path and the socket hooks share it, so a change of algorithm, affinity or
+ * Maglev, is made here once). NULL: the slot the count promised is missing. */
+static __always_inline struct backend_value *lb_select_backend(const struct svc_value *svc, __u32 rnd)
+{
+	return lb_backend(svc->id, (rnd % svc->backend_count) + 1);
+}

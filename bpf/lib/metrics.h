@@ -14,6 +14,7 @@ enum tern_dir : __u8 {
 	DIR_TO_POD = 2,
 	DIR_FROM_NETDEV = 3, /* netdev.c: arriving on an ENI or the primary NIC */
 	DIR_TO_NETDEV = 4,   /* netdev.c: leaving through one */
+	DIR_SOCK = 5,        /* sock.c: socket hooks; counts are calls, bytes stay 0 */
 };
 
 /* Keep in sync with loader/reasons.go (a test checks the names against BTF). */
@@ -32,6 +33,12 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_SOCK_CONNECT = 19,   /* connect() to a frontend given a backend (TCP or UDP) */
+	REASON_SOCK_SENDMSG = 20,   /* unconnected UDP datagram to a frontend sent to a backend */
+	REASON_SOCK_REVNAT = 21,    /* recvmsg()/getpeername() shown the frontend, not the backend */
+	REASON_SOCK_REJECT = 22,    /* connect()/sendmsg() to a frontend without ready backends refused */
+	REASON_SOCK_REVNAT_FULL = 23, /* reverse entry not written: the socket is left untranslated */
+	REASON_SOCK_DESTROY = 24,   /* connected UDP socket to a removed backend destroyed */
 	__REASON_MAX = 32,
 };
 
@@ -49,12 +56,12 @@ struct metrics_value {
 };
 
 #define METRICS_INDEX(reason, dir) (((__u32)(dir) << 5) | ((reason) & 0x1f))
-#define METRICS_SIZE (5 << 5)
+#define METRICS_SIZE (6 << 5)
 
 /* tern_metrics: key METRICS_INDEX(reason, direction) = dir*32 + reason, value metrics_value
- * per CPU. Size 160 (directions up to 4); an array, so nothing is ever evicted and the
+ * per CPU. Size 192 (directions up to 5); an array, so nothing is ever evicted and the
  * lookup is inlined by the verifier (a hash lookup per packet cost ~40 ns here). Written by
- * every program (pod and netdev objects share the pin), read by the agent (/metrics) and
+ * every program (pod, netdev and sock objects share the pin), read by the agent (/metrics) and
  * ternctl, which sum the per-CPU values. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -76,6 +83,16 @@ static __always_inline void count(struct __sk_buff *skb, __u8 reason, __u8 dir)
 		v->packets++;
 		v->bytes += skb->len;
 	}
+}
+
+/* An event without a packet (a socket hook's call): packets counts calls, bytes stay 0. */
+static __always_inline void count_event(__u8 reason, __u8 dir)
+{
+	__u32 idx = METRICS_INDEX(reason, dir);
+	struct metrics_value *v = bpf_map_lookup_elem(&tern_metrics, &idx);
+
+	if (likely(v))
+		v->packets++;
 }
 
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)

@@ -25,7 +25,7 @@ import (
 // nodeLab is one node namespace with pod namespaces behind veths, as a CNI would build
 // them. Nothing here touches the root namespace.
 type nodeLab struct {
-	t    *testing.T
+	t    testing.TB
 	node netns.NsHandle
 	pods map[string]*podNS
 }
@@ -38,7 +38,7 @@ type podNS struct {
 	ifindex int
 }
 
-func newNodeLab(t *testing.T) *nodeLab {
+func newNodeLab(t testing.TB) *nodeLab {
 	testutil.RequirePrivileged(t)
 	l := &nodeLab{t: t, node: testutil.NewNetNS(t), pods: map[string]*podNS{}}
 	// A node always has an address of its own (its primary ENI's); ARP for pods takes its

@@ -116,6 +116,11 @@ type Options struct {
 	// fresh node joining a cluster that already has Services, say) and then starts them with
 	// Node.StartAgent or Node.LaunchAgent.
 	DeferAgents bool
+	// SocketLB turns socket-level load balancing on in every agent, each attached to a cgroup
+	// of its node's own, <cgroup v2 root>/tern-lab-<random>/<node name> (Node.Cgroup), never
+	// to a cgroup the lab did not create. A process started there (internal/sockclient) in
+	// the node's namespace is a host-network client of that node.
+	SocketLB bool
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -124,6 +129,7 @@ type Lab struct {
 	log     *zap.Logger
 	dir     string
 	pinRoot string
+	cgroup  string // Options.SocketLB: the lab's cgroup, parent of the nodes'
 	vpc     netns.NsHandle
 	sdn     *ecsemu.NetnsSDN
 	emu     *ecsemu.Emulator
@@ -199,6 +205,17 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		l.pinRoot = filepath.Join("/sys/fs/bpf", "tern-lab-"+randHex(4))
 	}
 
+	if o.SocketLB {
+		root, err := loader.CgroupV2Root()
+		if err != nil {
+			return nil, fmt.Errorf("lab: socket LB: %w", err)
+		}
+		cg := filepath.Join(root, "tern-lab-"+randHex(4))
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			return nil, fmt.Errorf("lab: create cgroup %s: %w", cg, err)
+		}
+		l.cgroup = cg
+	}
 	if l.vpc, err = nsutil.NewAnon(); err != nil {
 		return nil, fmt.Errorf("lab: VPC namespace: %w", err)
 	}
@@ -213,6 +230,11 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 			PrimaryIP: nodePrimaryIP(i), NS: ns}
 		n.dir = filepath.Join(l.dir, n.Name)
 		l.nodes = append(l.nodes, n)
+		if l.cgroup != "" {
+			if err := os.Mkdir(n.Cgroup(), 0o755); err != nil {
+				return nil, fmt.Errorf("lab: create cgroup %s: %w", n.Cgroup(), err)
+			}
+		}
 		nodeNS[n.InstanceID] = ns
 	}
 	if l.sdn, err = ecsemu.NewNetnsSDN(l.vpc, nodeNS, o.Logger.Named("sdn")); err != nil {
@@ -407,6 +429,19 @@ func (l *Lab) Down() error {
 		}
 		l.pinRoot = ""
 	}
+	if l.cgroup != "" {
+		// After the pins: the socket hooks' links are gone, and every process the tests
+		// started in these cgroups has been waited for by its test.
+		for _, n := range l.nodes {
+			if err := os.Remove(n.Cgroup()); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove cgroup of %s: %w", n.Name, err))
+			}
+		}
+		if err := os.Remove(l.cgroup); err != nil {
+			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", l.cgroup, err))
+		}
+		l.cgroup = ""
+	}
 	if l.dir != "" {
 		if err := os.RemoveAll(l.dir); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s: %w", l.dir, err))
@@ -506,5 +541,6 @@ func (n *Node) agentConfig() agent.Config {
 		Kubeconfig:       n.kubeconfigPath(),
 		MetricsAddr:      n.metricsAddr(),
 		CNIConfDir:       n.AgentConfDir(),
+		SocketLB:         agent.SocketLBConfig{Enabled: n.lab.cgroup != "", Cgroup: n.Cgroup()},
 	}
 }

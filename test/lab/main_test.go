@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/tern-net/tern/internal/sockclient"
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -21,6 +22,7 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	sockclient.MaybeRun()
 	if socket := os.Getenv(floodEnv); socket != "" {
 		count, _ := strconv.Atoi(os.Getenv(floodCountEnv))
 		floodHelper(socket, count)

@@ -60,6 +60,15 @@ func (n *Node) AgentLog() string { return filepath.Join(n.dir, "agent.log") }
 // PinRoot is the bpffs directory of the node's datapath.
 func (n *Node) PinRoot() string { return filepath.Join(n.lab.pinRoot, n.Name) }
 
+// Cgroup is the cgroup v2 directory the node's agent attaches the socket hooks to
+// (Options.SocketLB); empty without socket LB.
+func (n *Node) Cgroup() string {
+	if n.lab.cgroup == "" {
+		return ""
+	}
+	return filepath.Join(n.lab.cgroup, n.Name)
+}
+
 // ConfDir is the node's CNI configuration directory (holds 10-tern.conflist).
 func (n *Node) ConfDir() string { return filepath.Join(n.dir, "net.d") }
 

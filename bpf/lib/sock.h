@@ -1,0 +1,220 @@
+/* Socket-level load balancing: the stages of the cgroup hooks in sock.c.
+ *
+ *   sock_pick       connect()/sendmsg() to a frontend: pick a backend (lb.h), remember the
+ *                   frontend for this socket and backend (sock4_/sock6_xlate_fwd hand the
+ *                   kernel the backend)
+ *   sock_frontend   recvmsg()/getpeername() seeing a backend this socket was given: the
+ *                   frontend to show instead (sock4_/sock6_xlate_rev)
+ *   sock_stale_udp  (socket iterator) a connected UDP socket whose backend left its frontend
+ *
+ * The socket never learns the backend's address, and its packets carry the backend's from
+ * the first one: the tc programs see them as ordinary pod traffic and translate nothing. */
+#pragma once
+
+#include "common.h"
+#include "lb.h"
+#include "metrics.h"
+
+#define SYS_REJECT 0
+#define SYS_PROCEED 1
+
+#ifndef ECONNREFUSED
+#define ECONNREFUSED 111
+#endif
+
+/* Set by the loader from what the kernel offers (loader/sock.go). */
+/* bpf_set_retval (Linux 5.18): a refused connect() fails with ECONNREFUSED, as kube-proxy's
+ * REJECT makes it, rather than the hook's default EPERM. */
+volatile const __u8 CFG_SOCK_HAVE_SET_RETVAL = 1;
+/* Translate UDP: only when the recvmsg hooks (recvmsg4, and recvmsg6 where connect6 is used)
+ * are attached too, or replies would show the backend. */
+volatile const __u8 CFG_SOCK_UDP = 1;
+
+struct sock_revnat_key {
+	__u64 cookie; /* bpf_get_socket_cookie: unique per socket for the boot */
+	__be32 addr;  /* backend */
+	__be16 port;
+	__u16 pad;
+};
+
+struct sock_revnat_value {
+	__be32 addr; /* frontend */
+	__be16 port;
+	__u16 pad;
+	__u32 svc_id; /* the frontend's id when the backend was chosen, for the destroy iterator */
+};
+
+/* tern_sock_revnat: key sock_revnat_key (socket cookie, backend address, port), value
+ * sock_revnat_value (frontend address, port, service id). Size 262144, as Cilium's
+ * LB4_REVERSE_NAT_SK_MAP; LRU: entries are never deleted, a closed
+ * socket's entry ages out (cookies are never reused within a boot, so a stale entry matches
+ * nothing). An evicted live entry makes recvmsg()/getpeername() show the backend. Writer:
+ * connect4 and sendmsg4 (sock.c). Readers: recvmsg4 and getpeername4, and the UDP destroy
+ * iterator. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sock_revnat_key);
+	__type(value, struct sock_revnat_value);
+	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_sock_revnat SEC(".maps");
+
+/* user_port is a __u32 holding a network-order port; the verifier accepts only whole-field
+ * loads of it on older kernels. */
+static __always_inline __be16 sock_dport(const struct bpf_sock_addr *ctx)
+{
+	volatile __u32 port = ctx->user_port;
+
+	return (__be16)port;
+}
+
+static __always_inline bool sock_proto_on(__u32 proto)
+{
+	return proto == IPPROTO_TCP || (CFG_SOCK_UDP && proto == IPPROTO_UDP);
+}
+
+static __always_inline int sock_reject(void)
+{
+	count_event(REASON_SOCK_REJECT, DIR_SOCK);
+	if (CFG_SOCK_HAVE_SET_RETVAL)
+		bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+/* connect()/sendmsg() to (vip, vport): a frontend gets a backend, returned in *addr, *port
+ * (SOCK_XLATE). Anything else, or a frontend whose backend cannot be remembered, goes on
+ * untouched (SOCK_PASS: to the tc path, which translates it per packet for pods). */
+enum { SOCK_PASS, SOCK_XLATE, SOCK_REFUSE };
+
+static __always_inline int sock_pick(void *ctx, __u32 proto, __be32 vip, __be16 vport, __u8 reason,
+				     __be32 *addr, __be16 *port)
+{
+	if (!sock_proto_on(proto))
+		return SOCK_PASS;
+
+	struct svc_value *svc = lb_lookup_service(vip, vport, proto);
+
+	if (!svc)
+		return SOCK_PASS;
+	if (svc->backend_count == 0)
+		return SOCK_REFUSE;
+
+	struct backend_value *be = lb_select_backend(svc, bpf_get_prandom_u32());
+
+	if (!be) {
+		count_event(REASON_DROP_NO_BACKEND_SLOT, DIR_SOCK);
+		return SOCK_PASS;
+	}
+
+	struct sock_revnat_key k = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = be->addr,
+		.port = be->port,
+	};
+	struct sock_revnat_value v = { .addr = vip, .port = vport, .svc_id = svc->id };
+
+	if (bpf_map_update_elem(&tern_sock_revnat, &k, &v, BPF_ANY)) {
+		count_event(REASON_SOCK_REVNAT_FULL, DIR_SOCK);
+		return SOCK_PASS;
+	}
+	count_event(reason, DIR_SOCK);
+	*addr = be->addr;
+	*port = be->port;
+	return SOCK_XLATE;
+}
+
+/* The backend this socket was given for (addr, port), or NULL. */
+static __always_inline struct sock_revnat_value *sock_frontend(void *ctx, __u32 proto, __be32 addr, __be16 port)
+{
+	if (!sock_proto_on(proto))
+		return NULL;
+
+	struct sock_revnat_key k = { .cookie = bpf_get_socket_cookie(ctx), .addr = addr, .port = port };
+	struct sock_revnat_value *v = bpf_map_lookup_elem(&tern_sock_revnat, &k);
+
+	if (v)
+		count_event(REASON_SOCK_REVNAT, DIR_SOCK);
+	return v;
+}
+
+/* IPv4 sockets. */
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason)
+{
+	__be32 addr;
+	__be16 port;
+
+	switch (sock_pick(ctx, ctx->protocol, ctx->user_ip4, sock_dport(ctx), reason, &addr, &port)) {
+	case SOCK_REFUSE:
+		return sock_reject();
+	case SOCK_XLATE:
+		ctx->user_ip4 = addr;
+		ctx->user_port = (__u32)port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct sock_revnat_value *v = sock_frontend(ctx, ctx->protocol, ctx->user_ip4, sock_dport(ctx));
+
+	if (v) {
+		ctx->user_ip4 = v->addr;
+		ctx->user_port = (__u32)v->port;
+	}
+	return SYS_PROCEED;
+}
+
+/* IPv6 sockets talking IPv4 through v4-mapped addresses (::ffff:a.b.c.d), as dual-stack
+ * applications (Java, by default) do: their connect() runs the IPv6 hooks. Native IPv6 is
+ * left alone (the datapath is IPv4 only). */
+static __always_inline bool sock6_v4mapped(const struct bpf_sock_addr *ctx, __be32 *v4)
+{
+	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] != bpf_htonl(0xffff))
+		return false;
+	*v4 = ctx->user_ip6[3];
+	return true;
+}
+
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reason)
+{
+	__be32 vip, addr;
+	__be16 port;
+
+	if (!sock6_v4mapped(ctx, &vip))
+		return SYS_PROCEED;
+	switch (sock_pick(ctx, ctx->protocol, vip, sock_dport(ctx), reason, &addr, &port)) {
+	case SOCK_REFUSE:
+		return sock_reject();
+	case SOCK_XLATE:
+		ctx->user_ip6[3] = addr;
+		ctx->user_port = (__u32)port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int sock6_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	__be32 addr;
+
+	if (!sock6_v4mapped(ctx, &addr))
+		return SYS_PROCEED;
+
+	struct sock_revnat_value *v = sock_frontend(ctx, ctx->protocol, addr, sock_dport(ctx));
+
+	if (v) {
+		ctx->user_ip6[3] = v->addr;
+		ctx->user_port = (__u32)v->port;
+	}
+	return SYS_PROCEED;
+}
+
+/* Whether a UDP socket connected to (daddr, dport) by connect4 is stuck on a backend that
+ * left its frontend. An unconnected socket (daddr 0) or one connected to a non-service
+ * address has no entry. */
+static __always_inline bool sock_stale_udp(__u64 cookie, __be32 daddr, __be16 dport)
+{
+	struct sock_revnat_key k = { .cookie = cookie, .addr = daddr, .port = dport };
+	struct sock_revnat_value *v = bpf_map_lookup_elem(&tern_sock_revnat, &k);
+
+	return v && !lb_is_member(v->svc_id, daddr, dport);
+}

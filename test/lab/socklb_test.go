@@ -1,0 +1,170 @@
+//go:build linux
+
+package lab_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tern-net/tern/internal/sockclient"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/test/lab"
+)
+
+// TestKubernetesSocketLBHostNetwork: with socket LB on, a host-network process (a process in
+// a node's namespace and in the cgroup that node's agent attached the hooks to) reaches a
+// ClusterIP Service whose backends are pods on both nodes, sees the ClusterIP as its peer,
+// and is counted by the agent's socket hooks, not by any tc program.
+func TestKubernetesSocketLBHostNetwork(t *testing.T) {
+	l := upKubernetes(t, lab.Options{Nodes: 2, SocketLB: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	c := l.Client()
+	const ns = "hostnet"
+	if err := l.EnsureNamespace(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "echo"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"}, Ports: []corev1.ServicePort{
+			{Name: "echo", Port: 7, TargetPort: intstr.FromInt32(7777), Protocol: corev1.ProtocolTCP},
+			{Name: "dns", Port: 53, TargetPort: intstr.FromInt32(5353), Protocol: corev1.ProtocolUDP},
+		}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := svc.Spec.ClusterIP
+	want := map[string]bool{}
+	pods := map[string]*lab.Pod{}
+	for i := range 2 {
+		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("echo-%d", i), Node: l.Node(i).Name,
+			Labels: map[string]string{"app": "echo"}, ServePort: 7777})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[p.Key()] = true
+		pods[p.Key()] = p
+		serveUDP(t, p, 5353)
+	}
+
+	node := l.Node(0)
+	host := sockclient.Start(t, node.NS, node.Cgroup())
+	before := sockConnects(t, node)
+	// Until the EndpointSlice reaches the agent the ClusterIP has no backends (connect is
+	// refused) or none at all; wait for every backend to have answered.
+	seen := map[string]int{}
+	deadline := time.Now().Add(30 * time.Second)
+	var last sockclient.Answer
+	for len(seen) < len(want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 30s host-network connects to %s:7 reached only %v (last: %+v)", vip, seen, last)
+		}
+		last = host.Do("tcp " + vip + ":7")
+		if last.Err != "" {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		if !want[last.Who] {
+			t.Fatalf("answer from %q, not a backend of the Service", last.Who)
+		}
+		if last.Peer != vip+":7" {
+			t.Fatalf("getpeername of the host-network socket is %s, want the ClusterIP %s:7", last.Peer, vip)
+		}
+		seen[last.Who]++
+	}
+	total := 0
+	for _, n := range seen {
+		total += n
+	}
+	if got := sockConnects(t, node) - before; got < uint64(total) {
+		t.Fatalf("the socket hooks of %s counted %d connects, the client made %d", node.Name, got, total)
+	}
+	t.Logf("host-network process on %s reached %v through %s:7; getpeername showed the ClusterIP", node.Name, seen, vip)
+
+	// A connected UDP socket of the host-network process; its backend then leaves the
+	// Service (not ready) while the pod keeps answering. The agent's reconciler removes it,
+	// and its destroy pass must find the socket in the node's namespace.
+	first := host.OK("udpconn " + vip + ":53")
+	if first.Peer != vip+":53" || !want[first.Who] {
+		t.Fatalf("connected UDP through the ClusterIP: %+v", first)
+	}
+	if err := l.SetPodReady(ctx, pods[first.Who], false); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		a := host.Do("udpheld")
+		if a.Err != "" {
+			t.Logf("after %s left the Service the held socket failed: %s", first.Who, a.Err)
+			break
+		}
+		if a.Who != first.Who {
+			t.Fatalf("the held socket was answered by %s, it is connected to %s", a.Who, first.Who)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30s after %s became not ready its connected UDP socket still reaches it", first.Who)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	again := host.OK("udpconn " + vip + ":53")
+	if again.Who == first.Who || !want[again.Who] || again.Peer != vip+":53" {
+		t.Fatalf("a new socket after the destroy: %+v (the removed backend is %s)", again, first.Who)
+	}
+	if got := sockCounter(t, node, loader.ReasonSockDestroy); got == 0 {
+		t.Fatal("the destroy was not counted as sock_destroy")
+	}
+}
+
+// serveUDP answers every datagram to port inside the pod with the pod's namespace/name.
+func serveUDP(t *testing.T, p *lab.Pod, port int) {
+	t.Helper()
+	var c net.PacketConn
+	if err := p.Exec(func() (err error) {
+		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { c.Close(); <-done })
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		for {
+			_, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			c.WriteTo([]byte(p.Key()), from)
+		}
+	}()
+}
+
+func sockConnects(t *testing.T, n *lab.Node) uint64 {
+	return sockCounter(t, n, loader.ReasonSockConnect)
+}
+
+// sockCounter reads one of the node's sock-direction counters from its pinned tern_metrics.
+func sockCounter(t *testing.T, n *lab.Node, r loader.Reason) uint64 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(n.PinRoot(), loader.PodMapTernMetrics), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	tot, err := (&loader.Maps{Metrics: m}).MetricsTotals()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tot[loader.MetricsKey{Reason: r, Dir: loader.DirSock}].Packets
+}
