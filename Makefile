@@ -14,11 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-<<<<<<< HEAD
-.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
-=======
-.PHONY: all setup build generate check-generate check-tidy test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
->>>>>>> socklb
+.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
