@@ -38,6 +38,12 @@ type Config struct {
 	MaxServices uint32
 	MaxBackends uint32
 	MaxFlows    uint32
+	// MaxAffinity is how many (frontend, client) sessionAffinity entries the LRU keeps
+	// (default 65536); MaxMaglevBlocks how many 16-entry blocks of Maglev tables fit
+	// (default 65536: a frontend of N backends takes about 100 N / 16). The per-frontend
+	// options map is sized like the frontends.
+	MaxAffinity     uint32
+	MaxMaglevBlocks uint32
 	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
@@ -125,10 +131,13 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 	sizes := map[string]uint32{
-		PodMapTernServices:  cfg.MaxServices,
-		PodMapTernBackends:  cfg.MaxBackends,
-		PodMapTernLbMembers: cfg.MaxBackends,
-		PodMapTernConntrack: cfg.MaxFlows,
+		PodMapTernServices:   cfg.MaxServices,
+		PodMapTernBackends:   cfg.MaxBackends,
+		PodMapTernLbMembers:  cfg.MaxBackends,
+		PodMapTernConntrack:  cfg.MaxFlows,
+		PodMapTernLbSvcOpts:  cfg.MaxServices,
+		PodMapTernLbAffinity: cfg.MaxAffinity,
+		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
 	}
 	for name, n := range sizes {
 		if n != 0 {
@@ -206,6 +215,9 @@ func (d *Datapath) Maps() *Maps {
 		Services:  d.objs.TernServices,
 		Backends:  d.objs.TernBackends,
 		Members:   d.objs.TernLbMembers,
+		Opts:      d.objs.TernLbSvcOpts,
+		Affinity:  d.objs.TernLbAffinity,
+		Maglev:    d.objs.TernLbMaglev,
 		Endpoints: d.objs.TernEndpoints,
 		IPCache:   d.objs.TernIpcache,
 		CT:        d.objs.TernConntrack,

@@ -32,6 +32,7 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_DROP_NO_LOCAL_BACKEND = 19, /* internalTrafficPolicy Local, no endpoint on this node */
 	__REASON_MAX = 32,
 };
 
