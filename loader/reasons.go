@@ -31,6 +31,9 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	// ReasonDropNoLocalBackend: a frontend with internalTrafficPolicy Local has endpoints,
+	// none on this node; kube-proxy drops such packets (it rejects only when there are none).
+	ReasonDropNoLocalBackend = PodTernReasonREASON_DROP_NO_LOCAL_BACKEND
 )
 
 var reasonLabels = map[Reason]string{
@@ -40,7 +43,7 @@ var reasonLabels = map[Reason]string{
 	ReasonSvcPortSNAT: "svc_port_snat", ReasonDropCTFull: "drop_ct_full",
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
-	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonDropCTCollision: "drop_ct_collision", ReasonDropNoLocalBackend: "drop_no_local_backend",
 }
 
 // String is the reason's Prometheus label value.
