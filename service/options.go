@@ -14,9 +14,10 @@ type Options struct {
 	// AffinitySeconds is sessionAffinity ClientIP's timeout: a client's new flows go to the
 	// backend its last flow got, until it opened none for this long. 0: no affinity.
 	AffinitySeconds uint32
-	// Maglev picks the backend by a consistent hash of the flow's 5-tuple (see Maglev), so
-	// that a backend change moves few flows, instead of at random.
-	Maglev bool
+	// MaglevSize, when not 0, makes the frontend pick its backend by a consistent hash of
+	// the flow's 5-tuple into a Maglev table of this many entries (see Maglev), so that a
+	// backend change moves few flows, instead of at random.
+	MaglevSize uint32
 	// DropWhenEmpty: the frontend has no backends because its traffic policy left none on
 	// this node (internalTrafficPolicy: Local) while the Service has some elsewhere;
 	// kube-proxy drops such packets silently instead of rejecting them.
@@ -67,6 +68,9 @@ type Translator struct {
 	Node Node
 	// DefaultAlgorithm applies to Services without the annotation; "" is random.
 	DefaultAlgorithm Algorithm
+	// MaglevTableSize fixes every Maglev table's size (one of MaglevPrimes); 0 sizes each
+	// by its backends (MaglevSize).
+	MaglevTableSize uint32
 }
 
 // serviceOptions reads a Service's per-frontend options: affinity and algorithm.
@@ -98,6 +102,8 @@ func (tr Translator) serviceOptions(svc *corev1.Service) (Options, error) {
 		algo = a
 		break
 	}
-	o.Maglev = algo == AlgorithmMaglev
+	if algo == AlgorithmMaglev {
+		o.MaglevSize = 1 // sized per port once its backends are known (Translate)
+	}
 	return o, errors.Join(errs...)
 }

@@ -76,6 +76,9 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 		backends, dropEmpty := tr.endpointsFor(all, local)
 		o := base
 		o.DropWhenEmpty = dropEmpty
+		if o.MaglevSize != 0 {
+			o.MaglevSize = MaglevSize(len(backends), tr.MaglevTableSize)
+		}
 		for _, vip := range vips {
 			f := Frontend{Addr: vip, Port: uint16(sp.Port), Proto: proto}
 			out[f] = backends
