@@ -41,7 +41,7 @@ type Config struct {
 	// MaxAffinity is how many (frontend, client) sessionAffinity entries the LRU keeps
 	// (default 65536); MaxMaglevBlocks how many 16-entry blocks of Maglev tables fit
 	// (default 65536: a frontend of N backends takes about 100 N / 16). The per-frontend
-	// options map is sized like the frontends.
+	// options map holds as many as the frontends (at least its default 131072).
 	MaxAffinity     uint32
 	MaxMaglevBlocks uint32
 	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
@@ -131,11 +131,14 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 	sizes := map[string]uint32{
-		PodMapTernServices:   cfg.MaxServices,
-		PodMapTernBackends:   cfg.MaxBackends,
-		PodMapTernLbMembers:  cfg.MaxBackends,
-		PodMapTernConntrack:  cfg.MaxFlows,
-		PodMapTernLbSvcOpts:  cfg.MaxServices,
+		PodMapTernServices:  cfg.MaxServices,
+		PodMapTernBackends:  cfg.MaxBackends,
+		PodMapTernLbMembers: cfg.MaxBackends,
+		PodMapTernConntrack: cfg.MaxFlows,
+		// Only frontends with affinity or Maglev have options, and the map is not
+		// preallocated: it keeps its default size unless there may be more frontends, so
+		// that resizing the frontends does not move it as well.
+		PodMapTernLbSvcOpts:  max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
 		PodMapTernLbAffinity: cfg.MaxAffinity,
 		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
 	}
