@@ -3,6 +3,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -211,10 +212,18 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 	for _, t := range []struct {
 		dst  **ebpf.Map
 		name string
-	}{{&m.Services, PodMapTernServices}, {&m.Backends, PodMapTernBackends}, {&m.Members, PodMapTernLbMembers},
-		{&m.Opts, PodMapTernLbSvcOpts}, {&m.Affinity, PodMapTernLbAffinity}, {&m.Maglev, PodMapTernLbMaglev},
-		{&m.Endpoints, PodMapTernEndpoints}, {&m.IPCache, PodMapTernIpcache},
-		{&m.CT, PodMapTernConntrack}, {&m.Metrics, PodMapTernMetrics}} {
+		// optional: an agent of the previous layout does not pin it; the tool reads the
+		// rest (Opts, Affinity and Maglev are then nil).
+		optional bool
+	}{{&m.Services, PodMapTernServices, false}, {&m.Backends, PodMapTernBackends, false}, {&m.Members, PodMapTernLbMembers, false},
+		{&m.Opts, PodMapTernLbSvcOpts, true}, {&m.Affinity, PodMapTernLbAffinity, true}, {&m.Maglev, PodMapTernLbMaglev, true},
+		{&m.Endpoints, PodMapTernEndpoints, false}, {&m.IPCache, PodMapTernIpcache, false},
+		{&m.CT, PodMapTernConntrack, false}, {&m.Metrics, PodMapTernMetrics, false}} {
+		if t.optional {
+			if _, serr := os.Stat(filepath.Join(root, t.name)); errors.Is(serr, os.ErrNotExist) {
+				continue
+			}
+		}
 		if *t.dst, err = open(t.name); err != nil {
 			m.Close()
 			return nil, err
