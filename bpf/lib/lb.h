@@ -1,7 +1,10 @@
-/* Service load balancing state: the ClusterIP frontends, their backends, and which backends
- * each frontend has. All three maps are written only by the
- * agent's service reconciler (service/), which computes them from Service and
- * EndpointSlice objects; the datapath only reads them. */
+/* Service load balancing state: the ClusterIP frontends, their backends, which backends
+ * each frontend has, and the per-frontend options (affinity timeout, Maglev table size).
+ * These maps are written only by the agent's service reconciler (service/lbmap), which
+ * computes them from Service and EndpointSlice objects; the datapath only reads them. The
+ * one datapath-written map, the affinity table, is in affinity.h, the Maglev tables in
+ * maglev.h. lb_pick_backend, at the end, is the one backend choice both the packet path
+ * (svc.h) and the socket-LB object use. */
 #pragma once
 
 #include "common.h"
