@@ -262,3 +262,81 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 	}
 	onEveryNode(t, l, front, "TCP", nil)
 }
+
+// Maglev chosen by annotation through the real apiserver: Cilium's spelling turns it on (a
+// table in every node's maps, requests still reach every backend), tern's spelling set to
+// random turns it off again and the table goes.
+func TestMaglevAnnotation(t *testing.T) {
+	l := getLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	const ns = "e2e-maglev"
+	c := l.Client()
+	app := map[string]string{"app": "maglev"}
+	var want []string
+	for i, node := range []string{"node-1", "node-2", "node-1"} {
+		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("maglev-%d", i), Node: node, Labels: app, HTTPPort: 8080})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, netip.AddrPortFrom(p.IP, 8080).String())
+	}
+	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: "node-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "maglev", Annotations: map[string]string{"service.cilium.io/lb-algorithm": "maglev"}},
+		Spec: corev1.ServiceSpec{Selector: app,
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	front := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
+	onEveryNode(t, l, front, "TCP", want)
+	waitFlags(t, l, front, loader.SvcFlagMaglev)
+	maglevBlocks := func(n *lab.Node) int {
+		m, err := loader.OpenPinnedMaps(n.PinRoot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		b, err := m.DumpMaglev()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(b)
+	}
+	// 3 backends: a 509-entry table, 32 blocks (other tests' Services use no Maglev).
+	for _, n := range l.Nodes() {
+		if got := maglevBlocks(n); got != 32 {
+			t.Fatalf("%s holds %d Maglev blocks, want 32 (509 entries)", n.Name, got)
+		}
+	}
+	// 30 connections from varying source ports spread over all three (all on two or fewer
+	// has probability under 3 × (2/3)^30 < 1e-4 for a table of equal shares).
+	if seen := whoAnswers(t, client, "http://"+front.String()+"/", 30); len(seen) != 3 {
+		t.Fatalf("30 connections through a Maglev Service were answered by %v, want all three", seen)
+	}
+
+	svc, err = c.CoreV1().Services(ns).Get(ctx, "maglev", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Annotations["service.tern.io/lb-algorithm"] = "random"
+	if _, err := c.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFlags(t, l, front, 0)
+	for _, n := range l.Nodes() {
+		eventually(t, 30*time.Second, "Maglev table gone on "+n.Name, func() (bool, string) {
+			got := maglevBlocks(n)
+			return got == 0, fmt.Sprintf("%d blocks", got)
+		})
+	}
+	if err := c.CoreV1().Services(ns).Delete(ctx, "maglev", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	onEveryNode(t, l, front, "TCP", nil)
+}
