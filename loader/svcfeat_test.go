@@ -353,3 +353,36 @@ func TestInternalTrafficPolicyLocalWithoutLocalEndpoints(t *testing.T) {
 		})
 	}
 }
+
+// A client stuck to the backend in the last slot keeps it when another backend leaves and
+// the last one is moved into the hole: affinity finds the backend's new slot through the
+// membership index (the e2e suite caught a client losing its backend this way).
+func TestAffinityFollowsAMovedBackend(t *testing.T) {
+	bs := backendsN(3) // created in this order: slot 3 holds bs[2]
+	fr := newFeatureRig(t, service.Options{AffinitySeconds: service.DefaultAffinitySeconds}, bs...)
+	var cl netip.Addr
+	// Each client's first pick is random: one of 50 gets slot 3 but with probability
+	// 1 - (2/3)^50.
+	for i := range 50 {
+		if fr.syn(clientN(i), 40000) == bs[2].Addr {
+			cl = clientN(i)
+			break
+		}
+	}
+	if !cl.IsValid() {
+		t.Fatal("no client's first flow went to the backend in the last slot")
+	}
+	fr.set(bs[1], bs[2]) // bs[0] leaves slot 1; bs[2] moves there
+	slots, err := fr.m.DumpBackends()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(slots) != 2 {
+		t.Fatalf("%d slots after the removal, want 2", len(slots))
+	}
+	for port := uint16(40001); port < 40031; port++ {
+		if got := fr.syn(cl, port); got != bs[2].Addr {
+			t.Fatalf("client %s, stuck to %s, went to %s after that backend changed slots", cl, bs[2].Addr, got)
+		}
+	}
+}

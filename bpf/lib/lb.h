@@ -182,8 +182,15 @@ static __always_inline __u32 lb_pick_backend(const struct svc_value *svc, __u32 
 		o = bpf_map_lookup_elem(&tern_lb_svc_opts, &svc->id);
 	if (o && (svc->flags & SVC_F_AFFINITY)) {
 		struct affinity_value *a = affinity_lookup(svc->id, client, o->affinity_timeout_s, now);
-		if (a)
-			slot = lb_member_slot(svc->id, a->addr, a->port);
+		if (a) {
+			/* The membership entry names the backend's slot; the slot is checked to hold
+			 * it, since the reconciler moves a backend into a removed one's slot before it
+			 * points the membership entry there. */
+			__u32 s = lb_member_slot(svc->id, a->addr, a->port);
+			struct backend_value *be = s ? lb_backend(svc->id, s) : NULL;
+			if (be && be->addr == a->addr && be->port == a->port)
+				slot = s;
+		}
 	}
 	if (!slot && o && (svc->flags & SVC_F_MAGLEV))
 		slot = maglev_slot(svc->id, o->maglev_size, hash);

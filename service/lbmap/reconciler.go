@@ -105,7 +105,7 @@ type Reconciler struct {
 	fronts  map[service.Frontend]*realized
 	usedIDs map[uint32]bool
 	nextID  uint32
-	members map[loader.MemberKey]bool
+	members map[loader.MemberKey]uint32 // membership entries as written: the backend's slot
 	writes  uint64
 }
 
@@ -189,7 +189,7 @@ func (r *Reconciler) load() error {
 	// backend's UDP flows alive, a slot without a member would move them needlessly. A map
 	// left by an older layout has no members at all; they are rebuilt here, before any
 	// program that reads them is attached.
-	r.members = map[loader.MemberKey]bool{}
+	r.members = map[loader.MemberKey]uint32{}
 	want := map[loader.MemberKey]uint32{}
 	for _, re := range byID {
 		for i, b := range re.slots {
@@ -198,20 +198,22 @@ func (r *Reconciler) load() error {
 			}
 		}
 	}
-	for k := range mem {
+	for k, slot := range mem {
 		if _, ok := want[k]; !ok {
 			errs = append(errs, r.del(func() error { return r.maps.DeleteMember(k) }))
 			continue
 		}
-		r.members[k] = true
+		r.members[k] = slot
 	}
+	// A missing member is restored; one naming another slot (the slot it had before an
+	// interrupted move) is corrected: affinity finds a backend's slot through it.
 	for k, slot := range want {
-		if !r.members[k] {
+		if r.members[k] != slot {
 			if err := r.put(func() error { return r.maps.PutMember(k, slot) }); err != nil {
 				errs = append(errs, fmt.Errorf("restore backend membership: %w", err))
 				continue
 			}
-			r.members[k] = true
+			r.members[k] = slot
 		}
 	}
 	return errors.Join(errs...)
@@ -390,13 +392,13 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o ser
 	// 1. Membership for every backend, before any new flow can be given it.
 	for i, b := range slots {
 		k := memberKey(cur.id, b)
-		if r.members[k] {
+		if _, ok := r.members[k]; ok {
 			continue
 		}
 		if err := r.put(func() error { return r.maps.PutMember(k, uint32(i+1)) }); err != nil {
 			return fmt.Errorf("write backend membership: %w", err)
 		}
-		r.members[k] = true
+		r.members[k] = uint32(i + 1)
 	}
 	// 2. Slots that change.
 	for i, b := range slots {
@@ -408,6 +410,19 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o ser
 		if err := r.put(func() error { return r.maps.PutBackend(k, v) }); err != nil {
 			return fmt.Errorf("write backend slot %d: %w", i+1, err)
 		}
+	}
+	// 2b. A backend that moved to another slot (into a hole a removed one left) gets its
+	// membership entry pointed at the new slot, now that the slot holds it: affinity finds
+	// a client's backend through it (lb_pick_backend checks the slot still holds it).
+	for i, b := range slots {
+		k := memberKey(cur.id, b)
+		if r.members[k] == uint32(i+1) {
+			continue
+		}
+		if err := r.put(func() error { return r.maps.PutMember(k, uint32(i+1)) }); err != nil {
+			return fmt.Errorf("move backend membership to slot %d: %w", i+1, err)
+		}
+		r.members[k] = uint32(i + 1)
 	}
 	// 3. Options and Maglev blocks that change, before the flags point at them. A table
 	// entry naming a slot beyond the count in force is harmless: the datapath then picks
@@ -518,7 +533,7 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State, opts servic
 		mv []uint32
 	)
 	fronts := make(map[service.Frontend]*realized, len(desired))
-	members := map[loader.MemberKey]bool{}
+	members := map[loader.MemberKey]uint32{}
 	for f, bs := range desired {
 		id, err := r.allocID()
 		if err != nil {
@@ -534,7 +549,7 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State, opts servic
 			k := memberKey(id, b)
 			mk = append(mk, k)
 			mv = append(mv, uint32(i+1))
-			members[k] = true
+			members[k] = uint32(i + 1)
 		}
 		sk = append(sk, svcKey(f))
 		sv = append(sv, loader.ServiceValue{Id: id, BackendCount: uint16(len(bs)), Flags: re.flags})
