@@ -184,6 +184,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
+		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
 		Logger: a.log.Named("loader")})
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/service"
 )
 
 // Defaults of Config.
@@ -94,6 +95,18 @@ type Config struct {
 	MaxServices uint32 `json:"maxServices,omitempty"`
 	MaxBackends uint32 `json:"maxBackends,omitempty"`
 	MaxFlows    uint32 `json:"maxFlows,omitempty"`
+	// MaxAffinity sizes the sessionAffinity LRU (clients × frontends; default 65536) and
+	// MaxMaglevBlocks the Maglev tables (16 entries a block; default 65536).
+	MaxAffinity     uint32 `json:"maxAffinity,omitempty"`
+	MaxMaglevBlocks uint32 `json:"maxMaglevBlocks,omitempty"`
+	// LBAlgorithm is the backend selection of Services without the
+	// service.tern.io/lb-algorithm annotation (or Cilium's service.cilium.io/lb-algorithm):
+	// "random" (the default, as kube-proxy) or "maglev".
+	LBAlgorithm string `json:"lbAlgorithm,omitempty"`
+	// MaglevTableSize fixes every Maglev table's size to one of service.MaglevPrimes (251 ...
+	// 131071); 0 (the default) sizes each Service's table as the smallest of them at least
+	// 100 times its backends.
+	MaglevTableSize uint32 `json:"maglevTableSize,omitempty"`
 	// MaxRevNAT sized the reverse-NAT index of the first datapath. Replies now find their
 	// frontend in the flow's conntrack entry, so it is accepted and ignored, so that older
 	// configurations keep loading.
@@ -194,6 +207,16 @@ func (c Config) Validate() error {
 	}
 	errs = append(errs, c.validateMetrics()...)
 	errs = append(errs, c.SocketLB.validate()...)
+	if c.LBAlgorithm != "" {
+		if _, err := service.ParseAlgorithm(c.LBAlgorithm); err != nil {
+			errs = append(errs, fmt.Errorf("lbAlgorithm: %w", err))
+		}
+	}
+	if c.MaglevTableSize != 0 {
+		if err := service.ValidMaglevSize(c.MaglevTableSize); err != nil {
+			errs = append(errs, fmt.Errorf("maglevTableSize: %w", err))
+		}
+	}
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

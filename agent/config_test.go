@@ -139,3 +139,19 @@ func TestSocketDirMode(t *testing.T) {
 		t.Fatalf("existing socket dir has mode %s, want 0700", fi.Mode().Perm())
 	}
 }
+
+// Load-balancing options: both errors are reported at once, and valid values pass.
+func TestValidateLoadBalancingOptions(t *testing.T) {
+	c := Config{NodeName: "n1", LBAlgorithm: "roundrobin", MaglevTableSize: 1000}
+	c.setDefaults()
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), `lbAlgorithm: unknown load-balancing algorithm "roundrobin"`) ||
+		!strings.Contains(err.Error(), "maglevTableSize: maglev table size 1000 is not one of") {
+		t.Fatalf("Validate: %v", err)
+	}
+	c = Config{NodeName: "n1", LBAlgorithm: "maglev", MaglevTableSize: 16381}
+	c.setDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("valid load-balancing options refused: %v", err)
+	}
+}

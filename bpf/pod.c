@@ -78,8 +78,12 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 			svc = lb_lookup_service(p->daddr, p->dport, p->proto);
 		if (!svc)
 			return TC_ACT_OK; /* the frontend is gone: nothing to translate to */
-		if (svc->backend_count == 0)
+		if (svc->backend_count == 0) {
+			/* internalTrafficPolicy Local with no local endpoint: kube-proxy drops. */
+			if (svc->flags & SVC_F_DROP_EMPTY)
+				return drop(skb, REASON_DROP_NO_LOCAL_BACKEND, DIR_FROM_POD);
 			return reject(skb, p);
+		}
 		reason = svc_open(p, f, svc, now, &flow);
 	}
 	if (!reason)

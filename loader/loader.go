@@ -38,6 +38,12 @@ type Config struct {
 	MaxServices uint32
 	MaxBackends uint32
 	MaxFlows    uint32
+	// MaxAffinity is how many (frontend, client) sessionAffinity entries the LRU keeps
+	// (default 65536); MaxMaglevBlocks how many 16-entry blocks of Maglev tables fit
+	// (default 65536: a frontend of N backends takes about 100 N / 16). The per-frontend
+	// options map holds as many as the frontends (at least its default 131072).
+	MaxAffinity     uint32
+	MaxMaglevBlocks uint32
 	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
@@ -173,6 +179,12 @@ func podSpec(cfg Config) (*ebpf.CollectionSpec, error) {
 		PodMapTernBackends:  cfg.MaxBackends,
 		PodMapTernLbMembers: cfg.MaxBackends,
 		PodMapTernConntrack: cfg.MaxFlows,
+		// Only frontends with affinity or Maglev have options, and the map is not
+		// preallocated: it keeps its default size unless there may be more frontends, so
+		// that resizing the frontends does not move it as well.
+		PodMapTernLbSvcOpts:  max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
+		PodMapTernLbAffinity: cfg.MaxAffinity,
+		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
 	}
 	for name, n := range sizes {
 		if n != 0 {
@@ -216,6 +228,9 @@ func (d *Datapath) Maps() *Maps {
 		Services:  d.objs.TernServices,
 		Backends:  d.objs.TernBackends,
 		Members:   d.objs.TernLbMembers,
+		Opts:      d.objs.TernLbSvcOpts,
+		Affinity:  d.objs.TernLbAffinity,
+		Maglev:    d.objs.TernLbMaglev,
 		Endpoints: d.objs.TernEndpoints,
 		IPCache:   d.objs.TernIpcache,
 		CT:        d.objs.TernConntrack,

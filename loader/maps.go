@@ -3,6 +3,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -16,6 +17,11 @@ type (
 	BackendKey    = PodBackendKey
 	BackendValue  = PodBackendValue
 	MemberKey     = PodMemberKey
+	SvcOpts       = PodSvcOpts
+	AffinityKey   = PodAffinityKey
+	AffinityValue = PodAffinityValue
+	MaglevKey     = PodMaglevKey
+	MaglevValue   = PodMaglevValue
 	EndpointKey   = PodEndpointKey
 	EndpointValue = PodEndpointValue
 	IPCacheKey    = PodIpcacheKey
@@ -37,6 +43,17 @@ const (
 	CTFlagSvc       = 1 << 6
 )
 
+// Frontend flags, mirroring enum svc_flag in bpf/lib/lb.h.
+const (
+	SvcFlagAffinity  = 1 << 0
+	SvcFlagMaglev    = 1 << 1
+	SvcFlagDropEmpty = 1 << 2
+)
+
+// MaglevBlock is how many Maglev table entries one tern_lb_maglev value holds
+// (MAGLEV_BLOCK in bpf/lib/maglev.h).
+const MaglevBlock = 16
+
 // Endpoint and ipcache flags, mirroring enum endpoint_flag and enum ipcache_flag in
 // bpf/lib/endpoint.h.
 const (
@@ -46,13 +63,16 @@ const (
 	IPCacheFlagPod        = 1 << 1
 )
 
-// Maps are the datapath's maps. The service reconciler owns Services, Backends and
-// Members; the endpoint reconcilers own Endpoints and IPCache; the datapath owns CT and
+// Maps are the datapath's maps. The service reconciler owns Services, Backends, Members,
+// Opts and Maglev; the datapath owns Affinity; the endpoint reconcilers own Endpoints and IPCache; the datapath owns CT and
 // Metrics.
 type Maps struct {
 	Services  *ebpf.Map
 	Backends  *ebpf.Map
 	Members   *ebpf.Map
+	Opts      *ebpf.Map
+	Affinity  *ebpf.Map
+	Maglev    *ebpf.Map
 	Endpoints *ebpf.Map
 	IPCache   *ebpf.Map
 	CT        *ebpf.Map
@@ -100,6 +120,16 @@ func (m *Maps) DumpMembers() (map[MemberKey]uint32, error) {
 	return dump[MemberKey, uint32](m.Members)
 }
 
+func (m *Maps) DumpOpts() (map[uint32]SvcOpts, error) { return dump[uint32, SvcOpts](m.Opts) }
+
+func (m *Maps) DumpMaglev() (map[MaglevKey]MaglevValue, error) {
+	return dump[MaglevKey, MaglevValue](m.Maglev)
+}
+
+func (m *Maps) DumpAffinity() (map[AffinityKey]AffinityValue, error) {
+	return dump[AffinityKey, AffinityValue](m.Affinity)
+}
+
 func (m *Maps) DumpCT() (map[CTKey]CTValue, error) {
 	return dump[CTKey, CTValue](m.CT)
 }
@@ -141,6 +171,10 @@ func (m *Maps) PutBackend(k BackendKey, v BackendValue) error { return m.Backend
 func (m *Maps) DeleteBackend(k BackendKey) error              { return m.Backends.Delete(k) }
 func (m *Maps) PutMember(k MemberKey, slot uint32) error      { return m.Members.Put(k, slot) }
 func (m *Maps) DeleteMember(k MemberKey) error                { return m.Members.Delete(k) }
+func (m *Maps) PutOpts(id uint32, v SvcOpts) error            { return m.Opts.Put(id, v) }
+func (m *Maps) DeleteOpts(id uint32) error                    { return m.Opts.Delete(id) }
+func (m *Maps) PutMaglev(k MaglevKey, v MaglevValue) error    { return m.Maglev.Put(k, v) }
+func (m *Maps) DeleteMaglev(k MaglevKey) error                { return m.Maglev.Delete(k) }
 
 // Batch writers, for loading many entries at once (an agent starting on a large cluster).
 // One syscall per chunk instead of one per entry.
@@ -178,9 +212,18 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 	for _, t := range []struct {
 		dst  **ebpf.Map
 		name string
-	}{{&m.Services, PodMapTernServices}, {&m.Backends, PodMapTernBackends}, {&m.Members, PodMapTernLbMembers},
-		{&m.Endpoints, PodMapTernEndpoints}, {&m.IPCache, PodMapTernIpcache},
-		{&m.CT, PodMapTernConntrack}, {&m.Metrics, PodMapTernMetrics}} {
+		// optional: an agent of the previous layout does not pin it; the tool reads the
+		// rest (Opts, Affinity and Maglev are then nil).
+		optional bool
+	}{{&m.Services, PodMapTernServices, false}, {&m.Backends, PodMapTernBackends, false}, {&m.Members, PodMapTernLbMembers, false},
+		{&m.Opts, PodMapTernLbSvcOpts, true}, {&m.Affinity, PodMapTernLbAffinity, true}, {&m.Maglev, PodMapTernLbMaglev, true},
+		{&m.Endpoints, PodMapTernEndpoints, false}, {&m.IPCache, PodMapTernIpcache, false},
+		{&m.CT, PodMapTernConntrack, false}, {&m.Metrics, PodMapTernMetrics, false}} {
+		if t.optional {
+			if _, serr := os.Stat(filepath.Join(root, t.name)); errors.Is(serr, os.ErrNotExist) {
+				continue
+			}
+		}
 		if *t.dst, err = open(t.name); err != nil {
 			m.Close()
 			return nil, err
@@ -191,7 +234,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Endpoints, m.IPCache, m.CT, m.Metrics} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics} {
 		if mp != nil {
 			mp.Close()
 		}

@@ -13,6 +13,20 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type PodAffinityKey struct {
+	_      structs.HostLayout
+	SvcId  uint32
+	Client uint32
+}
+
+type PodAffinityValue struct {
+	_      structs.HostLayout
+	LastNs uint64
+	Addr   uint32
+	Port   uint16
+	Pad    uint16
+}
+
 type PodBackendKey struct {
 	_     structs.HostLayout
 	SvcId uint32
@@ -90,6 +104,17 @@ type PodIpcacheValue struct {
 	Pad      uint16
 }
 
+type PodMaglevKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Block uint32
+}
+
+type PodMaglevValue struct {
+	_    structs.HostLayout
+	Slot [16]uint16
+}
+
 type PodMemberKey struct {
 	_     structs.HostLayout
 	SvcId uint32
@@ -119,6 +144,12 @@ type PodSvcKey struct {
 	Pad   uint8
 }
 
+type PodSvcOpts struct {
+	_                structs.HostLayout
+	AffinityTimeoutS uint32
+	MaglevSize       uint32
+}
+
 type PodSvcValue struct {
 	_            structs.HostLayout
 	Id           uint32
@@ -139,27 +170,28 @@ const (
 type PodTernReason uint8
 
 const (
-	PodTernReasonREASON_PASS                 PodTernReason = 0
-	PodTernReasonREASON_SVC_FORWARD          PodTernReason = 1
-	PodTernReasonREASON_SVC_REVNAT           PodTernReason = 2
-	PodTernReasonREASON_SVC_HAIRPIN          PodTernReason = 3
-	PodTernReasonREASON_SVC_REJECT           PodTernReason = 4
-	PodTernReasonREASON_SVC_PORT_SNAT        PodTernReason = 5
-	PodTernReasonREASON_DROP_TRUNCATED       PodTernReason = 10
-	PodTernReasonREASON_DROP_BAD_IP          PodTernReason = 11
-	PodTernReasonREASON_DROP_CT_FULL         PodTernReason = 13
-	PodTernReasonREASON_DROP_NAT_FAILED      PodTernReason = 14
-	PodTernReasonREASON_DROP_REJECT_FAILED   PodTernReason = 15
-	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
-	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
-	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
-	PodTernReasonREASON_SOCK_CONNECT         PodTernReason = 19
-	PodTernReasonREASON_SOCK_SENDMSG         PodTernReason = 20
-	PodTernReasonREASON_SOCK_REVNAT          PodTernReason = 21
-	PodTernReasonREASON_SOCK_REJECT          PodTernReason = 22
-	PodTernReasonREASON_SOCK_REVNAT_FULL     PodTernReason = 23
-	PodTernReasonREASON_SOCK_DESTROY         PodTernReason = 24
-	PodTernReasonREASON_MAX                  PodTernReason = 32
+	PodTernReasonREASON_PASS                  PodTernReason = 0
+	PodTernReasonREASON_SVC_FORWARD           PodTernReason = 1
+	PodTernReasonREASON_SVC_REVNAT            PodTernReason = 2
+	PodTernReasonREASON_SVC_HAIRPIN           PodTernReason = 3
+	PodTernReasonREASON_SVC_REJECT            PodTernReason = 4
+	PodTernReasonREASON_SVC_PORT_SNAT         PodTernReason = 5
+	PodTernReasonREASON_DROP_TRUNCATED        PodTernReason = 10
+	PodTernReasonREASON_DROP_BAD_IP           PodTernReason = 11
+	PodTernReasonREASON_DROP_CT_FULL          PodTernReason = 13
+	PodTernReasonREASON_DROP_NAT_FAILED       PodTernReason = 14
+	PodTernReasonREASON_DROP_REJECT_FAILED    PodTernReason = 15
+	PodTernReasonREASON_DROP_NO_BACKEND_SLOT  PodTernReason = 16
+	PodTernReasonREASON_DROP_SCTP_PORT        PodTernReason = 17
+	PodTernReasonREASON_DROP_CT_COLLISION     PodTernReason = 18
+	PodTernReasonREASON_SOCK_CONNECT          PodTernReason = 19
+	PodTernReasonREASON_SOCK_SENDMSG          PodTernReason = 20
+	PodTernReasonREASON_SOCK_REVNAT           PodTernReason = 21
+	PodTernReasonREASON_SOCK_REJECT           PodTernReason = 22
+	PodTernReasonREASON_SOCK_REVNAT_FULL      PodTernReason = 23
+	PodTernReasonREASON_SOCK_DESTROY          PodTernReason = 24
+	PodTernReasonREASON_DROP_NO_LOCAL_BACKEND PodTernReason = 25
+	PodTernReasonREASON_MAX                   PodTernReason = 32
 )
 
 // Names of all BPF objects in the ELF.
@@ -171,7 +203,10 @@ const (
 	PodMapTernEndpoints                  = "tern_endpoints"
 	PodMapTernFrags                      = "tern_frags"
 	PodMapTernIpcache                    = "tern_ipcache"
+	PodMapTernLbAffinity                 = "tern_lb_affinity"
+	PodMapTernLbMaglev                   = "tern_lb_maglev"
 	PodMapTernLbMembers                  = "tern_lb_members"
+	PodMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	PodMapTernMetrics                    = "tern_metrics"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
@@ -235,14 +270,17 @@ type PodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
-	TernBackends  *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.MapSpec `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
+	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernFrags      *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev   *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
+	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSvcOpts  *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -278,14 +316,17 @@ func (o *PodObjects) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
-	TernBackends  *ebpf.Map `ebpf:"tern_backends"`
-	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.Map `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernServices  *ebpf.Map `ebpf:"tern_services"`
+	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
+	TernFrags      *ebpf.Map `ebpf:"tern_frags"`
+	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev   *ebpf.Map `ebpf:"tern_lb_maglev"`
+	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSvcOpts  *ebpf.Map `ebpf:"tern_lb_svc_opts"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernServices   *ebpf.Map `ebpf:"tern_services"`
 }
 
 func (m *PodMaps) Close() error {
@@ -295,7 +336,10 @@ func (m *PodMaps) Close() error {
 		m.TernEndpoints,
 		m.TernFrags,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbMaglev,
 		m.TernLbMembers,
+		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernServices,
 	)

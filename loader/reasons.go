@@ -39,6 +39,9 @@ const (
 	ReasonSockReject       = PodTernReasonREASON_SOCK_REJECT
 	ReasonSockRevNATFull   = PodTernReasonREASON_SOCK_REVNAT_FULL
 	ReasonSockDestroy      = PodTernReasonREASON_SOCK_DESTROY
+	// ReasonDropNoLocalBackend: a frontend with internalTrafficPolicy Local has endpoints,
+	// none on this node; kube-proxy drops such packets (it rejects only when there are none).
+	ReasonDropNoLocalBackend = PodTernReasonREASON_DROP_NO_LOCAL_BACKEND
 )
 
 var reasonLabels = map[Reason]string{
@@ -51,6 +54,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropCTCollision: "drop_ct_collision",
 	ReasonSockConnect:     "sock_connect", ReasonSockSendmsg: "sock_sendmsg", ReasonSockRevNAT: "sock_revnat",
 	ReasonSockReject: "sock_reject", ReasonSockRevNATFull: "sock_revnat_full", ReasonSockDestroy: "sock_destroy",
+	ReasonDropNoLocalBackend: "drop_no_local_backend",
 }
 
 // String is the reason's Prometheus label value.

@@ -13,6 +13,20 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SockAffinityKey struct {
+	_      structs.HostLayout
+	SvcId  uint32
+	Client uint32
+}
+
+type SockAffinityValue struct {
+	_      structs.HostLayout
+	LastNs uint64
+	Addr   uint32
+	Port   uint16
+	Pad    uint16
+}
+
 type SockBackendKey struct {
 	_     structs.HostLayout
 	SvcId uint32
@@ -24,6 +38,17 @@ type SockBackendValue struct {
 	Addr uint32
 	Port uint16
 	Pad  uint16
+}
+
+type SockMaglevKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Block uint32
+}
+
+type SockMaglevValue struct {
+	_    structs.HostLayout
+	Slot [16]uint16
 }
 
 type SockMemberKey struct {
@@ -72,6 +97,12 @@ type SockSvcKey struct {
 	Pad   uint8
 }
 
+type SockSvcOpts struct {
+	_                structs.HostLayout
+	AffinityTimeoutS uint32
+	MaglevSize       uint32
+}
+
 type SockSvcValue struct {
 	_            structs.HostLayout
 	Id           uint32
@@ -84,7 +115,10 @@ type SockSvcValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SockMapTernBackends             = "tern_backends"
+	SockMapTernLbAffinity           = "tern_lb_affinity"
+	SockMapTernLbMaglev             = "tern_lb_maglev"
 	SockMapTernLbMembers            = "tern_lb_members"
+	SockMapTernLbSvcOpts            = "tern_lb_svc_opts"
 	SockMapTernMetrics              = "tern_metrics"
 	SockMapTernServices             = "tern_services"
 	SockMapTernSockRevnat           = "tern_sock_revnat"
@@ -159,7 +193,10 @@ type SockProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
 	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernLbAffinity *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev   *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
 	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSvcOpts  *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
 	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
 	TernSockRevnat *ebpf.MapSpec `ebpf:"tern_sock_revnat"`
@@ -194,7 +231,10 @@ func (o *SockObjects) Close() error {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
 	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
+	TernLbAffinity *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev   *ebpf.Map `ebpf:"tern_lb_maglev"`
 	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSvcOpts  *ebpf.Map `ebpf:"tern_lb_svc_opts"`
 	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
 	TernServices   *ebpf.Map `ebpf:"tern_services"`
 	TernSockRevnat *ebpf.Map `ebpf:"tern_sock_revnat"`
@@ -203,7 +243,10 @@ type SockMaps struct {
 func (m *SockMaps) Close() error {
 	return _SockClose(
 		m.TernBackends,
+		m.TernLbAffinity,
+		m.TernLbMaglev,
 		m.TernLbMembers,
+		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernServices,
 		m.TernSockRevnat,

@@ -13,14 +13,22 @@ import (
 // touches only those. It is not safe for concurrent use; the agent feeds it from one
 // goroutine.
 type Builder struct {
+	tr       Translator
 	services map[types.NamespacedName]*corev1.Service
 	slices   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice
 	owned    map[types.NamespacedName]State
+	opts     map[types.NamespacedName]map[Frontend]Options
 	owner    map[Frontend]types.NamespacedName
 }
 
-func NewBuilder() *Builder {
+// NewBuilder makes a Builder for a node that knows nothing of itself (see Translate).
+func NewBuilder() *Builder { return NewBuilderFor(Translator{}) }
+
+// NewBuilderFor makes a Builder that translates with tr (this node, default algorithm).
+func NewBuilderFor(tr Translator) *Builder {
 	return &Builder{
+		tr:       tr,
+		opts:     map[types.NamespacedName]map[Frontend]Options{},
 		services: map[types.NamespacedName]*corev1.Service{},
 		slices:   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
 		owned:    map[types.NamespacedName]State{},
@@ -98,19 +106,19 @@ func (b *Builder) DeleteSlice(s *discoveryv1.EndpointSlice) []Frontend {
 }
 
 func (b *Builder) recompute(nn types.NamespacedName) ([]Frontend, error) {
-	old := b.owned[nn]
-	next := State{}
+	old, oldOpts := b.owned[nn], b.opts[nn]
+	next, nextOpts := State{}, map[Frontend]Options{}
 	var err error
 	if svc, ok := b.services[nn]; ok {
 		eps := make([]*discoveryv1.EndpointSlice, 0, len(b.slices[nn]))
 		for _, s := range b.slices[nn] {
 			eps = append(eps, s)
 		}
-		next, err = Translate(svc, eps)
+		next, nextOpts, err = b.tr.Translate(svc, eps)
 	}
 	var dirty []Frontend
 	for f, bs := range old {
-		if nb, ok := next[f]; !ok || !equalBackends(bs, nb) {
+		if nb, ok := next[f]; !ok || !equalBackends(bs, nb) || oldOpts[f] != nextOpts[f] {
 			dirty = append(dirty, f)
 		}
 		if _, ok := next[f]; !ok && b.owner[f] == nn {
@@ -125,8 +133,10 @@ func (b *Builder) recompute(nn types.NamespacedName) ([]Frontend, error) {
 	}
 	if len(next) == 0 {
 		delete(b.owned, nn)
+		delete(b.opts, nn)
 	} else {
 		b.owned[nn] = next
+		b.opts[nn] = nextOpts
 	}
 	return dirty, err
 }
@@ -151,6 +161,16 @@ func (b *Builder) Desired(f Frontend) ([]Backend, bool) {
 	}
 	bs, ok := b.owned[nn][f]
 	return bs, ok
+}
+
+// Options returns how a frontend picks its backends (zero for one that should not exist).
+// It is an OptionsLookup.
+func (b *Builder) Options(f Frontend) Options {
+	nn, ok := b.owner[f]
+	if !ok {
+		return Options{}
+	}
+	return b.opts[nn][f]
 }
 
 // Len is the number of desired frontends.

@@ -4,25 +4,35 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 )
 
 // Translate computes the frontends of one Service from the EndpointSlices that belong to
-// it. It keeps what it can: a bad port or address is reported in the returned error (for a
-// log line and an Event) while every valid frontend is still returned.
+// it, for a node that knows nothing of itself (no endpoint is local, no zone): the
+// Translator's rules with a zero Translator, without the options.
+func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, error) {
+	st, _, err := Translator{}.Translate(svc, eps)
+	return st, err
+}
+
+// Translate computes the frontends of one Service from the EndpointSlices that belong to
+// it, with each frontend's options. It keeps what it can: a bad port or address is reported
+// in the returned error (for a log line and an Event) while every valid frontend is still
+// returned.
 //
 // Rules, matching kube-proxy: ExternalName and headless Services have no frontends; every
 // IPv4 cluster IP gets one frontend per Service port; a Service port's backends are the
 // endpoints of slice ports with the same name and protocol (the EndpointSlice controller has
 // already resolved named target ports per pod, so one Service port can map to different
-// numbers on different pods); ready endpoints count (a missing ready condition means ready,
-// as the API defines), and serving-but-terminating ones only when none is ready.
-func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, error) {
+// numbers on different pods); which endpoints serve is endpointsFor's business.
+func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, map[Frontend]Options, error) {
 	out := State{}
+	opts := map[Frontend]Options{}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
-		return out, nil
+		return out, opts, nil
 	}
 	var errs []error
 	ips := svc.Spec.ClusterIPs
@@ -32,7 +42,7 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 	var vips []netip.Addr
 	for _, s := range ips {
 		if s == corev1.ClusterIPNone {
-			return out, nil
+			return out, opts, nil
 		}
 		a, err := netip.ParseAddr(s)
 		if err != nil {
@@ -43,6 +53,11 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 			vips = append(vips, a)
 		}
 	}
+	base, err := tr.serviceOptions(svc)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
 
 	for _, sp := range svc.Spec.Ports {
 		proto, err := protocolOf(sp.Protocol)
@@ -54,18 +69,26 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 			errs = append(errs, fmt.Errorf("port %q: number %d out of range 1-65535", sp.Name, sp.Port))
 			continue
 		}
-		backends, bad := readyBackends(sp.Name, sp.Protocol, eps)
+		all, bad := endpointsOf(sp.Name, sp.Protocol, eps, tr.Node.Name)
 		for _, a := range bad {
 			errs = append(errs, fmt.Errorf("port %q: endpoint address %q is not a unicast IPv4 address a pod can have; it is left out", sp.Name, a))
 		}
+		backends, dropEmpty := tr.endpointsFor(all, local)
+		o := base
+		o.DropWhenEmpty = dropEmpty
+		if o.MaglevSize != 0 {
+			o.MaglevSize = MaglevSize(len(backends), tr.MaglevTableSize)
+		}
 		for _, vip := range vips {
-			out[Frontend{Addr: vip, Port: uint16(sp.Port), Proto: proto}] = backends
+			f := Frontend{Addr: vip, Port: uint16(sp.Port), Proto: proto}
+			out[f] = backends
+			opts[f] = o
 		}
 	}
 	if len(errs) > 0 {
-		return out, fmt.Errorf("service %s/%s: %w", svc.Namespace, svc.Name, errors.Join(errs...))
+		return out, opts, fmt.Errorf("service %s/%s: %w", svc.Namespace, svc.Name, errors.Join(errs...))
 	}
-	return out, nil
+	return out, opts, nil
 }
 
 func protocolOf(p corev1.Protocol) (Protocol, error) {
@@ -80,17 +103,26 @@ func protocolOf(p corev1.Protocol) (Protocol, error) {
 	return 0, fmt.Errorf("unsupported protocol %q (want TCP, UDP or SCTP)", p)
 }
 
-// readyBackends returns the backends of one Service port: its ready endpoints or, when none
-// is ready, the ones that are still serving while terminating (kube-proxy does the same, so
-// that a rolling update or a scale-down to zero does not cut traffic before pods stop).
-// Addresses that no backend can have (unspecified, broadcast, multicast, class E, loopback)
-// are left out and returned, so that the caller reports them.
-func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice) ([]Backend, []string) {
-	var bad []string
+// endpoint is one endpoint address of a Service port, with what kube-proxy looks at.
+type endpoint struct {
+	b                           Backend
+	ready, serving, terminating bool
+	local                       bool
+	zoneHints, nodeHints        []string
+}
+
+// endpointsOf collects the endpoints of one Service port. Addresses that no backend can have
+// (unspecified, broadcast, multicast, class E, loopback) are left out and returned, so that
+// the caller reports them. Conditions are read as the API defines them (and kube-proxy
+// reads them): a missing ready or serving means true, a missing terminating false.
+func endpointsOf(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice, node string) ([]endpoint, []string) {
+	var (
+		bad []string
+		out []endpoint
+	)
 	if proto == "" {
 		proto = corev1.ProtocolTCP
 	}
-	var ready, terminating []Backend
 	for _, s := range eps {
 		if s.AddressType != discoveryv1.AddressTypeIPv4 {
 			continue
@@ -108,10 +140,19 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 			}
 			for _, e := range s.Endpoints {
 				c := e.Conditions
-				isReady := c.Ready == nil || *c.Ready
-				servingTerminating := c.Serving != nil && *c.Serving && c.Terminating != nil && *c.Terminating
-				if !isReady && !servingTerminating {
-					continue
+				base := endpoint{
+					ready:       c.Ready == nil || *c.Ready,
+					serving:     c.Serving == nil || *c.Serving,
+					terminating: c.Terminating != nil && *c.Terminating,
+					local:       node != "" && e.NodeName != nil && *e.NodeName == node,
+				}
+				if e.Hints != nil {
+					for _, z := range e.Hints.ForZones {
+						base.zoneHints = append(base.zoneHints, z.Name)
+					}
+					for _, n := range e.Hints.ForNodes {
+						base.nodeHints = append(base.nodeHints, n.Name)
+					}
 				}
 				for _, a := range e.Addresses {
 					addr, err := netip.ParseAddr(a)
@@ -119,23 +160,113 @@ func readyBackends(portName string, proto corev1.Protocol, eps []*discoveryv1.En
 						bad = append(bad, a)
 						continue
 					}
-					b := Backend{Addr: addr, Port: uint16(*p.Port)}
-					if isReady {
-						ready = append(ready, b)
-					} else {
-						terminating = append(terminating, b)
-					}
+					ep := base
+					ep.b = Backend{Addr: addr, Port: uint16(*p.Port)}
+					out = append(out, ep)
 				}
 			}
 		}
 	}
-	if len(ready) == 0 {
-		ready = terminating
+	return out, bad
+}
+
+// endpointsFor chooses the backends of a ClusterIP frontend from its endpoints as
+// kube-proxy's CategorizeEndpoints does (pkg/proxy/topology.go, v1.37):
+//
+//   - internalTrafficPolicy Cluster: the ready endpoints, narrowed by topology hints when
+//     they apply (topologyMode); when none is left, the serving-but-terminating ones (hints
+//     ignored), so a rolling update or a scale-down to zero does not cut traffic early.
+//   - internalTrafficPolicy Local: the ready endpoints on this node or, when there is none,
+//     its serving-but-terminating ones. When none is local but the Service has usable
+//     endpoints elsewhere, dropEmpty is true: kube-proxy drops (its "has no local
+//     endpoints" rule) where a Service with no endpoints at all is rejected.
+func (tr Translator) endpointsFor(all []endpoint, local bool) (backends []Backend, dropEmpty bool) {
+	pick := func(keep func(endpoint) bool) []Backend {
+		out := []Backend{}
+		for _, e := range all {
+			if keep(e) {
+				out = append(out, e.b)
+			}
+		}
+		return normalize(out)
 	}
-	if ready == nil {
-		ready = []Backend{}
+	servingTerminating := func(e endpoint) bool { return e.serving && e.terminating }
+	if !local {
+		mode := tr.topologyMode(all)
+		bs := pick(func(e endpoint) bool { return e.ready && availableForTopology(e, mode, tr.Node) })
+		if len(bs) == 0 {
+			bs = pick(servingTerminating)
+		}
+		return bs, false
 	}
-	return normalize(ready), bad
+	var anyUsable, localReady, localTerminating bool
+	for _, e := range all {
+		switch {
+		case e.ready:
+			anyUsable = true
+			localReady = localReady || e.local
+		case servingTerminating(e):
+			anyUsable = true
+			localTerminating = localTerminating || e.local
+		}
+	}
+	switch {
+	case localReady:
+		return pick(func(e endpoint) bool { return e.local && e.ready }), false
+	case localTerminating:
+		return pick(func(e endpoint) bool { return e.local && servingTerminating(e) }), false
+	}
+	return []Backend{}, anyUsable
+}
+
+// Topology modes, named after the traffic distributions whose hints they follow.
+const (
+	topologyNone     = ""
+	topologySameNode = "PreferSameNode"
+	topologySameZone = "PreferSameZone"
+)
+
+// topologyMode is kube-proxy's topologyModeFromHints: hints are used only when every ready
+// endpoint has them and at least one is for this node (node hints, checked first) or its
+// zone (zone hints). Otherwise every ready endpoint serves, as if there were no hints.
+func (tr Translator) topologyMode(all []endpoint) string {
+	var anyReady, forNode, forZone bool
+	allNode, allZone := true, true
+	for _, e := range all {
+		if !e.ready {
+			continue
+		}
+		anyReady = true
+		if len(e.nodeHints) == 0 {
+			allNode = false
+		} else if tr.Node.Name != "" && slices.Contains(e.nodeHints, tr.Node.Name) {
+			forNode = true
+		}
+		if len(e.zoneHints) == 0 {
+			allZone = false
+		} else if tr.Node.Zone != "" && slices.Contains(e.zoneHints, tr.Node.Zone) {
+			forZone = true
+		}
+	}
+	switch {
+	case !anyReady:
+		return topologyNone
+	case allNode && forNode:
+		return topologySameNode
+	case allZone && forZone:
+		return topologySameZone
+	}
+	return topologyNone
+}
+
+func availableForTopology(e endpoint, mode string, n Node) bool {
+	switch mode {
+	case topologySameNode:
+		return slices.Contains(e.nodeHints, n.Name)
+	case topologySameZone:
+		return slices.Contains(e.zoneHints, n.Zone)
+	}
+	return true
 }
 
 var classE = netip.MustParsePrefix("240.0.0.0/4")

@@ -26,6 +26,7 @@ import (
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/nodereport"
+	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
 	"github.com/tern-net/tern/service/lbmap"
 )
@@ -95,7 +96,8 @@ func (c *Component) Start(ctx context.Context) error {
 		return err
 	}
 	c.ctl, err = controller.New(c.client, rec, controller.Options{ResyncInterval: c.opts.ServiceResync,
-		Recorder: c.recorder, Registerer: c.a.Registry(), Logger: c.log,
+		Translator: c.translator(ctx, node),
+		Recorder:   c.recorder, Registerer: c.a.Registry(), Logger: c.log,
 		Progress: func(p controller.FirstSync) {
 			if p.Done {
 				svcReady.Ready()
@@ -130,6 +132,26 @@ func (c *Component) Start(ctx context.Context) error {
 		go func() { defer c.wg.Done(); c.gcLoop(ctx) }()
 	}
 	return nil
+}
+
+// translator says what service translation needs of this node: its name, its zone (read
+// once from the Node's topology.kubernetes.io/zone label, as kube-proxy reads it at start;
+// without it topology hints are ignored, as kube-proxy ignores them) and the configured
+// algorithm defaults (validated with the config).
+func (c *Component) translator(ctx context.Context, node string) service.Translator {
+	cfg := c.a.Config()
+	tr := service.Translator{Node: service.Node{Name: node}, MaglevTableSize: cfg.MaglevTableSize}
+	if cfg.LBAlgorithm != "" {
+		tr.DefaultAlgorithm, _ = service.ParseAlgorithm(cfg.LBAlgorithm)
+	}
+	n, err := c.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		c.log.Warn("cannot read this node's zone: topology hints are ignored until the agent restarts",
+			zap.String("node", node), zap.Error(err))
+		return tr
+	}
+	tr.Node.Zone = n.Labels[corev1.LabelTopologyZone]
+	return tr
 }
 
 // Stop ends everything the component started. The maps stay as they are.

@@ -1,10 +1,15 @@
-/* Service load balancing state: the ClusterIP frontends, their backends, and which backends
- * each frontend has. All three maps are written only by the
- * agent's service reconciler (service/), which computes them from Service and
- * EndpointSlice objects; the datapath only reads them. */
+/* Service load balancing state: the ClusterIP frontends, their backends, which backends
+ * each frontend has, and the per-frontend options (affinity timeout, Maglev table size).
+ * These maps are written only by the agent's service reconciler (service/lbmap), which
+ * computes them from Service and EndpointSlice objects; the datapath only reads them. The
+ * one datapath-written map, the affinity table, is in affinity.h, the Maglev tables in
+ * maglev.h. lb_pick_backend, at the end, is the one backend choice both the packet path
+ * (svc.h) and the socket-LB object use. */
 #pragma once
 
 #include "common.h"
+#include "affinity.h"
+#include "maglev.h"
 
 /* Frontend of a Service port: (VIP, port, protocol). */
 struct svc_key {
@@ -17,7 +22,13 @@ struct svc_key {
 struct svc_value {
 	__u32 id;            /* stable id chosen by the agent; keys backend slots */
 	__u16 backend_count; /* ready backends in slots 1..backend_count; 0 means reject */
-	__u16 flags;         /* reserved for session affinity, traffic policies */
+	__u16 flags;         /* enum svc_flag */
+};
+
+enum svc_flag {
+	SVC_F_AFFINITY = 1 << 0,   /* sessionAffinity ClientIP; timeout in tern_lb_svc_opts */
+	SVC_F_MAGLEV = 1 << 1,     /* pick by tern_lb_maglev; table size in tern_lb_svc_opts */
+	SVC_F_DROP_EMPTY = 1 << 2, /* no backends: drop (no local endpoint), not reject */
 };
 
 /* tern_services: key svc_key, value svc_value. Size from the loader (default 131072
@@ -81,6 +92,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_lb_members SEC(".maps");
 
+/* What a frontend with SVC_F_AFFINITY or SVC_F_MAGLEV needs beyond svc_value. A map of its
+ * own rather than a longer svc_value: tern_services keeps the layout older agents pinned,
+ * so an upgrade takes it over as it is. */
+struct svc_opts {
+	__u32 affinity_timeout_s; /* sessionAffinityConfig.clientIP.timeoutSeconds */
+	__u32 maglev_size;        /* entries in the frontend's Maglev table (a prime) */
+};
+
+/* tern_lb_svc_opts: key the frontend id (svc_value.id), value svc_opts. Size from the loader
+ * (default 131072, like the frontends); never evicted: written before the frontend's flags
+ * point at it and deleted after they no longer do. Not preallocated: only frontends with
+ * affinity or Maglev have one. Writer: agent service reconciler. Reader: lb_pick_backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct svc_opts);
+	__uint(max_entries, 131072);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_svc_opts SEC(".maps");
+
 static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 port, __u8 proto)
 {
 	struct svc_key k = { .addr = addr, .port = port, .proto = proto };
@@ -108,4 +140,74 @@ static __always_inline bool lb_is_member(__u32 svc_id, __be32 addr, __be16 port)
 static __always_inline struct backend_value *lb_select_backend(const struct svc_value *svc, __u32 rnd)
 {
 	return lb_backend(svc->id, (rnd % svc->backend_count) + 1);
+}
+
+static __always_inline __u32 lb_member_slot(__u32 svc_id, __be32 addr, __be16 port)
+{
+	struct member_key k = { .svc_id = svc_id, .addr = addr, .port = port };
+	__u32 *slot = bpf_map_lookup_elem(&tern_lb_members, &k);
+
+	return slot ? *slot : 0;
+}
+
+static __always_inline __u32 lb_mix(__u32 h)
+{
+	/* murmur3's finaliser: every input bit reaches every output bit. */
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The hash Maglev selects by: the flow's 5-tuple as the client sent it, so the socket path
+ * (which sees the same tuple at connect) and the packet path agree. */
+static __always_inline __u32 lb_tuple_hash(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport, __u8 proto)
+{
+	__u32 h = lb_mix(saddr ^ 0x9e3779b9);
+
+	h = lb_mix(h ^ daddr);
+	h = lb_mix(h ^ (((__u32)sport << 16) | dport));
+	return lb_mix(h ^ proto);
+}
+
+/* The backend slot (1..backend_count) a new flow of client with tuple hash takes at svc,
+ * shared by the packet path (svc.h) and the socket-LB object:
+ *   1. affinity (SVC_F_AFFINITY): the backend the client's live entry names, if it is still
+ *      one of the frontend's (the membership index answers with its current slot);
+ *   2. Maglev (SVC_F_MAGLEV): the slot the table entry for hash names;
+ *   3. otherwise (or when the table lacks the entry) a random slot.
+ * The caller has checked backend_count > 0. The affinity entry is written or refreshed by
+ * lb_pick_backend itself once a slot is chosen, as kube-proxy refreshes its "recent" entry
+ * on every new connection. */
+static __always_inline __u32 lb_pick_backend(const struct svc_value *svc, __u32 hash, __be32 client, __u64 now)
+{
+	__u32 slot = 0;
+	struct svc_opts *o = NULL;
+
+	if (svc->flags & (SVC_F_AFFINITY | SVC_F_MAGLEV))
+		o = bpf_map_lookup_elem(&tern_lb_svc_opts, &svc->id);
+	if (o && (svc->flags & SVC_F_AFFINITY)) {
+		struct affinity_value *a = affinity_lookup(svc->id, client, o->affinity_timeout_s, now);
+		if (a) {
+			/* The membership entry names the backend's slot; the slot is checked to hold
+			 * it, since the reconciler moves a backend into a removed one's slot before it
+			 * points the membership entry there. */
+			__u32 s = lb_member_slot(svc->id, a->addr, a->port);
+			struct backend_value *be = s ? lb_backend(svc->id, s) : NULL;
+			if (be && be->addr == a->addr && be->port == a->port)
+				slot = s;
+		}
+	}
+	if (!slot && o && (svc->flags & SVC_F_MAGLEV))
+		slot = maglev_slot(svc->id, o->maglev_size, hash);
+	if (!slot || slot > svc->backend_count)
+		slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
+	if (o && (svc->flags & SVC_F_AFFINITY)) {
+		struct backend_value *be = lb_backend(svc->id, slot);
+		if (be)
+			affinity_record(svc->id, client, be->addr, be->port, now);
+	}
+	return slot;
 }

@@ -39,6 +39,7 @@ enum tern_reason : __u8 {
 	REASON_SOCK_REJECT = 22,    /* connect()/sendmsg() to a frontend without ready backends refused */
 	REASON_SOCK_REVNAT_FULL = 23, /* reverse entry not written: the socket is left untranslated */
 	REASON_SOCK_DESTROY = 24,   /* connected UDP socket to a removed backend destroyed */
+	REASON_DROP_NO_LOCAL_BACKEND = 25, /* internalTrafficPolicy Local, no endpoint on this node */
 	__REASON_MAX = 32,
 };
 

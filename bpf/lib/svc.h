@@ -186,7 +186,8 @@ static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
 	__u32 slot = svc_recover_slot(p, svc, now);
 
 	if (!slot)
-		slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
+		slot = lb_pick_backend(svc, lb_tuple_hash(p->saddr, p->daddr, p->sport, p->dport, p->proto),
+				       p->saddr, now);
 	struct backend_value *be = lb_backend(svc->id, slot);
 
 	if (!be)

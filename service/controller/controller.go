@@ -42,6 +42,10 @@ type Options struct {
 	// matters to an operator, last with Done. The agent's readiness follows it. It is called
 	// from the controller's goroutines, one call at a time, and must not block.
 	Progress func(FirstSync)
+	// Translator is what translation needs to know of this node (its name and zone, for
+	// internalTrafficPolicy Local and topology hints) and its defaults (load-balancing
+	// algorithm, Maglev table size). The zero value knows no node: no endpoint is local.
+	Translator service.Translator
 }
 
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
@@ -85,7 +89,7 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 	c := &Controller{
 		client:  client,
 		rec:     rec,
-		builder: service.NewBuilder(),
+		builder: service.NewBuilderFor(opts.Translator),
 		opts:    opts,
 		log:     opts.Logger.Named("services"),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -276,7 +280,7 @@ func (c *Controller) syncService(nn types.NamespacedName) error {
 	if terr != nil {
 		c.reportInvalid(svc, terr)
 	}
-	err = c.rec.Apply(c.builder.Desired, dirty)
+	err = c.rec.ApplyWith(c.builder.Desired, c.builder.Options, dirty)
 	c.observe("service", start, err)
 	c.m.frontends.Set(float64(c.builder.Len()))
 	if err != nil {
@@ -319,7 +323,7 @@ func (c *Controller) fullSync() error {
 	if first {
 		c.report(func(p *FirstSync) { p.Translated, p.Frontends = len(list), len(desired) })
 	}
-	err := c.rec.Sync(desired)
+	err := c.rec.SyncWith(desired, c.builder.Options)
 	c.observe("full", start, err)
 	c.log.Info("full sync", zap.Int("services", len(seen)), zap.Int("frontends", len(desired)),
 		zap.Duration("took", time.Since(start)), zap.Error(err))

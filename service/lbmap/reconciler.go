@@ -1,6 +1,7 @@
-// Package lbmap encodes load-balancer state (service.State: what the Services mean) into the
-// datapath's LB maps and keeps them reconciled: frontends, backend slots and the backend
-// membership index, written in an order that keeps every reader safe.
+// Package lbmap encodes load-balancer state (service.State and service.Options: what the
+// Services mean) into the datapath's LB maps and keeps them reconciled: frontends, backend
+// slots, the backend membership index, per-frontend options and Maglev tables, written in an
+// order that keeps every reader safe.
 package lbmap
 
 import (
@@ -27,6 +28,12 @@ type LBMaps interface {
 	DeleteBackend(loader.BackendKey) error
 	PutMember(loader.MemberKey, uint32) error
 	DeleteMember(loader.MemberKey) error
+	DumpOpts() (map[uint32]loader.SvcOpts, error)
+	DumpMaglev() (map[loader.MaglevKey]loader.MaglevValue, error)
+	PutOpts(uint32, loader.SvcOpts) error
+	DeleteOpts(uint32) error
+	PutMaglev(loader.MaglevKey, loader.MaglevValue) error
+	DeleteMaglev(loader.MaglevKey) error
 }
 
 // BatchLBMaps is implemented by maps that can take many entries per syscall. The reconciler
@@ -39,8 +46,44 @@ type BatchLBMaps interface {
 }
 
 type realized struct {
-	id    uint32
-	slots []service.Backend // slot i+1 holds slots[i]
+	id     uint32
+	slots  []service.Backend // slot i+1 holds slots[i]
+	flags  uint16            // svc_value.flags as written
+	opts   loader.SvcOpts    // tern_lb_svc_opts entry; written when flags need it
+	hasOpt bool
+	blocks []loader.MaglevValue // Maglev table blocks 0..len-1 as written
+}
+
+// encoded is what a frontend's options become in the maps.
+type encoded struct {
+	flags  uint16
+	opts   loader.SvcOpts
+	hasOpt bool
+	blocks []loader.MaglevValue
+}
+
+// encode turns a frontend's options and slot layout into map values. The Maglev table is
+// built over the slots, so each entry names a slot directly.
+func encode(o service.Options, slots []service.Backend) encoded {
+	var e encoded
+	if o.AffinitySeconds != 0 {
+		e.flags |= loader.SvcFlagAffinity
+		e.opts.AffinityTimeoutS = o.AffinitySeconds
+	}
+	if o.MaglevSize != 0 && len(slots) > 0 {
+		e.flags |= loader.SvcFlagMaglev
+		e.opts.MaglevSize = o.MaglevSize
+		table := service.Maglev(slots, o.MaglevSize)
+		e.blocks = make([]loader.MaglevValue, (len(table)+loader.MaglevBlock-1)/loader.MaglevBlock)
+		for i, idx := range table {
+			e.blocks[i/loader.MaglevBlock].Slot[i%loader.MaglevBlock] = uint16(idx + 1)
+		}
+	}
+	if o.DropWhenEmpty {
+		e.flags |= loader.SvcFlagDropEmpty
+	}
+	e.hasOpt = e.flags&(loader.SvcFlagAffinity|loader.SvcFlagMaglev) != 0
+	return e
 }
 
 // Reconciler writes desired load-balancer state into the maps. It keeps a mirror of what
@@ -62,7 +105,7 @@ type Reconciler struct {
 	fronts  map[service.Frontend]*realized
 	usedIDs map[uint32]bool
 	nextID  uint32
-	members map[loader.MemberKey]bool
+	members map[loader.MemberKey]uint32 // membership entries as written: the backend's slot
 	writes  uint64
 }
 
@@ -92,13 +135,21 @@ func (r *Reconciler) load() error {
 	if err != nil {
 		return fmt.Errorf("read backend membership map: %w", err)
 	}
+	opts, err := r.maps.DumpOpts()
+	if err != nil {
+		return fmt.Errorf("read frontend options map: %w", err)
+	}
+	mag, err := r.maps.DumpMaglev()
+	if err != nil {
+		return fmt.Errorf("read Maglev table map: %w", err)
+	}
 	r.fronts = map[service.Frontend]*realized{}
 	r.usedIDs = map[uint32]bool{}
 	r.nextID = 1
 	byID := map[uint32]*realized{}
 	for k, v := range svcs {
 		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto)}
-		re := &realized{id: v.Id, slots: make([]service.Backend, v.BackendCount)}
+		re := &realized{id: v.Id, slots: make([]service.Backend, v.BackendCount), flags: v.Flags}
 		r.fronts[f] = re
 		r.usedIDs[v.Id] = true
 		byID[v.Id] = re
@@ -113,11 +164,32 @@ func (r *Reconciler) load() error {
 		}
 		re.slots[k.Slot-1] = service.Backend{Addr: loader.BEToAddr(v.Addr), Port: loader.BEToPort(v.Port)}
 	}
+	// Options and Maglev blocks of frontends that do not exist are leftovers too. A block
+	// missing from a table leaves a zero entry in the mirror, so the next upsert rewrites it.
+	for id, o := range opts {
+		re, ok := byID[id]
+		if !ok {
+			errs = append(errs, r.del(func() error { return r.maps.DeleteOpts(id) }))
+			continue
+		}
+		re.opts, re.hasOpt = o, true
+	}
+	for k, v := range mag {
+		re, ok := byID[k.SvcId]
+		if !ok || k.Block >= 1<<16 {
+			errs = append(errs, r.del(func() error { return r.maps.DeleteMaglev(k) }))
+			continue
+		}
+		for uint32(len(re.blocks)) <= k.Block {
+			re.blocks = append(re.blocks, loader.MaglevValue{})
+		}
+		re.blocks[k.Block] = v
+	}
 	// Membership must match the slots exactly: a member without a slot would keep a removed
 	// backend's UDP flows alive, a slot without a member would move them needlessly. A map
 	// left by an older layout has no members at all; they are rebuilt here, before any
 	// program that reads them is attached.
-	r.members = map[loader.MemberKey]bool{}
+	r.members = map[loader.MemberKey]uint32{}
 	want := map[loader.MemberKey]uint32{}
 	for _, re := range byID {
 		for i, b := range re.slots {
@@ -126,20 +198,22 @@ func (r *Reconciler) load() error {
 			}
 		}
 	}
-	for k := range mem {
+	for k, slot := range mem {
 		if _, ok := want[k]; !ok {
 			errs = append(errs, r.del(func() error { return r.maps.DeleteMember(k) }))
 			continue
 		}
-		r.members[k] = true
+		r.members[k] = slot
 	}
+	// A missing member is restored; one naming another slot (the slot it had before an
+	// interrupted move) is corrected: affinity finds a backend's slot through it.
 	for k, slot := range want {
-		if !r.members[k] {
+		if r.members[k] != slot {
 			if err := r.put(func() error { return r.maps.PutMember(k, slot) }); err != nil {
 				errs = append(errs, fmt.Errorf("restore backend membership: %w", err))
 				continue
 			}
-			r.members[k] = true
+			r.members[k] = slot
 		}
 	}
 	return errors.Join(errs...)
@@ -179,6 +253,12 @@ func (r *Reconciler) Writes() uint64 {
 // deleted (when desired lacks it). Other frontends are not touched, so their flows are
 // undisturbed. Errors for one frontend do not stop the others.
 func (r *Reconciler) Apply(desired service.Lookup, dirty []service.Frontend) error {
+	return r.ApplyWith(desired, nil, dirty)
+}
+
+// ApplyWith is Apply with each frontend's options (affinity, Maglev, traffic policy) from
+// opts; nil means the defaults for all.
+func (r *Reconciler) ApplyWith(desired service.Lookup, opts service.OptionsLookup, dirty []service.Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var errs []error
@@ -186,7 +266,7 @@ func (r *Reconciler) Apply(desired service.Lookup, dirty []service.Frontend) err
 		bs, ok := desired(f)
 		var err error
 		if ok {
-			err = r.upsert(f, bs)
+			err = r.upsert(f, bs, optionsOf(opts, f))
 		} else {
 			err = r.remove(f)
 		}
@@ -199,14 +279,17 @@ func (r *Reconciler) Apply(desired service.Lookup, dirty []service.Frontend) err
 
 // Sync re-reads the maps and reconciles every frontend, desired or present: the periodic
 // full resync that repairs drift and removes what nobody wants.
-func (r *Reconciler) Sync(desired service.State) error {
+func (r *Reconciler) Sync(desired service.State) error { return r.SyncWith(desired, nil) }
+
+// SyncWith is Sync with each frontend's options from opts (nil: the defaults).
+func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err := r.load(); err != nil {
 		return err
 	}
 	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.members) == 0 && len(desired) > 0 {
-		return r.bulkLoad(bm, desired)
+		return r.bulkLoad(bm, desired, opts)
 	}
 	var errs []error
 	for f := range r.fronts {
@@ -217,7 +300,7 @@ func (r *Reconciler) Sync(desired service.State) error {
 		}
 	}
 	for f, bs := range desired {
-		if err := r.upsert(f, bs); err != nil {
+		if err := r.upsert(f, bs, optionsOf(opts, f)); err != nil {
 			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
 		}
 	}
@@ -287,7 +370,14 @@ func layout(old, desired []service.Backend) []service.Backend {
 	return slots
 }
 
-func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend) error {
+func optionsOf(l service.OptionsLookup, f service.Frontend) service.Options {
+	if l == nil {
+		return service.Options{}
+	}
+	return l(f)
+}
+
+func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o service.Options) error {
 	cur := r.fronts[f]
 	if cur == nil {
 		id, err := r.allocID()
@@ -297,17 +387,18 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend) error
 		cur = &realized{id: id}
 	}
 	slots := layout(cur.slots, desired)
+	enc := encode(o, slots)
 
 	// 1. Membership for every backend, before any new flow can be given it.
 	for i, b := range slots {
 		k := memberKey(cur.id, b)
-		if r.members[k] {
+		if _, ok := r.members[k]; ok {
 			continue
 		}
 		if err := r.put(func() error { return r.maps.PutMember(k, uint32(i+1)) }); err != nil {
 			return fmt.Errorf("write backend membership: %w", err)
 		}
-		r.members[k] = true
+		r.members[k] = uint32(i + 1)
 	}
 	// 2. Slots that change.
 	for i, b := range slots {
@@ -320,21 +411,63 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend) error
 			return fmt.Errorf("write backend slot %d: %w", i+1, err)
 		}
 	}
-	// 3. The frontend, once the slots it counts are in place.
-	if _, exists := r.fronts[f]; !exists || len(cur.slots) != len(slots) {
-		v := loader.ServiceValue{Id: cur.id, BackendCount: uint16(len(slots))}
+	// 2b. A backend that moved to another slot (into a hole a removed one left) gets its
+	// membership entry pointed at the new slot, now that the slot holds it: affinity finds
+	// a client's backend through it (lb_pick_backend checks the slot still holds it).
+	for i, b := range slots {
+		k := memberKey(cur.id, b)
+		if r.members[k] == uint32(i+1) {
+			continue
+		}
+		if err := r.put(func() error { return r.maps.PutMember(k, uint32(i+1)) }); err != nil {
+			return fmt.Errorf("move backend membership to slot %d: %w", i+1, err)
+		}
+		r.members[k] = uint32(i + 1)
+	}
+	// 3. Options and Maglev blocks that change, before the flags point at them. A table
+	// entry naming a slot beyond the count in force is harmless: the datapath then picks
+	// at random (lb_pick_backend).
+	if enc.hasOpt && (!cur.hasOpt || cur.opts != enc.opts) {
+		if err := r.put(func() error { return r.maps.PutOpts(cur.id, enc.opts) }); err != nil {
+			return fmt.Errorf("write frontend options: %w", err)
+		}
+		cur.opts, cur.hasOpt = enc.opts, true
+	}
+	for i, v := range enc.blocks {
+		if i < len(cur.blocks) && cur.blocks[i] == v {
+			continue
+		}
+		k := loader.MaglevKey{SvcId: cur.id, Block: uint32(i)}
+		if err := r.put(func() error { return r.maps.PutMaglev(k, v) }); err != nil {
+			return fmt.Errorf("write Maglev table block %d: %w", i, err)
+		}
+	}
+	// 4. The frontend, once the slots it counts and the options its flags name are in place.
+	if _, exists := r.fronts[f]; !exists || len(cur.slots) != len(slots) || cur.flags != enc.flags {
+		v := loader.ServiceValue{Id: cur.id, BackendCount: uint16(len(slots)), Flags: enc.flags}
 		if err := r.put(func() error { return r.maps.PutService(svcKey(f), v) }); err != nil {
 			return fmt.Errorf("write frontend: %w", err)
 		}
 	}
-	// 4. Slots past the new count.
+	cur.flags = enc.flags
+	// 5. Slots past the new count, table blocks past the new table, options no flag needs.
 	var errs []error
 	for i := len(slots); i < len(cur.slots); i++ {
 		k := loader.BackendKey{SvcId: cur.id, Slot: uint32(i + 1)}
 		errs = append(errs, r.del(func() error { return r.maps.DeleteBackend(k) }))
 	}
-	// 5. Backends that left stop being members: their UDP flows move on their next datagram
-	// and a new SYN on a reused tuple picks a live backend; established TCP flows continue.
+	for i := len(enc.blocks); i < len(cur.blocks); i++ {
+		k := loader.MaglevKey{SvcId: cur.id, Block: uint32(i)}
+		errs = append(errs, r.del(func() error { return r.maps.DeleteMaglev(k) }))
+	}
+	cur.blocks = enc.blocks
+	if !enc.hasOpt && cur.hasOpt {
+		errs = append(errs, r.del(func() error { return r.maps.DeleteOpts(cur.id) }))
+		cur.opts, cur.hasOpt = loader.SvcOpts{}, false
+	}
+	// 6. Backends that left stop being members: their UDP flows move on their next datagram,
+	// a new SYN on a reused tuple picks a live backend, and affinity no longer leads to
+	// them; established TCP flows continue.
 	kept := make(map[service.Backend]bool, len(slots))
 	for _, b := range slots {
 		kept[b] = true
@@ -363,6 +496,13 @@ func (r *Reconciler) remove(f service.Frontend) error {
 		k := loader.BackendKey{SvcId: cur.id, Slot: uint32(i + 1)}
 		errs = append(errs, r.del(func() error { return r.maps.DeleteBackend(k) }))
 	}
+	for i := range cur.blocks {
+		k := loader.MaglevKey{SvcId: cur.id, Block: uint32(i)}
+		errs = append(errs, r.del(func() error { return r.maps.DeleteMaglev(k) }))
+	}
+	if cur.hasOpt {
+		errs = append(errs, r.del(func() error { return r.maps.DeleteOpts(cur.id) }))
+	}
 	for _, b := range cur.slots {
 		if b.Addr.IsValid() {
 			errs = append(errs, r.dropMember(memberKey(cur.id, b)))
@@ -383,7 +523,7 @@ func (r *Reconciler) dropMember(k loader.MemberKey) error {
 
 // bulkLoad writes a whole desired state into empty maps with batch updates, in the same
 // order the per-entry path keeps: membership, then slots, then frontends.
-func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State) error {
+func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State, opts service.OptionsLookup) error {
 	var (
 		sk []loader.ServiceKey
 		sv []loader.ServiceValue
@@ -393,13 +533,15 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State) error {
 		mv []uint32
 	)
 	fronts := make(map[service.Frontend]*realized, len(desired))
-	members := map[loader.MemberKey]bool{}
+	members := map[loader.MemberKey]uint32{}
 	for f, bs := range desired {
 		id, err := r.allocID()
 		if err != nil {
 			return err
 		}
 		re := &realized{id: id, slots: append([]service.Backend(nil), bs...)}
+		enc := encode(optionsOf(opts, f), re.slots)
+		re.flags, re.opts, re.hasOpt, re.blocks = enc.flags, enc.opts, enc.hasOpt, enc.blocks
 		fronts[f] = re
 		for i, b := range bs {
 			bk = append(bk, loader.BackendKey{SvcId: id, Slot: uint32(i + 1)})
@@ -407,16 +549,30 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State) error {
 			k := memberKey(id, b)
 			mk = append(mk, k)
 			mv = append(mv, uint32(i+1))
-			members[k] = true
+			members[k] = uint32(i + 1)
 		}
 		sk = append(sk, svcKey(f))
-		sv = append(sv, loader.ServiceValue{Id: id, BackendCount: uint16(len(bs))})
+		sv = append(sv, loader.ServiceValue{Id: id, BackendCount: uint16(len(bs)), Flags: re.flags})
 	}
 	if err := bm.PutMembers(mk, mv); err != nil {
 		return fmt.Errorf("load backend membership: %w", err)
 	}
 	if err := bm.PutBackends(bk, bv); err != nil {
 		return fmt.Errorf("load backend slots: %w", err)
+	}
+	// Options and Maglev tables are few (only frontends that ask for them): entry by entry.
+	for _, re := range fronts {
+		if re.hasOpt {
+			if err := r.put(func() error { return r.maps.PutOpts(re.id, re.opts) }); err != nil {
+				return fmt.Errorf("load frontend options: %w", err)
+			}
+		}
+		for i, v := range re.blocks {
+			k := loader.MaglevKey{SvcId: re.id, Block: uint32(i)}
+			if err := r.put(func() error { return r.maps.PutMaglev(k, v) }); err != nil {
+				return fmt.Errorf("load Maglev table block %d: %w", i, err)
+			}
+		}
 	}
 	if err := bm.PutServices(sk, sv); err != nil {
 		return fmt.Errorf("load frontends: %w", err)

@@ -34,8 +34,10 @@ func mapState(t *testing.T, m *loader.Maps) service.State {
 			}
 			bs = append(bs, service.Backend{Addr: loader.BEToAddr(b.Addr), Port: loader.BEToPort(b.Port)})
 			mk := loader.MemberKey{SvcId: v.Id, Addr: b.Addr, Port: b.Port}
-			if _, ok := mem[mk]; !ok {
+			if slot, ok := mem[mk]; !ok {
 				t.Fatalf("backend %v of %s is not a member", b, f)
+			} else if slot != i {
+				t.Fatalf("membership of backend %v of %s names slot %d, it is in slot %d", b, f, slot, i)
 			}
 			want[mk] = true
 		}
@@ -86,10 +88,10 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	if err := r.Apply(desired.Lookup, []service.Frontend{web}); err != nil {
 		t.Fatal(err)
 	}
-	// The last slot moves into the hole, the count goes down, the trailing slot and the
-	// removed backend's membership go.
-	if n := r.Writes() - w; n != 4 {
-		t.Fatalf("removing one backend took %d writes, want 4", n)
+	// The last slot moves into the hole (and its backend's membership entry follows it),
+	// the count goes down, the trailing slot and the removed backend's membership go.
+	if n := r.Writes() - w; n != 5 {
+		t.Fatalf("removing one backend took %d writes, want 5", n)
 	}
 	if got := mapState(t, m); !reflect.DeepEqual(got, desired) {
 		t.Fatalf("maps hold %v, want %v", got, desired)
