@@ -152,6 +152,8 @@ const (
 	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
 	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
 	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
+	PodTernReasonREASON_FWD_PEER             PodTernReason = 19
+	PodTernReasonREASON_FWD_NEIGH            PodTernReason = 20
 	PodTernReasonREASON_MAX                  PodTernReason = 32
 )
 
@@ -166,6 +168,7 @@ const (
 	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernMetrics                    = "tern_metrics"
+	PodMapTernNetdevs                    = "tern_netdevs"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
@@ -175,6 +178,7 @@ const (
 	PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT = "CFG_CT_TCP_ESTABLISHED_TIMEOUT"
 	PodVarCFG_CT_TCP_SYN_TIMEOUT         = "CFG_CT_TCP_SYN_TIMEOUT"
 	PodVarCFG_CT_UDP_TIMEOUT             = "CFG_CT_UDP_TIMEOUT"
+	PodVarCFG_FORWARD                    = "CFG_FORWARD"
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
 )
 
@@ -235,6 +239,7 @@ type PodMapSpecs struct {
 	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNetdevs   *ebpf.MapSpec `ebpf:"tern_netdevs"`
 	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
@@ -248,6 +253,7 @@ type PodVariableSpecs struct {
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.VariableSpec `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_FORWARD                    *ebpf.VariableSpec `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
 }
 
@@ -278,6 +284,7 @@ type PodMaps struct {
 	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
+	TernNetdevs   *ebpf.Map `ebpf:"tern_netdevs"`
 	TernServices  *ebpf.Map `ebpf:"tern_services"`
 }
 
@@ -290,6 +297,7 @@ func (m *PodMaps) Close() error {
 		m.TernIpcache,
 		m.TernLbMembers,
 		m.TernMetrics,
+		m.TernNetdevs,
 		m.TernServices,
 	)
 }
@@ -304,6 +312,7 @@ type PodVariables struct {
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.Variable `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.Variable `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.Variable `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_FORWARD                    *ebpf.Variable `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
 }
 

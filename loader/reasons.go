@@ -31,6 +31,10 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	// ReasonFwdPeer and ReasonFwdNeigh count packets the forward stage redirected: into a
+	// pod on this node, out of an ENI or the primary NIC (bpf/lib/forward.h).
+	ReasonFwdPeer  = PodTernReasonREASON_FWD_PEER
+	ReasonFwdNeigh = PodTernReasonREASON_FWD_NEIGH
 )
 
 var reasonLabels = map[Reason]string{
@@ -41,6 +45,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonFwdPeer:         "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
 }
 
 // String is the reason's Prometheus label value.

@@ -32,6 +32,8 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_FWD_PEER = 19,       /* redirected into a pod on this node (bpf_redirect_peer) */
+	REASON_FWD_NEIGH = 20,      /* redirected out of an ENI or the primary NIC to the FIB's neighbour */
 	__REASON_MAX = 32,
 };
 
