@@ -143,17 +143,20 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 	if (p->first_frag && p->sport | p->dport)
 		bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports));
 
-	struct bpf_fib_lookup fib = {
-		.family = AF_INET,
-		.l4_protocol = ip->protocol,
-		.sport = ports[0],
-		.dport = ports[1],
-		.tot_len = 0, /* 0: the kernel checks the skb against the MTU, GSO-aware */
-		.ifindex = skb->ifindex,
-		.tos = ip->tos,
-		.ipv4_src = ip->saddr,
-		.ipv4_dst = ip->daddr,
-	};
+	/* Zeroed whole, then filled: with a designated initializer clang-14 leaves the unions'
+	 * other bytes unwritten, and on Linux 6.18 the helper then read a struct of zeroes
+	 * (family 0: -EAFNOSUPPORT on every packet; seen in TestForwardRedirectPeer). */
+	struct bpf_fib_lookup fib;
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET;
+	fib.l4_protocol = ip->protocol;
+	fib.sport = ports[0];
+	fib.dport = ports[1];
+	fib.tot_len = 0; /* 0: the kernel checks the skb against the MTU, GSO-aware */
+	fib.ifindex = skb->ifindex;
+	fib.tos = ip->tos;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
 	__be32 daddr = ip->daddr;
 	__u8 old_dmac[ETH_ALEN];
 	__builtin_memcpy(old_dmac, eth->h_dest, ETH_ALEN);
@@ -220,7 +223,10 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 		return TC_ACT_OK;
 	if (!fwd_dec_ttl(skb))
 		return TC_ACT_OK;
-	struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
+	struct bpf_redir_neigh nh;
+	__builtin_memset(&nh, 0, sizeof(nh)); /* whole, as fib above */
+	nh.nh_family = AF_INET;
+	nh.ipv4_nh = fib.ipv4_dst;
 	count(skb, REASON_FWD_NEIGH, DIR_FROM_POD);
 	return bpf_redirect_neigh(out, &nh, sizeof(nh), 0);
 }

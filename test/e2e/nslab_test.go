@@ -36,6 +36,7 @@ type podNS struct {
 	ip      netip.Addr
 	hostIf  string
 	ifindex int
+	mac     net.HardwareAddr // the pod's eth0
 }
 
 func newNodeLab(t *testing.T) *nodeLab {
@@ -69,6 +70,7 @@ func (l *nodeLab) addPod(name, ip string) *podNS {
 	err := nsutil.Do(l.node, func() error {
 		res, err := datapath.SetupPodLink(datapath.PodLink{HostIfName: p.hostIf, PodNS: p.ns, PodIP: p.ip})
 		p.ifindex = res.HostIndex
+		p.mac = res.PodMAC
 		return err
 	})
 	if err != nil {
