@@ -23,7 +23,7 @@ import (
 
 // registerPods records the lab's pods in the endpoint registry, as the agent does when it
 // attaches them; flags per pod name.
-func registerPods(t *testing.T, d *loader.Datapath, lab *nodeLab, flags map[string]uint16) *endpoint.Registry {
+func registerPods(t testing.TB, d *loader.Datapath, lab *nodeLab, flags map[string]uint16) *endpoint.Registry {
 	t.Helper()
 	cache, err := endpoint.NewIPCache(d.Maps())
 	if err != nil {

@@ -25,7 +25,7 @@ import (
 // nodeLab is one node namespace with pod namespaces behind veths, as a CNI would build
 // them. Nothing here touches the root namespace.
 type nodeLab struct {
-	t    *testing.T
+	t    testing.TB
 	node netns.NsHandle
 	pods map[string]*podNS
 }
@@ -39,7 +39,7 @@ type podNS struct {
 	mac     net.HardwareAddr // the pod's eth0
 }
 
-func newNodeLab(t *testing.T) *nodeLab {
+func newNodeLab(t testing.TB) *nodeLab {
 	testutil.RequirePrivileged(t)
 	l := &nodeLab{t: t, node: testutil.NewNetNS(t), pods: map[string]*podNS{}}
 	// A node always has an address of its own (its primary ENI's); ARP for pods takes its
@@ -97,7 +97,7 @@ func (l *nodeLab) attachAll(d *loader.Datapath) {
 
 // serve starts TCP and UDP servers on port inside the pod. TCP greets with the pod's name
 // and then echoes lines; UDP answers every datagram with the pod's name.
-func (p *podNS) serve(t *testing.T, port int) {
+func (p *podNS) serve(t testing.TB, port int) {
 	t.Helper()
 	var (
 		tl net.Listener
