@@ -133,10 +133,6 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 	if ((void *)(ip + 1) > data_end)
 		return TC_ACT_OK;
 
-	struct endpoint_value *src = endpoint_of(skb);
-	if (src && (src->flags & EP_F_BANDWIDTH))
-		return TC_ACT_OK;
-
 	/* The ports as they are now (a translation may have changed them since parsing), for
 	 * rules that match them. */
 	__be16 ports[2] = {};
@@ -166,6 +162,10 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return TC_ACT_OK;
 	if (fib.ifindex == skb->ifindex)
+		return TC_ACT_OK;
+	/* Looked up only now: a packet the stack gets anyway does not pay for it. */
+	struct endpoint_value *src = endpoint_of(skb);
+	if (src && (src->flags & EP_F_BANDWIDTH))
 		return TC_ACT_OK;
 
 	if (CFG_FORWARD & FWD_CFG_PEER) {
