@@ -183,6 +183,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("prepare node sysctls: %w", err)
 	}
 	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
+		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
 		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
 		Logger: a.log.Named("loader")})

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/service"
+	"github.com/tern-net/tern/loader"
 )
 
 // Defaults of Config.
@@ -90,6 +91,10 @@ type Config struct {
 	PinRoot string `json:"pinRoot,omitempty"`
 	// ForceClsact attaches pod programs with clsact even where tcx works.
 	ForceClsact bool `json:"forceClsact,omitempty"`
+	// Forwarding is "redirect" (default: pod traffic is redirected straight into local pods
+	// and out of ENIs where the route allows and the kernel can) or "stack" (every packet
+	// through the host stack).
+	Forwarding string `json:"forwarding,omitempty"`
 	// Datapath map sizes (0: the loader's defaults). They are fixed when a map is first
 	// pinned; changing one later needs the pinned map removed, which drops its state.
 	MaxServices uint32 `json:"maxServices,omitempty"`
@@ -204,6 +209,10 @@ func (c Config) Validate() error {
 	if c.Cloud.BackoffAttempts < 0 || c.Cloud.RateLimitPerSecond < 0 {
 		errs = append(errs, fmt.Errorf("cloud.backoffAttempts %d and cloud.rateLimitPerSecond %g must not be negative",
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
+	}
+	if f := loader.Forwarding(c.Forwarding); f != "" && f != loader.ForwardRedirect && f != loader.ForwardStack {
+		errs = append(errs, fmt.Errorf("forwarding %q is not %q or %q: leave it out for the default (%s)",
+			c.Forwarding, loader.ForwardRedirect, loader.ForwardStack, loader.ForwardRedirect))
 	}
 	errs = append(errs, c.validateMetrics()...)
 	errs = append(errs, c.SocketLB.validate()...)

@@ -155,3 +155,18 @@ func TestValidateLoadBalancingOptions(t *testing.T) {
 		t.Fatalf("valid load-balancing options refused: %v", err)
 	}
 }
+
+func TestValidateForwarding(t *testing.T) {
+	for _, f := range []string{"", "redirect", "stack"} {
+		c := Config{NodeName: "n1", Forwarding: f}
+		c.setDefaults()
+		if err := c.Validate(); err != nil {
+			t.Fatalf("forwarding %q refused: %v", f, err)
+		}
+	}
+	c := Config{NodeName: "n1", Forwarding: "fast"}
+	c.setDefaults()
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), `forwarding "fast" is not "redirect" or "stack"`) {
+		t.Fatalf("Validate: %v", err)
+	}
+}

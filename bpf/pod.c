@@ -4,6 +4,7 @@
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> fragment ports -> conntrack lookup -> hairpin reply? restore
  *             -> a service flow, or no flow and a frontend? translate : track
+ *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
  *       parse -> fragment ports -> conntrack lookup -> track -> a service flow's reply? restore
  *
@@ -22,6 +23,7 @@
 #include "lib/nat.h"
 #include "lib/svc.h"
 #include "lib/reject.h"
+#include "lib/forward.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -98,7 +100,7 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 		return bpf_redirect(skb->ifindex, 0);
 	}
 	count(skb, (flow.flags & CT_F_PORT_SNAT) ? REASON_SVC_PORT_SNAT : REASON_SVC_FORWARD, DIR_FROM_POD);
-	return TC_ACT_OK;
+	return forward(skb, p, NULL, false);
 }
 
 /* A hairpin flow's reply: the pod answers the hairpin address, and the packet goes back
@@ -149,7 +151,7 @@ int tern_from_pod(struct __sk_buff *skb)
 	int reason = flow_track(&p, now, &f, &reply);
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
-	return TC_ACT_OK;
+	return forward(skb, &p, f.ct, reply);
 }
 
 SEC("tc")

@@ -50,7 +50,9 @@ type Config struct {
 	CollisionPortCount uint16
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
-	Logger      *zap.Logger
+	// Forwarding is ForwardRedirect (default) or ForwardStack (forward.go).
+	Forwarding Forwarding
+	Logger     *zap.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -84,7 +86,8 @@ func (c *Config) setDefaults() {
 type Datapath struct {
 	cfg    Config
 	objs   PodObjects
-	netdev NetdevObjects // the programs for ENI links and the primary NIC (netdev.go)
+	netdev NetdevObjects  // the programs for ENI links and the primary NIC (netdev.go)
+	fwd    ForwardSupport // what the forward stage redirects (forward.go)
 
 	// An upgrade in progress (upgrade.go): pins Load moved aside, the first layout's
 	// conntrack map while its flows are still being converted, and what the last
@@ -111,12 +114,20 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := os.Chmod(cfg.PinRoot, 0o700); err != nil {
 		return nil, fmt.Errorf("chmod 0700 pin directory %s: %w", cfg.PinRoot, err)
 	}
-	spec, err := podSpec(cfg)
+	fwd, missing, err := probeForwarding(cfg.Forwarding)
+	if err != nil {
+		return nil, err
+	}
+	if len(missing) > 0 {
+		cfg.Logger.Info("kernel lacks BPF helpers for direct forwarding; those packets go through the stack",
+			zap.Strings("missing", missing), zap.Bool("peer", fwd.Peer), zap.Bool("neigh", fwd.Neigh))
+	}
+	spec, err := podSpec(cfg, fwd)
 	if err != nil {
 		return nil, err
 	}
 
-	d := &Datapath{cfg: cfg}
+	d := &Datapath{cfg: cfg, fwd: fwd}
 	// A pinned map this build cannot reuse (an older layout, a changed size) is moved aside
 	// rather than refused: the programs still attached keep it, and FinishUpgrade removes
 	// it once they are replaced.
@@ -148,13 +159,14 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	d.upgradeOnLoad(olds)
-	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot))
+	cfg.Logger.Info("datapath loaded", zap.String("pinRoot", cfg.PinRoot),
+		zap.Bool("redirectPeer", fwd.Peer), zap.Bool("redirectNeigh", fwd.Neigh))
 	return d, nil
 }
 
 // podSpec is the pod object as Load loads it: the load-time variables and map sizes of cfg
 // (defaults filled in) set. The verifier budget test loads the same spec.
-func podSpec(cfg Config) (*ebpf.CollectionSpec, error) {
+func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, error) {
 	spec, err := LoadPod()
 	if err != nil {
 		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
@@ -168,6 +180,7 @@ func podSpec(cfg Config) (*ebpf.CollectionSpec, error) {
 		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
 		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
+		PodVarCFG_FORWARD:                    fwd.bits(),
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {

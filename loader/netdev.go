@@ -46,14 +46,22 @@ func (d *Datapath) ToNetdev() *ebpf.Program   { return d.netdev.TernToNetdev }
 // tern_from_netdev on ingress, tern_to_netdev on egress, with tcx (links pinned as
 // links/netdev_if<N>_<dir>) or clsact where tcx is missing. Like AttachPod it runs in the
 // interface's network namespace and replaces the programs atomically when called again.
+//
+// The interface is also recorded in tern_netdevs, the devices the pod programs' forward
+// stage may redirect out of.
 func (d *Datapath) AttachNetdev(ifindex int) (AttachMode, error) {
-	return d.attach(d.netdevHooks(), ifindex)
+	mode, err := d.attach(d.netdevHooks(), ifindex)
+	if err != nil {
+		return mode, err
+	}
+	return mode, d.markNetdev(ifindex, true)
 }
 
 // DetachNetdev removes the netdev programs from an interface; a missing interface or
-// attachment is not an error.
+// attachment is not an error. The interface leaves tern_netdevs first, so nothing is
+// redirected to it once its programs are gone.
 func (d *Datapath) DetachNetdev(ifindex int) error {
-	return d.detach(d.netdevHooks(), ifindex)
+	return errors.Join(d.markNetdev(ifindex, false), d.detach(d.netdevHooks(), ifindex))
 }
 
 // NetdevAttached tells whether the netdev programs are on an interface: a live tcx link

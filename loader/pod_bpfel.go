@@ -191,6 +191,8 @@ const (
 	PodTernReasonREASON_SOCK_REVNAT_FULL      PodTernReason = 23
 	PodTernReasonREASON_SOCK_DESTROY          PodTernReason = 24
 	PodTernReasonREASON_DROP_NO_LOCAL_BACKEND PodTernReason = 25
+	PodTernReasonREASON_FWD_PEER              PodTernReason = 26
+	PodTernReasonREASON_FWD_NEIGH             PodTernReason = 27
 	PodTernReasonREASON_MAX                   PodTernReason = 32
 )
 
@@ -208,6 +210,7 @@ const (
 	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	PodMapTernMetrics                    = "tern_metrics"
+	PodMapTernNetdevs                    = "tern_netdevs"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
@@ -217,6 +220,7 @@ const (
 	PodVarCFG_CT_TCP_ESTABLISHED_TIMEOUT = "CFG_CT_TCP_ESTABLISHED_TIMEOUT"
 	PodVarCFG_CT_TCP_SYN_TIMEOUT         = "CFG_CT_TCP_SYN_TIMEOUT"
 	PodVarCFG_CT_UDP_TIMEOUT             = "CFG_CT_UDP_TIMEOUT"
+	PodVarCFG_FORWARD                    = "CFG_FORWARD"
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
 )
 
@@ -280,6 +284,7 @@ type PodMapSpecs struct {
 	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
 	TernLbSvcOpts  *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
 	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNetdevs    *ebpf.MapSpec `ebpf:"tern_netdevs"`
 	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
@@ -293,6 +298,7 @@ type PodVariableSpecs struct {
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.VariableSpec `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_FORWARD                    *ebpf.VariableSpec `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
 }
 
@@ -326,6 +332,7 @@ type PodMaps struct {
 	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
 	TernLbSvcOpts  *ebpf.Map `ebpf:"tern_lb_svc_opts"`
 	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernNetdevs    *ebpf.Map `ebpf:"tern_netdevs"`
 	TernServices   *ebpf.Map `ebpf:"tern_services"`
 }
 
@@ -341,6 +348,7 @@ func (m *PodMaps) Close() error {
 		m.TernLbMembers,
 		m.TernLbSvcOpts,
 		m.TernMetrics,
+		m.TernNetdevs,
 		m.TernServices,
 	)
 }
@@ -355,6 +363,7 @@ type PodVariables struct {
 	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.Variable `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.Variable `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.Variable `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_FORWARD                    *ebpf.Variable `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
 }
 

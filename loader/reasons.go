@@ -42,6 +42,10 @@ const (
 	// ReasonDropNoLocalBackend: a frontend with internalTrafficPolicy Local has endpoints,
 	// none on this node; kube-proxy drops such packets (it rejects only when there are none).
 	ReasonDropNoLocalBackend = PodTernReasonREASON_DROP_NO_LOCAL_BACKEND
+	// ReasonFwdPeer and ReasonFwdNeigh count packets the forward stage redirected: into a
+	// pod on this node, out of an ENI or the primary NIC (bpf/lib/forward.h).
+	ReasonFwdPeer  = PodTernReasonREASON_FWD_PEER
+	ReasonFwdNeigh = PodTernReasonREASON_FWD_NEIGH
 )
 
 var reasonLabels = map[Reason]string{
@@ -55,6 +59,7 @@ var reasonLabels = map[Reason]string{
 	ReasonSockConnect:     "sock_connect", ReasonSockSendmsg: "sock_sendmsg", ReasonSockRevNAT: "sock_revnat",
 	ReasonSockReject: "sock_reject", ReasonSockRevNATFull: "sock_revnat_full", ReasonSockDestroy: "sock_destroy",
 	ReasonDropNoLocalBackend: "drop_no_local_backend",
+	ReasonFwdPeer:         "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
 }
 
 // String is the reason's Prometheus label value.

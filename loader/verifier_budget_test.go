@@ -46,7 +46,11 @@ func TestVerifierBudget(t *testing.T) {
 
 	cfg := Config{}
 	cfg.setDefaults()
-	pod, err := podSpec(cfg)
+	fwd, _, err := probeForwarding(cfg.Forwarding)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, err := podSpec(cfg, fwd)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,6 +40,8 @@ enum tern_reason : __u8 {
 	REASON_SOCK_REVNAT_FULL = 23, /* reverse entry not written: the socket is left untranslated */
 	REASON_SOCK_DESTROY = 24,   /* connected UDP socket to a removed backend destroyed */
 	REASON_DROP_NO_LOCAL_BACKEND = 25, /* internalTrafficPolicy Local, no endpoint on this node */
+	REASON_FWD_PEER = 26,       /* redirected into a pod on this node (bpf_redirect_peer) */
+	REASON_FWD_NEIGH = 27,      /* redirected out of an ENI or the primary NIC to the FIB's neighbour */
 	__REASON_MAX = 32,
 };
 

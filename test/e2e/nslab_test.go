@@ -36,6 +36,7 @@ type podNS struct {
 	ip      netip.Addr
 	hostIf  string
 	ifindex int
+	mac     net.HardwareAddr // the pod's eth0
 }
 
 func newNodeLab(t testing.TB) *nodeLab {
@@ -69,6 +70,7 @@ func (l *nodeLab) addPod(name, ip string) *podNS {
 	err := nsutil.Do(l.node, func() error {
 		res, err := datapath.SetupPodLink(datapath.PodLink{HostIfName: p.hostIf, PodNS: p.ns, PodIP: p.ip})
 		p.ifindex = res.HostIndex
+		p.mac = res.PodMAC
 		return err
 	})
 	if err != nil {
@@ -95,7 +97,7 @@ func (l *nodeLab) attachAll(d *loader.Datapath) {
 
 // serve starts TCP and UDP servers on port inside the pod. TCP greets with the pod's name
 // and then echoes lines; UDP answers every datagram with the pod's name.
-func (p *podNS) serve(t *testing.T, port int) {
+func (p *podNS) serve(t testing.TB, port int) {
 	t.Helper()
 	var (
 		tl net.Listener

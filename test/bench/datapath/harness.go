@@ -48,6 +48,10 @@ type params struct {
 	rounds   int
 	v1Object string
 	seed     uint64
+	// forwarding is the v2 datapath's forward stage mode. Under BPF_PROG_TEST_RUN the skb
+	// is on lo, whose forwarding is off, so with "redirect" every from-pod packet pays the
+	// stage's endpoint and FIB lookups and then goes to the stack.
+	forwarding loader.Forwarding
 }
 
 // topology: Service i is vipOf(i):80/TCP with two backends on port 8080; with fanout f,
@@ -210,7 +214,7 @@ func ctEntries(p params, version string) uint32 {
 
 func loadV2Subject(p params, topo topology, tr *traffic) (*subject, error) {
 	root := pinRoot()
-	dp, err := loader.Load(loader.Config{PinRoot: root, MaxFlows: ctEntries(p, "v2")})
+	dp, err := loader.Load(loader.Config{PinRoot: root, MaxFlows: ctEntries(p, "v2"), Forwarding: p.forwarding})
 	if err != nil {
 		loader.RemovePins(root)
 		return nil, fmt.Errorf("load v2 datapath: %w", err)

@@ -40,9 +40,11 @@ func main() {
 	flag.IntVar(&p.rounds, "rounds", 5, "rounds; medians are over rounds")
 	flag.StringVar(&p.v1Object, "v1", "loader/testdata/v1/pod_bpfel.o", "the v1 pod object")
 	flag.Uint64Var(&p.seed, "seed", 1, "seed of the traffic generator")
+	fwd := flag.String("forwarding", "redirect", "v2 forward stage: redirect (the default) or stack (the stage off)")
 	cpu := flag.Int("cpu", 0, "CPU to run on (v1's conntrack has per-CPU LRU lists)")
 	png := flag.String("png", "", "also draw the medians into this PNG file")
 	flag.Parse()
+	p.forwarding = loader.Forwarding(*fwd)
 	for _, s := range strings.Split(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
