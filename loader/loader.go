@@ -42,6 +42,11 @@ type Config struct {
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
 	CollisionPortCount uint16
+	// BandwidthEDT shapes pod egress by Earliest Departure Time (needs the fq qdisc on the
+	// devices pod traffic leaves by); false polices it with a token bucket. The agent sets
+	// it from bandwidth.ProbeFQ. BandwidthHorizon is EDT's drop horizon (default 2 s).
+	BandwidthEDT     bool
+	BandwidthHorizon time.Duration
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	Logger      *zap.Logger
@@ -63,6 +68,7 @@ func (c *Config) setDefaults() {
 	def(&c.CTTCPEstablishedTimeout, 6*time.Hour)
 	def(&c.CTTCPClosingTimeout, 10*time.Second)
 	def(&c.CTUDPTimeout, 60*time.Second)
+	def(&c.BandwidthHorizon, 2*time.Second)
 	if c.CollisionPortMin == 0 {
 		c.CollisionPortMin = 61000
 	}
@@ -118,6 +124,8 @@ func Load(cfg Config) (*Datapath, error) {
 		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
 		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
+		PodVarCFG_BW_EDT:                     boolByte(cfg.BandwidthEDT),
+		PodVarCFG_BW_HORIZON_NS:              uint64(cfg.BandwidthHorizon),
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {
@@ -193,6 +201,13 @@ func (d *Datapath) restoreMoved(olds []*ebpf.Map) {
 
 func seconds(d time.Duration) uint32 { return uint32(d / time.Second) }
 
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // Config returns the configuration the datapath was loaded with, defaults filled in.
 func (d *Datapath) Config() Config { return d.cfg }
 
@@ -210,6 +225,7 @@ func (d *Datapath) Maps() *Maps {
 		IPCache:   d.objs.TernIpcache,
 		CT:        d.objs.TernConntrack,
 		Metrics:   d.objs.TernMetrics,
+		Bandwidth: d.objs.TernBandwidth,
 	}
 }
 

@@ -24,6 +24,9 @@ type (
 	CTValue       = PodCtValue
 	MetricsKey    = PodMetricsKey
 	MetricsValue  = PodMetricsValue
+	BWKey         = PodBwKey
+	BWValue       = PodBwValue
+	BWDir         = PodBwDir
 )
 
 // CT flags, mirroring enum ct_flag in bpf/lib/conntrack.h.
@@ -48,7 +51,7 @@ const (
 
 // Maps are the datapath's maps. The service reconciler owns Services, Backends and
 // Members; the endpoint reconcilers own Endpoints and IPCache; the datapath owns CT and
-// Metrics.
+// Metrics; the bandwidth reconciler owns Bandwidth's limits.
 type Maps struct {
 	Services  *ebpf.Map
 	Backends  *ebpf.Map
@@ -57,6 +60,7 @@ type Maps struct {
 	IPCache   *ebpf.Map
 	CT        *ebpf.Map
 	Metrics   *ebpf.Map
+	Bandwidth *ebpf.Map
 }
 
 func dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
@@ -95,6 +99,11 @@ func (m *Maps) PutEndpoint(k EndpointKey, v EndpointValue) error { return m.Endp
 func (m *Maps) DeleteEndpoint(k EndpointKey) error               { return m.Endpoints.Delete(k) }
 func (m *Maps) PutIPCache(k IPCacheKey, v IPCacheValue) error    { return m.IPCache.Put(k, v) }
 func (m *Maps) DeleteIPCache(k IPCacheKey) error                 { return m.IPCache.Delete(k) }
+
+// DumpBandwidth, PutBandwidth and DeleteBandwidth serve the bandwidth reconciler.
+func (m *Maps) DumpBandwidth() (map[BWKey]BWValue, error) { return dump[BWKey, BWValue](m.Bandwidth) }
+func (m *Maps) PutBandwidth(k BWKey, v BWValue) error     { return m.Bandwidth.Put(k, v) }
+func (m *Maps) DeleteBandwidth(k BWKey) error             { return m.Bandwidth.Delete(k) }
 
 func (m *Maps) DumpMembers() (map[MemberKey]uint32, error) {
 	return dump[MemberKey, uint32](m.Members)
@@ -180,7 +189,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 		name string
 	}{{&m.Services, PodMapTernServices}, {&m.Backends, PodMapTernBackends}, {&m.Members, PodMapTernLbMembers},
 		{&m.Endpoints, PodMapTernEndpoints}, {&m.IPCache, PodMapTernIpcache},
-		{&m.CT, PodMapTernConntrack}, {&m.Metrics, PodMapTernMetrics}} {
+		{&m.CT, PodMapTernConntrack}, {&m.Metrics, PodMapTernMetrics}, {&m.Bandwidth, PodMapTernBandwidth}} {
 		if *t.dst, err = open(t.name); err != nil {
 			m.Close()
 			return nil, err
@@ -191,7 +200,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Endpoints, m.IPCache, m.CT, m.Metrics} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Endpoints, m.IPCache, m.CT, m.Metrics, m.Bandwidth} {
 		if mp != nil {
 			mp.Close()
 		}

@@ -31,6 +31,12 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	// The bandwidth manager (bpf/lib/bandwidth.h): a packet over its pod's limit dropped by
+	// the token-bucket policer, one whose EDT departure lay beyond the horizon, and one
+	// given a later departure time (passed, paced by fq).
+	ReasonDropBWPoliced = PodTernReasonREASON_DROP_BW_POLICED
+	ReasonDropBWHorizon = PodTernReasonREASON_DROP_BW_HORIZON
+	ReasonBWPaced       = PodTernReasonREASON_BW_PACED
 )
 
 var reasonLabels = map[Reason]string{
@@ -41,6 +47,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonDropBWPoliced:   "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
+	ReasonBWPaced: "bw_paced",
 }
 
 // String is the reason's Prometheus label value.

@@ -32,6 +32,9 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_DROP_BW_POLICED = 19, /* bandwidth.h: over the pod's rate and burst (token bucket) */
+	REASON_DROP_BW_HORIZON = 20, /* bandwidth.h: EDT departure beyond the horizon */
+	REASON_BW_PACED = 21,       /* bandwidth.h: given a later departure time (EDT), passed */
 	__REASON_MAX = 32,
 };
 
