@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/bandwidth"
 )
 
 // Defaults of Config.
@@ -118,6 +119,10 @@ type Config struct {
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
 	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
+	// BandwidthMode is how pod egress bandwidth limits are enforced: "auto" (default) uses
+	// EDT where the kernel has the fq qdisc and the token-bucket policer where it has not;
+	// "edt" or "policer" force one.
+	BandwidthMode string `json:"bandwidthMode,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -185,6 +190,9 @@ func (c Config) Validate() error {
 	if c.Cloud.BackoffAttempts < 0 || c.Cloud.RateLimitPerSecond < 0 {
 		errs = append(errs, fmt.Errorf("cloud.backoffAttempts %d and cloud.rateLimitPerSecond %g must not be negative",
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
+	}
+	if _, _, err := bandwidth.ParseMode(c.BandwidthMode); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, c.validateMetrics()...)
 	sortErrors(errs)
