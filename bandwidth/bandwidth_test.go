@@ -47,17 +47,14 @@ func TestFromAnnotations(t *testing.T) {
 }
 
 func TestDirectionEncoding(t *testing.T) {
-	// 10 Mbit/s: 1.25 MB/s; the 20 ms bucket (25 kB) is below the 192 KiB floor.
+	// 10 Mbit/s: 1.25 MB/s; the bucket holds BurstTime of it (312.5 kB, above MinBurst).
 	d := direction(10_000_000)
-	if d.Rate != 1_250_000 {
-		t.Fatalf("rate %d B/s, want 1250000", d.Rate)
+	if d.Rate != 1_250_000 || d.BurstNs != uint64(BurstTime) {
+		t.Fatalf("10 Mbit/s encodes as %+v, want rate 1250000 B/s and burst %d ns", d, uint64(BurstTime))
 	}
-	if want := uint64(MinBurst) * uint64(time.Second) / 1_250_000; d.BurstNs != want {
-		t.Fatalf("burst %d ns, want %d (MinBurst at the rate)", d.BurstNs, want)
-	}
-	// 1 Gbit/s: 20 ms of traffic is 2.5 MB, above the floor.
-	if d := direction(1_000_000_000); d.BurstNs != uint64(BurstTime) {
-		t.Fatalf("burst at 1 Gbit/s %d ns, want %d", d.BurstNs, uint64(BurstTime))
+	// 1 Mbit/s: 250 ms is 31 kB, below the 192 KiB floor.
+	if d, want := direction(1_000_000), uint64(MinBurst)*uint64(time.Second)/125_000; d.BurstNs != want {
+		t.Fatalf("burst at 1 Mbit/s %d ns, want %d (MinBurst at the rate)", d.BurstNs, want)
 	}
 	if d := direction(0); d != (loader.BWDir{}) {
 		t.Fatalf("unlimited direction encodes as %+v, want zero", d)
