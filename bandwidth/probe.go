@@ -122,3 +122,46 @@ func EnsureFQ(ifindex int) error {
 	}
 	return nil
 }
+
+// FQQdiscs returns the fq qdiscs that pace the device's traffic: the root one, or one under
+// each tx queue of an mq root. An error says what is missing (EDT would not pace there).
+func FQQdiscs(ifindex int) ([]*netlink.Fq, error) {
+	link, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return nil, fmt.Errorf("find ifindex %d: %w", ifindex, err)
+	}
+	qs, err := netlink.QdiscList(link)
+	if err != nil {
+		return nil, fmt.Errorf("list qdiscs of %s: %w", link.Attrs().Name, err)
+	}
+	var root netlink.Qdisc
+	for _, q := range qs {
+		if q.Attrs().Parent == netlink.HANDLE_ROOT {
+			root = q
+		}
+	}
+	if root == nil {
+		return nil, fmt.Errorf("%s has no root qdisc", link.Attrs().Name)
+	}
+	if fq, ok := root.(*netlink.Fq); ok {
+		return []*netlink.Fq{fq}, nil
+	}
+	if root.Type() != "mq" {
+		return nil, fmt.Errorf("root qdisc of %s is %s, not fq or mq", link.Attrs().Name, root.Type())
+	}
+	major := root.Attrs().Handle >> 16
+	var out []*netlink.Fq
+	for i := 1; i <= link.Attrs().NumTxQueues; i++ {
+		parent := netlink.MakeHandle(uint16(major), uint16(i))
+		found := false
+		for _, q := range qs {
+			if fq, ok := q.(*netlink.Fq); ok && q.Attrs().Parent == parent {
+				out, found = append(out, fq), true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("tx queue %d of %s has no fq under its mq root", i, link.Attrs().Name)
+		}
+	}
+	return out, nil
+}

@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/tern-net/tern/bandwidth"
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/internal/testutil"
@@ -64,13 +62,11 @@ func TestBandwidthLimitsPods(t *testing.T) {
 			if err := bandwidth.EnsureFQ(remote.ifindex); err != nil {
 				return err
 			}
-			q, err := rootQdisc(remote.ifindex)
+			fqs, err := bandwidth.FQQdiscs(remote.ifindex)
 			if err != nil {
-				return err
+				return fmt.Errorf("fq is not the uplink's root qdisc (directly or under mq): %w", err)
 			}
-			if q.Type() != "fq" {
-				return fmt.Errorf("root qdisc of the uplink is %s, want fq", q.Type())
-			}
+			t.Logf("uplink paced by %d fq qdisc(s)", len(fqs))
 			return nil
 		})
 		if err != nil {
@@ -124,14 +120,16 @@ func TestBandwidthLimitsPods(t *testing.T) {
 	if edt {
 		var fqDrops uint32
 		err := nsutil.Do(lab.node, func() error {
-			q, err := rootQdisc(remote.ifindex)
+			fqs, err := bandwidth.FQQdiscs(remote.ifindex)
 			if err != nil {
 				return err
 			}
-			if q.Attrs().Statistics == nil || q.Attrs().Statistics.Queue == nil {
-				return fmt.Errorf("no statistics for the uplink's fq qdisc")
+			for _, q := range fqs {
+				if q.Attrs().Statistics == nil || q.Attrs().Statistics.Queue == nil {
+					return fmt.Errorf("no statistics for the uplink's fq qdisc %x", q.Attrs().Handle)
+				}
+				fqDrops += q.Attrs().Statistics.Queue.Drops
 			}
-			fqDrops = q.Attrs().Statistics.Queue.Drops
 			return nil
 		})
 		if err != nil {
@@ -163,23 +161,6 @@ func rates(t *testing.T) (low, high uint64) {
 		t.Fatalf("TERN_BW_RATES: %v", err)
 	}
 	return l.Egress, l.Ingress
-}
-
-func rootQdisc(ifindex int) (netlink.Qdisc, error) {
-	link, err := netlink.LinkByIndex(ifindex)
-	if err != nil {
-		return nil, err
-	}
-	qs, err := netlink.QdiscList(link)
-	if err != nil {
-		return nil, err
-	}
-	for _, q := range qs {
-		if q.Attrs().Parent == netlink.HANDLE_ROOT {
-			return q, nil
-		}
-	}
-	return nil, fmt.Errorf("no root qdisc on %s", link.Attrs().Name)
 }
 
 // startIperfServer runs `iperf3 -s` in p's namespace until the test ends, and returns once
