@@ -30,7 +30,8 @@ import (
 // asserts that neither fq nor the programs dropped a packet; without fq (this host) the
 // policer limits and must have dropped. TERN_EXPECT_EDT=1 (set by test/vmkernel/run.sh)
 // makes a kernel without fq a failure instead of a policer run. TERN_BW_RATES
-// ("10M,100M", the default) sets the two limits: TCG emulation cannot carry 100 Mbit/s.
+// ("10M,100M", the default) sets the two limits: TCG emulation cannot carry 100 Mbit/s
+// (run.sh uses 5M,10M; the unlimited pod measured 30-80 Mbit/s there, by host load).
 func TestBandwidthLimitsPods(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	iperf, err := exec.LookPath("iperf3")
@@ -98,8 +99,10 @@ func TestBandwidthLimitsPods(t *testing.T) {
 	within("slow pod egress", iperfRate(t, iperf, slow, remote.ip, false), low)
 	within("fast pod egress", iperfRate(t, iperf, fast, remote.ip, false), high)
 	unlimited := iperfRate(t, iperf, free, remote.ip, false)
-	if unlimited < 2*float64(high) {
-		t.Errorf("unlimited pod: %.2f Mbit/s, want well above the %.2f Mbit/s limit (≥2×): it is being slowed", unlimited/1e6, float64(high)/1e6)
+	// Not held at any limit: clear of the highest one by far more than the ±10% tolerance.
+	// (The unlimited rate is the machine's: 4-6 Gbit/s here, 30-80 Mbit/s under TCG.)
+	if unlimited < 1.5*float64(high) {
+		t.Errorf("unlimited pod: %.2f Mbit/s, want above 1.5× the highest limit (%.2f Mbit/s): it is being slowed", unlimited/1e6, float64(high)/1e6)
 	} else {
 		t.Logf("unlimited pod egress: %.2f Mbit/s", unlimited/1e6)
 	}
