@@ -48,15 +48,25 @@ func TestFromAnnotations(t *testing.T) {
 
 func TestDirectionEncoding(t *testing.T) {
 	// 10 Mbit/s: 1.25 MB/s; the bucket holds BurstTime of it (312.5 kB, above MinBurst).
-	d := direction(10_000_000)
+	d := direction(10_000_000, false)
 	if d.Rate != 1_250_000 || d.BurstNs != uint64(BurstTime) {
 		t.Fatalf("10 Mbit/s encodes as %+v, want rate 1250000 B/s and burst %d ns", d, uint64(BurstTime))
 	}
 	// 1 Mbit/s: 250 ms is 31 kB, below the 192 KiB floor.
-	if d, want := direction(1_000_000), uint64(MinBurst)*uint64(time.Second)/125_000; d.BurstNs != want {
+	if d, want := direction(1_000_000, false), uint64(MinBurst)*uint64(time.Second)/125_000; d.BurstNs != want {
 		t.Fatalf("burst at 1 Mbit/s %d ns, want %d (MinBurst at the rate)", d.BurstNs, want)
 	}
-	if d := direction(0); d != (loader.BWDir{}) {
+	// EDT: the horizon covers 4 MiB at the rate (6.7 s at 5 Mbit/s), at least 2 s, at most 60 s.
+	if d := direction(5_000_000, true); d.BurstNs != uint64(TSQHeadroom)*uint64(time.Second)/625_000 {
+		t.Fatalf("EDT horizon at 5 Mbit/s %v, want 4 MiB at the rate", time.Duration(d.BurstNs))
+	}
+	if d := direction(1_000_000_000, true); d.BurstNs != uint64(MinHorizon) {
+		t.Fatalf("EDT horizon at 1 Gbit/s %v, want %v", time.Duration(d.BurstNs), MinHorizon)
+	}
+	if d := direction(100_000, true); d.BurstNs != uint64(MaxHorizon) {
+		t.Fatalf("EDT horizon at 100 kbit/s %v, want %v", time.Duration(d.BurstNs), MaxHorizon)
+	}
+	if d := direction(0, false); d != (loader.BWDir{}) {
 		t.Fatalf("unlimited direction encodes as %+v, want zero", d)
 	}
 }
@@ -90,12 +100,13 @@ func TestManagerJoinsPodsAndEndpoints(t *testing.T) {
 	a1, a2 := netip.MustParseAddr("10.0.0.5"), netip.MustParseAddr("10.0.0.6")
 	// A previous agent left a limit on ifindex 9 (a pod that is gone) and on 7 (still here,
 	// with a schedule the programs wrote).
-	prev := Limits{Egress: 10_000_000}.value()
+	prev := Limits{Egress: 10_000_000}.value(ModePolicer)
 	prev.Egress.Next = 12345
 	maps := &fakeMaps{m: map[loader.BWKey]loader.BWValue{{Ifindex: 9}: prev, {Ifindex: 7}: prev}}
 	eps := []Endpoint{{IfIndex: 7, Addr: a1}}
 	allocated := map[string]netip.Addr{"ns/a": a1}
 	mgr, err := NewManager(maps, Options{
+		Mode:      ModePolicer,
 		Endpoints: func() []Endpoint { return eps },
 		PodAddrs:  func() map[string]netip.Addr { return allocated },
 	})

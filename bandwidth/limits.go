@@ -93,14 +93,33 @@ const (
 	MinBurst  = 3 * 64 << 10
 )
 
-// direction is the map encoding of one direction's limit.
-func direction(bitsPerSecond uint64) loader.BWDir {
+// EDT's horizon: a packet whose departure lies further ahead is dropped. At least
+// MinHorizon (2 s, as Cilium), and at least the time TSQHeadroom bytes take at the pod's rate:
+// TCP's small-queue check lets one socket keep up to net.ipv4.tcp_limit_output_bytes (4 MiB
+// since Linux 6.7) waiting in fq, which at 5 Mbit/s is 6.7 s. A horizon shorter than that
+// drops what TCP would never have sent ahead of its own backpressure (seen on 6.12: 13 drops
+// and 23% below the limit). At most MaxHorizon, within the fq horizon EnsureFQ sets.
+const (
+	MinHorizon  = 2 * time.Second
+	MaxHorizon  = 60 * time.Second
+	TSQHeadroom = 4 << 20
+)
+
+// direction is the map encoding of one direction's limit: the policer's bucket, or, for
+// egress in EDT mode (paced), the horizon.
+func direction(bitsPerSecond uint64, paced bool) loader.BWDir {
 	if bitsPerSecond == 0 {
 		return loader.BWDir{}
 	}
 	rate := bitsPerSecond / 8
 	if rate == 0 {
 		rate = 1
+	}
+	if paced {
+		h := uint64(TSQHeadroom) * uint64(time.Second) / rate
+		h = max(h, uint64(MinHorizon))
+		h = min(h, uint64(MaxHorizon))
+		return loader.BWDir{Rate: rate, BurstNs: h}
 	}
 	burst := rate * uint64(BurstTime) / uint64(time.Second)
 	if burst < MinBurst {
@@ -110,7 +129,8 @@ func direction(bitsPerSecond uint64) loader.BWDir {
 	return loader.BWDir{Rate: rate, BurstNs: burst * uint64(time.Second) / rate}
 }
 
-// value is what tern_bandwidth holds for l (the programs' state fields zero).
-func (l Limits) value() loader.BWValue {
-	return loader.BWValue{Egress: direction(l.Egress), Ingress: direction(l.Ingress)}
+// value is what tern_bandwidth holds for l in mode (the programs' state fields zero).
+// Ingress is always policed.
+func (l Limits) value(mode Mode) loader.BWValue {
+	return loader.BWValue{Egress: direction(l.Egress, mode == ModeEDT), Ingress: direction(l.Ingress, false)}
 }

@@ -16,6 +16,8 @@ type Endpoint struct {
 
 // Options wire a Manager to the agent.
 type Options struct {
+	// Mode is the node's (Agent.BandwidthMode); empty means the policer.
+	Mode Mode
 	// Endpoints lists the pods the node serves (the endpoint registry).
 	Endpoints func() []Endpoint
 	// PodAddrs are the addresses the node gave its pods (the IPAM allocations), by
@@ -47,7 +49,7 @@ type Manager struct {
 
 // NewManager builds a manager over the pinned map.
 func NewManager(maps Maps, opts Options) (*Manager, error) {
-	rec, err := NewReconciler(maps)
+	rec, err := NewReconciler(maps, opts.Mode)
 	if err != nil {
 		return nil, err
 	}

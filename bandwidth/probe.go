@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -69,8 +70,9 @@ func ProbeFQ() (ok bool, err error) {
 
 func fq(ifindex int, parent, handle uint32) *netlink.Fq {
 	q := netlink.NewFq(netlink.QdiscAttrs{LinkIndex: ifindex, Parent: parent, Handle: handle})
-	// fq's own horizon (10 s by default) is above the programs' (2 s): it never drops what
-	// they let through; they drop first and count it.
+	// fq's own horizon (10 s by default) must be above the programs' (up to MaxHorizon), so
+	// that fq never drops what they let through: they drop first and count it. In µs.
+	q.Horizon = uint32((MaxHorizon + time.Second) / time.Microsecond)
 	return q
 }
 
@@ -91,11 +93,7 @@ func EnsureFQ(ifindex int) error {
 	}
 	queues := link.Attrs().NumTxQueues
 	if queues <= 1 {
-		for _, q := range qs {
-			if q.Attrs().Parent == netlink.HANDLE_ROOT && q.Type() == "fq" {
-				return nil
-			}
-		}
+		// Replace even an fq that is there: its horizon must be ours.
 		if err := netlink.QdiscReplace(fq(ifindex, netlink.HANDLE_ROOT, netlink.MakeHandle(1, 0))); err != nil {
 			return fmt.Errorf("set fq as the root qdisc of %s (EDT needs it; set bandwidthMode: policer to run without): %w", name, err)
 		}

@@ -20,18 +20,20 @@ type Maps interface {
 // programs' schedule for the pod (a full bucket), which an unchanged limit must not do.
 type Reconciler struct {
 	maps Maps
+	mode Mode // how egress is encoded (EDT: a horizon; policer: a bucket)
 
 	mu     sync.Mutex
 	mirror map[int]loader.BWValue // limits only, the state fields zero
 }
 
 // NewReconciler starts from what the map holds (a previous agent's entries, still enforced).
-func NewReconciler(m Maps) (*Reconciler, error) {
+// mode is the node's (the programs were loaded for it).
+func NewReconciler(m Maps, mode Mode) (*Reconciler, error) {
 	cur, err := m.DumpBandwidth()
 	if err != nil {
 		return nil, fmt.Errorf("read bandwidth map: %w", err)
 	}
-	r := &Reconciler{maps: m, mirror: make(map[int]loader.BWValue, len(cur))}
+	r := &Reconciler{maps: m, mode: mode, mirror: make(map[int]loader.BWValue, len(cur))}
 	for k, v := range cur {
 		r.mirror[int(k.Ifindex)] = limitsOnly(v)
 	}
@@ -50,7 +52,7 @@ func (r *Reconciler) Apply(want map[int]Limits) error {
 	defer r.mu.Unlock()
 	var errs []error
 	for ifindex, l := range want {
-		v := l.value()
+		v := l.value(r.mode)
 		if old, ok := r.mirror[ifindex]; ok && old == v {
 			continue
 		}

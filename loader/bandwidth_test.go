@@ -80,11 +80,11 @@ func TestBandwidthEDTStampsDeparturesAtTheRate(t *testing.T) {
 		rate    = 125_000 // bytes/s
 		horizon = 200 * time.Millisecond
 	)
-	d := loadertest.New(t, loader.Config{BandwidthEDT: true, BandwidthHorizon: horizon})
+	d := loadertest.New(t, loader.Config{BandwidthEDT: true})
 	l := skbFields(t)
 	frame := udp(client, 40000, netip.MustParseAddr("192.0.2.1"), 53, string(make([]byte, 958))).Build()
 	cost := uint64(len(frame)) * uint64(time.Second) / rate // 8 ms for 1000 bytes
-	putBW(t, d.Maps(), loader.BWDir{Rate: rate}, loader.BWDir{})
+	putBW(t, d.Maps(), loader.BWDir{Rate: rate, BurstNs: uint64(horizon)}, loader.BWDir{})
 
 	before := monoNow(t)
 	var prev uint64

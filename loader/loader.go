@@ -44,9 +44,8 @@ type Config struct {
 	CollisionPortCount uint16
 	// BandwidthEDT shapes pod egress by Earliest Departure Time (needs the fq qdisc on the
 	// devices pod traffic leaves by); false polices it with a token bucket. The agent sets
-	// it from bandwidth.ProbeFQ. BandwidthHorizon is EDT's drop horizon (default 2 s).
-	BandwidthEDT     bool
-	BandwidthHorizon time.Duration
+	// it from bandwidth.ProbeFQ.
+	BandwidthEDT bool
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	Logger      *zap.Logger
@@ -68,7 +67,6 @@ func (c *Config) setDefaults() {
 	def(&c.CTTCPEstablishedTimeout, 6*time.Hour)
 	def(&c.CTTCPClosingTimeout, 10*time.Second)
 	def(&c.CTUDPTimeout, 60*time.Second)
-	def(&c.BandwidthHorizon, 2*time.Second)
 	if c.CollisionPortMin == 0 {
 		c.CollisionPortMin = 61000
 	}
@@ -125,7 +123,6 @@ func Load(cfg Config) (*Datapath, error) {
 		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
 		PodVarCFG_BW_EDT:                     boolByte(cfg.BandwidthEDT),
-		PodVarCFG_BW_HORIZON_NS:              uint64(cfg.BandwidthHorizon),
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {

@@ -192,7 +192,6 @@ const (
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
 	PodVarCFG_BW_EDT                     = "CFG_BW_EDT"
-	PodVarCFG_BW_HORIZON_NS              = "CFG_BW_HORIZON_NS"
 	PodVarCFG_COLLISION_PORT_COUNT       = "CFG_COLLISION_PORT_COUNT"
 	PodVarCFG_COLLISION_PORT_MIN         = "CFG_COLLISION_PORT_MIN"
 	PodVarCFG_CT_TCP_CLOSING_TIMEOUT     = "CFG_CT_TCP_CLOSING_TIMEOUT"
@@ -268,7 +267,6 @@ type PodMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodVariableSpecs struct {
 	CFG_BW_EDT                     *ebpf.VariableSpec `ebpf:"CFG_BW_EDT"`
-	CFG_BW_HORIZON_NS              *ebpf.VariableSpec `ebpf:"CFG_BW_HORIZON_NS"`
 	CFG_COLLISION_PORT_COUNT       *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_COUNT"`
 	CFG_COLLISION_PORT_MIN         *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
@@ -328,7 +326,6 @@ func (m *PodMaps) Close() error {
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodVariables struct {
 	CFG_BW_EDT                     *ebpf.Variable `ebpf:"CFG_BW_EDT"`
-	CFG_BW_HORIZON_NS              *ebpf.Variable `ebpf:"CFG_BW_HORIZON_NS"`
 	CFG_COLLISION_PORT_COUNT       *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_COUNT"`
 	CFG_COLLISION_PORT_MIN         *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.Variable `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`

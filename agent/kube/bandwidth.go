@@ -28,6 +28,7 @@ func (c *Component) startBandwidth(ctx context.Context) error {
 		return fmt.Errorf("bandwidth manager: the endpoint registry is not loaded")
 	}
 	mgr, err := bandwidth.NewManager(dp.Maps(), bandwidth.Options{
+		Mode: c.a.BandwidthMode(),
 		Endpoints: func() []bandwidth.Endpoint {
 			eps := reg.List()
 			out := make([]bandwidth.Endpoint, 0, len(eps))

@@ -27,9 +27,6 @@
 /* Load-time: 1 when the node shapes pod egress by EDT (fq present), 0 for the policer.
  * The agent probes the kernel before loading (bandwidth.ProbeFQ). */
 volatile const __u8 CFG_BW_EDT = 0;
-/* EDT: a packet whose departure would lie further ahead than this is dropped (the pod sends
- * far above its rate and the queue is full). Default 2 s, as Cilium's bandwidth manager. */
-volatile const __u64 CFG_BW_HORIZON_NS = 2 * NSEC_PER_SEC;
 
 struct bw_key {
 	__u32 ifindex; /* the pod's host-side veth, as the pod programs see it in skb->ifindex */
@@ -39,7 +36,8 @@ struct bw_key {
  * by the programs (an agent write of a changed limit resets it to 0, a full bucket). */
 struct bw_dir {
 	__u64 rate;     /* bytes per second; 0: no limit in this direction */
-	__u64 burst_ns; /* policer: how far ahead of now the line may be booked (burst / rate) */
+	__u64 burst_ns; /* how far ahead of now the line may be booked: the policer's bucket
+			 * (burst / rate), or EDT's horizon, beyond which a packet is dropped */
 	__u64 next;     /* monotonic ns when the line is next free */
 };
 
@@ -81,12 +79,13 @@ static __always_inline int bw_police(struct __sk_buff *skb, struct bw_dir *d, __
 	return TC_ACT_OK;
 }
 
-/* EDT: stamp the departure time, or drop past the horizon (REASON_DROP_BW_HORIZON). */
+/* EDT: stamp the departure time, or drop past the horizon (REASON_DROP_BW_HORIZON): the pod
+ * sends far above its rate and more is queued than its sockets' small-queue limit explains. */
 static __always_inline int bw_pace(struct __sk_buff *skb, struct bw_dir *d, __u64 now, __u8 dir)
 {
 	__u64 depart = d->next > now ? d->next : now;
 
-	if (depart - now > CFG_BW_HORIZON_NS)
+	if (depart - now > d->burst_ns)
 		return drop(skb, REASON_DROP_BW_HORIZON, dir);
 	d->next = depart + bw_cost_ns(skb->len, d->rate);
 	/* Only a later time than now needs a stamp; the sender's own (TCP pacing) stays

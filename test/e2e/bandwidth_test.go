@@ -79,7 +79,11 @@ func TestBandwidthLimitsPods(t *testing.T) {
 	for _, p := range []*podNS{slow, fast, free} {
 		eps = append(eps, bandwidth.Endpoint{IfIndex: p.ifindex, Addr: p.ip})
 	}
-	mgr, err := bandwidth.NewManager(d.Maps(), bandwidth.Options{Endpoints: func() []bandwidth.Endpoint { return eps }})
+	mode := bandwidth.ModePolicer
+	if edt {
+		mode = bandwidth.ModeEDT
+	}
+	mgr, err := bandwidth.NewManager(d.Maps(), bandwidth.Options{Mode: mode, Endpoints: func() []bandwidth.Endpoint { return eps }})
 	if err != nil {
 		t.Fatal(err)
 	}
