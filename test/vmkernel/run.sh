@@ -18,7 +18,7 @@
 #   TERN_VMKERNEL_LOADER   go test flags for ./loader  (empty string: do not run)
 #   TERN_VMKERNEL_E2E      go test flags for ./test/e2e (empty string: do not run)
 #   TERN_VMKERNEL_BW_RATES the two limits TestBandwidthLimitsPods measures (default 5M,10M:
-#                          TCG carries 30-80 Mbit/s unlimited, depending on host load, and
+#                          TCG carried 27-440 Mbit/s unlimited, by host load, and
 #                          the unlimited pod must beat 1.5x the higher limit)
 set -euo pipefail
 
