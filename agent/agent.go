@@ -25,6 +25,7 @@ import (
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/agent/readiness"
+	"github.com/tern-net/tern/bandwidth"
 	"github.com/tern-net/tern/datapath"
 	"github.com/tern-net/tern/endpoint"
 	"github.com/tern-net/tern/ipam"
@@ -64,6 +65,9 @@ type Agent struct {
 	attachMu   sync.Mutex           // serialises BPF attach calls
 	sandboxes  sandboxLocks
 	onAllocate []func(ipam.PodKey, error)
+	// The bandwidth manager's mode (bandwidth.go) and who hears of endpoint attach/detach.
+	bwMode        bandwidth.Mode
+	endpointHooks []EndpointHooks
 }
 
 // New checks cfg and builds an agent; it touches nothing.
@@ -182,11 +186,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := datapath.PrepareNode(); err != nil {
 		return fmt.Errorf("prepare node sysctls: %w", err)
 	}
+	bwMode, err := a.chooseBandwidthMode()
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.bwMode = bwMode
+	a.mu.Unlock()
+	bwModeMetric := bandwidth.ModeCollector(bwMode)
+	a.reg.MustRegister(bwModeMetric)
+	cleanups = append(cleanups, func() { a.reg.Unregister(bwModeMetric) })
 	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
 		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
 		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
-		Logger: a.log.Named("loader")})
+		BandwidthEDT: bwMode == bandwidth.ModeEDT, Logger: a.log.Named("loader")})
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/bandwidth"
 )
 
 // Defaults of Config.
@@ -142,6 +143,10 @@ type Config struct {
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
 	// SocketLB is socket-level load balancing (agent/socklb.go, docs/socket-lb.md).
 	SocketLB SocketLBConfig `json:"socketLB,omitempty"`
+	// BandwidthMode is how pod egress bandwidth limits are enforced: "auto" (default) uses
+	// EDT where the kernel has the fq qdisc and the token-bucket policer where it has not;
+	// "edt" or "policer" force one.
+	BandwidthMode string `json:"bandwidthMode,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -213,6 +218,9 @@ func (c Config) Validate() error {
 	if f := loader.Forwarding(c.Forwarding); f != "" && f != loader.ForwardRedirect && f != loader.ForwardStack {
 		errs = append(errs, fmt.Errorf("forwarding %q is not %q or %q: leave it out for the default (%s)",
 			c.Forwarding, loader.ForwardRedirect, loader.ForwardStack, loader.ForwardRedirect))
+	}
+	if _, _, err := bandwidth.ParseMode(c.BandwidthMode); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, c.validateMetrics()...)
 	errs = append(errs, c.SocketLB.validate()...)

@@ -170,3 +170,15 @@ func TestValidateForwarding(t *testing.T) {
 		t.Fatalf("Validate: %v", err)
 	}
 }
+
+func TestValidateBandwidthMode(t *testing.T) {
+	for mode, ok := range map[string]bool{"": true, "auto": true, "edt": true, "policer": true, "EDT": false, "tbf": false} {
+		err := Config{NodeName: "n1", BandwidthMode: mode}.Validate()
+		if ok != (err == nil) {
+			t.Errorf("bandwidthMode %q: error %v, want accepted %v", mode, err, ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "want auto, edt or policer") {
+			t.Errorf("bandwidthMode %q: error %q does not say what to write", mode, err)
+		}
+	}
+}

@@ -90,5 +90,7 @@ func (a *Agent) detach(ifindex int) error {
 	}
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	return errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
+	err := errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
+	a.notifyEndpoint(ifindex, false)
+	return err
 }

@@ -88,6 +88,7 @@ func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
 }
 
 func (a *Agent) attachNetdevLocked(dp *loader.Datapath, ifindex int, what string) {
+	a.ensureFQLocked(ifindex, what)
 	mode, err := dp.AttachNetdev(ifindex)
 	if err != nil {
 		a.log.Error("could not attach the netdev programs", zap.String("interface", what), zap.Int("ifindex", ifindex), zap.Error(err))

@@ -276,6 +276,7 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 		if err := a.endpointRegistry().Upsert(ep); err != nil {
 			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("record endpoint %s on ifindex %d", ep.Addr, req.IfIndex), Details: err.Error()}
 		}
+		a.notifyEndpoint(req.IfIndex, true)
 	}
 	mode, err := dp.AttachPod(req.IfIndex)
 	if err != nil {
@@ -289,6 +290,12 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 // handleDetach removes the programs and their link pins before the CNI deletes the veth; a
 // tcx link pin would otherwise outlive its device in the pin root.
 func (a *Agent) endpointRegistry() *endpoint.Registry {
+	return a.EndpointRegistry()
+}
+
+// EndpointRegistry is the registry of the pods the node serves; nil until Run has loaded
+// the datapath.
+func (a *Agent) EndpointRegistry() *endpoint.Registry {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.endpoints
@@ -352,7 +359,7 @@ func (a *Agent) handleState(*http.Request) (any, *api.Error) {
 	}
 	s := pool.Status()
 	out := api.State{NodeName: a.cfg.NodeName, InstanceID: a.cfg.InstanceID, Idle: s.Idle, InUse: s.InUse,
-		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{}}
+		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{}, BandwidthMode: string(a.BandwidthMode())}
 	for _, e := range s.ENIs {
 		out.ENIs = append(out.ENIs, api.ENIState{ID: e.ID, MAC: e.MAC, IPs: addrs(e.IPs), InUse: addrs(e.InUse)})
 	}

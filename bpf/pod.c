@@ -2,11 +2,11 @@
 /* Programs on the host side of a pod's veth.
  *
  *   tern_from_pod  (tc ingress: what the pod sends)
- *       parse -> fragment ports -> conntrack lookup -> hairpin reply? restore
+ *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
  *             -> a service flow, or no flow and a frontend? translate : track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
- *       parse -> fragment ports -> conntrack lookup -> track -> a service flow's reply? restore
+ *       parse -> bandwidth (police) -> fragment ports -> conntrack lookup -> track -> a service flow's reply? restore
  *
  * Every TCP, UDP and SCTP flow of the pod is tracked (conntrack.h); service flows are
  * translated on the client's veth (svc.h). Each stage is a small inline function in
@@ -23,6 +23,7 @@
 #include "lib/nat.h"
 #include "lib/svc.h"
 #include "lib/reject.h"
+#include "lib/bandwidth.h"
 #include "lib/forward.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
@@ -132,6 +133,8 @@ int tern_from_pod(struct __sk_buff *skb)
 
 	if (!parse_or_verdict(skb, &p, DIR_FROM_POD, &verdict))
 		return verdict;
+	if (bw_egress(skb) == TC_ACT_SHOT)
+		return TC_ACT_SHOT;
 	/* Not trackable, or a later fragment whose head needed no translation. */
 	if (!has_ports(p.proto) || !frag_ports(&p))
 		return TC_ACT_OK;
@@ -167,6 +170,8 @@ int tern_to_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (!parse_or_verdict(skb, &p, DIR_TO_POD, &verdict))
 		return verdict;
+	if (bw_ingress(skb) == TC_ACT_SHOT)
+		return TC_ACT_SHOT;
 	if (!has_ports(p.proto) || !frag_ports(&p))
 		return TC_ACT_OK;
 

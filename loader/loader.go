@@ -48,6 +48,10 @@ type Config struct {
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
 	CollisionPortCount uint16
+	// BandwidthEDT shapes pod egress by Earliest Departure Time (needs the fq qdisc on the
+	// devices pod traffic leaves by); false polices it with a token bucket. The agent sets
+	// it from bandwidth.ProbeFQ.
+	BandwidthEDT bool
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	// Forwarding is ForwardRedirect (default) or ForwardStack (forward.go).
@@ -181,6 +185,7 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, error) {
 		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
 		PodVarCFG_FORWARD:                    fwd.bits(),
+		PodVarCFG_BW_EDT:                     boolByte(cfg.BandwidthEDT),
 	}
 	for name, v := range vars {
 		if err := spec.Variables[name].Set(v); err != nil {
@@ -228,6 +233,13 @@ func (d *Datapath) restoreMoved(olds []*ebpf.Map) {
 
 func seconds(d time.Duration) uint32 { return uint32(d / time.Second) }
 
+func boolByte(b bool) uint8 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // Config returns the configuration the datapath was loaded with, defaults filled in.
 func (d *Datapath) Config() Config { return d.cfg }
 
@@ -248,6 +260,7 @@ func (d *Datapath) Maps() *Maps {
 		IPCache:   d.objs.TernIpcache,
 		CT:        d.objs.TernConntrack,
 		Metrics:   d.objs.TernMetrics,
+		Bandwidth: d.objs.TernBandwidth,
 	}
 }
 

@@ -30,6 +30,9 @@ type (
 	CTValue       = PodCtValue
 	MetricsKey    = PodMetricsKey
 	MetricsValue  = PodMetricsValue
+	BWKey         = PodBwKey
+	BWValue       = PodBwValue
+	BWDir         = PodBwDir
 )
 
 // CT flags, mirroring enum ct_flag in bpf/lib/conntrack.h.
@@ -65,7 +68,7 @@ const (
 
 // Maps are the datapath's maps. The service reconciler owns Services, Backends, Members,
 // Opts and Maglev; the datapath owns Affinity; the endpoint reconcilers own Endpoints and IPCache; the datapath owns CT and
-// Metrics.
+// Metrics; the bandwidth reconciler owns Bandwidth's limits.
 type Maps struct {
 	Services  *ebpf.Map
 	Backends  *ebpf.Map
@@ -77,6 +80,7 @@ type Maps struct {
 	IPCache   *ebpf.Map
 	CT        *ebpf.Map
 	Metrics   *ebpf.Map
+	Bandwidth *ebpf.Map
 }
 
 func dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
@@ -115,6 +119,11 @@ func (m *Maps) PutEndpoint(k EndpointKey, v EndpointValue) error { return m.Endp
 func (m *Maps) DeleteEndpoint(k EndpointKey) error               { return m.Endpoints.Delete(k) }
 func (m *Maps) PutIPCache(k IPCacheKey, v IPCacheValue) error    { return m.IPCache.Put(k, v) }
 func (m *Maps) DeleteIPCache(k IPCacheKey) error                 { return m.IPCache.Delete(k) }
+
+// DumpBandwidth, PutBandwidth and DeleteBandwidth serve the bandwidth reconciler.
+func (m *Maps) DumpBandwidth() (map[BWKey]BWValue, error) { return dump[BWKey, BWValue](m.Bandwidth) }
+func (m *Maps) PutBandwidth(k BWKey, v BWValue) error     { return m.Bandwidth.Put(k, v) }
+func (m *Maps) DeleteBandwidth(k BWKey) error             { return m.Bandwidth.Delete(k) }
 
 func (m *Maps) DumpMembers() (map[MemberKey]uint32, error) {
 	return dump[MemberKey, uint32](m.Members)
@@ -218,7 +227,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 	}{{&m.Services, PodMapTernServices, false}, {&m.Backends, PodMapTernBackends, false}, {&m.Members, PodMapTernLbMembers, false},
 		{&m.Opts, PodMapTernLbSvcOpts, true}, {&m.Affinity, PodMapTernLbAffinity, true}, {&m.Maglev, PodMapTernLbMaglev, true},
 		{&m.Endpoints, PodMapTernEndpoints, false}, {&m.IPCache, PodMapTernIpcache, false},
-		{&m.CT, PodMapTernConntrack, false}, {&m.Metrics, PodMapTernMetrics, false}} {
+		{&m.CT, PodMapTernConntrack, false}, {&m.Metrics, PodMapTernMetrics, false}, {&m.Bandwidth, PodMapTernBandwidth, true}} {
 		if t.optional {
 			if _, serr := os.Stat(filepath.Join(root, t.name)); errors.Is(serr, os.ErrNotExist) {
 				continue
@@ -234,7 +243,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics, m.Bandwidth} {
 		if mp != nil {
 			mp.Close()
 		}

@@ -40,6 +40,24 @@ type PodBackendValue struct {
 	Pad  uint16
 }
 
+type PodBwDir struct {
+	_       structs.HostLayout
+	Rate    uint64
+	BurstNs uint64
+	Next    uint64
+}
+
+type PodBwKey struct {
+	_       structs.HostLayout
+	Ifindex uint32
+}
+
+type PodBwValue struct {
+	_       structs.HostLayout
+	Egress  PodBwDir
+	Ingress PodBwDir
+}
+
 type PodCtKey struct {
 	_     structs.HostLayout
 	AddrA uint32
@@ -193,6 +211,9 @@ const (
 	PodTernReasonREASON_DROP_NO_LOCAL_BACKEND PodTernReason = 25
 	PodTernReasonREASON_FWD_PEER              PodTernReason = 26
 	PodTernReasonREASON_FWD_NEIGH             PodTernReason = 27
+	PodTernReasonREASON_DROP_BW_POLICED       PodTernReason = 28
+	PodTernReasonREASON_DROP_BW_HORIZON       PodTernReason = 29
+	PodTernReasonREASON_BW_PACED              PodTernReason = 30
 	PodTernReasonREASON_MAX                   PodTernReason = 32
 )
 
@@ -201,6 +222,7 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	PodMapTernBackends                   = "tern_backends"
+	PodMapTernBandwidth                  = "tern_bandwidth"
 	PodMapTernConntrack                  = "tern_conntrack"
 	PodMapTernEndpoints                  = "tern_endpoints"
 	PodMapTernFrags                      = "tern_frags"
@@ -214,6 +236,7 @@ const (
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
+	PodVarCFG_BW_EDT                     = "CFG_BW_EDT"
 	PodVarCFG_COLLISION_PORT_COUNT       = "CFG_COLLISION_PORT_COUNT"
 	PodVarCFG_COLLISION_PORT_MIN         = "CFG_COLLISION_PORT_MIN"
 	PodVarCFG_CT_TCP_CLOSING_TIMEOUT     = "CFG_CT_TCP_CLOSING_TIMEOUT"
@@ -275,6 +298,7 @@ type PodProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
 	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernBandwidth  *ebpf.MapSpec `ebpf:"tern_bandwidth"`
 	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
 	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
 	TernFrags      *ebpf.MapSpec `ebpf:"tern_frags"`
@@ -292,6 +316,7 @@ type PodMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodVariableSpecs struct {
+	CFG_BW_EDT                     *ebpf.VariableSpec `ebpf:"CFG_BW_EDT"`
 	CFG_COLLISION_PORT_COUNT       *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_COUNT"`
 	CFG_COLLISION_PORT_MIN         *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
@@ -323,6 +348,7 @@ func (o *PodObjects) Close() error {
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
 	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
+	TernBandwidth  *ebpf.Map `ebpf:"tern_bandwidth"`
 	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
 	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
 	TernFrags      *ebpf.Map `ebpf:"tern_frags"`
@@ -339,6 +365,7 @@ type PodMaps struct {
 func (m *PodMaps) Close() error {
 	return _PodClose(
 		m.TernBackends,
+		m.TernBandwidth,
 		m.TernConntrack,
 		m.TernEndpoints,
 		m.TernFrags,
@@ -357,6 +384,7 @@ func (m *PodMaps) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodVariables struct {
+	CFG_BW_EDT                     *ebpf.Variable `ebpf:"CFG_BW_EDT"`
 	CFG_COLLISION_PORT_COUNT       *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_COUNT"`
 	CFG_COLLISION_PORT_MIN         *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_MIN"`
 	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.Variable `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`

@@ -46,6 +46,12 @@ const (
 	// pod on this node, out of an ENI or the primary NIC (bpf/lib/forward.h).
 	ReasonFwdPeer  = PodTernReasonREASON_FWD_PEER
 	ReasonFwdNeigh = PodTernReasonREASON_FWD_NEIGH
+	// The bandwidth manager (bpf/lib/bandwidth.h): a packet over its pod's limit dropped by
+	// the token-bucket policer, one whose EDT departure lay beyond the horizon, and one
+	// given a later departure time (passed, paced by fq).
+	ReasonDropBWPoliced = PodTernReasonREASON_DROP_BW_POLICED
+	ReasonDropBWHorizon = PodTernReasonREASON_DROP_BW_HORIZON
+	ReasonBWPaced       = PodTernReasonREASON_BW_PACED
 )
 
 var reasonLabels = map[Reason]string{
@@ -60,6 +66,8 @@ var reasonLabels = map[Reason]string{
 	ReasonSockReject: "sock_reject", ReasonSockRevNATFull: "sock_revnat_full", ReasonSockDestroy: "sock_destroy",
 	ReasonDropNoLocalBackend: "drop_no_local_backend",
 	ReasonFwdPeer:         "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
+	ReasonDropBWPoliced:   "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
+	ReasonBWPaced: "bw_paced",
 }
 
 // String is the reason's Prometheus label value.

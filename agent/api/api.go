@@ -143,6 +143,8 @@ type State struct {
 	MaxPods     int                   `json:"maxPods"`
 	ENIs        []ENIState            `json:"enis"`
 	Allocations map[string]Allocation `json:"allocations"` // key namespace/name/containerID
+	// BandwidthMode is how pod egress limits are enforced: "edt" or "policer".
+	BandwidthMode string `json:"bandwidthMode,omitempty"`
 }
 
 // Error is an error response.

@@ -1,6 +1,7 @@
 // Package kube is the Kubernetes-driven part of tern-agent: the service load-balancer
 // controller, the Node's IPAM report, Events on pods whose address could not be
-// allocated, and garbage collection of addresses whose pods are gone. The agent runs it as
+// allocated, garbage collection of addresses whose pods are gone, and the pods' bandwidth
+// annotations (bandwidth.go). The agent runs it as
 // one component when it has a kubeconfig; without one the agent is IPAM-only.
 package kube
 
@@ -116,19 +117,24 @@ func (c *Component) Start(ctx context.Context) error {
 		}
 	}()
 
+	// The node's pods: for address GC and for the bandwidth annotations.
+	factory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
+		}))
+	c.pods = factory.Core().V1().Pods().Informer()
+	if err := c.startBandwidth(ctx); err != nil {
+		return err
+	}
+	c.wg.Add(1)
+	go func() { defer c.wg.Done(); c.pods.Run(ctx.Done()) }()
+
 	if c.a.Pool() != nil {
 		c.reporter = nodereport.New(c.client, node, c.snapshot, c.opts.ReportInterval, c.log)
 		c.a.OnAllocate(c.allocated)
 		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.reporter.Run(ctx) }()
-
-		factory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-				o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
-			}))
-		c.pods = factory.Core().V1().Pods().Informer()
-		c.wg.Add(2)
-		go func() { defer c.wg.Done(); c.pods.Run(ctx.Done()) }()
+		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.gcLoop(ctx) }()
 	}
 	return nil

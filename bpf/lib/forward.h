@@ -26,8 +26,9 @@
  *   - reverse NAT: a backend's reply on a service flow's translated tuple is restored to
  *     frontend -> client here (counted svc_revnat, to-pod, as tern_to_pod counts it).
  * A destination whose to-pod hook has per-endpoint work (NetworkPolicy enforced, a
- * bandwidth limit: EP_F_POLICY, EP_F_BANDWIDTH in tern_endpoints) goes through the stack so
- * that hook runs; so does a source with a bandwidth limit (pacing needs the qdisc path).
+ * ingress bandwidth limit: EP_F_POLICY in tern_endpoints, an entry in tern_bandwidth) goes
+ * through the stack so that hook runs; so does a source with an egress limit (EDT pacing needs
+ * the qdisc path).
  * bpf_redirect and bpf_redirect_neigh transmit on the device, so its egress hook
  * (tern_to_netdev) still runs.
  *
@@ -43,6 +44,7 @@
 #include "parse.h"
 #include "conntrack.h"
 #include "endpoint.h"
+#include "bandwidth.h"
 #include "frag.h"
 #include "svc.h"
 
@@ -164,8 +166,7 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 	if (fib.ifindex == skb->ifindex)
 		return TC_ACT_OK;
 	/* Looked up only now: a packet the stack gets anyway does not pay for it. */
-	struct endpoint_value *src = endpoint_of(skb);
-	if (src && (src->flags & EP_F_BANDWIDTH))
+	if (bw_limited(skb->ifindex, true))
 		return TC_ACT_OK;
 
 	if (CFG_FORWARD & FWD_CFG_PEER) {
@@ -174,7 +175,7 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p,
 
 		if (dst) {
 			/* Only the pod that owns the address, with nothing for its to-pod hook. */
-			if (dst->addr != daddr || (dst->flags & (EP_F_POLICY | EP_F_BANDWIDTH)))
+			if (dst->addr != daddr || (dst->flags & EP_F_POLICY) || bw_limited(fib.ifindex, false))
 				return TC_ACT_OK;
 			__u8 dmac[ETH_ALEN], smac[ETH_ALEN];
 			if (rc == BPF_FIB_LKUP_RET_SUCCESS) {

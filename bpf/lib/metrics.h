@@ -42,6 +42,9 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_LOCAL_BACKEND = 25, /* internalTrafficPolicy Local, no endpoint on this node */
 	REASON_FWD_PEER = 26,       /* redirected into a pod on this node (bpf_redirect_peer) */
 	REASON_FWD_NEIGH = 27,      /* redirected out of an ENI or the primary NIC to the FIB's neighbour */
+	REASON_DROP_BW_POLICED = 28, /* bandwidth.h: over the pod's rate and burst (token bucket) */
+	REASON_DROP_BW_HORIZON = 29, /* bandwidth.h: EDT departure beyond the horizon */
+	REASON_BW_PACED = 30,       /* bandwidth.h: given a later departure time (EDT), passed */
 	__REASON_MAX = 32,
 };
 

@@ -17,6 +17,9 @@
 #   TERN_VMKERNEL_MEM      guest memory in MiB (default 512)
 #   TERN_VMKERNEL_LOADER   go test flags for ./loader  (empty string: do not run)
 #   TERN_VMKERNEL_E2E      go test flags for ./test/e2e (empty string: do not run)
+#   TERN_VMKERNEL_BW_RATES the two limits TestBandwidthLimitsPods measures (default 5M,10M:
+#                          TCG carried 27-440 Mbit/s unlimited, by host load, and
+#                          the unlimited pod must beat 1.5x the higher limit)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -26,14 +29,16 @@ mem=${TERN_VMKERNEL_MEM:-512}
 GO=${GO:-go}
 # bpftool is not in the guest; everything else in ./loader runs there.
 loader_flags=${TERN_VMKERNEL_LOADER-"-test.skip ^TestBpftoolPrettyPrintsMaps\$"}
-e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount|TestForwardRedirectPeer|TestForwardStackMode|TestForwardOutOfENI|TestSocketLB)\$"}
+e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount|TestForwardRedirectPeer|TestForwardStackMode|TestForwardOutOfENI|TestSocketLB|TestBandwidthLimitsPods)\$"}
+# The bandwidth test there must run in EDT mode (both kernels have fq), at rates TCG can carry.
+bw_rates=${TERN_VMKERNEL_BW_RATES:-5M,10M}
 # The guest's own test timeout fires first, so a hang still prints its goroutine dump.
 test_timeout=$((timeout_s > 90 ? timeout_s - 30 : timeout_s * 2 / 3))
 common_flags="-test.v -test.count=1 -test.timeout=${test_timeout}s"
 # Modules the tests need when the kernel builds them as modules: veth pairs, clsact
-# (sch_ingress) with cls_bpf/act_bpf, and xfrm_user + nfnetlink, without which
-# netlink.NewHandleAt fails with "protocol not supported".
-modules="veth sch_ingress cls_bpf act_bpf xfrm_user nfnetlink"
+# (sch_ingress) with cls_bpf/act_bpf, xfrm_user + nfnetlink, without which
+# netlink.NewHandleAt fails with "protocol not supported", and fq for EDT pacing.
+modules="veth sch_ingress cls_bpf act_bpf xfrm_user nfnetlink sch_fq"
 
 log() { echo "vmkernel: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -155,6 +160,17 @@ build() { # name package flags
 }
 build loader ./loader "$loader_flags"
 build e2e ./test/e2e "$e2e_flags"
+# iperf3 for TestBandwidthLimitsPods, with the shared libraries it links (the host's
+# userland runs unchanged on the guest kernel).
+command -v iperf3 >/dev/null || die "iperf3 missing (make setup installs it)"
+mkdir -p "$tests/bin"
+cp -L "$(command -v iperf3)" "$tests/bin/iperf3"
+for lib in $(ldd "$(command -v iperf3)" | awk '$2 == "=>" {print $3} $1 ~ /^\// {print $1}'); do
+	mkdir -p "$tests$(dirname "$lib")"
+	cp -L "$lib" "$tests$lib"
+done
+# Environment for the tests (init sources it).
+printf 'export TERN_EXPECT_EDT=1 TERN_BW_RATES=%s\n' "$bw_rates" >"$tests/tests/env"
 (cd "$tests" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$tmp/tests.cpio"
 cat "$kdir/base.cpio" "$tmp/tests.cpio" >"$tmp/initrd"
 log "built test binaries and initramfs ($(du -m "$tmp/initrd" | cut -f1) MiB) in $(($(date +%s) - t0)) s"
