@@ -11,9 +11,9 @@ import (
 	"time"
 
 	"github.com/tern-net/tern/agent/api"
-	"github.com/tern-net/tern/service"
-	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/bandwidth"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/service"
 )
 
 // Defaults of Config.

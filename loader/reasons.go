@@ -65,8 +65,8 @@ var reasonLabels = map[Reason]string{
 	ReasonSockConnect:     "sock_connect", ReasonSockSendmsg: "sock_sendmsg", ReasonSockRevNAT: "sock_revnat",
 	ReasonSockReject: "sock_reject", ReasonSockRevNATFull: "sock_revnat_full", ReasonSockDestroy: "sock_destroy",
 	ReasonDropNoLocalBackend: "drop_no_local_backend",
-	ReasonFwdPeer:         "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
-	ReasonDropBWPoliced:   "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
+	ReasonFwdPeer:            "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
+	ReasonDropBWPoliced: "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
 	ReasonBWPaced: "bw_paced",
 }
 
