@@ -44,7 +44,7 @@ type PodCtValue struct {
 	NatSport  uint16
 	SvcId     uint32
 	Flags     uint16
-	Pad       uint16
+	Policy    uint16
 }
 
 type PodEndpointKey struct {
@@ -111,6 +111,37 @@ type PodMetricsValue struct {
 	Bytes   uint64
 }
 
+type PodPolicyCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type PodPolicyCidrValue struct {
+	_        structs.HostLayout
+	Identity uint32
+}
+
+type PodPolicyIsoValue struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
+type PodPolicyKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Subject   uint32
+	Peer      uint32
+	Dir       uint8
+	Proto     uint8
+	Port      uint16
+}
+
+type PodPolicyValue struct {
+	_      structs.HostLayout
+	Policy uint32
+}
+
 type PodSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -152,6 +183,8 @@ const (
 	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
 	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
 	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
+	PodTernReasonREASON_DROP_POLICY          PodTernReason = 19
+	PodTernReasonREASON_POLICY_AUDIT         PodTernReason = 20
 	PodTernReasonREASON_MAX                  PodTernReason = 32
 )
 
@@ -166,6 +199,9 @@ const (
 	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernMetrics                    = "tern_metrics"
+	PodMapTernPolicy                     = "tern_policy"
+	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
+	PodMapTernPolicyIsolation            = "tern_policy_isolation"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
@@ -228,14 +264,17 @@ type PodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
-	TernBackends  *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.MapSpec `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
+	TernBackends        *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack       *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernFrags           *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernIpcache         *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbMembers       *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernMetrics         *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
+	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -271,14 +310,17 @@ func (o *PodObjects) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
-	TernBackends  *ebpf.Map `ebpf:"tern_backends"`
-	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.Map `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernServices  *ebpf.Map `ebpf:"tern_services"`
+	TernBackends        *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack       *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.Map `ebpf:"tern_endpoints"`
+	TernFrags           *ebpf.Map `ebpf:"tern_frags"`
+	TernIpcache         *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbMembers       *ebpf.Map `ebpf:"tern_lb_members"`
+	TernMetrics         *ebpf.Map `ebpf:"tern_metrics"`
+	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
+	TernServices        *ebpf.Map `ebpf:"tern_services"`
 }
 
 func (m *PodMaps) Close() error {
@@ -290,6 +332,9 @@ func (m *PodMaps) Close() error {
 		m.TernIpcache,
 		m.TernLbMembers,
 		m.TernMetrics,
+		m.TernPolicy,
+		m.TernPolicyCidrs,
+		m.TernPolicyIsolation,
 		m.TernServices,
 	)
 }

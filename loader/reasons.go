@@ -31,6 +31,8 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	ReasonDropPolicy       = PodTernReasonREASON_DROP_POLICY
+	ReasonPolicyAudit      = PodTernReasonREASON_POLICY_AUDIT
 )
 
 var reasonLabels = map[Reason]string{
@@ -41,6 +43,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonDropPolicy:      "drop_policy", ReasonPolicyAudit: "policy_audit",
 }
 
 // String is the reason's Prometheus label value.

@@ -32,6 +32,8 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_DROP_POLICY = 19,    /* NetworkPolicy denied it (from-pod: the pod's egress or its reply; to-pod: its ingress) */
+	REASON_POLICY_AUDIT = 20,   /* NetworkPolicy would deny it; passed because the pod's policy is in audit mode */
 	__REASON_MAX = 32,
 };
 
