@@ -118,6 +118,11 @@ type Config struct {
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
 	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
+	// NetworkPolicy configures enforcement and audit mode (policyconfig.go).
+	NetworkPolicy NetworkPolicyConfig `json:"networkPolicy,omitempty"`
+	// DisableNetworkPolicy is Terway's spelling (its eni-config key disable_network_policy,
+	// "true" or "false"); networkPolicy.enforce is the same switch the other way round.
+	DisableNetworkPolicy *TerwayBool `json:"disable_network_policy,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -187,6 +192,7 @@ func (c Config) Validate() error {
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
 	}
 	errs = append(errs, c.validateMetrics()...)
+	errs = append(errs, c.validatePolicy()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

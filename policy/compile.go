@@ -88,6 +88,8 @@ func (k RuleKey) Covers(proto uint8, port uint16) bool {
 type Desired struct {
 	// Shapes describes every pod identity (for ternctl and errors).
 	Shapes map[Identity]string
+	// Namespace is each pod identity's namespace (audit mode is per namespace).
+	Namespace map[Identity]string
 	// PodIdentity is each pod's identity by namespace/name.
 	PodIdentity map[types.NamespacedName]Identity
 	// IPCache maps pod addresses to their identity (tern_ipcache, prefix /32).
@@ -122,6 +124,7 @@ type peerSet struct {
 func Compile(st State) (*Desired, error) {
 	d := &Desired{
 		Shapes:      map[Identity]string{},
+		Namespace:   map[Identity]string{},
 		PodIdentity: map[types.NamespacedName]Identity{},
 		IPCache:     map[netip.Addr]Identity{},
 		CIDRs:       map[netip.Prefix]Identity{},
@@ -164,6 +167,7 @@ func Compile(st State) (*Desired, error) {
 	for c, si := range shapes {
 		si.id = ids[c]
 		d.Shapes[si.id] = c
+		d.Namespace[si.id] = si.shape.Namespace
 		order = append(order, si)
 	}
 	slices.SortFunc(order, func(a, b *shapeInfo) int { return cmp.Compare(a.id, b.id) })
