@@ -114,6 +114,10 @@ func (c *Component) Start(ctx context.Context) error {
 		}
 	}()
 
+	if err := c.startPolicy(ctx); err != nil {
+		return err
+	}
+
 	if c.a.Pool() != nil {
 		c.reporter = nodereport.New(c.client, node, c.snapshot, c.opts.ReportInterval, c.log)
 		c.a.OnAllocate(c.allocated)
