@@ -120,7 +120,8 @@ type peerSet struct {
 }
 
 // Compile turns st into map contents. It reports every invalid object at once, each named
-// with the field at fault.
+// with the field at fault; the contents it returns with them are still safe to apply: an
+// invalid peer or port allows nothing, and the policy still isolates the pods it selects.
 func Compile(st State) (*Desired, error) {
 	d := &Desired{
 		Shapes:      map[Identity]string{},
@@ -189,21 +190,27 @@ func Compile(st State) (*Desired, error) {
 			if peer.IPBlock == nil {
 				return
 			}
+			// An IPv6 prefix is valid but holds no IPv4 address: it matches nothing here
+			// (the datapath is IPv4) and needs no entry.
 			c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
-			if err != nil || !c.Addr().Is4() {
-				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not an IPv4 CIDR (IPv6 is not supported yet)",
-					np.Namespace, np.Name, field, peer.IPBlock.CIDR))
+			if err != nil {
+				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not a CIDR: %w",
+					np.Namespace, np.Name, field, peer.IPBlock.CIDR, err))
 				return
 			}
-			prefixes = append(prefixes, c.Masked())
+			if c.Addr().Is4() {
+				prefixes = append(prefixes, c.Masked())
+			}
 			for j, e := range peer.IPBlock.Except {
 				x, err := netip.ParsePrefix(e)
-				if err != nil || !x.Addr().Is4() {
-					errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not an IPv4 CIDR",
-						np.Namespace, np.Name, field, j, e))
+				if err != nil {
+					errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not a CIDR: %w",
+						np.Namespace, np.Name, field, j, e, err))
 					continue
 				}
-				prefixes = append(prefixes, x.Masked())
+				if x.Addr().Is4() {
+					prefixes = append(prefixes, x.Masked())
+				}
 			}
 		})
 	}
@@ -226,10 +233,7 @@ func Compile(st State) (*Desired, error) {
 			errs = append(errs, err)
 		}
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return d, nil
+	return d, errors.Join(errs...)
 }
 
 // NamespaceLabels returns a namespace's labels with kubernetes.io/metadata.name set, as
@@ -392,10 +396,17 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 			}
 			c = c.Masked()
 			var excepts []netip.Prefix
+			badExcept := false
 			for _, e := range p.IPBlock.Except {
-				if x, err := netip.ParsePrefix(e); err == nil {
-					excepts = append(excepts, x.Masked())
+				x, err := netip.ParsePrefix(e)
+				if err != nil {
+					badExcept = true // reported by Compile; without it the block would allow too much
+					break
 				}
+				excepts = append(excepts, x.Masked())
+			}
+			if badExcept {
+				continue
 			}
 			for pfx, id := range d.CIDRs {
 				if id == IdentityHost || !within(pfx, c) {

@@ -144,3 +144,28 @@ func TestIdentitiesAreDeterministic(t *testing.T) {
 		t.Fatalf("identities differ with pod order:\n%v\n%v", a.PodIdentity, b.PodIdentity)
 	}
 }
+
+// With errors, what Compile returns is still safe: a peer with an unreadable except allows
+// nothing (not the whole cidr), the policy still isolates, and an IPv6 ipBlock (valid, but
+// holding no IPv4 address) is no error and matches nothing.
+func TestCompileErrorsFailClosed(t *testing.T) {
+	web := map[string]string{"app": "web"}
+	st := policy.State{
+		Pods: []corev1.Pod{pod("a", "web", "10.0.0.1", web)},
+		Policies: []networkingv1.NetworkPolicy{{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "p"}, Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: web},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{
+				{IPBlock: &networkingv1.IPBlock{CIDR: "192.168.0.0/16", Except: []string{"192.168.1.0/24", "bogus"}}},
+				{IPBlock: &networkingv1.IPBlock{CIDR: "fd00::/8"}},
+			}}}}}},
+	}
+	d, err := policy.Compile(st)
+	if err == nil || !strings.Contains(err.Error(), "except[1]") || strings.Contains(err.Error(), "fd00") {
+		t.Fatalf("error %v: want one about except[1] only", err)
+	}
+	for _, src := range []string{"192.168.2.2", "192.168.1.1", "8.8.8.8"} {
+		if _, in := d.Decide(netip.MustParseAddr(src), netip.MustParseAddr("10.0.0.1"), 6, 80); in {
+			t.Errorf("%s -> web allowed by a peer with an unreadable except", src)
+		}
+	}
+}

@@ -49,6 +49,7 @@ type policyReconciler struct {
 	pods, nss, nps cache.SharedIndexInformer
 	trigger        chan struct{}
 	remote         map[netip.Addr]bool // ipcache entries written for pods of other nodes
+	nodeIPs        []netip.Addr        // this node's addresses, read once (always allowed)
 
 	mu      sync.Mutex
 	desired *policy.Desired // the last compiled state, read by the registry's PolicyFunc
@@ -125,6 +126,9 @@ func (r *policyReconciler) run(ctx context.Context, wg *sync.WaitGroup) {
 }
 
 func (r *policyReconciler) nodeAddrs(ctx context.Context) []netip.Addr {
+	if r.nodeIPs != nil {
+		return r.nodeIPs
+	}
 	n, err := r.client.CoreV1().Nodes().Get(ctx, r.node, metav1.GetOptions{})
 	if err != nil {
 		r.log.Warn("cannot read this node's addresses: traffic to its InternalIP is judged as any other address",
@@ -137,6 +141,8 @@ func (r *policyReconciler) nodeAddrs(ctx context.Context) []netip.Addr {
 			out = append(out, ip)
 		}
 	}
+	// Read once: a node's addresses do not change under a running agent.
+	r.nodeIPs = out
 	return out
 }
 
@@ -166,9 +172,9 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	})
 	d, err := policy.Compile(st)
 	if err != nil {
-		// One bad policy must not stall every other change: the apiserver validates
-		// policies, so this is an object it accepted and we cannot read (IPv6 ipBlock).
-		return fmt.Errorf("compile networkpolicies: %w", err)
+		// One bad policy must not stall every other change; what Compile returns with the
+		// error allows nothing the bad fields would have allowed.
+		r.log.Warn("some networkpolicies have fields tern cannot enforce; they allow nothing", zap.Error(err))
 	}
 	for _, nn := range local {
 		localIDs[d.PodIdentity[nn]] = true
