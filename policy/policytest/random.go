@@ -253,3 +253,83 @@ func Reference(sc *Scenario) ([]reference.Verdict, error) {
 	}
 	return out, nil
 }
+
+// RandomOver is a random scenario over given pods (their namespaces, names, container
+// ports and addresses stay; their labels, the namespaces' labels and the policies are
+// drawn from seed) with nProbes TCP probes between them on the given ports. The lab uses it
+// to compare the live datapath with the simulator on pods it cannot recreate per scenario.
+func RandomOver(seed uint64, pods []corev1.Pod, ports []uint16, nProbes int) Scenario {
+	r := rand.New(rand.NewPCG(seed, seed^0x51ed2701f3a5c4b9))
+	sc := Scenario{Seed: seed}
+	seen := map[string]bool{}
+	for _, p := range pods {
+		if !seen[p.Namespace] {
+			seen[p.Namespace] = true
+			sc.State.Namespaces = append(sc.State.Namespaces, corev1.Namespace{
+				ObjectMeta: metav1.ObjectMeta{Name: p.Namespace, Labels: randLabels(r, nsKeys)}})
+		}
+		q := *p.DeepCopy()
+		q.Labels = randLabels(r, podKeys)
+		sc.State.Pods = append(sc.State.Pods, q)
+	}
+	var nsNames []string
+	for _, ns := range sc.State.Namespaces {
+		nsNames = append(nsNames, ns.Name)
+	}
+	for i := range 1 + r.IntN(4) {
+		np := networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: pick(r, nsNames), Name: fmt.Sprintf("np%d", i)}}
+		np.Spec.PodSelector = *randSelector(r, podKeys)
+		switch r.IntN(4) {
+		case 1:
+			np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
+		case 2:
+			np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+		case 3:
+			np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}
+		}
+		for range r.IntN(3) {
+			peers, ports := randRule(r, false)
+			np.Spec.Ingress = append(np.Spec.Ingress, networkingv1.NetworkPolicyIngressRule{From: peers, Ports: ports})
+		}
+		for range r.IntN(3) {
+			peers, ports := randRule(r, true)
+			np.Spec.Egress = append(np.Spec.Egress, networkingv1.NetworkPolicyEgressRule{To: peers, Ports: ports})
+		}
+		// Namespace selectors in the generator name ns0..ns2; point them at these namespaces.
+		sc.State.Policies = append(sc.State.Policies, renameNamespaces(np, nsNames))
+	}
+	for range nProbes {
+		from, to := pick(r, sc.State.Pods), pick(r, sc.State.Pods)
+		sc.Probes = append(sc.Probes, Probe{From: from.Namespace + "/" + from.Name, To: to.Namespace + "/" + to.Name,
+			Port: pick(r, ports), Protocol: "TCP"})
+	}
+	return sc
+}
+
+func renameNamespaces(np networkingv1.NetworkPolicy, names []string) networkingv1.NetworkPolicy {
+	fix := func(s *metav1.LabelSelector) {
+		if s == nil {
+			return
+		}
+		if v, ok := s.MatchLabels["kubernetes.io/metadata.name"]; ok {
+			var i int
+			if _, err := fmt.Sscanf(v, "ns%d", &i); err == nil && i < len(names) {
+				s.MatchLabels["kubernetes.io/metadata.name"] = names[i]
+			}
+		}
+	}
+	fix(&np.Spec.PodSelector)
+	for i := range np.Spec.Ingress {
+		for j := range np.Spec.Ingress[i].From {
+			fix(np.Spec.Ingress[i].From[j].NamespaceSelector)
+			fix(np.Spec.Ingress[i].From[j].PodSelector)
+		}
+	}
+	for i := range np.Spec.Egress {
+		for j := range np.Spec.Egress[i].To {
+			fix(np.Spec.Egress[i].To[j].NamespaceSelector)
+			fix(np.Spec.Egress[i].To[j].PodSelector)
+		}
+	}
+	return np
+}
