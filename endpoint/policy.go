@@ -51,3 +51,18 @@ func (r *Registry) applyPolicyLocked(e *Endpoint) {
 // Cache is the ipcache reconciler the registry writes local pods into; NetworkPolicy
 // writes the other pods of the cluster through it.
 func (r *Registry) Cache() *IPCache { return r.cache }
+
+// PodAddrs lists the /32 entries marked as pods that are not local (written for the pods of
+// other nodes), so that a restarted agent can remove the ones whose pods left while it was
+// away.
+func (c *IPCache) PodAddrs() []netip.Addr {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []netip.Addr
+	for p, v := range c.mirror {
+		if p.Bits() == 32 && v.Flags&loader.IPCacheFlagPod != 0 && v.Flags&loader.IPCacheFlagLocal == 0 {
+			out = append(out, p.Addr())
+		}
+	}
+	return out
+}

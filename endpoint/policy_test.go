@@ -60,4 +60,17 @@ func TestSetPolicyAssignsIdentities(t *testing.T) {
 	}
 	check(41, a, 300, 0)
 	check(42, b, 400, 0)
+
+	// Only other nodes' pod addresses are listed for a restarted agent to clean up.
+	remote := netip.MustParseAddr("10.0.2.20")
+	if err := cache.Set(netip.PrefixFrom(remote, 32), Entry{Identity: 500, Flags: loader.IPCacheFlagPod}); err != nil {
+		t.Fatal(err)
+	}
+	reopened, err := NewIPCache(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := reopened.PodAddrs(); len(got) != 1 || got[0] != remote {
+		t.Fatalf("PodAddrs = %v, want [%s]", got, remote)
+	}
 }

@@ -64,6 +64,11 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 	}
 	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, log: log.Named("policy"),
 		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}}
+	// Entries a previous agent wrote for other nodes' pods: the first sync removes the
+	// ones whose pods left meanwhile.
+	for _, a := range reg.Cache().PodAddrs() {
+		r.remote[a] = true
+	}
 	factory := informers.NewSharedInformerFactory(client, 0)
 	r.pods = factory.Core().V1().Pods().Informer()
 	r.nss = factory.Core().V1().Namespaces().Informer()
