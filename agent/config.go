@@ -147,6 +147,11 @@ type Config struct {
 	// EDT where the kernel has the fq qdisc and the token-bucket policer where it has not;
 	// "edt" or "policer" force one.
 	BandwidthMode string `json:"bandwidthMode,omitempty"`
+	// NetworkPolicy configures enforcement and audit mode (policyconfig.go).
+	NetworkPolicy NetworkPolicyConfig `json:"networkPolicy,omitempty"`
+	// DisableNetworkPolicy is Terway's spelling (its eni-config key disable_network_policy,
+	// "true" or "false"); networkPolicy.enforce is the same switch the other way round.
+	DisableNetworkPolicy *TerwayBool `json:"disable_network_policy,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -234,6 +239,7 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("maglevTableSize: %w", err))
 		}
 	}
+	errs = append(errs, c.validatePolicy()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

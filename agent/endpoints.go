@@ -50,6 +50,9 @@ func endpointOf(req api.AttachRequest) (endpoint.Endpoint, bool, error) {
 		return endpoint.Endpoint{}, false, fmt.Errorf("ip %q is not an IPv4 address", req.IP)
 	}
 	e := endpoint.Endpoint{IfIndex: req.IfIndex, Addr: addr}
+	if req.Namespace != "" && req.Name != "" {
+		e.Pod = req.Namespace + "/" + req.Name
+	}
 	if req.MAC != "" {
 		if e.MAC, err = net.ParseMAC(req.MAC); err != nil || len(e.MAC) != 6 {
 			return e, false, fmt.Errorf("mac %q is not an Ethernet address", req.MAC)
@@ -57,3 +60,7 @@ func endpointOf(req api.AttachRequest) (endpoint.Endpoint, bool, error) {
 	}
 	return e, true, nil
 }
+
+// Endpoints is the endpoint registry (nil until the datapath is loaded). NetworkPolicy
+// feeds identities through it.
+func (a *Agent) Endpoints() *endpoint.Registry { return a.endpointRegistry() }

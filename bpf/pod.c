@@ -3,10 +3,12 @@
  *
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
- *             -> a service flow, or no flow and a frontend? translate : track
+ *             -> a service flow, or no flow and a frontend? policy on the backend, translate
+ *             : policy, track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
- *       parse -> bandwidth (police) -> fragment ports -> conntrack lookup -> track -> a service flow's reply? restore
+ *       parse -> bandwidth (police) -> fragment ports -> conntrack lookup -> policy -> track
+ *             -> a service flow's reply? restore
  *
  * Every TCP, UDP and SCTP flow of the pod is tracked (conntrack.h); service flows are
  * translated on the client's veth (svc.h). Each stage is a small inline function in
@@ -23,6 +25,7 @@
 #include "lib/nat.h"
 #include "lib/svc.h"
 #include "lib/reject.h"
+#include "lib/policy.h"
 #include "lib/bandwidth.h"
 #include "lib/forward.h"
 
@@ -90,6 +93,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 		reason = svc_open(p, f, svc, now, &flow);
 	}
 	if (!reason)
+		reason = policy_from_pod(skb, p, f, flow.nat_addr, flow.nat_port);
+	if (!reason)
 		reason = svc_translate(skb, p, &flow);
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
@@ -151,7 +156,9 @@ int tern_from_pod(struct __sk_buff *skb)
 		if (svc)
 			return service_forward(skb, &p, &f, svc, now);
 	}
-	int reason = flow_track(&p, now, &f, &reply);
+	int reason = policy_from_pod(skb, &p, &f, p.daddr, p.dport);
+	if (!reason)
+		reason = flow_track(&p, now, &f, &reply);
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
 	return forward(skb, &p, f.ct, reply);
@@ -180,7 +187,9 @@ int tern_to_pod(struct __sk_buff *skb)
 	/* A client's untranslated tuple seen coming in is not a reply to restore. */
 	if (f.ct && (f.ct->flags & CT_F_SVC))
 		return TC_ACT_OK;
-	int reason = flow_track(&p, now, &f, &reply);
+	int reason = policy_to_pod(skb, &p, &f);
+	if (!reason)
+		reason = flow_track(&p, now, &f, &reply);
 	if (reason)
 		return drop(skb, reason, DIR_TO_POD);
 	if (!f.ct || !reply || !(f.ct->flags & CT_F_REVNAT) || (f.ct->flags & CT_F_HAIRPIN))

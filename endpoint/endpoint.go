@@ -23,6 +23,7 @@ type Endpoint struct {
 	Flags    uint16           // loader.EndpointFlag*
 	Identity uint32           // numeric identity of the pod's labels; 0 until policy assigns one
 	BWSlot   uint32           // bandwidth settings slot; 0 none
+	Pod      string           // "namespace/name" when known (attach); not kept in the map
 }
 
 func (e Endpoint) value() (loader.EndpointValue, error) {
@@ -56,6 +57,8 @@ type Registry struct {
 
 	mu     sync.Mutex
 	mirror map[int]loader.EndpointValue
+	pods   map[int]string // ifindex -> "namespace/name", as attach named them
+	policy PolicyFunc     // NetworkPolicy's identity and enforcement per pod (policy.go)
 }
 
 // NewRegistry starts from what the maps hold (left by a previous agent: the pods are still
@@ -65,7 +68,7 @@ func NewRegistry(m Maps, cache *IPCache) (*Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read endpoint map: %w", err)
 	}
-	r := &Registry{maps: m, cache: cache, mirror: make(map[int]loader.EndpointValue, len(cur))}
+	r := &Registry{maps: m, cache: cache, mirror: make(map[int]loader.EndpointValue, len(cur)), pods: map[int]string{}}
 	for k, v := range cur {
 		r.mirror[int(k.Ifindex)] = v
 	}
@@ -77,12 +80,18 @@ func (r *Registry) Upsert(e Endpoint) error {
 	if e.IfIndex <= 0 {
 		return fmt.Errorf("endpoint %s: ifindex %d is not a valid interface index", e.Addr, e.IfIndex)
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e.Pod != "" {
+		r.pods[e.IfIndex] = e.Pod
+	} else {
+		e.Pod = r.pods[e.IfIndex]
+	}
+	r.applyPolicyLocked(&e)
 	v, err := e.value()
 	if err != nil {
 		return err
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	old, had := r.mirror[e.IfIndex]
 	if !had || old != v {
 		if err := r.maps.PutEndpoint(loader.EndpointKey{Ifindex: uint32(e.IfIndex)}, v); err != nil {
@@ -115,6 +124,7 @@ func (r *Registry) deleteLocked(ifindex int) error {
 		return fmt.Errorf("delete endpoint on ifindex %d: %w", ifindex, err)
 	}
 	delete(r.mirror, ifindex)
+	delete(r.pods, ifindex)
 	return r.cache.Delete(netip.PrefixFrom(loader.BEToAddr(old.Addr), 32))
 }
 
@@ -144,7 +154,8 @@ func (r *Registry) List() []Endpoint {
 	defer r.mu.Unlock()
 	out := make([]Endpoint, 0, len(r.mirror))
 	for ifindex, v := range r.mirror {
-		e := Endpoint{IfIndex: ifindex, Addr: loader.BEToAddr(v.Addr), Flags: v.Flags, Identity: v.Identity, BWSlot: v.BwSlot}
+		e := Endpoint{IfIndex: ifindex, Addr: loader.BEToAddr(v.Addr), Flags: v.Flags, Identity: v.Identity, BWSlot: v.BwSlot,
+			Pod: r.pods[ifindex]}
 		if v.Mac != ([6]byte{}) {
 			e.MAC = net.HardwareAddr(append([]byte(nil), v.Mac[:]...))
 		}

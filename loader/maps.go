@@ -160,8 +160,8 @@ func (m *Maps) MetricsTotals() (map[MetricsKey]MetricsValue, error) {
 		if sum.Packets == 0 {
 			continue
 		}
-		// METRICS_INDEX in bpf/lib/metrics.h: dir << 5 | reason.
-		out[MetricsKey{Reason: Reason(idx & 0x1f), Dir: Direction(idx >> 5)}] = sum
+		// METRICS_INDEX in bpf/lib/metrics.h: dir << 6 | reason.
+		out[MetricsKey{Reason: Reason(idx & 0x3f), Dir: Direction(idx >> 6)}] = sum
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate metrics map: %w", err)

@@ -53,7 +53,7 @@ func testPinRoot(t *testing.T) string {
 }
 
 // TestMetricsGrowMovesOldPinAside: a node whose tern_metrics was pinned by the layout with
-// three directions (96 entries) loads this one (192: from-netdev, to-netdev and sock came later): Load moves the old pin aside instead
+// three directions (96 entries) loads this one (384: from-netdev, to-netdev and sock came later, and reasons outgrew 32): Load moves the old pin aside instead
 // of refusing, the pod and netdev programs share the one new map, and FinishUpgrade
 // removes the old pin.
 func TestMetricsGrowMovesOldPinAside(t *testing.T) {
@@ -73,8 +73,8 @@ func TestMetricsGrowMovesOldPinAside(t *testing.T) {
 		t.Fatalf("load over a 96-entry tern_metrics: %v", err)
 	}
 	defer d.Close()
-	if n := d.objs.TernMetrics.MaxEntries(); n != 192 {
-		t.Fatalf("pod object's tern_metrics has %d entries, want 192", n)
+	if n := d.objs.TernMetrics.MaxEntries(); n != 384 {
+		t.Fatalf("pod object's tern_metrics has %d entries, want 384", n)
 	}
 	podInfo, err := d.objs.TernMetrics.Info()
 	if err != nil {

@@ -76,7 +76,7 @@ type PodCtValue struct {
 	NatSport  uint16
 	SvcId     uint32
 	Flags     uint16
-	Pad       uint16
+	Policy    uint16
 }
 
 type PodEndpointKey struct {
@@ -154,6 +154,37 @@ type PodMetricsValue struct {
 	Bytes   uint64
 }
 
+type PodPolicyCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type PodPolicyCidrValue struct {
+	_        structs.HostLayout
+	Identity uint32
+}
+
+type PodPolicyIsoValue struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
+type PodPolicyKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Subject   uint32
+	Peer      uint32
+	Dir       uint8
+	Proto     uint8
+	Port      uint16
+}
+
+type PodPolicyValue struct {
+	_      structs.HostLayout
+	Policy uint32
+}
+
 type PodSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -214,7 +245,9 @@ const (
 	PodTernReasonREASON_DROP_BW_POLICED       PodTernReason = 28
 	PodTernReasonREASON_DROP_BW_HORIZON       PodTernReason = 29
 	PodTernReasonREASON_BW_PACED              PodTernReason = 30
-	PodTernReasonREASON_MAX                   PodTernReason = 32
+	PodTernReasonREASON_DROP_POLICY           PodTernReason = 31
+	PodTernReasonREASON_POLICY_AUDIT          PodTernReason = 32
+	PodTernReasonREASON_MAX                   PodTernReason = 64
 )
 
 // Names of all BPF objects in the ELF.
@@ -233,6 +266,9 @@ const (
 	PodMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	PodMapTernMetrics                    = "tern_metrics"
 	PodMapTernNetdevs                    = "tern_netdevs"
+	PodMapTernPolicy                     = "tern_policy"
+	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
+	PodMapTernPolicyIsolation            = "tern_policy_isolation"
 	PodMapTernServices                   = "tern_services"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
@@ -297,19 +333,22 @@ type PodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
-	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernBandwidth  *ebpf.MapSpec `ebpf:"tern_bandwidth"`
-	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernFrags      *ebpf.MapSpec `ebpf:"tern_frags"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbAffinity *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbMaglev   *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
-	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernLbSvcOpts  *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNetdevs    *ebpf.MapSpec `ebpf:"tern_netdevs"`
-	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
+	TernBackends        *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernBandwidth       *ebpf.MapSpec `ebpf:"tern_bandwidth"`
+	TernConntrack       *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernFrags           *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernIpcache         *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity      *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev        *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
+	TernLbMembers       *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSvcOpts       *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
+	TernMetrics         *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNetdevs         *ebpf.MapSpec `ebpf:"tern_netdevs"`
+	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
+	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -347,19 +386,22 @@ func (o *PodObjects) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
-	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
-	TernBandwidth  *ebpf.Map `ebpf:"tern_bandwidth"`
-	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernFrags      *ebpf.Map `ebpf:"tern_frags"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbAffinity *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbMaglev   *ebpf.Map `ebpf:"tern_lb_maglev"`
-	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
-	TernLbSvcOpts  *ebpf.Map `ebpf:"tern_lb_svc_opts"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNetdevs    *ebpf.Map `ebpf:"tern_netdevs"`
-	TernServices   *ebpf.Map `ebpf:"tern_services"`
+	TernBackends        *ebpf.Map `ebpf:"tern_backends"`
+	TernBandwidth       *ebpf.Map `ebpf:"tern_bandwidth"`
+	TernConntrack       *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.Map `ebpf:"tern_endpoints"`
+	TernFrags           *ebpf.Map `ebpf:"tern_frags"`
+	TernIpcache         *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity      *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev        *ebpf.Map `ebpf:"tern_lb_maglev"`
+	TernLbMembers       *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSvcOpts       *ebpf.Map `ebpf:"tern_lb_svc_opts"`
+	TernMetrics         *ebpf.Map `ebpf:"tern_metrics"`
+	TernNetdevs         *ebpf.Map `ebpf:"tern_netdevs"`
+	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
+	TernServices        *ebpf.Map `ebpf:"tern_services"`
 }
 
 func (m *PodMaps) Close() error {
@@ -376,6 +418,9 @@ func (m *PodMaps) Close() error {
 		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernNetdevs,
+		m.TernPolicy,
+		m.TernPolicyCidrs,
+		m.TernPolicyIsolation,
 		m.TernServices,
 	)
 }

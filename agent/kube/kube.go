@@ -128,6 +128,9 @@ func (c *Component) Start(ctx context.Context) error {
 	}
 	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.pods.Run(ctx.Done()) }()
+	if err := c.startPolicy(ctx); err != nil {
+		return err
+	}
 
 	if c.a.Pool() != nil {
 		c.reporter = nodereport.New(c.client, node, c.snapshot, c.opts.ReportInterval, c.log)

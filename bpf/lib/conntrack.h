@@ -52,7 +52,14 @@ struct ct_value {
 	__be16 nat_sport; /* SVC: client port on the wire; REVNAT: client's own port */
 	__u32 svc_id;     /* frontend id at creation (lb.h), for membership checks and ternctl */
 	__u16 flags;      /* enum ct_flag */
-	__u16 pad;
+	__u16 policy;     /* enum ct_policy_flag: NetworkPolicy verdicts cached (policy.h) */
+};
+
+/* Kept apart from flags so that the policy stage never rewrites the state bits. 0 in a new
+ * or rebuilt entry: a verdict is then looked up again, never assumed. */
+enum ct_policy_flag {
+	CT_POL_OUT = 1 << 0, /* the opener's egress policy allowed the flow */
+	CT_POL_IN = 1 << 1,  /* the responder's ingress policy allowed the flow */
 };
 
 /* tern_conntrack: key ct_key, value ct_value. One entry per pod flow, two per service flow

@@ -45,7 +45,9 @@ enum tern_reason : __u8 {
 	REASON_DROP_BW_POLICED = 28, /* bandwidth.h: over the pod's rate and burst (token bucket) */
 	REASON_DROP_BW_HORIZON = 29, /* bandwidth.h: EDT departure beyond the horizon */
 	REASON_BW_PACED = 30,       /* bandwidth.h: given a later departure time (EDT), passed */
-	__REASON_MAX = 32,
+	REASON_DROP_POLICY = 31,    /* NetworkPolicy denied it (from-pod: the pod's egress or its reply; to-pod: its ingress) */
+	REASON_POLICY_AUDIT = 32,   /* NetworkPolicy would deny it; passed because the pod's policy is in audit mode */
+	__REASON_MAX = 64,
 };
 
 /* Only used to give the Go side (and BTF) the key's meaning; the map is indexed by
@@ -61,11 +63,11 @@ struct metrics_value {
 	__u64 bytes;
 };
 
-#define METRICS_INDEX(reason, dir) (((__u32)(dir) << 5) | ((reason) & 0x1f))
-#define METRICS_SIZE (6 << 5)
+#define METRICS_INDEX(reason, dir) (((__u32)(dir) << 6) | ((reason) & 0x3f))
+#define METRICS_SIZE (6 << 6)
 
-/* tern_metrics: key METRICS_INDEX(reason, direction) = dir*32 + reason, value metrics_value
- * per CPU. Size 192 (directions up to 5); an array, so nothing is ever evicted and the
+/* tern_metrics: key METRICS_INDEX(reason, direction) = dir*64 + reason, value metrics_value
+ * per CPU. Size 384 (directions up to 5, reasons up to 63); an array, so nothing is ever evicted and the
  * lookup is inlined by the verifier (a hash lookup per packet cost ~40 ns here). Written by
  * every program (pod, netdev and sock objects share the pin), read by the agent (/metrics) and
  * ternctl, which sum the per-CPU values. */

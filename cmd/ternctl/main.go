@@ -22,6 +22,8 @@ commands:
   flows      conntrack: client -> VIP -> backend, state and time left
   metrics    datapath counters by reason and direction
   ipam       the agent's ENIs, addresses and allocations (from its socket)
+  policy simulate -f STATE -probes PROBES [-o json]
+             NetworkPolicy verdicts, offline (see ternctl policy -h)
 
 flags:
 `
@@ -31,6 +33,9 @@ func main() {
 	socket := flag.String("socket", api.DefaultSocketPath, "the agent's unix socket")
 	flag.Usage = func() { fmt.Fprint(os.Stderr, usage); flag.PrintDefaults() }
 	flag.Parse()
+	if flag.Arg(0) == "policy" {
+		os.Exit(policyCommand(flag.Args()[1:], os.Stdout, os.Stderr))
+	}
 	if flag.NArg() != 1 {
 		flag.Usage()
 		os.Exit(2)

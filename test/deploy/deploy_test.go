@@ -285,6 +285,8 @@ var wantRules = []rbacv1.PolicyRule{
 	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"list", "watch"}},                          // service/controller informer
 	{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"list", "watch"}},    // service/controller informer
 	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                              // agent/kube pod informer (spec.nodeName)
+	{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},                        // agent/kube NetworkPolicy reconciler
+	{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},  // agent/kube NetworkPolicy reconciler
 	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch"}},                              // ipam/nodereport
 	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                             // ipam/nodereport condition
 	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                          // client-go recorder, core/v1 sink
@@ -361,6 +363,8 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 		{"list", "", "services", "", ""}, {"watch", "", "services", "", ""},
 		{"list", "discovery.k8s.io", "endpointslices", "", ""}, {"watch", "discovery.k8s.io", "endpointslices", "", ""},
 		{"list", "", "pods", "", ""}, {"watch", "", "pods", "", ""},
+		{"list", "", "namespaces", "", ""}, {"watch", "", "namespaces", "", ""},
+		{"list", "networking.k8s.io", "networkpolicies", "", ""}, {"watch", "networking.k8s.io", "networkpolicies", "", ""},
 		{"get", "", "nodes", "", ""}, {"patch", "", "nodes", "", ""}, {"update", "", "nodes", "status", ""},
 		{"create", "", "events", "", "default"}, {"patch", "", "events", "", "default"},
 		{"create", "authentication.k8s.io", "tokenreviews", "", ""}, {"create", "authorization.k8s.io", "subjectaccessreviews", "", ""},

@@ -1,0 +1,203 @@
+// Package policymap encodes the compiler's output (policy.Desired) as the NetworkPolicy
+// maps' keys and values (bpf/lib/policy.h) and writes them: one reconciler per map, each
+// diffing what it wants against what the map holds. The model (package policy) knows
+// nothing of the encoding; the loader knows nothing of Kubernetes.
+package policymap
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/policy"
+)
+
+// Entries is the content of the policy maps.
+type Entries struct {
+	Rules     map[loader.PolicyKey]loader.PolicyValue
+	Isolation map[uint32]loader.PolicyIsoValue
+	CIDRs     map[loader.PolicyCIDRKey]loader.PolicyCIDRValue
+}
+
+// Options filter and amend what Encode writes.
+type Options struct {
+	// Local tells whether an identity has a pod on this node; only those identities'
+	// rules and isolation are written. Nil: every identity (the simulator).
+	Local func(policy.Identity) bool
+	// Audit tells whether an identity's policy is in audit mode (would-drops reported,
+	// not enforced). Nil: none.
+	Audit func(policy.Identity) bool
+}
+
+// be32 returns the uint32 whose in-memory bytes are v in network order (as loader.PortToBE
+// does for ports).
+func be32(v uint32) uint32 {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], v)
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func be16(v uint16) uint16 { return loader.PortToBE(v) }
+
+// RuleKey encodes a compiled rule as its LPM key (big-endian fields: the trie compares
+// bytes in order).
+func RuleKey(k policy.RuleKey) loader.PolicyKey {
+	prefix := uint32(72) // subject, peer, dir: any protocol, any port
+	if k.Proto != 0 {
+		prefix = 80 + uint32(k.PortBits)
+	}
+	return loader.PolicyKey{Prefixlen: prefix, Subject: be32(uint32(k.Subject)), Peer: be32(uint32(k.Peer)),
+		Dir: uint8(k.Dir), Proto: k.Proto, Port: be16(k.Port)}
+}
+
+// CIDRKey encodes a prefix of tern_policy_cidrs.
+func CIDRKey(p netip.Prefix) loader.PolicyCIDRKey {
+	return loader.PolicyCIDRKey{Prefixlen: uint32(p.Bits()), Addr: loader.AddrToBE(p.Masked().Addr())}
+}
+
+// Encode turns d into map contents.
+func Encode(d *policy.Desired, o Options) Entries {
+	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	e := Entries{
+		Rules:     make(map[loader.PolicyKey]loader.PolicyValue, len(d.Rules)),
+		Isolation: make(map[uint32]loader.PolicyIsoValue, len(d.Isolation)),
+		CIDRs:     make(map[loader.PolicyCIDRKey]loader.PolicyCIDRValue, len(d.CIDRs)),
+	}
+	for k, idx := range d.Rules {
+		if local(k.Subject) {
+			e.Rules[RuleKey(k)] = loader.PolicyValue{Policy: idx}
+		}
+	}
+	for id, flags := range d.Isolation {
+		if !local(id) {
+			continue
+		}
+		if o.Audit != nil && o.Audit(id) {
+			flags |= policy.Audit
+		}
+		e.Isolation[uint32(id)] = loader.PolicyIsoValue{Flags: flags}
+	}
+	for p, id := range d.CIDRs {
+		e.CIDRs[CIDRKey(p)] = loader.PolicyCIDRValue{Identity: uint32(id)}
+	}
+	return e
+}
+
+// mapSync keeps one map equal to the last wanted contents; it starts from what the map
+// holds, so an agent restart converges without flushing.
+type mapSync[K comparable, V comparable] struct {
+	m   *ebpf.Map
+	cur map[K]V
+}
+
+func newMapSync[K comparable, V comparable](m *ebpf.Map) (*mapSync[K, V], error) {
+	s := &mapSync[K, V]{m: m, cur: map[K]V{}}
+	var (
+		k K
+		v V
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		s.cur[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read map %s: %w", m, err)
+	}
+	return s, nil
+}
+
+func (s *mapSync[K, V]) put(want map[K]V) (int, error) {
+	n := 0
+	for k, v := range want {
+		if old, ok := s.cur[k]; ok && old == v {
+			continue
+		}
+		if err := s.m.Put(k, v); err != nil {
+			return n, fmt.Errorf("write %+v to map %s (full? see the map's size in bpf/lib/policy.h): %w", k, s.m, err)
+		}
+		s.cur[k] = v
+		n++
+	}
+	return n, nil
+}
+
+func (s *mapSync[K, V]) del(want map[K]V) (int, error) {
+	n := 0
+	for k := range s.cur {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if err := s.m.Delete(k); err != nil && !loader.IsNotExist(err) {
+			return n, fmt.Errorf("delete %+v from map %s: %w", k, s.m, err)
+		}
+		delete(s.cur, k)
+		n++
+	}
+	return n, nil
+}
+
+// Writer reconciles the three policy maps.
+type Writer struct {
+	rules *mapSync[loader.PolicyKey, loader.PolicyValue]
+	iso   *mapSync[uint32, loader.PolicyIsoValue]
+	cidrs *mapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue]
+}
+
+// NewWriter starts from what the maps hold.
+func NewWriter(m *loader.PolicyMaps) (*Writer, error) {
+	var (
+		w   Writer
+		err error
+	)
+	if w.rules, err = newMapSync[loader.PolicyKey, loader.PolicyValue](m.Rules); err != nil {
+		return nil, err
+	}
+	if w.iso, err = newMapSync[uint32, loader.PolicyIsoValue](m.Isolation); err != nil {
+		return nil, err
+	}
+	if w.cidrs, err = newMapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue](m.CIDRs); err != nil {
+		return nil, err
+	}
+	return &w, nil
+}
+
+// Stats counts what a Sync changed.
+type Stats struct{ Written, Deleted int }
+
+// Sync makes the maps hold e. The order keeps every intermediate state no stricter than
+// either end for flows the old and new contents both allow: new prefixes and rules go in
+// before isolation is added, and isolation goes before the rules and prefixes it needed.
+func (w *Writer) Sync(e Entries) (Stats, error) {
+	var st Stats
+	add := func(n int, err error) error { st.Written += n; return err }
+	rm := func(n int, err error) error { st.Deleted += n; return err }
+	if err := add(w.cidrs.put(e.CIDRs)); err != nil {
+		return st, err
+	}
+	if err := add(w.rules.put(e.Rules)); err != nil {
+		return st, err
+	}
+	if err := add(w.iso.put(e.Isolation)); err != nil {
+		return st, err
+	}
+	if err := rm(w.iso.del(e.Isolation)); err != nil {
+		return st, err
+	}
+	if err := rm(w.rules.del(e.Rules)); err != nil {
+		return st, err
+	}
+	return st, rm(w.cidrs.del(e.CIDRs))
+}
+
+// IPCache is the tern_ipcache entries of d's pod addresses (identity and IPC_F_POD). The
+// agent's ipcache reconciler (package endpoint) owns that map; this is what it is fed.
+func IPCache(d *policy.Desired) map[netip.Addr]loader.IPCacheValue {
+	out := make(map[netip.Addr]loader.IPCacheValue, len(d.IPCache))
+	for a, id := range d.IPCache {
+		out[a] = loader.IPCacheValue{Identity: uint32(id), Flags: loader.IPCacheFlagPod}
+	}
+	return out
+}
