@@ -52,8 +52,8 @@ const (
 	ReasonDropBWPoliced = PodTernReasonREASON_DROP_BW_POLICED
 	ReasonDropBWHorizon = PodTernReasonREASON_DROP_BW_HORIZON
 	ReasonBWPaced       = PodTernReasonREASON_BW_PACED
-	ReasonDropPolicy       = PodTernReasonREASON_DROP_POLICY
-	ReasonPolicyAudit      = PodTernReasonREASON_POLICY_AUDIT
+	ReasonDropPolicy    = PodTernReasonREASON_DROP_POLICY
+	ReasonPolicyAudit   = PodTernReasonREASON_POLICY_AUDIT
 )
 
 var reasonLabels = map[Reason]string{
@@ -69,8 +69,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNoLocalBackend: "drop_no_local_backend",
 	ReasonFwdPeer:            "fwd_peer", ReasonFwdNeigh: "fwd_neigh",
 	ReasonDropBWPoliced: "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
-	ReasonBWPaced: "bw_paced",
-	ReasonDropPolicy:      "drop_policy", ReasonPolicyAudit: "policy_audit",
+	ReasonBWPaced:    "bw_paced",
+	ReasonDropPolicy: "drop_policy", ReasonPolicyAudit: "policy_audit",
 }
 
 // String is the reason's Prometheus label value.
