@@ -42,6 +42,19 @@ type Config struct {
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
 	CollisionPortCount uint16
+	// Masquerade (bpf/lib/snat.h). MasqAddr is the node address pod traffic leaving the VPC
+	// is translated to; invalid (the zero value) turns masquerade off. MasqIfindex is the
+	// interface that address lives on (the primary NIC); a pod's translated packet leaving
+	// through another link (an ENI) is redirected out of it. 0 leaves packets on their link.
+	MasqAddr    netip.Addr
+	MasqIfindex int
+	// SNATPortMin and SNATPortCount are the ports a masqueraded flow gets when its own is
+	// taken (default 1024, 64512: 1024-65535); SNATTries bounds the candidates one new flow
+	// looks at (default 32, at most 256). MaxSNATFlows sizes tern_snat (default 131072).
+	SNATPortMin   uint16
+	SNATPortCount uint16
+	SNATTries     uint32
+	MaxSNATFlows  uint32
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	Logger      *zap.Logger
@@ -69,6 +82,15 @@ func (c *Config) setDefaults() {
 	if c.CollisionPortCount == 0 {
 		c.CollisionPortCount = uint16(65536 - int(c.CollisionPortMin))
 	}
+	if c.SNATPortMin == 0 {
+		c.SNATPortMin = 1024
+	}
+	if c.SNATPortCount == 0 {
+		c.SNATPortCount = uint16(65536 - int(c.SNATPortMin))
+	}
+	if c.SNATTries == 0 {
+		c.SNATTries = 32
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -95,6 +117,15 @@ func Load(cfg Config) (*Datapath, error) {
 	if int(cfg.CollisionPortMin)+int(cfg.CollisionPortCount) > 65536 {
 		return nil, fmt.Errorf("collision port range %d+%d goes past 65535", cfg.CollisionPortMin, cfg.CollisionPortCount)
 	}
+	if int(cfg.SNATPortMin)+int(cfg.SNATPortCount) > 65536 {
+		return nil, fmt.Errorf("masquerade port range %d+%d goes past 65535; lower snatPortMin or the count", cfg.SNATPortMin, cfg.SNATPortCount)
+	}
+	if cfg.SNATTries > maxSNATTries {
+		return nil, fmt.Errorf("masquerade port tries %d is above the datapath's bound %d", cfg.SNATTries, maxSNATTries)
+	}
+	if cfg.MasqAddr.IsValid() && !cfg.MasqAddr.Is4() {
+		return nil, fmt.Errorf("masquerade address %s is not IPv4", cfg.MasqAddr)
+	}
 	if !cfg.HairpinIP.Is4() {
 		return nil, fmt.Errorf("hairpin address %s is not IPv4", cfg.HairpinIP)
 	}
@@ -118,22 +149,24 @@ func Load(cfg Config) (*Datapath, error) {
 		PodVarCFG_CT_UDP_TIMEOUT:             seconds(cfg.CTUDPTimeout),
 		PodVarCFG_COLLISION_PORT_MIN:         cfg.CollisionPortMin,
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
+		PodVarCFG_MASQ_ADDR:                  uint32(0),
+		PodVarCFG_MASQ_IFINDEX:               uint32(cfg.MasqIfindex),
+		PodVarCFG_SNAT_PORT_MIN:              cfg.SNATPortMin,
+		PodVarCFG_SNAT_PORT_COUNT:            cfg.SNATPortCount,
+		PodVarCFG_SNAT_TRIES:                 cfg.SNATTries,
 	}
-	for name, v := range vars {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return nil, fmt.Errorf("set load-time variable %s: %w", name, err)
-		}
+	if cfg.MasqAddr.IsValid() {
+		vars[PodVarCFG_MASQ_ADDR] = AddrToBE(cfg.MasqAddr)
 	}
 	sizes := map[string]uint32{
 		PodMapTernServices:  cfg.MaxServices,
 		PodMapTernBackends:  cfg.MaxBackends,
 		PodMapTernLbMembers: cfg.MaxBackends,
 		PodMapTernConntrack: cfg.MaxFlows,
+		PodMapTernSnat:      cfg.MaxSNATFlows,
 	}
-	for name, n := range sizes {
-		if n != 0 {
-			spec.Maps[name].MaxEntries = n
-		}
+	if err := configureSpec(spec, vars, sizes); err != nil {
+		return nil, err
 	}
 
 	d := &Datapath{cfg: cfg}
@@ -162,7 +195,7 @@ func Load(cfg Config) (*Datapath, error) {
 	// The netdev object after the pod object: every map it pins is one the pod object
 	// declares too (TestNetdevMapsAreThePodObjects), so it finds them pinned, compatible,
 	// and shares them.
-	if err := loadNetdev(&d.netdev, opts); err != nil {
+	if err := loadNetdev(&d.netdev, opts, vars, sizes); err != nil {
 		d.objs.Close()
 		d.restoreMoved(olds)
 		return nil, err
@@ -193,6 +226,29 @@ func (d *Datapath) restoreMoved(olds []*ebpf.Map) {
 
 func seconds(d time.Duration) uint32 { return uint32(d / time.Second) }
 
+// maxSNATTries is SNAT_MAX_TRIES in bpf/lib/snat.h: the bpf_loop bound.
+const maxSNATTries = 256
+
+// configureSpec sets the load-time variables and map sizes an object declares (the pod and
+// netdev objects share most of them; a shared map must have one size in both).
+func configureSpec(spec *ebpf.CollectionSpec, vars map[string]any, sizes map[string]uint32) error {
+	for name, v := range vars {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			continue
+		}
+		if err := vs.Set(v); err != nil {
+			return fmt.Errorf("set load-time variable %s: %w", name, err)
+		}
+	}
+	for name, n := range sizes {
+		if ms, ok := spec.Maps[name]; ok && n != 0 {
+			ms.MaxEntries = n
+		}
+	}
+	return nil
+}
+
 // Config returns the configuration the datapath was loaded with, defaults filled in.
 func (d *Datapath) Config() Config { return d.cfg }
 
@@ -210,6 +266,9 @@ func (d *Datapath) Maps() *Maps {
 		IPCache:   d.objs.TernIpcache,
 		CT:        d.objs.TernConntrack,
 		Metrics:   d.objs.TernMetrics,
+		SNAT:      d.objs.TernSnat,
+		NonMasq:   d.objs.TernNonmasq,
+		SNATStats: d.objs.TernSnatStats,
 	}
 }
 

@@ -24,6 +24,9 @@ type (
 	CTValue       = PodCtValue
 	MetricsKey    = PodMetricsKey
 	MetricsValue  = PodMetricsValue
+	SNATValue     = PodSnatValue
+	NonMasqKey    = PodNonmasqKey
+	SNATStats     = PodSnatStats
 )
 
 // CT flags, mirroring enum ct_flag in bpf/lib/conntrack.h.
@@ -35,6 +38,7 @@ const (
 	CTFlagRevNAT    = 1 << 4
 	CTFlagPortSNAT  = 1 << 5
 	CTFlagSvc       = 1 << 6
+	CTFlagSNAT      = 1 << 7
 )
 
 // Endpoint and ipcache flags, mirroring enum endpoint_flag and enum ipcache_flag in
@@ -57,6 +61,13 @@ type Maps struct {
 	IPCache   *ebpf.Map
 	CT        *ebpf.Map
 	Metrics   *ebpf.Map
+	// SNAT (tern_snat: translated wire tuple -> the pod's address and port), NonMasq (the
+	// CIDRs pod traffic is not masqueraded to) and SNATStats (port allocation counters):
+	// masquerade, bpf/lib/snat.h. The masquerade reconciler owns NonMasq; GC deletes
+	// expired SNAT entries.
+	SNAT      *ebpf.Map
+	NonMasq   *ebpf.Map
+	SNATStats *ebpf.Map
 }
 
 func dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
@@ -191,7 +202,8 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Endpoints, m.IPCache, m.CT, m.Metrics} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Endpoints, m.IPCache, m.CT, m.Metrics,
+		m.SNAT, m.NonMasq, m.SNATStats} {
 		if mp != nil {
 			mp.Close()
 		}

@@ -111,6 +111,27 @@ type PodMetricsValue struct {
 	Bytes   uint64
 }
 
+type PodNonmasqKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type PodSnatStats struct {
+	_           structs.HostLayout
+	Allocations uint64
+	Tries       uint64
+	Failures    uint64
+}
+
+type PodSnatValue struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	OrigAddr  uint32
+	OrigPort  uint16
+	Flags     uint16
+}
+
 type PodSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -152,6 +173,10 @@ const (
 	PodTernReasonREASON_DROP_NO_BACKEND_SLOT PodTernReason = 16
 	PodTernReasonREASON_DROP_SCTP_PORT       PodTernReason = 17
 	PodTernReasonREASON_DROP_CT_COLLISION    PodTernReason = 18
+	PodTernReasonREASON_MASQ                 PodTernReason = 19
+	PodTernReasonREASON_MASQ_RESTORE         PodTernReason = 20
+	PodTernReasonREASON_DROP_SNAT_NO_PORT    PodTernReason = 21
+	PodTernReasonREASON_DROP_SNAT_FULL       PodTernReason = 22
 	PodTernReasonREASON_MAX                  PodTernReason = 32
 )
 
@@ -166,7 +191,10 @@ const (
 	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbMembers                  = "tern_lb_members"
 	PodMapTernMetrics                    = "tern_metrics"
+	PodMapTernNonmasq                    = "tern_nonmasq"
 	PodMapTernServices                   = "tern_services"
+	PodMapTernSnat                       = "tern_snat"
+	PodMapTernSnatStats                  = "tern_snat_stats"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
 	PodVarCFG_COLLISION_PORT_COUNT       = "CFG_COLLISION_PORT_COUNT"
@@ -176,6 +204,11 @@ const (
 	PodVarCFG_CT_TCP_SYN_TIMEOUT         = "CFG_CT_TCP_SYN_TIMEOUT"
 	PodVarCFG_CT_UDP_TIMEOUT             = "CFG_CT_UDP_TIMEOUT"
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
+	PodVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
+	PodVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
+	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
+	PodVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
 )
 
 // LoadPod returns the embedded CollectionSpec for Pod.
@@ -235,7 +268,10 @@ type PodMapSpecs struct {
 	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNonmasq   *ebpf.MapSpec `ebpf:"tern_nonmasq"`
 	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
+	TernSnat      *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -249,6 +285,11 @@ type PodVariableSpecs struct {
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.VariableSpec `ebpf:"CFG_CT_UDP_TIMEOUT"`
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // PodObjects contains all objects after they have been loaded into the kernel.
@@ -278,7 +319,10 @@ type PodMaps struct {
 	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
 	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
 	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
+	TernNonmasq   *ebpf.Map `ebpf:"tern_nonmasq"`
 	TernServices  *ebpf.Map `ebpf:"tern_services"`
+	TernSnat      *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *PodMaps) Close() error {
@@ -290,7 +334,10 @@ func (m *PodMaps) Close() error {
 		m.TernIpcache,
 		m.TernLbMembers,
 		m.TernMetrics,
+		m.TernNonmasq,
 		m.TernServices,
+		m.TernSnat,
+		m.TernSnatStats,
 	)
 }
 
@@ -305,6 +352,11 @@ type PodVariables struct {
 	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.Variable `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
 	CFG_CT_UDP_TIMEOUT             *ebpf.Variable `ebpf:"CFG_CT_UDP_TIMEOUT"`
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // PodPrograms contains all programs after they have been loaded into the kernel.

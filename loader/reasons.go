@@ -31,6 +31,10 @@ const (
 	ReasonDropNoBackend    = PodTernReasonREASON_DROP_NO_BACKEND_SLOT
 	ReasonDropSCTPPort     = PodTernReasonREASON_DROP_SCTP_PORT
 	ReasonDropCTCollision  = PodTernReasonREASON_DROP_CT_COLLISION
+	ReasonMasq             = PodTernReasonREASON_MASQ
+	ReasonMasqRestore      = PodTernReasonREASON_MASQ_RESTORE
+	ReasonDropSNATNoPort   = PodTernReasonREASON_DROP_SNAT_NO_PORT
+	ReasonDropSNATFull     = PodTernReasonREASON_DROP_SNAT_FULL
 )
 
 var reasonLabels = map[Reason]string{
@@ -41,6 +45,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
+	ReasonMasq: "masq", ReasonMasqRestore: "masq_restore",
+	ReasonDropSNATNoPort: "drop_snat_no_port", ReasonDropSNATFull: "drop_snat_full",
 }
 
 // String is the reason's Prometheus label value.

@@ -32,6 +32,10 @@ enum tern_reason : __u8 {
 	REASON_DROP_NO_BACKEND_SLOT = 16, /* service counted a backend its slot map lacks */
 	REASON_DROP_SCTP_PORT = 17, /* SCTP port translation (CRC32c cannot be patched) */
 	REASON_DROP_CT_COLLISION = 18, /* the translated tuple is another live flow's, no free port */
+	REASON_MASQ = 19,           /* pod traffic leaving the VPC: source masqueraded (snat.h) */
+	REASON_MASQ_RESTORE = 20,   /* a masqueraded flow's reply or ICMP error: back to the pod */
+	REASON_DROP_SNAT_NO_PORT = 21, /* masquerade found no free port in CFG_SNAT_TRIES tries */
+	REASON_DROP_SNAT_FULL = 22, /* tern_snat is full: no new masqueraded flow */
 	__REASON_MAX = 32,
 };
 
