@@ -118,6 +118,8 @@ type Config struct {
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
 	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
+	// Masquerade is eBPF source NAT of pod traffic leaving the VPC (agent/masquerade.go).
+	Masquerade MasqueradeConfig `json:"masquerade,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -187,6 +189,7 @@ func (c Config) Validate() error {
 			c.Cloud.BackoffAttempts, c.Cloud.RateLimitPerSecond))
 	}
 	errs = append(errs, c.validateMetrics()...)
+	errs = append(errs, c.Masquerade.validate()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

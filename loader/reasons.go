@@ -45,7 +45,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNATFailed: "drop_nat_failed", ReasonDropRejectFailed: "drop_reject_failed",
 	ReasonDropNoBackend: "drop_no_backend_slot", ReasonDropSCTPPort: "drop_sctp_port",
 	ReasonDropCTCollision: "drop_ct_collision",
-	ReasonMasq: "masq", ReasonMasqRestore: "masq_restore",
+	ReasonMasq:            "masq", ReasonMasqRestore: "masq_restore",
 	ReasonDropSNATNoPort: "drop_snat_no_port", ReasonDropSNATFull: "drop_snat_full",
 }
 
