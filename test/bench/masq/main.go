@@ -205,6 +205,14 @@ func run(p params) error {
 			}
 		}
 	}
+	st, err := m.SNATStatsTotals()
+	if err != nil {
+		return err
+	}
+	// Established packets must find their translation, never allocate again.
+	if want := uint64(p.flows + p.newFlows*p.rounds); st.Allocations != want {
+		return fmt.Errorf("%d allocations after the passes, want %d (one per flow): established packets allocated", st.Allocations, want)
+	}
 	base := median(passes[0].ns)
 	plainOwn := median(passes[1].ns) - base
 	fmt.Printf("Per-packet cost: median over %d rounds of the mean kernel-reported ns per BPF_PROG_TEST_RUN (Repeat=1); %d established flows, %d new flows per round; own = minus the no-op program.\n\n", p.rounds, p.flows, p.newFlows)
