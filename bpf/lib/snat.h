@@ -341,6 +341,9 @@ static __always_inline int snat_egress(struct __sk_buff *skb, struct pkt *p, __u
 	/* A service flow's translated tuple (a backend outside the VPC) is left as it is. */
 	if (ct->flags & (CT_F_SVC | CT_F_REVNAT | CT_F_HAIRPIN))
 		return SNAT_PASS;
+	/* The pod program refreshes TCP and UDP entries; ICMP ones only live by this. */
+	if (p->proto == IPPROTO_ICMP)
+		ct_touch(ct, now, p->proto, 0, false);
 	__be16 port = ct->nat_sport;
 	if (!(ct->flags & CT_F_SNAT) || ct->nat_addr != CFG_MASQ_ADDR || !snat_refresh(p, ct, now)) {
 		int reason = snat_allocate(p, now, &port);
