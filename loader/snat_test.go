@@ -153,6 +153,20 @@ func TestMasqueradeFlows(t *testing.T) {
 			t.Errorf("proto %d: conntrack entry %+v (present %v), want CT_F_SNAT to %s:%d", f.proto, cv, ok, nodeAddr, f.sport)
 		}
 	}
+	// Map pressure (tern_datapath_map_entries / _capacity) counts them.
+	pr, err := h.m.Pressure()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, p := range pr {
+		if p.Name == loader.PodMapTernSnat {
+			found = p.Entries == 3 && p.Capacity == 131072
+		}
+	}
+	if !found {
+		t.Errorf("map pressure %+v: want tern_snat with 3 of 131072 entries", pr)
+	}
 	// The TCP flow saw its reply: its NAT entry lives by the established lifetime.
 	nv := snat[loader.CTFlowKey(nodeAddr, 40000, inet, 443, packet.ProtoTCP)]
 	if nv.Flags&loader.CTFlagSeenReply == 0 || nv.ExpiresNs < loader.MonotonicNow()+3600e9 {

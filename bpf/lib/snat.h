@@ -51,6 +51,7 @@ volatile const __u16 CFG_SNAT_PORT_COUNT = 64512;
 volatile const __u32 CFG_SNAT_TRIES = 32;
 
 #define SNAT_MAX_TRIES 256
+#define SNAT_EEXIST 17 /* vmlinux.h has no errno macros */
 
 #define ICMP_ECHOREPLY 0
 #define ICMP_ECHO 8
@@ -213,7 +214,7 @@ static long snat_try(__u32 i, struct snat_alloc *a)
 		bpf_map_delete_elem(&tern_snat, &k);
 	}
 	long err = bpf_map_update_elem(&tern_snat, &k, &a->v, BPF_NOEXIST);
-	if (err == -17 /* EEXIST: another CPU took it just now */)
+	if (err == -SNAT_EEXIST) /* another CPU took it just now */
 		return 0;
 	if (err) {
 		a->result = REASON_DROP_SNAT_FULL;

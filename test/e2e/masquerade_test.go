@@ -333,24 +333,46 @@ func TestMasqueradeToTheInternet(t *testing.T) {
 		t.Fatal("nothing counted under masq_restore/from-netdev")
 	}
 
-	// 1,000 flows open at once, then each echoes, then all close.
+	// 1,000 flows open at once, then each echoes, then all close. The sockets are opened
+	// one after another on one thread in the pod's namespace (a thread per dial would be a
+	// thousand namespace switches, which a slow emulated kernel cannot do within any sane
+	// dial timeout); every flow's greeting is read only once all are open.
 	const flows = 1000
 	conns := make([]*conn, flows)
+	err := nsutil.Do(pod.ns, func() error {
+		d := net.Dialer{Timeout: 20 * time.Second}
+		for i := range conns {
+			c, err := d.Dial("tcp4", internetAddr+":8080")
+			if err != nil {
+				return fmt.Errorf("flow %d: %w", i, err)
+			}
+			conns[i] = &conn{c: c, r: bufio.NewReader(c)}
+		}
+		return nil
+	})
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.c.Close()
+			}
+		}
+	}()
+	if err != nil {
+		t.Fatal(err)
+	}
 	errs := make(chan error, flows)
 	var wg sync.WaitGroup
-	for i := range flows {
+	for i, c := range conns {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, who, err := pod.dialTCP(internetAddr + ":8080")
+			c.c.SetDeadline(time.Now().Add(30 * time.Second))
+			who, err := c.r.ReadString('\n')
 			if err != nil {
-				errs <- fmt.Errorf("flow %d: %w", i, err)
-				return
+				errs <- fmt.Errorf("flow %d greeting: %w", i, err)
+			} else if strings.TrimSpace(who) != masqNodeAddr {
+				errs <- fmt.Errorf("flow %d seen from %s, want %s", i, strings.TrimSpace(who), masqNodeAddr)
 			}
-			if who != masqNodeAddr {
-				errs <- fmt.Errorf("flow %d seen from %s, want %s", i, who, masqNodeAddr)
-			}
-			conns[i] = c
 		}()
 	}
 	wg.Wait()
@@ -378,9 +400,6 @@ func TestMasqueradeToTheInternet(t *testing.T) {
 		if err := c.echo(fmt.Sprintf("flow-%d", i)); err != nil {
 			t.Fatalf("flow %d echo: %v", i, err)
 		}
-	}
-	for _, c := range conns {
-		c.c.Close()
 	}
 	if n := loadertest.Metric(t, m, loader.ReasonDropSNATNoPort, loader.DirToNetdev); n != 0 {
 		t.Fatalf("drop_snat_no_port = %d", n)
