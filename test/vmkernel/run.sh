@@ -26,7 +26,7 @@ mem=${TERN_VMKERNEL_MEM:-512}
 GO=${GO:-go}
 # bpftool is not in the guest; everything else in ./loader runs there.
 loader_flags=${TERN_VMKERNEL_LOADER-"-test.skip ^TestBpftoolPrettyPrintsMaps\$"}
-e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount|TestMasqueradeToTheInternet|TestMasqueradeLeavesPodToPodAlone)\$"}
+e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount)\$"}
 # The guest's own test timeout fires first, so a hang still prints its goroutine dump.
 test_timeout=$((timeout_s > 90 ? timeout_s - 30 : timeout_s * 2 / 3))
 common_flags="-test.v -test.count=1 -test.timeout=${test_timeout}s"
