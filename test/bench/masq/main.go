@@ -129,7 +129,11 @@ func run(p params) error {
 	_ = unix.SchedSetaffinity(0, &set)
 
 	root := pinRoot()
-	defer loader.RemovePins(root)
+	defer func() {
+		if err := loader.RemovePins(root); err != nil {
+			fmt.Fprintln(os.Stderr, "masq bench: remove its pins:", err)
+		}
+	}()
 	d, err := loader.Load(loader.Config{PinRoot: root, MasqAddr: nodeAddr,
 		MaxSNATFlows: uint32(p.flows + p.newFlows*p.rounds + 70000), MaxFlows: uint32(2*p.flows + p.newFlows*p.rounds + 70000)})
 	if err != nil {
