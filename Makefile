@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -91,7 +91,10 @@ test-unit:
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...
 
-bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb
+bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb bench-masq
+
+bench-masq:
+	$(GO) run ./test/bench/masq -flows 50000 -new 20000 -rounds 5 -allocs 3000
 
 bench-attach:
 	$(GO) test -run '^$$' -bench AttachPod -benchtime 30x ./loader

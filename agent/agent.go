@@ -196,11 +196,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	bwModeMetric := bandwidth.ModeCollector(bwMode)
 	a.reg.MustRegister(bwModeMetric)
 	cleanups = append(cleanups, func() { a.reg.Unregister(bwModeMetric) })
-	dp, err := loader.Load(loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
+	lcfg := loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
 		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
 		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
-		BandwidthEDT: bwMode == bandwidth.ModeEDT, Logger: a.log.Named("loader")})
+		BandwidthEDT: bwMode == bandwidth.ModeEDT, Logger: a.log.Named("loader")}
+	if err := a.masqueradeLoadConfig(&lcfg); err != nil {
+		return err
+	}
+	dp, err := loader.Load(lcfg)
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)
 	}
@@ -229,10 +233,25 @@ func (a *Agent) Run(ctx context.Context) error {
 			if p := a.Pool(); p != nil {
 				p.UpdateConfig(c)
 			}
+			// service_cidr is part of the non-masquerade set.
+			if err := a.syncNonMasquerade(ctx, dp, c); err != nil {
+				a.log.Error("could not update the non-masquerade destinations after an eni_conf change", zap.Error(err))
+			}
 		})
 	eniCfg, err := watcher.Load()
 	if err != nil {
 		return fmt.Errorf("load eni_conf (fix the file and restart): %w", err)
+	}
+	// Before any pod is attached: an empty set with masquerade on would translate pod
+	// traffic inside the VPC.
+	if err := a.syncNonMasquerade(ctx, dp, eniCfg); err != nil {
+		return err
+	}
+	if a.cfg.Masquerade.Enabled {
+		gctx, gcancel := context.WithCancel(ctx)
+		gdone := make(chan struct{})
+		go func() { defer close(gdone); a.runSNATGC(gctx, dp) }()
+		cleanups = append(cleanups, func() { gcancel(); <-gdone })
 	}
 	a.reg.MustRegister(watcher.Collectors()...)
 

@@ -152,6 +152,8 @@ type Config struct {
 	// DisableNetworkPolicy is Terway's spelling (its eni-config key disable_network_policy,
 	// "true" or "false"); networkPolicy.enforce is the same switch the other way round.
 	DisableNetworkPolicy *TerwayBool `json:"disable_network_policy,omitempty"`
+	// Masquerade is eBPF source NAT of pod traffic leaving the VPC (agent/masquerade.go).
+	Masquerade MasqueradeConfig `json:"masquerade,omitempty"`
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -240,6 +242,7 @@ func (c Config) Validate() error {
 		}
 	}
 	errs = append(errs, c.validatePolicy()...)
+	errs = append(errs, c.Masquerade.validate()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

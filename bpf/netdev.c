@@ -2,42 +2,68 @@
 /* Programs on the node's network devices: the primary NIC and every ENI link.
  *
  *   tern_from_netdev  (tc ingress: what arrives from the VPC)
- *       parse -> count -> pass
- *       (to come: conntrack -> NodePort translation, masquerade reply restore -> forward)
+ *       parse -> masquerade reply restore (snat.h) -> pass
+ *       (to come: conntrack -> NodePort translation before pass)
  *   tern_to_netdev    (tc egress: what leaves for the VPC)
- *       parse -> count -> pass
- *       (to come: conntrack -> masquerade of pod traffic leaving the VPC, NodePort reply)
+ *       parse -> conntrack + masquerade of pod traffic leaving the VPC (snat.h)
+ *             -> out of the masquerade address's interface, or pass
+ *       (to come: NodePort reply)
  *
- * Today they leave every packet untouched and count the IPv4 ones, so the hook is attached
- * and proven on every node before NodePort and masquerade stages are added between parse
- * and pass. Malformed IPv4 is counted and passed too: on a NIC the stack, not tern, is the
- * judge of traffic tern does not translate. Maps come from the shared headers and are
- * pinned by name, so this object and the pod object write the same tern_metrics. */
+ * Packets that are not masquerade traffic are left untouched and counted under pass.
+ * Malformed IPv4 is counted and passed too: on a NIC the stack, not tern, is the judge of
+ * traffic tern does not translate. Maps come from the shared headers and are pinned by
+ * name, so this object and the pod object share tern_metrics, tern_conntrack and the rest. */
 
 #include "lib/common.h"
 #include "lib/metrics.h"
 #include "lib/parse.h"
+#include "lib/conntrack.h"
+#include "lib/endpoint.h"
+#include "lib/nat.h"
+#include "lib/snat.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-static __always_inline int netdev_pass(struct __sk_buff *skb, __u8 dir)
+/* A stage's outcome (SNAT_PASS, SNAT_DONE or a drop reason) as the program's verdict. */
+static __always_inline int netdev_verdict(struct __sk_buff *skb, int r, __u8 done_reason, __u8 dir)
 {
-	struct pkt p;
-
-	if (parse_packet(skb, &p) == PARSE_NOT_IPV4)
+	if (r == SNAT_PASS) {
+		count(skb, REASON_PASS, dir);
 		return TC_ACT_OK;
-	count(skb, REASON_PASS, dir);
+	}
+	if (r != SNAT_DONE)
+		return drop(skb, r, dir);
+	count(skb, done_reason, dir);
 	return TC_ACT_OK;
 }
 
 SEC("tc")
 int tern_from_netdev(struct __sk_buff *skb)
 {
-	return netdev_pass(skb, DIR_FROM_NETDEV);
+	struct pkt p;
+
+	int parsed = parse_packet(skb, &p);
+
+	if (parsed == PARSE_NOT_IPV4)
+		return TC_ACT_OK;
+	int r = parsed == PARSE_OK ? snat_ingress(skb, &p, ct_now()) : SNAT_PASS;
+	return netdev_verdict(skb, r, REASON_MASQ_RESTORE, DIR_FROM_NETDEV);
 }
 
 SEC("tc")
 int tern_to_netdev(struct __sk_buff *skb)
 {
-	return netdev_pass(skb, DIR_TO_NETDEV);
+	struct pkt p;
+
+	int parsed = parse_packet(skb, &p);
+
+	if (parsed == PARSE_NOT_IPV4)
+		return TC_ACT_OK;
+	int r = parsed == PARSE_OK ? snat_egress(skb, &p, ct_now()) : SNAT_PASS;
+	int verdict = netdev_verdict(skb, r, REASON_MASQ, DIR_TO_NETDEV);
+	/* The masquerade address lives on one interface (the primary NIC): the VPC refuses it
+	 * as the source of another ENI's packets, so a pod's translated packet leaves there. */
+	if (r == SNAT_DONE && CFG_MASQ_IFINDEX && skb->ifindex != CFG_MASQ_IFINDEX)
+		return bpf_redirect_neigh(CFG_MASQ_IFINDEX, NULL, 0, 0);
+	return verdict;
 }

@@ -24,6 +24,9 @@
 #include "lib/endpoint.h"
 #include "lib/nat.h"
 #include "lib/svc.h"
+/* Not used here: declared so that the pod object, loaded first, pins every shared map
+ * (the netdev object's masquerade maps too) and Go gets their types. */
+#include "lib/snat.h"
 #include "lib/reject.h"
 #include "lib/policy.h"
 #include "lib/bandwidth.h"

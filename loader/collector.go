@@ -13,6 +13,11 @@ type Collector struct {
 	errors  *prometheus.Desc
 	entries *prometheus.Desc
 	capac   *prometheus.Desc
+	// Masquerade port allocation (tern_snat_stats): tries/allocations is how crowded the
+	// port space towards busy destinations is.
+	snatAllocs *prometheus.Desc
+	snatTries  *prometheus.Desc
+	snatFails  *prometheus.Desc
 }
 
 // NewCollector reads m at every scrape.
@@ -30,6 +35,12 @@ func NewCollector(m *Maps) *Collector {
 			"Entries in a datapath map, counted at scrape time (conntrack at capacity means LRU eviction of idle flows).", []string{"map"}, nil),
 		capac: prometheus.NewDesc("tern_datapath_map_capacity",
 			"The size a datapath map was created with.", []string{"map"}, nil),
+		snatAllocs: prometheus.NewDesc("tern_datapath_snat_allocations_total",
+			"Masquerade translations claimed for new flows (or taken back by a flow whose conntrack entry was evicted).", nil, nil),
+		snatTries: prometheus.NewDesc("tern_datapath_snat_port_tries_total",
+			"Candidate ports masquerade port allocation looked at; divided by allocations, how crowded the port space is.", nil, nil),
+		snatFails: prometheus.NewDesc("tern_datapath_snat_allocation_failures_total",
+			"New masqueraded flows dropped because no port was free within the bounded tries (drop_snat_no_port).", nil, nil),
 	}
 }
 
@@ -39,6 +50,9 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.errors
 	ch <- c.entries
 	ch <- c.capac
+	ch <- c.snatAllocs
+	ch <- c.snatTries
+	ch <- c.snatFails
 }
 
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
@@ -54,6 +68,15 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for _, p := range pressure {
 		ch <- prometheus.MustNewConstMetric(c.entries, prometheus.GaugeValue, float64(p.Entries), p.Name)
 		ch <- prometheus.MustNewConstMetric(c.capac, prometheus.GaugeValue, float64(p.Capacity), p.Name)
+	}
+	if c.maps.SNATStats != nil {
+		if st, err := c.maps.SNATStatsTotals(); err != nil {
+			failed = 1
+		} else {
+			ch <- prometheus.MustNewConstMetric(c.snatAllocs, prometheus.CounterValue, float64(st.Allocations))
+			ch <- prometheus.MustNewConstMetric(c.snatTries, prometheus.CounterValue, float64(st.Tries))
+			ch <- prometheus.MustNewConstMetric(c.snatFails, prometheus.CounterValue, float64(st.Failures))
+		}
 	}
 	ch <- prometheus.MustNewConstMetric(c.errors, prometheus.GaugeValue, failed)
 	for k, v := range tot {

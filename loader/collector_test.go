@@ -59,6 +59,7 @@ tern_datapath_map_entries{map="tern_endpoints"} 0
 tern_datapath_map_entries{map="tern_ipcache"} 1
 tern_datapath_map_entries{map="tern_lb_members"} 1
 tern_datapath_map_entries{map="tern_services"} 1
+tern_datapath_map_entries{map="tern_snat"} 0
 # HELP tern_datapath_map_capacity The size a datapath map was created with.
 # TYPE tern_datapath_map_capacity gauge
 tern_datapath_map_capacity{map="tern_backends"} 524288
@@ -67,6 +68,7 @@ tern_datapath_map_capacity{map="tern_endpoints"} 4096
 tern_datapath_map_capacity{map="tern_ipcache"} 65536
 tern_datapath_map_capacity{map="tern_lb_members"} 524288
 tern_datapath_map_capacity{map="tern_services"} 131072
+tern_datapath_map_capacity{map="tern_snat"} 131072
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "tern_datapath_map_entries", "tern_datapath_map_capacity"); err != nil {
 		t.Fatal(err)

@@ -52,6 +52,19 @@ type Config struct {
 	// devices pod traffic leaves by); false polices it with a token bucket. The agent sets
 	// it from bandwidth.ProbeFQ.
 	BandwidthEDT bool
+	// Masquerade (bpf/lib/snat.h). MasqAddr is the node address pod traffic leaving the VPC
+	// is translated to; invalid (the zero value) turns masquerade off. MasqIfindex is the
+	// interface that address lives on (the primary NIC); a pod's translated packet leaving
+	// through another link (an ENI) is redirected out of it. 0 leaves packets on their link.
+	MasqAddr    netip.Addr
+	MasqIfindex int
+	// SNATPortMin and SNATPortCount are the ports a masqueraded flow gets when its own is
+	// taken (default 1024, 64512: 1024-65535); SNATTries bounds the candidates one new flow
+	// looks at (default 32, at most 256). MaxSNATFlows sizes tern_snat (default 131072).
+	SNATPortMin   uint16
+	SNATPortCount uint16
+	SNATTries     uint32
+	MaxSNATFlows  uint32
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	// Forwarding is ForwardRedirect (default) or ForwardStack (forward.go).
@@ -81,6 +94,15 @@ func (c *Config) setDefaults() {
 	if c.CollisionPortCount == 0 {
 		c.CollisionPortCount = uint16(65536 - int(c.CollisionPortMin))
 	}
+	if c.SNATPortMin == 0 {
+		c.SNATPortMin = 1024
+	}
+	if c.SNATPortCount == 0 {
+		c.SNATPortCount = uint16(65536 - int(c.SNATPortMin))
+	}
+	if c.SNATTries == 0 {
+		c.SNATTries = 32
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -108,6 +130,15 @@ func Load(cfg Config) (*Datapath, error) {
 	if int(cfg.CollisionPortMin)+int(cfg.CollisionPortCount) > 65536 {
 		return nil, fmt.Errorf("collision port range %d+%d goes past 65535", cfg.CollisionPortMin, cfg.CollisionPortCount)
 	}
+	if int(cfg.SNATPortMin)+int(cfg.SNATPortCount) > 65536 {
+		return nil, fmt.Errorf("masquerade port range %d+%d goes past 65535; lower snatPortMin or the count", cfg.SNATPortMin, cfg.SNATPortCount)
+	}
+	if cfg.SNATTries > maxSNATTries {
+		return nil, fmt.Errorf("masquerade port tries %d is above the datapath's bound %d", cfg.SNATTries, maxSNATTries)
+	}
+	if cfg.MasqAddr.IsValid() && !cfg.MasqAddr.Is4() {
+		return nil, fmt.Errorf("masquerade address %s is not IPv4", cfg.MasqAddr)
+	}
 	if !cfg.HairpinIP.Is4() {
 		return nil, fmt.Errorf("hairpin address %s is not IPv4", cfg.HairpinIP)
 	}
@@ -126,7 +157,7 @@ func Load(cfg Config) (*Datapath, error) {
 		cfg.Logger.Info("kernel lacks BPF helpers for direct forwarding; those packets go through the stack",
 			zap.Strings("missing", missing), zap.Bool("peer", fwd.Peer), zap.Bool("neigh", fwd.Neigh))
 	}
-	spec, err := podSpec(cfg, fwd)
+	spec, vars, sizes, err := podSpec(cfg, fwd)
 	if err != nil {
 		return nil, err
 	}
@@ -157,7 +188,7 @@ func Load(cfg Config) (*Datapath, error) {
 	// The netdev object after the pod object: every map it pins is one the pod object
 	// declares too (TestNetdevMapsAreThePodObjects), so it finds them pinned, compatible,
 	// and shares them.
-	if err := loadNetdev(&d.netdev, opts); err != nil {
+	if err := loadNetdev(&d.netdev, opts, vars, sizes); err != nil {
 		d.objs.Close()
 		d.restoreMoved(olds)
 		return nil, err
@@ -169,13 +200,13 @@ func Load(cfg Config) (*Datapath, error) {
 }
 
 // podSpec is the pod object as Load loads it: the load-time variables and map sizes of cfg
-// (defaults filled in) set. The verifier budget test loads the same spec.
-func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, error) {
+// (defaults filled in) set. It also returns them, for the netdev object (a shared map must
+// have one size in both). The verifier budget test loads the same spec.
+func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]any, map[string]uint32, error) {
 	spec, err := LoadPod()
 	if err != nil {
-		return nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
+		return nil, nil, nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
 	}
-
 	vars := map[string]any{
 		PodVarCFG_HAIRPIN_IP:                 AddrToBE(cfg.HairpinIP),
 		PodVarCFG_CT_TCP_SYN_TIMEOUT:         seconds(cfg.CTTCPSynTimeout),
@@ -186,17 +217,21 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, error) {
 		PodVarCFG_COLLISION_PORT_COUNT:       cfg.CollisionPortCount,
 		PodVarCFG_FORWARD:                    fwd.bits(),
 		PodVarCFG_BW_EDT:                     boolByte(cfg.BandwidthEDT),
+		PodVarCFG_MASQ_ADDR:                  uint32(0),
+		PodVarCFG_MASQ_IFINDEX:               uint32(cfg.MasqIfindex),
+		PodVarCFG_SNAT_PORT_MIN:              cfg.SNATPortMin,
+		PodVarCFG_SNAT_PORT_COUNT:            cfg.SNATPortCount,
+		PodVarCFG_SNAT_TRIES:                 cfg.SNATTries,
 	}
-	for name, v := range vars {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return nil, fmt.Errorf("set load-time variable %s: %w", name, err)
-		}
+	if cfg.MasqAddr.IsValid() {
+		vars[PodVarCFG_MASQ_ADDR] = AddrToBE(cfg.MasqAddr)
 	}
 	sizes := map[string]uint32{
 		PodMapTernServices:  cfg.MaxServices,
 		PodMapTernBackends:  cfg.MaxBackends,
 		PodMapTernLbMembers: cfg.MaxBackends,
 		PodMapTernConntrack: cfg.MaxFlows,
+		PodMapTernSnat:      cfg.MaxSNATFlows,
 		// Only frontends with affinity or Maglev have options, and the map is not
 		// preallocated: it keeps its default size unless there may be more frontends, so
 		// that resizing the frontends does not move it as well.
@@ -204,12 +239,10 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, error) {
 		PodMapTernLbAffinity: cfg.MaxAffinity,
 		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
 	}
-	for name, n := range sizes {
-		if n != 0 {
-			spec.Maps[name].MaxEntries = n
-		}
+	if err := configureSpec(spec, vars, sizes); err != nil {
+		return nil, nil, nil, err
 	}
-	return spec, nil
+	return spec, vars, sizes, nil
 }
 
 // restoreMoved puts pins moved aside back after a failed load, so the next attempt finds
@@ -240,6 +273,29 @@ func boolByte(b bool) uint8 {
 	return 0
 }
 
+// maxSNATTries is SNAT_MAX_TRIES in bpf/lib/snat.h: the bpf_loop bound.
+const maxSNATTries = 256
+
+// configureSpec sets the load-time variables and map sizes an object declares (the pod and
+// netdev objects share most of them; a shared map must have one size in both).
+func configureSpec(spec *ebpf.CollectionSpec, vars map[string]any, sizes map[string]uint32) error {
+	for name, v := range vars {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			continue
+		}
+		if err := vs.Set(v); err != nil {
+			return fmt.Errorf("set load-time variable %s: %w", name, err)
+		}
+	}
+	for name, n := range sizes {
+		if ms, ok := spec.Maps[name]; ok && n != 0 {
+			ms.MaxEntries = n
+		}
+	}
+	return nil
+}
+
 // Config returns the configuration the datapath was loaded with, defaults filled in.
 func (d *Datapath) Config() Config { return d.cfg }
 
@@ -261,6 +317,9 @@ func (d *Datapath) Maps() *Maps {
 		CT:        d.objs.TernConntrack,
 		Metrics:   d.objs.TernMetrics,
 		Bandwidth: d.objs.TernBandwidth,
+		SNAT:      d.objs.TernSnat,
+		NonMasq:   d.objs.TernNonmasq,
+		SNATStats: d.objs.TernSnatStats,
 	}
 }
 

@@ -33,6 +33,9 @@ type (
 	BWKey         = PodBwKey
 	BWValue       = PodBwValue
 	BWDir         = PodBwDir
+	SNATValue     = PodSnatValue
+	NonMasqKey    = PodNonmasqKey
+	SNATStats     = PodSnatStats
 )
 
 // CT flags, mirroring enum ct_flag in bpf/lib/conntrack.h.
@@ -44,6 +47,7 @@ const (
 	CTFlagRevNAT    = 1 << 4
 	CTFlagPortSNAT  = 1 << 5
 	CTFlagSvc       = 1 << 6
+	CTFlagSNAT      = 1 << 7
 )
 
 // Frontend flags, mirroring enum svc_flag in bpf/lib/lb.h.
@@ -81,6 +85,13 @@ type Maps struct {
 	CT        *ebpf.Map
 	Metrics   *ebpf.Map
 	Bandwidth *ebpf.Map
+	// SNAT (tern_snat: translated wire tuple -> the pod's address and port), NonMasq (the
+	// CIDRs pod traffic is not masqueraded to) and SNATStats (port allocation counters):
+	// masquerade, bpf/lib/snat.h. The masquerade reconciler owns NonMasq; GC deletes
+	// expired SNAT entries.
+	SNAT      *ebpf.Map
+	NonMasq   *ebpf.Map
+	SNATStats *ebpf.Map
 }
 
 func dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
@@ -243,7 +254,8 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics, m.Bandwidth} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics, m.Bandwidth,
+		m.SNAT, m.NonMasq, m.SNATStats} {
 		if mp != nil {
 			mp.Close()
 		}

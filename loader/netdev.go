@@ -13,15 +13,19 @@ import (
 )
 
 // The netdev object (bpf/netdev.c): programs on the node's ENI links and its primary NIC.
-// Today they pass every packet and count the IPv4 ones under from-netdev / to-netdev; the
-// NodePort and masquerade stages will go into them.
+// They masquerade pod traffic leaving the VPC (bpf/lib/snat.h) and pass and count the rest
+// under from-netdev / to-netdev; the NodePort stages will go into them.
 
 // loadNetdev loads the netdev programs with the pin options of the pod object, after it,
-// so every map they share is already pinned and is reused.
-func loadNetdev(objs *NetdevObjects, opts *ebpf.CollectionOptions) error {
+// so every map they share is already pinned and is reused. vars and sizes are the pod
+// object's: a shared map must have the same size in both.
+func loadNetdev(objs *NetdevObjects, opts *ebpf.CollectionOptions, vars map[string]any, sizes map[string]uint32) error {
 	spec, err := LoadNetdev()
 	if err != nil {
 		return fmt.Errorf("parse embedded netdev BPF object: %w", err)
+	}
+	if err := configureSpec(spec, vars, sizes); err != nil {
+		return err
 	}
 	if err := spec.LoadAndAssign(objs, opts); err != nil {
 		var ve *ebpf.VerifierError

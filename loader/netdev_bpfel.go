@@ -13,19 +13,107 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NetdevCtKey struct {
+	_     structs.HostLayout
+	AddrA uint32
+	AddrB uint32
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type NetdevCtValue struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	NatAddr   uint32
+	NatPort   uint16
+	NatSport  uint16
+	SvcId     uint32
+	Flags     uint16
+	Policy    uint16
+}
+
+type NetdevEndpointKey struct {
+	_       structs.HostLayout
+	Ifindex uint32
+}
+
+type NetdevEndpointValue struct {
+	_        structs.HostLayout
+	Addr     uint32
+	Mac      [6]uint8
+	Flags    uint16
+	Identity uint32
+	BwSlot   uint32
+}
+
+type NetdevIpcacheKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type NetdevIpcacheValue struct {
+	_        structs.HostLayout
+	Identity uint32
+	NodeAddr uint32
+	Flags    uint16
+	Pad      uint16
+}
+
 type NetdevMetricsValue struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
 }
 
+type NetdevNonmasqKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type NetdevSnatStats struct {
+	_           structs.HostLayout
+	Allocations uint64
+	Tries       uint64
+	Failures    uint64
+}
+
+type NetdevSnatValue struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	OrigAddr  uint32
+	OrigPort  uint16
+	Flags     uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	NetdevMapTernMetrics     = "tern_metrics"
-	NetdevProgTernFromNetdev = "tern_from_netdev"
-	NetdevProgTernToNetdev   = "tern_to_netdev"
+	NetdevMapTernConntrack                  = "tern_conntrack"
+	NetdevMapTernEndpoints                  = "tern_endpoints"
+	NetdevMapTernIpcache                    = "tern_ipcache"
+	NetdevMapTernMetrics                    = "tern_metrics"
+	NetdevMapTernNonmasq                    = "tern_nonmasq"
+	NetdevMapTernSnat                       = "tern_snat"
+	NetdevMapTernSnatStats                  = "tern_snat_stats"
+	NetdevProgTernFromNetdev                = "tern_from_netdev"
+	NetdevProgTernToNetdev                  = "tern_to_netdev"
+	NetdevVarCFG_COLLISION_PORT_COUNT       = "CFG_COLLISION_PORT_COUNT"
+	NetdevVarCFG_COLLISION_PORT_MIN         = "CFG_COLLISION_PORT_MIN"
+	NetdevVarCFG_CT_TCP_CLOSING_TIMEOUT     = "CFG_CT_TCP_CLOSING_TIMEOUT"
+	NetdevVarCFG_CT_TCP_ESTABLISHED_TIMEOUT = "CFG_CT_TCP_ESTABLISHED_TIMEOUT"
+	NetdevVarCFG_CT_TCP_SYN_TIMEOUT         = "CFG_CT_TCP_SYN_TIMEOUT"
+	NetdevVarCFG_CT_UDP_TIMEOUT             = "CFG_CT_UDP_TIMEOUT"
+	NetdevVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
+	NetdevVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
+	NetdevVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	NetdevVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
+	NetdevVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
+	NetdevVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
 )
 
 // LoadNetdev returns the embedded CollectionSpec for Netdev.
@@ -78,13 +166,31 @@ type NetdevProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevMapSpecs struct {
-	TernMetrics *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNonmasq   *ebpf.MapSpec `ebpf:"tern_nonmasq"`
+	TernSnat      *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // NetdevVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevVariableSpecs struct {
+	CFG_COLLISION_PORT_COUNT       *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_COUNT"`
+	CFG_COLLISION_PORT_MIN         *ebpf.VariableSpec `ebpf:"CFG_COLLISION_PORT_MIN"`
+	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
+	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
+	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.VariableSpec `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
+	CFG_CT_UDP_TIMEOUT             *ebpf.VariableSpec `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // NetdevObjects contains all objects after they have been loaded into the kernel.
@@ -107,12 +213,24 @@ func (o *NetdevObjects) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevMaps struct {
-	TernMetrics *ebpf.Map `ebpf:"tern_metrics"`
+	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
+	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
+	TernNonmasq   *ebpf.Map `ebpf:"tern_nonmasq"`
+	TernSnat      *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *NetdevMaps) Close() error {
 	return _NetdevClose(
+		m.TernConntrack,
+		m.TernEndpoints,
+		m.TernIpcache,
 		m.TernMetrics,
+		m.TernNonmasq,
+		m.TernSnat,
+		m.TernSnatStats,
 	)
 }
 
@@ -120,6 +238,18 @@ func (m *NetdevMaps) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevVariables struct {
+	CFG_COLLISION_PORT_COUNT       *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_COUNT"`
+	CFG_COLLISION_PORT_MIN         *ebpf.Variable `ebpf:"CFG_COLLISION_PORT_MIN"`
+	CFG_CT_TCP_CLOSING_TIMEOUT     *ebpf.Variable `ebpf:"CFG_CT_TCP_CLOSING_TIMEOUT"`
+	CFG_CT_TCP_ESTABLISHED_TIMEOUT *ebpf.Variable `ebpf:"CFG_CT_TCP_ESTABLISHED_TIMEOUT"`
+	CFG_CT_TCP_SYN_TIMEOUT         *ebpf.Variable `ebpf:"CFG_CT_TCP_SYN_TIMEOUT"`
+	CFG_CT_UDP_TIMEOUT             *ebpf.Variable `ebpf:"CFG_CT_UDP_TIMEOUT"`
+	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // NetdevPrograms contains all programs after they have been loaded into the kernel.

@@ -154,6 +154,12 @@ type PodMetricsValue struct {
 	Bytes   uint64
 }
 
+type PodNonmasqKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
 type PodPolicyCidrKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -183,6 +189,21 @@ type PodPolicyKey struct {
 type PodPolicyValue struct {
 	_      structs.HostLayout
 	Policy uint32
+}
+
+type PodSnatStats struct {
+	_           structs.HostLayout
+	Allocations uint64
+	Tries       uint64
+	Failures    uint64
+}
+
+type PodSnatValue struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	OrigAddr  uint32
+	OrigPort  uint16
+	Flags     uint16
 }
 
 type PodSvcKey struct {
@@ -247,6 +268,10 @@ const (
 	PodTernReasonREASON_BW_PACED              PodTernReason = 30
 	PodTernReasonREASON_DROP_POLICY           PodTernReason = 31
 	PodTernReasonREASON_POLICY_AUDIT          PodTernReason = 32
+	PodTernReasonREASON_MASQ                  PodTernReason = 33
+	PodTernReasonREASON_MASQ_RESTORE          PodTernReason = 34
+	PodTernReasonREASON_DROP_SNAT_NO_PORT     PodTernReason = 35
+	PodTernReasonREASON_DROP_SNAT_FULL        PodTernReason = 36
 	PodTernReasonREASON_MAX                   PodTernReason = 64
 )
 
@@ -266,10 +291,13 @@ const (
 	PodMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	PodMapTernMetrics                    = "tern_metrics"
 	PodMapTernNetdevs                    = "tern_netdevs"
+	PodMapTernNonmasq                    = "tern_nonmasq"
 	PodMapTernPolicy                     = "tern_policy"
 	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
 	PodMapTernPolicyIsolation            = "tern_policy_isolation"
 	PodMapTernServices                   = "tern_services"
+	PodMapTernSnat                       = "tern_snat"
+	PodMapTernSnatStats                  = "tern_snat_stats"
 	PodProgTernFromPod                   = "tern_from_pod"
 	PodProgTernToPod                     = "tern_to_pod"
 	PodVarCFG_BW_EDT                     = "CFG_BW_EDT"
@@ -281,6 +309,11 @@ const (
 	PodVarCFG_CT_UDP_TIMEOUT             = "CFG_CT_UDP_TIMEOUT"
 	PodVarCFG_FORWARD                    = "CFG_FORWARD"
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
+	PodVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
+	PodVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
+	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
+	PodVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
 )
 
 // LoadPod returns the embedded CollectionSpec for Pod.
@@ -345,10 +378,13 @@ type PodMapSpecs struct {
 	TernLbSvcOpts       *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
 	TernMetrics         *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNetdevs         *ebpf.MapSpec `ebpf:"tern_netdevs"`
+	TernNonmasq         *ebpf.MapSpec `ebpf:"tern_nonmasq"`
 	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
 	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
+	TernSnat            *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats       *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -364,6 +400,11 @@ type PodVariableSpecs struct {
 	CFG_CT_UDP_TIMEOUT             *ebpf.VariableSpec `ebpf:"CFG_CT_UDP_TIMEOUT"`
 	CFG_FORWARD                    *ebpf.VariableSpec `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // PodObjects contains all objects after they have been loaded into the kernel.
@@ -398,10 +439,13 @@ type PodMaps struct {
 	TernLbSvcOpts       *ebpf.Map `ebpf:"tern_lb_svc_opts"`
 	TernMetrics         *ebpf.Map `ebpf:"tern_metrics"`
 	TernNetdevs         *ebpf.Map `ebpf:"tern_netdevs"`
+	TernNonmasq         *ebpf.Map `ebpf:"tern_nonmasq"`
 	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
 	TernServices        *ebpf.Map `ebpf:"tern_services"`
+	TernSnat            *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats       *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *PodMaps) Close() error {
@@ -418,10 +462,13 @@ func (m *PodMaps) Close() error {
 		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernNetdevs,
+		m.TernNonmasq,
 		m.TernPolicy,
 		m.TernPolicyCidrs,
 		m.TernPolicyIsolation,
 		m.TernServices,
+		m.TernSnat,
+		m.TernSnatStats,
 	)
 }
 
@@ -438,6 +485,11 @@ type PodVariables struct {
 	CFG_CT_UDP_TIMEOUT             *ebpf.Variable `ebpf:"CFG_CT_UDP_TIMEOUT"`
 	CFG_FORWARD                    *ebpf.Variable `ebpf:"CFG_FORWARD"`
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
+	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
+	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
+	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`
 }
 
 // PodPrograms contains all programs after they have been loaded into the kernel.

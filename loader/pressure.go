@@ -53,7 +53,7 @@ type Pressure struct {
 }
 
 // Pressure counts the entries of the maps that fill with traffic or with the cluster's size
-// (conntrack, frontends, backend slots and membership, endpoints, ipcache), for the agent's
+// (conntrack, frontends, backend slots and membership, endpoints, ipcache, masquerade NAT), for the agent's
 // map-pressure metrics. An LRU map at capacity is evicting its least recently used flows.
 func (m *Maps) Pressure() ([]Pressure, error) {
 	var out []Pressure
@@ -62,7 +62,8 @@ func (m *Maps) Pressure() ([]Pressure, error) {
 		name string
 		m    *ebpf.Map
 	}{{PodMapTernConntrack, m.CT}, {PodMapTernServices, m.Services}, {PodMapTernBackends, m.Backends},
-		{PodMapTernLbMembers, m.Members}, {PodMapTernEndpoints, m.Endpoints}, {PodMapTernIpcache, m.IPCache}} {
+		{PodMapTernLbMembers, m.Members}, {PodMapTernEndpoints, m.Endpoints}, {PodMapTernIpcache, m.IPCache},
+		{PodMapTernSnat, m.SNAT}} {
 		if mp.m == nil {
 			continue
 		}

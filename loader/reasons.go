@@ -49,11 +49,15 @@ const (
 	// The bandwidth manager (bpf/lib/bandwidth.h): a packet over its pod's limit dropped by
 	// the token-bucket policer, one whose EDT departure lay beyond the horizon, and one
 	// given a later departure time (passed, paced by fq).
-	ReasonDropBWPoliced = PodTernReasonREASON_DROP_BW_POLICED
-	ReasonDropBWHorizon = PodTernReasonREASON_DROP_BW_HORIZON
-	ReasonBWPaced       = PodTernReasonREASON_BW_PACED
-	ReasonDropPolicy    = PodTernReasonREASON_DROP_POLICY
-	ReasonPolicyAudit   = PodTernReasonREASON_POLICY_AUDIT
+	ReasonDropBWPoliced  = PodTernReasonREASON_DROP_BW_POLICED
+	ReasonDropBWHorizon  = PodTernReasonREASON_DROP_BW_HORIZON
+	ReasonBWPaced        = PodTernReasonREASON_BW_PACED
+	ReasonDropPolicy     = PodTernReasonREASON_DROP_POLICY
+	ReasonPolicyAudit    = PodTernReasonREASON_POLICY_AUDIT
+	ReasonMasq           = PodTernReasonREASON_MASQ
+	ReasonMasqRestore    = PodTernReasonREASON_MASQ_RESTORE
+	ReasonDropSNATNoPort = PodTernReasonREASON_DROP_SNAT_NO_PORT
+	ReasonDropSNATFull   = PodTernReasonREASON_DROP_SNAT_FULL
 )
 
 var reasonLabels = map[Reason]string{
@@ -71,6 +75,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropBWPoliced: "drop_bw_policed", ReasonDropBWHorizon: "drop_bw_horizon",
 	ReasonBWPaced:    "bw_paced",
 	ReasonDropPolicy: "drop_policy", ReasonPolicyAudit: "policy_audit",
+	ReasonMasq: "masq", ReasonMasqRestore: "masq_restore",
+	ReasonDropSNATNoPort: "drop_snat_no_port", ReasonDropSNATFull: "drop_snat_full",
 }
 
 // String is the reason's Prometheus label value.

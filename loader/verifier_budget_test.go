@@ -50,7 +50,7 @@ func TestVerifierBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod, err := podSpec(cfg, fwd)
+	pod, _, _, err := podSpec(cfg, fwd)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -43,13 +43,14 @@ enum ct_flag {
 	CT_F_REVNAT = 1 << 4,     /* the translated tuple of a service flow: replies are turned back */
 	CT_F_PORT_SNAT = 1 << 5,  /* the client's source port was changed on the wire */
 	CT_F_SVC = 1 << 6,        /* the client's tuple of a service flow: packets are translated */
+	CT_F_SNAT = 1 << 7,       /* masqueraded (snat.h): nat_addr:nat_sport is its source on the wire */
 };
 
 struct ct_value {
 	__u64 expires_ns; /* CLOCK_MONOTONIC (coarse) deadline; an expired entry is a new flow */
-	__be32 nat_addr;  /* SVC: backend; REVNAT: frontend address replies come from */
+	__be32 nat_addr;  /* SVC: backend; REVNAT: frontend address replies come from; SNAT: masquerade address */
 	__be16 nat_port;  /* SVC: backend port; REVNAT: frontend port */
-	__be16 nat_sport; /* SVC: client port on the wire; REVNAT: client's own port */
+	__be16 nat_sport; /* SVC: client port on the wire; REVNAT: client's own port; SNAT: port on the wire */
 	__u32 svc_id;     /* frontend id at creation (lb.h), for membership checks and ternctl */
 	__u16 flags;      /* enum ct_flag */
 	__u16 policy;     /* enum ct_policy_flag: NetworkPolicy verdicts cached (policy.h) */
@@ -66,8 +67,9 @@ enum ct_policy_flag {
  * (the client's tuple and the translated one), so a map of N entries holds N plain flows or
  * N/2 service flows. LRU with one global list: per-CPU lists (BPF_F_NO_COMMON_LRU) divide the
  * size between CPUs and evicted live flows from one CPU while the map was half empty.
- * Size from the loader (default 524288). Writers: both pod programs (create, refresh).
- * Readers: both pod programs; the agent and ternctl dump it. Pinned, so flows survive an
+ * Size from the loader (default 524288). Writers: both pod programs (create, refresh), the
+ * to-netdev program (a masqueraded flow's translation, snat.h; ICMP echo flows).
+ * Readers: pod and to-netdev programs; the agent and ternctl dump it. Pinned, so flows survive an
  * agent restart. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

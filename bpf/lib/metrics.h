@@ -47,6 +47,10 @@ enum tern_reason : __u8 {
 	REASON_BW_PACED = 30,       /* bandwidth.h: given a later departure time (EDT), passed */
 	REASON_DROP_POLICY = 31,    /* NetworkPolicy denied it (from-pod: the pod's egress or its reply; to-pod: its ingress) */
 	REASON_POLICY_AUDIT = 32,   /* NetworkPolicy would deny it; passed because the pod's policy is in audit mode */
+	REASON_MASQ = 33,           /* pod traffic leaving the VPC: source masqueraded (snat.h) */
+	REASON_MASQ_RESTORE = 34,   /* a masqueraded flow's reply or ICMP error: back to the pod */
+	REASON_DROP_SNAT_NO_PORT = 35, /* masquerade found no free port in CFG_SNAT_TRIES tries */
+	REASON_DROP_SNAT_FULL = 36, /* tern_snat is full: no new masqueraded flow */
 	__REASON_MAX = 64,
 };
 
