@@ -4,6 +4,6 @@ package loader
 // (BPF2GO_CC, BPF2GO_STRIP, BPF2GO_CFLAGS). Run `make generate`, not `go generate` alone.
 // The generated *_bpfel.go and *_bpfel.o are committed so building never needs clang.
 
-//go:generate go tool bpf2go -target bpfel -go-package loader -type svc_key -type svc_value -type backend_key -type backend_value -type member_key -type endpoint_key -type endpoint_value -type ipcache_key -type ipcache_value -type ct_key -type ct_value -type frag_key -type frag_value -type metrics_key -type metrics_value -type tern_reason -type tern_dir Pod ../bpf/pod.c -- -I../bpf/include -I../bpf
+//go:generate go tool bpf2go -target bpfel -go-package loader -type svc_key -type svc_value -type backend_key -type backend_value -type member_key -type endpoint_key -type endpoint_value -type ipcache_key -type ipcache_value -type ct_key -type ct_value -type frag_key -type frag_value -type metrics_key -type metrics_value -type tern_reason -type tern_dir -type drop_event -type event_limit Pod ../bpf/pod.c -- -I../bpf/include -I../bpf
 //go:generate go tool bpf2go -target bpfel -go-package loader Noop ../bpf/noop.c -- -I../bpf/include -I../bpf
 //go:generate go tool bpf2go -target bpfel -go-package loader Netdev ../bpf/netdev.c -- -I../bpf/include -I../bpf

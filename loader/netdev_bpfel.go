@@ -13,6 +13,14 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NetdevEventLimit struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+	LostRate uint64
+	LostFull uint64
+}
+
 type NetdevMetricsValue struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -23,6 +31,8 @@ type NetdevMetricsValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	NetdevMapTernEventLimit  = "tern_event_limit"
+	NetdevMapTernEvents      = "tern_events"
 	NetdevMapTernMetrics     = "tern_metrics"
 	NetdevProgTernFromNetdev = "tern_from_netdev"
 	NetdevProgTernToNetdev   = "tern_to_netdev"
@@ -78,7 +88,9 @@ type NetdevProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevMapSpecs struct {
-	TernMetrics *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
 }
 
 // NetdevVariableSpecs contains global variables before they are loaded into the kernel.
@@ -107,11 +119,15 @@ func (o *NetdevObjects) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevMaps struct {
-	TernMetrics *ebpf.Map `ebpf:"tern_metrics"`
+	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.Map `ebpf:"tern_events"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
 }
 
 func (m *NetdevMaps) Close() error {
 	return _NetdevClose(
+		m.TernEventLimit,
+		m.TernEvents,
 		m.TernMetrics,
 	)
 }

@@ -47,6 +47,21 @@ type PodCtValue struct {
 	Pad       uint16
 }
 
+type PodDropEvent struct {
+	_       structs.HostLayout
+	TsNs    uint64
+	Ifindex uint32
+	Len     uint32
+	Saddr   uint32
+	Daddr   uint32
+	Sport   uint16
+	Dport   uint16
+	Proto   uint8
+	Reason  PodTernReason
+	Dir     PodTernDir
+	Pad     uint8
+}
+
 type PodEndpointKey struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -59,6 +74,14 @@ type PodEndpointValue struct {
 	Flags    uint16
 	Identity uint32
 	BwSlot   uint32
+}
+
+type PodEventLimit struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+	LostRate uint64
+	LostFull uint64
 }
 
 type PodFragKey struct {
@@ -162,6 +185,8 @@ const (
 	PodMapTernBackends                   = "tern_backends"
 	PodMapTernConntrack                  = "tern_conntrack"
 	PodMapTernEndpoints                  = "tern_endpoints"
+	PodMapTernEventLimit                 = "tern_event_limit"
+	PodMapTernEvents                     = "tern_events"
 	PodMapTernFrags                      = "tern_frags"
 	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbMembers                  = "tern_lb_members"
@@ -228,14 +253,16 @@ type PodProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type PodMapSpecs struct {
-	TernBackends  *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.MapSpec `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernServices  *ebpf.MapSpec `ebpf:"tern_services"`
+	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
+	TernFrags      *ebpf.MapSpec `ebpf:"tern_frags"`
+	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
 }
 
 // PodVariableSpecs contains global variables before they are loaded into the kernel.
@@ -271,14 +298,16 @@ func (o *PodObjects) Close() error {
 //
 // It can be passed to LoadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type PodMaps struct {
-	TernBackends  *ebpf.Map `ebpf:"tern_backends"`
-	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernFrags     *ebpf.Map `ebpf:"tern_frags"`
-	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbMembers *ebpf.Map `ebpf:"tern_lb_members"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernServices  *ebpf.Map `ebpf:"tern_services"`
+	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.Map `ebpf:"tern_events"`
+	TernFrags      *ebpf.Map `ebpf:"tern_frags"`
+	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernServices   *ebpf.Map `ebpf:"tern_services"`
 }
 
 func (m *PodMaps) Close() error {
@@ -286,6 +315,8 @@ func (m *PodMaps) Close() error {
 		m.TernBackends,
 		m.TernConntrack,
 		m.TernEndpoints,
+		m.TernEventLimit,
+		m.TernEvents,
 		m.TernFrags,
 		m.TernIpcache,
 		m.TernLbMembers,

@@ -140,6 +140,7 @@ Exit codes: 0 ok, 1 failure, 2 usage, 3 agent not reachable, 4 no pinned datapat
 		group("service", "Services as the datapath serves them", serviceListCommand(e)),
 		bpfCommand(e),
 		policyCommand(e),
+		monitorCommand(e),
 	)
 	return root
 }
