@@ -42,8 +42,8 @@ type DropEvent struct {
 // LostEvents reports events the datapath could not send since monitor started: over the
 // per-CPU rate limit, or with the ring buffer full.
 type LostEvents struct {
-	Type      string `json:"type"` // "lost"
-	RateLimit uint64 `json:"rateLimit"`
+	Type       string `json:"type"` // "lost"
+	RateLimit  uint64 `json:"rateLimit"`
 	BufferFull uint64 `json:"bufferFull"`
 }
 

@@ -158,4 +158,3 @@ func sendBadIP(lab *nodeLab, pod *podNS) error {
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
