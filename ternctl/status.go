@@ -184,7 +184,7 @@ func (e *env) attachments() []Attachment {
 	dir := filepath.Join(e.opts.PinRoot, "links")
 	if des, err := os.ReadDir(dir); err == nil {
 		for _, de := range des {
-			l, err := link.LoadPinnedLink(filepath.Join(dir, de.Name()), &ebpf.LoadPinOptions{ReadOnly: true})
+			l, err := link.LoadPinnedLink(filepath.Join(dir, de.Name()), nil)
 			if err != nil {
 				continue
 			}
