@@ -364,4 +364,3 @@ func sendBadIPFrom(n *lab.Node, p *lab.Pod, hostVeth string, dst [4]byte) error 
 		return unix.Sendto(fd, frame, 0, sa)
 	})
 }
-
