@@ -107,4 +107,3 @@ func TestMapsReferenceMatchesObjects(t *testing.T) {
 		}
 	}
 }
-
