@@ -181,7 +181,9 @@ func TestChartRenders(t *testing.T) {
 
 type warningLog struct{ texts []string }
 
-func (w *warningLog) HandleWarningHeader(_ int, _ string, text string) { w.texts = append(w.texts, text) }
+func (w *warningLog) HandleWarningHeader(_ int, _ string, text string) {
+	w.texts = append(w.texts, text)
+}
 
 // TestChartAcceptedByAPIServer: every object the chart renders, with the default values and
 // with capabilities instead of privilege, passes a server-side dry run on a real apiserver
