@@ -47,6 +47,7 @@ vet:
 # go.mod and go.sum must be what `go mod tidy` makes of them.
 check-tidy:
 	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit" >&2; exit 1; }
+	@cd test/deploy/helm && $(GO) mod tidy -diff || { echo "test/deploy/helm/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
 
 # Every tier: unit tests, BPF program tests (BPF_PROG_TEST_RUN), namespace end-to-end
 # tests, the cloud emulator and IPAM, and the Kubernetes end-to-end suite. Privileged tiers
@@ -55,6 +56,7 @@ test: setup check-generate check-tidy vet k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 40m ./...
 	$(MAKE) fuzz FUZZTIME=5s
 	$(MAKE) test-race
+	cd test/deploy/helm && TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 10m ./...
 	bash test/vmkernel/run.sh
 
 # The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so

@@ -58,6 +58,8 @@ func (a *Agent) handler() http.Handler {
 	route(http.MethodPost, api.PathGC, a.handleGC)
 	route(http.MethodGet, api.PathStatus, a.handleStatus)
 	route(http.MethodGet, api.PathState, a.handleState)
+	route(http.MethodGet, api.PathReady, a.handleReadiness)
+	mux.Handle("GET "+api.PathReadyz, a.readiness)
 	mux.Handle("GET "+api.PathMetrics, promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
 	return mux
 }
@@ -359,12 +361,33 @@ func (a *Agent) handleState(*http.Request) (any, *api.Error) {
 	}
 	s := pool.Status()
 	out := api.State{NodeName: a.cfg.NodeName, InstanceID: a.cfg.InstanceID, Idle: s.Idle, InUse: s.InUse,
-		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{}, BandwidthMode: string(a.BandwidthMode())}
+		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{},
+		Pool: api.PoolLimits{InstanceType: s.Capacity.InstanceType, MinPoolSize: s.MinPoolSize, MaxPoolSize: s.MaxPoolSize,
+			IdleReclaimSec: int(s.IdleReclaimAfter / time.Second), ENIQuota: s.Capacity.ENIs, IPsPerENI: s.Capacity.IPsPerENI},
+		BandwidthMode: string(a.BandwidthMode())}
 	for _, e := range s.ENIs {
-		out.ENIs = append(out.ENIs, api.ENIState{ID: e.ID, MAC: e.MAC, IPs: addrs(e.IPs), InUse: addrs(e.InUse)})
+		st := api.ENIState{ID: e.ID, MAC: e.MAC, VSwitchID: e.VSwitchID, IPs: addrs(e.IPs), InUse: addrs(e.InUse)}
+		if e.PrimaryIP.IsValid() {
+			st.PrimaryIP = e.PrimaryIP.String()
+		}
+		if e.VSwitchCIDR.IsValid() {
+			st.VSwitchCIDR = e.VSwitchCIDR.String()
+		}
+		out.ENIs = append(out.ENIs, st)
 	}
 	for k, al := range pool.Allocations() {
 		out.Allocations[k.String()] = toAPI(al)
+	}
+	return out, nil
+}
+
+// handleReadiness lists every readiness component (ternctl status); /readyz says the same
+// in the probe's text form.
+func (a *Agent) handleReadiness(*http.Request) (any, *api.Error) {
+	st := a.readiness.Status()
+	out := api.Readiness{Ready: st.Ready, Components: make([]api.ComponentReadiness, len(st.Components))}
+	for i, c := range st.Components {
+		out.Components[i] = api.ComponentReadiness{Name: c.Name, Ready: c.Ready, Reason: c.Reason, Since: c.Since}
 	}
 	return out, nil
 }

@@ -678,13 +678,17 @@ type Status struct {
 	ENIs     []ENIStatus
 	Idle     int
 	InUse    int
+	// The pool's sizes from eni_conf as applied now.
+	MinPoolSize, MaxPoolSize int
+	IdleReclaimAfter         time.Duration
 }
 
 // Status returns the current state.
 func (p *Pool) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	s := Status{Capacity: CapacityOf(p.limits)}
+	s := Status{Capacity: CapacityOf(p.limits), MinPoolSize: p.cfg.MinPoolSize, MaxPoolSize: p.cfg.MaxPoolSize,
+		IdleReclaimAfter: p.cfg.IdleIPReclaimAfter}
 	for _, e := range p.sortedENIsLocked() {
 		es := ENIStatus{ENIInfo: eniInfo(e.info)}
 		for _, a := range e.sortedIPs() {

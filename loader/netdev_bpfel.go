@@ -48,6 +48,14 @@ type NetdevEndpointValue struct {
 	BwSlot   uint32
 }
 
+type NetdevEventLimit struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+	LostRate uint64
+	LostFull uint64
+}
+
 type NetdevIpcacheKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -95,6 +103,8 @@ type NetdevSnatValue struct {
 const (
 	NetdevMapTernConntrack                  = "tern_conntrack"
 	NetdevMapTernEndpoints                  = "tern_endpoints"
+	NetdevMapTernEventLimit                 = "tern_event_limit"
+	NetdevMapTernEvents                     = "tern_events"
 	NetdevMapTernIpcache                    = "tern_ipcache"
 	NetdevMapTernMetrics                    = "tern_metrics"
 	NetdevMapTernNonmasq                    = "tern_nonmasq"
@@ -166,13 +176,15 @@ type NetdevProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevMapSpecs struct {
-	TernConntrack *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernIpcache   *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics   *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNonmasq   *ebpf.MapSpec `ebpf:"tern_nonmasq"`
-	TernSnat      *ebpf.MapSpec `ebpf:"tern_snat"`
-	TernSnatStats *ebpf.MapSpec `ebpf:"tern_snat_stats"`
+	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNonmasq    *ebpf.MapSpec `ebpf:"tern_nonmasq"`
+	TernSnat       *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats  *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // NetdevVariableSpecs contains global variables before they are loaded into the kernel.
@@ -213,19 +225,23 @@ func (o *NetdevObjects) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevMaps struct {
-	TernConntrack *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints *ebpf.Map `ebpf:"tern_endpoints"`
-	TernIpcache   *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics   *ebpf.Map `ebpf:"tern_metrics"`
-	TernNonmasq   *ebpf.Map `ebpf:"tern_nonmasq"`
-	TernSnat      *ebpf.Map `ebpf:"tern_snat"`
-	TernSnatStats *ebpf.Map `ebpf:"tern_snat_stats"`
+	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
+	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
+	TernNonmasq    *ebpf.Map `ebpf:"tern_nonmasq"`
+	TernSnat       *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats  *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *NetdevMaps) Close() error {
 	return _NetdevClose(
 		m.TernConntrack,
 		m.TernEndpoints,
+		m.TernEventLimit,
+		m.TernEvents,
 		m.TernIpcache,
 		m.TernMetrics,
 		m.TernNonmasq,

@@ -79,6 +79,21 @@ type PodCtValue struct {
 	Policy    uint16
 }
 
+type PodDropEvent struct {
+	_       structs.HostLayout
+	TsNs    uint64
+	Ifindex uint32
+	Len     uint32
+	Saddr   uint32
+	Daddr   uint32
+	Sport   uint16
+	Dport   uint16
+	Proto   uint8
+	Reason  PodTernReason
+	Dir     PodTernDir
+	Pad     uint8
+}
+
 type PodEndpointKey struct {
 	_       structs.HostLayout
 	Ifindex uint32
@@ -91,6 +106,14 @@ type PodEndpointValue struct {
 	Flags    uint16
 	Identity uint32
 	BwSlot   uint32
+}
+
+type PodEventLimit struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+	LostRate uint64
+	LostFull uint64
 }
 
 type PodFragKey struct {
@@ -283,6 +306,8 @@ const (
 	PodMapTernBandwidth                  = "tern_bandwidth"
 	PodMapTernConntrack                  = "tern_conntrack"
 	PodMapTernEndpoints                  = "tern_endpoints"
+	PodMapTernEventLimit                 = "tern_event_limit"
+	PodMapTernEvents                     = "tern_events"
 	PodMapTernFrags                      = "tern_frags"
 	PodMapTernIpcache                    = "tern_ipcache"
 	PodMapTernLbAffinity                 = "tern_lb_affinity"
@@ -370,6 +395,8 @@ type PodMapSpecs struct {
 	TernBandwidth       *ebpf.MapSpec `ebpf:"tern_bandwidth"`
 	TernConntrack       *ebpf.MapSpec `ebpf:"tern_conntrack"`
 	TernEndpoints       *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEventLimit      *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents          *ebpf.MapSpec `ebpf:"tern_events"`
 	TernFrags           *ebpf.MapSpec `ebpf:"tern_frags"`
 	TernIpcache         *ebpf.MapSpec `ebpf:"tern_ipcache"`
 	TernLbAffinity      *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
@@ -431,6 +458,8 @@ type PodMaps struct {
 	TernBandwidth       *ebpf.Map `ebpf:"tern_bandwidth"`
 	TernConntrack       *ebpf.Map `ebpf:"tern_conntrack"`
 	TernEndpoints       *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEventLimit      *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents          *ebpf.Map `ebpf:"tern_events"`
 	TernFrags           *ebpf.Map `ebpf:"tern_frags"`
 	TernIpcache         *ebpf.Map `ebpf:"tern_ipcache"`
 	TernLbAffinity      *ebpf.Map `ebpf:"tern_lb_affinity"`
@@ -454,6 +483,8 @@ func (m *PodMaps) Close() error {
 		m.TernBandwidth,
 		m.TernConntrack,
 		m.TernEndpoints,
+		m.TernEventLimit,
+		m.TernEvents,
 		m.TernFrags,
 		m.TernIpcache,
 		m.TernLbAffinity,

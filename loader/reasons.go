@@ -1,6 +1,9 @@
 package loader
 
-import "strings"
+import (
+	"slices"
+	"strings"
+)
 
 // Reason is a datapath verdict reason (enum tern_reason in bpf/lib/metrics.h). Its values
 // and names are generated from the object's BTF, so Go cannot drift from C.
@@ -106,4 +109,21 @@ func (d PodTernDir) String() string {
 		return "sock"
 	}
 	return "unknown"
+}
+
+// DropEvent is one event of the tern_events ring buffer (struct drop_event in
+// bpf/lib/metrics.h); EventLimit is a CPU's rate limiter with its lost-event counts.
+type (
+	DropEvent  = PodDropEvent
+	EventLimit = PodEventLimit
+)
+
+// Reasons lists every reason with a label, in numeric order (for ternctl's filters).
+func Reasons() []Reason {
+	out := make([]Reason, 0, len(reasonLabels))
+	for r := range reasonLabels {
+		out = append(out, r)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -40,6 +40,14 @@ type SockBackendValue struct {
 	Pad  uint16
 }
 
+type SockEventLimit struct {
+	_        structs.HostLayout
+	LastNs   uint64
+	CreditNs uint64
+	LostRate uint64
+	LostFull uint64
+}
+
 type SockMaglevKey struct {
 	_     structs.HostLayout
 	SvcId uint32
@@ -115,6 +123,8 @@ type SockSvcValue struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SockMapTernBackends             = "tern_backends"
+	SockMapTernEventLimit           = "tern_event_limit"
+	SockMapTernEvents               = "tern_events"
 	SockMapTernLbAffinity           = "tern_lb_affinity"
 	SockMapTernLbMaglev             = "tern_lb_maglev"
 	SockMapTernLbMembers            = "tern_lb_members"
@@ -193,6 +203,8 @@ type SockProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
 	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
 	TernLbAffinity *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbMaglev   *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
 	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
@@ -231,6 +243,8 @@ func (o *SockObjects) Close() error {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
 	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
+	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents     *ebpf.Map `ebpf:"tern_events"`
 	TernLbAffinity *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbMaglev   *ebpf.Map `ebpf:"tern_lb_maglev"`
 	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
@@ -243,6 +257,8 @@ type SockMaps struct {
 func (m *SockMaps) Close() error {
 	return _SockClose(
 		m.TernBackends,
+		m.TernEventLimit,
+		m.TernEvents,
 		m.TernLbAffinity,
 		m.TernLbMaglev,
 		m.TernLbMembers,

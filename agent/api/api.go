@@ -11,6 +11,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"time"
 )
 
 // Paths of the v1 API.
@@ -23,6 +24,8 @@ const (
 	PathGC       = "/v1/gc"            // POST GCRequest → GCResponse
 	PathStatus   = "/v1/status"        // GET → Status
 	PathState    = "/v1/state"         // GET → State (tests, ternctl)
+	PathReady    = "/v1/readiness"     // GET → Readiness (ternctl status)
+	PathReadyz   = "/readyz"           // GET → the metrics listener's /readyz, on the socket too
 	PathMetrics  = "/metrics"          // Prometheus text format
 )
 
@@ -128,10 +131,37 @@ type Status struct {
 
 // ENIState is one ENI of the pool as the agent sees it.
 type ENIState struct {
-	ID    string   `json:"id"`
-	MAC   string   `json:"mac"`
-	IPs   []string `json:"ips"`   // every address of the ENI the pool holds (its primary included)
-	InUse []string `json:"inUse"` // those given to pods
+	ID          string   `json:"id"`
+	MAC         string   `json:"mac"`
+	PrimaryIP   string   `json:"primaryIP,omitempty"`
+	VSwitchID   string   `json:"vSwitchID,omitempty"`
+	VSwitchCIDR string   `json:"vSwitchCIDR,omitempty"`
+	IPs         []string `json:"ips"`   // every address of the ENI the pool holds (its primary included)
+	InUse       []string `json:"inUse"` // those given to pods
+}
+
+// PoolLimits are the pool's sizes from eni_conf and the node's quota from its instance type.
+type PoolLimits struct {
+	InstanceType   string `json:"instanceType,omitempty"`
+	MinPoolSize    int    `json:"minPoolSize"`
+	MaxPoolSize    int    `json:"maxPoolSize"`
+	IdleReclaimSec int    `json:"idleReclaimSeconds,omitempty"` // 0: idle addresses are kept
+	ENIQuota       int    `json:"eniQuota"`                     // ENIs usable for pods
+	IPsPerENI      int    `json:"ipsPerENI"`
+}
+
+// ComponentReadiness is one readiness component of the agent.
+type ComponentReadiness struct {
+	Name   string    `json:"name"`
+	Ready  bool      `json:"ready"`
+	Reason string    `json:"reason,omitempty"`
+	Since  time.Time `json:"since"`
+}
+
+// Readiness is every readiness component, what /readyz summarises.
+type Readiness struct {
+	Ready      bool                 `json:"ready"`
+	Components []ComponentReadiness `json:"components"`
 }
 
 // State is the agent's pool and allocations (for tests and ternctl).
@@ -141,6 +171,7 @@ type State struct {
 	Idle        int                   `json:"idle"`
 	InUse       int                   `json:"inUse"`
 	MaxPods     int                   `json:"maxPods"`
+	Pool        PoolLimits            `json:"pool"`
 	ENIs        []ENIState            `json:"enis"`
 	Allocations map[string]Allocation `json:"allocations"` // key namespace/name/containerID
 	// BandwidthMode is how pod egress limits are enforced: "edt" or "policer".

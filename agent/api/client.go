@@ -95,6 +95,28 @@ func (c *Client) State(ctx context.Context) (State, error) {
 	return out, c.do(ctx, http.MethodGet, PathState, nil, &out)
 }
 
+// Readiness returns every readiness component of the agent.
+func (c *Client) Readiness(ctx context.Context) (Readiness, error) {
+	var out Readiness
+	return out, c.do(ctx, http.MethodGet, PathReady, nil, &out)
+}
+
+// Readyz asks the agent's /readyz on the socket: whether the probe the kubelet runs would
+// pass (HTTP 200), with its body.
+func (c *Client) Readyz(ctx context.Context) (bool, string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+PathReadyz+"?verbose", nil)
+	if err != nil {
+		return false, "", err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return false, "", c.unreachable(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode == http.StatusOK, string(b), err
+}
+
 // Metrics returns the agent's metrics in the Prometheus text format.
 func (c *Client) Metrics(ctx context.Context) (string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+PathMetrics, nil)

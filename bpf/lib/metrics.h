@@ -107,8 +107,116 @@ static __always_inline void count_event(__u8 reason, __u8 dir)
 		v->packets++;
 }
 
+/* One dropped packet, for `ternctl monitor`: sent on tern_events by drop(). Addresses and
+ * ports are as on the wire (network order), 0 where the packet has none. */
+struct drop_event {
+	__u64 ts_ns;   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 ifindex; /* skb->ifindex: the pod's host veth, or the ENI / primary NIC */
+	__u32 len;     /* skb->len */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	enum tern_reason reason;
+	enum tern_dir dir;
+	__u8 pad;
+};
+
+/* tern_events: a ring buffer of struct drop_event, 256 KiB (~6,500 events). Nothing is
+ * evicted: a full buffer refuses new events, counted in event_limit.lost_full. Writer: drop()
+ * in every program, at most EVENT_RATE per second per CPU. Reader: `ternctl monitor` (one
+ * reader at a time: readers share the consumer position). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_events SEC(".maps");
+
+/* A token bucket kept as time credit: sending an event costs EVENT_COST_NS of credit, credit
+ * grows with elapsed time up to EVENT_BURST events' worth. Time credit needs no division. */
+#define EVENT_RATE 1000 /* events per second per CPU */
+#define EVENT_COST_NS (1000000000ULL / EVENT_RATE)
+#define EVENT_BURST 200
+#define EVENT_BURST_NS (EVENT_BURST * EVENT_COST_NS)
+
+struct event_limit {
+	__u64 last_ns;   /* when credit was last added */
+	__u64 credit_ns; /* time credit; an event costs EVENT_COST_NS */
+	__u64 lost_rate; /* events not sent: over the rate */
+	__u64 lost_full; /* events not sent: tern_events full (no reader, or a slow one) */
+};
+
+/* tern_event_limit: key 0, value event_limit per CPU (1 entry; an array, never evicted).
+ * Writer: drop(), the CPU's own entry. Reader: `ternctl monitor` (the lost counts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct event_limit);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_event_limit SEC(".maps");
+
+/* Referenced so that BTF keeps struct drop_event (a ring buffer has no value type). */
+struct drop_event __drop_event_btf __attribute__((unused, section(".maps.btf_only")));
+
+/* event_allowed takes one event's credit from this CPU's bucket, or counts the event lost. */
+static __always_inline struct event_limit *event_allowed(void)
+{
+	__u32 zero = 0;
+	struct event_limit *l = bpf_map_lookup_elem(&tern_event_limit, &zero);
+	__u64 now, credit;
+
+	if (!l)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	credit = l->credit_ns + (now - l->last_ns);
+	if (credit > EVENT_BURST_NS)
+		credit = EVENT_BURST_NS;
+	l->last_ns = now;
+	if (credit < EVENT_COST_NS) {
+		l->credit_ns = credit;
+		l->lost_rate++;
+		return NULL;
+	}
+	l->credit_ns = credit - EVENT_COST_NS;
+	return l;
+}
+
+/* emit_drop reads the addresses and ports with bpf_skb_load_bytes rather than the parsed
+ * headers: drop() is called before parsing succeeds too (a truncated or bad header). */
+static __always_inline void emit_drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	struct event_limit *l = event_allowed();
+	struct drop_event ev = {};
+	struct iphdr ip;
+	__be16 ports[2];
+
+	if (!l)
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.ifindex = skb->ifindex;
+	ev.len = skb->len;
+	ev.reason = reason;
+	ev.dir = dir;
+	if (skb->protocol == bpf_htons(ETH_P_IP) && bpf_skb_load_bytes(skb, 14, &ip, sizeof(ip)) == 0) {
+		ev.saddr = ip.saddr;
+		ev.daddr = ip.daddr;
+		ev.proto = ip.protocol;
+		if (ip.ihl >= 5 && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
+				    ip.protocol == IPPROTO_SCTP) &&
+		    bpf_skb_load_bytes(skb, 14 + ip.ihl * 4, ports, sizeof(ports)) == 0) {
+			ev.sport = ports[0];
+			ev.dport = ports[1];
+		}
+	}
+	if (bpf_ringbuf_output(&tern_events, &ev, sizeof(ev), 0))
+		l->lost_full++;
+}
+
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	count(skb, reason, dir);
+	emit_drop(skb, reason, dir);
 	return TC_ACT_SHOT;
 }

@@ -24,7 +24,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tern-net/tern/agent/api"
-	"github.com/tern-net/tern/internal/ternctl"
+	"github.com/tern-net/tern/ternctl"
 )
 
 const (
@@ -328,18 +328,18 @@ func (d *demo) scaleDown(ctx context.Context) error {
 }
 
 func (d *demo) dumps(ctx context.Context) error {
-	d.title("What tern holds on the nodes (tern-lab ternctl NODE services|ipam)")
+	d.title("What tern holds on the nodes (tern-lab ternctl NODE service list|ipam show)")
 	for _, n := range d.st.Nodes[:1] {
-		say("$ tern-lab ternctl %s services      # the eBPF service map, from the pinned maps", n.Name)
-		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, "services", n.PinRoot, n.Socket) }); err != nil {
+		say("$ tern-lab ternctl %s service list  # the eBPF service map, from the pinned maps", n.Name)
+		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, "service", "list") }); err != nil {
 			return err
 		}
 	}
 	say("\n(%s is the apiserver's own \"kubernetes\" Service: the lab's apiserver listens on the root", "10.96.0.1:443")
 	say("namespace's loopback only, so it has no endpoints and tern rejects connections to it.)")
 	for _, n := range d.st.Nodes {
-		say("\n$ tern-lab ternctl %s ipam          # the agent's ENIs and pod addresses", n.Name)
-		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, "ipam", n.PinRoot, n.Socket) }); err != nil {
+		say("\n$ tern-lab ternctl %s ipam show     # the agent's ENIs and pod addresses", n.Name)
+		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, "ipam", "show") }); err != nil {
 			return err
 		}
 	}
@@ -481,7 +481,7 @@ func frontendBackends(pinRoot, vip string) ([]netip.AddrPort, error) {
 	front := netip.AddrPortFrom(netip.MustParseAddr(vip), servicePort)
 	for _, s := range svcs {
 		if s.Frontend == front && s.Proto == "TCP" {
-			out := append([]netip.AddrPort(nil), s.Backends...)
+			out := s.BackendAddrs()
 			sort.Slice(out, func(i, j int) bool { return out[i].Compare(out[j]) < 0 })
 			return out, nil
 		}

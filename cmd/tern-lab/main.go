@@ -23,7 +23,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/tern-net/tern/internal/nsutil"
-	"github.com/tern-net/tern/internal/ternctl"
+	"github.com/tern-net/tern/ternctl"
 )
 
 const usage = `usage: tern-lab <command> [flags]
@@ -36,7 +36,7 @@ const usage = `usage: tern-lab <command> [flags]
   pod delete [-n NS] NAME
   ask    [-n NS] [-count 10] [-tcp] POD HOST:PORT   requests from a pod, one connection each
   exec   [-n NS] POD|NODE -- COMMAND...   run a command in a pod's or node's network namespace
-  ternctl NODE services|flows|metrics|ipam          ternctl's views of a node
+  ternctl NODE COMMAND...                            ternctl on a node (service list, bpf ct list, ipam show, -o json)
 
 Every command takes -dir (default /run/tern-lab). Run as root.
 `
@@ -269,12 +269,13 @@ func cmdExec(ctx context.Context, args []string) error {
 func cmdTernctl(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("ternctl", flag.ContinueOnError)
 	dir := fs.String("dir", defaultDir, "lab directory")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
+	// Flags after NODE are ternctl's (-o json, --pod ...): parse only those before it.
+	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if len(pos) != 2 {
-		return fmt.Errorf("ternctl: want NODE VIEW (views: %s)", strings.Join(ternctl.Views(), ", "))
+	pos := fs.Args()
+	if len(pos) < 2 {
+		return fmt.Errorf("ternctl: want NODE COMMAND... (tern-lab ternctl node-0 status; ternctl --help lists commands)")
 	}
 	st, err := newClient(*dir, 10*time.Second).status(ctx)
 	if err != nil {
@@ -282,7 +283,7 @@ func cmdTernctl(ctx context.Context, args []string) error {
 	}
 	for _, n := range st.Nodes {
 		if n.Name == pos[0] {
-			return ternctl.Print(ctx, os.Stdout, pos[1], n.PinRoot, n.Socket)
+			return ternctl.Print(ctx, os.Stdout, n.PinRoot, n.Socket, pos[1:]...)
 		}
 	}
 	names := make([]string, 0, len(st.Nodes))

@@ -19,7 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tern-net/tern/agent/api"
-	"github.com/tern-net/tern/internal/ternctl"
+	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
 

@@ -19,7 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
-	"github.com/tern-net/tern/internal/ternctl"
+	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -206,7 +206,7 @@ func TestManyServicesConverge(t *testing.T) {
 			// Other tests' Services may be there too; count ours by their backend range.
 			ours := 0
 			for _, s := range svcs {
-				if len(s.Backends) == endpoints && strings.HasPrefix(s.Backends[0].Addr().String(), "10.250.") {
+				if len(s.Backends) == endpoints && strings.HasPrefix(s.Backends[0].Address.Addr().String(), "10.250.") {
 					ours++
 				}
 			}

@@ -15,8 +15,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/tern-net/tern/internal/ternctl"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -32,7 +32,7 @@ func backendsOn(t *testing.T, n *lab.Node, front netip.AddrPort, proto string) (
 		if s.Frontend == front && s.Proto == proto {
 			var out []string
 			for _, b := range s.Backends {
-				out = append(out, b.String())
+				out = append(out, b.Address.String())
 			}
 			slices.Sort(out)
 			return out, true

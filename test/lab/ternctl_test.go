@@ -1,0 +1,366 @@
+//go:build linux
+
+package lab_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/yaml"
+
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/ternctl"
+	"github.com/tern-net/tern/test/lab"
+)
+
+// ternctlOn runs ternctl against node n (its pins and socket), in n's network namespace as
+// it would run on the node, and returns stdout, stderr and the exit code.
+func ternctlOn(ctx context.Context, n *lab.Node, stdout, stderr io.Writer, args ...string) int {
+	var code int
+	_ = nsutil.Do(n.NS, func() error {
+		code = ternctl.Main(ctx, append([]string{"--pin-root", n.PinRoot(), "--socket", n.Socket()}, args...), stdout, stderr)
+		return nil
+	})
+	return code
+}
+
+func ternctlJSON[T any](t *testing.T, ctx context.Context, n *lab.Node, args ...string) T {
+	t.Helper()
+	var out, errb bytes.Buffer
+	if code := ternctlOn(ctx, n, &out, &errb, append(args, "-o", "json")...); code != 0 {
+		t.Fatalf("ternctl %s: exit %d: %s", strings.Join(args, " "), code, errb.String())
+	}
+	var v T
+	if err := json.Unmarshal(out.Bytes(), &v); err != nil {
+		t.Fatalf("ternctl %s -o json: %v\n%s", strings.Join(args, " "), err, out.String())
+	}
+	return v
+}
+
+// TestTernctlAgainstALiveAgent runs every ternctl command against a lab node's agent with a
+// Service, a backend and a client that used it, and checks the parsed JSON (YAML for one):
+// status, ipam show, service list, bpf lb/ct/endpoint/metrics list, monitor (a drop caused on
+// purpose shows within a second); then, with the agent stopped, that the map views still work
+// and the agent's commands exit 3.
+func TestTernctlAgainstALiveAgent(t *testing.T) {
+	l := upKubernetes(t, lab.Options{Nodes: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n := l.Node(0)
+	c := l.Client()
+	const ns = "web"
+	if err := l.EnsureNamespace(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"}, Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := svc.Spec.ClusterIP
+	backend, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "web-0", Node: n.Name, Labels: map[string]string{"app": "web"}, HTTPPort: 8080})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: n.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	frontend, wantBackend := vip+":80", backend.IP.String()+":8080"
+	// Wait for the backend in the node's maps (the agent's endpoint watch), then use it.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		svcs, err := ternctl.ReadServicesAt(n.PinRoot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, s := range svcs {
+			if s.Frontend.String() == frontend && len(s.Backends) == 1 {
+				found = true
+			}
+		}
+		if found {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never got its backend in %s's maps: %+v", frontend, n.Name, svcs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := client.HTTPGet(ctx, "http://"+frontend+"/"); err != nil {
+		t.Fatalf("client through %s: %v", frontend, err)
+	}
+	clientVeth := api.HostVethName(client.ContainerID, "eth0")
+
+	t.Run("status", func(t *testing.T) {
+		st := ternctlJSON[ternctl.Status](t, ctx, n, "status")
+		if !st.Agent.Reachable || !st.Agent.Ready || !st.Agent.Readyz || len(st.Agent.Components) == 0 {
+			t.Errorf("agent: %+v", st.Agent)
+		}
+		for _, comp := range st.Agent.Components {
+			if !comp.Ready {
+				t.Errorf("component %s not ready: %s", comp.Name, comp.Reason)
+			}
+		}
+		if !st.Datapath.Loaded || st.IPAM == nil || st.IPAM.Node != n.Name || st.Kernel.Release == "" || !st.Kernel.Features["map_ringbuf"] {
+			t.Errorf("datapath %+v, ipam %+v, kernel %+v", st.Datapath, st.IPAM, st.Kernel)
+		}
+		ct := false
+		for _, m := range st.Datapath.Maps {
+			ct = ct || (m.Name == loader.PodMapTernConntrack && m.Entries >= 2 && m.MaxEntries > 0)
+		}
+		if !ct {
+			t.Errorf("no tern_conntrack with the client's flow among the maps: %+v", st.Datapath.Maps)
+		}
+		dirs := map[string]string{}
+		for _, a := range st.Attachments {
+			if a.Interface == clientVeth {
+				dirs[a.Direction] = a.Mode + " " + a.Program
+			}
+		}
+		if dirs["ingress"] != "tcx tern_from_pod" || dirs["egress"] != "tcx tern_to_pod" {
+			t.Errorf("attach points of the client's veth %s: %v; all: %+v", clientVeth, dirs, st.Attachments)
+		}
+	})
+
+	t.Run("ipam show", func(t *testing.T) {
+		v := ternctlJSON[ternctl.IPAMView](t, ctx, n, "ipam", "show")
+		holder := map[string]string{}
+		for _, e := range v.ENIs {
+			if e.MAC == "" || e.VSwitchID == "" {
+				t.Errorf("ENI %s lacks MAC or vSwitch: %+v", e.ID, e)
+			}
+			for _, ip := range e.IPs {
+				holder[ip.IP] = ip.Pod
+			}
+		}
+		if v.Node != n.Name || v.InUse != 2 || v.Pool.ENIQuota == 0 || v.MaxPods == 0 || v.IPQuotaUsed <= 0 ||
+			holder[client.IP.String()] != ns+"/client" || holder[backend.IP.String()] != ns+"/web-0" {
+			t.Errorf("ipam show: %+v (address holders %v)", v, holder)
+		}
+	})
+
+	t.Run("service list", func(t *testing.T) {
+		svcs := ternctlJSON[[]ternctl.Service](t, ctx, n, "service", "list")
+		for _, s := range svcs {
+			if s.Frontend.String() == frontend {
+				if s.Proto != "TCP" || s.Type != "ClusterIP" || len(s.Backends) != 1 || s.Backends[0].Address.String() != wantBackend ||
+					s.Backends[0].State != "active" {
+					t.Errorf("service %s: %+v", frontend, s)
+				}
+				return
+			}
+		}
+		t.Errorf("no %s in %+v", frontend, svcs)
+	})
+
+	t.Run("bpf lb list", func(t *testing.T) {
+		entries := ternctlJSON[[]ternctl.LBEntry](t, ctx, n, "bpf", "lb", "list")
+		var id uint32
+		for _, e := range entries {
+			if e.Map == loader.PodMapTernServices && e.Frontend.String() == frontend {
+				id = e.ServiceID
+			}
+		}
+		ok := false
+		for _, e := range entries {
+			ok = ok || (id != 0 && e.Map == loader.PodMapTernBackends && e.ServiceID == id && e.Backend.String() == wantBackend && e.MemberSlot == e.Slot)
+		}
+		if !ok {
+			t.Errorf("no frontend %s with backend %s in %+v", frontend, wantBackend, entries)
+		}
+	})
+
+	t.Run("bpf ct list", func(t *testing.T) {
+		flows := ternctlJSON[[]ternctl.Flow](t, ctx, n, "bpf", "ct", "list", "--pod", ns+"/client", "--port", "80")
+		ok := false
+		for _, f := range flows {
+			ok = ok || (f.Kind == "service" && f.From.Addr() == client.IP && f.To.String() == frontend && f.NATAddress.String() == wantBackend)
+			if f.From.Addr() != client.IP && f.To.Addr() != client.IP && f.NATAddress.Addr() != client.IP {
+				t.Errorf("--pod %s/client listed another pod's flow %+v", ns, f)
+			}
+		}
+		if !ok {
+			t.Errorf("no service flow client -> %s -> %s in %+v", frontend, wantBackend, flows)
+		}
+		if none := ternctlJSON[[]ternctl.Flow](t, ctx, n, "bpf", "ct", "list", "--address", "10.255.255.254"); len(none) != 0 {
+			t.Errorf("--address 10.255.255.254 lists %+v", none)
+		}
+	})
+
+	t.Run("bpf endpoint list", func(t *testing.T) {
+		eps := ternctlJSON[[]ternctl.Endpoint](t, ctx, n, "bpf", "endpoint", "list", "--pod", ns+"/client")
+		if len(eps) != 1 || eps[0].Address != client.IP || eps[0].Pod != ns+"/client" || eps[0].Interface != clientVeth || eps[0].MAC == "" {
+			t.Errorf("endpoint of the client (%s on %s): %+v", client.IP, clientVeth, eps)
+		}
+		if all := ternctlJSON[[]ternctl.Endpoint](t, ctx, n, "bpf", "endpoint", "list"); len(all) != 2 {
+			t.Errorf("endpoints: %+v, want the 2 pods", all)
+		}
+	})
+
+	t.Run("bpf metrics list", func(t *testing.T) {
+		var out, errb bytes.Buffer
+		if code := ternctlOn(ctx, n, &out, &errb, "bpf", "metrics", "list", "-o", "yaml"); code != 0 {
+			t.Fatalf("exit %d: %s", code, errb.String())
+		}
+		var ms []ternctl.Metric
+		if err := yaml.Unmarshal(out.Bytes(), &ms); err != nil {
+			t.Fatalf("-o yaml: %v\n%s", err, out.String())
+		}
+		ok := false
+		for _, m := range ms {
+			ok = ok || (m.Reason == "svc_forward" && m.Direction == "from-pod" && m.Packets > 0 && m.Bytes > m.Packets*40)
+		}
+		if !ok {
+			t.Errorf("no svc_forward from-pod packets: %+v", ms)
+		}
+	})
+
+	t.Run("monitor", func(t *testing.T) {
+		mctx, mcancel := context.WithTimeout(ctx, 20*time.Second)
+		defer mcancel()
+		outR, outW := io.Pipe()
+		errR, errW := io.Pipe()
+		done := make(chan int, 1)
+		go func() {
+			code := ternctlOn(mctx, n, outW, errW, "monitor", "--pod", ns+"/client", "--reason", "drop_bad_ip", "--count", "1", "-o", "json")
+			outW.Close()
+			errW.Close()
+			done <- code
+		}()
+		started := make(chan bool, 1)
+		go func() {
+			sc := bufio.NewScanner(errR)
+			ok := false
+			for sc.Scan() {
+				if !ok && strings.Contains(sc.Text(), "monitoring drops") {
+					ok = true
+					started <- true
+				}
+			}
+			if !ok {
+				started <- false
+			}
+		}()
+		if !<-started {
+			t.Fatalf("monitor ended before reading (exit %d)", <-done)
+		}
+		lines := make(chan string, 1)
+		go func() {
+			sc := bufio.NewScanner(outR)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+			close(lines)
+		}()
+		sent := time.Now()
+		if err := sendBadIPFrom(n, client, clientVeth, backend.IP.As4()); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("monitor printed nothing (exit %d)", <-done)
+			}
+			took := time.Since(sent)
+			var ev ternctl.DropEvent
+			if err := json.Unmarshal([]byte(line), &ev); err != nil {
+				t.Fatalf("%q: %v", line, err)
+			}
+			if ev.Reason != "drop_bad_ip" || ev.Direction != "from-pod" || ev.Source.Addr() != client.IP ||
+				ev.Destination.Addr() != backend.IP || ev.Pod != ns+"/client" || ev.Interface != clientVeth {
+				t.Errorf("event %+v", ev)
+			}
+			t.Logf("drop shown %s after the send: %s", took, line)
+			if took > time.Second {
+				t.Errorf("took %s, want under a second", took)
+			}
+		case <-time.After(time.Second):
+			t.Fatal("no drop shown within a second")
+		}
+		if code := <-done; code != 0 {
+			t.Errorf("monitor --count 1 exited %d", code)
+		}
+	})
+
+	// The map views need no agent; the agent's own commands say it is down with exit 3.
+	if err := n.StopAgent(); err != nil {
+		t.Fatal(err)
+	}
+	if svcs := ternctlJSON[[]ternctl.Service](t, ctx, n, "service", "list"); len(svcs) == 0 {
+		t.Error("service list is empty with the agent stopped")
+	}
+	if flows := ternctlJSON[[]ternctl.Flow](t, ctx, n, "bpf", "ct", "list", "--address", client.IP.String()); len(flows) == 0 {
+		t.Error("bpf ct list --address shows no flow of the client with the agent stopped")
+	}
+	for _, args := range [][]string{{"status"}, {"ipam", "show"}, {"bpf", "ct", "list", "--pod", ns + "/client"}} {
+		var out, errb bytes.Buffer
+		if code := ternctlOn(ctx, n, &out, &errb, args...); code != ternctl.ExitAgentDown {
+			t.Errorf("ternctl %s with the agent stopped: exit %d (%s), want %d", strings.Join(args, " "), code, errb.String(), ternctl.ExitAgentDown)
+		}
+	}
+}
+
+// sendBadIPFrom sends, from the pod's eth0 through a packet socket, a UDP frame to dst whose
+// IPv4 total length is shorter than its header: tern_from_pod drops it as drop_bad_ip.
+func sendBadIPFrom(n *lab.Node, p *lab.Pod, hostVeth string, dst [4]byte) error {
+	var hostMAC net.HardwareAddr
+	if err := nsutil.Do(n.NS, func() error {
+		l, err := netlink.LinkByName(hostVeth)
+		if err == nil {
+			hostMAC = l.Attrs().HardwareAddr
+		}
+		return err
+	}); err != nil {
+		return fmt.Errorf("host veth %s: %w", hostVeth, err)
+	}
+	src := p.IP.As4()
+	return nsutil.Do(p.NS(), func() error {
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		var be [2]byte // the socket wants ETH_P_IP in network order
+		binary.BigEndian.PutUint16(be[:], unix.ETH_P_IP)
+		proto := binary.NativeEndian.Uint16(be[:])
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(proto))
+		if err != nil {
+			return fmt.Errorf("packet socket: %w", err)
+		}
+		defer unix.Close(fd)
+		frame := make([]byte, 14+20+8)
+		copy(frame[0:6], hostMAC)
+		copy(frame[6:12], eth0.Attrs().HardwareAddr)
+		binary.BigEndian.PutUint16(frame[12:], unix.ETH_P_IP)
+		ip := frame[14:]
+		ip[0] = 0x45
+		binary.BigEndian.PutUint16(ip[2:], 10)
+		ip[8], ip[9] = 64, unix.IPPROTO_UDP
+		copy(ip[12:16], src[:])
+		copy(ip[16:20], dst[:])
+		binary.BigEndian.PutUint16(ip[20:], 5555)
+		binary.BigEndian.PutUint16(ip[22:], 7777)
+		sa := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: eth0.Attrs().Index, Halen: 6}
+		copy(sa.Addr[:], hostMAC)
+		return unix.Sendto(fd, frame, 0, sa)
+	})
+}
