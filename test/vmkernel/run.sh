@@ -13,7 +13,7 @@
 #   TERN_VMKERNEL_PKG      kernel package or meta package (default linux-image-amd64, 6.1;
 #                          linux-image-6.12-amd64 boots a kernel with tcx)
 #   TERN_VMKERNEL_CACHE    cache directory (default /var/cache/tern/vmkernel)
-#   TERN_VMKERNEL_TIMEOUT  seconds before qemu is killed (default 480)
+#   TERN_VMKERNEL_TIMEOUT  seconds before qemu is killed (default 1200)
 #   TERN_VMKERNEL_MEM      guest memory in MiB (default 512)
 #   TERN_VMKERNEL_LOADER   go test flags for ./loader  (empty string: do not run)
 #   TERN_VMKERNEL_E2E      go test flags for ./test/e2e (empty string: do not run)
@@ -24,7 +24,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cache=${TERN_VMKERNEL_CACHE:-/var/cache/tern/vmkernel}
-timeout_s=${TERN_VMKERNEL_TIMEOUT:-480}
+timeout_s=${TERN_VMKERNEL_TIMEOUT:-1200}
 mem=${TERN_VMKERNEL_MEM:-512}
 GO=${GO:-go}
 # bpftool is not in the guest; everything else in ./loader runs there.
