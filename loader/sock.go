@@ -165,13 +165,25 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 	}
 	delete(spec.Programs, SockProgTernSockDestroyUdp)
 
-	// The LB maps and tern_metrics are the pod object's very maps (their sizes come from
-	// the agent's configuration); only tern_sock_revnat is the sock object's own.
-	repl := map[string]*ebpf.Map{
-		SockMapTernServices:  d.objs.TernServices,
-		SockMapTernBackends:  d.objs.TernBackends,
-		SockMapTernLbMembers: d.objs.TernLbMembers,
-		SockMapTernMetrics:   d.objs.TernMetrics,
+	// Every map the sock object shares with the pod object (the LB maps, tern_metrics, the
+	// event ring) is the pod object's very map (sizes from the agent's configuration); only
+	// tern_sock_revnat is the sock object's own.
+	repl := map[string]*ebpf.Map{}
+	for name, m := range map[string]*ebpf.Map{
+		SockMapTernServices: d.objs.TernServices, SockMapTernBackends: d.objs.TernBackends,
+		SockMapTernLbMembers: d.objs.TernLbMembers, SockMapTernMetrics: d.objs.TernMetrics,
+		PodMapTernLbSvcOpts: d.objs.TernLbSvcOpts, PodMapTernLbAffinity: d.objs.TernLbAffinity,
+		PodMapTernLbMaglev: d.objs.TernLbMaglev, PodMapTernEvents: d.objs.TernEvents,
+		PodMapTernEventLimit: d.objs.TernEventLimit,
+	} {
+		if _, ok := spec.Maps[name]; ok {
+			repl[name] = m
+		}
+	}
+	for name, ms := range spec.Maps {
+		if _, ok := repl[name]; !ok && ms.Pinning == ebpf.PinByName && name != SockMapTernSockRevnat {
+			return nil, fmt.Errorf("sock object declares pinned map %s, which LoadSock does not hand over from the pod object: add it", name)
+		}
 	}
 	for name, m := range repl {
 		spec.Maps[name].MaxEntries = m.MaxEntries()
@@ -205,7 +217,7 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 	repl[SockMapTernSockRevnat] = coll.Maps[SockMapTernSockRevnat]
 	dcoll, err := ebpf.NewCollectionWithOptions(destroySpec, ebpf.CollectionOptions{MapReplacements: repl})
 	if err != nil {
-		st.DestroyUnsupported = fmt.Sprintf("bpf_sock_destroy in a UDP socket iterator needs Linux 6.5: %v", err)
+		st.DestroyUnsupported = fmt.Sprintf("the UDP socket iterator with bpf_sock_destroy (Linux 6.5+) did not load: %v", err)
 	} else {
 		s.destroy = dcoll.Programs[SockProgTernSockDestroyUdp]
 		delete(dcoll.Programs, SockProgTernSockDestroyUdp)

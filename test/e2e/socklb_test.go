@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/internal/sockclient"
@@ -306,7 +307,11 @@ func TestSocketLB(t *testing.T) {
 		})
 		if !st.UDPDestroy {
 			// The documented fallback (Linux < 6.5): nothing is destroyed, and the socket
-			// keeps its removed backend until the application reconnects.
+			// keeps its removed backend until the application reconnects. On a kernel that
+			// has bpf_sock_destroy, a failed load of the iterator is a bug, not the fallback.
+			if kernelAtLeast(t, 6, 5) {
+				t.Fatalf("kernel has bpf_sock_destroy (6.5+) but the UDP destroy iterator did not load: %s", st.DestroyUnsupported)
+			}
 			if !errors.Is(err, ebpf.ErrNotSupported) {
 				t.Fatalf("without bpf_sock_destroy: %v, want ErrNotSupported", err)
 			}
@@ -416,4 +421,18 @@ func loadPinnedLinkInfo(pin string) (linkProg, error) {
 func TestMain(m *testing.M) {
 	sockclient.MaybeRun()
 	os.Exit(m.Run())
+}
+
+// kernelAtLeast tells whether the running kernel is major.minor or newer.
+func kernelAtLeast(t *testing.T, major, minor int) bool {
+	t.Helper()
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatalf("uname: %v", err)
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d", &ma, &mi); err != nil {
+		t.Fatalf("parse kernel release %q: %v", unix.ByteSliceToString(uts.Release[:]), err)
+	}
+	return ma > major || (ma == major && mi >= minor)
 }
