@@ -44,6 +44,9 @@ type AgentStatus struct {
 	// Readyz is whether /readyz (the kubelet's readiness probe) answers 200.
 	Readyz     bool                     `json:"readyz"`
 	Components []api.ComponentReadiness `json:"components"`
+	// BandwidthMode is how the node enforces pod egress limits: "edt" (fq present) or
+	// "policer" (issue 10: the mode is probed at agent start).
+	BandwidthMode string `json:"bandwidthMode,omitempty"`
 }
 
 // DatapathStatus is the pinned maps and how full they are.
@@ -120,6 +123,7 @@ func (e *env) status(ctx context.Context) Status {
 		if s, err := c.State(ctx); err == nil {
 			v := ipamView(s)
 			st.IPAM = &v
+			st.Agent.BandwidthMode = s.BandwidthMode
 		}
 	}
 	st.Datapath = e.datapathStatus()
@@ -290,6 +294,9 @@ func statusTable(st Status) *table {
 	} else {
 		t.add("agent", "cni status", map[bool]string{true: "ready", false: "not ready"}[st.Agent.Ready], orDash(st.Agent.Message))
 		t.add("agent", "/readyz", map[bool]string{true: "200", false: "503"}[st.Agent.Readyz], "-")
+		if st.Agent.BandwidthMode != "" {
+			t.add("agent", "bandwidth", st.Agent.BandwidthMode, "pod egress limits: edt (fq pacing) or policer (token bucket)")
+		}
 		for _, c := range st.Agent.Components {
 			t.add("component", c.Name, map[bool]string{true: "ready", false: "not ready"}[c.Ready], orDash(c.Reason))
 		}

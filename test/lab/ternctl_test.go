@@ -113,6 +113,9 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 
 	t.Run("status", func(t *testing.T) {
 		st := ternctlJSON[ternctl.Status](t, ctx, n, "status")
+		if m := st.Agent.BandwidthMode; m != "edt" && m != "policer" {
+			t.Errorf("bandwidth mode %q, want edt or policer", m)
+		}
 		if !st.Agent.Reachable || !st.Agent.Ready || !st.Agent.Readyz || len(st.Agent.Components) == 0 {
 			t.Errorf("agent: %+v", st.Agent)
 		}
