@@ -22,6 +22,7 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/lbmap"
+	"github.com/tern-net/tern/test/bench/progrun"
 )
 
 const (
@@ -306,7 +307,7 @@ func (s *subject) open(ctx context.Context) error {
 			return ctx.Err()
 		}
 		syn := tcpFrame(f.client, f.port, vipOf(f.svc), vipPort, packet.SYN).Build()
-		v, o, _, err := testRun(s.from, syn, out)
+		v, o, _, err := progrun.Run(s.from, syn, out)
 		if err != nil {
 			return err
 		}
@@ -318,7 +319,7 @@ func (s *subject) open(ctx context.Context) error {
 		}
 		wirePort := portAt(o, offSport)
 		synack := tcpFrame(be, backendPort, f.client, wirePort, packet.SYN|packet.ACK).Build()
-		v, o, _, err = testRun(s.to, synack, out)
+		v, o, _, err = progrun.Run(s.to, synack, out)
 		if err != nil {
 			return err
 		}
@@ -330,7 +331,7 @@ func (s *subject) open(ctx context.Context) error {
 	}
 	for i := 0; i < s.tr.nsFwd.n; i++ {
 		in := s.tr.nsFwd.at(i)
-		v, o, _, err := testRun(s.from, in, out)
+		v, o, _, err := progrun.Run(s.from, in, out)
 		if err != nil {
 			return err
 		}
@@ -440,7 +441,7 @@ func (sc *scenario) pass(ctx context.Context, round int, out []byte) (float64, e
 			return 0, ctx.Err()
 		}
 		in := fr.at(i)
-		v, o, ns, err := testRun(sc.prog, in, out)
+		v, o, ns, err := progrun.Run(sc.prog, in, out)
 		if err != nil {
 			return 0, fmt.Errorf("%s: %w", sc, err)
 		}

@@ -12,6 +12,7 @@ import (
 	"github.com/tern-net/tern/internal/packet"
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/test/bench/progrun"
 )
 
 // v1CTValue is v1's struct ct_value (loader/testdata/v1, commit 4a213e3).
@@ -72,7 +73,7 @@ func TestHarnessMeasuresWhatItClaims(t *testing.T) {
 	out := make([]byte, 256)
 	for _, s := range b.subjects {
 		for i, f := range s.tr.est {
-			v, o, _, err := testRun(s.to, s.replies.at(i), out)
+			v, o, _, err := progrun.Run(s.to, s.replies.at(i), out)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -82,7 +83,7 @@ func TestHarnessMeasuresWhatItClaims(t *testing.T) {
 				t.Fatalf("%s: reply %s came out as verdict %d, %s (%v); want %s:%d -> %s:%d with valid checksums",
 					s, describe(s.replies.at(i)), v, describe(o), err, vipOf(f.svc), vipPort, f.client, f.port)
 			}
-			v, o, _, err = testRun(s.from, s.tr.estFwd.at(i), out)
+			v, o, _, err = progrun.Run(s.from, s.tr.estFwd.at(i), out)
 			if err != nil {
 				t.Fatal(err)
 			}

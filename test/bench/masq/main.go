@@ -27,6 +27,7 @@ import (
 
 	"github.com/tern-net/tern/internal/packet"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/test/bench/progrun"
 )
 
 var (
@@ -81,7 +82,7 @@ type pass struct {
 func (ps *pass) run(out []byte) error {
 	var sum float64
 	for i, f := range ps.frames {
-		v, o, ns, err := testRun(ps.prog, f, out)
+		v, o, ns, err := progrun.Run(ps.prog, f, out)
 		if err != nil {
 			return err
 		}
@@ -164,10 +165,10 @@ func run(p params) error {
 	plain := make([][]byte, p.flows)
 	for i := range p.flows {
 		pod, sport, dst := podAddr(i), uint16(32768+rng.IntN(28000)), remote(i)
-		if _, _, _, err := testRun(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.SYN), out); err != nil {
+		if _, _, _, err := progrun.Run(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.SYN), out); err != nil {
 			return err
 		}
-		_, o, _, err := testRun(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.ACK), out)
+		_, o, _, err := progrun.Run(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.ACK), out)
 		if err != nil {
 			return err
 		}
@@ -275,7 +276,7 @@ func allocation(d *loader.Datapath, p params, out []byte) error {
 		var ns float64
 		for i := range p.allocs {
 			pod, sport := podAddr(i), uint16(1024+rng.IntN(64511))
-			v, o, t, err := testRun(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.SYN), out)
+			v, o, t, err := progrun.Run(d.ToNetdev(), tcpFrame(pod, sport, dst, 443, packet.SYN), out)
 			if err != nil {
 				return err
 			}

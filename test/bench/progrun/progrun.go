@@ -1,4 +1,6 @@
-package main
+// Package progrun runs a BPF program once with BPF_PROG_TEST_RUN for the benchmarks, returning
+// both the output frame and the kernel's own duration of the run.
+package progrun
 
 import (
 	"fmt"
@@ -29,11 +31,11 @@ type testRunAttr struct {
 	_           uint32
 }
 
-// testRun runs prog once on a fresh skb holding in, and returns the verdict, the packet as
+// Run runs prog once on a fresh skb holding in, and returns the verdict, the packet as
 // the program left it (in out's storage) and the kernel's own duration of the run in ns.
 // cilium/ebpf gives either the output (Run) or the duration (Benchmark), not both, and a
 // benchmark must check what every measured run did.
-func testRun(prog *ebpf.Program, in, out []byte) (verdict uint32, result []byte, ns uint32, err error) {
+func Run(prog *ebpf.Program, in, out []byte) (verdict uint32, result []byte, ns uint32, err error) {
 	attr := testRunAttr{
 		progFD:      uint32(prog.FD()),
 		dataSizeIn:  uint32(len(in)),
