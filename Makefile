@@ -116,7 +116,7 @@ bench-convergence: setup k8s-bins
 # Per-packet cost of the pod programs, v1 vs v2 side by side, over a working set far larger
 # than the last-level cache (root, ~3 min, ~1 GB RSS, ~1.8 GB of BPF maps).
 bench-datapath:
-	$(GO) run ./test/bench/datapath -services 1,1000,100000 -fanout 50 -v1-fanout 8 -flows 250000 -non-service 250000 -new 50000 -rounds 5 -png docs/img/datapath.png
+	$(GO) run ./test/bench/datapath -services 1,1000,100000 -fanout 50 -v1-fanout 8 -flows 250000 -non-service 250000 -new 50000 -rounds 5 -setups 3 -png docs/img/datapath.png
 
 clean:
 	rm -rf $(BIN)
