@@ -301,9 +301,19 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 		SecurityGroups: []string{SecurityGroup},
 		InstanceTypes:  base.InstanceTypes,
 		AccessKeys:     base.AccessKeys,
+		// The lab keeps every transition short but asynchronous (realistic timing is the
+		// benchmark's, test/bench/cni -timing realistic).
+		Timing: ecsemu.TimingFast,
 		Delays: ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
-			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata},
+			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata,
+			Route: ecsemu.Duration(50 * time.Millisecond), RouteDelete: ecsemu.Duration(20 * time.Millisecond)},
 		ListingLag: l.opts.ListingLag,
+	}
+	if d := l.opts.Delays; d.Route != 0 {
+		cfg.Delays.Route = d.Route
+	}
+	if d := l.opts.Delays; d.RouteDelete != 0 {
+		cfg.Delays.RouteDelete = d.RouteDelete
 	}
 	if d := l.opts.Delays; d.Attach != 0 {
 		cfg.Delays.Attach = d.Attach
