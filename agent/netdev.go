@@ -25,7 +25,7 @@ import (
 // whose link is in the node namespace, and clears the pins of interfaces that are gone. A
 // failure is logged, not fatal: today the programs only count, and the next pod attach or
 // agent start tries again.
-func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
+func (a *Agent) attachNetdevs(dp *loader.Datapath, pool ipam.Allocator) {
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
 	a.sweepNetdevPinsLocked(dp)

@@ -1,6 +1,7 @@
 package ecsemu
 
 import (
+	"fmt"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -460,4 +461,24 @@ func (e *Emulator) stopRoutesLocked() []string {
 		}
 	}
 	return errs
+}
+
+// DeleteRouteEntryNow removes a custom entry at once, route included, as if someone deleted it
+// in the console and the deletion had finished: tests use it to take a node's route away
+// without going through the API (and its injected faults).
+func (e *Emulator) DeleteRouteEntryNow(id string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, r := range e.rt.entries {
+		if r.id == id {
+			if r.timer != nil {
+				r.timer.Stop()
+				r.timer = nil
+			}
+			r.gen++
+			e.finishRouteDeleteLocked(r)
+			return nil
+		}
+	}
+	return fmt.Errorf("route entry %s does not exist", id)
 }
