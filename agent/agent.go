@@ -58,7 +58,7 @@ type Agent struct {
 	endpoints  *endpoint.Registry
 	pool       ipam.Allocator
 	routes     aliyun.RouteCloud // the VPC route API in route mode, else nil
-	sock       *sockLB // socket-level LB; nil when off or unsupported (socklb.go)
+	sock       *sockLB           // socket-level LB; nil when off or unsupported (socklb.go)
 
 	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
 	readiness  *readiness.Registry
