@@ -117,6 +117,11 @@ type Options struct {
 	// fresh node joining a cluster that already has Services, say) and then starts them with
 	// Node.StartAgent or Node.LaunchAgent.
 	DeferAgents bool
+	// Timing is the emulator's: "" or ecsemu.TimingFast (the lab's short but asynchronous
+	// delays), or ecsemu.TimingRealistic (ecsemu.RealisticTiming for every delay, lag and the
+	// latency that Delays, ListingLag and Latency leave zero; the agents then poll the cloud
+	// at the client's default interval instead of the lab's 10 ms). The benchmark uses it.
+	Timing string
 	// DaemonMode is every agent's daemonMode: "" (ENIIP) or agent.ModeVPC (route mode:
 	// node i owns RoutePodCIDR(i), on its Node's spec.podCIDR with Kubernetes — the lab
 	// plays kube-controller-manager's node IPAM — or in its config without).
@@ -278,7 +283,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 			return nil, err
 		}
 	}
-	l.emu.SetLatency(o.Latency)
+	if o.Timing != ecsemu.TimingRealistic || o.Latency != 0 {
+		l.emu.SetLatency(o.Latency)
+	}
 	for _, f := range o.Faults {
 		l.emu.InjectFault(f)
 	}
@@ -314,6 +321,11 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 			Route: ecsemu.Duration(50 * time.Millisecond), RouteDelete: ecsemu.Duration(20 * time.Millisecond)},
 		ListingLag: l.opts.ListingLag,
 	}
+	if l.opts.Timing == ecsemu.TimingRealistic {
+		cfg.Timing = ecsemu.TimingRealistic
+		cfg.Delays = l.opts.Delays // zero fields take RealisticTiming's
+		return l.addInstances(cfg)
+	}
 	if d := l.opts.Delays; d.Route != 0 {
 		cfg.Delays.Route = d.Route
 	}
@@ -329,6 +341,10 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 	if d := l.opts.Delays; d.Delete != 0 {
 		cfg.Delays.Delete = d.Delete
 	}
+	return l.addInstances(cfg)
+}
+
+func (l *Lab) addInstances(cfg *ecsemu.Config) *ecsemu.Config {
 	for i := range l.opts.Nodes {
 		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, nodePrimaryIP(i))
 	}
@@ -617,6 +633,9 @@ func (n *Node) agentConfig() agent.Config {
 		MetricsAddr:      n.metricsAddr(),
 		CNIConfDir:       n.AgentConfDir(),
 		SocketLB:         agent.SocketLBConfig{Enabled: n.lab.cgroup != "", Cgroup: n.Cgroup()},
+	}
+	if n.lab.opts.Timing == ecsemu.TimingRealistic {
+		c.Cloud.PollInterval = 0 // the client's default (500 ms), not a 10 ms poll of a seconds-long attach
 	}
 	if n.lab.RouteMode() {
 		c.DaemonMode = agent.ModeVPC
