@@ -35,6 +35,9 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool ipam.Allocator) {
 		a.attachNetdevLocked(dp, idx, "primary NIC")
 	}
 	for _, e := range pool.Status().ENIs {
+		if e.NodePrimary {
+			continue // the primary NIC, attached above (VPC route mode lists it as its ENI)
+		}
 		idx, err := linkByMAC(e.MAC)
 		if err != nil {
 			// Not in the guest yet: the first pod on it attaches the programs.
@@ -72,7 +75,7 @@ func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
 		return
 	}
 	for _, e := range pool.Status().ENIs {
-		if !containsAddr(e.IPs, podIP) {
+		if !containsAddr(e.IPs, podIP) || e.NodePrimary {
 			continue
 		}
 		idx, err := linkByMAC(e.MAC)
