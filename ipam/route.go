@@ -191,6 +191,7 @@ func (p *RoutePool) Start(ctx context.Context) error {
 		if other, dup := p.byIP[a.IP]; dup {
 			// Cannot happen with this code (one transaction per allocation, checked under
 			// the lock), but a store edited by hand must not make two pods share an address.
+			p.mu.Unlock()
 			return fmt.Errorf("route mode: the store gives %s to both %s and %s; move the store aside", a.IP, other, k.key())
 		}
 		p.allocs[k.key()] = &routeAlloc{key: k, ip: a.IP}
