@@ -56,8 +56,9 @@ type Agent struct {
 	components []Component
 	dp         *loader.Datapath
 	endpoints  *endpoint.Registry
-	pool       *ipam.Pool
-	sock       *sockLB // socket-level LB; nil when off or unsupported (socklb.go)
+	pool       ipam.Allocator
+	routes     aliyun.RouteCloud // the VPC route API in route mode, else nil
+	sock       *sockLB           // socket-level LB; nil when off or unsupported (socklb.go)
 
 	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
 	readiness  *readiness.Registry
@@ -130,8 +131,9 @@ func (a *Agent) Datapath() *loader.Datapath {
 	return a.dp
 }
 
-// Pool is the IPAM pool, nil until Run has started it.
-func (a *Agent) Pool() *ipam.Pool {
+// Pool is the address source (the ENIIP pool, or the route mode's pod CIDR), nil until Run
+// has started it.
+func (a *Agent) Pool() ipam.Allocator {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.pool
@@ -271,11 +273,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	cleanups = append(cleanups, func() { _ = st.Close() })
 
-	pool, err := ipam.New(ipam.Options{
-		Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
-		ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
-		MaintainInterval: time.Duration(a.cfg.MaintainInterval),
-	})
+	pool, err := a.newAllocator(ctx, cloud, st, eniCfg)
 	if err != nil {
 		return err
 	}
@@ -328,7 +326,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // startPool starts the pool, retrying with backoff: the cloud may be throttling or briefly
 // unavailable, and a node agent that gives up leaves the node without pod networking.
-func (a *Agent) startPool(ctx context.Context, pool *ipam.Pool) error {
+func (a *Agent) startPool(ctx context.Context, pool ipam.Allocator) error {
 	delay := 200 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)

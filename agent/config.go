@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -154,6 +155,38 @@ type Config struct {
 	DisableNetworkPolicy *TerwayBool `json:"disable_network_policy,omitempty"`
 	// Masquerade is eBPF source NAT of pod traffic leaving the VPC (agent/masquerade.go).
 	Masquerade MasqueradeConfig `json:"masquerade,omitempty"`
+	// DaemonMode is how pods get addresses, in Terway's spelling (its --daemon-mode):
+	// "ENIMultiIP" (the default: secondary addresses of ENIs) or "VPC" (the node's pod CIDR,
+	// routed to the node by a VPC route entry; docs/ipam.md "VPC route mode"). Case does not
+	// matter; "eniip" and "vpc-route" are accepted too. Terway's "ENIOnly" is not built.
+	DaemonMode string `json:"daemonMode,omitempty"`
+	// PodCIDR is the node's pod CIDR in VPC mode when there is no kubeconfig; with one the
+	// agent reads the Node's spec.podCIDR and this, if set, must agree.
+	PodCIDR string `json:"podCIDR,omitempty"`
+	// RouteTableID is the VPC route table of the VPC mode's entries; empty: the VPC's system
+	// route table.
+	RouteTableID string `json:"routeTableID,omitempty"`
+	// RouteCheckInterval is how often VPC mode checks its route entry (and, on the node that
+	// cleans up, the entries of departed Nodes); default 1m, jittered.
+	RouteCheckInterval Duration `json:"routeCheckInterval,omitempty"`
+}
+
+// Daemon modes, in Terway's spelling.
+const (
+	ModeENIMultiIP = "ENIMultiIP"
+	ModeVPC        = "VPC"
+)
+
+// Mode is the configured daemon mode, normalised to ModeENIMultiIP or ModeVPC; ok is false
+// for a value the agent does not know.
+func (c Config) Mode() (mode string, ok bool) {
+	switch strings.ToLower(c.DaemonMode) {
+	case "", "enimultiip", "eniip":
+		return ModeENIMultiIP, true
+	case "vpc", "vpc-route", "route":
+		return ModeVPC, true
+	}
+	return "", false
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -240,6 +273,21 @@ func (c Config) Validate() error {
 		if err := service.ValidMaglevSize(c.MaglevTableSize); err != nil {
 			errs = append(errs, fmt.Errorf("maglevTableSize: %w", err))
 		}
+	}
+	if _, ok := c.Mode(); !ok {
+		errs = append(errs, fmt.Errorf("daemonMode %q is not %q or %q (Terway's ENIOnly is not built): leave it out for %s",
+			c.DaemonMode, ModeENIMultiIP, ModeVPC, ModeENIMultiIP))
+	}
+	if m, _ := c.Mode(); m == ModeVPC && c.PodCIDR == "" && c.Kubeconfig == "" {
+		errs = append(errs, errors.New("daemonMode VPC needs the node's pod CIDR: set kubeconfig (the Node's spec.podCIDR is read) or podCIDR"))
+	}
+	if c.PodCIDR != "" {
+		if p, err := netip.ParsePrefix(c.PodCIDR); err != nil || !p.Addr().Is4() || p.Masked() != p {
+			errs = append(errs, fmt.Errorf("podCIDR %q is not a canonical IPv4 CIDR such as 10.244.1.0/24", c.PodCIDR))
+		}
+	}
+	if c.RouteCheckInterval < 0 {
+		errs = append(errs, fmt.Errorf("routeCheckInterval %s is negative", time.Duration(c.RouteCheckInterval)))
 	}
 	errs = append(errs, c.validatePolicy()...)
 	errs = append(errs, c.Masquerade.validate()...)

@@ -25,7 +25,7 @@ import (
 // whose link is in the node namespace, and clears the pins of interfaces that are gone. A
 // failure is logged, not fatal: today the programs only count, and the next pod attach or
 // agent start tries again.
-func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
+func (a *Agent) attachNetdevs(dp *loader.Datapath, pool ipam.Allocator) {
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
 	a.sweepNetdevPinsLocked(dp)
@@ -35,6 +35,9 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
 		a.attachNetdevLocked(dp, idx, "primary NIC")
 	}
 	for _, e := range pool.Status().ENIs {
+		if e.NodePrimary {
+			continue // the primary NIC, attached above (VPC route mode lists it as its ENI)
+		}
 		idx, err := linkByMAC(e.MAC)
 		if err != nil {
 			// Not in the guest yet: the first pod on it attaches the programs.
@@ -72,7 +75,7 @@ func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
 		return
 	}
 	for _, e := range pool.Status().ENIs {
-		if !containsAddr(e.IPs, podIP) {
+		if !containsAddr(e.IPs, podIP) || e.NodePrimary {
 			continue
 		}
 		idx, err := linkByMAC(e.MAC)

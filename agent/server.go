@@ -105,7 +105,7 @@ func decode(r *http.Request, v any) *api.Error {
 }
 
 // poolOrRetry returns the pool, or a try-again error while the agent is still starting.
-func (a *Agent) poolOrRetry() (*ipam.Pool, *api.Error) {
+func (a *Agent) poolOrRetry() (ipam.Allocator, *api.Error) {
 	p := a.Pool()
 	if p == nil || !a.ready.Load() {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the IP pool is not ready yet; try again"}
@@ -135,13 +135,13 @@ func errorFor(err error) *api.Error {
 func toAPI(al ipam.Allocation) api.Allocation {
 	return api.Allocation{IP: al.IP.String(), ENI: api.ENI{
 		ID: al.ENI.ID, MAC: al.ENI.MAC, PrimaryIP: al.ENI.PrimaryIP.String(), Gateway: al.ENI.Gateway.String(),
-		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(),
+		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(), NodePrimary: al.ENI.NodePrimary,
 	}}
 }
 
 // podAndPool validates a request's pod and returns the pool to serve it ("try again" while
 // the pool is starting).
-func (a *Agent) podAndPool(ref api.PodRef) (ipam.PodKey, *ipam.Pool, *api.Error) {
+func (a *Agent) podAndPool(ref api.PodRef) (ipam.PodKey, ipam.Allocator, *api.Error) {
 	key, e := podKey(ref)
 	if e != nil {
 		return key, nil, e
@@ -194,7 +194,7 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 // podOrSandbox resolves a lookup or release: a full pod reference, or — for a DEL whose
 // runtime sent no K8S_POD_* arguments — a container ID alone, matched against the
 // allocations. ok is false when a bare container ID holds nothing.
-func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool *ipam.Pool, ok bool, e *api.Error) {
+func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool ipam.Allocator, ok bool, e *api.Error) {
 	if ref.Namespace != "" || ref.Name != "" {
 		key, pool, e = a.podAndPool(ref)
 		return key, pool, e == nil, e

@@ -69,6 +69,9 @@ type ENI struct {
 	Gateway     string `json:"gateway"`
 	VSwitchID   string `json:"vSwitchID"`
 	VSwitchCIDR string `json:"vSwitchCIDR"`
+	// NodePrimary: the ENI is the instance's primary NIC (VPC route mode), the node's own
+	// interface; the CNI routes pods through it but leaves its addresses alone.
+	NodePrimary bool `json:"nodePrimary,omitempty"`
 }
 
 // Allocation is a pod address with its ENI.

@@ -140,6 +140,9 @@ func (c *Component) Start(ctx context.Context) error {
 		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.gcLoop(ctx) }()
 	}
+	if rp, ok := c.a.Pool().(*ipam.RoutePool); ok && c.a.RouteCloud() != nil {
+		c.startRouteJanitor(ctx, rp)
+	}
 	return nil
 }
 

@@ -40,6 +40,7 @@ func run(ctx context.Context, args []string) error {
 	socket := fs.String("socket", "", "override socketPath")
 	kubeconfig := fs.String("kubeconfig", "", "override kubeconfig (none: IPAM-only)")
 	metricsAddr := fs.String("metrics-addr", "", "override metricsAddr, e.g. $(HOST_IP):9464 to serve /metrics, /healthz and /readyz on the node's internal address only")
+	daemonMode := fs.String("daemon-mode", "", "override daemonMode: ENIMultiIP or VPC (Terway's --daemon-mode flag, same spelling)")
 	debug := fs.Bool("debug", false, "log at debug level")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -53,7 +54,7 @@ func run(ctx context.Context, args []string) error {
 		cfg = c
 	}
 	for dst, v := range map[*string]string{&cfg.NodeName: *nodeName, &cfg.InstanceID: *instanceID,
-		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig, &cfg.MetricsAddr: *metricsAddr} {
+		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig, &cfg.MetricsAddr: *metricsAddr, &cfg.DaemonMode: *daemonMode} {
 		if v != "" {
 			*dst = v
 		}

@@ -221,7 +221,7 @@ func parseAllocation(al api.Allocation) (netip.Addr, datapath.ENI, error) {
 		return ip, datapath.ENI{}, fmt.Errorf("agent returned a bad gateway %q for ENI %s: %w", al.ENI.Gateway, al.ENI.ID, err)
 	}
 	primary, _ := netip.ParseAddr(al.ENI.PrimaryIP)
-	return ip, datapath.ENI{MAC: mac, PrimaryIP: primary, Gateway: gw}, nil
+	return ip, datapath.ENI{MAC: mac, PrimaryIP: primary, Gateway: gw, NodePrimary: al.ENI.NodePrimary}, nil
 }
 
 // cmdDel tears the sandbox's networking down. It needs neither the pod's namespace (the host

@@ -76,6 +76,10 @@ func DefaultRateLimits() map[string]RateLimit {
 		actAssignIPs:             {PerSecond: 10, Burst: 20},
 		actUnassignIPs:           {PerSecond: 10, Burst: 20},
 		actDescribeVSwitches:     {PerSecond: 5, Burst: 10},
+		actCreateRoute:           {PerSecond: 2, Burst: 4},
+		actDeleteRoute:           {PerSecond: 2, Burst: 4},
+		actDescribeRouteEntries:  {PerSecond: 10, Burst: 20},
+		actDescribeRouteTables:   {PerSecond: 2, Burst: 4},
 	}
 }
 
@@ -91,6 +95,10 @@ const (
 	actAssignIPs             = "AssignPrivateIpAddresses"
 	actUnassignIPs           = "UnassignPrivateIpAddresses"
 	actDescribeVSwitches     = "DescribeVSwitches"
+	actCreateRoute           = "CreateRouteEntry"
+	actDeleteRoute           = "DeleteRouteEntry"
+	actDescribeRouteEntries  = "DescribeRouteEntryList"
+	actDescribeRouteTables   = "DescribeRouteTableList"
 )
 
 // Client implements Cloud over the Alibaba Cloud Go SDK.

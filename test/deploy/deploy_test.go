@@ -287,7 +287,7 @@ var wantRules = []rbacv1.PolicyRule{
 	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                              // agent/kube pod informer (spec.nodeName)
 	{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},                        // agent/kube NetworkPolicy reconciler
 	{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},  // agent/kube NetworkPolicy reconciler
-	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch"}},                              // ipam/nodereport
+	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch", "list", "watch"}},             // ipam/nodereport; agent/kube route janitor (VPC mode)
 	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                             // ipam/nodereport condition
 	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                          // client-go recorder, core/v1 sink
 	{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},        // agent/metricsauth (metricsAuth "kubernetes")

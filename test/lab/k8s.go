@@ -61,8 +61,17 @@ func (l *Lab) startKubernetes(ctx context.Context) error {
 	}
 	l.kube = &kubeParts{cp: cp, client: client, namespaces: map[string]bool{}}
 	for _, n := range l.nodes {
-		if _, err := kubeletsim.EnsureNode(ctx, client, n.Name, n.PrimaryIP); err != nil {
+		node, err := kubeletsim.EnsureNode(ctx, client, n.Name, n.PrimaryIP)
+		if err != nil {
 			return fmt.Errorf("lab: register Node %s: %w", n.Name, err)
+		}
+		if l.RouteMode() && node.Spec.PodCIDR == "" {
+			// What kube-controller-manager's node IPAM (--allocate-node-cidrs) does.
+			cidr := RoutePodCIDR(n.Index).String()
+			node.Spec.PodCIDR, node.Spec.PodCIDRs = cidr, []string{cidr}
+			if _, err := client.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+				return fmt.Errorf("lab: give Node %s the pod CIDR %s: %w", n.Name, cidr, err)
+			}
 		}
 	}
 	return nil

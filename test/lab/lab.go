@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -116,6 +117,15 @@ type Options struct {
 	// fresh node joining a cluster that already has Services, say) and then starts them with
 	// Node.StartAgent or Node.LaunchAgent.
 	DeferAgents bool
+	// Timing is the emulator's: "" or ecsemu.TimingFast (the lab's short but asynchronous
+	// delays), or ecsemu.TimingRealistic (ecsemu.RealisticTiming for every delay, lag and the
+	// latency that Delays, ListingLag and Latency leave zero; the agents then poll the cloud
+	// at the client's default interval instead of the lab's 10 ms). The benchmark uses it.
+	Timing string
+	// DaemonMode is every agent's daemonMode: "" (ENIIP) or agent.ModeVPC (route mode:
+	// node i owns RoutePodCIDR(i), on its Node's spec.podCIDR with Kubernetes — the lab
+	// plays kube-controller-manager's node IPAM — or in its config without).
+	DaemonMode string
 	// SocketLB turns socket-level load balancing on in every agent, each attached to a cgroup
 	// of its node's own, <cgroup v2 root>/tern-lab-<random>/<node name> (Node.Cgroup), never
 	// to a cgroup the lab did not create. A process started there (internal/sockclient) in
@@ -273,7 +283,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 			return nil, err
 		}
 	}
-	l.emu.SetLatency(o.Latency)
+	if o.Timing != ecsemu.TimingRealistic || o.Latency != 0 {
+		l.emu.SetLatency(o.Latency)
+	}
 	for _, f := range o.Faults {
 		l.emu.InjectFault(f)
 	}
@@ -301,9 +313,24 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 		SecurityGroups: []string{SecurityGroup},
 		InstanceTypes:  base.InstanceTypes,
 		AccessKeys:     base.AccessKeys,
+		// The lab keeps every transition short but asynchronous (realistic timing is the
+		// benchmark's, test/bench/cni -timing realistic).
+		Timing: ecsemu.TimingFast,
 		Delays: ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
-			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata},
+			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata,
+			Route: ecsemu.Duration(50 * time.Millisecond), RouteDelete: ecsemu.Duration(20 * time.Millisecond)},
 		ListingLag: l.opts.ListingLag,
+	}
+	if l.opts.Timing == ecsemu.TimingRealistic {
+		cfg.Timing = ecsemu.TimingRealistic
+		cfg.Delays = l.opts.Delays // zero fields take RealisticTiming's
+		return l.addInstances(cfg)
+	}
+	if d := l.opts.Delays; d.Route != 0 {
+		cfg.Delays.Route = d.Route
+	}
+	if d := l.opts.Delays; d.RouteDelete != 0 {
+		cfg.Delays.RouteDelete = d.RouteDelete
 	}
 	if d := l.opts.Delays; d.Attach != 0 {
 		cfg.Delays.Attach = d.Attach
@@ -314,6 +341,10 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 	if d := l.opts.Delays; d.Delete != 0 {
 		cfg.Delays.Delete = d.Delete
 	}
+	return l.addInstances(cfg)
+}
+
+func (l *Lab) addInstances(cfg *ecsemu.Config) *ecsemu.Config {
 	for i := range l.opts.Nodes {
 		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, nodePrimaryIP(i))
 	}
@@ -325,6 +356,15 @@ func (l *Lab) Emulator() *ecsemu.Emulator { return l.emu }
 
 // EmulatorAddr is the emulator's host:port on the root namespace's (and every node's) loopback.
 func (l *Lab) EmulatorAddr() string { return l.emuAddr }
+
+// RoutePodCIDR is node i's pod CIDR in the VPC route mode: inside the VPC, outside every
+// vSwitch (the cloud refuses a route that overlaps one).
+func RoutePodCIDR(i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, byte(128 + i), 0}), 24)
+}
+
+// RouteMode reports whether the lab's agents run the VPC route mode.
+func (l *Lab) RouteMode() bool { return l.opts.DaemonMode == agent.ModeVPC }
 
 // nodePrimaryIP is the address of node i's primary ENI on NodeVSwitch.
 func nodePrimaryIP(i int) string { return fmt.Sprintf("192.168.0.%d", 10+i) }
@@ -456,6 +496,9 @@ func (l *Lab) Down() error {
 // (its primary included, which serves a pod too); the agent knows no ENI the cloud lacks; no tern ENI is left detached; no
 // address is allocated twice across the lab. It returns every difference found.
 func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
+	if l.RouteMode() {
+		return l.checkRoutesMatchAgents(ctx)
+	}
 	s := l.emu.Snapshot()
 	var errs []error
 	seen := map[string]string{}
@@ -511,6 +554,54 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// checkRoutesMatchAgents is CheckCloudMatchesAgents for the VPC route mode: the route table
+// holds exactly one Available entry per node, its pod CIDR to its instance; the cloud holds no
+// tern ENI; every allocation is inside its node's pod CIDR and no address is given twice.
+func (l *Lab) checkRoutesMatchAgents(ctx context.Context) error {
+	s := l.emu.Snapshot()
+	var errs []error
+	want := map[string]string{}
+	for _, n := range l.nodes {
+		want[RoutePodCIDR(n.Index).String()] = n.InstanceID
+	}
+	got := map[string]string{}
+	for _, r := range s.Routes {
+		if r.Status != ecsemu.RouteStatusAvailable || !r.Installed {
+			errs = append(errs, fmt.Errorf("route entry %s (%s → %s) is %s, installed %v", r.ID, r.Destination, r.NextHopID, r.Status, r.Installed))
+		}
+		if _, dup := got[r.Destination]; dup {
+			errs = append(errs, fmt.Errorf("two route entries for %s", r.Destination))
+		}
+		got[r.Destination] = r.NextHopID
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		errs = append(errs, fmt.Errorf("route table %v, want %v", got, want))
+	}
+	for _, e := range s.ENIs {
+		if e.Tags[ipam.TagCreator] == ipam.TagCreatorTern {
+			errs = append(errs, fmt.Errorf("cloud ENI %s was created in route mode", e.ID))
+		}
+	}
+	seen := map[string]string{}
+	for _, n := range l.nodes {
+		st, err := n.Client().State(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("state of %s's agent: %w", n.Name, err))
+			continue
+		}
+		for k, a := range st.Allocations {
+			if prev, dup := seen[a.IP]; dup {
+				errs = append(errs, fmt.Errorf("IP %s allocated twice: %s and %s/%s", a.IP, prev, n.Name, k))
+			}
+			seen[a.IP] = n.Name + "/" + k
+			if ip, err := netip.ParseAddr(a.IP); err != nil || !RoutePodCIDR(n.Index).Contains(ip) {
+				errs = append(errs, fmt.Errorf("%s/%s holds %s, outside the node's pod CIDR %s", n.Name, k, a.IP, RoutePodCIDR(n.Index)))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func writeJSON(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
@@ -526,7 +617,7 @@ func writeJSON(path string, v any) error {
 
 // agentConfig is what the lab writes for a node's agent.
 func (n *Node) agentConfig() agent.Config {
-	return agent.Config{
+	c := agent.Config{
 		NodeName: n.Name, InstanceID: n.InstanceID, ClusterID: ClusterID,
 		ENIConfigPath: n.eniConfPath(), ENIConfigPollInterval: agent.Duration(100 * time.Millisecond),
 		CloudEndpoint: n.lab.emuAddr,
@@ -543,4 +634,15 @@ func (n *Node) agentConfig() agent.Config {
 		CNIConfDir:       n.AgentConfDir(),
 		SocketLB:         agent.SocketLBConfig{Enabled: n.lab.cgroup != "", Cgroup: n.Cgroup()},
 	}
+	if n.lab.opts.Timing == ecsemu.TimingRealistic {
+		c.Cloud.PollInterval = 0 // the client's default (500 ms), not a 10 ms poll of a seconds-long attach
+	}
+	if n.lab.RouteMode() {
+		c.DaemonMode = agent.ModeVPC
+		c.RouteCheckInterval = agent.Duration(500 * time.Millisecond)
+		if c.Kubeconfig == "" {
+			c.PodCIDR = RoutePodCIDR(n.Index).String()
+		}
+	}
+	return c
 }
