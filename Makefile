@@ -48,6 +48,7 @@ vet:
 check-tidy:
 	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit" >&2; exit 1; }
 	@cd test/deploy/helm && $(GO) mod tidy -diff || { echo "test/deploy/helm/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
+	@cd test/bench/plot && $(GO) mod tidy -diff || { echo "test/bench/plot/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
 
 # Every tier: unit tests, BPF program tests (BPF_PROG_TEST_RUN), namespace end-to-end
 # tests, the cloud emulator and IPAM, and the Kubernetes end-to-end suite. Privileged tiers
@@ -57,6 +58,7 @@ test: setup check-generate check-tidy vet k8s-bins
 	$(MAKE) fuzz FUZZTIME=5s
 	$(MAKE) test-race
 	cd test/deploy/helm && TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 10m ./...
+	cd test/bench/plot && $(GO) vet ./... && $(GO) test -count=1 ./...
 	bash test/vmkernel/run.sh
 
 # The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so
@@ -114,7 +116,8 @@ bench-convergence: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/convergence -services 1000,10000 -changes 200 -modes iptables,nftables
 
 # Per-packet cost of the pod programs, v1 vs v2 side by side, over a working set far larger
-# than the last-level cache (root, ~3 min, ~1 GB RSS, ~1.8 GB of BPF maps).
+# than the last-level cache (root, ~3 min, ~1 GB RSS, ~1.8 GB of BPF maps). The PNG is drawn by
+# test/bench/plot, a module of its own that keeps the plotting library out of go.mod.
 bench-datapath:
 	$(GO) run ./test/bench/datapath -services 1,1000,100000 -fanout 50 -v1-fanout 8 -flows 250000 -non-service 250000 -new 50000 -rounds 5 -png docs/img/datapath.png
 
