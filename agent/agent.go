@@ -365,9 +365,19 @@ func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
 		}
 		region = r
 	}
+	var src credential.Source = credential.Static(cred)
+	if cred.Source == "file:"+eniCfg.CredentialPath {
+		// Terway's token file is rotated by the platform (a new STS key before the old one
+		// expires): every call re-checks it, so rotation needs no restart.
+		fs, err := credential.NewFileSource(eniCfg.CredentialPath, nil)
+		if err != nil {
+			return nil, err
+		}
+		src = fs
+	}
 	t := a.cfg.Cloud
 	opts := aliyun.Options{
-		RegionID: region, Credential: cred, Endpoint: a.cfg.CloudEndpoint,
+		RegionID: region, Credentials: src, Endpoint: a.cfg.CloudEndpoint,
 		CallTimeout: time.Duration(t.CallTimeout), PollInterval: time.Duration(t.PollInterval), WaitTimeout: time.Duration(t.WaitTimeout),
 		Logger: a.log.Named("cloud"),
 	}

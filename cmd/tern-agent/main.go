@@ -33,6 +33,9 @@ func main() {
 }
 
 func run(ctx context.Context, args []string) error {
+	if len(args) > 0 && args[0] == "install-cni" {
+		return installCNI(args[1:])
+	}
 	fs := flag.NewFlagSet("tern-agent", flag.ContinueOnError)
 	configPath := fs.String("config", "", "agent config file (JSON)")
 	nodeName := fs.String("node-name", "", "override nodeName")

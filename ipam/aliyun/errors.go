@@ -135,7 +135,7 @@ func classify(action string, err error) (*APIError, bool) {
 		strings.HasPrefix(code, "QuotaExceeded"):
 		ae.cause = ErrQuota
 	case code == "SignatureDoesNotMatch" || strings.HasPrefix(code, "InvalidAccessKeyId") ||
-		code == "InvalidSecurityToken.Expired" || code == "InvalidSecurityToken.Malformed":
+		strings.HasPrefix(code, "InvalidSecurityToken"):
 		ae.cause = ErrCredentials
 	case strings.HasPrefix(code, "Forbidden") || code == "NoPermission":
 		ae.cause = ErrForbidden

@@ -85,10 +85,13 @@ type InstanceConfig struct {
 	NetNSPath      string   `json:"netnsPath,omitempty"`
 }
 
-// AccessKey is one accepted AccessKeyId/secret pair.
+// AccessKey is one accepted AccessKeyId/secret pair. With SecurityToken set the key is an
+// STS key: a call must carry that exact SecurityToken (InvalidSecurityToken.Mismatch
+// otherwise), as Alibaba Cloud refuses an STS key presented without its token.
 type AccessKey struct {
-	ID     string `json:"id"`
-	Secret string `json:"secret"`
+	ID            string `json:"id"`
+	Secret        string `json:"secret"`
+	SecurityToken string `json:"securityToken,omitempty"`
 }
 
 // TransitionDelays set how long an ENI stays in each transient state. Zero means the

@@ -304,6 +304,10 @@ func (e *Emulator) ClearFaults() {
 // SetLatency delays every later OpenAPI call by d.
 func (e *Emulator) SetLatency(d time.Duration) { e.latency.Store(int64(d)) }
 
+// SetAccessKeys replaces the accepted keys, as a credential rotation does: calls signed
+// with a key no longer listed fail with InvalidAccessKeyId.NotFound from now on.
+func (e *Emulator) SetAccessKeys(keys []AccessKey) { e.auth.setKeys(keys) }
+
 // SetDelays changes the ENI and route state-transition delays for later transitions.
 func (e *Emulator) SetDelays(d TransitionDelays) {
 	e.mu.Lock()

@@ -113,6 +113,12 @@ type Options struct {
 	// admin one, e.g. one with a ServiceAccount token to prove an RBAC role (test/deploy).
 	// It runs once per node after the control plane is up and before any agent starts.
 	AgentKubeconfig func(ctx context.Context, l *Lab, n *Node) (string, error)
+	// AgentCapabilities, when set, runs every agent with only these capabilities (names as
+	// in a Pod's securityContext: "NET_ADMIN", "BPF", ...), the way a container runtime runs
+	// a container that drops ALL and adds them: the agent still runs as uid 0, but with its
+	// bounding set (hence its permitted and effective sets) cut to the list, through
+	// util-linux setpriv. Empty runs it with every capability, like a privileged container.
+	AgentCapabilities []string
 	// DeferAgents leaves every node's agent unstarted: the test prepares the cluster (a
 	// fresh node joining a cluster that already has Services, say) and then starts them with
 	// Node.StartAgent or Node.LaunchAgent.
