@@ -958,3 +958,45 @@ func checkNoKubeProxyLeft(t *testing.T, n *lab.Node) {
 		t.Errorf("%s still has kube-proxy iptables rules after kube-proxy --cleanup", n.Name)
 	}
 }
+
+// conformanceDocRow is a case's row in docs/conformance.md's table.
+func conformanceDocRow(c confCase, have map[feature]bool) string {
+	needs := make([]string, len(c.needs))
+	for i, f := range c.needs {
+		needs[i] = string(f)
+	}
+	kp, tern := c.want.String(), "compared"
+	switch {
+	case c.noOracle != "":
+		kp, tern = "not run (no oracle)", "not run"
+	case len(missingFeatures(c, have)) > 0:
+		tern = "not compared yet"
+	case c.ternDiffers != "":
+		tern = "differs on purpose: " + c.ternWant.String()
+	}
+	return fmt.Sprintf("| `%s` | %s | %s | %s | %s | %s |", c.svc, c.from, c.to, strings.Join(needs, ", "), kp, tern)
+}
+
+// TestConformanceDocumented: docs/conformance.md lists every case of the table as it is
+// (outcome, features, whether tern is compared), so the document cannot drift from the suite.
+func TestConformanceDocumented(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "docs", "conformance.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	have := ternFeatures()
+	var rows []string
+	missing := 0
+	for _, c := range conformanceCases() {
+		row := conformanceDocRow(c, have)
+		rows = append(rows, row)
+		if !strings.Contains(doc, row) {
+			missing++
+			t.Errorf("docs/conformance.md lacks the row\n%s", row)
+		}
+	}
+	if missing > 0 {
+		t.Logf("the table as the suite has it:\n%s", strings.Join(rows, "\n"))
+	}
+}
