@@ -120,12 +120,9 @@ func (o outcome) String() string {
 	return fmt.Sprintf("answered by {%s}, saw {%s}", o.Backends, o.Seen)
 }
 
-func ans(backends, seen string) outcome { return outcome{Result: answered, Backends: backends, Seen: seen} }
-
-var (
-	wantRejected = outcome{Result: rejected}
-	wantDropped  = outcome{Result: dropped}
-)
+func ans(backends, seen string) outcome {
+	return outcome{Result: answered, Backends: backends, Seen: seen}
+}
 
 // sticky stands for "every try answered by the same one backend" in a sessionAffinity case.
 const sticky = "one-for-all-tries"
@@ -170,17 +167,17 @@ func conformanceCases() []confCase {
 
 		// web-local: LoadBalancer, externalTrafficPolicy Local, its one backend (b2) on node-2;
 		// its LoadBalancer IP is routed to node-1, which has no local endpoint.
-		{svc: "web-local", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featETPLocal}, want: wantDropped},
+		{svc: "web-local", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featETPLocal}, want: outcome{Result: dropped}},
 		{svc: "web-local", from: fromExternal, to: toNodePort2, needs: []feature{featNodePort, featETPLocal}, want: ans("b2", "external")},
-		{svc: "web-local", from: fromExternal, to: toLB, needs: []feature{featLB, featETPLocal}, want: wantDropped},
+		{svc: "web-local", from: fromExternal, to: toLB, needs: []feature{featLB, featETPLocal}, want: outcome{Result: dropped}},
 		{svc: "web-local", from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans("b2", "c1")},
 		{svc: "web-local", from: fromPod, to: toLB, needs: []feature{featLB, featETPLocal}, want: ans("b2", "c1")},
 		{svc: "web-local", from: fromHost, to: toNodePort1, needs: []feature{featNodePort, featETPLocal, featHostNet}, want: ans("b2", "node-1")},
 
 		// itp-local: ClusterIP, internalTrafficPolicy Local, its one backend (b2) on node-2.
-		{svc: "itp-local", from: fromPod, to: toClusterIP, needs: []feature{featITPLocal}, want: wantDropped},
+		{svc: "itp-local", from: fromPod, to: toClusterIP, needs: []feature{featITPLocal}, want: outcome{Result: dropped}},
 		{svc: "itp-local", from: fromPodOther, to: toClusterIP, needs: []feature{featITPLocal}, want: ans("b2", "c2")},
-		{svc: "itp-local", from: fromHost, to: toClusterIP, needs: []feature{featITPLocal, featHostNet}, want: wantDropped},
+		{svc: "itp-local", from: fromHost, to: toClusterIP, needs: []feature{featITPLocal, featHostNet}, want: outcome{Result: dropped}},
 
 		// affinity: ClusterIP, sessionAffinity ClientIP, both backends.
 		{svc: "affinity", from: fromPod, to: toClusterIP, needs: []feature{featAffinity}, want: ans(sticky, "c1")},
@@ -191,19 +188,19 @@ func conformanceCases() []confCase {
 		{svc: "term-ready", from: fromPod, to: toClusterIP, needs: []feature{featTerminating}, want: ans("a1", "c1")},
 		{svc: "term-only", from: fromPod, to: toClusterIP, needs: []feature{featTerminating}, want: ans("b2", "c1")},
 		{svc: "term-only", from: fromExternal, to: toNodePort1, needs: []feature{featTerminating, featNodePort}, want: ans("b2", "node-1")},
-		{svc: "term-gone", from: fromPod, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints}, want: wantRejected},
+		{svc: "term-gone", from: fromPod, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints}, want: outcome{Result: rejected}},
 
 		// none: LoadBalancer with an externalIP whose selector matches no pod.
-		{svc: "none", from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: wantRejected},
-		{svc: "none", from: fromHost, to: toClusterIP, needs: []feature{featNoEndpoints, featHostNet}, want: wantRejected},
-		{svc: "none", from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: wantRejected},
-		{svc: "none", from: fromExternal, to: toLB, needs: []feature{featNoEndpoints, featLB}, want: wantRejected},
-		{svc: "none", from: fromExternal, to: toExternalIP, needs: []feature{featNoEndpoints, featExternalIP}, want: wantRejected},
+		{svc: "none", from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
+		{svc: "none", from: fromHost, to: toClusterIP, needs: []feature{featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
+		{svc: "none", from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
+		{svc: "none", from: fromExternal, to: toLB, needs: []feature{featNoEndpoints, featLB}, want: outcome{Result: rejected}},
+		{svc: "none", from: fromExternal, to: toExternalIP, needs: []feature{featNoEndpoints, featExternalIP}, want: outcome{Result: rejected}},
 
 		// loadBalancerSourceRanges: one Service allows the external client, one does not.
 		{svc: "ranges-allow", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: ans(both, "node-1")},
-		{svc: "ranges-deny", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: wantDropped},
-		{svc: "ranges-deny", from: fromPod, to: toLB, needs: []feature{featLB, featRanges}, want: wantDropped},
+		{svc: "ranges-deny", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: outcome{Result: dropped}},
+		{svc: "ranges-deny", from: fromPod, to: toLB, needs: []feature{featLB, featRanges}, want: outcome{Result: dropped}},
 		{svc: "ranges-deny", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featRanges}, want: ans(both, "node-1")},
 		{svc: "ranges-deny", from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c1")},
 
@@ -285,16 +282,20 @@ func conformanceServices() []svcDef {
 	}
 }
 
-// confPods are the pods: name, node, labels, whether it serves backendPort.
-var confPodSpecs = []struct {
+// confPod is one pod of the setup: name, node, labels, whether it serves backendPort.
+type confPod struct {
 	name, node string
 	labels     map[string]string
 	backend    bool
-}{
-	{"a1", "node-1", map[string]string{"app": "web", "solo": "a1"}, true},
-	{"b2", "node-2", map[string]string{"app": "web", "side": "two"}, true},
-	{"c1", "node-1", nil, false},
-	{"c2", "node-2", nil, false},
+}
+
+func confPods() []confPod {
+	return []confPod{
+		{"a1", "node-1", map[string]string{"app": "web", "solo": "a1"}, true},
+		{"b2", "node-2", map[string]string{"app": "web", "side": "two"}, true},
+		{"c1", "node-1", nil, false},
+		{"c2", "node-2", nil, false},
+	}
 }
 
 // proxyRun is one proxy under test.
@@ -495,7 +496,7 @@ func (e *confEnv) setup(ctx context.Context) {
 	if err := l.EnsureNamespace(ctx, confNS); err != nil {
 		t.Fatal(err)
 	}
-	for _, ps := range confPodSpecs {
+	for _, ps := range confPods() {
 		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: confNS, Name: ps.name, Node: ps.node, Labels: ps.labels})
 		if err != nil {
 			t.Fatal(err)
@@ -634,7 +635,7 @@ func (e *confEnv) waitSlices(ctx context.Context) {
 			continue
 		}
 		var want []string
-		for _, ps := range confPodSpecs {
+		for _, ps := range confPods() {
 			if matches(d.selector, ps.labels) {
 				want = append(want, e.pods[ps.name].IP.String())
 			}

@@ -43,9 +43,6 @@ type KubeProxy struct {
 	err    error
 }
 
-// KubeProxyModes are the proxy modes StartKubeProxy runs.
-var KubeProxyModes = []string{"iptables", "nftables"}
-
 // StartKubeProxy runs the real kube-proxy (test/k8s/build.sh's binary) in mode ("iptables"
 // or "nftables") inside node n's namespace and waits until it has synced its rules once
 // (its /healthz answers 200). It is forked from the node's launcher thread, so every rule,
