@@ -12,10 +12,13 @@ package lab_test
 // give kube-proxy's. docs/conformance.md explains how to run it and lists the differences.
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -95,6 +98,10 @@ const (
 	toNodePort2  dest = "nodePort@node-2"
 	toLB         dest = "loadBalancerIP" // routed by the VPC to node-1, as an SLB would send it
 	toExternalIP dest = "externalIP"     // likewise routed to node-1
+	// healthCheckNodePort (externalTrafficPolicy Local) on a node's primary address: an HTTP
+	// GET whose status and localEndpoints are the outcome.
+	toHealthCheck1 dest = "healthCheck@node-1"
+	toHealthCheck2 dest = "healthCheck@node-2"
 )
 
 // The outcome kinds.
@@ -114,6 +121,9 @@ type outcome struct {
 }
 
 func (o outcome) String() string {
+	if strings.HasPrefix(o.Result, "HTTP ") {
+		return o.Result + " " + o.Backends
+	}
 	if o.Result != answered {
 		return o.Result
 	}
@@ -173,6 +183,11 @@ func conformanceCases() []confCase {
 		{svc: "web-local", from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans("b2", "c1")},
 		{svc: "web-local", from: fromPod, to: toLB, needs: []feature{featLB, featETPLocal}, want: ans("b2", "c1")},
 		{svc: "web-local", from: fromHost, to: toNodePort1, needs: []feature{featNodePort, featETPLocal, featHostNet}, want: ans("b2", "node-1")},
+		// healthCheckNodePort: the cloud load balancer's probe; only node-2 has an endpoint.
+		{svc: "web-local", from: fromExternal, to: toHealthCheck1, needs: []feature{featETPLocal},
+			want: outcome{Result: "HTTP 503", Backends: "localEndpoints=0 serviceProxyHealthy=true"}},
+		{svc: "web-local", from: fromExternal, to: toHealthCheck2, needs: []feature{featETPLocal},
+			want: outcome{Result: "HTTP 200", Backends: "localEndpoints=1 serviceProxyHealthy=true"}},
 
 		// itp-local: ClusterIP, internalTrafficPolicy Local, its one backend (b2) on node-2.
 		{svc: "itp-local", from: fromPod, to: toClusterIP, needs: []feature{featITPLocal}, want: outcome{Result: dropped}},
@@ -702,6 +717,15 @@ func (e *confEnv) addr(c confCase) (string, error) {
 			return "", fmt.Errorf("Service %s has no LoadBalancer IP", c.svc)
 		}
 		host = svc.Status.LoadBalancer.Ingress[0].IP
+	case toHealthCheck1, toHealthCheck2:
+		port = int(svc.Spec.HealthCheckNodePort)
+		host = e.l.Node(0).PrimaryIP
+		if c.to == toHealthCheck2 {
+			host = e.l.Node(1).PrimaryIP
+		}
+		if port == 0 {
+			return "", fmt.Errorf("Service %s has no healthCheckNodePort", c.svc)
+		}
 	case toExternalIP:
 		if len(svc.Spec.ExternalIPs) == 0 {
 			return "", fmt.Errorf("Service %s has no externalIP", c.svc)
@@ -777,6 +801,9 @@ func (e *confEnv) probe(c confCase) (outcome, time.Duration) {
 	if err != nil {
 		return outcome{Result: "error: " + err.Error()}, 0
 	}
+	if c.to == toHealthCheck1 || c.to == toHealthCheck2 {
+		return e.healthCheck(c, addr)
+	}
 	tries := maxTries
 	isSticky := slices.Contains(c.needs, featAffinity)
 	if isSticky {
@@ -807,6 +834,48 @@ func (e *confEnv) probe(c confCase) (outcome, time.Duration) {
 		o.Backends = sticky
 	}
 	return o, slowest
+}
+
+// healthCheck GETs a healthCheckNodePort from the external client, as a cloud load
+// balancer's probe does: the outcome is the status and the JSON's localEndpoints and
+// serviceProxyHealthy (kube-proxy's answer: {"service":{...},"localEndpoints":N,
+// "serviceProxyHealthy":B}).
+func (e *confEnv) healthCheck(c confCase, addr string) (outcome, time.Duration) {
+	start := time.Now()
+	var conn net.Conn
+	if err := e.ext.Exec(func() (err error) {
+		conn, err = (&net.Dialer{Timeout: dropTimeout}).Dial("tcp4", addr)
+		return err
+	}); err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return outcome{Result: dropped}, 0
+		}
+		var en syscall.Errno
+		if errors.As(err, &en) && isReject(en) {
+			return outcome{Result: rejected}, time.Since(start)
+		}
+		return outcome{Result: "error: " + err.Error()}, 0
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(answerBudget))
+	if _, err := fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", addr); err != nil {
+		return outcome{Result: "error: " + err.Error()}, 0
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return outcome{Result: "error: " + err.Error()}, 0
+	}
+	defer resp.Body.Close()
+	var body struct {
+		LocalEndpoints      *int  `json:"localEndpoints"`
+		ServiceProxyHealthy *bool `json:"serviceProxyHealthy"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || body.LocalEndpoints == nil || body.ServiceProxyHealthy == nil {
+		return outcome{Result: fmt.Sprintf("HTTP %d", resp.StatusCode), Backends: fmt.Sprintf("unexpected body (%v)", err)}, time.Since(start)
+	}
+	return outcome{Result: fmt.Sprintf("HTTP %d", resp.StatusCode),
+		Backends: fmt.Sprintf("localEndpoints=%d serviceProxyHealthy=%t", *body.LocalEndpoints, *body.ServiceProxyHealthy)}, time.Since(start)
 }
 
 // role names an address a backend saw.
