@@ -107,7 +107,7 @@ const (
 // The outcome kinds.
 const (
 	answered = "answered"
-	rejected = "rejected" // ECONNREFUSED (RST or ICMP port unreachable) or ICMP host/net unreachable
+	rejected = "rejected" // the client was told at once: see isReject
 	dropped  = "dropped"  // nothing came back within dropTimeout
 )
 
@@ -142,6 +142,7 @@ type confCase struct {
 	svc   string
 	from  source
 	to    dest
+	udp   bool // the Service's UDP port (53 → 5353) instead of its TCP one
 	needs []feature
 	want  outcome
 	// noOracle, when set, keeps the case out of every run and says why (what the lab lacks
@@ -152,7 +153,15 @@ type confCase struct {
 	ternWant    outcome
 }
 
-func (c confCase) name() string { return fmt.Sprintf("%s: %s -> %s", c.svc, c.from, c.to) }
+func (c confCase) name() string { return fmt.Sprintf("%s: %s -> %s", c.svc, c.from, c.dest()) }
+
+// dest is the destination as the table shows it: "/udp" marks the UDP port.
+func (c confCase) dest() string {
+	if c.udp {
+		return string(c.to) + "/udp"
+	}
+	return string(c.to)
+}
 
 // conformanceCases is the table. The Services are conformanceServices'; a1 runs on node-1
 // and b2 on node-2 (both labelled app=web; b2 also side=two, a1 solo=a1); c1 and c2 are
@@ -174,6 +183,9 @@ func conformanceCases() []confCase {
 		{svc: "web", from: fromHost, to: toNodePort1, needs: []feature{featNodePort, featHostNet}, want: ans(both, "node-1")},
 		{svc: "web", from: fromPod, to: toLB, needs: []feature{featLB}, want: ans(both, "node-1")},
 		{svc: "web", from: fromPod, to: toExternalIP, needs: []feature{featExternalIP}, want: ans(both, "node-1")},
+		{svc: "web", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c1")},
+		{svc: "web", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featHostNet}, want: ans(both, "node-1")},
+		{svc: "web", udp: true, from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2")},
 
 		// web-local: LoadBalancer, externalTrafficPolicy Local, its one backend (b2) on node-2;
 		// its LoadBalancer IP is routed to node-1, which has no local endpoint.
@@ -211,6 +223,9 @@ func conformanceCases() []confCase {
 		{svc: "none", from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
 		{svc: "none", from: fromExternal, to: toLB, needs: []feature{featNoEndpoints, featLB}, want: outcome{Result: rejected}},
 		{svc: "none", from: fromExternal, to: toExternalIP, needs: []feature{featNoEndpoints, featExternalIP}, want: outcome{Result: rejected}},
+		{svc: "none", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
+		{svc: "none", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
+		{svc: "none", udp: true, from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
 
 		// loadBalancerSourceRanges: one Service allows the external client, one does not.
 		{svc: "ranges-allow", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: ans(both, "node-1")},
@@ -244,6 +259,7 @@ type svcDef struct {
 	lbIP     string
 	extIP    string
 	ranges   []string
+	udp      bool // also a UDP port, 53 → udpBackendPort
 }
 
 type sliceEndpoint struct {
@@ -253,20 +269,22 @@ type sliceEndpoint struct {
 
 // LoadBalancer ingress IPs and externalIPs, from TEST-NET-3; the VPC routes them to node-1.
 const (
-	webLB        = "203.0.113.10"
-	webExtIP     = "203.0.113.20"
-	webLocalLB   = "203.0.113.11"
-	noneLB       = "203.0.113.12"
-	noneExtIP    = "203.0.113.22"
-	rangesAllow  = "203.0.113.13"
-	rangesDeny   = "203.0.113.14"
-	confNS       = "conform"
-	confPort     = 80
-	backendPort  = 8080
-	canaryName   = "canary"
-	maxTries     = 32 // P(a backend of two never chosen in 32 random tries) = 2^-31
-	stickyTries  = 12
-	answerBudget = 3 * time.Second
+	webLB          = "203.0.113.10"
+	webExtIP       = "203.0.113.20"
+	webLocalLB     = "203.0.113.11"
+	noneLB         = "203.0.113.12"
+	noneExtIP      = "203.0.113.22"
+	rangesAllow    = "203.0.113.13"
+	rangesDeny     = "203.0.113.14"
+	confNS         = "conform"
+	confPort       = 80
+	backendPort    = 8080
+	udpPort        = 53
+	udpBackendPort = 5353
+	canaryName     = "canary"
+	maxTries       = 32 // P(a backend of two never chosen in 32 random tries) = 2^-31
+	stickyTries    = 12
+	answerBudget   = 3 * time.Second
 	// dropTimeout is how long a connect may go unanswered before the case counts as
 	// dropped. Every path in the lab is a few veth hops inside one kernel: an answer or a
 	// rejection arrives within milliseconds (the slowest one seen is logged per run), and the
@@ -278,7 +296,7 @@ func conformanceServices() []svcDef {
 	web := map[string]string{"app": "web"}
 	two := map[string]string{"side": "two"}
 	return []svcDef{
-		{name: "web", typ: corev1.ServiceTypeLoadBalancer, selector: web, lbIP: webLB, extIP: webExtIP},
+		{name: "web", typ: corev1.ServiceTypeLoadBalancer, selector: web, lbIP: webLB, extIP: webExtIP, udp: true},
 		{name: "web-local", typ: corev1.ServiceTypeLoadBalancer, selector: two, etpLocal: true, lbIP: webLocalLB},
 		{name: "itp-local", typ: corev1.ServiceTypeClusterIP, selector: two, itpLocal: true},
 		{name: "affinity", typ: corev1.ServiceTypeClusterIP, selector: web, affinity: true},
@@ -288,7 +306,7 @@ func conformanceServices() []svcDef {
 			{pod: "b2", serving: true, terminating: true}}},
 		{name: "term-gone", typ: corev1.ServiceTypeNodePort, slice: []sliceEndpoint{
 			{pod: "b2", terminating: true}}},
-		{name: "none", typ: corev1.ServiceTypeLoadBalancer, selector: map[string]string{"app": "nothing"}, lbIP: noneLB, extIP: noneExtIP},
+		{name: "none", typ: corev1.ServiceTypeLoadBalancer, selector: map[string]string{"app": "nothing"}, lbIP: noneLB, extIP: noneExtIP, udp: true},
 		{name: "ranges-allow", typ: corev1.ServiceTypeLoadBalancer, selector: web, lbIP: rangesAllow,
 			ranges: []string{lab.ExternalClientIP + "/32"}},
 		{name: "ranges-deny", typ: corev1.ServiceTypeLoadBalancer, selector: web, lbIP: rangesDeny,
@@ -520,6 +538,7 @@ func (e *confEnv) setup(ctx context.Context) {
 		e.roles[p.IP] = ps.name
 		if ps.backend {
 			serveWho(t, p, backendPort)
+			serveWhoUDP(t, p, udpBackendPort)
 		}
 	}
 	for _, n := range l.Nodes() {
@@ -595,6 +614,10 @@ func (e *confEnv) createService(ctx context.Context, d svcDef) *corev1.Service {
 	t, c := e.t, e.l.Client()
 	spec := corev1.ServiceSpec{Type: d.typ, Selector: d.selector, Ports: []corev1.ServicePort{
 		{Name: "http", Port: confPort, TargetPort: intstr.FromInt32(backendPort), Protocol: corev1.ProtocolTCP}}}
+	if d.udp {
+		spec.Ports = append(spec.Ports, corev1.ServicePort{Name: "dns", Port: udpPort, TargetPort: intstr.FromInt32(udpBackendPort),
+			Protocol: corev1.ProtocolUDP})
+	}
 	if d.etpLocal {
 		spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
 	}
@@ -698,13 +721,21 @@ func (e *confEnv) addr(c confCase) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("no Service %q in the setup", c.svc)
 	}
-	port := confPort
+	sp := svc.Spec.Ports[0]
+	if c.udp {
+		i := slices.IndexFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Protocol == corev1.ProtocolUDP })
+		if i < 0 {
+			return "", fmt.Errorf("Service %s has no UDP port", c.svc)
+		}
+		sp = svc.Spec.Ports[i]
+	}
+	port := int(sp.Port)
 	var host string
 	switch c.to {
 	case toClusterIP:
 		host = svc.Spec.ClusterIP
 	case toNodePort1, toNodePort2:
-		port = int(svc.Spec.Ports[0].NodePort)
+		port = int(sp.NodePort)
 		host = e.l.Node(0).PrimaryIP
 		if c.to == toNodePort2 {
 			host = e.l.Node(1).PrimaryIP
@@ -751,7 +782,13 @@ func (e *confEnv) connect(c confCase, addr string) try {
 		if c.from == fromHostOther {
 			h = e.hosts[1]
 		}
-		a := h.Do(fmt.Sprintf("tcpt %s %d", addr, dropTimeout.Milliseconds()))
+		cmd := fmt.Sprintf("tcpt %s %d", addr, dropTimeout.Milliseconds())
+		if c.udp {
+			// A connected UDP socket: an ICMP port unreachable fails its read with
+			// ECONNREFUSED. (Its wait is sockclient's 3 s; no UDP case from a host drops.)
+			cmd = "udpconn " + addr
+		}
+		a := h.Do(cmd)
 		took := time.Since(start)
 		switch {
 		case a.Err == "":
@@ -773,7 +810,11 @@ func (e *confEnv) connect(c confCase, addr string) try {
 	case fromSelf:
 		ns = e.pods["a1"].NS()
 	}
-	who, seen, err := dialWho(context.Background(), ns, addr, dropTimeout)
+	dial := dialWho
+	if c.udp {
+		dial = askWhoUDP
+	}
+	who, seen, err := dial(context.Background(), ns, addr, dropTimeout)
 	took := time.Since(start)
 	var ne net.Error
 	var en syscall.Errno
@@ -789,8 +830,12 @@ func (e *confEnv) connect(c confCase, addr string) try {
 	}
 }
 
+// isReject: the client was told at once. ECONNREFUSED is a RST or an ICMP port unreachable
+// (or tern's socket hook refusing); EHOST/ENETUNREACH an ICMP unreachable; EPERM is what a
+// host-network process's send gets when netfilter rejects its packet in OUTPUT (kube-proxy's
+// REJECT of UDP to a Service without endpoints).
 func isReject(en syscall.Errno) bool {
-	return en == syscall.ECONNREFUSED || en == syscall.EHOSTUNREACH || en == syscall.ENETUNREACH
+	return en == syscall.ECONNREFUSED || en == syscall.EHOSTUNREACH || en == syscall.ENETUNREACH || en == syscall.EPERM
 }
 
 // probe runs one case: a drop or a rejection ends it at once; answers are collected until
@@ -929,6 +974,59 @@ func serveWho(t *testing.T, p *lab.Pod, port int) {
 	}()
 }
 
+// serveWhoUDP answers every datagram to port in pod p with "<pod name> <client address>".
+func serveWhoUDP(t *testing.T, p *lab.Pod, port int) {
+	t.Helper()
+	var c net.PacketConn
+	if err := p.Exec(func() (err error) {
+		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { c.Close(); <-done })
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		for {
+			_, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = c.WriteTo([]byte(fmt.Sprintf("%s %s\n", p.Name, from)), from)
+		}
+	}()
+}
+
+// askWhoUDP sends one datagram from a connected UDP socket inside ns and reads
+// serveWhoUDP's answer within timeout; an ICMP port unreachable fails the read with
+// ECONNREFUSED.
+func askWhoUDP(ctx context.Context, ns netns.NsHandle, addr string, timeout time.Duration) (who, seen string, err error) {
+	var c net.Conn
+	if err := nsutil.Do(ns, func() (err error) {
+		c, err = (&net.Dialer{}).DialContext(ctx, "udp4", addr)
+		return err
+	}); err != nil {
+		return "", "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte("who")); err != nil {
+		return "", "", err
+	}
+	buf := make([]byte, 256)
+	n, err := c.Read(buf)
+	if err != nil {
+		return "", "", err
+	}
+	f := strings.Fields(string(buf[:n]))
+	if len(f) != 2 {
+		return "", "", fmt.Errorf("answer of %s is %q, want \"<pod> <client address>\"", addr, buf[:n])
+	}
+	return f[0], f[1], nil
+}
+
 // dialWho connects from inside ns to addr within timeout and reads serveWho's line.
 func dialWho(ctx context.Context, ns netns.NsHandle, addr string, timeout time.Duration) (who, seen string, err error) {
 	var c net.Conn
@@ -1044,7 +1142,7 @@ func conformanceDocRow(c confCase, have map[feature]bool) string {
 	case c.ternDiffers != "":
 		tern = "differs on purpose: " + c.ternWant.String()
 	}
-	return fmt.Sprintf("| `%s` | %s | %s | %s | %s | %s |", c.svc, c.from, c.to, strings.Join(needs, ", "), kp, tern)
+	return fmt.Sprintf("| `%s` | %s | %s | %s | %s | %s |", c.svc, c.from, c.dest(), strings.Join(needs, ", "), kp, tern)
 }
 
 // TestConformanceDocumented: docs/conformance.md lists every case of the table as it is
