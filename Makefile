@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: image test-image all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: image test-image all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e conformance bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
 
 all: build
 
@@ -93,6 +93,12 @@ test-race:
 
 test-unit:
 	$(GO) test -count=1 ./...
+
+# The differential conformance suite alone (also part of `make test`): the same packet-flow
+# cases against the real kube-proxy (iptables, nftables) and tern, compared (docs/conformance.md;
+# ~70 s plus the build).
+conformance: setup k8s-bins
+	TERN_PRIVILEGED=1 TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 15m -run 'TestConformance' ./test/lab/
 
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...

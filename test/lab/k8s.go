@@ -22,12 +22,15 @@ import (
 
 	"github.com/tern-net/tern/test/k8s/controlplane"
 	"github.com/tern-net/tern/test/k8s/kubeletsim"
+	"github.com/tern-net/tern/test/k8s/nsbridge"
 )
 
 // kubeParts is the Kubernetes side of a lab (Options.Kubernetes).
 type kubeParts struct {
 	cp     *controlplane.ControlPlane
 	client kubernetes.Interface
+	// vpcBridge serves the apiserver at APIServerAddr inside the VPC router's namespace.
+	vpcBridge *nsbridge.Bridge
 
 	mu         sync.Mutex
 	namespaces map[string]bool // created (or found) and given their default ServiceAccount
@@ -82,6 +85,10 @@ func (l *Lab) startKubernetes(ctx context.Context) error {
 func (l *Lab) stopKubernetes() error {
 	if l.kube == nil || l.kube.cp == nil {
 		return nil
+	}
+	if l.kube.vpcBridge != nil {
+		_ = l.kube.vpcBridge.Close()
+		l.kube.vpcBridge = nil
 	}
 	err := l.kube.cp.Stop()
 	l.kube.cp = nil

@@ -137,6 +137,12 @@ type Options struct {
 	// to a cgroup the lab did not create. A process started there (internal/sockclient) in
 	// the node's namespace is a host-network client of that node.
 	SocketLB bool
+	// ExternalProxy leaves Services to another proxy (the real kube-proxy, StartKubeProxy):
+	// the agents get no kubeconfig, so they serve IPAM and pod networking only, and forward
+	// pod traffic through the kernel stack ("stack"), where kube-proxy's iptables or
+	// nftables rules see it (the default "redirect" would bypass netfilter between local
+	// pods). It needs Kubernetes.
+	ExternalProxy bool
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -154,8 +160,9 @@ type Lab struct {
 	nodes   []*Node
 	kube    *kubeParts // nil unless Options.Kubernetes
 
-	mu   sync.Mutex
-	pods map[string]*Pod // by namespace/name
+	mu       sync.Mutex
+	pods     map[string]*Pod // by namespace/name
+	external *External       // ExternalClient, made on first use
 }
 
 // BuildBinaries builds tern-agent and tern-cni into dir with the go tool; run it from inside
@@ -196,6 +203,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
+	}
+	if o.ExternalProxy && !o.Kubernetes {
+		return nil, errors.New("lab: ExternalProxy needs Kubernetes (the external proxy watches the lab's apiserver)")
 	}
 	for _, b := range []string{"tern-agent", "tern-cni"} {
 		if _, err := os.Stat(filepath.Join(o.BinDir, b)); err != nil {
@@ -274,6 +284,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	if o.Kubernetes {
 		// Before the nodes are prepared: their agent configs name the kubeconfig.
 		if err := l.startKubernetes(ctx); err != nil {
+			return nil, err
+		}
+		if err := l.serveAPIServerInVPC(ctx); err != nil {
 			return nil, err
 		}
 		if o.AgentKubeconfig != nil {
@@ -443,6 +456,10 @@ func (l *Lab) Down() error {
 		p.stopServers()
 		p.ns.Close()
 		delete(l.pods, k)
+	}
+	if l.external != nil {
+		l.external.ns.Close() // its link goes with the namespace
+		l.external = nil
 	}
 	l.mu.Unlock()
 	if l.srv != nil {
@@ -623,6 +640,15 @@ func writeJSON(path string, v any) error {
 
 // agentConfig is what the lab writes for a node's agent.
 func (n *Node) agentConfig() agent.Config {
+	c := n.ternAgentConfig()
+	if n.lab.opts.ExternalProxy {
+		c.Kubeconfig = ""
+		c.Forwarding = string(loader.ForwardStack)
+	}
+	return c
+}
+
+func (n *Node) ternAgentConfig() agent.Config {
 	c := agent.Config{
 		NodeName: n.Name, InstanceID: n.InstanceID, ClusterID: ClusterID,
 		ENIConfigPath: n.eniConfPath(), ENIConfigPollInterval: agent.Duration(100 * time.Millisecond),
