@@ -88,9 +88,11 @@ func (a *Agent) detach(ifindex int) error {
 	if dp == nil {
 		return nil
 	}
+	// Its hostPorts go first (also when GC, not DEL, finds the sandbox gone).
+	herr := a.dropSandboxes(func(r sandboxRecord) bool { return r.IfIndex == ifindex })
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	err := errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
+	err := errors.Join(herr, dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
 	a.notifyEndpoint(ifindex, false)
 	return err
 }

@@ -34,6 +34,9 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
 	} else {
 		a.attachNetdevLocked(dp, idx, "primary NIC")
 	}
+	if pool == nil { // IPAM off: no ENI of tern's
+		return
+	}
 	for _, e := range pool.Status().ENIs {
 		idx, err := linkByMAC(e.MAC)
 		if err != nil {
