@@ -58,7 +58,7 @@ type Agent struct {
 	dp         *loader.Datapath
 	endpoints  *endpoint.Registry
 	pool       *ipam.Pool
-	sock       *sockLB // socket-level LB; nil when off or unsupported (socklb.go)
+	sock       *sockLB           // socket-level LB; nil when off or unsupported (socklb.go)
 	svcRec     *lbmap.Reconciler // the LB maps' one writer: Services and hostPorts
 	attached   *sandboxTable     // attached sandboxes and their hostPorts (hostport.go)
 	hostPortMu sync.Mutex        // serialises hostPort changes (table and maps in step)
