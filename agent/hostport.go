@@ -112,6 +112,9 @@ func (t *sandboxTable) saveLocked() error {
 
 // list returns a copy of the records.
 func (t *sandboxTable) list() []sandboxRecord {
+	if t == nil {
+		return nil
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	out := make([]sandboxRecord, 0, len(t.recs))
@@ -318,19 +321,32 @@ func (a *Agent) ServiceReconciler() *lbmap.Reconciler {
 // applyHostPorts hands every recorded hostPort to the reconciler. Called with hostPortMu
 // held or before the socket serves attach requests.
 func (a *Agent) applyHostPorts() error {
-	return a.applyHostPortsOf(a.attached.list())
+	table, _ := a.sandboxState()
+	return a.applyHostPortsOf(table.list())
+}
+
+// sandboxState is the sandbox table and the LB reconciler; both nil until Run has loaded
+// the datapath.
+func (a *Agent) sandboxState() (*sandboxTable, *lbmap.Reconciler) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.attached, a.svcRec
 }
 
 func (a *Agent) applyHostPortsOf(recs []sandboxRecord) error {
+	_, rec := a.sandboxState()
+	if rec == nil {
+		return nil
+	}
 	if !a.cfg.HostPortEnabled() {
-		return a.svcRec.SetExtra(nil)
+		return rec.SetExtra(nil)
 	}
 	addrs, err := nodeAddresses()
 	if err != nil {
 		return err
 	}
 	st, serr := hostPortState(recs, addrs)
-	return errors.Join(serr, a.svcRec.SetExtra(st))
+	return errors.Join(serr, rec.SetExtra(st))
 }
 
 // recordSandbox records an attached sandbox and writes its hostPorts: the file first, then
@@ -371,7 +387,11 @@ func (a *Agent) recordSandbox(r sandboxRecord) error {
 		}
 		return nil
 	}
-	if err := a.attached.put(r, check); err != nil {
+	table, _ := a.sandboxState()
+	if table == nil {
+		return errors.New("tern-agent is starting: the sandbox table is not loaded yet; try again")
+	}
+	if err := table.put(r, check); err != nil {
 		return err
 	}
 	if len(r.PortMappings) == 0 {
@@ -385,10 +405,14 @@ func (a *Agent) recordSandbox(r sandboxRecord) error {
 func (a *Agent) dropSandboxes(match func(sandboxRecord) bool) error {
 	a.hostPortMu.Lock()
 	defer a.hostPortMu.Unlock()
+	table, _ := a.sandboxState()
+	if table == nil {
+		return nil
+	}
 	var keep []sandboxRecord
 	drop := map[string]bool{}
 	hadPorts := false
-	for _, r := range a.attached.list() {
+	for _, r := range table.list() {
 		if match(r) {
 			drop[sandboxID(r.ContainerID, r.IfName)] = true
 			hadPorts = hadPorts || len(r.PortMappings) > 0
@@ -403,7 +427,7 @@ func (a *Agent) dropSandboxes(match func(sandboxRecord) bool) error {
 	if hadPorts {
 		errs = append(errs, a.applyHostPortsOf(keep))
 	}
-	_, err := a.attached.remove(func(r sandboxRecord) bool { return drop[sandboxID(r.ContainerID, r.IfName)] })
+	_, err := table.remove(func(r sandboxRecord) bool { return drop[sandboxID(r.ContainerID, r.IfName)] })
 	return errors.Join(append(errs, err)...)
 }
 
@@ -416,6 +440,9 @@ func (a *Agent) recordAttach(req api.AttachRequest, ep endpoint.Endpoint) *api.E
 			return &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: portMappings need the sandbox's containerID (and ifName), which DEL removes them by"}
 		}
 		return nil
+	}
+	if table, _ := a.sandboxState(); table == nil {
+		return &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the sandbox table is not loaded yet; try again"}
 	}
 	r := sandboxRecord{ContainerID: req.ContainerID, IfName: req.IfName, IfIndex: req.IfIndex, IP: ep.Addr,
 		Chained: req.Chained, PortMappings: req.PortMappings}
@@ -456,7 +483,8 @@ func (a *Agent) detachTarget(req api.AttachRequest) (int, *api.Error) {
 	mine := func(r sandboxRecord) bool {
 		return r.ContainerID == req.ContainerID && (req.IfName == "" || r.IfName == req.IfName)
 	}
-	for _, r := range a.attached.list() {
+	table, _ := a.sandboxState()
+	for _, r := range table.list() {
 		if mine(r) && ifindex <= 0 {
 			ifindex = r.IfIndex
 		}
@@ -472,7 +500,8 @@ func (a *Agent) detachTarget(req api.AttachRequest) (int, *api.Error) {
 func (a *Agent) gcChained(valid map[string]bool) (api.GCResponse, error) {
 	var out api.GCResponse
 	var errs []error
-	for _, r := range a.attached.list() {
+	table, _ := a.sandboxState()
+	for _, r := range table.list() {
 		if valid[r.ContainerID] {
 			continue
 		}

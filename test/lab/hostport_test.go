@@ -72,3 +72,41 @@ func TestHostPortENIIP(t *testing.T) {
 		t.Fatalf("hostPort %s after DEL of web: %v, want connection refused (nothing listens on the node)", hp, err)
 	}
 }
+
+// The Service controller's full sync never deletes a hostPort: with the real apiserver and
+// the apiserver's own `kubernetes` Service, the agent is killed and restarted (its first full sync rewrites the LB
+// maps to exactly what it wants), and the hostPort still answers, next to the Service.
+func TestHostPortSurvivesServiceFullSync(t *testing.T) {
+	l := upKubernetes(t, lab.Options{Nodes: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n := l.Nodes()[0]
+	if err := l.EnsureNamespace(ctx, "hp"); err != nil {
+		t.Fatal(err)
+	}
+	web, err := l.AddPodWithHostPorts(ctx, 0, "hp", "web", []api.PortMapping{{HostPort: 9091, ContainerPort: 8080}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := web.Serve(8080); err != nil {
+		t.Fatal(err)
+	}
+	client, err := l.AddPod(ctx, 0, "hp", "client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hp := net.JoinHostPort(n.PrimaryIP, "9091")
+	if got, err := client.Ask(ctx, hp, "before"); err != nil || got != "hp/web" {
+		t.Fatalf("hostPort %s before the restart: %q, %v", hp, got, err)
+	}
+	if err := n.KillAgent(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.StartAgent(ctx); err != nil { // ready = the first full Service sync is done
+		t.Fatal(err)
+	}
+	if got, err := client.Ask(ctx, hp, "after"); err != nil || got != "hp/web" {
+		t.Fatalf("hostPort %s after kill -9 and the new agent's first full Service sync: %q, %v", hp, got, err)
+	}
+	t.Logf("hostPort %s still answered by %s after the restarted agent's first full Service sync", hp, "hp/web")
+}
