@@ -22,6 +22,9 @@ const (
 	DefaultSocketPath    = api.DefaultSocketPath
 	DefaultStatePath     = "/var/lib/tern/ipam.db"
 	DefaultENIConfigPath = "/etc/eni/eni_conf"
+	// DefaultSandboxStatePath records the attached sandboxes and their hostPorts
+	// (agent/hostport.go).
+	DefaultSandboxStatePath = "/var/lib/tern/sandboxes.json"
 )
 
 // Duration is a time.Duration that reads "500ms" or a number of seconds from JSON.
@@ -169,6 +172,16 @@ type Config struct {
 	// RouteCheckInterval is how often VPC mode checks its route entry (and, on the node that
 	// cleans up, the entries of departed Nodes); default 1m, jittered.
 	RouteCheckInterval Duration `json:"routeCheckInterval,omitempty"`
+	// IPAM chooses where pod addresses come from: tern's ENIIP pool, or none (chaining
+	// mode, agent/modes.go).
+	IPAM IPAMConfig `json:"ipam,omitempty"`
+	// KubeProxyReplacement is Cilium's and Terway's kube-proxy-replacement (agent/modes.go).
+	KubeProxyReplacement KubeProxyReplacement `json:"kube-proxy-replacement,omitempty"`
+	// HostPort serves the CNI portMappings capability (agent/hostport.go).
+	HostPort HostPortConfig `json:"hostPort,omitempty"`
+	// SandboxStatePath is where the agent records the sandboxes tern-cni attached: their
+	// host interface (DEL in chaining mode) and hostPorts, so a restarted agent keeps them.
+	SandboxStatePath string `json:"sandboxStatePath,omitempty"`
 }
 
 // Daemon modes, in Terway's spelling.
@@ -206,6 +219,16 @@ func LoadConfig(path string) (Config, error) {
 }
 
 func (c *Config) setDefaults() {
+	if c.SandboxStatePath == "" {
+		c.SandboxStatePath = DefaultSandboxStatePath
+	}
+	if c.SocketPath == "" {
+		c.SocketPath = DefaultSocketPath
+	}
+	if c.IPAM.Off() {
+		// No ENI defaults: validateModes reads a set ENI field as the operator's.
+		return
+	}
 	if c.ClusterID == "" {
 		c.ClusterID = "default"
 	}
@@ -214,9 +237,6 @@ func (c *Config) setDefaults() {
 	}
 	if c.StatePath == "" {
 		c.StatePath = DefaultStatePath
-	}
-	if c.SocketPath == "" {
-		c.SocketPath = DefaultSocketPath
 	}
 	if c.ENILinkTimeout == 0 {
 		c.ENILinkTimeout = Duration(10 * time.Second)
@@ -229,14 +249,14 @@ func (c Config) Validate() error {
 	if c.NodeName == "" {
 		errs = append(errs, errors.New("nodeName is required (the Kubernetes node name; it tags the node's ENIs)"))
 	}
-	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath} {
+	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "sandboxStatePath": c.SandboxStatePath} {
 		if p != "" && !filepath.IsAbs(p) {
 			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", name, p))
 		}
 	}
 	// The agent replaces whatever stale socket is at socketPath on start: the path must not be
 	// one of the files it keeps.
-	for name, p := range map[string]string{"statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "kubeconfig": c.Kubeconfig} {
+	for name, p := range map[string]string{"statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "kubeconfig": c.Kubeconfig, "sandboxStatePath": c.SandboxStatePath} {
 		if c.SocketPath != "" && p != "" && filepath.Clean(c.SocketPath) == filepath.Clean(p) {
 			errs = append(errs, fmt.Errorf("socketPath and %s are both %q: give the socket a path of its own (default %s)", name, p, DefaultSocketPath))
 		}
@@ -291,6 +311,7 @@ func (c Config) Validate() error {
 	}
 	errs = append(errs, c.validatePolicy()...)
 	errs = append(errs, c.Masquerade.validate()...)
+	errs = append(errs, c.validateModes()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

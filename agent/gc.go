@@ -59,6 +59,10 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
+		// Its hostPorts go too, also when the veth was already gone (no detach ran).
+		if err := a.dropSandboxes(func(r sandboxRecord) bool { return r.ContainerID == key.ContainerID }); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: remove hostPorts: %w", key, err))
+		}
 		res.Released = append(res.Released, key)
 		a.log.Info("GC released the address of a sandbox that is gone", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
 	}
@@ -88,9 +92,11 @@ func (a *Agent) detach(ifindex int) error {
 	if dp == nil {
 		return nil
 	}
+	// Its hostPorts go first (also when GC, not DEL, finds the sandbox gone).
+	herr := a.dropSandboxes(func(r sandboxRecord) bool { return r.IfIndex == ifindex })
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	err := errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
+	err := errors.Join(herr, dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
 	a.notifyEndpoint(ifindex, false)
 	return err
 }

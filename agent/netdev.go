@@ -34,6 +34,9 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool ipam.Allocator) {
 	} else {
 		a.attachNetdevLocked(dp, idx, "primary NIC")
 	}
+	if pool == nil { // IPAM off: no ENI of tern's
+		return
+	}
 	for _, e := range pool.Status().ENIs {
 		if e.NodePrimary {
 			continue // the primary NIC, attached above (VPC route mode lists it as its ENI)

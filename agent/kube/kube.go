@@ -86,9 +86,13 @@ func (c *Component) Start(ctx context.Context) error {
 	if dp == nil {
 		return errors.New("kubernetes component: the datapath is not loaded")
 	}
-	rec, err := lbmap.NewReconciler(c.a.LBMaps(dp), c.log)
-	if err != nil {
-		return fmt.Errorf("service reconciler: %w", err)
+	// The agent's reconciler: it also holds the hostPorts, which Service syncs must keep.
+	rec := c.a.ServiceReconciler()
+	if rec == nil {
+		var err error
+		if rec, err = lbmap.NewReconciler(c.a.LBMaps(dp), c.log); err != nil {
+			return fmt.Errorf("service reconciler: %w", err)
+		}
 	}
 	// The node is not ready for pods until every Service of the initial list is in the maps:
 	// a pod's first packets (DNS, usually) go to ClusterIPs.

@@ -107,6 +107,14 @@ type Reconciler struct {
 	nextID  uint32
 	members map[loader.MemberKey]uint32 // membership entries as written: the backend's slot
 	writes  uint64
+
+	// Frontends of another owner than the Service controller: the pods' hostPorts
+	// (SetExtra). Sync keeps them, and Apply puts them back when a Service that shared the
+	// address gives it up. byService is what the Service side last asked for, so that
+	// SetExtra never overwrites a Service's frontend: on a clash the Service wins, as the
+	// cluster-wide intent.
+	extra     service.State
+	byService map[service.Frontend]bool
 }
 
 // NewReconciler reads the maps' current contents (left by a previous agent) as its
@@ -115,7 +123,7 @@ func NewReconciler(m LBMaps, log *zap.Logger) (*Reconciler, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	r := &Reconciler{maps: m, log: log}
+	r := &Reconciler{maps: m, log: log, extra: service.State{}, byService: map[service.Frontend]bool{}}
 	if err := r.load(); err != nil {
 		return nil, err
 	}
@@ -265,9 +273,15 @@ func (r *Reconciler) ApplyWith(desired service.Lookup, opts service.OptionsLooku
 	for _, f := range dirty {
 		bs, ok := desired(f)
 		var err error
-		if ok {
+		switch extra, isExtra := r.extra[f]; {
+		case ok:
+			r.byService[f] = true
 			err = r.upsert(f, bs, optionsOf(opts, f))
-		} else {
+		case isExtra:
+			delete(r.byService, f)
+			err = r.upsert(f, extra, service.Options{})
+		default:
+			delete(r.byService, f)
 			err = r.remove(f)
 		}
 		if err != nil {
@@ -288,6 +302,21 @@ func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup)
 	if err := r.load(); err != nil {
 		return err
 	}
+	r.byService = make(map[service.Frontend]bool, len(desired))
+	for f := range desired {
+		r.byService[f] = true
+	}
+	if len(r.extra) > 0 {
+		merged := make(service.State, len(desired)+len(r.extra))
+		for f, bs := range r.extra {
+			merged[f] = bs
+		}
+		for f, bs := range desired {
+			merged[f] = bs
+		}
+		desired = merged
+		opts = r.serviceOptionsOnly(opts)
+	}
 	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.members) == 0 && len(desired) > 0 {
 		return r.bulkLoad(bm, desired, opts)
 	}
@@ -304,6 +333,50 @@ func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup)
 			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// serviceOptionsOnly gives the extra frontends the default options whatever opts says: a
+// Service's annotations never apply to a hostPort.
+func (r *Reconciler) serviceOptionsOnly(opts service.OptionsLookup) service.OptionsLookup {
+	return func(f service.Frontend) service.Options {
+		if !r.byService[f] {
+			return service.Options{}
+		}
+		return optionsOf(opts, f)
+	}
+}
+
+// SetExtra replaces the frontends owned by another writer than the Service controller (the
+// agent's hostPorts) and writes the difference: new and changed ones are upserted, dropped
+// ones removed. A frontend a Service also has is left to the Service until the Service
+// gives it up. Such frontends get the default options (random selection, reject when
+// empty).
+func (r *Reconciler) SetExtra(extra service.State) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	for f := range r.extra {
+		if _, keep := extra[f]; keep || r.byService[f] {
+			continue
+		}
+		if err := r.remove(f); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
+		}
+	}
+	next := make(service.State, len(extra))
+	for f, bs := range extra {
+		next[f] = append([]service.Backend(nil), bs...)
+		if r.byService[f] {
+			r.log.Warn("a hostPort has the address, port and protocol of a Service frontend; the Service keeps it",
+				zap.Stringer("frontend", f))
+			continue
+		}
+		if err := r.upsert(f, bs, service.Options{}); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
+		}
+	}
+	r.extra = next
 	return errors.Join(errs...)
 }
 

@@ -657,6 +657,7 @@ func (n *Node) ternAgentConfig() agent.Config {
 			BackoffInitial: agent.Duration(20 * time.Millisecond), BackoffMax: agent.Duration(500 * time.Millisecond), BackoffAttempts: 8,
 			RateLimitPerSecond: 200},
 		StatePath:        filepath.Join(n.dir, "ipam.db"),
+		SandboxStatePath: filepath.Join(n.dir, "sandboxes.json"),
 		SocketPath:       n.Socket(),
 		PinRoot:          n.PinRoot(),
 		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
