@@ -8,12 +8,16 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tern-net/tern/test/ecsemu"
+	"github.com/tern-net/tern/test/lab"
 )
 
 // TestAgentKill9UnderClusterIPTraffic kills the client node's agent with SIGKILL while
@@ -186,4 +190,157 @@ func first(lines []string) string {
 		return "(none)"
 	}
 	return lines[0]
+}
+
+// TestCloudFaultsUnderTrafficAndPodChurn makes the cloud misbehave while a ClusterIP carries
+// established flows and new connections and pods come and go on both nodes: 15 % of OpenAPI
+// calls answer Throttling and 15 % InternalError, latency spikes of 400 ms come and go, and
+// DescribeNetworkInterfaces lags behind the calls that change ENIs (lab.LaggingListing). No
+// established flow may break, no address may be given twice, every injected error must show
+// in the agents' tern_cloud_api_calls_total, and once the faults stop the cloud and the
+// agents must agree (nothing leaked) without help; the time that takes is reported.
+func TestCloudFaultsUnderTrafficAndPodChurn(t *testing.T) {
+	l := getLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	const ns = "e2e-chaos-cloud"
+	client, addr := echoService(t, ctx, l, ns)
+	emu := l.Emulator()
+	codes := []string{ecsemu.CodeThrottling, ecsemu.CodeInternalError}
+	counted := func() map[string]float64 {
+		out := map[string]float64{}
+		for _, n := range l.Nodes() {
+			for _, c := range codes {
+				out[c] += agentMetric(t, ctx, n, "tern_cloud_api_calls_total", `result="`+c+`"`)
+			}
+		}
+		return out
+	}
+	snap := emu.Snapshot()
+	before, injectedBefore, callsBefore := counted(), snap.Errors, sum(snap.Calls)
+	ld := startLoad(t, ctx, client, addr, 20)
+
+	faultsOn := time.Now()
+	calm := func() {
+		emu.ClearFaults()
+		emu.SetLatency(0)
+		emu.SetListingLag(ecsemu.ListingLag{})
+	}
+	t.Cleanup(calm) // the lab is shared: never leave a fault behind
+	emu.SetListingLag(lab.LaggingListing)
+	for _, c := range codes {
+		emu.InjectFault(ecsemu.Fault{Code: c, Rate: 0.15})
+	}
+	spikes := make(chan struct{})
+	spikesDone := make(chan struct{})
+	go func() {
+		defer close(spikesDone)
+		for on := true; ; on = !on {
+			d := 700 * time.Millisecond
+			if on {
+				emu.SetLatency(400 * time.Millisecond)
+				d = 300 * time.Millisecond
+			} else {
+				emu.SetLatency(0)
+			}
+			select { // the fault schedule, not a synchronisation
+			case <-spikes:
+				return
+			case <-time.After(d):
+			}
+		}
+	}()
+
+	// Churn: two rounds of 10 pods per node, created 5 at a time and then deleted. The
+	// pool (4 warm, at most 12 idle) must assign addresses for them and give some back.
+	ads := 0
+	for round := range 2 {
+		var pods []*lab.Pod
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		errs := make(chan error, 20)
+		work := make(chan lab.PodSpec)
+		for range 5 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for s := range work {
+					pctx, pcancel := context.WithTimeout(ctx, time.Minute)
+					p, err := l.RunPod(pctx, s)
+					pcancel()
+					if err != nil {
+						errs <- err
+						continue
+					}
+					mu.Lock()
+					pods = append(pods, p)
+					mu.Unlock()
+				}
+			}()
+		}
+		for i := range 20 {
+			work <- lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("churn-%d-%d", round, i), Node: fmt.Sprintf("node-%d", i%2+1),
+				Labels: map[string]string{"app": "churn"}}
+		}
+		close(work)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Errorf("a pod could not start under cloud faults (the kubelet-style retry ran until its minute was up): %v", err)
+		}
+		seen := map[netip.Addr]string{}
+		for _, p := range l.Pods() {
+			if prev, dup := seen[p.IP]; dup {
+				t.Fatalf("address %s given twice: %s and %s", p.IP, prev, p.Key())
+			}
+			seen[p.IP] = p.Key()
+		}
+		for _, p := range pods {
+			ads += p.Attempts
+			if err := l.DeletePod(ctx, p); err != nil {
+				t.Fatalf("delete %s under cloud faults: %v", p.Key(), err)
+			}
+		}
+	}
+	close(spikes)
+	<-spikesDone
+	calm()
+	faultsOff := time.Now()
+	snap = emu.Snapshot()
+	injected, calls := snap.Errors, sum(snap.Calls)-callsBefore
+	eventually(t, 60*time.Second, "cloud and agents agree after the faults stopped", func() (bool, string) {
+		err := l.CheckCloudMatchesAgents(ctx)
+		if err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
+	settled := time.Now()
+	ld.waitNewConns(t, settled, 20, "new connections after the faults")
+	r := ld.finish(faultsOn)
+	after := counted()
+	t.Logf("cloud faults for %v (%d OpenAPI calls) while 40 pods were created (%d CNI ADDs) and deleted; cloud and agents agreed %v after the faults stopped; %v",
+		faultsOff.Sub(faultsOn).Round(time.Millisecond), calls, ads, settled.Sub(faultsOff).Round(time.Millisecond), r)
+	for _, c := range codes {
+		inj, seen := injected[c]-injectedBefore[c], after[c]-before[c]
+		t.Logf("%s: the emulator answered %d, the agents counted %v in tern_cloud_api_calls_total", c, inj, seen)
+		if inj == 0 {
+			t.Errorf("no %s was injected: the churn did not reach the cloud", c)
+		}
+		if seen != float64(inj) {
+			t.Errorf("%s: the emulator answered %d, the agents' tern_cloud_api_calls_total counted %v", c, inj, seen)
+		}
+	}
+	requireNoBrokenFlows(t, r)
+	if r.Failed > 0 {
+		t.Errorf("%d new connections through %s failed during cloud faults: the datapath does not need the cloud", r.Failed, addr)
+	}
+}
+
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
