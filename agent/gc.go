@@ -110,6 +110,7 @@ func (a *Agent) forgetEndpointsAt(ip netip.Addr) error {
 			continue
 		}
 		a.notifyEndpoint(e.IfIndex, false)
+		a.m.vanishedEndpoints.Inc()
 		a.log.Info("forgot the endpoint of a pod whose interface vanished without a detach",
 			zap.Stringer("ip", ip), zap.Int("ifindex", e.IfIndex), zap.String("pod", e.Pod))
 	}

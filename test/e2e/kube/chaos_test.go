@@ -4,6 +4,7 @@ package kube_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,10 +13,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -343,4 +348,150 @@ func sum(m map[string]int) int {
 		n += v
 	}
 	return n
+}
+
+// TestPodNetnsDeletedUnderTraffic destroys a pod's network namespace under the agent with no
+// CNI DEL, as when the container runtime dies with its sandboxes, while a ClusterIP carries
+// traffic on the same node. The kernel takes the veth pair with the namespace; the agent
+// still holds the pod's address, its endpoint record and its ipcache entry as a local pod.
+// The runtime then comes back and runs CNI GC through libcni with the sandboxes it still has:
+// libcni first runs DEL (with the dead namespace's path) for every cached attachment that is
+// not valid, then the plugin's GC. (tern's own pod GC releases the address too once the Pod
+// object is deleted, after two of its 1-minute passes: not waited for here.) The address must
+// go back to the pool and the endpoint record with it, counted
+// (tern_agent_vanished_endpoints_total) and logged, and no other flow may notice.
+func TestPodNetnsDeletedUnderTraffic(t *testing.T) {
+	l := getLab(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	const ns = "e2e-chaos-netns"
+	client, addr := echoService(t, ctx, l, ns)
+	n, err := l.NodeByName("node-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "victim", Node: n.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostVeth := api.HostVethName(victim.ContainerID, "eth0")
+	if !linkExists(t, n, hostVeth) || !endpointRecorded(t, n, victim.IP) {
+		t.Fatalf("before the fault: host veth %s present %v, endpoint of %s recorded %v", hostVeth,
+			linkExists(t, n, hostVeth), victim.IP, endpointRecorded(t, n, victim.IP))
+	}
+	vanished := agentMetric(t, ctx, n, "tern_agent_vanished_endpoints_total")
+	logAt := fileSize(t, n.AgentLog())
+	ld := startLoad(t, ctx, client, addr, 20)
+
+	gone := time.Now()
+	l.Forget(victim) // the namespace's last reference: the kernel destroys it and the veth pair
+	eventually(t, 30*time.Second, "the host veth gone with the pod's namespace", func() (bool, string) {
+		return !linkExists(t, n, hostVeth), hostVeth + " still there"
+	})
+	if !endpointRecorded(t, n, victim.IP) || !allocated(t, ctx, n, victim.IP) {
+		t.Fatalf("with the namespace gone and no DEL, the agent should still hold %s (the fault this test is about): endpoint %v, allocation %v",
+			victim.IP, endpointRecorded(t, n, victim.IP), allocated(t, ctx, n, victim.IP))
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatalf("CNI GC after the pod's namespace vanished: %v", err)
+	}
+	cleaned := time.Now()
+	if allocated(t, ctx, n, victim.IP) {
+		t.Errorf("after GC the agent still allocates %s", victim.IP)
+	}
+	if endpointRecorded(t, n, victim.IP) {
+		t.Errorf("after GC the endpoint map or the ipcache still has %s as a local pod", victim.IP)
+	}
+	if d := agentMetric(t, ctx, n, "tern_agent_vanished_endpoints_total") - vanished; d != 1 {
+		t.Errorf("tern_agent_vanished_endpoints_total rose by %v, want 1", d)
+	}
+	if lines := logLinesSince(t, n.AgentLog(), logAt, "forgot the endpoint of a pod whose interface vanished"); len(lines) == 0 || !strings.Contains(lines[0], `"`+victim.IP.String()+`"`) {
+		t.Errorf("the agent did not log forgetting the endpoint of %s", victim.IP)
+	} else {
+		t.Logf("agent log: %s", lines[0])
+	}
+	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
+		t.Errorf("after GC: %v", err)
+	}
+	// The kubelet deletes the Pod object; the address serves the next pod.
+	if err := l.Client().CoreV1().Pods(ns).Delete(ctx, victim.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
+		t.Fatal(err)
+	}
+	next, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "next", Node: n.Name, ServePort: 7000})
+	if err != nil {
+		t.Fatalf("a pod after GC: %v", err)
+	}
+	if who, err := client.Ask(ctx, netip.AddrPortFrom(next.IP, 7000).String(), "hi"); err != nil || who != ns+"/next" {
+		t.Fatalf("the next pod on %s (%s) from the client: %q, %v", n.Name, next.IP, who, err)
+	}
+	ld.waitNewConns(t, time.Now(), 20, "new connections after GC")
+	r := ld.finish(gone)
+	t.Logf("pod namespace destroyed without DEL; veth gone with it, CNI GC released %s and its endpoint %v after the namespace went; next pod got %s; %v",
+		victim.IP, cleaned.Sub(gone).Round(time.Millisecond), next.IP, r)
+	requireNoBrokenFlows(t, r)
+	if r.Failed > 0 {
+		t.Errorf("%d new connections through %s failed", r.Failed, addr)
+	}
+}
+
+// linkExists reports whether the node's namespace has a link named name.
+func linkExists(t *testing.T, n *lab.Node, name string) bool {
+	t.Helper()
+	found := false
+	if err := nsutil.Do(n.NS, func() error {
+		_, err := netlink.LinkByName(name)
+		if err == nil {
+			found = true
+			return nil
+		}
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("look up link %s on %s: %v", name, n.Name, err)
+	}
+	return found
+}
+
+// endpointRecorded reports whether the node's endpoint map has a pod at ip, or its ipcache
+// has ip as a local pod.
+func endpointRecorded(t *testing.T, n *lab.Node, ip netip.Addr) bool {
+	t.Helper()
+	m, err := loader.OpenPinnedMaps(n.PinRoot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	eps, err := m.DumpEndpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range eps {
+		if loader.BEToAddr(v.Addr) == ip {
+			return true
+		}
+	}
+	ipc, err := m.DumpIPCache()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, ok := ipc[loader.IPCacheKey{Prefixlen: 32, Addr: loader.AddrToBE(ip)}]
+	return ok && v.Flags&loader.IPCacheFlagLocal != 0
+}
+
+// allocated reports whether the node's agent has ip allocated to a pod.
+func allocated(t *testing.T, ctx context.Context, n *lab.Node, ip netip.Addr) bool {
+	t.Helper()
+	st, err := n.Client().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range st.Allocations {
+		if a.IP == ip.String() {
+			return true
+		}
+	}
+	return false
 }
