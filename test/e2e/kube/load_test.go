@@ -222,11 +222,22 @@ func requireNoBrokenFlows(t *testing.T, r loadReport) {
 // labels (e.g. `action="AssignPrivateIpAddresses"`); 0 when there are none.
 func agentMetric(t *testing.T, ctx context.Context, n *lab.Node, metric string, labels ...string) float64 {
 	t.Helper()
+	sum := 0.0
+	for _, v := range agentSamples(t, ctx, n, metric, labels...) {
+		sum += v
+	}
+	return sum
+}
+
+// agentSamples is the node agent's samples of metric whose labels contain every one of
+// labels, by their label set as exposed (`{reason="pass",direction="to-netdev"}`).
+func agentSamples(t *testing.T, ctx context.Context, n *lab.Node, metric string, labels ...string) map[string]float64 {
+	t.Helper()
 	m, err := n.Client().Metrics(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sum := 0.0
+	out := map[string]float64{}
 	for _, line := range strings.Split(m, "\n") {
 		sp := strings.LastIndexByte(line, ' ')
 		if sp < 0 || strings.HasPrefix(line, "#") {
@@ -251,7 +262,26 @@ func agentMetric(t *testing.T, ctx context.Context, n *lab.Node, metric string, 
 		if err != nil {
 			t.Fatalf("metric line %q: %v", line, err)
 		}
-		sum += v
+		out[lbl] += v
 	}
-	return sum
+	return out
+}
+
+// drops is the node's datapath drop counters (tern_datapath_packets_total with a drop_*
+// reason), by label set.
+func drops(t *testing.T, ctx context.Context, n *lab.Node) map[string]float64 {
+	t.Helper()
+	return agentSamples(t, ctx, n, "tern_datapath_packets_total", `reason="drop_`)
+}
+
+// dropsSince is what drops rose by since before (only the counters that moved).
+func dropsSince(t *testing.T, ctx context.Context, n *lab.Node, before map[string]float64) map[string]float64 {
+	t.Helper()
+	out := map[string]float64{}
+	for k, v := range drops(t, ctx, n) {
+		if d := v - before[k]; d != 0 {
+			out[k] = d
+		}
+	}
+	return out
 }
