@@ -12,6 +12,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -264,6 +265,90 @@ func TestServiceAndNATMapsFullUnderClusterIPTraffic(t *testing.T) {
 		requireNoBrokenFlows(t, r)
 		if r.Failed > 0 {
 			t.Errorf("%d new connections through %s failed while the NAT table was full (Service traffic inside the VPC is never masqueraded)", r.Failed, addr)
+		}
+	})
+
+	t.Run("policy maps", func(t *testing.T) {
+		// tern_policy_cidrs holds 16,384 prefixes (its default: no agent setting sizes the
+		// policy maps). A pod on node-2 is allowed to reach echo-1 only; then policies with
+		// 17,000 ipBlocks select it, which cannot fit.
+		const cidrCapacity, perPolicy, policies = 16384, 1000, 17
+		guarded, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "guarded", Node: "node-2", Labels: map[string]string{"role": "guarded"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		echo1, echo2 := netip.AddrPortFrom(l.Pod(ns, "echo-1").IP, 7000), netip.AddrPortFrom(l.Pod(ns, "echo-2").IP, 7000)
+		np := func(name string, cidrs []string) *networkingv1.NetworkPolicy {
+			var peers []networkingv1.NetworkPolicyPeer
+			for _, c := range cidrs {
+				peers = append(peers, networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: c}})
+			}
+			return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: name},
+				Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"role": "guarded"}},
+					PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+					Egress:      []networkingv1.NetworkPolicyEgressRule{{To: peers}}}}
+		}
+		nps := l.Client().NetworkingV1().NetworkPolicies(ns)
+		if _, err := nps.Create(ctx, np("only-echo-1", []string{echo1.Addr().String() + "/32"}), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 60*time.Second, "the policy in force: guarded reaches echo-1, not echo-2", func() (bool, string) {
+			a, b := reaches(ctx, guarded, echo1.String()), reaches(ctx, guarded, echo2.String())
+			return a && !b, fmt.Sprintf("echo-1 %v, echo-2 %v", a, b)
+		})
+		failures := agentMetric(t, ctx, node2, "tern_networkpolicy_sync_failures_total", `reason="map_full"`)
+		ld := startLoad(t, ctx, client, addr, 20)
+		start := time.Now()
+		for i := range policies {
+			cidrs := make([]string, perPolicy)
+			for j := range cidrs {
+				n := i*perPolicy + j
+				cidrs[j] = fmt.Sprintf("10.200.%d.%d/32", n/256, n%256)
+			}
+			if _, err := nps.Create(ctx, np(fmt.Sprintf("big-%02d", i), cidrs), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		eventually(t, 90*time.Second, "a TernNetworkPolicyMapFull Event on node-2 and the failure counted", func() (bool, string) {
+			got := agentMetric(t, ctx, node2, "tern_networkpolicy_sync_failures_total", `reason="map_full"`) - failures
+			evs, err := l.Client().CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=node-2,reason=TernNetworkPolicyMapFull"})
+			if err != nil {
+				return false, err.Error()
+			}
+			if got > 0 && len(evs.Items) > 0 {
+				t.Logf("Event on node-2: %.300s", evs.Items[0].Message)
+				return true, ""
+			}
+			return false, fmt.Sprintf("%v failures counted, %d events", got, len(evs.Items))
+		})
+		filled := time.Now()
+		entries := agentMetric(t, ctx, node2, "tern_datapath_map_entries", `map="tern_policy_cidrs"`)
+		// The previous rules stay enforced.
+		if a, b := reaches(ctx, guarded, echo1.String()), reaches(ctx, guarded, echo2.String()); !a || b {
+			t.Errorf("with the policy maps full the previous policy no longer holds: guarded reaches echo-1 %v (want true), echo-2 %v (want false)", a, b)
+		}
+		// Room again: the big policies go, and a change after that is enforced.
+		for i := range policies {
+			if err := nps.Delete(ctx, fmt.Sprintf("big-%02d", i), metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		freed := time.Now()
+		if _, err := nps.Create(ctx, np("also-echo-2", []string{echo2.Addr().String() + "/32"}), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 90*time.Second, "a policy change enforced after the big policies went", func() (bool, string) {
+			b := reaches(ctx, guarded, echo2.String())
+			return b, fmt.Sprintf("guarded reaches echo-2: %v", b)
+		})
+		recovered := time.Now()
+		ld.waitNewConns(t, recovered, 20, "new connections after the policy maps had room")
+		r := ld.finish(start)
+		t.Logf("policy maps: %d ipBlocks for a %d-prefix tern_policy_cidrs (%v entries when it failed), refused %v after the first was created; previous rules kept; a change enforced %v after the big policies were deleted; %v",
+			policies*perPolicy, cidrCapacity, entries, filled.Sub(start).Round(time.Millisecond), recovered.Sub(freed).Round(time.Millisecond), r)
+		requireNoBrokenFlows(t, r)
+		if r.Failed > 0 {
+			t.Errorf("%d new connections through %s failed while the policy maps were full", r.Failed, addr)
 		}
 	})
 }
