@@ -27,6 +27,8 @@ const (
 	smallServices = 8    // frontends: "kubernetes", the fixture's "echo" and 6 more fit
 	smallFlows    = 1024 // conntrack entries: 512 service flows
 	smallSNAT     = 64   // masquerade translations
+	// NetworkPolicy ipBlock prefixes (the nodes' own addresses take a few)
+	smallPolicyCIDRs = 256
 )
 
 // smallMapsLab brings up a lab of its own whose agents' maps are adjusted by tune, with the
@@ -117,14 +119,15 @@ func TestConntrackFullUnderClusterIPTraffic(t *testing.T) {
 	}
 }
 
-// TestServiceAndNATMapsFullUnderClusterIPTraffic fills the service map (8 frontends) and
-// then the masquerade NAT table (64 translations) of a lab of its own while the load runs:
+// TestServiceAndNATMapsFullUnderClusterIPTraffic fills the service map (8 frontends), the
+// masquerade NAT table (64 translations) and the NetworkPolicy prefix map (256) of a lab of
+// its own, one after the other, while the load runs:
 // each full map must be counted and surfaced, the Services that fit keep being served, and
 // the node recovers without help once there is room.
 func TestServiceAndNATMapsFullUnderClusterIPTraffic(t *testing.T) {
 	const ns = "e2e-mapsfull"
 	l, client, addr, ctx := smallMapsLab(t, ns, func(c *agent.Config) {
-		c.MaxServices = smallServices
+		c.MaxServices, c.MaxPolicyCIDRs = smallServices, smallPolicyCIDRs
 		c.Masquerade = agent.MasqueradeConfig{Enabled: true, VPCCIDRs: []string{"192.168.0.0/16"}, MaxFlows: smallSNAT,
 			GCInterval: agent.Duration(time.Second)}
 	})
@@ -269,10 +272,9 @@ func TestServiceAndNATMapsFullUnderClusterIPTraffic(t *testing.T) {
 	})
 
 	t.Run("policy maps", func(t *testing.T) {
-		// tern_policy_cidrs holds 16,384 prefixes (its default: no agent setting sizes the
-		// policy maps). A pod on node-2 is allowed to reach echo-1 only; then policies with
-		// 17,000 ipBlocks select it, which cannot fit.
-		const cidrCapacity, perPolicy, policies = 16384, 1000, 17
+		// tern_policy_cidrs holds smallPolicyCIDRs prefixes here. A pod on node-2 is allowed to
+		// reach echo-1 only; then policies with more ipBlocks than that select it.
+		const cidrCapacity, perPolicy, policies = smallPolicyCIDRs, 100, 3
 		guarded, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "guarded", Node: "node-2", Labels: map[string]string{"role": "guarded"}})
 		if err != nil {
 			t.Fatal(err)
