@@ -324,7 +324,6 @@ func TestServiceAndNATMapsFullUnderClusterIPTraffic(t *testing.T) {
 			return false, fmt.Sprintf("%v failures counted, %d events", got, len(evs.Items))
 		})
 		filled := time.Now()
-		entries := agentMetric(t, ctx, node2, "tern_datapath_map_entries", `map="tern_policy_cidrs"`)
 		// The previous rules stay enforced.
 		if a, b := reaches(ctx, guarded, echo1.String()), reaches(ctx, guarded, echo2.String()); !a || b {
 			t.Errorf("with the policy maps full the previous policy no longer holds: guarded reaches echo-1 %v (want true), echo-2 %v (want false)", a, b)
@@ -346,8 +345,8 @@ func TestServiceAndNATMapsFullUnderClusterIPTraffic(t *testing.T) {
 		recovered := time.Now()
 		ld.waitNewConns(t, recovered, 20, "new connections after the policy maps had room")
 		r := ld.finish(start)
-		t.Logf("policy maps: %d ipBlocks for a %d-prefix tern_policy_cidrs (%v entries when it failed), refused %v after the first was created; previous rules kept; a change enforced %v after the big policies were deleted; %v",
-			policies*perPolicy, cidrCapacity, entries, filled.Sub(start).Round(time.Millisecond), recovered.Sub(freed).Round(time.Millisecond), r)
+		t.Logf("policy maps: %d ipBlocks for a %d-prefix tern_policy_cidrs, refused %v after the first was created; previous rules kept; a change enforced %v after the big policies were deleted; %v",
+			policies*perPolicy, cidrCapacity, filled.Sub(start).Round(time.Millisecond), recovered.Sub(freed).Round(time.Millisecond), r)
 		requireNoBrokenFlows(t, r)
 		if r.Failed > 0 {
 			t.Errorf("%d new connections through %s failed while the policy maps were full", r.Failed, addr)
