@@ -206,7 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	lcfg := loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
 		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
-		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
+		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks, MaxPolicyCIDRs: a.cfg.MaxPolicyCIDRs,
 		BandwidthEDT: bwMode == bandwidth.ModeEDT, Logger: a.log.Named("loader")}
 	if err := a.masqueradeLoadConfig(&lcfg); err != nil {
 		return err

@@ -109,6 +109,10 @@ type Config struct {
 	// MaxMaglevBlocks the Maglev tables (16 entries a block; default 65536).
 	MaxAffinity     uint32 `json:"maxAffinity,omitempty"`
 	MaxMaglevBlocks uint32 `json:"maxMaglevBlocks,omitempty"`
+	// MaxPolicyCIDRs sizes the map of NetworkPolicy ipBlock prefixes (cidr and except;
+	// default 16384). Policies with more distinct prefixes do not fit: the previous rules
+	// stay enforced and the Node gets a TernNetworkPolicyMapFull Event.
+	MaxPolicyCIDRs uint32 `json:"maxPolicyCIDRs,omitempty"`
 	// LBAlgorithm is the backend selection of Services without the
 	// service.tern.io/lb-algorithm annotation (or Cilium's service.cilium.io/lb-algorithm):
 	// "random" (the default, as kube-proxy) or "maglev".

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"go.uber.org/zap"
 
@@ -55,6 +56,10 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
+		if err := a.forgetEndpointsAt(al.IP); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
 		if err := pool.Release(ctx, key); err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
@@ -83,6 +88,37 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 	}
 	a.m.gcReleased.Add(float64(len(res.Released)))
 	return res, errors.Join(errs...)
+}
+
+// forgetEndpointsAt removes every endpoint record that still carries ip, before ip goes back
+// to the pool. Teardown finds a pod's record through its host veth; when the pod's network
+// namespace was destroyed without a CNI DEL (a runtime that died), the veth pair went with
+// it, so neither DEL nor GC can name the interface and the record (and the address's
+// ipcache entry as a local pod) would outlive the address, until the next agent start
+// prunes it — by then possibly deleting the ipcache entry of the pod that got the address
+// next.
+func (a *Agent) forgetEndpointsAt(ip netip.Addr) error {
+	dp, reg := a.Datapath(), a.endpointRegistry()
+	if dp == nil || reg == nil {
+		return nil
+	}
+	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	var errs []error
+	for _, e := range reg.List() {
+		if e.Addr != ip {
+			continue
+		}
+		if err := errors.Join(dp.DetachPod(e.IfIndex), reg.Delete(e.IfIndex)); err != nil {
+			errs = append(errs, fmt.Errorf("forget endpoint %s on ifindex %d: %w", ip, e.IfIndex, err))
+			continue
+		}
+		a.notifyEndpoint(e.IfIndex, false)
+		a.m.vanishedEndpoints.Inc()
+		a.log.Info("forgot the endpoint of a pod whose interface vanished without a detach",
+			zap.Stringer("ip", ip), zap.Int("ifindex", e.IfIndex), zap.String("pod", e.Pod))
+	}
+	return errors.Join(errs...)
 }
 
 // detach removes the pod programs and its endpoint record from a host veth, if the

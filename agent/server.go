@@ -247,6 +247,11 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	unlock := a.sandboxes.lock(key.ContainerID)
 	defer unlock()
 	al, ok := pool.Allocations()[key]
+	if ok {
+		if err := a.forgetEndpointsAt(al.IP); err != nil {
+			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("forget the endpoint record of %s before releasing it", al.IP), Details: err.Error()}
+		}
+	}
 	if err := pool.Release(r.Context(), key); err != nil {
 		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
 	}

@@ -44,6 +44,9 @@ type Config struct {
 	// options map holds as many as the frontends (at least its default 131072).
 	MaxAffinity     uint32
 	MaxMaglevBlocks uint32
+	// MaxPolicyCIDRs sizes tern_policy_cidrs, the ipBlock prefixes of NetworkPolicies
+	// (default 16384).
+	MaxPolicyCIDRs uint32
 	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
@@ -235,9 +238,10 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 		// Only frontends with affinity or Maglev have options, and the map is not
 		// preallocated: it keeps its default size unless there may be more frontends, so
 		// that resizing the frontends does not move it as well.
-		PodMapTernLbSvcOpts:  max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
-		PodMapTernLbAffinity: cfg.MaxAffinity,
-		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
+		PodMapTernLbSvcOpts:   max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
+		PodMapTernLbAffinity:  cfg.MaxAffinity,
+		PodMapTernLbMaglev:    cfg.MaxMaglevBlocks,
+		PodMapTernPolicyCidrs: cfg.MaxPolicyCIDRs,
 	}
 	if err := configureSpec(spec, vars, sizes); err != nil {
 		return nil, nil, nil, err

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -9,7 +10,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -17,6 +20,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/tern-net/tern/agent/readiness"
 	"github.com/tern-net/tern/endpoint"
@@ -51,19 +55,36 @@ type policyReconciler struct {
 	remote         map[netip.Addr]bool // ipcache entries written for pods of other nodes
 	nodeIPs        []netip.Addr        // this node's addresses, read once (always allowed)
 
+	// failures counts syncs that could not write the maps; each also gives this Node a
+	// Warning Event (recorder) so that an operator sees it where kubectl describe looks.
+	failures *prometheus.CounterVec
+	recorder record.EventRecorder
+
 	mu      sync.Mutex
 	desired *policy.Desired // the last compiled state, read by the registry's PolicyFunc
 	synced  bool
 }
 
 func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool, audit func(string) bool,
-	reg *endpoint.Registry, maps *loader.PolicyMaps, ready *readiness.Component, log *zap.Logger) (*policyReconciler, error) {
+	reg *endpoint.Registry, maps *loader.PolicyMaps, ready *readiness.Component, recorder record.EventRecorder,
+	registerer prometheus.Registerer, log *zap.Logger) (*policyReconciler, error) {
 	w, err := policymap.NewWriter(maps)
 	if err != nil {
 		return nil, fmt.Errorf("networkpolicy: %w", err)
 	}
 	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, log: log.Named("policy"),
-		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}}
+		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}, recorder: recorder,
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tern_networkpolicy_sync_failures_total",
+			Help: "NetworkPolicy syncs that could not write the policy maps, by reason (map_full, other); the previous rules stay enforced."},
+			[]string{"reason"})}
+	for _, reason := range []string{"map_full", "other"} {
+		r.failures.WithLabelValues(reason)
+	}
+	if registerer != nil {
+		if err := registerer.Register(r.failures); err != nil {
+			return nil, fmt.Errorf("networkpolicy: register metrics: %w", err)
+		}
+	}
 	// Entries a previous agent wrote for other nodes' pods: the first sync removes the
 	// ones whose pods left meanwhile.
 	for _, a := range reg.Cache().PodAddrs() {
@@ -84,6 +105,24 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 		}
 	}
 	return r, nil
+}
+
+// reportFailure counts a failed sync and says so on this Node. A policy map that is full
+// (E2BIG from the kernel) keeps the rules it had: policymap.Writer adds new rules and
+// prefixes before it changes isolation or deletes anything, so a write that stops part way
+// enforces the previous policy (plus unused new entries).
+func (r *policyReconciler) reportFailure(err error) {
+	reason, event := "other", "TernNetworkPolicySyncFailed"
+	// A full hash map answers E2BIG; a full LPM trie (tern_policy, tern_policy_cidrs) ENOSPC.
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		reason, event = "map_full", "TernNetworkPolicyMapFull"
+	}
+	r.failures.WithLabelValues(reason).Inc()
+	if r.recorder != nil {
+		ref := &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: r.node, UID: types.UID(r.node)}
+		r.recorder.Eventf(ref, corev1.EventTypeWarning, event,
+			"could not write the NetworkPolicy rules on this node; the previous rules stay enforced until a change fits (will retry on the next change): %v", err)
+	}
 }
 
 func (r *policyReconciler) kick() {
@@ -114,6 +153,7 @@ func (r *policyReconciler) run(ctx context.Context, wg *sync.WaitGroup) {
 		if err := r.sync(ctx); err != nil {
 			// The next change retries; readiness says why until a sync succeeds.
 			r.log.Error("networkpolicy sync failed", zap.Error(err))
+			r.reportFailure(err)
 			r.mu.Lock()
 			synced := r.synced
 			r.mu.Unlock()
@@ -274,7 +314,8 @@ func (c *Component) startPolicy(ctx context.Context) error {
 		auditNS[ns] = true
 	}
 	audit := func(ns string) bool { return cfg.NetworkPolicy.Audit || auditNS[ns] }
-	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.a.Datapath().PolicyMaps(), ready, c.log)
+	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.a.Datapath().PolicyMaps(), ready,
+		c.recorder, c.a.Registry(), c.log)
 	if err != nil {
 		return err
 	}

@@ -86,6 +86,9 @@ func run(ctx context.Context, args []string) error {
 			return fmt.Errorf("read kubeconfig %s: %w", cfg.Kubeconfig, err)
 		}
 		rc.UserAgent = "tern-agent/" + cfg.NodeName
+		if err := kube.InstrumentAPIClient(rc, a.Registry(), log); err != nil {
+			return fmt.Errorf("kubernetes client metrics: %w", err)
+		}
 		client, err := kubernetes.NewForConfig(rc)
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)

@@ -6,10 +6,12 @@ package policymap
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/policy"
@@ -170,15 +172,37 @@ type Stats struct{ Written, Deleted int }
 // Sync makes the maps hold e. The order keeps every intermediate state no stricter than
 // either end for flows the old and new contents both allow: new prefixes and rules go in
 // before isolation is added, and isolation goes before the rules and prefixes it needed.
+//
+// When a map is full the additions cannot go first: the entries the new contents drop are
+// deleted before the rest is written. Otherwise a sync that once failed on a full map left
+// its partial additions in place, and every later sync — even one that needed less room,
+// after policies were deleted — failed on them before reaching its deletions, for good.
+// Deleting first denies early only what the new contents deny anyway.
 func (w *Writer) Sync(e Entries) (Stats, error) {
 	var st Stats
 	add := func(n int, err error) error { st.Written += n; return err }
 	rm := func(n int, err error) error { st.Deleted += n; return err }
 	if err := add(w.cidrs.put(e.CIDRs)); err != nil {
-		return st, err
+		if !isFull(err) {
+			return st, err
+		}
+		if err := rm(w.cidrs.del(e.CIDRs)); err != nil {
+			return st, err
+		}
+		if err := add(w.cidrs.put(e.CIDRs)); err != nil {
+			return st, err
+		}
 	}
 	if err := add(w.rules.put(e.Rules)); err != nil {
-		return st, err
+		if !isFull(err) {
+			return st, err
+		}
+		if err := rm(w.rules.del(e.Rules)); err != nil {
+			return st, err
+		}
+		if err := add(w.rules.put(e.Rules)); err != nil {
+			return st, err
+		}
 	}
 	if err := add(w.iso.put(e.Isolation)); err != nil {
 		return st, err
@@ -191,6 +215,10 @@ func (w *Writer) Sync(e Entries) (Stats, error) {
 	}
 	return st, rm(w.cidrs.del(e.CIDRs))
 }
+
+// isFull reports whether err is a kernel map's answer to an update when full: E2BIG from a
+// hash map, ENOSPC from an LPM trie.
+func isFull(err error) bool { return errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) }
 
 // IPCache is the tern_ipcache entries of d's pod addresses (identity and IPC_F_POD). The
 // agent's ipcache reconciler (package endpoint) owns that map; this is what it is fed.

@@ -132,6 +132,9 @@ type Options struct {
 	// node i owns RoutePodCIDR(i), on its Node's spec.podCIDR with Kubernetes — the lab
 	// plays kube-controller-manager's node IPAM — or in its config without).
 	DaemonMode string
+	// AgentConfig, when set, adjusts each node's agent configuration before it is written
+	// (small datapath maps for the map-full tests, masquerade, ...).
+	AgentConfig func(n *Node, c *agent.Config)
 	// SocketLB turns socket-level load balancing on in every agent, each attached to a cgroup
 	// of its node's own, <cgroup v2 root>/tern-lab-<random>/<node name> (Node.Cgroup), never
 	// to a cgroup the lab did not create. A process started there (internal/sockclient) in

@@ -88,7 +88,11 @@ func (n *Node) prepare() error {
 	if err := n.UpdateENIConf(n.lab.opts.ENIConf); err != nil {
 		return err
 	}
-	if err := writeJSON(filepath.Join(n.dir, "agent.json"), n.agentConfig()); err != nil {
+	cfg := n.agentConfig()
+	if n.lab.opts.AgentConfig != nil {
+		n.lab.opts.AgentConfig(n, &cfg)
+	}
+	if err := writeJSON(filepath.Join(n.dir, "agent.json"), cfg); err != nil {
 		return err
 	}
 	conflist := map[string]any{

@@ -302,10 +302,13 @@ func (s *server) serve(greeting string) {
 		}
 		go func() {
 			defer c.Close()
+			// An idle limit, not a lifetime: the chaos tests hold flows open across faults
+			// that take longer than any one exchange.
 			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 			fmt.Fprintf(c, "%s\n", greeting)
 			sc := bufio.NewScanner(c)
 			for sc.Scan() {
+				_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 				fmt.Fprintf(c, "%s\n", sc.Text())
 			}
 		}()
