@@ -31,6 +31,7 @@
 #include "lib/policy.h"
 #include "lib/bandwidth.h"
 #include "lib/forward.h"
+#include "lib/nodeport.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -87,6 +88,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 			svc = lb_lookup_service(p->daddr, p->dport, p->proto);
 		if (!svc)
 			return TC_ACT_OK; /* the frontend is gone: nothing to translate to */
+		if (!lb_source_allowed(svc, p->saddr))
+			return drop(skb, REASON_DROP_SRC_RANGE, DIR_FROM_POD);
 		if (svc->backend_count == 0) {
 			/* internalTrafficPolicy Local with no local endpoint: kube-proxy drops. */
 			if (svc->flags & SVC_F_DROP_EMPTY)

@@ -29,6 +29,8 @@ enum svc_flag {
 	SVC_F_AFFINITY = 1 << 0,   /* sessionAffinity ClientIP; timeout in tern_lb_svc_opts */
 	SVC_F_MAGLEV = 1 << 1,     /* pick by tern_lb_maglev; table size in tern_lb_svc_opts */
 	SVC_F_DROP_EMPTY = 1 << 2, /* no backends: drop (no local endpoint), not reject */
+	SVC_F_EXTERNAL = 1 << 3,   /* NodePort, LoadBalancer IP or externalIP: served on the netdevs too */
+	SVC_F_SRC_RANGES = 1 << 4, /* loadBalancerSourceRanges: clients outside tern_lb_src_ranges drop */
 };
 
 /* tern_services: key svc_key, value svc_value. Size from the loader (default 131072
@@ -112,6 +114,46 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_lb_svc_opts SEC(".maps");
+
+struct src_range_key {
+	__u32 prefixlen; /* 32 (the frontend id) + the CIDR's length */
+	__u32 svc_id;    /* svc_value.id */
+	__be32 addr;     /* the allowed CIDR's address */
+};
+
+/* tern_lb_src_ranges: key src_range_key (frontend id, allowed client CIDR), value __u8
+ * (unused, 1). The loadBalancerSourceRanges of each LoadBalancer IP frontend that has them
+ * (svc_value.flags SVC_F_SRC_RANGES): a new flow from a client outside them is dropped. LPM
+ * trie, 65536 prefixes; never evicted: written before the frontend's flag is set, deleted
+ * after it is cleared. Writer: agent service reconciler. Readers: from-netdev (external
+ * clients) and from-pod (in-cluster clients), on a flow's first packet. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_src_ranges SEC(".maps");
+
+/* Whether client is inside the source ranges of the frontend with id. A global function:
+ * the verifier checks it once on its own instead of once per path through the caller
+ * (inlined, it grew tern_from_pod's verification by a third). */
+__attribute__((noinline)) int lb_source_in_ranges(__u32 id, __be32 client)
+{
+	struct src_range_key k = { .prefixlen = 64, .svc_id = id, .addr = client };
+
+	return bpf_map_lookup_elem(&tern_lb_src_ranges, &k) != NULL;
+}
+
+/* Whether client may open a flow to svc: always, unless the frontend has source ranges
+ * and none holds it. */
+static __always_inline bool lb_source_allowed(const struct svc_value *svc, __be32 client)
+{
+	if (!(svc->flags & SVC_F_SRC_RANGES))
+		return true;
+	return lb_source_in_ranges(svc->id, client);
+}
 
 static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 port, __u8 proto)
 {
