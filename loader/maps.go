@@ -59,6 +59,9 @@ const (
 	SvcFlagDropEmpty = 1 << 2
 	SvcFlagExternal  = 1 << 3
 	SvcFlagSrcRanges = 1 << 4
+	SvcFlagExtLocal  = 1 << 5
+	// SvcScopeInternal (svc_key.scope): the in-cluster twin of an SvcFlagExtLocal frontend.
+	SvcScopeInternal = 1
 )
 
 // MaglevBlock is how many Maglev table entries one tern_lb_maglev value holds

@@ -166,7 +166,7 @@ type NetdevSvcKey struct {
 	Addr  uint32
 	Port  uint16
 	Proto uint8
-	Pad   uint8
+	Scope uint8
 }
 
 type NetdevSvcOpts struct {

@@ -258,3 +258,25 @@ func TestSourceRangesFromPods(t *testing.T) {
 		t.Fatalf("drop_src_range from-pod = %d, want 1", n)
 	}
 }
+
+// TestExternalLocalTwin: an externalTrafficPolicy Local frontend without a local endpoint
+// drops external clients, while a pod reaching the same address and port gets its
+// in-cluster twin's backend (kube-proxy's short-circuit of in-cluster clients).
+func TestExternalLocalTwin(t *testing.T) {
+	h := newNP(t)
+	h.frontend(t, 1, nodeAddr, 30090, packet.ProtoTCP, loader.SvcFlagExternal|loader.SvcFlagExtLocal|loader.SvcFlagDropEmpty)
+	loadertest.PutService(t, h.m, 2, "0.0.0.0", 1, packet.ProtoTCP, loadertest.B(be1.String(), 8080))
+	twin := loader.ServiceKey{Addr: loader.AddrToBE(nodeAddr), Port: loader.PortToBE(30090), Proto: packet.ProtoTCP, Scope: loader.SvcScopeInternal}
+	if err := h.m.Services.Put(twin, loader.ServiceValue{Id: 2, BackendCount: 1, Flags: loader.SvcFlagExternal}); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := h.run(t, h.d.FromNetdev(), tcp(inet, 40000, nodeAddr, 30090, packet.SYN).Build()); v != verdictShot {
+		t.Fatalf("external client: verdict %d, want TC_ACT_SHOT (no local endpoint)", v)
+	}
+	v, out := loadertest.Run(t, h.d.FromPod(), tcp(client, 40000, nodeAddr, 30090, packet.SYN).Build())
+	if v != verdictOK {
+		t.Fatalf("pod client: verdict %d, want TC_ACT_OK", v)
+	}
+	p := parse(t, out)
+	wantAddrPort(t, "pod client: destination", p.Dst, p.DstPort, be1, 8080)
+}

@@ -252,7 +252,7 @@ type PodSvcKey struct {
 	Addr  uint32
 	Port  uint16
 	Proto uint8
-	Pad   uint8
+	Scope uint8
 }
 
 type PodSvcOpts struct {

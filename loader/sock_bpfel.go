@@ -109,7 +109,7 @@ type SockSvcKey struct {
 	Addr  uint32
 	Port  uint16
 	Proto uint8
-	Pad   uint8
+	Scope uint8
 }
 
 type SockSvcOpts struct {

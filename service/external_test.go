@@ -28,7 +28,8 @@ func lbService(etp corev1.ServiceExternalTrafficPolicy) *corev1.Service {
 // TestTranslateExternalFrontends: NodePort on every node address, the LoadBalancer IP (not
 // the one in Proxy mode) with its canonical source ranges, the externalIP; externalTraffic
 // Policy Cluster gives them every endpoint, Local only this node's (terminating ones when
-// no local one is ready, drop when none is local); the cluster IP keeps every endpoint.
+// no local one is ready, drop when none is local) plus an in-cluster twin of each with
+// every endpoint; the cluster IP keeps every endpoint.
 func TestTranslateExternalFrontends(t *testing.T) {
 	me := Node{Name: "node-a", Addrs: []netip.Addr{netip.MustParseAddr("10.0.0.10"), netip.MustParseAddr("10.0.0.20"), netip.MustParseAddr("fd00::10")}}
 	tr := Translator{Node: me}
@@ -72,15 +73,27 @@ func TestTranslateExternalFrontends(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := State{cip: c.wantClust, node10: c.wantExt, node20: c.wantExt, lb: c.wantExt, ext: c.wantExt}
-			if !reflect.DeepEqual(st, want) {
-				t.Fatalf("state\n got %v\nwant %v", st, want)
-			}
+			isLocal := c.etp == corev1.ServiceExternalTrafficPolicyLocal
 			wantOpts := map[Frontend]Options{
 				cip:    {},
-				node10: {Kind: KindNodePort, DropWhenEmpty: c.wantDrop},
-				node20: {Kind: KindNodePort, DropWhenEmpty: c.wantDrop},
-				lb:     {Kind: KindLoadBalancer, DropWhenEmpty: c.wantDrop, SourceRanges: ranges},
-				ext:    {Kind: KindExternalIP, DropWhenEmpty: c.wantDrop},
+				node10: {Kind: KindNodePort, DropWhenEmpty: c.wantDrop, ExternalLocal: isLocal},
+				node20: {Kind: KindNodePort, DropWhenEmpty: c.wantDrop, ExternalLocal: isLocal},
+				lb:     {Kind: KindLoadBalancer, DropWhenEmpty: c.wantDrop, SourceRanges: ranges, ExternalLocal: isLocal},
+				ext:    {Kind: KindExternalIP, DropWhenEmpty: c.wantDrop, ExternalLocal: isLocal},
+			}
+			if isLocal {
+				// In-cluster clients get the cluster endpoints at the same addresses.
+				for _, f := range []Frontend{node10, node20, lb, ext} {
+					twin := f
+					twin.Internal = true
+					want[twin] = c.wantClust
+					o := wantOpts[f]
+					o.DropWhenEmpty, o.ExternalLocal = false, false
+					wantOpts[twin] = o
+				}
+			}
+			if !reflect.DeepEqual(st, want) {
+				t.Fatalf("state\n got %v\nwant %v", st, want)
 			}
 			if !reflect.DeepEqual(opts, wantOpts) {
 				t.Fatalf("options\n got %v\nwant %v", opts, wantOpts)

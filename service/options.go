@@ -32,6 +32,9 @@ type Options struct {
 	// (masked, sorted, comma-separated; Prefixes reads it back); "" lets every client in.
 	// A string so that Options stay comparable.
 	SourceRanges string
+	// ExternalLocal: externalTrafficPolicy Local on an external frontend, which then has an
+	// Internal twin with every endpoint for in-cluster clients.
+	ExternalLocal bool
 }
 
 // Kind is the part of a Service a frontend comes from.

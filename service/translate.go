@@ -105,14 +105,31 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 		if eo.MaglevSize != 0 {
 			eo.MaglevSize = MaglevSize(len(extBackends), tr.MaglevTableSize)
 		}
+		// In-cluster clients of an eTP Local frontend get every endpoint (kube-proxy sends
+		// them to the cluster-wide chain): an Internal twin with the cluster endpoints.
+		var twinBackends []Backend
+		if extLocal {
+			twinBackends, _ = tr.endpointsFor(all, false)
+		}
 		for f, kind := range ext {
 			o := eo
 			o.Kind = kind
 			if kind == KindLoadBalancer {
 				o.SourceRanges = ranges
 			}
+			o.ExternalLocal = extLocal
 			out[f] = extBackends
 			opts[f] = o
+			if extLocal {
+				twin, to := f, o
+				twin.Internal = true
+				to.ExternalLocal, to.DropWhenEmpty = false, false
+				if to.MaglevSize != 0 {
+					to.MaglevSize = MaglevSize(len(twinBackends), tr.MaglevTableSize)
+				}
+				out[twin] = twinBackends
+				opts[twin] = to
+			}
 		}
 	}
 	if len(errs) > 0 {

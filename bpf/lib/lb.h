@@ -16,7 +16,17 @@ struct svc_key {
 	__be32 addr;
 	__be16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope; /* enum svc_scope (was padding: 0 in entries older agents wrote) */
+};
+
+/* Which clients an entry serves. An external frontend with externalTrafficPolicy Local
+ * (SVC_F_EXT_LOCAL) has a twin under SVC_SCOPE_INTERNAL with every endpoint of the Service:
+ * pods and host processes reaching a NodePort or LoadBalancer IP are sent to any endpoint,
+ * as kube-proxy short-circuits in-cluster clients, while external clients get this node's
+ * endpoints only. */
+enum svc_scope {
+	SVC_SCOPE_ALL = 0,
+	SVC_SCOPE_INTERNAL = 1,
 };
 
 struct svc_value {
@@ -31,6 +41,7 @@ enum svc_flag {
 	SVC_F_DROP_EMPTY = 1 << 2, /* no backends: drop (no local endpoint), not reject */
 	SVC_F_EXTERNAL = 1 << 3,   /* NodePort, LoadBalancer IP or externalIP: served on the netdevs too */
 	SVC_F_SRC_RANGES = 1 << 4, /* loadBalancerSourceRanges: clients outside tern_lb_src_ranges drop */
+	SVC_F_EXT_LOCAL = 1 << 5,  /* externalTrafficPolicy Local: in-cluster clients use the SVC_SCOPE_INTERNAL twin */
 };
 
 /* tern_services: key svc_key, value svc_value. Size from the loader (default 131072
@@ -160,6 +171,20 @@ static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 p
 	struct svc_key k = { .addr = addr, .port = port, .proto = proto };
 
 	return bpf_map_lookup_elem(&tern_services, &k);
+}
+
+/* The frontend an in-cluster client (a pod, a host process) reaches: the entry itself, or
+ * for an externalTrafficPolicy Local frontend its cluster-wide twin when there is one. */
+static __always_inline struct svc_value *lb_lookup_internal(__be32 addr, __be16 port, __u8 proto)
+{
+	struct svc_value *svc = lb_lookup_service(addr, port, proto);
+
+	if (!svc || !(svc->flags & SVC_F_EXT_LOCAL))
+		return svc;
+	struct svc_key k = { .addr = addr, .port = port, .proto = proto, .scope = SVC_SCOPE_INTERNAL };
+	struct svc_value *twin = bpf_map_lookup_elem(&tern_services, &k);
+
+	return twin ?: svc;
 }
 
 static __always_inline struct backend_value *lb_backend(__u32 svc_id, __u32 slot)

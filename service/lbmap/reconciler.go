@@ -97,6 +97,9 @@ func encode(o service.Options, slots []service.Backend) encoded {
 	if o.Kind.External() {
 		e.flags |= loader.SvcFlagExternal
 	}
+	if o.ExternalLocal {
+		e.flags |= loader.SvcFlagExtLocal
+	}
 	if o.Kind == service.KindLoadBalancer && o.SourceRanges != "" {
 		e.flags |= loader.SvcFlagSrcRanges
 		e.ranges = o.Prefixes()
@@ -167,7 +170,8 @@ func (r *Reconciler) load() error {
 	r.nextID = 1
 	byID := map[uint32]*realized{}
 	for k, v := range svcs {
-		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto)}
+		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto),
+			Internal: k.Scope == loader.SvcScopeInternal}
 		re := &realized{id: v.Id, slots: make([]service.Backend, v.BackendCount), flags: v.Flags}
 		r.fronts[f] = re
 		r.usedIDs[v.Id] = true
@@ -416,7 +420,11 @@ func (r *Reconciler) allocID() (uint32, error) {
 }
 
 func svcKey(f service.Frontend) loader.ServiceKey {
-	return loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
+	k := loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
+	if f.Internal {
+		k.Scope = loader.SvcScopeInternal
+	}
+	return k
 }
 
 // layout places the desired backends into slots, keeping every surviving backend in the

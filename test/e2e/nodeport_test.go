@@ -251,6 +251,12 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 			t.Fatalf("%s: nothing counted under %s/from-netdev", c.what, c.reason)
 		}
 	}
+	// A pod reaching the eTP Local NodePort that drops external clients is served by the
+	// remote endpoint (in-cluster clients get every endpoint, as with kube-proxy) and keeps
+	// its own address.
+	if _, who, err := pod.dialTCP(masqNodeAddr + ":30084"); err != nil || who != pod.ip.String() {
+		t.Fatalf("pod to the eTP Local NodePort without a local endpoint: saw %q, %v; want served, seen as %s", who, err, pod.ip)
+	}
 	// The NodePort of the Service with the closed LoadBalancer IP stays open (ranges apply
 	// to the LoadBalancer IP only, as with kube-proxy).
 	if _, who, err := client.dialTCP(masqNodeAddr + ":30085"); err != nil || who != internetAddr {
