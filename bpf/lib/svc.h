@@ -176,10 +176,6 @@ static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct 
 }
 
 
-/* Open a new service flow from p (its SVC key in f) to svc: choose a backend, claim its wire
- * tuple and write both entries (REVNAT first, so a reply can never arrive before its entry).
- * When the wire tuple is another live flow's, the source port changes, taken from the
- * collision range. Returns a reason to drop, or 0 with the flow's SVC entry in *out. */
 /* The backend slot a new flow of p takes at svc: the one a lost SVC entry had (a TCP flow
  * whose REVNAT half survived), else lb_pick_backend's choice. */
 static __always_inline __u32 svc_pick_slot(const struct pkt *p, const struct svc_value *svc, __u64 now)
@@ -192,8 +188,12 @@ static __always_inline __u32 svc_pick_slot(const struct pkt *p, const struct svc
 	return slot;
 }
 
-/* svc_open with the backend already chosen (the netdev path picks first: whether the
- * backend is local decides how the flow is translated, nodeport.h). */
+/* Open a new service flow from p (its SVC key in f) to svc: claim its wire
+ * tuple and write both entries (REVNAT first, so a reply can never arrive before its entry).
+ * When the wire tuple is another live flow's, the source port changes, taken from the
+ * collision range. Returns a reason to drop, or 0 with the flow's SVC entry in *out.
+ * svc_open_to takes the backend already chosen (the netdev path picks first: whether the
+ * backend is local decides how the flow is translated, nodeport.h); svc_open chooses it. */
 static __always_inline int svc_open_to(const struct pkt *p, const struct flow *f,
 				       const struct svc_value *svc, const struct backend_value *be,
 				       __u64 now, struct ct_value *out)
