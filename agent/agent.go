@@ -211,6 +211,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.masqueradeLoadConfig(&lcfg); err != nil {
 		return err
 	}
+	a.nodePortLoadConfig(&lcfg)
 	dp, err := loader.Load(lcfg)
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)

@@ -163,7 +163,7 @@ static __always_inline int sock_pick(void *ctx, __u32 proto, __be32 vip, __be16 
 	if (!sock_proto_on(proto))
 		return SOCK_PASS;
 
-	struct svc_value *svc = lb_lookup_service(vip, vport, proto);
+	struct svc_value *svc = lb_lookup_internal(vip, vport, proto);
 
 	if (!svc)
 		return SOCK_PASS;

@@ -47,6 +47,10 @@ type Options struct {
 	// internalTrafficPolicy Local and topology hints) and its defaults (load-balancing
 	// algorithm, Maglev table size). The zero value knows no node: no endpoint is local.
 	Translator service.Translator
+	// OnService, when set, hears every Service the controller translated, with its
+	// EndpointSlices (svc nil: the Service is gone). The agent's healthCheckNodePort servers
+	// follow it. Called from the controller's goroutine; must not block.
+	OnService func(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice)
 }
 
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
@@ -305,6 +309,9 @@ func (c *Controller) syncService(nn types.NamespacedName) error {
 			dirty = append(dirty, f)
 		}
 	}
+	if c.opts.OnService != nil {
+		c.opts.OnService(nn, svc, eps)
+	}
 	err = c.rec.ApplyWith(c.builder.Desired, c.builder.Options, dirty)
 	c.observe("service", start, err)
 	c.m.frontends.Set(float64(c.builder.Len()))
@@ -339,11 +346,17 @@ func (c *Controller) fullSync() error {
 		if _, terr := c.builder.Set(nn, s, eps); terr != nil {
 			c.reportInvalid(s, terr)
 		}
+		if c.opts.OnService != nil {
+			c.opts.OnService(nn, s, eps)
+		}
 	}
 	// Services deleted while we were not looking.
 	for nn := range c.builder.Services() {
 		if !seen[nn] {
 			c.builder.Set(nn, nil, nil)
+			if c.opts.OnService != nil {
+				c.opts.OnService(nn, nil, nil)
+			}
 		}
 	}
 	desired := c.builder.State()

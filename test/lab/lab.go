@@ -156,12 +156,14 @@ type Lab struct {
 	pinRoot string
 	cgroup  string // Options.SocketLB: the lab's cgroup, parent of the nodes'
 	vpc     netns.NsHandle
-	sdn     *ecsemu.NetnsSDN
-	emu     *ecsemu.Emulator
-	srv     *http.Server
-	emuAddr string
-	nodes   []*Node
-	kube    *kubeParts // nil unless Options.Kubernetes
+	// external hosts' namespaces (AddExternalHost), closed by Down
+	externalHosts []netns.NsHandle
+	sdn           *ecsemu.NetnsSDN
+	emu           *ecsemu.Emulator
+	srv           *http.Server
+	emuAddr       string
+	nodes         []*Node
+	kube          *kubeParts // nil unless Options.Kubernetes
 
 	mu       sync.Mutex
 	pods     map[string]*Pod // by namespace/name
@@ -486,6 +488,10 @@ func (l *Lab) Down() error {
 			n.NS.Close()
 		}
 	}
+	for _, ns := range l.externalHosts {
+		ns.Close()
+	}
+	l.externalHosts = nil
 	if l.vpc.IsOpen() {
 		l.vpc.Close()
 	}
