@@ -1,0 +1,300 @@
+//go:build linux
+
+package kube_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/tern-net/tern/policy/policytest"
+	"github.com/tern-net/tern/test/lab"
+)
+
+// probeTimeout bounds one policy probe. Why a timeout can tell denied from allowed here:
+//   - a denied flow's first packet (TCP SYN, UDP datagram, SCTP INIT) is dropped by the
+//     datapath (TC_ACT_SHOT), so the prober never hears anything: no RST, no ICMP;
+//   - an allowed probe crosses two veths and a node link on this host: its answer comes back
+//     in about a millisecond (the random test logs the slowest), so 500 ms is a wide margin;
+//   - the TCP SYN retransmission timer is 1 s, longer than the timeout: a denied TCP probe
+//     sends one SYN, a denied UDP or SCTP probe one datagram, so every denied probe is
+//     exactly one drop_policy count on one node. The callers check that the drop counters
+//     rose by exactly the number of denied probes: a probe that timed out without a policy
+//     drop (lost, or merely slow) fails the test instead of passing as "denied";
+//   - any other answer (RST, ICMP unreachable, a wrong greeting) is an error, not a verdict.
+const probeTimeout = 500 * time.Millisecond
+
+// labServices are what every pod of the random lab scenarios serves: two ports per
+// protocol, one of them shared across protocols (TCP/UDP/SCTP on one number are separate).
+var labServices = []policytest.Service{
+	{Protocol: "TCP", Port: 80}, {Protocol: "TCP", Port: 8080},
+	{Protocol: "UDP", Port: 53}, {Protocol: "UDP", Port: 8080},
+	{Protocol: "SCTP", Port: 9000}, {Protocol: "SCTP", Port: 80},
+}
+
+// serveServices starts p's servers for svcs: TCP greeters (lab.Pod.Serve), UDP echoes and
+// one SCTP responder for all SCTP ports. The returned func stops the UDP and SCTP ones
+// (the TCP ones stop with the pod).
+func serveServices(p *lab.Pod, svcs []policytest.Service) (func(), error) {
+	var stops []func()
+	stop := func() {
+		for _, s := range stops {
+			s()
+		}
+	}
+	var sctpPorts []uint16
+	for _, s := range svcs {
+		switch s.Protocol {
+		case "TCP":
+			if _, err := p.Serve(int(s.Port)); err != nil {
+				stop()
+				return nil, err
+			}
+		case "UDP":
+			st, err := serveUDPEcho(p, int(s.Port))
+			if err != nil {
+				stop()
+				return nil, err
+			}
+			stops = append(stops, st)
+		case "SCTP":
+			sctpPorts = append(sctpPorts, s.Port)
+		}
+	}
+	if len(sctpPorts) > 0 {
+		st, err := serveSCTP(p, sctpPorts)
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		stops = append(stops, st)
+	}
+	return stop, nil
+}
+
+// probe opens one flow from p to dst (proto, port) with source port src, and tells whether
+// the service answered within probeTimeout. Each probe must use a source port no earlier
+// probe used towards the same destination: an allowed flow's verdict is cached in its
+// conntrack entry, so a reused UDP or SCTP tuple would be judged as established.
+func probe(ctx context.Context, p *lab.Pod, dst netip.Addr, proto string, port, src uint16) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	switch proto {
+	case "TCP":
+		return probeTCP(ctx, p, netip.AddrPortFrom(dst, port), src)
+	case "UDP":
+		return probeUDP(ctx, p, netip.AddrPortFrom(dst, port), src)
+	case "SCTP":
+		return probeSCTP(ctx, p, netip.AddrPortFrom(dst, port), src)
+	}
+	return false, fmt.Errorf("probe: unknown protocol %q", proto)
+}
+
+func timedOut(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+func probeTCP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
+	c, err := p.DialFrom(ctx, dst.String(), int(src))
+	if err != nil {
+		if timedOut(err) {
+			return false, nil
+		}
+		return false, err
+	}
+	defer c.Close()
+	dl, _ := ctx.Deadline()
+	_ = c.SetDeadline(dl)
+	greeting, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return false, fmt.Errorf("tcp %s -> %s: connected, then no greeting: %w", p.Key(), dst, err)
+	}
+	_ = greeting
+	return true, nil
+}
+
+func probeUDP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
+	var c *net.UDPConn
+	if err := p.Exec(func() error {
+		var err error
+		c, err = net.DialUDP("udp4", &net.UDPAddr{Port: int(src)}, net.UDPAddrFromAddrPort(dst))
+		return err
+	}); err != nil {
+		return false, fmt.Errorf("udp socket in %s from port %d: %w", p.Key(), src, err)
+	}
+	defer c.Close()
+	dl, _ := ctx.Deadline()
+	_ = c.SetDeadline(dl)
+	msg := fmt.Sprintf("probe %d", src)
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return false, fmt.Errorf("udp %s -> %s: send: %w", p.Key(), dst, err)
+	}
+	buf := make([]byte, 64)
+	n, err := c.Read(buf)
+	if err != nil {
+		if timedOut(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("udp %s -> %s: %w", p.Key(), dst, err)
+	}
+	if string(buf[:n]) != msg {
+		return false, fmt.Errorf("udp %s -> %s: echo %q, want %q", p.Key(), dst, buf[:n], msg)
+	}
+	return true, nil
+}
+
+// SCTP without the kernel's SCTP stack: this kernel has no CONFIG_IP_SCTP (and no module
+// loading), so the probes speak the first two packets of an SCTP association over raw IP
+// sockets (protocol 132): the client sends INIT, the responder answers INIT ACK. That is
+// all a NetworkPolicy verdict depends on (the datapath judges the first packet and passes
+// the reply through conntrack), and the packets are real SCTP on the wire: common header,
+// CRC32c, the INIT and INIT ACK chunks of RFC 9260.
+const (
+	ipProtoSCTP     = 132
+	sctpChunkInit   = 1
+	sctpChunkInitAk = 2
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// sctpPacket builds a common header with one chunk; the checksum is CRC32c over the whole
+// packet with the checksum field zero, stored little-endian as Linux does.
+func sctpPacket(sport, dport uint16, vtag uint32, chunkType uint8, initTag uint32, cookie bool) []byte {
+	clen := 20
+	if cookie {
+		clen += 8 // a State Cookie parameter (mandatory in INIT ACK) with 4 bytes of cookie
+	}
+	b := make([]byte, 12+clen)
+	binary.BigEndian.PutUint16(b[0:], sport)
+	binary.BigEndian.PutUint16(b[2:], dport)
+	binary.BigEndian.PutUint32(b[4:], vtag)
+	c := b[12:]
+	c[0] = chunkType
+	binary.BigEndian.PutUint16(c[2:], uint16(clen))
+	binary.BigEndian.PutUint32(c[4:], initTag)
+	binary.BigEndian.PutUint32(c[8:], 65536) // a_rwnd
+	binary.BigEndian.PutUint16(c[12:], 1)    // outbound streams
+	binary.BigEndian.PutUint16(c[14:], 1)    // inbound streams
+	binary.BigEndian.PutUint32(c[16:], initTag)
+	if cookie {
+		binary.BigEndian.PutUint16(c[20:], 7)
+		binary.BigEndian.PutUint16(c[22:], 8)
+		binary.BigEndian.PutUint32(c[24:], initTag^0x5a5a5a5a)
+	}
+	binary.LittleEndian.PutUint32(b[8:], crc32.Checksum(b, castagnoli))
+	return b
+}
+
+type sctpHeader struct {
+	sport, dport uint16
+	vtag         uint32
+	chunk        uint8
+	initTag      uint32
+}
+
+func parseSCTP(b []byte) (sctpHeader, bool) {
+	if len(b) < 12+20 {
+		return sctpHeader{}, false
+	}
+	return sctpHeader{sport: binary.BigEndian.Uint16(b[0:]), dport: binary.BigEndian.Uint16(b[2:]),
+		vtag: binary.BigEndian.Uint32(b[4:]), chunk: b[12], initTag: binary.BigEndian.Uint32(b[16:])}, true
+}
+
+// rawSCTP opens a raw IPv4 socket for protocol 132 in p (reads return the SCTP packet
+// without the IP header).
+func rawSCTP(p *lab.Pod) (*net.IPConn, error) {
+	var c *net.IPConn
+	err := p.Exec(func() error {
+		var err error
+		c, err = net.ListenIP(fmt.Sprintf("ip4:%d", ipProtoSCTP), &net.IPAddr{IP: p.IP.AsSlice()})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("raw SCTP socket in %s: %w", p.Key(), err)
+	}
+	return c, nil
+}
+
+// serveSCTP answers every INIT to one of ports with an INIT ACK.
+func serveSCTP(p *lab.Pod, ports []uint16) (func(), error) {
+	c, err := rawSCTP(p)
+	if err != nil {
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			h, ok := parseSCTP(buf[:n])
+			if !ok || h.chunk != sctpChunkInit || h.vtag != 0 || !slices.Contains(ports, h.dport) {
+				continue
+			}
+			_, _ = c.WriteTo(sctpPacket(h.dport, h.sport, h.initTag, sctpChunkInitAk, h.initTag^0xffffffff, true), from)
+		}
+	}()
+	return func() { c.Close(); <-done }, nil
+}
+
+func probeSCTP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
+	c, err := rawSCTP(p)
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	dl, _ := ctx.Deadline()
+	_ = c.SetDeadline(dl)
+	tag := uint32(src)<<16 | uint32(dst.Port()) | 1
+	if _, err := c.WriteTo(sctpPacket(src, dst.Port(), 0, sctpChunkInit, tag, false), &net.IPAddr{IP: dst.Addr().AsSlice()}); err != nil {
+		return false, fmt.Errorf("sctp %s -> %s: send INIT: %w", p.Key(), dst, err)
+	}
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			if timedOut(err) {
+				return false, nil
+			}
+			return false, fmt.Errorf("sctp %s -> %s: %w", p.Key(), dst, err)
+		}
+		h, ok := parseSCTP(buf[:n])
+		if !ok || h.chunk != sctpChunkInitAk || h.sport != dst.Port() || h.dport != src || h.vtag != tag {
+			continue // another probe's packet: every raw socket of the pod sees all SCTP
+		}
+		if a, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP); a.Unmap() != dst.Addr() {
+			return false, fmt.Errorf("sctp %s -> %s: INIT ACK from %s", p.Key(), dst, a)
+		}
+		return true, nil
+	}
+}
+
+// sourcePorts hands out source ports no probe of the test run used before (see probe).
+type sourcePorts struct {
+	mu   sync.Mutex
+	next uint16
+}
+
+func newSourcePorts() *sourcePorts { return &sourcePorts{next: 10000} }
+
+func (s *sourcePorts) take() (uint16, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.next == 0 || s.next > 65000 {
+		return 0, errors.New("probe source ports exhausted: fewer scenarios or probes per run")
+	}
+	s.next++
+	return s.next - 1, nil
+}
