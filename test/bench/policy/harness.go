@@ -65,7 +65,9 @@ var (
 	hostMAC    = [6]byte{2, 0, 0, 0, 0, 2}
 )
 
-func peerAddr(k int) netip.Addr { return netip.AddrFrom4([4]byte{10, 64 + byte(k>>16), byte(k >> 8), byte(k)}) }
+func peerAddr(k int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 64 + byte(k>>16), byte(k >> 8), byte(k)})
+}
 
 // peerID is peer k's identity: the rules allow identities firstPeerID..+rules-1, and every
 // peer maps onto one of them, so every flow is allowed by exactly one rule.
