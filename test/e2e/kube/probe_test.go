@@ -3,7 +3,6 @@
 package kube_test
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -15,6 +14,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/policy/policytest"
 	"github.com/tern-net/tern/test/lab"
@@ -103,50 +104,108 @@ func timedOut(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-func probeTCP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
-	c, err := p.DialFrom(ctx, dst.String(), int(src))
-	if err != nil {
-		if timedOut(err) {
-			return false, nil
+// Every probe decides by the kernel's state, not by how soon this process looked: its
+// clock starts when the first packet has been sent, and when the bound is reached it checks
+// once, without blocking, whether the answer is there (a connected socket, a datagram in
+// the receive buffer). A prober starved of CPU on this shared machine then sees a late
+// allowed answer as allowed, never as denied; a denied flow has no answer to find.
+
+// waitReady waits until fd is ready for events or the deadline passes, and then looks
+// once more without waiting.
+func waitReady(fd int, events int16, deadline time.Time) error {
+	for {
+		ms := int(time.Until(deadline).Milliseconds())
+		if ms < 0 {
+			ms = 0
 		}
-		return false, err
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: events}}, ms)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || n > 0 || ms == 0 {
+			return err
+		}
 	}
-	defer c.Close()
-	dl, _ := ctx.Deadline()
-	_ = c.SetDeadline(dl)
-	greeting, err := bufio.NewReader(c).ReadString('\n')
+}
+
+func probeTCP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
+	var fd int
+	err := p.Exec(func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		// Give up at the first SYN retransmission (1 s) instead of resending: a denied
+		// probe is exactly one dropped SYN even if this process closes the socket late.
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(probeTimeout.Milliseconds()))
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(src)}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			unix.Close(fd)
+			return err
+		}
+		return nil
+	})
 	if err != nil {
-		return false, fmt.Errorf("tcp %s -> %s: connected, then no greeting: %w", p.Key(), dst, err)
+		return false, fmt.Errorf("tcp %s -> %s from port %d: %w", p.Key(), dst, src, err)
 	}
-	_ = greeting
+	defer unix.Close(fd)
+	if err := waitReady(fd, unix.POLLOUT, time.Now().Add(probeTimeout)); err != nil {
+		return false, fmt.Errorf("tcp %s -> %s: poll: %w", p.Key(), dst, err)
+	}
+	if soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || soerr != 0 {
+		return false, fmt.Errorf("tcp %s -> %s: connect failed: %v %v (a RST or an ICMP error is not a policy verdict)", p.Key(), dst, unix.Errno(soerr), err)
+	}
+	if _, err := unix.Getpeername(fd); err != nil {
+		if errors.Is(err, unix.ENOTCONN) {
+			return false, nil // still SYN_SENT: no SYN-ACK came back
+		}
+		return false, fmt.Errorf("tcp %s -> %s: %w", p.Key(), dst, err)
+	}
 	return true, nil
 }
 
 func probeUDP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
-	var c *net.UDPConn
-	if err := p.Exec(func() error {
+	var fd int
+	msg := []byte(fmt.Sprintf("probe %d", src))
+	err := p.Exec(func() error {
 		var err error
-		c, err = net.DialUDP("udp4", &net.UDPAddr{Port: int(src)}, net.UDPAddrFromAddrPort(dst))
-		return err
-	}); err != nil {
-		return false, fmt.Errorf("udp socket in %s from port %d: %w", p.Key(), src, err)
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(src)}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		if err := unix.Connect(fd, &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		if _, err := unix.Write(fd, msg); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("udp %s -> %s from port %d: %w", p.Key(), dst, src, err)
 	}
-	defer c.Close()
-	dl, _ := ctx.Deadline()
-	_ = c.SetDeadline(dl)
-	msg := fmt.Sprintf("probe %d", src)
-	if _, err := c.Write([]byte(msg)); err != nil {
-		return false, fmt.Errorf("udp %s -> %s: send: %w", p.Key(), dst, err)
+	defer unix.Close(fd)
+	if err := waitReady(fd, unix.POLLIN, time.Now().Add(probeTimeout)); err != nil {
+		return false, fmt.Errorf("udp %s -> %s: poll: %w", p.Key(), dst, err)
 	}
 	buf := make([]byte, 64)
-	n, err := c.Read(buf)
-	if err != nil {
-		if timedOut(err) {
-			return false, nil
-		}
-		return false, fmt.Errorf("udp %s -> %s: %w", p.Key(), dst, err)
+	n, err := unix.Read(fd, buf)
+	if errors.Is(err, unix.EAGAIN) {
+		return false, nil
 	}
-	if string(buf[:n]) != msg {
+	if err != nil {
+		return false, fmt.Errorf("udp %s -> %s: %w (an ICMP error is not a policy verdict)", p.Key(), dst, err)
+	}
+	if string(buf[:n]) != string(msg) {
 		return false, fmt.Errorf("udp %s -> %s: echo %q, want %q", p.Key(), dst, buf[:n], msg)
 	}
 	return true, nil
@@ -250,34 +309,56 @@ func serveSCTP(p *lab.Pod, ports []uint16) (func(), error) {
 }
 
 func probeSCTP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
-	c, err := rawSCTP(p)
-	if err != nil {
-		return false, err
-	}
-	defer c.Close()
-	dl, _ := ctx.Deadline()
-	_ = c.SetDeadline(dl)
+	var fd int
 	tag := uint32(src)<<16 | uint32(dst.Port()) | 1
-	if _, err := c.WriteTo(sctpPacket(src, dst.Port(), 0, sctpChunkInit, tag, false), &net.IPAddr{IP: dst.Addr().AsSlice()}); err != nil {
+	err := p.Exec(func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, ipProtoSCTP); err != nil {
+			return err
+		}
+		if err := unix.Sendto(fd, sctpPacket(src, dst.Port(), 0, sctpChunkInit, tag, false), 0,
+			&unix.SockaddrInet4{Addr: dst.Addr().As4()}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
 		return false, fmt.Errorf("sctp %s -> %s: send INIT: %w", p.Key(), dst, err)
 	}
+	defer unix.Close(fd)
+	deadline := time.Now().Add(probeTimeout)
 	buf := make([]byte, 1500)
 	for {
-		n, from, err := c.ReadFrom(buf)
-		if err != nil {
-			if timedOut(err) {
-				return false, nil
+		if err := waitReady(fd, unix.POLLIN, deadline); err != nil {
+			return false, fmt.Errorf("sctp %s -> %s: poll: %w", p.Key(), dst, err)
+		}
+		// Drain what arrived: every raw socket of the pod sees all its SCTP packets.
+		for {
+			n, from, err := unix.Recvfrom(fd, buf, 0)
+			if errors.Is(err, unix.EAGAIN) {
+				break
 			}
-			return false, fmt.Errorf("sctp %s -> %s: %w", p.Key(), dst, err)
+			if err != nil {
+				return false, fmt.Errorf("sctp %s -> %s: %w", p.Key(), dst, err)
+			}
+			// A raw IPv4 socket reads the IP header too.
+			ihl := int(buf[0]&0x0f) * 4
+			if n < ihl {
+				continue
+			}
+			h, ok := parseSCTP(buf[ihl:n])
+			if !ok || h.chunk != sctpChunkInitAk || h.sport != dst.Port() || h.dport != src || h.vtag != tag {
+				continue
+			}
+			if sa, ok := from.(*unix.SockaddrInet4); !ok || netip.AddrFrom4(sa.Addr) != dst.Addr() {
+				return false, fmt.Errorf("sctp %s -> %s: INIT ACK from %v", p.Key(), dst, from)
+			}
+			return true, nil
 		}
-		h, ok := parseSCTP(buf[:n])
-		if !ok || h.chunk != sctpChunkInitAk || h.sport != dst.Port() || h.dport != src || h.vtag != tag {
-			continue // another probe's packet: every raw socket of the pod sees all SCTP
+		if !time.Now().Before(deadline) {
+			return false, nil
 		}
-		if a, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP); a.Unmap() != dst.Addr() {
-			return false, fmt.Errorf("sctp %s -> %s: INIT ACK from %s", p.Key(), dst, a)
-		}
-		return true, nil
 	}
 }
 
