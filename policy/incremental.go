@@ -45,6 +45,9 @@ type Compiler struct {
 	nodeAddr []netip.Addr
 	nsLabels map[string]map[string]string // namespace -> labels with kubernetes.io/metadata.name
 	pods     map[types.NamespacedName]*podEntry
+	// owners lists the pods claiming each address (an old pod can linger while its address
+	// is reused): the ipcache gives the address the identity of the last one set.
+	owners4 map[netip.Addr][]types.NamespacedName
 	shapes   map[string]*shapeInfo // canonical -> shape; shapeInfo.pods counts its pods
 	byID     map[Identity]*shapeInfo
 	order    []*shapeInfo // by identity, as Compile orders them
@@ -92,6 +95,7 @@ func NewCompiler(nodeAddrs []netip.Addr) *Compiler {
 			IPCache: map[netip.Addr]Identity{}, CIDRs: map[netip.Prefix]Identity{}, Isolation: map[Identity]uint32{}, Rules: map[RuleKey]uint32{}},
 		nodeAddr: slices.Clone(nodeAddrs),
 		nsLabels: map[string]map[string]string{}, pods: map[types.NamespacedName]*podEntry{}, shapes: map[string]*shapeInfo{},
+		owners4: map[netip.Addr][]types.NamespacedName{},
 		byID: map[Identity]*shapeInfo{}, taken: map[Identity]bool{}, policies: map[types.NamespacedName]*policyEntry{},
 		owners: map[RuleKey][]uint32{}, isoCount: map[Identity]*[2]int{}, prefixes: map[netip.Prefix]int{},
 		dirty: map[types.NamespacedName]bool{},
@@ -188,7 +192,14 @@ func (c *Compiler) DeletePod(nn types.NamespacedName) {
 
 func (c *Compiler) setAddrs(nn types.NamespacedName, pe *podEntry, addrs []netip.Addr) {
 	for _, a := range pe.addrs {
-		delete(c.d.IPCache, a)
+		o := slices.DeleteFunc(c.owners4[a], func(x types.NamespacedName) bool { return x == nn })
+		if len(o) == 0 {
+			delete(c.owners4, a)
+			delete(c.d.IPCache, a)
+			continue
+		}
+		c.owners4[a] = o
+		c.d.IPCache[a] = c.d.PodIdentity[o[len(o)-1]]
 	}
 	pe.addrs = addrs
 	if pe.shape == "" {
@@ -196,6 +207,7 @@ func (c *Compiler) setAddrs(nn types.NamespacedName, pe *podEntry, addrs []netip
 	}
 	id := c.shapes[pe.shape].id
 	for _, a := range addrs {
+		c.owners4[a] = append(c.owners4[a], nn)
 		c.d.IPCache[a] = id
 	}
 }

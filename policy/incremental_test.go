@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -144,4 +145,32 @@ func TestIncrementalMatchesWhole(t *testing.T) {
 	t.Logf("%d states compared", changes)
 }
 
-var _ = corev1.ProtocolTCP
+// TestIncrementalAddressReuse: an address reused by a new pod while the old pod's object
+// lingers keeps the identity of a live claimant when either goes.
+func TestIncrementalAddressReuse(t *testing.T) {
+	c := policy.NewCompiler(nil)
+	pod := func(name, app string) *corev1.Pod {
+		p := &corev1.Pod{}
+		p.Namespace, p.Name, p.Labels = "ns", name, map[string]string{"app": app}
+		p.Status.PodIP = "10.0.0.9"
+		return p
+	}
+	c.SetPod(pod("old", "a"))
+	c.SetPod(pod("new", "b"))
+	d, _ := c.Desired()
+	addr := netip.MustParseAddr("10.0.0.9")
+	newID := d.PodIdentity[types.NamespacedName{Namespace: "ns", Name: "new"}]
+	if d.IPCache[addr] != newID {
+		t.Fatalf("the address has identity %d, want the pod set last (%d)", d.IPCache[addr], newID)
+	}
+	c.DeletePod(types.NamespacedName{Namespace: "ns", Name: "old"})
+	d, _ = c.Desired()
+	if d.IPCache[addr] != newID {
+		t.Fatalf("after the old pod left the address has identity %d, want the new pod's %d", d.IPCache[addr], newID)
+	}
+	c.DeletePod(types.NamespacedName{Namespace: "ns", Name: "new"})
+	d, _ = c.Desired()
+	if _, ok := d.IPCache[addr]; ok || len(d.Shapes) != 0 {
+		t.Fatalf("after both left: ipcache %v, shapes %v", d.IPCache, d.Shapes)
+	}
+}
