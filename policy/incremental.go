@@ -47,7 +47,7 @@ type Compiler struct {
 	pods     map[types.NamespacedName]*podEntry
 	// owners lists the pods claiming each address (an old pod can linger while its address
 	// is reused): the ipcache gives the address the identity of the last one set.
-	owners4 map[netip.Addr][]types.NamespacedName
+	owners4  map[netip.Addr][]types.NamespacedName
 	shapes   map[string]*shapeInfo // canonical -> shape; shapeInfo.pods counts its pods
 	byID     map[Identity]*shapeInfo
 	order    []*shapeInfo // by identity, as Compile orders them
@@ -96,7 +96,7 @@ func NewCompiler(nodeAddrs []netip.Addr) *Compiler {
 		nodeAddr: slices.Clone(nodeAddrs),
 		nsLabels: map[string]map[string]string{}, pods: map[types.NamespacedName]*podEntry{}, shapes: map[string]*shapeInfo{},
 		owners4: map[netip.Addr][]types.NamespacedName{},
-		byID: map[Identity]*shapeInfo{}, taken: map[Identity]bool{}, policies: map[types.NamespacedName]*policyEntry{},
+		byID:    map[Identity]*shapeInfo{}, taken: map[Identity]bool{}, policies: map[types.NamespacedName]*policyEntry{},
 		owners: map[RuleKey][]uint32{}, isoCount: map[Identity]*[2]int{}, prefixes: map[netip.Prefix]int{},
 		dirty: map[types.NamespacedName]bool{},
 	}
