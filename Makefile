@@ -97,10 +97,10 @@ bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-sockl
 
 # NetworkPolicy: per-packet cost with no policy, 100 and 10,000 rules on the endpoint over a
 # working set larger than the last-level cache, compile time and identity churn on 1,000
-# policies over 2,000 pods, map memory (root, ~3 min); then, in the lab, the time from a
+# policies over 2,000 pods, map memory (root, ~7 min, ~450 MiB of BPF maps); then, in the lab, the time from a
 # label or policy write to every node's maps, p50/p99 over 100 changes each (~1.5 min).
 bench-policy: setup k8s-bins
-	$(GO) run ./test/bench/policy -rules 0,100,10000 -flows 400000 -new 50000 -peers 60000 -rounds 5 -churn 20
+	$(GO) run ./test/bench/policy -rules 0,100,10000 -flows 250000 -new 50000 -peers 60000 -rounds 3 -churn 10
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -run '^$$' -bench PolicyChangeLatency -benchtime 100x ./test/e2e/kube
 
 bench-masq:

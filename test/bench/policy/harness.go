@@ -279,11 +279,13 @@ func setup(ctx context.Context, p params) (*bench, error) {
 }
 
 // measure runs every round through every datapath in turn, so each datapath's flows are
-// cold again (the others' working sets went through the cache in between).
+// cold again (the others' working sets went through the cache in between); the order of
+// the datapaths rotates every round, so none is always first after the frame generator.
 func (b *bench) measure(ctx context.Context) error {
 	p := b.p
 	for round := range p.rounds {
-		for _, s := range b.subjects {
+		for j := range b.subjects {
+			s := b.subjects[(j+round)%len(b.subjects)]
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
