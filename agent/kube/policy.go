@@ -55,6 +55,8 @@ type policyReconciler struct {
 	compiler *policy.Compiler              // created by the first sync (it needs the node's addresses)
 	seen     map[string]string             // "kind/namespace/name" -> resourceVersion fed to the compiler
 	seenPods map[types.NamespacedName]bool // pods fed to the compiler (the others: host network, finished)
+	// compilerHasNode: the compiler was made with this node's addresses.
+	compilerHasNode bool
 
 	mu     sync.Mutex
 	lookup *identityLookup // the last compiled identities, read by the registry's PolicyFunc
@@ -167,8 +169,16 @@ func (r *policyReconciler) nodeAddrs(ctx context.Context) []netip.Addr {
 // feed hands the compiler the objects that changed since the last sync (by
 // resourceVersion) and the deletions, and returns this node's pods.
 func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
-	if r.compiler == nil {
-		r.compiler = policy.NewCompiler(r.nodeAddrs(ctx))
+	// The node's addresses are part of the compiled state; until they could be read, each
+	// sync tries again and, once they are known, starts a compiler that has them.
+	if r.compiler == nil || (!r.compilerHasNode && r.nodeIPs == nil) {
+		addrs := r.nodeAddrs(ctx)
+		if r.compiler == nil || len(addrs) > 0 {
+			r.compiler = policy.NewCompiler(addrs)
+			r.compilerHasNode = len(addrs) > 0
+			clear(r.seen)
+			clear(r.seenPods)
+		}
 	}
 	c := r.compiler
 	present := map[string]bool{}
