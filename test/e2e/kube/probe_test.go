@@ -25,13 +25,16 @@ import (
 //   - a denied flow's first packet (TCP SYN, UDP datagram, SCTP INIT) is dropped by the
 //     datapath (TC_ACT_SHOT), so the prober never hears anything: no RST, no ICMP;
 //   - an allowed probe crosses two veths and a node link on this host: its answer comes back
-//     in about a millisecond (the random test logs the slowest), so 500 ms is a wide margin;
-//   - the TCP SYN retransmission timer is 1 s, longer than the timeout: a denied TCP probe
-//     sends one SYN, a denied UDP or SCTP probe one datagram, so every denied probe is
+//     within milliseconds (the random test logs the slowest), so 500 ms is a wide margin;
+//   - the clock starts once the first packet is sent, and at the bound the probe looks at
+//     the kernel's state without waiting (connected? an answer in the receive buffer?), so a
+//     prober starved of CPU reads a late answer as allowed, never as denied;
+//   - a denied TCP probe sends one SYN (TCP_USER_TIMEOUT gives up at the 1 s retransmission
+//     instead of resending), a denied UDP or SCTP probe one datagram: every denied probe is
 //     exactly one drop_policy count on one node. The callers check that the drop counters
-//     rose by exactly the number of denied probes: a probe that timed out without a policy
-//     drop (lost, or merely slow) fails the test instead of passing as "denied";
-//   - any other answer (RST, ICMP unreachable, a wrong greeting) is an error, not a verdict.
+//     rose by exactly the number of unanswered probes: a probe that went unanswered without
+//     a policy drop (lost) fails the test instead of passing as "denied";
+//   - any other answer (RST, ICMP unreachable, a wrong echo) is an error, not a verdict.
 const probeTimeout = 500 * time.Millisecond
 
 // labServices are what every pod of the random lab scenarios serves: two ports per
