@@ -61,7 +61,24 @@ type Compiler struct {
 	cidrsSet bool // prefixes changed since the last flush
 	// recompiled counts the policies the last Desired call compiled (tests, debug logs).
 	recompiled int
+	// bySubject indexes the rule entries by subject; touched collects the subjects whose
+	// rules or isolation changed since the last TakeTouched, so the writer can rewrite
+	// only those (policymap.Writer.SyncSubjects).
+	bySubject map[Identity]map[RuleKey]struct{}
+	touched   map[Identity]bool
 }
+
+// TakeTouched returns the identities whose rules or isolation changed since the last call
+// (every identity with rules, the first time) and starts a new set.
+func (c *Compiler) TakeTouched() map[Identity]bool {
+	t := c.touched
+	c.touched = map[Identity]bool{}
+	return t
+}
+
+// RulesOf is the rule entries of one subject identity (values in Desired.Rules). The map
+// is the Compiler's own: read it before the next change.
+func (c *Compiler) RulesOf(id Identity) map[RuleKey]struct{} { return c.bySubject[id] }
 
 // Recompiled is how many policies the last Desired call compiled.
 func (c *Compiler) Recompiled() int { return c.recompiled }
@@ -98,7 +115,7 @@ func NewCompiler(nodeAddrs []netip.Addr) *Compiler {
 		owners4: map[netip.Addr][]types.NamespacedName{},
 		byID:    map[Identity]*shapeInfo{}, taken: map[Identity]bool{}, policies: map[types.NamespacedName]*policyEntry{},
 		owners: map[RuleKey][]uint32{}, isoCount: map[Identity]*[2]int{}, prefixes: map[netip.Prefix]int{},
-		dirty: map[types.NamespacedName]bool{},
+		dirty: map[types.NamespacedName]bool{}, bySubject: map[Identity]map[RuleKey]struct{}{}, touched: map[Identity]bool{},
 	}
 	for _, a := range c.nodeAddr {
 		c.d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
@@ -401,6 +418,7 @@ func (c *Compiler) unmerge(pe *policyEntry) {
 		return
 	}
 	for id, f := range pe.contrib.iso {
+		c.touched[id] = true
 		n := c.isoCount[id]
 		if f&IsolatedIngress != 0 {
 			n[0]--
@@ -411,11 +429,18 @@ func (c *Compiler) unmerge(pe *policyEntry) {
 		c.setIso(id, n)
 	}
 	for k := range pe.contrib.rules {
+		c.touched[k.Subject] = true
 		o := c.owners[k]
 		o = slices.DeleteFunc(o, func(s uint32) bool { return s == pe.slot })
 		if len(o) == 0 {
 			delete(c.owners, k)
 			delete(c.d.Rules, k)
+			if bs := c.bySubject[k.Subject]; bs != nil {
+				delete(bs, k)
+				if len(bs) == 0 {
+					delete(c.bySubject, k.Subject)
+				}
+			}
 			continue
 		}
 		c.owners[k] = o
@@ -426,6 +451,7 @@ func (c *Compiler) unmerge(pe *policyEntry) {
 
 func (c *Compiler) merge(pe *policyEntry) {
 	for id, f := range pe.contrib.iso {
+		c.touched[id] = true
 		n := c.isoCount[id]
 		if n == nil {
 			n = &[2]int{}
@@ -440,9 +466,18 @@ func (c *Compiler) merge(pe *policyEntry) {
 		c.setIso(id, n)
 	}
 	for k := range pe.contrib.rules {
+		c.touched[k.Subject] = true
 		o := append(c.owners[k], pe.slot)
 		c.owners[k] = o
 		c.d.Rules[k] = c.first(o)
+		if len(o) == 1 {
+			bs := c.bySubject[k.Subject]
+			if bs == nil {
+				bs = map[RuleKey]struct{}{}
+				c.bySubject[k.Subject] = bs
+			}
+			bs[k] = struct{}{}
+		}
 	}
 }
 

@@ -36,7 +36,8 @@ import (
 //
 // Compilation is incremental (policy.Compiler): each sync hands the compiler only the
 // objects whose resourceVersion changed since the last one, and it recompiles only the
-// policies those changes can affect; the writes are diffs of the encoded maps.
+// policies those changes can affect; the writer then rewrites only the identities whose
+// rules changed (or that became or stopped being local), and writes only entries that differ.
 type policyReconciler struct {
 	node    string
 	enforce bool
@@ -57,6 +58,11 @@ type policyReconciler struct {
 	seenPods map[types.NamespacedName]bool // pods fed to the compiler (the others: host network, finished)
 	// compilerHasNode: the compiler was made with this node's addresses.
 	compilerHasNode bool
+	// fullSynced: the maps hold a full sync's contents, later syncs may rewrite only some
+	// identities (policymap.Writer.SyncSubjects); inMaps are the identities whose rules
+	// the maps hold.
+	fullSynced bool
+	inMaps     map[policy.Identity]bool
 
 	mu     sync.Mutex
 	lookup *identityLookup // the last compiled identities, read by the registry's PolicyFunc
@@ -176,6 +182,7 @@ func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
 		if r.compiler == nil || len(addrs) > 0 {
 			r.compiler = policy.NewCompiler(addrs)
 			r.compilerHasNode = len(addrs) > 0
+			r.fullSynced = false
 			clear(r.seen)
 			clear(r.seenPods)
 		}
@@ -255,15 +262,45 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	for _, nn := range local {
 		localIDs[d.PodIdentity[nn]] = true
 	}
+	touched := r.compiler.TakeTouched()
 	// Previous local identities stay in the maps until the endpoints have moved to the new
 	// ones, so no endpoint ever points at an identity without its rules.
 	current := map[policy.Identity]bool{}
 	for _, e := range r.reg.List() {
 		current[policy.Identity(e.Identity)] = true
 	}
-	keep := func(id policy.Identity) bool { return localIDs[id] || current[id] }
+	keepSet := maps.Clone(localIDs)
+	for id := range current {
+		keepSet[id] = true
+	}
+	keep := func(id policy.Identity) bool { return keepSet[id] }
 	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) }}
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	// The first sync (and any after a failed one) diffs the whole maps, which also removes
+	// what a previous agent left; later ones rewrite only the identities whose rules
+	// changed or that became or stopped being local.
+	full := !r.fullSynced
+	r.fullSynced = false // until this sync succeeds
+	write := func(subjects map[policy.Identity]bool) error {
+		var err error
+		if full {
+			_, err = r.writer.Sync(policymap.Encode(d, opts))
+		} else {
+			_, err = r.writer.SyncSubjects(d, r.compiler.RulesOf, subjects, opts)
+		}
+		return err
+	}
+	subjects := maps.Clone(touched)
+	for id := range keepSet {
+		if !r.inMaps[id] {
+			subjects[id] = true
+		}
+	}
+	for id := range r.inMaps {
+		if !keepSet[id] {
+			subjects[id] = true
+		}
+	}
+	if err := write(subjects); err != nil {
 		return err
 	}
 	r.mu.Lock()
@@ -273,9 +310,17 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 		return fmt.Errorf("set endpoint identities: %w", err)
 	}
 	opts.Local = func(id policy.Identity) bool { return localIDs[id] }
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	gone := map[policy.Identity]bool{}
+	for id := range keepSet {
+		if !localIDs[id] {
+			gone[id] = true
+		}
+	}
+	if err := write(gone); err != nil {
 		return err
 	}
+	r.inMaps = localIDs
+	r.fullSynced = true
 	return r.syncRemote(d)
 }
 

@@ -144,6 +144,9 @@ type Writer struct {
 	rules *mapSync[loader.PolicyKey, loader.PolicyValue]
 	iso   *mapSync[uint32, loader.PolicyIsoValue]
 	cidrs *mapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue]
+	// bySubject indexes rules.cur by the key's subject (as encoded), for SyncSubjects;
+	// nil until needed, dropped by Sync.
+	bySubject map[uint32]map[loader.PolicyKey]struct{}
 }
 
 // NewWriter starts from what the maps hold.
@@ -171,6 +174,7 @@ type Stats struct{ Written, Deleted int }
 // either end for flows the old and new contents both allow: new prefixes and rules go in
 // before isolation is added, and isolation goes before the rules and prefixes it needed.
 func (w *Writer) Sync(e Entries) (Stats, error) {
+	w.bySubject = nil
 	var st Stats
 	add := func(n int, err error) error { st.Written += n; return err }
 	rm := func(n int, err error) error { st.Deleted += n; return err }
@@ -190,6 +194,82 @@ func (w *Writer) Sync(e Entries) (Stats, error) {
 		return st, err
 	}
 	return st, rm(w.cidrs.del(e.CIDRs))
+}
+
+// SyncSubjects is Sync for a change whose rule entries are confined to some subject
+// identities (policy.Compiler.TakeTouched, and the identities that became or stopped being
+// local): the isolation and ipBlock maps are diffed whole (one entry per identity or
+// prefix), tern_policy only for those subjects, so a change costs what it changed, not the
+// size of the maps. rulesOf gives a subject's entries (policy.Compiler.RulesOf); their
+// values are d.Rules'. The maps must already hold a full Sync's contents.
+func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) map[policy.RuleKey]struct{},
+	subjects map[policy.Identity]bool, o Options) (Stats, error) {
+	if w.bySubject == nil {
+		w.bySubject = map[uint32]map[loader.PolicyKey]struct{}{}
+		for k := range w.rules.cur {
+			w.index(k)
+		}
+	}
+	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	small := Encode(&policy.Desired{Isolation: d.Isolation, CIDRs: d.CIDRs}, o)
+	want := map[loader.PolicyKey]loader.PolicyValue{}
+	var gone []loader.PolicyKey
+	for id := range subjects {
+		if local(id) {
+			for k := range rulesOf(id) {
+				want[RuleKey(k)] = loader.PolicyValue{Policy: d.Rules[k]}
+			}
+		}
+		for k := range w.bySubject[be32(uint32(id))] {
+			if _, ok := want[k]; !ok {
+				gone = append(gone, k)
+			}
+		}
+	}
+	var st Stats
+	add := func(n int, err error) error { st.Written += n; return err }
+	if err := add(w.cidrs.put(small.CIDRs)); err != nil {
+		return st, err
+	}
+	if err := add(w.rules.put(want)); err != nil {
+		return st, err
+	}
+	for k := range want {
+		w.index(k)
+	}
+	if err := add(w.iso.put(small.Isolation)); err != nil {
+		return st, err
+	}
+	n, err := w.iso.del(small.Isolation)
+	st.Deleted += n
+	if err != nil {
+		return st, err
+	}
+	for _, k := range gone {
+		if err := w.rules.m.Delete(k); err != nil && !loader.IsNotExist(err) {
+			return st, fmt.Errorf("delete %+v from map %s: %w", k, w.rules.m, err)
+		}
+		delete(w.rules.cur, k)
+		if bs := w.bySubject[k.Subject]; bs != nil {
+			delete(bs, k)
+			if len(bs) == 0 {
+				delete(w.bySubject, k.Subject)
+			}
+		}
+		st.Deleted++
+	}
+	n, err = w.cidrs.del(small.CIDRs)
+	st.Deleted += n
+	return st, err
+}
+
+func (w *Writer) index(k loader.PolicyKey) {
+	bs := w.bySubject[k.Subject]
+	if bs == nil {
+		bs = map[loader.PolicyKey]struct{}{}
+		w.bySubject[k.Subject] = bs
+	}
+	bs[k] = struct{}{}
 }
 
 // IPCache is the tern_ipcache entries of d's pod addresses (identity and IPC_F_POD). The
