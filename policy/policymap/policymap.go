@@ -91,6 +91,8 @@ func Encode(d *policy.Desired, o Options) Entries {
 type mapSync[K comparable, V comparable] struct {
 	m   *ebpf.Map
 	cur map[K]V
+	// onPut and onDel, when set, see every key written or deleted (the rules' subject index).
+	onPut, onDel func(K)
 }
 
 func newMapSync[K comparable, V comparable](m *ebpf.Map) (*mapSync[K, V], error) {
@@ -119,6 +121,9 @@ func (s *mapSync[K, V]) put(want map[K]V) (int, error) {
 			return n, fmt.Errorf("write %+v to map %s (full? see the map's size in bpf/lib/policy.h): %w", k, s.m, err)
 		}
 		s.cur[k] = v
+		if s.onPut != nil {
+			s.onPut(k)
+		}
 		n++
 	}
 	return n, nil
@@ -134,6 +139,9 @@ func (s *mapSync[K, V]) del(want map[K]V) (int, error) {
 			return n, fmt.Errorf("delete %+v from map %s: %w", k, s.m, err)
 		}
 		delete(s.cur, k)
+		if s.onDel != nil {
+			s.onDel(k)
+		}
 		n++
 	}
 	return n, nil
@@ -144,8 +152,7 @@ type Writer struct {
 	rules *mapSync[loader.PolicyKey, loader.PolicyValue]
 	iso   *mapSync[uint32, loader.PolicyIsoValue]
 	cidrs *mapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue]
-	// bySubject indexes rules.cur by the key's subject (as encoded), for SyncSubjects;
-	// nil until needed, dropped by Sync.
+	// bySubject indexes rules.cur by the key's subject (as encoded), for SyncSubjects.
 	bySubject map[uint32]map[loader.PolicyKey]struct{}
 }
 
@@ -164,6 +171,11 @@ func NewWriter(m *loader.PolicyMaps) (*Writer, error) {
 	if w.cidrs, err = newMapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue](m.CIDRs); err != nil {
 		return nil, err
 	}
+	w.bySubject = map[uint32]map[loader.PolicyKey]struct{}{}
+	for k := range w.rules.cur {
+		w.index(k)
+	}
+	w.rules.onPut, w.rules.onDel = w.index, w.unindex
 	return &w, nil
 }
 
@@ -174,7 +186,6 @@ type Stats struct{ Written, Deleted int }
 // either end for flows the old and new contents both allow: new prefixes and rules go in
 // before isolation is added, and isolation goes before the rules and prefixes it needed.
 func (w *Writer) Sync(e Entries) (Stats, error) {
-	w.bySubject = nil
 	var st Stats
 	add := func(n int, err error) error { st.Written += n; return err }
 	rm := func(n int, err error) error { st.Deleted += n; return err }
@@ -204,12 +215,6 @@ func (w *Writer) Sync(e Entries) (Stats, error) {
 // values are d.Rules'. The maps must already hold a full Sync's contents.
 func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) map[policy.RuleKey]struct{},
 	subjects map[policy.Identity]bool, o Options) (Stats, error) {
-	if w.bySubject == nil {
-		w.bySubject = map[uint32]map[loader.PolicyKey]struct{}{}
-		for k := range w.rules.cur {
-			w.index(k)
-		}
-	}
 	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
 	small := Encode(&policy.Desired{Isolation: d.Isolation, CIDRs: d.CIDRs}, o)
 	want := map[loader.PolicyKey]loader.PolicyValue{}
@@ -234,9 +239,6 @@ func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) m
 	if err := add(w.rules.put(want)); err != nil {
 		return st, err
 	}
-	for k := range want {
-		w.index(k)
-	}
 	if err := add(w.iso.put(small.Isolation)); err != nil {
 		return st, err
 	}
@@ -250,17 +252,21 @@ func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) m
 			return st, fmt.Errorf("delete %+v from map %s: %w", k, w.rules.m, err)
 		}
 		delete(w.rules.cur, k)
-		if bs := w.bySubject[k.Subject]; bs != nil {
-			delete(bs, k)
-			if len(bs) == 0 {
-				delete(w.bySubject, k.Subject)
-			}
-		}
+		w.unindex(k)
 		st.Deleted++
 	}
 	n, err = w.cidrs.del(small.CIDRs)
 	st.Deleted += n
 	return st, err
+}
+
+func (w *Writer) unindex(k loader.PolicyKey) {
+	if bs := w.bySubject[k.Subject]; bs != nil {
+		delete(bs, k)
+		if len(bs) == 0 {
+			delete(w.bySubject, k.Subject)
+		}
+	}
 }
 
 func (w *Writer) index(k loader.PolicyKey) {

@@ -70,21 +70,18 @@ func measureCompiler(churn int) (*compilerResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The agent's path: the incremental compiler fed the whole state, one full write.
+	c, d, err := policy.CompileIncremental(st)
+	if err != nil {
+		return nil, err
+	}
+	c.TakeTouched() // the full write below holds them
 	t0 := time.Now()
 	if _, err := w.Sync(policymap.Encode(d, policymap.Options{})); err != nil {
 		return nil, err
 	}
 	r.firstWrite = time.Since(t0)
 	r.mapMem = mapBytes(pm.Rules, pm.Isolation, pm.CIDRs)
-
-	// The maps now hold a whole compile's output; the incremental compiler numbers rule
-	// values by its own policy slots, which for this state (policies set in sorted order)
-	// are the same numbers.
-	c, _, err := policy.CompileIncremental(st)
-	if err != nil {
-		return nil, err
-	}
-	c.TakeTouched() // the full write above holds them
 	for i := range churn {
 		// Pod i*7 gets a label no other pod has: a new identity, whose rules (it keeps its
 		// app label, so the same policies select it) are added, and the peers' rules that
