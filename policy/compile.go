@@ -185,34 +185,9 @@ func Compile(st State) (*Desired, error) {
 	// ipBlock prefixes first: a rule's ipBlock selects every prefix inside it.
 	var prefixes []netip.Prefix
 	for i := range st.Policies {
-		np := &st.Policies[i]
-		forEachPeer(np, func(field string, peer *networkingv1.NetworkPolicyPeer) {
-			if peer.IPBlock == nil {
-				return
-			}
-			// An IPv6 prefix is valid but holds no IPv4 address: it matches nothing here
-			// (the datapath is IPv4) and needs no entry.
-			c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not a CIDR: %w",
-					np.Namespace, np.Name, field, peer.IPBlock.CIDR, err))
-				return
-			}
-			if c.Addr().Is4() {
-				prefixes = append(prefixes, c.Masked())
-			}
-			for j, e := range peer.IPBlock.Except {
-				x, err := netip.ParsePrefix(e)
-				if err != nil {
-					errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not a CIDR: %w",
-						np.Namespace, np.Name, field, j, e, err))
-					continue
-				}
-				if x.Addr().Is4() {
-					prefixes = append(prefixes, x.Masked())
-				}
-			}
-		})
+		ps, perrs := policyPrefixes(&st.Policies[i])
+		prefixes = append(prefixes, ps...)
+		errs = append(errs, perrs...)
 	}
 	pdescs := make([]string, 0, len(prefixes))
 	for _, p := range prefixes {
@@ -229,11 +204,79 @@ func Compile(st State) (*Desired, error) {
 	for i := range st.Policies {
 		np := &st.Policies[i]
 		d.Policies = append(d.Policies, np.Namespace+"/"+np.Name)
-		if err := d.compilePolicy(uint32(i), np, order, nsLabels); err != nil {
+		c := newContribution(d.CIDRs)
+		if err := c.compilePolicy(np, order); err != nil {
 			errs = append(errs, err)
 		}
+		c.mergeInto(d, uint32(i))
 	}
 	return d, errors.Join(errs...)
+}
+
+// policyPrefixes is the IPv4 ipBlock prefixes (cidr and except) of np, and the fields that
+// do not parse.
+func policyPrefixes(np *networkingv1.NetworkPolicy) ([]netip.Prefix, []error) {
+	var prefixes []netip.Prefix
+	var errs []error
+	forEachPeer(np, func(field string, peer *networkingv1.NetworkPolicyPeer) {
+		if peer.IPBlock == nil {
+			return
+		}
+		// An IPv6 prefix is valid but holds no IPv4 address: it matches nothing here
+		// (the datapath is IPv4) and needs no entry.
+		c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not a CIDR: %w",
+				np.Namespace, np.Name, field, peer.IPBlock.CIDR, err))
+			return
+		}
+		if c.Addr().Is4() {
+			prefixes = append(prefixes, c.Masked())
+		}
+		for j, e := range peer.IPBlock.Except {
+			x, err := netip.ParsePrefix(e)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not a CIDR: %w",
+					np.Namespace, np.Name, field, j, e, err))
+				continue
+			}
+			if x.Addr().Is4() {
+				prefixes = append(prefixes, x.Masked())
+			}
+		}
+	})
+	return prefixes, errs
+}
+
+// contribution is what one policy adds to the maps, compiled against a set of pod shapes
+// and ipBlock identities. The whole compiler merges every policy's; the incremental one
+// (Compiler) keeps each policy's so it can take it out again.
+type contribution struct {
+	cidrs map[netip.Prefix]Identity // read only: the ipBlock prefixes' identities
+	iso   map[Identity]uint32
+	rules map[RuleKey]struct{}
+	// What the result depends on besides the policy itself: the pod identities it selected
+	// or named (refs), the ipBlock identities (usesCIDR), and every pod identity with a
+	// named port (anyNamed: an egress named port towards any peer).
+	refs     map[Identity]bool
+	usesCIDR bool
+	anyNamed bool
+}
+
+func newContribution(cidrs map[netip.Prefix]Identity) *contribution {
+	return &contribution{cidrs: cidrs, iso: map[Identity]uint32{}, rules: map[RuleKey]struct{}{}, refs: map[Identity]bool{}}
+}
+
+func (c *contribution) put(k RuleKey) { c.rules[k] = struct{}{} }
+
+// mergeInto adds c to d as the policy with index idx (lower indexes win a rule's value).
+func (c *contribution) mergeInto(d *Desired, idx uint32) {
+	for id, f := range c.iso {
+		d.Isolation[id] |= f
+	}
+	for k := range c.rules {
+		d.put(k, idx)
+	}
 }
 
 // NamespaceLabels returns a namespace's labels with kubernetes.io/metadata.name set, as
@@ -321,8 +364,7 @@ func selector(np *networkingv1.NetworkPolicy, field string, s *metav1.LabelSelec
 	return sel, nil
 }
 
-func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, order []*shapeInfo,
-	nsLabels map[string]map[string]string) error {
+func (c *contribution) compilePolicy(np *networkingv1.NetworkPolicy, order []*shapeInfo) error {
 	podSel, err := selector(np, "spec.podSelector", &np.Spec.PodSelector)
 	if err != nil {
 		return err
@@ -335,11 +377,12 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 	}
 	ing, eg := PolicyTypes(np)
 	for _, s := range subjects {
+		c.refs[s.id] = true
 		if ing {
-			d.Isolation[s.id] |= IsolatedIngress
+			c.iso[s.id] |= IsolatedIngress
 		}
 		if eg {
-			d.Isolation[s.id] |= IsolatedEgress
+			c.iso[s.id] |= IsolatedEgress
 		}
 	}
 	type rule struct {
@@ -360,12 +403,12 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 		}
 	}
 	for _, r := range rules {
-		ps, err := d.peers(np, r.field, r.peers, order)
+		ps, err := c.peers(np, r.field, r.peers, order)
 		if err != nil {
 			return err
 		}
 		for _, s := range subjects {
-			if err := d.addRule(idx, np, r.field, s, r.dir, ps, r.ports, order); err != nil {
+			if err := c.addRule(np, r.field, s, r.dir, ps, r.ports, order); err != nil {
 				return err
 			}
 		}
@@ -374,7 +417,7 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 }
 
 // peers resolves a rule's peers (OR across peers; selectors in one peer AND together).
-func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []networkingv1.NetworkPolicyPeer,
+func (c *contribution) peers(np *networkingv1.NetworkPolicy, field string, peers []networkingv1.NetworkPolicyPeer,
 	order []*shapeInfo) (peerSet, error) {
 	if len(peers) == 0 {
 		return peerSet{any: true}, nil
@@ -390,11 +433,12 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 	for j, p := range peers {
 		pf := fmt.Sprintf("%s.peers[%d]", field, j)
 		if p.IPBlock != nil {
-			c, err := netip.ParsePrefix(p.IPBlock.CIDR)
+			c.usesCIDR = true
+			block, err := netip.ParsePrefix(p.IPBlock.CIDR)
 			if err != nil {
 				continue // reported by Compile
 			}
-			c = c.Masked()
+			block = block.Masked()
 			var excepts []netip.Prefix
 			badExcept := false
 			for _, e := range p.IPBlock.Except {
@@ -408,8 +452,8 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 			if badExcept {
 				continue
 			}
-			for pfx, id := range d.CIDRs {
-				if id == IdentityHost || !within(pfx, c) {
+			for pfx, id := range c.cidrs {
+				if id == IdentityHost || !within(pfx, block) {
 					continue
 				}
 				excluded := false
@@ -449,6 +493,7 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 				continue
 			}
 			add(si.id)
+			c.refs[si.id] = true
 		}
 	}
 	slices.Sort(ps.ids)
@@ -487,7 +532,7 @@ func (d *Desired) put(k RuleKey, idx uint32) {
 	}
 }
 
-func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field string, s *shapeInfo, dir Direction,
+func (c *contribution) addRule(np *networkingv1.NetworkPolicy, field string, s *shapeInfo, dir Direction,
 	ps peerSet, ports []networkingv1.NetworkPolicyPort, order []*shapeInfo) error {
 	peerIDs := ps.ids
 	if ps.any {
@@ -495,7 +540,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 	}
 	if len(ports) == 0 {
 		for _, p := range peerIDs {
-			d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir}, idx)
+			c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir})
 		}
 		return nil
 	}
@@ -511,7 +556,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 		}
 		if port.Port == nil {
 			for _, p := range peerIDs {
-				d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto}, idx)
+				c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto})
 			}
 			continue
 		}
@@ -526,7 +571,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 			}
 			for _, b := range PortBlocks(uint16(lo), uint16(hi)) {
 				for _, p := range peerIDs {
-					d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: b.Port, PortBits: b.Bits}, idx)
+					c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: b.Port, PortBits: b.Bits})
 				}
 			}
 			continue
@@ -537,17 +582,20 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 		if dir == Ingress {
 			if np, ok := s.shape.NamedPorts[name]; ok && np.Protocol == protoName {
 				for _, p := range peerIDs {
-					d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+					c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 				}
 			}
 			continue
+		}
+		if ps.any {
+			c.anyNamed = true
 		}
 		for _, peer := range order {
 			if !ps.any && !ps.set[peer.id] {
 				continue
 			}
 			if np, ok := peer.shape.NamedPorts[name]; ok && np.Protocol == protoName {
-				d.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+				c.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 			}
 		}
 	}

@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -38,8 +38,10 @@ import (
 //     the rules of the identities of pods scheduled to this node (spec.nodeName, known
 //     before the pod's sandbox exists, so its rules are in place before its first packet).
 //
-// A change is compiled whole: 1,000 policies over 2,000 pods take ~0.4 s of CPU
-// (policy/bench_test.go); the writes are diffs.
+// Compilation is incremental (policy.Compiler): each sync hands the compiler only the
+// objects whose resourceVersion changed since the last one, and it recompiles only the
+// policies those changes can affect; the writer then rewrites only the identities whose
+// rules changed (or that became or stopped being local), and writes only entries that differ.
 type policyReconciler struct {
 	node    string
 	enforce bool
@@ -60,9 +62,27 @@ type policyReconciler struct {
 	failures *prometheus.CounterVec
 	recorder record.EventRecorder
 
-	mu      sync.Mutex
-	desired *policy.Desired // the last compiled state, read by the registry's PolicyFunc
-	synced  bool
+	compiler *policy.Compiler              // created by the first sync (it needs the node's addresses)
+	seen     map[string]string             // "kind/namespace/name" -> resourceVersion fed to the compiler
+	seenPods map[types.NamespacedName]bool // pods fed to the compiler (the others: host network, finished)
+	// compilerHasNode: the compiler was made with this node's addresses.
+	compilerHasNode bool
+	// fullSynced: the maps hold a full sync's contents, later syncs may rewrite only some
+	// identities (policymap.Writer.SyncSubjects); inMaps are the identities whose rules
+	// the maps hold.
+	fullSynced bool
+	inMaps     map[policy.Identity]bool
+
+	mu     sync.Mutex
+	lookup *identityLookup // the last compiled identities, read by the registry's PolicyFunc
+	synced bool
+}
+
+// identityLookup is a copy of the compiled pod identities: the compiler updates its own
+// maps in place during the next sync, while the registry may read these at any time.
+type identityLookup struct {
+	byPod  map[types.NamespacedName]policy.Identity
+	byAddr map[netip.Addr]policy.Identity
 }
 
 func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool, audit func(string) bool,
@@ -74,6 +94,7 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 	}
 	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, log: log.Named("policy"),
 		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}, recorder: recorder,
+		seen: map[string]string{}, seenPods: map[types.NamespacedName]bool{},
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tern_networkpolicy_sync_failures_total",
 			Help: "NetworkPolicy syncs that could not write the policy maps, by reason (map_full, other); the previous rules stay enforced."},
 			[]string{"reason"})}
@@ -191,31 +212,88 @@ func (r *policyReconciler) nodeAddrs(ctx context.Context) []netip.Addr {
 	return out
 }
 
-func (r *policyReconciler) sync(ctx context.Context) error {
-	st := policy.State{NodeAddrs: r.nodeAddrs(ctx)}
-	localIDs := map[policy.Identity]bool{}
+// feed hands the compiler the objects that changed since the last sync (by
+// resourceVersion) and the deletions, and returns this node's pods.
+func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
+	// The node's addresses are part of the compiled state; until they could be read, each
+	// sync tries again and, once they are known, starts a compiler that has them.
+	if r.compiler == nil || (!r.compilerHasNode && r.nodeIPs == nil) {
+		addrs := r.nodeAddrs(ctx)
+		if r.compiler == nil || len(addrs) > 0 {
+			r.compiler = policy.NewCompiler(addrs)
+			r.compilerHasNode = len(addrs) > 0
+			r.fullSynced = false
+			clear(r.seen)
+			clear(r.seenPods)
+		}
+	}
+	c := r.compiler
+	present := map[string]bool{}
+	changed := func(kind string, m metav1.Object) bool {
+		k := kind + "/" + m.GetNamespace() + "/" + m.GetName()
+		present[k] = true
+		if rv, ok := r.seen[k]; ok && rv == m.GetResourceVersion() {
+			return false
+		}
+		r.seen[k] = m.GetResourceVersion()
+		return true
+	}
+	// Namespaces first: a pod's shape includes its namespace's labels.
+	for _, o := range r.nss.GetStore().List() {
+		if ns := o.(*corev1.Namespace); changed("ns", ns) {
+			c.SetNamespace(ns)
+		}
+	}
 	var local []types.NamespacedName
+	pods := map[types.NamespacedName]bool{}
 	for _, o := range r.pods.GetStore().List() {
 		p := o.(*corev1.Pod)
 		if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
 			continue
 		}
-		st.Pods = append(st.Pods, *p)
+		nn := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
+		pods[nn] = true
+		if changed("pod", p) {
+			c.SetPod(p)
+		}
 		if p.Spec.NodeName == r.node {
-			local = append(local, types.NamespacedName{Namespace: p.Namespace, Name: p.Name})
+			local = append(local, nn)
 		}
 	}
-	for _, o := range r.nss.GetStore().List() {
-		st.Namespaces = append(st.Namespaces, *o.(*corev1.Namespace))
+	for nn := range r.seenPods {
+		if !pods[nn] {
+			c.DeletePod(nn)
+			// A pod that comes back (say, a phase change undone) must be fed again.
+			delete(r.seen, "pod/"+nn.Namespace+"/"+nn.Name)
+		}
 	}
+	r.seenPods = pods
 	for _, o := range r.nps.GetStore().List() {
-		st.Policies = append(st.Policies, *o.(*networkingv1.NetworkPolicy))
+		if np := o.(*networkingv1.NetworkPolicy); changed("np", np) {
+			c.SetPolicy(np)
+		}
 	}
-	// Sorted input: identities do not depend on it, but error reports and rule values do.
-	slices.SortFunc(st.Policies, func(a, b networkingv1.NetworkPolicy) int {
-		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
-	})
-	d, err := policy.Compile(st)
+	for k := range r.seen {
+		if present[k] {
+			continue
+		}
+		kind, rest, _ := strings.Cut(k, "/")
+		ns, name, _ := strings.Cut(rest, "/")
+		switch kind {
+		case "ns":
+			c.DeleteNamespace(name)
+		case "np":
+			c.DeletePolicy(types.NamespacedName{Namespace: ns, Name: name})
+		}
+		delete(r.seen, k)
+	}
+	return local
+}
+
+func (r *policyReconciler) sync(ctx context.Context) error {
+	localIDs := map[policy.Identity]bool{}
+	local := r.feed(ctx)
+	d, err := r.compiler.Desired()
 	if err != nil {
 		// One bad policy must not stall every other change; what Compile returns with the
 		// error allows nothing the bad fields would have allowed.
@@ -224,27 +302,65 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	for _, nn := range local {
 		localIDs[d.PodIdentity[nn]] = true
 	}
+	touched := r.compiler.TakeTouched()
 	// Previous local identities stay in the maps until the endpoints have moved to the new
 	// ones, so no endpoint ever points at an identity without its rules.
 	current := map[policy.Identity]bool{}
 	for _, e := range r.reg.List() {
 		current[policy.Identity(e.Identity)] = true
 	}
-	keep := func(id policy.Identity) bool { return localIDs[id] || current[id] }
+	keepSet := maps.Clone(localIDs)
+	for id := range current {
+		keepSet[id] = true
+	}
+	keep := func(id policy.Identity) bool { return keepSet[id] }
 	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) }}
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	// The first sync (and any after a failed one) diffs the whole maps, which also removes
+	// what a previous agent left; later ones rewrite only the identities whose rules
+	// changed or that became or stopped being local.
+	full := !r.fullSynced
+	r.fullSynced = false // until this sync succeeds
+	write := func(subjects map[policy.Identity]bool) error {
+		var err error
+		if full {
+			_, err = r.writer.Sync(policymap.Encode(d, opts))
+		} else {
+			_, err = r.writer.SyncSubjects(d, r.compiler.RulesOf, subjects, opts)
+		}
+		return err
+	}
+	subjects := maps.Clone(touched)
+	for id := range keepSet {
+		if !r.inMaps[id] {
+			subjects[id] = true
+		}
+	}
+	for id := range r.inMaps {
+		if !keepSet[id] {
+			subjects[id] = true
+		}
+	}
+	if err := write(subjects); err != nil {
 		return err
 	}
 	r.mu.Lock()
-	r.desired = d
+	r.lookup = &identityLookup{byPod: maps.Clone(d.PodIdentity), byAddr: maps.Clone(d.IPCache)}
 	r.mu.Unlock()
 	if err := r.reg.SetPolicy(r.endpointPolicy); err != nil {
 		return fmt.Errorf("set endpoint identities: %w", err)
 	}
 	opts.Local = func(id policy.Identity) bool { return localIDs[id] }
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	gone := map[policy.Identity]bool{}
+	for id := range keepSet {
+		if !localIDs[id] {
+			gone[id] = true
+		}
+	}
+	if err := write(gone); err != nil {
 		return err
 	}
+	r.inMaps = localIDs
+	r.fullSynced = true
 	return r.syncRemote(d)
 }
 
@@ -252,17 +368,17 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 // names it), else by address (endpoints found in the map after a restart).
 func (r *policyReconciler) endpointPolicy(pod string, addr netip.Addr) (uint32, bool) {
 	r.mu.Lock()
-	d := r.desired
+	l := r.lookup
 	r.mu.Unlock()
-	if d == nil {
+	if l == nil {
 		return 0, false
 	}
 	if ns, name, ok := strings.Cut(pod, "/"); ok {
-		if id, ok := d.PodIdentity[types.NamespacedName{Namespace: ns, Name: name}]; ok {
+		if id, ok := l.byPod[types.NamespacedName{Namespace: ns, Name: name}]; ok {
 			return uint32(id), r.enforce
 		}
 	}
-	return uint32(d.IPCache[addr]), r.enforce
+	return uint32(l.byAddr[addr]), r.enforce
 }
 
 // syncRemote writes the identities of pod addresses that are not local endpoints (the

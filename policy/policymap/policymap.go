@@ -93,6 +93,8 @@ func Encode(d *policy.Desired, o Options) Entries {
 type mapSync[K comparable, V comparable] struct {
 	m   *ebpf.Map
 	cur map[K]V
+	// onPut and onDel, when set, see every key written or deleted (the rules' subject index).
+	onPut, onDel func(K)
 }
 
 func newMapSync[K comparable, V comparable](m *ebpf.Map) (*mapSync[K, V], error) {
@@ -121,6 +123,9 @@ func (s *mapSync[K, V]) put(want map[K]V) (int, error) {
 			return n, fmt.Errorf("write %+v to map %s (full? see the map's size in bpf/lib/policy.h): %w", k, s.m, err)
 		}
 		s.cur[k] = v
+		if s.onPut != nil {
+			s.onPut(k)
+		}
 		n++
 	}
 	return n, nil
@@ -136,6 +141,9 @@ func (s *mapSync[K, V]) del(want map[K]V) (int, error) {
 			return n, fmt.Errorf("delete %+v from map %s: %w", k, s.m, err)
 		}
 		delete(s.cur, k)
+		if s.onDel != nil {
+			s.onDel(k)
+		}
 		n++
 	}
 	return n, nil
@@ -146,6 +154,8 @@ type Writer struct {
 	rules *mapSync[loader.PolicyKey, loader.PolicyValue]
 	iso   *mapSync[uint32, loader.PolicyIsoValue]
 	cidrs *mapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue]
+	// bySubject indexes rules.cur by the key's subject (as encoded), for SyncSubjects.
+	bySubject map[uint32]map[loader.PolicyKey]struct{}
 }
 
 // NewWriter starts from what the maps hold.
@@ -163,6 +173,11 @@ func NewWriter(m *loader.PolicyMaps) (*Writer, error) {
 	if w.cidrs, err = newMapSync[loader.PolicyCIDRKey, loader.PolicyCIDRValue](m.CIDRs); err != nil {
 		return nil, err
 	}
+	w.bySubject = map[uint32]map[loader.PolicyKey]struct{}{}
+	for k := range w.rules.cur {
+		w.index(k)
+	}
+	w.rules.onPut, w.rules.onDel = w.index, w.unindex
 	return &w, nil
 }
 
@@ -219,6 +234,77 @@ func (w *Writer) Sync(e Entries) (Stats, error) {
 // isFull reports whether err is a kernel map's answer to an update when full: E2BIG from a
 // hash map, ENOSPC from an LPM trie.
 func isFull(err error) bool { return errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) }
+
+// SyncSubjects is Sync for a change whose rule entries are confined to some subject
+// identities (policy.Compiler.TakeTouched, and the identities that became or stopped being
+// local): the isolation and ipBlock maps are diffed whole (one entry per identity or
+// prefix), tern_policy only for those subjects, so a change costs what it changed, not the
+// size of the maps. rulesOf gives a subject's entries (policy.Compiler.RulesOf); their
+// values are d.Rules'. The maps must already hold a full Sync's contents.
+func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) map[policy.RuleKey]struct{},
+	subjects map[policy.Identity]bool, o Options) (Stats, error) {
+	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	small := Encode(&policy.Desired{Isolation: d.Isolation, CIDRs: d.CIDRs}, o)
+	want := map[loader.PolicyKey]loader.PolicyValue{}
+	var gone []loader.PolicyKey
+	for id := range subjects {
+		if local(id) {
+			for k := range rulesOf(id) {
+				want[RuleKey(k)] = loader.PolicyValue{Policy: d.Rules[k]}
+			}
+		}
+		for k := range w.bySubject[be32(uint32(id))] {
+			if _, ok := want[k]; !ok {
+				gone = append(gone, k)
+			}
+		}
+	}
+	var st Stats
+	add := func(n int, err error) error { st.Written += n; return err }
+	if err := add(w.cidrs.put(small.CIDRs)); err != nil {
+		return st, err
+	}
+	if err := add(w.rules.put(want)); err != nil {
+		return st, err
+	}
+	if err := add(w.iso.put(small.Isolation)); err != nil {
+		return st, err
+	}
+	n, err := w.iso.del(small.Isolation)
+	st.Deleted += n
+	if err != nil {
+		return st, err
+	}
+	for _, k := range gone {
+		if err := w.rules.m.Delete(k); err != nil && !loader.IsNotExist(err) {
+			return st, fmt.Errorf("delete %+v from map %s: %w", k, w.rules.m, err)
+		}
+		delete(w.rules.cur, k)
+		w.unindex(k)
+		st.Deleted++
+	}
+	n, err = w.cidrs.del(small.CIDRs)
+	st.Deleted += n
+	return st, err
+}
+
+func (w *Writer) unindex(k loader.PolicyKey) {
+	if bs := w.bySubject[k.Subject]; bs != nil {
+		delete(bs, k)
+		if len(bs) == 0 {
+			delete(w.bySubject, k.Subject)
+		}
+	}
+}
+
+func (w *Writer) index(k loader.PolicyKey) {
+	bs := w.bySubject[k.Subject]
+	if bs == nil {
+		bs = map[loader.PolicyKey]struct{}{}
+		w.bySubject[k.Subject] = bs
+	}
+	bs[k] = struct{}{}
+}
 
 // IPCache is the tern_ipcache entries of d's pod addresses (identity and IPC_F_POD). The
 // agent's ipcache reconciler (package endpoint) owns that map; this is what it is fed.
