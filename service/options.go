@@ -45,8 +45,9 @@ const (
 	KindNodePort
 	KindLoadBalancer
 	KindExternalIP
-	// A hostPort kind (the CNI portMappings capability) would join here: external, with
-	// the pod as its one backend.
+	// KindHostPort is a pod's hostPort (the CNI portMappings capability), not a Service's:
+	// external, with the pod as its one backend.
+	KindHostPort
 )
 
 func (k Kind) String() string {
@@ -59,6 +60,8 @@ func (k Kind) String() string {
 		return "LoadBalancer"
 	case KindExternalIP:
 		return "ExternalIP"
+	case KindHostPort:
+		return "HostPort"
 	}
 	return fmt.Sprintf("kind-%d", uint8(k))
 }

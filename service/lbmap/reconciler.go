@@ -376,7 +376,7 @@ func (r *Reconciler) ApplyWith(desired service.Lookup, opts service.OptionsLooku
 			err = r.upsert(f, bs, optionsOf(opts, f))
 		case isExtra:
 			delete(r.byService, f)
-			err = r.upsert(f, extra, service.Options{})
+			err = r.upsert(f, extra, extraOptions())
 		default:
 			delete(r.byService, f)
 			err = r.remove(f)
@@ -438,17 +438,21 @@ func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup)
 func (r *Reconciler) serviceOptionsOnly(opts service.OptionsLookup) service.OptionsLookup {
 	return func(f service.Frontend) service.Options {
 		if !r.byService[f] {
-			return service.Options{}
+			return extraOptions()
 		}
 		return optionsOf(opts, f)
 	}
 }
 
+// extraOptions are the options of every extra frontend: a hostPort, which clients outside
+// the node reach through the netdev programs like a NodePort (random selection among its one
+// backend, reject when empty).
+func extraOptions() service.Options { return service.Options{Kind: service.KindHostPort} }
+
 // SetExtra replaces the frontends owned by another writer than the Service controller (the
 // agent's hostPorts) and writes the difference: new and changed ones are upserted, dropped
 // ones removed. A frontend a Service also has is left to the Service until the Service
-// gives it up. Such frontends get the default options (random selection, reject when
-// empty).
+// gives it up. Such frontends get extraOptions.
 func (r *Reconciler) SetExtra(extra service.State) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -469,7 +473,7 @@ func (r *Reconciler) SetExtra(extra service.State) error {
 				zap.Stringer("frontend", f))
 			continue
 		}
-		if err := r.upsert(f, bs, service.Options{}); err != nil {
+		if err := r.upsert(f, bs, extraOptions()); err != nil {
 			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
 		}
 	}

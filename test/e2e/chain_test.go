@@ -472,18 +472,10 @@ func TestChainingAfterPTP(t *testing.T) {
 	t.Log("after DEL: no endpoint, no hostPort frontend, no pod link pin, no sandbox record, no veth")
 }
 
-// hostPortExternalReady says the netdev object serves Service frontends on the node's
-// addresses to clients outside the node (NodePort, being built on another branch). Until that
-// merges, a packet from outside to nodeIP:hostPort meets no program that translates it, and
-// the subtest below would fail: it is skipped, saying so. Set it to true after the merge.
-const hostPortExternalReady = false
-
 // hostPortFromExternalClient: a client in its own namespace, on the node NIC's segment,
-// reaches the pod's hostPort at the node's address.
+// reaches the pod's hostPort at the node's address: the netdev programs serve a hostPort
+// frontend (service.KindHostPort) like a NodePort.
 func hostPortFromExternalClient(t *testing.T, l *chainLab, hp string) {
-	if !hostPortExternalReady {
-		t.Skip("NOT YET: external clients reach hostPorts once the netdev object serves NodePort (parallel branch); set hostPortExternalReady after that merge")
-	}
 	ext := &chainPod{podNS: &podNS{name: "external", ns: l.ext, ip: netip.MustParseAddr(chainExtIP)}}
 	who, seen := greet(t, ext, hp)
 	if who != "web" {

@@ -74,6 +74,7 @@ func ternFeatures() map[feature]bool {
 	return map[feature]bool{
 		featClusterIP: true, featHostNet: true, featAffinity: true, featITPLocal: true,
 		featTerminating: true, featNoEndpoints: true, featHairpin: true,
+		featNodePort: true, featLB: true, featExternalIP: true, featETPLocal: true, featRanges: true,
 	}
 }
 
