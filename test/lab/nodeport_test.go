@@ -24,9 +24,9 @@ import (
 	"github.com/tern-net/tern/test/lab"
 )
 
-// serveWho runs, inside the pod, a TCP server that greets each connection with the
+// serveClientAddr runs, inside the pod, a TCP server that greets each connection with the
 // address it sees the client as.
-func serveWho(t *testing.T, p *lab.Pod, port int) {
+func serveClientAddr(t *testing.T, p *lab.Pod, port int) {
 	t.Helper()
 	var ln net.Listener
 	if err := p.Exec(func() (err error) {
@@ -131,7 +131,7 @@ func TestNodePortFromOutside(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveWho(t, web, 8080)
+	serveClientAddr(t, web, 8080)
 
 	mk := func(name string, typ corev1.ServiceType, etp corev1.ServiceExternalTrafficPolicy, nodePort int32, selector map[string]string, extIPs []string) *corev1.Service {
 		t.Helper()
