@@ -164,6 +164,19 @@ func (c confCase) dest() string {
 	return string(c.to)
 }
 
+// The intentional differences of external frontends (docs/architecture.md, "External
+// frontends"; docs/conformance.md).
+const (
+	localKeepsClient = "with externalTrafficPolicy Cluster tern SNATs an external client's flow only when the backend " +
+		"is on another node (the reply must come back through this node); a backend on this node is reached by DNAT " +
+		"alone and sees the client, as with Cilium's kube-proxy replacement. kube-proxy masquerades both"
+	podKeepsSource = "a pod's connection to a NodePort, LoadBalancer IP or externalIP of its own node is translated at " +
+		"the pod's veth like a ClusterIP, without SNAT, so the backend sees the pod (as with Cilium); kube-proxy " +
+		"masquerades traffic to external frontends"
+	otherNodeKeepsPod = "a pod's connection to another node's NodePort is translated by that node's netdev programs: " +
+		"its local backend sees the pod (DNAT only), a backend elsewhere sees that node (SNAT); kube-proxy masquerades both"
+)
+
 // conformanceCases is the table. The Services are conformanceServices'; a1 runs on node-1
 // and b2 on node-2 (both labelled app=web; b2 also side=two, a1 solo=a1); c1 and c2 are
 // client pods on node-1 and node-2.
@@ -175,18 +188,18 @@ func conformanceCases() []confCase {
 		{svc: "web", from: fromPodOther, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c2")},
 		{svc: "web", from: fromHost, to: toClusterIP, needs: []feature{featHostNet}, want: ans(both, "node-1")},
 		{svc: "web", from: fromHostOther, to: toClusterIP, needs: []feature{featHostNet}, want: ans(both, "node-2")},
-		{svc: "web", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort}, want: ans(both, "node-1")},
-		{svc: "web", from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2")},
-		{svc: "web", from: fromExternal, to: toLB, needs: []feature{featLB}, want: ans(both, "node-1")},
-		{svc: "web", from: fromExternal, to: toExternalIP, needs: []feature{featExternalIP}, want: ans(both, "node-1")},
-		{svc: "web", from: fromPod, to: toNodePort1, needs: []feature{featNodePort}, want: ans(both, "node-1")},
-		{svc: "web", from: fromPod, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2")},
+		{svc: "web", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
+		{svc: "web", from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-2")},
+		{svc: "web", from: fromExternal, to: toLB, needs: []feature{featLB}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
+		{svc: "web", from: fromExternal, to: toExternalIP, needs: []feature{featExternalIP}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
+		{svc: "web", from: fromPod, to: toNodePort1, needs: []feature{featNodePort}, want: ans(both, "node-1"), ternDiffers: podKeepsSource, ternWant: ans(both, "c1")},
+		{svc: "web", from: fromPod, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2"), ternDiffers: otherNodeKeepsPod, ternWant: ans(both, "c1,node-2")},
 		{svc: "web", from: fromHost, to: toNodePort1, needs: []feature{featNodePort, featHostNet}, want: ans(both, "node-1")},
-		{svc: "web", from: fromPod, to: toLB, needs: []feature{featLB}, want: ans(both, "node-1")},
-		{svc: "web", from: fromPod, to: toExternalIP, needs: []feature{featExternalIP}, want: ans(both, "node-1")},
+		{svc: "web", from: fromPod, to: toLB, needs: []feature{featLB}, want: ans(both, "node-1"), ternDiffers: podKeepsSource, ternWant: ans(both, "c1")},
+		{svc: "web", from: fromPod, to: toExternalIP, needs: []feature{featExternalIP}, want: ans(both, "node-1"), ternDiffers: podKeepsSource, ternWant: ans(both, "c1")},
 		{svc: "web", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c1")},
 		{svc: "web", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featHostNet}, want: ans(both, "node-1")},
-		{svc: "web", udp: true, from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2")},
+		{svc: "web", udp: true, from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: ans(both, "node-2"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-2")},
 
 		// web-local: LoadBalancer, externalTrafficPolicy Local, its one backend (b2) on node-2;
 		// its LoadBalancer IP is routed to node-1, which has no local endpoint.
@@ -229,10 +242,10 @@ func conformanceCases() []confCase {
 		{svc: "none", udp: true, from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
 
 		// loadBalancerSourceRanges: one Service allows the external client, one does not.
-		{svc: "ranges-allow", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: ans(both, "node-1")},
+		{svc: "ranges-allow", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
 		{svc: "ranges-deny", from: fromExternal, to: toLB, needs: []feature{featLB, featRanges}, want: outcome{Result: dropped}},
 		{svc: "ranges-deny", from: fromPod, to: toLB, needs: []feature{featLB, featRanges}, want: outcome{Result: dropped}},
-		{svc: "ranges-deny", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featRanges}, want: ans(both, "node-1")},
+		{svc: "ranges-deny", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featRanges}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
 		{svc: "ranges-deny", from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c1")},
 
 		// hairpin: a1 reaches the Service only it backs and lands on itself.
