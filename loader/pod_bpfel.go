@@ -91,7 +91,7 @@ type PodDropEvent struct {
 	Proto   uint8
 	Reason  PodTernReason
 	Dir     PodTernDir
-	Pad     uint8
+	Kind    uint8
 }
 
 type PodEndpointKey struct {
@@ -194,6 +194,19 @@ type PodPolicyCidrValue struct {
 	Identity uint32
 }
 
+type PodPolicyEvent struct {
+	_            structs.HostLayout
+	Pkt          PodDropEvent
+	Subject      uint32
+	PeerIdentity uint32
+	Slot         uint32
+	Peer         uint32
+	Port         uint16
+	PolicyDir    uint8
+	Verdict      uint8
+	_            [4]byte
+}
+
 type PodPolicyIsoValue struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -207,6 +220,19 @@ type PodPolicyKey struct {
 	Dir       uint8
 	Proto     uint8
 	Port      uint16
+}
+
+type PodPolicyName struct {
+	_    structs.HostLayout
+	Name [320]int8
+}
+
+type PodPolicyStatsKey struct {
+	_       structs.HostLayout
+	Slot    uint32
+	Dir     uint8
+	Verdict uint8
+	Pad     uint16
 }
 
 type PodPolicyValue struct {
@@ -295,6 +321,7 @@ const (
 	PodTernReasonREASON_MASQ_RESTORE          PodTernReason = 34
 	PodTernReasonREASON_DROP_SNAT_NO_PORT     PodTernReason = 35
 	PodTernReasonREASON_DROP_SNAT_FULL        PodTernReason = 36
+	PodTernReasonREASON_POLICY_ALLOWED        PodTernReason = 37
 	PodTernReasonREASON_MAX                   PodTernReason = 64
 )
 
@@ -320,6 +347,8 @@ const (
 	PodMapTernPolicy                     = "tern_policy"
 	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
 	PodMapTernPolicyIsolation            = "tern_policy_isolation"
+	PodMapTernPolicyNames                = "tern_policy_names"
+	PodMapTernPolicyStats                = "tern_policy_stats"
 	PodMapTernServices                   = "tern_services"
 	PodMapTernSnat                       = "tern_snat"
 	PodMapTernSnatStats                  = "tern_snat_stats"
@@ -336,6 +365,7 @@ const (
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
 	PodVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
 	PodVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	PodVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
 	PodVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
@@ -409,6 +439,8 @@ type PodMapSpecs struct {
 	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.MapSpec `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.MapSpec `ebpf:"tern_policy_stats"`
 	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
 	TernSnat            *ebpf.MapSpec `ebpf:"tern_snat"`
 	TernSnatStats       *ebpf.MapSpec `ebpf:"tern_snat_stats"`
@@ -429,6 +461,7 @@ type PodVariableSpecs struct {
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
@@ -472,6 +505,8 @@ type PodMaps struct {
 	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.Map `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.Map `ebpf:"tern_policy_stats"`
 	TernServices        *ebpf.Map `ebpf:"tern_services"`
 	TernSnat            *ebpf.Map `ebpf:"tern_snat"`
 	TernSnatStats       *ebpf.Map `ebpf:"tern_snat_stats"`
@@ -497,6 +532,8 @@ func (m *PodMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCidrs,
 		m.TernPolicyIsolation,
+		m.TernPolicyNames,
+		m.TernPolicyStats,
 		m.TernServices,
 		m.TernSnat,
 		m.TernSnatStats,
@@ -518,6 +555,7 @@ type PodVariables struct {
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`

@@ -61,6 +61,9 @@ const (
 	ReasonMasqRestore    = PodTernReasonREASON_MASQ_RESTORE
 	ReasonDropSNATNoPort = PodTernReasonREASON_DROP_SNAT_NO_PORT
 	ReasonDropSNATFull   = PodTernReasonREASON_DROP_SNAT_FULL
+	// ReasonPolicyAllowed names an allowed verdict on tern_events (policy_event); it is
+	// never counted in tern_metrics (tern_policy_stats counts verdicts per policy).
+	ReasonPolicyAllowed = PodTernReasonREASON_POLICY_ALLOWED
 )
 
 var reasonLabels = map[Reason]string{
@@ -80,6 +83,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropPolicy: "drop_policy", ReasonPolicyAudit: "policy_audit",
 	ReasonMasq: "masq", ReasonMasqRestore: "masq_restore",
 	ReasonDropSNATNoPort: "drop_snat_no_port", ReasonDropSNATFull: "drop_snat_full",
+	ReasonPolicyAllowed: "policy_allowed",
 }
 
 // String is the reason's Prometheus label value.
@@ -116,6 +120,15 @@ func (d PodTernDir) String() string {
 type (
 	DropEvent  = PodDropEvent
 	EventLimit = PodEventLimit
+	// PolicyEvent is a policy verdict (struct policy_event in bpf/lib/policy.h): a
+	// DropEvent of kind EventKindPolicy followed by what was judged.
+	PolicyEvent = PodPolicyEvent
+)
+
+// Event kinds (enum event_kind in bpf/lib/metrics.h): DropEvent.Kind.
+const (
+	EventKindDrop   = 0
+	EventKindPolicy = 1
 )
 
 // Reasons lists every reason with a label, in numeric order (for ternctl's filters).

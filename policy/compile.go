@@ -84,6 +84,12 @@ func (k RuleKey) Covers(proto uint8, port uint16) bool {
 	return port&mask == k.Port&mask
 }
 
+// IsolationKey is an identity isolated in one direction.
+type IsolationKey struct {
+	Subject Identity
+	Dir     Direction
+}
+
 // Desired is what the policy maps must hold.
 type Desired struct {
 	// Shapes describes every pod identity (for ternctl and errors).
@@ -99,6 +105,11 @@ type Desired struct {
 	CIDRs map[netip.Prefix]Identity
 	// Isolation holds the flags of every identity some policy selects (tern_policy_isolation).
 	Isolation map[Identity]uint32
+	// IsolatedBy is, per identity and direction it is isolated in, the index in Policies
+	// of the first policy isolating it: the one a denial is attributed to.
+	IsolatedBy map[IsolationKey]uint32
+	// Selecting lists, per identity, the indexes in Policies of every policy selecting it.
+	Selecting map[Identity][]uint32
 	// Rules are the allow entries (tern_policy); the value is the index in Policies of the
 	// first policy that produced the entry.
 	Rules map[RuleKey]uint32
@@ -130,6 +141,8 @@ func Compile(st State) (*Desired, error) {
 		IPCache:     map[netip.Addr]Identity{},
 		CIDRs:       map[netip.Prefix]Identity{},
 		Isolation:   map[Identity]uint32{},
+		IsolatedBy:  map[IsolationKey]uint32{},
+		Selecting:   map[Identity][]uint32{},
 		Rules:       map[RuleKey]uint32{},
 	}
 	var errs []error
@@ -335,11 +348,14 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 	}
 	ing, eg := PolicyTypes(np)
 	for _, s := range subjects {
+		d.Selecting[s.id] = append(d.Selecting[s.id], idx)
 		if ing {
 			d.Isolation[s.id] |= IsolatedIngress
+			d.isolatedBy(s.id, Ingress, idx)
 		}
 		if eg {
 			d.Isolation[s.id] |= IsolatedEgress
+			d.isolatedBy(s.id, Egress, idx)
 		}
 	}
 	type rule struct {
@@ -371,6 +387,13 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 		}
 	}
 	return nil
+}
+
+func (d *Desired) isolatedBy(id Identity, dir Direction, idx uint32) {
+	k := IsolationKey{Subject: id, Dir: dir}
+	if old, ok := d.IsolatedBy[k]; !ok || idx < old {
+		d.IsolatedBy[k] = idx
+	}
 }
 
 // peers resolves a rule's peers (OR across peers; selectors in one peer AND together).

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/agent/readiness"
 	"github.com/tern-net/tern/endpoint"
 	"github.com/tern-net/tern/loader"
@@ -42,6 +43,8 @@ type policyReconciler struct {
 	audit   func(namespace string) bool
 	reg     *endpoint.Registry
 	writer  *policymap.Writer
+	slots   *policymap.Slots // owned by the sync loop
+	maps    *loader.PolicyMaps
 	log     *zap.Logger
 	ready   *readiness.Component
 	client  kubernetes.Interface
@@ -53,6 +56,7 @@ type policyReconciler struct {
 
 	mu      sync.Mutex
 	desired *policy.Desired // the last compiled state, read by the registry's PolicyFunc
+	slotOf  map[string]uint32 // the policies' slots for desired (View)
 	synced  bool
 }
 
@@ -62,7 +66,11 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 	if err != nil {
 		return nil, fmt.Errorf("networkpolicy: %w", err)
 	}
-	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, log: log.Named("policy"),
+	slots, err := policymap.NewSlots(maps)
+	if err != nil {
+		return nil, fmt.Errorf("networkpolicy: %w", err)
+	}
+	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, slots: slots, maps: maps, log: log.Named("policy"),
 		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}}
 	// Entries a previous agent wrote for other nodes' pods: the first sync removes the
 	// ones whose pods left meanwhile.
@@ -191,12 +199,22 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 		current[policy.Identity(e.Identity)] = true
 	}
 	keep := func(id policy.Identity) bool { return localIDs[id] || current[id] }
-	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) }}
+	// New policies get their slots (named, counters zeroed) before any entry refers to them.
+	if err := r.slots.Assign(d.Policies); err != nil {
+		return err
+	}
+	slotOf := make(map[string]uint32, len(d.Policies))
+	for _, n := range d.Policies {
+		slotOf[n] = r.slots.Of(n)
+	}
+	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) },
+		Slot: func(i uint32) uint32 { return slotOf[d.Policies[i]] }}
 	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
 		return err
 	}
 	r.mu.Lock()
 	r.desired = d
+	r.slotOf = slotOf
 	r.mu.Unlock()
 	if err := r.reg.SetPolicy(r.endpointPolicy); err != nil {
 		return fmt.Errorf("set endpoint identities: %w", err)
@@ -205,7 +223,86 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
 		return err
 	}
+	// Deleted policies' slots go once no entry names them.
+	if err := r.slots.Release(d.Policies); err != nil {
+		return err
+	}
 	return r.syncRemote(d)
+}
+
+// View is what NetworkPolicy does to a pod, from the last compiled state and the counters:
+// `ternctl policy get`.
+func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Error) {
+	r.mu.Lock()
+	d, slotOf := r.desired, r.slotOf
+	r.mu.Unlock()
+	if d == nil {
+		return api.PolicyView{}, &api.Error{Code: api.CodeTryAgainLater, Msg: "networkpolicy has not synced yet", Details: "retry in a moment"}
+	}
+	nn := types.NamespacedName{Namespace: namespace, Name: name}
+	id, ok := d.PodIdentity[nn]
+	if !ok {
+		return api.PolicyView{}, &api.Error{Code: api.CodeUnknownPod, Msg: "no such pod in the cluster as the agent sees it",
+			Details: fmt.Sprintf("pod %s (Succeeded, Failed and host-network pods have no policy)", nn)}
+	}
+	v := api.PolicyView{Pod: nn.String(), Identity: uint32(id), Shape: d.Shapes[id], Policies: []api.PolicyOfPod{}}
+	if o, ok, _ := r.pods.GetStore().GetByKey(nn.String()); ok {
+		v.Address = o.(*corev1.Pod).Status.PodIP
+	}
+	iso := d.Isolation[id]
+	v.IsolatedIngress = iso&policy.IsolatedIngress != 0
+	v.IsolatedEgress = iso&policy.IsolatedEgress != 0
+	v.Audit = (v.IsolatedIngress || v.IsolatedEgress) && r.audit(namespace)
+	describe := func(peer policy.Identity) string {
+		switch {
+		case peer == policy.IdentityAny:
+			return "any"
+		case peer.IsCIDR():
+			for p, cid := range d.CIDRs {
+				if cid == peer {
+					return p.String()
+				}
+			}
+		default:
+			if s, ok := d.Shapes[peer]; ok {
+				return s
+			}
+		}
+		return fmt.Sprintf("identity %d", peer)
+	}
+	byIdx := map[uint32]*api.PolicyOfPod{}
+	for _, idx := range d.Selecting[id] {
+		name := d.Policies[idx]
+		p := &api.PolicyOfPod{Name: name, Slot: slotOf[name], Rules: []api.PolicyRule{}}
+		for _, dir := range []policy.Direction{policy.Ingress, policy.Egress} {
+			if by, ok := d.IsolatedBy[policy.IsolationKey{Subject: id, Dir: dir}]; ok && by == idx {
+				p.Isolates = append(p.Isolates, dir.String())
+			}
+		}
+		byIdx[idx] = p
+	}
+	for k, idx := range d.Rules {
+		p := byIdx[idx]
+		if k.Subject != id || p == nil {
+			continue
+		}
+		rv := policymap.RuleView(k)
+		rv.Peer = describe(k.Peer)
+		p.Rules = append(p.Rules, rv)
+	}
+	for _, idx := range d.Selecting[id] {
+		p := byIdx[idx]
+		if p.Slot != 0 {
+			c, err := policymap.Counters(r.maps.Stats, p.Slot)
+			if err != nil {
+				return v, &api.Error{Code: api.CodeInternal, Msg: "read policy counters", Details: err.Error()}
+			}
+			p.Counters = c
+		}
+		policymap.SortRules(p.Rules)
+		v.Policies = append(v.Policies, *p)
+	}
+	return v, nil
 }
 
 // endpointPolicy is the registry's PolicyFunc: the identity of the pod by name (an attach
@@ -278,6 +375,7 @@ func (c *Component) startPolicy(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.a.SetPolicyView(r.View)
 	c.log.Info("networkpolicy", zap.Bool("enforce", cfg.PolicyEnforced()), zap.Bool("audit", cfg.NetworkPolicy.Audit),
 		zap.Strings("auditNamespaces", cfg.NetworkPolicy.AuditNamespaces))
 	c.wg.Add(1)

@@ -30,6 +30,9 @@ type Options struct {
 	// Audit tells whether an identity's policy is in audit mode (would-drops reported,
 	// not enforced). Nil: none.
 	Audit func(policy.Identity) bool
+	// Slot is the slot (tern_policy_names, tern_policy_stats) of the policy with index i
+	// in Desired.Policies; 0 when it has none. Nil: i+1 (the simulator: no names map).
+	Slot func(i uint32) uint32
 }
 
 // be32 returns the uint32 whose in-memory bytes are v in network order (as loader.PortToBE
@@ -53,6 +56,25 @@ func RuleKey(k policy.RuleKey) loader.PolicyKey {
 		Dir: uint8(k.Dir), Proto: k.Proto, Port: be16(k.Port)}
 }
 
+// IsolatorKey is the tern_policy entry naming the policy that isolates subject in dir.
+func IsolatorKey(subject policy.Identity, dir policy.Direction) loader.PolicyKey {
+	return loader.PolicyKey{Prefixlen: 72, Subject: be32(uint32(subject)), Dir: uint8(dir) | loader.PolicyDirIsolator}
+}
+
+// DecodeRuleKey is RuleKey's inverse; isolator tells an isolator entry (Dir without the
+// isolator bit in k).
+func DecodeRuleKey(lk loader.PolicyKey) (k policy.RuleKey, isolator bool) {
+	k = policy.RuleKey{Subject: policy.Identity(be32(lk.Subject)), Peer: policy.Identity(be32(lk.Peer)),
+		Dir: policy.Direction(lk.Dir &^ loader.PolicyDirIsolator), Proto: lk.Proto, Port: be16(lk.Port)}
+	if lk.Prefixlen > 80 {
+		k.PortBits = uint8(lk.Prefixlen - 80)
+	}
+	if lk.Prefixlen <= 72 {
+		k.Proto, k.Port = 0, 0
+	}
+	return k, lk.Dir&loader.PolicyDirIsolator != 0
+}
+
 // CIDRKey encodes a prefix of tern_policy_cidrs.
 func CIDRKey(p netip.Prefix) loader.PolicyCIDRKey {
 	return loader.PolicyCIDRKey{Prefixlen: uint32(p.Bits()), Addr: loader.AddrToBE(p.Masked().Addr())}
@@ -61,6 +83,15 @@ func CIDRKey(p netip.Prefix) loader.PolicyCIDRKey {
 // Encode turns d into map contents.
 func Encode(d *policy.Desired, o Options) Entries {
 	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	slot := o.Slot
+	if slot == nil {
+		slot = func(i uint32) uint32 {
+			if i+1 >= loader.PolicySlots {
+				return 0
+			}
+			return i + 1
+		}
+	}
 	e := Entries{
 		Rules:     make(map[loader.PolicyKey]loader.PolicyValue, len(d.Rules)),
 		Isolation: make(map[uint32]loader.PolicyIsoValue, len(d.Isolation)),
@@ -68,7 +99,13 @@ func Encode(d *policy.Desired, o Options) Entries {
 	}
 	for k, idx := range d.Rules {
 		if local(k.Subject) {
-			e.Rules[RuleKey(k)] = loader.PolicyValue{Policy: idx}
+			e.Rules[RuleKey(k)] = loader.PolicyValue{Policy: slot(idx)}
+		}
+	}
+	// The isolator entries: which policy a denial is attributed to (bpf/lib/policy.h).
+	for k, idx := range d.IsolatedBy {
+		if local(k.Subject) {
+			e.Rules[IsolatorKey(k.Subject, k.Dir)] = loader.PolicyValue{Policy: slot(idx)}
 		}
 	}
 	for id, flags := range d.Isolation {
