@@ -115,6 +115,17 @@ type Desired struct {
 	Rules map[RuleKey]uint32
 	// Policies names the policies by index, "namespace/name".
 	Policies []string
+
+	podPrefix map[Identity]netip.Prefix // CIDR identities of pod /32s (named ports on ipBlocks)
+}
+
+// namedPorts is the named-port table of the pod identity id.
+func namedPorts(order []*shapeInfo, id Identity) map[string]NamedPort {
+	i, ok := slices.BinarySearchFunc(order, id, func(s *shapeInfo, id Identity) int { return cmp.Compare(s.id, id) })
+	if !ok {
+		return nil
+	}
+	return order[i].shape.NamedPorts
 }
 
 type shapeInfo struct {
@@ -185,6 +196,10 @@ func Compile(st State) (*Desired, error) {
 		order = append(order, si)
 	}
 	slices.SortFunc(order, func(a, b *shapeInfo) int { return cmp.Compare(a.id, b.id) })
+	namedPortsOf := make(map[Identity]map[string]NamedPort, len(order))
+	for _, si := range order {
+		namedPortsOf[si.id] = si.shape.NamedPorts
+	}
 	for i := range st.Pods {
 		p := &st.Pods[i]
 		nn := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
@@ -227,13 +242,55 @@ func Compile(st State) (*Desired, error) {
 			}
 		})
 	}
+	// An egress rule with a named port and an ipBlock peer: the name resolves on each
+	// destination pod inside the block (an address that is no pod has no named ports), so
+	// every such pod's address becomes a /32 prefix of its own, which gets the enclosing
+	// blocks' rules like any nested prefix plus its resolved port (addRule).
+	for i := range st.Policies {
+		np := &st.Policies[i]
+		for _, r := range np.Spec.Egress {
+			names := map[string]bool{}
+			for _, port := range r.Ports {
+				if port.Port != nil && port.Port.Type != 0 {
+					names[port.Port.StrVal] = true
+				}
+			}
+			if len(names) == 0 {
+				continue
+			}
+			for _, peer := range r.To {
+				if peer.IPBlock == nil {
+					continue
+				}
+				c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+				if err != nil || !c.Addr().Is4() {
+					continue
+				}
+				for a, id := range d.IPCache {
+					if !c.Contains(a) {
+						continue
+					}
+					for n := range names {
+						if _, ok := namedPortsOf[id][n]; ok {
+							prefixes = append(prefixes, netip.PrefixFrom(a, 32))
+							break
+						}
+					}
+				}
+			}
+		}
+	}
 	pdescs := make([]string, 0, len(prefixes))
 	for _, p := range prefixes {
 		pdescs = append(pdescs, p.String())
 	}
 	pids := allocate(pdescs, cidrIdentityBit, cidrIdentityBit|(cidrIdentityBit-1))
+	d.podPrefix = map[Identity]netip.Prefix{}
 	for _, p := range prefixes {
 		d.CIDRs[p] = pids[p.String()]
+		if _, ok := d.IPCache[p.Addr()]; ok && p.Bits() == 32 {
+			d.podPrefix[pids[p.String()]] = p
+		}
 	}
 	for _, a := range st.NodeAddrs {
 		d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
@@ -571,6 +628,16 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 			}
 			if np, ok := peer.shape.NamedPorts[name]; ok && np.Protocol == protoName {
 				d.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+			}
+		}
+		// ipBlock peers: the /32 prefixes Compile made for the pods inside them.
+		for _, id := range ps.ids {
+			pfx, ok := d.podPrefix[id]
+			if !ok {
+				continue
+			}
+			if np, ok := namedPorts(order, d.IPCache[pfx.Addr()])[name]; ok && np.Protocol == protoName {
+				d.put(RuleKey{Subject: s.id, Peer: id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
 			}
 		}
 	}
