@@ -1,6 +1,7 @@
 package ternctl
 
 import (
+	"fmt"
 	"net/netip"
 	"sort"
 	"strconv"
@@ -61,12 +62,12 @@ func bpfNATCommand(e *env) *cobra.Command {
 			}
 			want = a
 		}
-		m, err := e.openMaps()
+		snat, err := e.openMap(loader.PodMapTernSnat)
 		if err != nil {
 			return err
 		}
-		defer m.Close()
-		entries, err := m.DumpSNAT()
+		defer snat.Close()
+		entries, err := (&loader.Maps{SNAT: snat}).DumpSNAT()
 		if err != nil {
 			return withCode(ExitFailure, err)
 		}
@@ -140,6 +141,9 @@ func bpfBandwidthCommand(e *env) *cobra.Command {
 			return err
 		}
 		defer m.Close()
+		if m.Bandwidth == nil {
+			return withCode(ExitNoDatapath, fmt.Errorf("no %s pinned under %s: the agent there predates the bandwidth manager", loader.PodMapTernBandwidth, e.opts.PinRoot))
+		}
 		bws, err := m.DumpBandwidth()
 		if err != nil {
 			return withCode(ExitFailure, err)
