@@ -305,6 +305,34 @@ allowed:
 	d->slot = v->policy;
 }
 
+/* Send a policy_event. A global function (not static, not inlined): the verifier checks it
+ * once on its own instead of once per path that reaches it, which keeps the pod programs'
+ * verifier budget (docs/reliability.md). A global function takes at most five arguments, all
+ * scalars besides the context, hence the packing:
+ *   what  = reason | count_dir << 8 | policy_dir << 16 | verdict << 24 | port << 32
+ *   ids   = subject | peer_identity << 32
+ *   where = slot | peer << 32 */
+__attribute__((noinline)) int tern_policy_event(struct __sk_buff *skb, __u64 what, __u64 ids, __u64 where)
+{
+	struct event_limit *l = event_allowed();
+	struct policy_event ev = {};
+
+	if (!skb || !l)
+		return 0;
+	event_fill(skb, &ev.pkt, (__u8)what, (__u8)(what >> 8));
+	ev.pkt.kind = EVENT_POLICY;
+	ev.policy_dir = (__u8)(what >> 16);
+	ev.verdict = (__u8)(what >> 24);
+	ev.port = (__be16)(what >> 32);
+	ev.subject = (__u32)ids;
+	ev.peer_identity = (__u32)(ids >> 32);
+	ev.slot = (__u32)where;
+	ev.peer = (__be32)(where >> 32);
+	if (bpf_ringbuf_output(&tern_events, &ev, sizeof(ev), 0))
+		l->lost_full++;
+	return 0;
+}
+
 /* Count a judged packet against the policy that decided, and report it on tern_events. */
 static __always_inline void policy_report(struct __sk_buff *skb, const struct endpoint_value *ep,
 					  const struct policy_decision *d, __u8 dir, __be32 peer, __be16 port,
@@ -322,22 +350,11 @@ static __always_inline void policy_report(struct __sk_buff *skb, const struct en
 		return;
 
 	__u8 reason = d->allowed ? REASON_POLICY_ALLOWED : (d->audit ? REASON_POLICY_AUDIT : REASON_DROP_POLICY);
-	struct event_limit *l = event_allowed();
-	struct policy_event ev = {};
+	__u64 what = (__u64)reason | (__u64)count_dir << 8 | (__u64)dir << 16 | (__u64)verdict << 24 |
+		     (__u64)port << 32;
 
-	if (!l)
-		return;
-	event_fill(skb, &ev.pkt, reason, count_dir);
-	ev.pkt.kind = EVENT_POLICY;
-	ev.subject = ep->identity;
-	ev.peer_identity = d->peer_identity;
-	ev.slot = d->slot;
-	ev.peer = peer;
-	ev.port = port;
-	ev.policy_dir = dir;
-	ev.verdict = verdict;
-	if (bpf_ringbuf_output(&tern_events, &ev, sizeof(ev), 0))
-		l->lost_full++;
+	tern_policy_event(skb, what, (__u64)ep->identity | (__u64)d->peer_identity << 32,
+			  (__u64)d->slot | (__u64)peer << 32);
 }
 
 /* Judge a packet of endpoint ep in dir against peer:port, unless the flow's entry caches the
