@@ -202,8 +202,8 @@ type PolicyOfPod struct {
 	Slot uint32 `json:"slot"`
 	// Isolates lists the directions in which denials are attributed to this policy (the
 	// first by name of the policies isolating the pod).
-	Isolates []string           `json:"isolates,omitempty"`
-	Rules    []PolicyRule       `json:"rules"`
+	Isolates []string          `json:"isolates,omitempty"`
+	Rules    []PolicyRule      `json:"rules"`
 	Counters PolicyCounterPair `json:"counters"`
 }
 

@@ -55,7 +55,7 @@ type policyReconciler struct {
 	nodeIPs        []netip.Addr        // this node's addresses, read once (always allowed)
 
 	mu      sync.Mutex
-	desired *policy.Desired // the last compiled state, read by the registry's PolicyFunc
+	desired *policy.Desired   // the last compiled state, read by the registry's PolicyFunc
 	slotOf  map[string]uint32 // the policies' slots for desired (View)
 	synced  bool
 }
