@@ -79,4 +79,3 @@ func TestSlotsAreStable(t *testing.T) {
 		t.Fatalf("slots read back: c/three %d b/two %d", again.Of("c/three"), again.Of("b/two"))
 	}
 }
-
