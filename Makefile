@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence demo demo-down clean
+.PHONY: image test-image all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-unit e2e conformance bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence bench-policy demo demo-down clean
 
 all: build
 
@@ -48,6 +48,8 @@ vet:
 check-tidy:
 	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit" >&2; exit 1; }
 	@cd test/deploy/helm && $(GO) mod tidy -diff || { echo "test/deploy/helm/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
+	@cd deploy/image && $(GO) mod tidy -diff || { echo "deploy/image/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
+	@cd test/bench/plot && $(GO) mod tidy -diff || { echo "test/bench/plot/go.mod is not tidy: run 'go mod tidy' there and commit" >&2; exit 1; }
 
 # Every tier: unit tests, BPF program tests (BPF_PROG_TEST_RUN), namespace end-to-end
 # tests, the cloud emulator and IPAM, and the Kubernetes end-to-end suite. Privileged tiers
@@ -57,11 +59,13 @@ test: setup check-generate check-tidy vet k8s-bins
 	$(MAKE) fuzz FUZZTIME=5s
 	$(MAKE) test-race
 	cd test/deploy/helm && TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -timeout 10m ./...
-	bash test/vmkernel/run.sh
+	cd test/bench/plot && $(GO) vet ./... && $(GO) test -count=1 ./...
+	$(MAKE) test-image
+	$(MAKE) test-kernels
 
-# The loader and namespace e2e tests on Debian kernels under qemu (TCG): 6.1 has no tcx, so
-# AttachPod's automatic clsact fallback carries the traffic (this one is part of `make test`);
-# 6.12 has tcx. ~40 s each when cached.
+# The loader and namespace e2e tests on Debian kernels under qemu (TCG), both part of `make
+# test`: 6.1 has no tcx, so AttachPod's automatic clsact fallback carries the traffic; 6.12
+# has tcx, netkit and fq. Each takes minutes of VM time under TCG (test/vmkernel/README.md).
 test-kernels:
 	bash test/vmkernel/run.sh
 	TERN_VMKERNEL_PKG=linux-image-6.12-amd64 bash test/vmkernel/run.sh
@@ -90,10 +94,24 @@ test-race:
 test-unit:
 	$(GO) test -count=1 ./...
 
+# The differential conformance suite alone (also part of `make test`): the same packet-flow
+# cases against the real kube-proxy (iptables, nftables) and tern, compared (docs/conformance.md;
+# ~70 s plus the build).
+conformance: setup k8s-bins
+	TERN_PRIVILEGED=1 TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 15m -run 'TestConformance' ./test/lab/
+
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...
 
-bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb bench-masq
+bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb bench-masq bench-policy
+
+# NetworkPolicy: per-packet cost with no policy, 100 and 10,000 rules on the endpoint over a
+# working set larger than the last-level cache, compile time and identity churn on 1,000
+# policies over 2,000 pods, map memory (root, ~7 min, ~450 MiB of BPF maps); then, in the lab, the time from a
+# label or policy write to every node's maps, p50/p99 over 100 changes each (~1.5 min).
+bench-policy: setup k8s-bins
+	$(GO) run ./test/bench/policy -rules 0,100,10000 -flows 250000 -new 50000 -peers 60000 -rounds 3 -churn 10
+	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -run '^$$' -bench PolicyChangeLatency -benchtime 100x ./test/e2e/kube
 
 bench-masq:
 	$(GO) run ./test/bench/masq -flows 50000 -new 20000 -rounds 5 -allocs 3000
@@ -114,9 +132,22 @@ bench-convergence: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/convergence -services 1000,10000 -changes 200 -modes iptables,nftables
 
 # Per-packet cost of the pod programs, v1 vs v2 side by side, over a working set far larger
-# than the last-level cache (root, ~3 min, ~1 GB RSS, ~1.8 GB of BPF maps).
+# than the last-level cache (root, ~3 min, ~1 GB RSS, ~1.8 GB of BPF maps). The PNG is drawn by
+# test/bench/plot, a module of its own that keeps the plotting library out of go.mod.
 bench-datapath:
-	$(GO) run ./test/bench/datapath -services 1,1000,100000 -fanout 50 -v1-fanout 8 -flows 250000 -non-service 250000 -new 50000 -rounds 5 -png docs/img/datapath.png
+	$(GO) run ./test/bench/datapath -services 1,1000,100000 -fanout 50 -v1-fanout 8 -flows 250000 -non-service 250000 -new 50000 -rounds 5 -setups 3 -png docs/img/datapath.png
+
+# The container image, built without a Docker daemon (deploy/image, its own Go module):
+# bin/image/oci is an OCI image layout, bin/image/tern.tar loads with `docker load` or
+# `ctr -n k8s.io images import`. Reproducible: SOURCE_DATE_EPOCH (default 0) stamps it.
+IMAGE ?= tern:dev
+image:
+	cd deploy/image && $(GO) run . -tag $(IMAGE) -out ../../$(BIN)/image/oci -tar ../../$(BIN)/image/tern.tar
+
+# Builds the image twice and checks the digests match, the files and the embedded BPF
+# objects (part of `make test`; ~30 s with a warm build cache).
+test-image:
+	cd deploy/image && $(GO) vet ./... && $(GO) test -count=1 -v ./...
 
 clean:
 	rm -rf $(BIN)

@@ -36,6 +36,7 @@ import (
 	"github.com/tern-net/tern/ipam/store"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/policy/policymap"
+	"github.com/tern-net/tern/service/lbmap"
 )
 
 // Component is a long-running part of the agent started after the datapath and the pool are
@@ -57,8 +58,12 @@ type Agent struct {
 	components []Component
 	dp         *loader.Datapath
 	endpoints  *endpoint.Registry
-	pool       *ipam.Pool
-	sock       *sockLB // socket-level LB; nil when off or unsupported (socklb.go)
+	pool       ipam.Allocator
+	routes     aliyun.RouteCloud // the VPC route API in route mode, else nil
+	sock       *sockLB           // socket-level LB; nil when off or unsupported (socklb.go)
+	svcRec     *lbmap.Reconciler // the LB maps' one writer: Services and hostPorts
+	attached   *sandboxTable     // attached sandboxes and their hostPorts (hostport.go)
+	hostPortMu sync.Mutex        // serialises hostPort changes (table and maps in step)
 
 	ready      atomic.Bool // the pool serves the socket; readiness says whether pods may come
 	readiness  *readiness.Registry
@@ -140,8 +145,9 @@ func (a *Agent) Datapath() *loader.Datapath {
 	return a.dp
 }
 
-// Pool is the IPAM pool, nil until Run has started it.
-func (a *Agent) Pool() *ipam.Pool {
+// Pool is the address source (the ENIIP pool, or the route mode's pod CIDR), nil until Run
+// has started it.
+func (a *Agent) Pool() ipam.Allocator {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.pool
@@ -157,7 +163,8 @@ func (a *Agent) Config() Config { return a.cfg }
 // again later" until the pool is up, so a CNI call during start-up fails fast and retries.
 func (a *Agent) Run(ctx context.Context) error {
 	// Who this node is comes first: everything the socket answers is about this instance.
-	if a.cfg.InstanceID == "" {
+	// Without tern's IPAM the node need not be an ECS instance at all.
+	if a.cfg.InstanceID == "" && !a.cfg.IPAM.Off() {
 		a.log.Info("instanceID is not configured: reading it from the instance metadata service (up to 30s)",
 			zap.String("endpoint", a.cfg.MetadataEndpoint))
 		id, err := metadata.New(a.cfg.MetadataEndpoint).Get(ctx, "instance-id", 30*time.Second)
@@ -209,12 +216,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	lcfg := loader.Config{PinRoot: a.cfg.PinRoot, ForceClsact: a.cfg.ForceClsact,
 		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
-		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks,
+		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks, MaxPolicyCIDRs: a.cfg.MaxPolicyCIDRs,
 		BandwidthEDT: bwMode == bandwidth.ModeEDT, PolicyAllowedEvents: a.cfg.NetworkPolicy.AllowedEvents,
 		Logger: a.log.Named("loader")}
 	if err := a.masqueradeLoadConfig(&lcfg); err != nil {
 		return err
 	}
+	a.nodePortLoadConfig(&lcfg)
 	dp, err := loader.Load(lcfg)
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)
@@ -241,72 +249,30 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.reg.MustRegister(polMetrics)
 	cleanups = append(cleanups, func() { a.reg.Unregister(polMetrics) })
 
-	// The watcher hands reloads to the pool once it runs; it only runs after the pool started.
-	watcher := eniconfig.NewWatcher(a.cfg.ENIConfigPath, time.Duration(a.cfg.ENIConfigPollInterval), a.log.Named("eniconfig"),
-		func(c eniconfig.Config) {
-			if p := a.Pool(); p != nil {
-				p.UpdateConfig(c)
-			}
-			// service_cidr is part of the non-masquerade set.
-			if err := a.syncNonMasquerade(ctx, dp, c); err != nil {
-				a.log.Error("could not update the non-masquerade destinations after an eni_conf change", zap.Error(err))
-			}
-		})
-	eniCfg, err := watcher.Load()
-	if err != nil {
-		return fmt.Errorf("load eni_conf (fix the file and restart): %w", err)
-	}
-	// Before any pod is attached: an empty set with masquerade on would translate pod
-	// traffic inside the VPC.
-	if err := a.syncNonMasquerade(ctx, dp, eniCfg); err != nil {
+	if err := a.startServiceMaps(dp); err != nil {
 		return err
 	}
-	if a.cfg.Masquerade.Enabled {
-		gctx, gcancel := context.WithCancel(ctx)
-		gdone := make(chan struct{})
-		go func() { defer close(gdone); a.runSNATGC(gctx, dp) }()
-		cleanups = append(cleanups, func() { gcancel(); <-gdone })
+	if a.cfg.IPAM.Off() {
+		// Chaining: no eni_conf, no cloud, no store, no pool. The node's NIC still gets the
+		// netdev programs.
+		a.log.Info("IPAM is off (ipam.mode none): tern-cni runs chained after another plugin; no cloud credentials are read and no ENI is touched")
+		if err := a.syncNonMasquerade(ctx, dp, eniconfig.Config{}); err != nil {
+			return err
+		}
+		if a.cfg.Masquerade.Enabled {
+			gctx, gcancel := context.WithCancel(ctx)
+			gdone := make(chan struct{})
+			go func() { defer close(gdone); a.runSNATGC(gctx, dp) }()
+			cleanups = append(cleanups, func() { gcancel(); <-gdone })
+		}
+		a.attachNetdevs(dp, nil)
+	} else {
+		stop, err := a.startIPAM(ctx, dp)
+		cleanups = append(cleanups, stop)
+		if err != nil {
+			return err
+		}
 	}
-	a.reg.MustRegister(watcher.Collectors()...)
-
-	a.self.NotReady("starting the IP pool (cloud API)")
-	cloud, err := a.newCloud(eniCfg)
-	if err != nil {
-		return err
-	}
-	cleanups = append(cleanups, cloud.Close)
-
-	if err := os.MkdirAll(filepath.Dir(a.cfg.StatePath), 0o700); err != nil {
-		return fmt.Errorf("create state directory for %s: %w", a.cfg.StatePath, err)
-	}
-	st, err := store.Open(a.cfg.StatePath, 10*time.Second)
-	if err != nil {
-		return fmt.Errorf("open IPAM store %s (is another agent running?): %w", a.cfg.StatePath, err)
-	}
-	cleanups = append(cleanups, func() { _ = st.Close() })
-
-	pool, err := ipam.New(ipam.Options{
-		Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
-		ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
-		MaintainInterval: time.Duration(a.cfg.MaintainInterval),
-	})
-	if err != nil {
-		return err
-	}
-	a.reg.MustRegister(pool.Collectors()...)
-	if err := a.startPool(ctx, pool); err != nil {
-		return err
-	}
-	cleanups = append(cleanups, pool.Stop)
-	a.mu.Lock()
-	a.pool = pool
-	a.mu.Unlock()
-	a.attachNetdevs(dp, pool)
-
-	wctx, wcancel := context.WithCancel(ctx)
-	wdone := make(chan struct{})
-	go func() { defer close(wdone); watcher.Run(wctx) }()
-	cleanups = append(cleanups, func() { wcancel(); <-wdone })
 
 	a.self.NotReady("starting components")
 	a.mu.Lock()
@@ -332,9 +298,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	// Pods running under an older agent's programs move to this one's once the maps hold
 	// every Service (an upgrade converts the old layout's flows first).
 	a.takeOverPods(dp)
-	s := pool.Status()
-	a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
-		zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))
+	if pool := a.Pool(); pool != nil {
+		s := pool.Status()
+		a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
+			zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))
+	} else {
+		a.log.Info("agent ready (chaining: Services, hostPorts and policy only)", zap.String("socket", a.cfg.SocketPath))
+	}
 	<-ctx.Done()
 	a.log.Info("agent stopping")
 	return nil
@@ -342,7 +312,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // startPool starts the pool, retrying with backoff: the cloud may be throttling or briefly
 // unavailable, and a node agent that gives up leaves the node without pod networking.
-func (a *Agent) startPool(ctx context.Context, pool *ipam.Pool) error {
+func (a *Agent) startPool(ctx context.Context, pool ipam.Allocator) error {
 	delay := 200 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
@@ -381,9 +351,19 @@ func (a *Agent) newCloud(eniCfg eniconfig.Config) (*aliyun.Client, error) {
 		}
 		region = r
 	}
+	var src credential.Source = credential.Static(cred)
+	if cred.Source == "file:"+eniCfg.CredentialPath {
+		// Terway's token file is rotated by the platform (a new STS key before the old one
+		// expires): every call re-checks it, so rotation needs no restart.
+		fs, err := credential.NewFileSource(eniCfg.CredentialPath, nil)
+		if err != nil {
+			return nil, err
+		}
+		src = fs
+	}
 	t := a.cfg.Cloud
 	opts := aliyun.Options{
-		RegionID: region, Credential: cred, Endpoint: a.cfg.CloudEndpoint,
+		RegionID: region, Credentials: src, Endpoint: a.cfg.CloudEndpoint,
 		CallTimeout: time.Duration(t.CallTimeout), PollInterval: time.Duration(t.PollInterval), WaitTimeout: time.Duration(t.WaitTimeout),
 		Logger: a.log.Named("cloud"),
 	}
@@ -431,4 +411,80 @@ func (a *Agent) installConflist() (string, error) {
 		return "", fmt.Errorf("install %s: %w", path, err)
 	}
 	return path, nil
+}
+
+// startIPAM starts tern's ENIIP side: the eni_conf watcher, the cloud client, the store and
+// the pool, and attaches the netdev programs to the ENIs. stop undoes what was started, also
+// when err is not nil.
+func (a *Agent) startIPAM(ctx context.Context, dp *loader.Datapath) (stop func(), err error) {
+	var stops []func()
+	stop = func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}
+	// The watcher hands reloads to the pool once it runs; it only runs after the pool started.
+	watcher := eniconfig.NewWatcher(a.cfg.ENIConfigPath, time.Duration(a.cfg.ENIConfigPollInterval), a.log.Named("eniconfig"),
+		func(c eniconfig.Config) {
+			if p := a.Pool(); p != nil {
+				p.UpdateConfig(c)
+			}
+			// service_cidr is part of the non-masquerade set.
+			if err := a.syncNonMasquerade(ctx, dp, c); err != nil {
+				a.log.Error("could not update the non-masquerade destinations after an eni_conf change", zap.Error(err))
+			}
+		})
+	eniCfg, err := watcher.Load()
+	if err != nil {
+		return stop, fmt.Errorf("load eni_conf (fix the file and restart): %w", err)
+	}
+	// Before any pod is attached: an empty set with masquerade on would translate pod
+	// traffic inside the VPC.
+	if err := a.syncNonMasquerade(ctx, dp, eniCfg); err != nil {
+		return stop, err
+	}
+	if a.cfg.Masquerade.Enabled {
+		gctx, gcancel := context.WithCancel(ctx)
+		gdone := make(chan struct{})
+		go func() { defer close(gdone); a.runSNATGC(gctx, dp) }()
+		stops = append(stops, func() { gcancel(); <-gdone })
+	}
+	a.reg.MustRegister(watcher.Collectors()...)
+
+	a.self.NotReady("starting the IP pool (cloud API)")
+	cloud, err := a.newCloud(eniCfg)
+	if err != nil {
+		return stop, err
+	}
+	stops = append(stops, cloud.Close)
+
+	if err := os.MkdirAll(filepath.Dir(a.cfg.StatePath), 0o700); err != nil {
+		return stop, fmt.Errorf("create state directory for %s: %w", a.cfg.StatePath, err)
+	}
+	st, err := store.Open(a.cfg.StatePath, 10*time.Second)
+	if err != nil {
+		return stop, fmt.Errorf("open IPAM store %s (is another agent running?): %w", a.cfg.StatePath, err)
+	}
+	stops = append(stops, func() { _ = st.Close() })
+
+	pool, err := a.newAllocator(ctx, cloud, st, eniCfg)
+	if err != nil {
+		return stop, err
+	}
+	a.reg.MustRegister(pool.Collectors()...)
+	if err := a.startPool(ctx, pool); err != nil {
+		return stop, err
+	}
+	stops = append(stops, pool.Stop)
+	a.mu.Lock()
+	a.pool = pool
+	a.mu.Unlock()
+	a.attachNetdevs(dp, pool)
+
+	wctx, wcancel := context.WithCancel(ctx)
+	wdone := make(chan struct{})
+	go func() { defer close(wdone); watcher.Run(wctx) }()
+	stops = append(stops, func() { wcancel(); <-wdone })
+
+	return stop, nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -21,6 +22,9 @@ const (
 	DefaultSocketPath    = api.DefaultSocketPath
 	DefaultStatePath     = "/var/lib/tern/ipam.db"
 	DefaultENIConfigPath = "/etc/eni/eni_conf"
+	// DefaultSandboxStatePath records the attached sandboxes and their hostPorts
+	// (agent/hostport.go).
+	DefaultSandboxStatePath = "/var/lib/tern/sandboxes.json"
 )
 
 // Duration is a time.Duration that reads "500ms" or a number of seconds from JSON.
@@ -105,6 +109,10 @@ type Config struct {
 	// MaxMaglevBlocks the Maglev tables (16 entries a block; default 65536).
 	MaxAffinity     uint32 `json:"maxAffinity,omitempty"`
 	MaxMaglevBlocks uint32 `json:"maxMaglevBlocks,omitempty"`
+	// MaxPolicyCIDRs sizes the map of NetworkPolicy ipBlock prefixes (cidr and except;
+	// default 16384). Policies with more distinct prefixes do not fit: the previous rules
+	// stay enforced and the Node gets a TernNetworkPolicyMapFull Event.
+	MaxPolicyCIDRs uint32 `json:"maxPolicyCIDRs,omitempty"`
 	// LBAlgorithm is the backend selection of Services without the
 	// service.tern.io/lb-algorithm annotation (or Cilium's service.cilium.io/lb-algorithm):
 	// "random" (the default, as kube-proxy) or "maglev".
@@ -154,6 +162,48 @@ type Config struct {
 	DisableNetworkPolicy *TerwayBool `json:"disable_network_policy,omitempty"`
 	// Masquerade is eBPF source NAT of pod traffic leaving the VPC (agent/masquerade.go).
 	Masquerade MasqueradeConfig `json:"masquerade,omitempty"`
+	// DaemonMode is how pods get addresses, in Terway's spelling (its --daemon-mode):
+	// "ENIMultiIP" (the default: secondary addresses of ENIs) or "VPC" (the node's pod CIDR,
+	// routed to the node by a VPC route entry; docs/ipam.md "VPC route mode"). Case does not
+	// matter; "eniip" and "vpc-route" are accepted too. Terway's "ENIOnly" is not built.
+	DaemonMode string `json:"daemonMode,omitempty"`
+	// PodCIDR is the node's pod CIDR in VPC mode when there is no kubeconfig; with one the
+	// agent reads the Node's spec.podCIDR and this, if set, must agree.
+	PodCIDR string `json:"podCIDR,omitempty"`
+	// RouteTableID is the VPC route table of the VPC mode's entries; empty: the VPC's system
+	// route table.
+	RouteTableID string `json:"routeTableID,omitempty"`
+	// RouteCheckInterval is how often VPC mode checks its route entry (and, on the node that
+	// cleans up, the entries of departed Nodes); default 1m, jittered.
+	RouteCheckInterval Duration `json:"routeCheckInterval,omitempty"`
+	// IPAM chooses where pod addresses come from: tern's ENIIP pool, or none (chaining
+	// mode, agent/modes.go).
+	IPAM IPAMConfig `json:"ipam,omitempty"`
+	// KubeProxyReplacement is Cilium's and Terway's kube-proxy-replacement (agent/modes.go).
+	KubeProxyReplacement KubeProxyReplacement `json:"kube-proxy-replacement,omitempty"`
+	// HostPort serves the CNI portMappings capability (agent/hostport.go).
+	HostPort HostPortConfig `json:"hostPort,omitempty"`
+	// SandboxStatePath is where the agent records the sandboxes tern-cni attached: their
+	// host interface (DEL in chaining mode) and hostPorts, so a restarted agent keeps them.
+	SandboxStatePath string `json:"sandboxStatePath,omitempty"`
+}
+
+// Daemon modes, in Terway's spelling.
+const (
+	ModeENIMultiIP = "ENIMultiIP"
+	ModeVPC        = "VPC"
+)
+
+// Mode is the configured daemon mode, normalised to ModeENIMultiIP or ModeVPC; ok is false
+// for a value the agent does not know.
+func (c Config) Mode() (mode string, ok bool) {
+	switch strings.ToLower(c.DaemonMode) {
+	case "", "enimultiip", "eniip":
+		return ModeENIMultiIP, true
+	case "vpc", "vpc-route", "route":
+		return ModeVPC, true
+	}
+	return "", false
 }
 
 // LoadConfig reads a JSON config file. Unknown fields are an error: a typo would otherwise
@@ -173,6 +223,16 @@ func LoadConfig(path string) (Config, error) {
 }
 
 func (c *Config) setDefaults() {
+	if c.SandboxStatePath == "" {
+		c.SandboxStatePath = DefaultSandboxStatePath
+	}
+	if c.SocketPath == "" {
+		c.SocketPath = DefaultSocketPath
+	}
+	if c.IPAM.Off() {
+		// No ENI defaults: validateModes reads a set ENI field as the operator's.
+		return
+	}
 	if c.ClusterID == "" {
 		c.ClusterID = "default"
 	}
@@ -181,9 +241,6 @@ func (c *Config) setDefaults() {
 	}
 	if c.StatePath == "" {
 		c.StatePath = DefaultStatePath
-	}
-	if c.SocketPath == "" {
-		c.SocketPath = DefaultSocketPath
 	}
 	if c.ENILinkTimeout == 0 {
 		c.ENILinkTimeout = Duration(10 * time.Second)
@@ -196,14 +253,14 @@ func (c Config) Validate() error {
 	if c.NodeName == "" {
 		errs = append(errs, errors.New("nodeName is required (the Kubernetes node name; it tags the node's ENIs)"))
 	}
-	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath} {
+	for name, p := range map[string]string{"socketPath": c.SocketPath, "statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "sandboxStatePath": c.SandboxStatePath} {
 		if p != "" && !filepath.IsAbs(p) {
 			errs = append(errs, fmt.Errorf("%s %q must be an absolute path", name, p))
 		}
 	}
 	// The agent replaces whatever stale socket is at socketPath on start: the path must not be
 	// one of the files it keeps.
-	for name, p := range map[string]string{"statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "kubeconfig": c.Kubeconfig} {
+	for name, p := range map[string]string{"statePath": c.StatePath, "eniConfigPath": c.ENIConfigPath, "kubeconfig": c.Kubeconfig, "sandboxStatePath": c.SandboxStatePath} {
 		if c.SocketPath != "" && p != "" && filepath.Clean(c.SocketPath) == filepath.Clean(p) {
 			errs = append(errs, fmt.Errorf("socketPath and %s are both %q: give the socket a path of its own (default %s)", name, p, DefaultSocketPath))
 		}
@@ -241,8 +298,24 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("maglevTableSize: %w", err))
 		}
 	}
+	if _, ok := c.Mode(); !ok {
+		errs = append(errs, fmt.Errorf("daemonMode %q is not %q or %q (Terway's ENIOnly is not built): leave it out for %s",
+			c.DaemonMode, ModeENIMultiIP, ModeVPC, ModeENIMultiIP))
+	}
+	if m, _ := c.Mode(); m == ModeVPC && c.PodCIDR == "" && c.Kubeconfig == "" {
+		errs = append(errs, errors.New("daemonMode VPC needs the node's pod CIDR: set kubeconfig (the Node's spec.podCIDR is read) or podCIDR"))
+	}
+	if c.PodCIDR != "" {
+		if p, err := netip.ParsePrefix(c.PodCIDR); err != nil || !p.Addr().Is4() || p.Masked() != p {
+			errs = append(errs, fmt.Errorf("podCIDR %q is not a canonical IPv4 CIDR such as 10.244.1.0/24", c.PodCIDR))
+		}
+	}
+	if c.RouteCheckInterval < 0 {
+		errs = append(errs, fmt.Errorf("routeCheckInterval %s is negative", time.Duration(c.RouteCheckInterval)))
+	}
 	errs = append(errs, c.validatePolicy()...)
 	errs = append(errs, c.Masquerade.validate()...)
+	errs = append(errs, c.validateModes()...)
 	sortErrors(errs)
 	return errors.Join(errs...)
 }

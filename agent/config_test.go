@@ -182,3 +182,32 @@ func TestValidateBandwidthMode(t *testing.T) {
 		}
 	}
 }
+
+func TestDaemonModeTerwaySpellings(t *testing.T) {
+	for in, want := range map[string]string{"": ModeENIMultiIP, "ENIMultiIP": ModeENIMultiIP, "eniip": ModeENIMultiIP,
+		"VPC": ModeVPC, "vpc": ModeVPC, "vpc-route": ModeVPC} {
+		if got, ok := (Config{DaemonMode: in}).Mode(); !ok || got != want {
+			t.Errorf("daemonMode %q → %q, %v; want %q", in, got, ok, want)
+		}
+	}
+	base := Config{NodeName: "n1", SocketPath: "/run/t.sock", StatePath: "/var/lib/t.db", ENIConfigPath: "/etc/eni_conf"}
+	for _, tc := range []struct {
+		mode, podCIDR, kubeconfig, want string
+	}{
+		{"ENIOnly", "", "", "ENIOnly"},
+		{"VPC", "", "", "needs the node's pod CIDR"},
+		{"VPC", "10.244.1.1/24", "", "not a canonical IPv4 CIDR"},
+	} {
+		c := base
+		c.DaemonMode, c.PodCIDR, c.Kubeconfig = tc.mode, tc.podCIDR, tc.kubeconfig
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("mode %q podCIDR %q: %v, want an error saying %q", tc.mode, tc.podCIDR, err, tc.want)
+		}
+	}
+	for _, c := range []Config{{DaemonMode: "VPC", PodCIDR: "10.244.1.0/24"}, {DaemonMode: "VPC", Kubeconfig: "/etc/kubeconfig"}} {
+		c.NodeName, c.SocketPath, c.StatePath, c.ENIConfigPath = base.NodeName, base.SocketPath, base.StatePath, base.ENIConfigPath
+		if err := c.Validate(); err != nil {
+			t.Errorf("%+v: %v", c, err)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"go.uber.org/zap"
 
@@ -55,9 +56,17 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
+		if err := a.forgetEndpointsAt(al.IP); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
 		if err := pool.Release(ctx, key); err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
+		}
+		// Its hostPorts go too, also when the veth was already gone (no detach ran).
+		if err := a.dropSandboxes(func(r sandboxRecord) bool { return r.ContainerID == key.ContainerID }); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: remove hostPorts: %w", key, err))
 		}
 		res.Released = append(res.Released, key)
 		a.log.Info("GC released the address of a sandbox that is gone", zap.Stringer("pod", key), zap.Stringer("ip", al.IP))
@@ -81,6 +90,37 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 	return res, errors.Join(errs...)
 }
 
+// forgetEndpointsAt removes every endpoint record that still carries ip, before ip goes back
+// to the pool. Teardown finds a pod's record through its host veth; when the pod's network
+// namespace was destroyed without a CNI DEL (a runtime that died), the veth pair went with
+// it, so neither DEL nor GC can name the interface and the record (and the address's
+// ipcache entry as a local pod) would outlive the address, until the next agent start
+// prunes it — by then possibly deleting the ipcache entry of the pod that got the address
+// next.
+func (a *Agent) forgetEndpointsAt(ip netip.Addr) error {
+	dp, reg := a.Datapath(), a.endpointRegistry()
+	if dp == nil || reg == nil {
+		return nil
+	}
+	a.attachMu.Lock()
+	defer a.attachMu.Unlock()
+	var errs []error
+	for _, e := range reg.List() {
+		if e.Addr != ip {
+			continue
+		}
+		if err := errors.Join(dp.DetachPod(e.IfIndex), reg.Delete(e.IfIndex)); err != nil {
+			errs = append(errs, fmt.Errorf("forget endpoint %s on ifindex %d: %w", ip, e.IfIndex, err))
+			continue
+		}
+		a.notifyEndpoint(e.IfIndex, false)
+		a.m.vanishedEndpoints.Inc()
+		a.log.Info("forgot the endpoint of a pod whose interface vanished without a detach",
+			zap.Stringer("ip", ip), zap.Int("ifindex", e.IfIndex), zap.String("pod", e.Pod))
+	}
+	return errors.Join(errs...)
+}
+
 // detach removes the pod programs and its endpoint record from a host veth, if the
 // datapath is loaded.
 func (a *Agent) detach(ifindex int) error {
@@ -88,9 +128,11 @@ func (a *Agent) detach(ifindex int) error {
 	if dp == nil {
 		return nil
 	}
+	// Its hostPorts go first (also when GC, not DEL, finds the sandbox gone).
+	herr := a.dropSandboxes(func(r sandboxRecord) bool { return r.IfIndex == ifindex })
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
-	err := errors.Join(dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
+	err := errors.Join(herr, dp.DetachPod(ifindex), a.endpointRegistry().Delete(ifindex))
 	a.notifyEndpoint(ifindex, false)
 	return err
 }

@@ -9,6 +9,9 @@ type metrics struct {
 	// socketRefused counts connections closed at accept because the peer's uid may not use
 	// the socket (SO_PEERCRED).
 	socketRefused prometheus.Counter
+	// vanishedEndpoints counts endpoint records removed at release because the pod's
+	// interface had vanished without a detach (gc.go, forgetEndpointsAt).
+	vanishedEndpoints prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -30,9 +33,13 @@ func newMetrics() *metrics {
 			Name: "tern_agent_socket_refused_total",
 			Help: "Connections to the agent's CNI socket closed unanswered because the peer's uid is not allowed (SO_PEERCRED).",
 		}),
+		vanishedEndpoints: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tern_agent_vanished_endpoints_total",
+			Help: "Endpoint records removed when their address was released because the pod's interface had vanished without a detach (its network namespace destroyed with no CNI DEL).",
+		}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.gcReleased, m.socketRefused}
+	return []prometheus.Collector{m.requests, m.duration, m.gcReleased, m.socketRefused, m.vanishedEndpoints}
 }

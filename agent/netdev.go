@@ -18,14 +18,69 @@ import (
 // The netdev programs (loader/netdev.go) go on the node's primary NIC and on every ENI link
 // the pool holds: at start for those present, and for an ENI that appears later when its
 // first pod is attached (the CNI has configured the ENI's link and policy routing by then,
-// datapath.EnsureENI). Today they count; NodePort and masquerade will need them on every
-// interface traffic enters or leaves the node through.
+// datapath.EnsureENI). They masquerade pod traffic leaving the VPC and serve NodePort,
+// LoadBalancer IP and externalIP frontends to external clients.
+
+// nodePortLoadConfig turns the netdev path of external frontends on, translating external
+// clients' flows to remote backends to the primary NIC's first IPv4 address (kube-proxy
+// masquerades them to the node's address too). Without a primary NIC address it stays off
+// and says so: pods and host processes still reach NodePorts, external clients do not.
+func (a *Agent) nodePortLoadConfig(cfg *loader.Config) {
+	addrs := a.NodeAddrs()
+	if len(addrs) == 0 {
+		a.log.Warn("no IPv4 address on the primary NIC: NodePort, LoadBalancer IP and externalIP frontends are not served to external clients")
+		return
+	}
+	cfg.NodePortAddr = addrs[0]
+	a.log.Info("external frontends served on the netdevs", zap.String("snatAddress", addrs[0].String()))
+}
+
+// NodeAddrs are the node's own IPv4 addresses NodePorts are served on, the primary NIC's
+// first: the global addresses of the primary NIC and of the ENI links in the node namespace
+// (in ENIIP mode an ENI link usually has none: its addresses are the pods'). kube-proxy's
+// default nodePortAddresses is every local address; loopback and link-local ones are left
+// out here (a NodePort on 127.0.0.1 needs route_localnet, which kube-proxy users turn off).
+// Read when asked: the agent reads it at start, so an address added later needs a restart.
+func (a *Agent) NodeAddrs() []netip.Addr {
+	var links []int
+	if idx, err := primaryNIC(); err == nil {
+		links = append(links, idx)
+	}
+	if pool := a.Pool(); pool != nil {
+		for _, e := range pool.Status().ENIs {
+			if idx, err := linkByMAC(e.MAC); err == nil {
+				links = append(links, idx)
+			}
+		}
+	}
+	var out []netip.Addr
+	seen := map[netip.Addr]bool{}
+	for _, idx := range links {
+		lk, err := netlink.LinkByIndex(idx)
+		if err != nil {
+			continue
+		}
+		as, err := netlink.AddrList(lk, netlink.FAMILY_V4)
+		if err != nil {
+			continue
+		}
+		for _, ad := range as {
+			addr, ok := netip.AddrFromSlice(ad.IP.To4())
+			if !ok || !addr.IsGlobalUnicast() || seen[addr] {
+				continue
+			}
+			seen[addr] = true
+			out = append(out, addr)
+		}
+	}
+	return out
+}
 
 // attachNetdevs attaches the netdev programs to the primary NIC and every ENI of the pool
 // whose link is in the node namespace, and clears the pins of interfaces that are gone. A
 // failure is logged, not fatal: today the programs only count, and the next pod attach or
 // agent start tries again.
-func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
+func (a *Agent) attachNetdevs(dp *loader.Datapath, pool ipam.Allocator) {
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
 	a.sweepNetdevPinsLocked(dp)
@@ -34,7 +89,13 @@ func (a *Agent) attachNetdevs(dp *loader.Datapath, pool *ipam.Pool) {
 	} else {
 		a.attachNetdevLocked(dp, idx, "primary NIC")
 	}
+	if pool == nil { // IPAM off: no ENI of tern's
+		return
+	}
 	for _, e := range pool.Status().ENIs {
+		if e.NodePrimary {
+			continue // the primary NIC, attached above (VPC route mode lists it as its ENI)
+		}
 		idx, err := linkByMAC(e.MAC)
 		if err != nil {
 			// Not in the guest yet: the first pod on it attaches the programs.
@@ -72,7 +133,7 @@ func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
 		return
 	}
 	for _, e := range pool.Status().ENIs {
-		if !containsAddr(e.IPs, podIP) {
+		if !containsAddr(e.IPs, podIP) || e.NodePrimary {
 			continue
 		}
 		idx, err := linkByMAC(e.MAC)

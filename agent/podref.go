@@ -51,7 +51,7 @@ func (s *sandboxLocks) lock(containerID string) (unlock func()) {
 }
 
 // sandboxOwner returns the allocation key that already holds containerID, if any.
-func sandboxOwner(pool *ipam.Pool, containerID string) (ipam.PodKey, bool) {
+func sandboxOwner(pool ipam.Allocator, containerID string) (ipam.PodKey, bool) {
 	for k := range pool.Allocations() {
 		if k.ContainerID == containerID {
 			return k, true

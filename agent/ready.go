@@ -41,7 +41,11 @@ func (a *Agent) waitReadyForPods(ctx context.Context) error {
 // cniStatus answers CNI STATUS: pods may be added once the pool serves and every readiness
 // component is ready; otherwise the message names what is not ready and why.
 func (a *Agent) cniStatus() api.Status {
-	if _, e := a.poolOrRetry(); e != nil {
+	if a.cfg.IPAM.Off() {
+		if !a.ready.Load() {
+			return api.Status{Ready: false, Message: "tern-agent is starting: the datapath is not loaded yet"}
+		}
+	} else if _, e := a.poolOrRetry(); e != nil {
 		return api.Status{Ready: false, Message: e.Msg}
 	}
 	if st := a.readiness.Status(); !st.Ready {

@@ -124,7 +124,10 @@ func decode(r *http.Request, v any) *api.Error {
 }
 
 // poolOrRetry returns the pool, or a try-again error while the agent is still starting.
-func (a *Agent) poolOrRetry() (*ipam.Pool, *api.Error) {
+func (a *Agent) poolOrRetry() (ipam.Allocator, *api.Error) {
+	if a.cfg.IPAM.Off() {
+		return nil, &api.Error{Code: api.CodeIPAMOff, Msg: "tern's IPAM is off on this node (ipam.mode none): tern-cni must run chained, after a plugin that gives the pod its interface and address (docs/cni.md, \"Chaining\")"}
+	}
 	p := a.Pool()
 	if p == nil || !a.ready.Load() {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the IP pool is not ready yet; try again"}
@@ -154,13 +157,13 @@ func errorFor(err error) *api.Error {
 func toAPI(al ipam.Allocation) api.Allocation {
 	return api.Allocation{IP: al.IP.String(), ENI: api.ENI{
 		ID: al.ENI.ID, MAC: al.ENI.MAC, PrimaryIP: al.ENI.PrimaryIP.String(), Gateway: al.ENI.Gateway.String(),
-		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(),
+		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(), NodePrimary: al.ENI.NodePrimary,
 	}}
 }
 
 // podAndPool validates a request's pod and returns the pool to serve it ("try again" while
 // the pool is starting).
-func (a *Agent) podAndPool(ref api.PodRef) (ipam.PodKey, *ipam.Pool, *api.Error) {
+func (a *Agent) podAndPool(ref api.PodRef) (ipam.PodKey, ipam.Allocator, *api.Error) {
 	key, e := podKey(ref)
 	if e != nil {
 		return key, nil, e
@@ -213,7 +216,7 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 // podOrSandbox resolves a lookup or release: a full pod reference, or — for a DEL whose
 // runtime sent no K8S_POD_* arguments — a container ID alone, matched against the
 // allocations. ok is false when a bare container ID holds nothing.
-func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool *ipam.Pool, ok bool, e *api.Error) {
+func (a *Agent) podOrSandbox(ref api.PodRef) (key ipam.PodKey, pool ipam.Allocator, ok bool, e *api.Error) {
 	if ref.Namespace != "" || ref.Name != "" {
 		key, pool, e = a.podAndPool(ref)
 		return key, pool, e == nil, e
@@ -263,6 +266,11 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	unlock := a.sandboxes.lock(key.ContainerID)
 	defer unlock()
 	al, ok := pool.Allocations()[key]
+	if ok {
+		if err := a.forgetEndpointsAt(al.IP); err != nil {
+			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("forget the endpoint record of %s before releasing it", al.IP), Details: err.Error()}
+		}
+	}
 	if err := pool.Release(r.Context(), key); err != nil {
 		return nil, &api.Error{Code: api.CodeInternal, Msg: "release failed", Details: err.Error()}
 	}
@@ -282,12 +290,15 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
-	if err := checkPodVeth(req.IfIndex); err != nil {
+	if err := checkPodVeth(req.IfIndex, req.Chained); err != nil {
 		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
 	}
 	ep, record, err := endpointOf(req)
 	if err != nil {
 		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
+	}
+	if e := a.recordAttach(req, ep); e != nil {
+		return nil, e
 	}
 	a.attachMu.Lock()
 	defer a.attachMu.Unlock()
@@ -331,11 +342,15 @@ func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
-	if req.IfIndex <= 0 {
-		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: fmt.Sprintf("detach: ifIndex %d is not a valid interface index (want the host veth's, > 0)", req.IfIndex)}
+	ifindex, e := a.detachTarget(req)
+	if e != nil {
+		return nil, e
 	}
-	if err := a.detach(req.IfIndex); err != nil {
-		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("detach pod programs from ifindex %d", req.IfIndex), Details: err.Error()}
+	if ifindex == 0 {
+		return struct{}{}, nil // a repeated DEL: nothing is recorded any more
+	}
+	if err := a.detach(ifindex); err != nil {
+		return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("detach pod programs from ifindex %d", ifindex), Details: err.Error()}
 	}
 	return struct{}{}, nil
 }
@@ -351,12 +366,22 @@ func (a *Agent) handleGC(r *http.Request) (any, *api.Error) {
 		return nil, &api.Error{Code: api.CodeInvalidConfig,
 			Msg: "GC request lacks validAttachments (CNI GC's cni.dev/valid-attachments); nothing was released"}
 	}
-	if _, e := a.poolOrRetry(); e != nil {
-		return nil, e
-	}
 	valid := map[string]bool{}
 	for _, v := range req.ValidAttachments {
 		valid[v.ContainerID] = true
+	}
+	if a.cfg.IPAM.Off() {
+		if !a.ready.Load() {
+			return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting; try again"}
+		}
+		out, err := a.gcChained(valid)
+		if err != nil {
+			return nil, &api.Error{Code: api.CodeInternal, Msg: "garbage collection failed", Details: err.Error()}
+		}
+		return out, nil
+	}
+	if _, e := a.poolOrRetry(); e != nil {
+		return nil, e
 	}
 	res, err := a.GC(r.Context(), func(k ipam.PodKey) bool { return valid[k.ContainerID] })
 	out := api.GCResponse{DeletedENIs: res.DeletedENIs, AdoptedENIs: res.AdoptedENIs}
@@ -374,6 +399,10 @@ func (a *Agent) handleStatus(*http.Request) (any, *api.Error) {
 }
 
 func (a *Agent) handleState(*http.Request) (any, *api.Error) {
+	if a.cfg.IPAM.Off() {
+		return api.State{NodeName: a.cfg.NodeName, InstanceID: a.cfg.InstanceID, Allocations: map[string]api.Allocation{},
+			BandwidthMode: string(a.BandwidthMode())}, nil
+	}
 	pool, e := a.poolOrRetry()
 	if e != nil {
 		return nil, e

@@ -2,12 +2,14 @@
 /* Programs on the node's network devices: the primary NIC and every ENI link.
  *
  *   tern_from_netdev  (tc ingress: what arrives from the VPC)
- *       parse -> masquerade reply restore (snat.h) -> pass
- *       (to come: conntrack -> NodePort translation before pass)
+ *       parse -> masquerade reply restore (snat.h)
+ *             -> external frontends (nodeport.h): a SNAT flow's reply, or a client's packet
+ *                to a NodePort / LoadBalancer IP / externalIP translated to its backend
+ *             -> pass
  *   tern_to_netdev    (tc egress: what leaves for the VPC)
- *       parse -> conntrack + masquerade of pod traffic leaving the VPC (snat.h)
+ *       parse -> a local backend's reply to an external client restored (nodeport.h)
+ *             -> conntrack + masquerade of pod traffic leaving the VPC (snat.h)
  *             -> out of the masquerade address's interface, or pass
- *       (to come: NodePort reply)
  *
  * Packets that are not masquerade traffic are left untouched and counted under pass.
  * Malformed IPv4 is counted and passed too: on a NIC the stack, not tern, is the judge of
@@ -21,6 +23,8 @@
 #include "lib/endpoint.h"
 #include "lib/nat.h"
 #include "lib/snat.h"
+#include "lib/svc.h"
+#include "lib/nodeport.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -46,7 +50,15 @@ int tern_from_netdev(struct __sk_buff *skb)
 
 	if (parsed == PARSE_NOT_IPV4)
 		return TC_ACT_OK;
-	int r = parsed == PARSE_OK ? snat_ingress(skb, &p, ct_now()) : SNAT_PASS;
+	if (parsed != PARSE_OK)
+		return netdev_verdict(skb, SNAT_PASS, 0, DIR_FROM_NETDEV);
+	__u64 now = ct_now();
+	int r = snat_ingress(skb, &p, now);
+	if (r == SNAT_PASS) {
+		int v = np_from_netdev(skb, &p, now);
+		if (v != NP_NOT_MINE)
+			return v;
+	}
 	return netdev_verdict(skb, r, REASON_MASQ_RESTORE, DIR_FROM_NETDEV);
 }
 
@@ -59,7 +71,13 @@ int tern_to_netdev(struct __sk_buff *skb)
 
 	if (parsed == PARSE_NOT_IPV4)
 		return TC_ACT_OK;
-	int r = parsed == PARSE_OK ? snat_egress(skb, &p, ct_now()) : SNAT_PASS;
+	if (parsed != PARSE_OK)
+		return netdev_verdict(skb, SNAT_PASS, 0, DIR_TO_NETDEV);
+	__u64 now = ct_now();
+	int v = np_to_netdev(skb, &p, now);
+	if (v != NP_NOT_MINE)
+		return v;
+	int r = snat_egress(skb, &p, now);
 	int verdict = netdev_verdict(skb, r, REASON_MASQ, DIR_TO_NETDEV);
 	/* The masquerade address lives on one interface (the primary NIC): the VPC refuses it
 	 * as the source of another ENI's packets, so a pod's translated packet leaves there. */

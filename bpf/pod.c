@@ -31,6 +31,7 @@
 #include "lib/policy.h"
 #include "lib/bandwidth.h"
 #include "lib/forward.h"
+#include "lib/nodeport.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -84,9 +85,11 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 		reason = svc_established(p, f, now, &flow);
 	if (reason == SVC_REPICK) {
 		if (!svc)
-			svc = lb_lookup_service(p->daddr, p->dport, p->proto);
+			svc = lb_lookup_internal(p->daddr, p->dport, p->proto);
 		if (!svc)
 			return TC_ACT_OK; /* the frontend is gone: nothing to translate to */
+		if (!lb_source_allowed(svc, p->saddr))
+			return drop(skb, REASON_DROP_SRC_RANGE, DIR_FROM_POD);
 		if (svc->backend_count == 0) {
 			/* internalTrafficPolicy Local with no local endpoint: kube-proxy drops. */
 			if (svc->flags & SVC_F_DROP_EMPTY)
@@ -159,7 +162,7 @@ int tern_from_pod(struct __sk_buff *skb)
 		return service_forward(skb, &p, &f, NULL, now);
 	/* Only a packet with no flow asks whether it opens a service flow. */
 	if (!f.ct) {
-		struct svc_value *svc = lb_lookup_service(p.daddr, p.dport, p.proto);
+		struct svc_value *svc = lb_lookup_internal(p.daddr, p.dport, p.proto);
 		if (svc)
 			return service_forward(skb, &p, &f, svc, now);
 	}

@@ -39,6 +39,9 @@ type ENI struct {
 	// pod like a secondary address, and a local address would take the pod's traffic.
 	PrimaryIP netip.Addr
 	Gateway   netip.Addr // the vSwitch gateway
+	// NodePrimary marks the instance's primary NIC (VPC route mode): the node's own
+	// interface, whose addresses and IPv6 stay as the image configured them.
+	NodePrimary bool
 }
 
 // ENILink is a configured ENI in the node namespace.
@@ -88,15 +91,17 @@ func EnsureENI(e ENI, timeout time.Duration) (ENILink, error) {
 	if err := SetSysctl("net.ipv4.conf."+name+".rp_filter", "0"); err != nil {
 		return out, err
 	}
-	if err := disableIPv6(name); err != nil {
-		return out, err
+	if !e.NodePrimary {
+		if err := disableIPv6(name); err != nil {
+			return out, err
+		}
 	}
 	if l.Attrs().Flags&net.FlagUp == 0 {
 		if err := netlink.LinkSetUp(l); err != nil {
 			return out, fmt.Errorf("bring ENI link %s (MAC %s) up: %w", name, e.MAC, err)
 		}
 	}
-	if e.PrimaryIP.Is4() {
+	if e.PrimaryIP.Is4() && !e.NodePrimary {
 		// Earlier versions put the primary on the link as a /32; as a local address it would
 		// swallow the traffic of the pod that now holds it.
 		a := &netlink.Addr{IPNet: &net.IPNet{IP: e.PrimaryIP.AsSlice(), Mask: net.CIDRMask(32, 32)}}

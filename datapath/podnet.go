@@ -170,10 +170,22 @@ func WaitOperUp(name string, timeout time.Duration) error {
 	}
 }
 
-// SetSysctl writes a value under /proc/sys, in the calling thread's network namespace for
-// net.* keys.
+// EnvProcSys names the sysctl tree SetSysctl writes instead of /proc/sys. A container
+// runtime mounts /proc/sys read-only in a container that is not privileged, so the
+// DaemonSet mounts the host's /proc/sys/net at /host/proc/sys/net (as Cilium does) and sets
+// TERN_PROC_SYS=/host/proc/sys. Every key the agent writes is under net., and /proc/sys/net
+// resolves in the writing thread's network namespace whatever the mount point, so per-pod
+// keys still land in the pod's namespace.
+const EnvProcSys = "TERN_PROC_SYS"
+
+// SetSysctl writes a value under /proc/sys (or $TERN_PROC_SYS), in the calling thread's
+// network namespace for net.* keys.
 func SetSysctl(key, value string) error {
-	p := filepath.Join("/proc/sys", filepath.FromSlash(replaceDots(key)))
+	root := os.Getenv(EnvProcSys)
+	if root == "" {
+		root = "/proc/sys"
+	}
+	p := filepath.Join(root, filepath.FromSlash(replaceDots(key)))
 	if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
 		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
 	}

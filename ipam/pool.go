@@ -46,6 +46,9 @@ type ENIInfo struct {
 	Gateway     netip.Addr
 	VSwitchID   string
 	VSwitchCIDR netip.Prefix
+	// NodePrimary marks the instance's primary ENI (route mode): the node's own interface,
+	// whose address and IPv6 the CNI leaves alone.
+	NodePrimary bool
 }
 
 // Allocation is the address given to a pod.

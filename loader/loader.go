@@ -44,6 +44,9 @@ type Config struct {
 	// options map holds as many as the frontends (at least its default 131072).
 	MaxAffinity     uint32
 	MaxMaglevBlocks uint32
+	// MaxPolicyCIDRs sizes tern_policy_cidrs, the ipBlock prefixes of NetworkPolicies
+	// (default 16384).
+	MaxPolicyCIDRs uint32
 	// CollisionPortMin and CollisionPortCount are the source ports a service flow gets when
 	// its translated tuple is already another live flow's (default 61000, 4536 ports).
 	CollisionPortMin   uint16
@@ -58,6 +61,12 @@ type Config struct {
 	// through another link (an ENI) is redirected out of it. 0 leaves packets on their link.
 	MasqAddr    netip.Addr
 	MasqIfindex int
+	// NodePortAddr turns on the netdev path of NodePort, LoadBalancer IP and externalIP
+	// frontends (bpf/lib/nodeport.h): an external client's flow to a backend on another
+	// node is translated to this node address (the primary NIC's), with a port from the
+	// masquerade range. Invalid (the zero value): external frontends are served to pods and
+	// host processes only.
+	NodePortAddr netip.Addr
 	// SNATPortMin and SNATPortCount are the ports a masqueraded flow gets when its own is
 	// taken (default 1024, 64512: 1024-65535); SNATTries bounds the candidates one new flow
 	// looks at (default 32, at most 256). MaxSNATFlows sizes tern_snat (default 131072).
@@ -141,6 +150,9 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 	if cfg.MasqAddr.IsValid() && !cfg.MasqAddr.Is4() {
 		return nil, fmt.Errorf("masquerade address %s is not IPv4", cfg.MasqAddr)
+	}
+	if cfg.NodePortAddr.IsValid() && !cfg.NodePortAddr.Is4() {
+		return nil, fmt.Errorf("NodePort SNAT address %s is not IPv4", cfg.NodePortAddr)
 	}
 	if !cfg.HairpinIP.Is4() {
 		return nil, fmt.Errorf("hairpin address %s is not IPv4", cfg.HairpinIP)
@@ -226,9 +238,13 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 		PodVarCFG_SNAT_PORT_COUNT:            cfg.SNATPortCount,
 		PodVarCFG_SNAT_TRIES:                 cfg.SNATTries,
 		PodVarCFG_POLICY_EVENTS_ALLOWED:      boolByte(cfg.PolicyAllowedEvents),
+		PodVarCFG_NODEPORT_ADDR:              uint32(0),
 	}
 	if cfg.MasqAddr.IsValid() {
 		vars[PodVarCFG_MASQ_ADDR] = AddrToBE(cfg.MasqAddr)
+	}
+	if cfg.NodePortAddr.IsValid() {
+		vars[PodVarCFG_NODEPORT_ADDR] = AddrToBE(cfg.NodePortAddr)
 	}
 	sizes := map[string]uint32{
 		PodMapTernServices:  cfg.MaxServices,
@@ -236,12 +252,15 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 		PodMapTernLbMembers: cfg.MaxBackends,
 		PodMapTernConntrack: cfg.MaxFlows,
 		PodMapTernSnat:      cfg.MaxSNATFlows,
+		// External clients' flows to remote backends: sized like the masquerade flows.
+		PodMapTernNodeportSnat: cfg.MaxSNATFlows,
 		// Only frontends with affinity or Maglev have options, and the map is not
 		// preallocated: it keeps its default size unless there may be more frontends, so
 		// that resizing the frontends does not move it as well.
-		PodMapTernLbSvcOpts:  max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
-		PodMapTernLbAffinity: cfg.MaxAffinity,
-		PodMapTernLbMaglev:   cfg.MaxMaglevBlocks,
+		PodMapTernLbSvcOpts:   max(cfg.MaxServices, spec.Maps[PodMapTernLbSvcOpts].MaxEntries),
+		PodMapTernLbAffinity:  cfg.MaxAffinity,
+		PodMapTernLbMaglev:    cfg.MaxMaglevBlocks,
+		PodMapTernPolicyCidrs: cfg.MaxPolicyCIDRs,
 	}
 	if err := configureSpec(spec, vars, sizes); err != nil {
 		return nil, nil, nil, err
@@ -310,20 +329,22 @@ func (d *Datapath) ToPod() *ebpf.Program   { return d.objs.TernToPod }
 // Maps gives typed access to the datapath's maps.
 func (d *Datapath) Maps() *Maps {
 	return &Maps{
-		Services:  d.objs.TernServices,
-		Backends:  d.objs.TernBackends,
-		Members:   d.objs.TernLbMembers,
-		Opts:      d.objs.TernLbSvcOpts,
-		Affinity:  d.objs.TernLbAffinity,
-		Maglev:    d.objs.TernLbMaglev,
-		Endpoints: d.objs.TernEndpoints,
-		IPCache:   d.objs.TernIpcache,
-		CT:        d.objs.TernConntrack,
-		Metrics:   d.objs.TernMetrics,
-		Bandwidth: d.objs.TernBandwidth,
-		SNAT:      d.objs.TernSnat,
-		NonMasq:   d.objs.TernNonmasq,
-		SNATStats: d.objs.TernSnatStats,
+		Services:     d.objs.TernServices,
+		Backends:     d.objs.TernBackends,
+		Members:      d.objs.TernLbMembers,
+		Opts:         d.objs.TernLbSvcOpts,
+		Affinity:     d.objs.TernLbAffinity,
+		Maglev:       d.objs.TernLbMaglev,
+		Endpoints:    d.objs.TernEndpoints,
+		IPCache:      d.objs.TernIpcache,
+		CT:           d.objs.TernConntrack,
+		Metrics:      d.objs.TernMetrics,
+		Bandwidth:    d.objs.TernBandwidth,
+		SNAT:         d.objs.TernSnat,
+		NonMasq:      d.objs.TernNonmasq,
+		SNATStats:    d.objs.TernSnatStats,
+		SrcRanges:    d.objs.TernLbSrcRanges,
+		NodePortSNAT: d.objs.TernNodeportSnat,
 	}
 }
 

@@ -36,6 +36,8 @@ type (
 	SNATValue     = PodSnatValue
 	NonMasqKey    = PodNonmasqKey
 	SNATStats     = PodSnatStats
+	SrcRangeKey   = PodSrcRangeKey
+	NodePortRev   = PodNpRev
 )
 
 // CT flags, mirroring enum ct_flag in bpf/lib/conntrack.h.
@@ -55,6 +57,11 @@ const (
 	SvcFlagAffinity  = 1 << 0
 	SvcFlagMaglev    = 1 << 1
 	SvcFlagDropEmpty = 1 << 2
+	SvcFlagExternal  = 1 << 3
+	SvcFlagSrcRanges = 1 << 4
+	SvcFlagExtLocal  = 1 << 5
+	// SvcScopeInternal (svc_key.scope): the in-cluster twin of an SvcFlagExtLocal frontend.
+	SvcScopeInternal = 1
 )
 
 // MaglevBlock is how many Maglev table entries one tern_lb_maglev value holds
@@ -92,6 +99,11 @@ type Maps struct {
 	SNAT      *ebpf.Map
 	NonMasq   *ebpf.Map
 	SNATStats *ebpf.Map
+	// SrcRanges (tern_lb_src_ranges: frontend id + allowed client CIDR), written by the
+	// service reconciler; NodePortSNAT (tern_nodeport_snat: an external client's flow to a
+	// remote backend by its translated tuple), written by the datapath only.
+	SrcRanges    *ebpf.Map
+	NodePortSNAT *ebpf.Map
 }
 
 func dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
@@ -255,7 +267,7 @@ func OpenPinnedMaps(root string) (*Maps, error) {
 // Close closes the map handles (pinned maps stay).
 func (m *Maps) Close() {
 	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.Members, m.Opts, m.Affinity, m.Maglev, m.Endpoints, m.IPCache, m.CT, m.Metrics, m.Bandwidth,
-		m.SNAT, m.NonMasq, m.SNATStats} {
+		m.SNAT, m.NonMasq, m.SNATStats, m.SrcRanges, m.NodePortSNAT} {
 		if mp != nil {
 			mp.Close()
 		}

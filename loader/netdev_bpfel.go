@@ -13,6 +13,33 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NetdevAffinityKey struct {
+	_      structs.HostLayout
+	SvcId  uint32
+	Client uint32
+}
+
+type NetdevAffinityValue struct {
+	_      structs.HostLayout
+	LastNs uint64
+	Addr   uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type NetdevBackendKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Slot  uint32
+}
+
+type NetdevBackendValue struct {
+	_    structs.HostLayout
+	Addr uint32
+	Port uint16
+	Pad  uint16
+}
+
 type NetdevCtKey struct {
 	_     structs.HostLayout
 	AddrA uint32
@@ -70,6 +97,25 @@ type NetdevIpcacheValue struct {
 	Pad      uint16
 }
 
+type NetdevMaglevKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Block uint32
+}
+
+type NetdevMaglevValue struct {
+	_    structs.HostLayout
+	Slot [16]uint16
+}
+
+type NetdevMemberKey struct {
+	_     structs.HostLayout
+	SvcId uint32
+	Addr  uint32
+	Port  uint16
+	Pad   uint16
+}
+
 type NetdevMetricsValue struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -80,6 +126,17 @@ type NetdevNonmasqKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      uint32
+}
+
+type NetdevNpRev struct {
+	_          structs.HostLayout
+	ExpiresNs  uint64
+	ClientAddr uint32
+	FrontAddr  uint32
+	ClientPort uint16
+	FrontPort  uint16
+	Flags      uint16
+	Pad        uint16
 }
 
 type NetdevSnatStats struct {
@@ -97,17 +154,53 @@ type NetdevSnatValue struct {
 	Flags     uint16
 }
 
+type NetdevSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	SvcId     uint32
+	Addr      uint32
+}
+
+type NetdevSvcKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Scope uint8
+}
+
+type NetdevSvcOpts struct {
+	_                structs.HostLayout
+	AffinityTimeoutS uint32
+	MaglevSize       uint32
+}
+
+type NetdevSvcValue struct {
+	_            structs.HostLayout
+	Id           uint32
+	BackendCount uint16
+	Flags        uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	NetdevMapTernBackends                   = "tern_backends"
 	NetdevMapTernConntrack                  = "tern_conntrack"
 	NetdevMapTernEndpoints                  = "tern_endpoints"
 	NetdevMapTernEventLimit                 = "tern_event_limit"
 	NetdevMapTernEvents                     = "tern_events"
 	NetdevMapTernIpcache                    = "tern_ipcache"
+	NetdevMapTernLbAffinity                 = "tern_lb_affinity"
+	NetdevMapTernLbMaglev                   = "tern_lb_maglev"
+	NetdevMapTernLbMembers                  = "tern_lb_members"
+	NetdevMapTernLbSrcRanges                = "tern_lb_src_ranges"
+	NetdevMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	NetdevMapTernMetrics                    = "tern_metrics"
+	NetdevMapTernNodeportSnat               = "tern_nodeport_snat"
 	NetdevMapTernNonmasq                    = "tern_nonmasq"
+	NetdevMapTernServices                   = "tern_services"
 	NetdevMapTernSnat                       = "tern_snat"
 	NetdevMapTernSnatStats                  = "tern_snat_stats"
 	NetdevProgTernFromNetdev                = "tern_from_netdev"
@@ -121,6 +214,7 @@ const (
 	NetdevVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
 	NetdevVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
 	NetdevVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	NetdevVarCFG_NODEPORT_ADDR              = "CFG_NODEPORT_ADDR"
 	NetdevVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	NetdevVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
 	NetdevVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
@@ -176,15 +270,23 @@ type NetdevProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevMapSpecs struct {
-	TernConntrack  *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints  *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
-	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache    *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNonmasq    *ebpf.MapSpec `ebpf:"tern_nonmasq"`
-	TernSnat       *ebpf.MapSpec `ebpf:"tern_snat"`
-	TernSnatStats  *ebpf.MapSpec `ebpf:"tern_snat_stats"`
+	TernBackends     *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack    *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEventLimit   *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev     *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
+	TernLbMembers    *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSrcRanges  *ebpf.MapSpec `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts    *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
+	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNodeportSnat *ebpf.MapSpec `ebpf:"tern_nodeport_snat"`
+	TernNonmasq      *ebpf.MapSpec `ebpf:"tern_nonmasq"`
+	TernServices     *ebpf.MapSpec `ebpf:"tern_services"`
+	TernSnat         *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats    *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // NetdevVariableSpecs contains global variables before they are loaded into the kernel.
@@ -200,6 +302,7 @@ type NetdevVariableSpecs struct {
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_NODEPORT_ADDR              *ebpf.VariableSpec `ebpf:"CFG_NODEPORT_ADDR"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
@@ -225,26 +328,42 @@ func (o *NetdevObjects) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevMaps struct {
-	TernConntrack  *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints  *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
-	TernEvents     *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache    *ebpf.Map `ebpf:"tern_ipcache"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernNonmasq    *ebpf.Map `ebpf:"tern_nonmasq"`
-	TernSnat       *ebpf.Map `ebpf:"tern_snat"`
-	TernSnatStats  *ebpf.Map `ebpf:"tern_snat_stats"`
+	TernBackends     *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack    *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEventLimit   *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents       *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev     *ebpf.Map `ebpf:"tern_lb_maglev"`
+	TernLbMembers    *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSrcRanges  *ebpf.Map `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts    *ebpf.Map `ebpf:"tern_lb_svc_opts"`
+	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
+	TernNodeportSnat *ebpf.Map `ebpf:"tern_nodeport_snat"`
+	TernNonmasq      *ebpf.Map `ebpf:"tern_nonmasq"`
+	TernServices     *ebpf.Map `ebpf:"tern_services"`
+	TernSnat         *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats    *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *NetdevMaps) Close() error {
 	return _NetdevClose(
+		m.TernBackends,
 		m.TernConntrack,
 		m.TernEndpoints,
 		m.TernEventLimit,
 		m.TernEvents,
 		m.TernIpcache,
+		m.TernLbAffinity,
+		m.TernLbMaglev,
+		m.TernLbMembers,
+		m.TernLbSrcRanges,
+		m.TernLbSvcOpts,
 		m.TernMetrics,
+		m.TernNodeportSnat,
 		m.TernNonmasq,
+		m.TernServices,
 		m.TernSnat,
 		m.TernSnatStats,
 	)
@@ -263,6 +382,7 @@ type NetdevVariables struct {
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_NODEPORT_ADDR              *ebpf.Variable `ebpf:"CFG_NODEPORT_ADDR"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`

@@ -183,6 +183,17 @@ type PodNonmasqKey struct {
 	Addr      uint32
 }
 
+type PodNpRev struct {
+	_          structs.HostLayout
+	ExpiresNs  uint64
+	ClientAddr uint32
+	FrontAddr  uint32
+	ClientPort uint16
+	FrontPort  uint16
+	Flags      uint16
+	Pad        uint16
+}
+
 type PodPolicyCidrKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -255,12 +266,19 @@ type PodSnatValue struct {
 	Flags     uint16
 }
 
+type PodSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	SvcId     uint32
+	Addr      uint32
+}
+
 type PodSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
 	Port  uint16
 	Proto uint8
-	Pad   uint8
+	Scope uint8
 }
 
 type PodSvcOpts struct {
@@ -289,40 +307,45 @@ const (
 type PodTernReason uint8
 
 const (
-	PodTernReasonREASON_PASS                  PodTernReason = 0
-	PodTernReasonREASON_SVC_FORWARD           PodTernReason = 1
-	PodTernReasonREASON_SVC_REVNAT            PodTernReason = 2
-	PodTernReasonREASON_SVC_HAIRPIN           PodTernReason = 3
-	PodTernReasonREASON_SVC_REJECT            PodTernReason = 4
-	PodTernReasonREASON_SVC_PORT_SNAT         PodTernReason = 5
-	PodTernReasonREASON_DROP_TRUNCATED        PodTernReason = 10
-	PodTernReasonREASON_DROP_BAD_IP           PodTernReason = 11
-	PodTernReasonREASON_DROP_CT_FULL          PodTernReason = 13
-	PodTernReasonREASON_DROP_NAT_FAILED       PodTernReason = 14
-	PodTernReasonREASON_DROP_REJECT_FAILED    PodTernReason = 15
-	PodTernReasonREASON_DROP_NO_BACKEND_SLOT  PodTernReason = 16
-	PodTernReasonREASON_DROP_SCTP_PORT        PodTernReason = 17
-	PodTernReasonREASON_DROP_CT_COLLISION     PodTernReason = 18
-	PodTernReasonREASON_SOCK_CONNECT          PodTernReason = 19
-	PodTernReasonREASON_SOCK_SENDMSG          PodTernReason = 20
-	PodTernReasonREASON_SOCK_REVNAT           PodTernReason = 21
-	PodTernReasonREASON_SOCK_REJECT           PodTernReason = 22
-	PodTernReasonREASON_SOCK_REVNAT_FULL      PodTernReason = 23
-	PodTernReasonREASON_SOCK_DESTROY          PodTernReason = 24
-	PodTernReasonREASON_DROP_NO_LOCAL_BACKEND PodTernReason = 25
-	PodTernReasonREASON_FWD_PEER              PodTernReason = 26
-	PodTernReasonREASON_FWD_NEIGH             PodTernReason = 27
-	PodTernReasonREASON_DROP_BW_POLICED       PodTernReason = 28
-	PodTernReasonREASON_DROP_BW_HORIZON       PodTernReason = 29
-	PodTernReasonREASON_BW_PACED              PodTernReason = 30
-	PodTernReasonREASON_DROP_POLICY           PodTernReason = 31
-	PodTernReasonREASON_POLICY_AUDIT          PodTernReason = 32
-	PodTernReasonREASON_MASQ                  PodTernReason = 33
-	PodTernReasonREASON_MASQ_RESTORE          PodTernReason = 34
-	PodTernReasonREASON_DROP_SNAT_NO_PORT     PodTernReason = 35
-	PodTernReasonREASON_DROP_SNAT_FULL        PodTernReason = 36
-	PodTernReasonREASON_POLICY_ALLOWED        PodTernReason = 37
-	PodTernReasonREASON_MAX                   PodTernReason = 64
+	PodTernReasonREASON_PASS                   PodTernReason = 0
+	PodTernReasonREASON_SVC_FORWARD            PodTernReason = 1
+	PodTernReasonREASON_SVC_REVNAT             PodTernReason = 2
+	PodTernReasonREASON_SVC_HAIRPIN            PodTernReason = 3
+	PodTernReasonREASON_SVC_REJECT             PodTernReason = 4
+	PodTernReasonREASON_SVC_PORT_SNAT          PodTernReason = 5
+	PodTernReasonREASON_DROP_TRUNCATED         PodTernReason = 10
+	PodTernReasonREASON_DROP_BAD_IP            PodTernReason = 11
+	PodTernReasonREASON_DROP_CT_FULL           PodTernReason = 13
+	PodTernReasonREASON_DROP_NAT_FAILED        PodTernReason = 14
+	PodTernReasonREASON_DROP_REJECT_FAILED     PodTernReason = 15
+	PodTernReasonREASON_DROP_NO_BACKEND_SLOT   PodTernReason = 16
+	PodTernReasonREASON_DROP_SCTP_PORT         PodTernReason = 17
+	PodTernReasonREASON_DROP_CT_COLLISION      PodTernReason = 18
+	PodTernReasonREASON_SOCK_CONNECT           PodTernReason = 19
+	PodTernReasonREASON_SOCK_SENDMSG           PodTernReason = 20
+	PodTernReasonREASON_SOCK_REVNAT            PodTernReason = 21
+	PodTernReasonREASON_SOCK_REJECT            PodTernReason = 22
+	PodTernReasonREASON_SOCK_REVNAT_FULL       PodTernReason = 23
+	PodTernReasonREASON_SOCK_DESTROY           PodTernReason = 24
+	PodTernReasonREASON_DROP_NO_LOCAL_BACKEND  PodTernReason = 25
+	PodTernReasonREASON_FWD_PEER               PodTernReason = 26
+	PodTernReasonREASON_FWD_NEIGH              PodTernReason = 27
+	PodTernReasonREASON_DROP_BW_POLICED        PodTernReason = 28
+	PodTernReasonREASON_DROP_BW_HORIZON        PodTernReason = 29
+	PodTernReasonREASON_BW_PACED               PodTernReason = 30
+	PodTernReasonREASON_DROP_POLICY            PodTernReason = 31
+	PodTernReasonREASON_POLICY_AUDIT           PodTernReason = 32
+	PodTernReasonREASON_MASQ                   PodTernReason = 33
+	PodTernReasonREASON_MASQ_RESTORE           PodTernReason = 34
+	PodTernReasonREASON_DROP_SNAT_NO_PORT      PodTernReason = 35
+	PodTernReasonREASON_DROP_SNAT_FULL         PodTernReason = 36
+	PodTernReasonREASON_NODEPORT_FORWARD       PodTernReason = 37
+	PodTernReasonREASON_NODEPORT_SNAT          PodTernReason = 38
+	PodTernReasonREASON_NODEPORT_REVNAT        PodTernReason = 39
+	PodTernReasonREASON_DROP_SRC_RANGE         PodTernReason = 40
+	PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE PodTernReason = 41
+	PodTernReasonREASON_POLICY_ALLOWED         PodTernReason = 42
+	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 
 // Names of all BPF objects in the ELF.
@@ -340,9 +363,11 @@ const (
 	PodMapTernLbAffinity                 = "tern_lb_affinity"
 	PodMapTernLbMaglev                   = "tern_lb_maglev"
 	PodMapTernLbMembers                  = "tern_lb_members"
+	PodMapTernLbSrcRanges                = "tern_lb_src_ranges"
 	PodMapTernLbSvcOpts                  = "tern_lb_svc_opts"
 	PodMapTernMetrics                    = "tern_metrics"
 	PodMapTernNetdevs                    = "tern_netdevs"
+	PodMapTernNodeportSnat               = "tern_nodeport_snat"
 	PodMapTernNonmasq                    = "tern_nonmasq"
 	PodMapTernPolicy                     = "tern_policy"
 	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
@@ -365,6 +390,7 @@ const (
 	PodVarCFG_HAIRPIN_IP                 = "CFG_HAIRPIN_IP"
 	PodVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
 	PodVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
+	PodVarCFG_NODEPORT_ADDR              = "CFG_NODEPORT_ADDR"
 	PodVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
@@ -432,9 +458,11 @@ type PodMapSpecs struct {
 	TernLbAffinity      *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
 	TernLbMaglev        *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
 	TernLbMembers       *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSrcRanges     *ebpf.MapSpec `ebpf:"tern_lb_src_ranges"`
 	TernLbSvcOpts       *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
 	TernMetrics         *ebpf.MapSpec `ebpf:"tern_metrics"`
 	TernNetdevs         *ebpf.MapSpec `ebpf:"tern_netdevs"`
+	TernNodeportSnat    *ebpf.MapSpec `ebpf:"tern_nodeport_snat"`
 	TernNonmasq         *ebpf.MapSpec `ebpf:"tern_nonmasq"`
 	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
@@ -461,6 +489,7 @@ type PodVariableSpecs struct {
 	CFG_HAIRPIN_IP                 *ebpf.VariableSpec `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_NODEPORT_ADDR              *ebpf.VariableSpec `ebpf:"CFG_NODEPORT_ADDR"`
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
@@ -498,9 +527,11 @@ type PodMaps struct {
 	TernLbAffinity      *ebpf.Map `ebpf:"tern_lb_affinity"`
 	TernLbMaglev        *ebpf.Map `ebpf:"tern_lb_maglev"`
 	TernLbMembers       *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSrcRanges     *ebpf.Map `ebpf:"tern_lb_src_ranges"`
 	TernLbSvcOpts       *ebpf.Map `ebpf:"tern_lb_svc_opts"`
 	TernMetrics         *ebpf.Map `ebpf:"tern_metrics"`
 	TernNetdevs         *ebpf.Map `ebpf:"tern_netdevs"`
+	TernNodeportSnat    *ebpf.Map `ebpf:"tern_nodeport_snat"`
 	TernNonmasq         *ebpf.Map `ebpf:"tern_nonmasq"`
 	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
@@ -525,9 +556,11 @@ func (m *PodMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbMaglev,
 		m.TernLbMembers,
+		m.TernLbSrcRanges,
 		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernNetdevs,
+		m.TernNodeportSnat,
 		m.TernNonmasq,
 		m.TernPolicy,
 		m.TernPolicyCidrs,
@@ -555,6 +588,7 @@ type PodVariables struct {
 	CFG_HAIRPIN_IP                 *ebpf.Variable `ebpf:"CFG_HAIRPIN_IP"`
 	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
+	CFG_NODEPORT_ADDR              *ebpf.Variable `ebpf:"CFG_NODEPORT_ADDR"`
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`

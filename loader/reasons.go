@@ -61,6 +61,15 @@ const (
 	ReasonMasqRestore    = PodTernReasonREASON_MASQ_RESTORE
 	ReasonDropSNATNoPort = PodTernReasonREASON_DROP_SNAT_NO_PORT
 	ReasonDropSNATFull   = PodTernReasonREASON_DROP_SNAT_FULL
+	// External frontends on the netdevs (bpf/lib/nodeport.h): an external client's packet
+	// translated to a local backend (DNAT) or a remote one (DNAT + SNAT to the node), a
+	// reply restored to it, a client outside loadBalancerSourceRanges, and a translated
+	// packet with no route.
+	ReasonNodePortForward     = PodTernReasonREASON_NODEPORT_FORWARD
+	ReasonNodePortSNAT        = PodTernReasonREASON_NODEPORT_SNAT
+	ReasonNodePortRevNAT      = PodTernReasonREASON_NODEPORT_REVNAT
+	ReasonDropSrcRange        = PodTernReasonREASON_DROP_SRC_RANGE
+	ReasonDropNodePortNoRoute = PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE
 	// ReasonPolicyAllowed names an allowed verdict on tern_events (policy_event); it is
 	// never counted in tern_metrics (tern_policy_stats counts verdicts per policy).
 	ReasonPolicyAllowed = PodTernReasonREASON_POLICY_ALLOWED
@@ -83,7 +92,10 @@ var reasonLabels = map[Reason]string{
 	ReasonDropPolicy: "drop_policy", ReasonPolicyAudit: "policy_audit",
 	ReasonMasq: "masq", ReasonMasqRestore: "masq_restore",
 	ReasonDropSNATNoPort: "drop_snat_no_port", ReasonDropSNATFull: "drop_snat_full",
-	ReasonPolicyAllowed: "policy_allowed",
+	ReasonNodePortForward: "nodeport_forward", ReasonNodePortSNAT: "nodeport_snat",
+	ReasonNodePortRevNAT: "nodeport_revnat", ReasonDropSrcRange: "drop_src_range",
+	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
+	ReasonPolicyAllowed:       "policy_allowed",
 }
 
 // String is the reason's Prometheus label value.

@@ -174,7 +174,8 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 		SockMapTernLbMembers: d.objs.TernLbMembers, SockMapTernMetrics: d.objs.TernMetrics,
 		PodMapTernLbSvcOpts: d.objs.TernLbSvcOpts, PodMapTernLbAffinity: d.objs.TernLbAffinity,
 		PodMapTernLbMaglev: d.objs.TernLbMaglev, PodMapTernEvents: d.objs.TernEvents,
-		PodMapTernEventLimit: d.objs.TernEventLimit,
+		PodMapTernLbSrcRanges: d.objs.TernLbSrcRanges,
+		PodMapTernEventLimit:  d.objs.TernEventLimit,
 	} {
 		if _, ok := spec.Maps[name]; ok {
 			repl[name] = m

@@ -97,12 +97,19 @@ type SockSockRevnatValue struct {
 	SvcId uint32
 }
 
+type SockSrcRangeKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	SvcId     uint32
+	Addr      uint32
+}
+
 type SockSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
 	Port  uint16
 	Proto uint8
-	Pad   uint8
+	Scope uint8
 }
 
 type SockSvcOpts struct {
@@ -128,6 +135,7 @@ const (
 	SockMapTernLbAffinity           = "tern_lb_affinity"
 	SockMapTernLbMaglev             = "tern_lb_maglev"
 	SockMapTernLbMembers            = "tern_lb_members"
+	SockMapTernLbSrcRanges          = "tern_lb_src_ranges"
 	SockMapTernLbSvcOpts            = "tern_lb_svc_opts"
 	SockMapTernMetrics              = "tern_metrics"
 	SockMapTernServices             = "tern_services"
@@ -202,16 +210,17 @@ type SockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
-	TernBackends   *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernEventLimit *ebpf.MapSpec `ebpf:"tern_event_limit"`
-	TernEvents     *ebpf.MapSpec `ebpf:"tern_events"`
-	TernLbAffinity *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbMaglev   *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
-	TernLbMembers  *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernLbSvcOpts  *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
-	TernMetrics    *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernServices   *ebpf.MapSpec `ebpf:"tern_services"`
-	TernSockRevnat *ebpf.MapSpec `ebpf:"tern_sock_revnat"`
+	TernBackends    *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernEventLimit  *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents      *ebpf.MapSpec `ebpf:"tern_events"`
+	TernLbAffinity  *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev    *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
+	TernLbMembers   *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSrcRanges *ebpf.MapSpec `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts   *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
+	TernMetrics     *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernServices    *ebpf.MapSpec `ebpf:"tern_services"`
+	TernSockRevnat  *ebpf.MapSpec `ebpf:"tern_sock_revnat"`
 }
 
 // SockVariableSpecs contains global variables before they are loaded into the kernel.
@@ -242,16 +251,17 @@ func (o *SockObjects) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
-	TernBackends   *ebpf.Map `ebpf:"tern_backends"`
-	TernEventLimit *ebpf.Map `ebpf:"tern_event_limit"`
-	TernEvents     *ebpf.Map `ebpf:"tern_events"`
-	TernLbAffinity *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbMaglev   *ebpf.Map `ebpf:"tern_lb_maglev"`
-	TernLbMembers  *ebpf.Map `ebpf:"tern_lb_members"`
-	TernLbSvcOpts  *ebpf.Map `ebpf:"tern_lb_svc_opts"`
-	TernMetrics    *ebpf.Map `ebpf:"tern_metrics"`
-	TernServices   *ebpf.Map `ebpf:"tern_services"`
-	TernSockRevnat *ebpf.Map `ebpf:"tern_sock_revnat"`
+	TernBackends    *ebpf.Map `ebpf:"tern_backends"`
+	TernEventLimit  *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents      *ebpf.Map `ebpf:"tern_events"`
+	TernLbAffinity  *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev    *ebpf.Map `ebpf:"tern_lb_maglev"`
+	TernLbMembers   *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSrcRanges *ebpf.Map `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts   *ebpf.Map `ebpf:"tern_lb_svc_opts"`
+	TernMetrics     *ebpf.Map `ebpf:"tern_metrics"`
+	TernServices    *ebpf.Map `ebpf:"tern_services"`
+	TernSockRevnat  *ebpf.Map `ebpf:"tern_sock_revnat"`
 }
 
 func (m *SockMaps) Close() error {
@@ -262,6 +272,7 @@ func (m *SockMaps) Close() error {
 		m.TernLbAffinity,
 		m.TernLbMaglev,
 		m.TernLbMembers,
+		m.TernLbSrcRanges,
 		m.TernLbSvcOpts,
 		m.TernMetrics,
 		m.TernServices,

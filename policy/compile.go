@@ -115,8 +115,6 @@ type Desired struct {
 	Rules map[RuleKey]uint32
 	// Policies names the policies by index, "namespace/name".
 	Policies []string
-
-	podPrefix map[Identity]netip.Prefix // CIDR identities of pod /32s (named ports on ipBlocks)
 }
 
 // namedPorts is the named-port table of the pod identity id.
@@ -213,85 +211,27 @@ func Compile(st State) (*Desired, error) {
 	// ipBlock prefixes first: a rule's ipBlock selects every prefix inside it.
 	var prefixes []netip.Prefix
 	for i := range st.Policies {
-		np := &st.Policies[i]
-		forEachPeer(np, func(field string, peer *networkingv1.NetworkPolicyPeer) {
-			if peer.IPBlock == nil {
-				return
-			}
-			// An IPv6 prefix is valid but holds no IPv4 address: it matches nothing here
-			// (the datapath is IPv4) and needs no entry.
-			c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not a CIDR: %w",
-					np.Namespace, np.Name, field, peer.IPBlock.CIDR, err))
-				return
-			}
-			if c.Addr().Is4() {
-				prefixes = append(prefixes, c.Masked())
-			}
-			for j, e := range peer.IPBlock.Except {
-				x, err := netip.ParsePrefix(e)
-				if err != nil {
-					errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not a CIDR: %w",
-						np.Namespace, np.Name, field, j, e, err))
-					continue
-				}
-				if x.Addr().Is4() {
-					prefixes = append(prefixes, x.Masked())
-				}
-			}
-		})
+		ps, perrs := policyPrefixes(&st.Policies[i])
+		prefixes = append(prefixes, ps...)
+		errs = append(errs, perrs...)
 	}
 	// An egress rule with a named port and an ipBlock peer: the name resolves on each
 	// destination pod inside the block (an address that is no pod has no named ports), so
 	// every such pod's address becomes a /32 prefix of its own, which gets the enclosing
 	// blocks' rules like any nested prefix plus its resolved port (addRule).
 	for i := range st.Policies {
-		np := &st.Policies[i]
-		for _, r := range np.Spec.Egress {
-			names := map[string]bool{}
-			for _, port := range r.Ports {
-				if port.Port != nil && port.Port.Type != 0 {
-					names[port.Port.StrVal] = true
-				}
-			}
-			if len(names) == 0 {
-				continue
-			}
-			for _, peer := range r.To {
-				if peer.IPBlock == nil {
-					continue
-				}
-				c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
-				if err != nil || !c.Addr().Is4() {
-					continue
-				}
-				for a, id := range d.IPCache {
-					if !c.Contains(a) {
-						continue
-					}
-					for n := range names {
-						if _, ok := namedPortsOf[id][n]; ok {
-							prefixes = append(prefixes, netip.PrefixFrom(a, 32))
-							break
-						}
-					}
-				}
-			}
-		}
+		prefixes = append(prefixes, namedBlockPodPrefixes(namedPortBlocks(&st.Policies[i]), d.IPCache,
+			func(id Identity) map[string]NamedPort { return namedPortsOf[id] })...)
 	}
 	pdescs := make([]string, 0, len(prefixes))
 	for _, p := range prefixes {
 		pdescs = append(pdescs, p.String())
 	}
 	pids := allocate(pdescs, cidrIdentityBit, cidrIdentityBit|(cidrIdentityBit-1))
-	d.podPrefix = map[Identity]netip.Prefix{}
 	for _, p := range prefixes {
 		d.CIDRs[p] = pids[p.String()]
-		if _, ok := d.IPCache[p.Addr()]; ok && p.Bits() == 32 {
-			d.podPrefix[pids[p.String()]] = p
-		}
 	}
+	podPrefix := podPrefixes(d.CIDRs, d.IPCache)
 	for _, a := range st.NodeAddrs {
 		d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 	}
@@ -299,11 +239,172 @@ func Compile(st State) (*Desired, error) {
 	for i := range st.Policies {
 		np := &st.Policies[i]
 		d.Policies = append(d.Policies, np.Namespace+"/"+np.Name)
-		if err := d.compilePolicy(uint32(i), np, order, nsLabels); err != nil {
+		c := newContribution(d.CIDRs, podPrefix, d.IPCache)
+		if err := c.compilePolicy(np, order); err != nil {
 			errs = append(errs, err)
 		}
+		c.mergeInto(d, uint32(i))
 	}
 	return d, errors.Join(errs...)
+}
+
+// namedBlock is an egress rule's ipBlock peer with the port names the rule lists.
+type namedBlock struct {
+	cidr  netip.Prefix
+	names []string
+}
+
+// namedPortBlocks is np's egress ipBlock peers whose rule has a named port.
+func namedPortBlocks(np *networkingv1.NetworkPolicy) []namedBlock {
+	var out []namedBlock
+	for _, r := range np.Spec.Egress {
+		var names []string
+		for _, port := range r.Ports {
+			if port.Port != nil && port.Port.Type != 0 && !slices.Contains(names, port.Port.StrVal) {
+				names = append(names, port.Port.StrVal)
+			}
+		}
+		if len(names) == 0 {
+			continue
+		}
+		for _, peer := range r.To {
+			if peer.IPBlock == nil {
+				continue
+			}
+			c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+			if err != nil || !c.Addr().Is4() {
+				continue
+			}
+			out = append(out, namedBlock{cidr: c.Masked(), names: names})
+		}
+	}
+	return out
+}
+
+// namedBlockPodPrefixes is the /32 of every pod address inside one of blocks whose pod has
+// one of the block's port names.
+func namedBlockPodPrefixes(blocks []namedBlock, ipcache map[netip.Addr]Identity,
+	portsOf func(Identity) map[string]NamedPort) []netip.Prefix {
+	var out []netip.Prefix
+	for _, b := range blocks {
+		for a, id := range ipcache {
+			if !b.cidr.Contains(a) {
+				continue
+			}
+			ports := portsOf(id)
+			for _, n := range b.names {
+				if _, ok := ports[n]; ok {
+					out = append(out, netip.PrefixFrom(a, 32))
+					break
+				}
+			}
+		}
+	}
+	return out
+}
+
+// podPrefixes is the /32 ipBlock prefixes that are pod addresses, by their CIDR identity.
+func podPrefixes(cidrs map[netip.Prefix]Identity, ipcache map[netip.Addr]Identity) map[Identity]netip.Prefix {
+	out := map[Identity]netip.Prefix{}
+	for p, id := range cidrs {
+		if _, ok := ipcache[p.Addr()]; ok && p.Bits() == 32 && id != IdentityHost {
+			out[id] = p
+		}
+	}
+	return out
+}
+
+// policyPrefixes is the IPv4 ipBlock prefixes (cidr and except) of np, and the fields that
+// do not parse.
+func policyPrefixes(np *networkingv1.NetworkPolicy) ([]netip.Prefix, []error) {
+	var prefixes []netip.Prefix
+	var errs []error
+	forEachPeer(np, func(field string, peer *networkingv1.NetworkPolicyPeer) {
+		if peer.IPBlock == nil {
+			return
+		}
+		// An IPv6 prefix is valid but holds no IPv4 address: it matches nothing here
+		// (the datapath is IPv4) and needs no entry.
+		c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.cidr %q is not a CIDR: %w",
+				np.Namespace, np.Name, field, peer.IPBlock.CIDR, err))
+			return
+		}
+		if c.Addr().Is4() {
+			prefixes = append(prefixes, c.Masked())
+		}
+		for j, e := range peer.IPBlock.Except {
+			x, err := netip.ParsePrefix(e)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("networkpolicy %s/%s: %s.ipBlock.except[%d] %q is not a CIDR: %w",
+					np.Namespace, np.Name, field, j, e, err))
+				continue
+			}
+			if x.Addr().Is4() {
+				prefixes = append(prefixes, x.Masked())
+			}
+		}
+	})
+	return prefixes, errs
+}
+
+// contribution is what one policy adds to the maps, compiled against a set of pod shapes
+// and ipBlock identities. The whole compiler merges every policy's; the incremental one
+// (Compiler) keeps each policy's so it can take it out again.
+type contribution struct {
+	cidrs map[netip.Prefix]Identity // read only: the ipBlock prefixes' identities
+	iso   map[Identity]uint32
+	rules map[RuleKey]struct{}
+	// What the result depends on besides the policy itself: the pod identities it selected
+	// or named (refs), the ipBlock identities (usesCIDR), and every pod identity with a
+	// named port (anyNamed: an egress named port towards any peer).
+	refs     map[Identity]bool
+	usesCIDR bool
+	anyNamed bool
+	// subjects are the pod identities the policy selects (Desired.Selecting).
+	subjects []Identity
+	// podPrefix and ipcache (read only): the ipBlock /32 prefixes that are pod addresses
+	// and the pods' identities, to resolve an egress named port on an ipBlock peer.
+	podPrefix map[Identity]netip.Prefix
+	ipcache   map[netip.Addr]Identity
+}
+
+func newContribution(cidrs map[netip.Prefix]Identity, podPrefix map[Identity]netip.Prefix, ipcache map[netip.Addr]Identity) *contribution {
+	return &contribution{cidrs: cidrs, iso: map[Identity]uint32{}, rules: map[RuleKey]struct{}{}, refs: map[Identity]bool{},
+		podPrefix: podPrefix, ipcache: ipcache}
+}
+
+func (c *contribution) put(k RuleKey) { c.rules[k] = struct{}{} }
+
+// mergeInto adds c to d as the policy with index idx (lower indexes win a rule's value).
+func (c *contribution) mergeInto(d *Desired, idx uint32) {
+	for id, f := range c.iso {
+		d.Isolation[id] |= f
+		for _, dir := range []Direction{Ingress, Egress} {
+			if f&dir.isolatedFlag() == 0 {
+				continue
+			}
+			k := IsolationKey{Subject: id, Dir: dir}
+			if old, ok := d.IsolatedBy[k]; !ok || idx < old {
+				d.IsolatedBy[k] = idx
+			}
+		}
+	}
+	for _, id := range c.subjects {
+		d.Selecting[id] = append(d.Selecting[id], idx)
+	}
+	for k := range c.rules {
+		d.put(k, idx)
+	}
+}
+
+// isolatedFlag is the Isolation flag of the direction.
+func (dir Direction) isolatedFlag() uint32 {
+	if dir == Ingress {
+		return IsolatedIngress
+	}
+	return IsolatedEgress
 }
 
 // NamespaceLabels returns a namespace's labels with kubernetes.io/metadata.name set, as
@@ -391,8 +492,7 @@ func selector(np *networkingv1.NetworkPolicy, field string, s *metav1.LabelSelec
 	return sel, nil
 }
 
-func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, order []*shapeInfo,
-	nsLabels map[string]map[string]string) error {
+func (c *contribution) compilePolicy(np *networkingv1.NetworkPolicy, order []*shapeInfo) error {
 	podSel, err := selector(np, "spec.podSelector", &np.Spec.PodSelector)
 	if err != nil {
 		return err
@@ -405,14 +505,13 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 	}
 	ing, eg := PolicyTypes(np)
 	for _, s := range subjects {
-		d.Selecting[s.id] = append(d.Selecting[s.id], idx)
+		c.refs[s.id] = true
+		c.subjects = append(c.subjects, s.id)
 		if ing {
-			d.Isolation[s.id] |= IsolatedIngress
-			d.isolatedBy(s.id, Ingress, idx)
+			c.iso[s.id] |= IsolatedIngress
 		}
 		if eg {
-			d.Isolation[s.id] |= IsolatedEgress
-			d.isolatedBy(s.id, Egress, idx)
+			c.iso[s.id] |= IsolatedEgress
 		}
 	}
 	type rule struct {
@@ -433,12 +532,12 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 		}
 	}
 	for _, r := range rules {
-		ps, err := d.peers(np, r.field, r.peers, order)
+		ps, err := c.peers(np, r.field, r.peers, order)
 		if err != nil {
 			return err
 		}
 		for _, s := range subjects {
-			if err := d.addRule(idx, np, r.field, s, r.dir, ps, r.ports, order); err != nil {
+			if err := c.addRule(np, r.field, s, r.dir, ps, r.ports, order); err != nil {
 				return err
 			}
 		}
@@ -446,15 +545,8 @@ func (d *Desired) compilePolicy(idx uint32, np *networkingv1.NetworkPolicy, orde
 	return nil
 }
 
-func (d *Desired) isolatedBy(id Identity, dir Direction, idx uint32) {
-	k := IsolationKey{Subject: id, Dir: dir}
-	if old, ok := d.IsolatedBy[k]; !ok || idx < old {
-		d.IsolatedBy[k] = idx
-	}
-}
-
 // peers resolves a rule's peers (OR across peers; selectors in one peer AND together).
-func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []networkingv1.NetworkPolicyPeer,
+func (c *contribution) peers(np *networkingv1.NetworkPolicy, field string, peers []networkingv1.NetworkPolicyPeer,
 	order []*shapeInfo) (peerSet, error) {
 	if len(peers) == 0 {
 		return peerSet{any: true}, nil
@@ -470,11 +562,12 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 	for j, p := range peers {
 		pf := fmt.Sprintf("%s.peers[%d]", field, j)
 		if p.IPBlock != nil {
-			c, err := netip.ParsePrefix(p.IPBlock.CIDR)
+			c.usesCIDR = true
+			block, err := netip.ParsePrefix(p.IPBlock.CIDR)
 			if err != nil {
 				continue // reported by Compile
 			}
-			c = c.Masked()
+			block = block.Masked()
 			var excepts []netip.Prefix
 			badExcept := false
 			for _, e := range p.IPBlock.Except {
@@ -488,8 +581,8 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 			if badExcept {
 				continue
 			}
-			for pfx, id := range d.CIDRs {
-				if id == IdentityHost || !within(pfx, c) {
+			for pfx, id := range c.cidrs {
+				if id == IdentityHost || !within(pfx, block) {
 					continue
 				}
 				excluded := false
@@ -529,6 +622,7 @@ func (d *Desired) peers(np *networkingv1.NetworkPolicy, field string, peers []ne
 				continue
 			}
 			add(si.id)
+			c.refs[si.id] = true
 		}
 	}
 	slices.Sort(ps.ids)
@@ -567,7 +661,7 @@ func (d *Desired) put(k RuleKey, idx uint32) {
 	}
 }
 
-func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field string, s *shapeInfo, dir Direction,
+func (c *contribution) addRule(np *networkingv1.NetworkPolicy, field string, s *shapeInfo, dir Direction,
 	ps peerSet, ports []networkingv1.NetworkPolicyPort, order []*shapeInfo) error {
 	peerIDs := ps.ids
 	if ps.any {
@@ -575,7 +669,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 	}
 	if len(ports) == 0 {
 		for _, p := range peerIDs {
-			d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir}, idx)
+			c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir})
 		}
 		return nil
 	}
@@ -591,7 +685,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 		}
 		if port.Port == nil {
 			for _, p := range peerIDs {
-				d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto}, idx)
+				c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto})
 			}
 			continue
 		}
@@ -606,7 +700,7 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 			}
 			for _, b := range PortBlocks(uint16(lo), uint16(hi)) {
 				for _, p := range peerIDs {
-					d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: b.Port, PortBits: b.Bits}, idx)
+					c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: b.Port, PortBits: b.Bits})
 				}
 			}
 			continue
@@ -617,27 +711,30 @@ func (d *Desired) addRule(idx uint32, np *networkingv1.NetworkPolicy, field stri
 		if dir == Ingress {
 			if np, ok := s.shape.NamedPorts[name]; ok && np.Protocol == protoName {
 				for _, p := range peerIDs {
-					d.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+					c.put(RuleKey{Subject: s.id, Peer: p, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 				}
 			}
 			continue
+		}
+		if ps.any {
+			c.anyNamed = true
 		}
 		for _, peer := range order {
 			if !ps.any && !ps.set[peer.id] {
 				continue
 			}
 			if np, ok := peer.shape.NamedPorts[name]; ok && np.Protocol == protoName {
-				d.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+				c.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 			}
 		}
 		// ipBlock peers: the /32 prefixes Compile made for the pods inside them.
 		for _, id := range ps.ids {
-			pfx, ok := d.podPrefix[id]
+			pfx, ok := c.podPrefix[id]
 			if !ok {
 				continue
 			}
-			if np, ok := namedPorts(order, d.IPCache[pfx.Addr()])[name]; ok && np.Protocol == protoName {
-				d.put(RuleKey{Subject: s.id, Peer: id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16}, idx)
+			if np, ok := namedPorts(order, c.ipcache[pfx.Addr()])[name]; ok && np.Protocol == protoName {
+				c.put(RuleKey{Subject: s.id, Peer: id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 			}
 		}
 	}

@@ -3,6 +3,8 @@ package service
 import (
 	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -22,6 +24,106 @@ type Options struct {
 	// this node (internalTrafficPolicy: Local) while the Service has some elsewhere;
 	// kube-proxy drops such packets silently instead of rejecting them.
 	DropWhenEmpty bool
+	// Kind says which part of the Service the frontend is: its cluster IP, a NodePort on a
+	// node address, a LoadBalancer ingress IP or an externalIP. Every kind but ClusterIP is
+	// external: the netdev programs serve it to clients outside the node too.
+	Kind Kind
+	// SourceRanges is a LoadBalancer IP frontend's loadBalancerSourceRanges, canonical
+	// (masked, sorted, comma-separated; Prefixes reads it back); "" lets every client in.
+	// A string so that Options stay comparable.
+	SourceRanges string
+	// ExternalLocal: externalTrafficPolicy Local on an external frontend, which then has an
+	// Internal twin with every endpoint for in-cluster clients.
+	ExternalLocal bool
+}
+
+// Kind is the part of a Service a frontend comes from.
+type Kind uint8
+
+const (
+	KindClusterIP Kind = iota
+	KindNodePort
+	KindLoadBalancer
+	KindExternalIP
+	// A hostPort kind (the CNI portMappings capability) would join here: external, with
+	// the pod as its one backend.
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindClusterIP:
+		return "ClusterIP"
+	case KindNodePort:
+		return "NodePort"
+	case KindLoadBalancer:
+		return "LoadBalancer"
+	case KindExternalIP:
+		return "ExternalIP"
+	}
+	return fmt.Sprintf("kind-%d", uint8(k))
+}
+
+// External tells whether clients outside the node reach the frontend through the netdevs.
+func (k Kind) External() bool { return k != KindClusterIP }
+
+// Prefixes reads SourceRanges back; it was written by Translate, so it parses.
+func (o Options) Prefixes() []netip.Prefix {
+	if o.SourceRanges == "" {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, s := range strings.Split(o.SourceRanges, ",") {
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// canonicalRanges turns loadBalancerSourceRanges into Options.SourceRanges: IPv4 CIDRs,
+// masked, sorted, without duplicates. A range that does not parse is reported and left
+// out; IPv6 ranges are left out (the datapath is IPv4 only). When the Service has ranges
+// but none is usable the result is "0.0.0.0/32" (nobody) rather than "" (everybody): an
+// operator who restricted a Service must not find it opened by a typo.
+func canonicalRanges(ranges []string) (string, error) {
+	if len(ranges) == 0 {
+		return "", nil
+	}
+	var (
+		ps   []netip.Prefix
+		errs []error
+		any6 bool
+	)
+	for _, r := range ranges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("loadBalancerSourceRanges entry %q: %w", r, err))
+			continue
+		}
+		if !p.Addr().Is4() {
+			any6 = true
+			continue
+		}
+		ps = append(ps, p.Masked())
+	}
+	if len(ps) == 0 {
+		if any6 && len(errs) == 0 {
+			return "0.0.0.0/32", nil
+		}
+		return "0.0.0.0/32", errors.Join(errs...)
+	}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	ps = slices.Compact(ps)
+	parts := make([]string, len(ps))
+	for i, p := range ps {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ","), errors.Join(errs...)
 }
 
 // DefaultAffinitySeconds is Kubernetes' default for
@@ -61,6 +163,11 @@ type OptionsLookup func(Frontend) Options
 type Node struct {
 	Name string // the Node object's name, compared with an endpoint's nodeName
 	Zone string // its topology.kubernetes.io/zone label, "" when it has none
+	// Addrs are the node addresses NodePorts are served on (kube-proxy's default
+	// nodePortAddresses: the node's own addresses). Only IPv4 ones are used. One frontend per
+	// address and NodePort: the pod and socket programs find it with the same lookup as a
+	// ClusterIP, and the netdev programs need no address list of their own.
+	Addrs []netip.Addr
 }
 
 // Translator holds what translation depends on besides the Service itself.

@@ -24,7 +24,9 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 // returned.
 //
 // Rules, matching kube-proxy: ExternalName and headless Services have no frontends; every
-// IPv4 cluster IP gets one frontend per Service port; a Service port's backends are the
+// IPv4 cluster IP gets one frontend per Service port, and so do (externalFrontends) every
+// node address for a NodePort, every LoadBalancer ingress IP and every externalIP, whose
+// backends follow externalTrafficPolicy; a Service port's backends are the
 // endpoints of slice ports with the same name and protocol (the EndpointSlice controller has
 // already resolved named target ports per pod, so one Service port can map to different
 // numbers on different pods); which endpoints serve is endpointsFor's business.
@@ -58,6 +60,13 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 		errs = append(errs, err)
 	}
 	local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	extLocal := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+	lbIPs, extIPs, ipErrs := externalAddrs(svc)
+	errs = append(errs, ipErrs...)
+	ranges, err := canonicalRanges(svc.Spec.LoadBalancerSourceRanges)
+	if err != nil {
+		errs = append(errs, err)
+	}
 
 	for _, sp := range svc.Spec.Ports {
 		proto, err := protocolOf(sp.Protocol)
@@ -84,11 +93,104 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 			out[f] = backends
 			opts[f] = o
 		}
+		ext := externalFrontends(svc, sp, proto, tr.Node.Addrs, lbIPs, extIPs)
+		if len(ext) == 0 {
+			continue
+		}
+		// externalTrafficPolicy decides the external frontends' backends, as
+		// internalTrafficPolicy decides the cluster IP's.
+		extBackends, extDrop := tr.endpointsFor(all, extLocal)
+		eo := base
+		eo.DropWhenEmpty = extDrop
+		if eo.MaglevSize != 0 {
+			eo.MaglevSize = MaglevSize(len(extBackends), tr.MaglevTableSize)
+		}
+		// In-cluster clients of an eTP Local frontend get every endpoint (kube-proxy sends
+		// them to the cluster-wide chain): an Internal twin with the cluster endpoints.
+		var twinBackends []Backend
+		if extLocal {
+			twinBackends, _ = tr.endpointsFor(all, false)
+		}
+		for f, kind := range ext {
+			o := eo
+			o.Kind = kind
+			if kind == KindLoadBalancer {
+				o.SourceRanges = ranges
+			}
+			o.ExternalLocal = extLocal
+			out[f] = extBackends
+			opts[f] = o
+			if extLocal {
+				twin, to := f, o
+				twin.Internal = true
+				to.ExternalLocal, to.DropWhenEmpty = false, false
+				if to.MaglevSize != 0 {
+					to.MaglevSize = MaglevSize(len(twinBackends), tr.MaglevTableSize)
+				}
+				out[twin] = twinBackends
+				opts[twin] = to
+			}
+		}
 	}
 	if len(errs) > 0 {
 		return out, opts, fmt.Errorf("service %s/%s: %w", svc.Namespace, svc.Name, errors.Join(errs...))
 	}
 	return out, opts, nil
+}
+
+// externalAddrs reads a Service's LoadBalancer ingress IPs (type LoadBalancer only, and
+// not those whose ipMode is Proxy: kube-proxy leaves those to the load balancer) and its
+// externalIPs, IPv4 only.
+func externalAddrs(svc *corev1.Service) (lb, ext []netip.Addr, errs []error) {
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			if in.IP == "" || (in.IPMode != nil && *in.IPMode == corev1.LoadBalancerIPModeProxy) {
+				continue
+			}
+			a, err := netip.ParseAddr(in.IP)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("load balancer ingress IP %q: %w", in.IP, err))
+				continue
+			}
+			if a.Is4() {
+				lb = append(lb, a)
+			}
+		}
+	}
+	for _, s := range svc.Spec.ExternalIPs {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("external IP %q: %w", s, err))
+			continue
+		}
+		if a.Is4() {
+			ext = append(ext, a)
+		}
+	}
+	return lb, ext, errs
+}
+
+// externalFrontends are one Service port's frontends for clients outside the cluster IP:
+// a NodePort on every node address (types NodePort and LoadBalancer), every LoadBalancer
+// ingress IP and every externalIP, on the Service port.
+func externalFrontends(svc *corev1.Service, sp corev1.ServicePort, proto Protocol, nodeAddrs, lbIPs, extIPs []netip.Addr) map[Frontend]Kind {
+	out := map[Frontend]Kind{}
+	if (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) &&
+		sp.NodePort > 0 && sp.NodePort <= 65535 {
+		for _, a := range nodeAddrs {
+			if a.Is4() {
+				out[Frontend{Addr: a, Port: uint16(sp.NodePort), Proto: proto}] = KindNodePort
+			}
+		}
+	}
+	for _, a := range extIPs {
+		out[Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = KindExternalIP
+	}
+	// A LoadBalancer IP that is also an externalIP keeps its source ranges.
+	for _, a := range lbIPs {
+		out[Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = KindLoadBalancer
+	}
+	return out
 }
 
 func protocolOf(p corev1.Protocol) (Protocol, error) {

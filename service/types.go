@@ -30,14 +30,22 @@ func (p Protocol) String() string {
 	return fmt.Sprintf("proto-%d", uint8(p))
 }
 
-// Frontend is one Service port on one cluster IP.
+// Frontend is one Service port on one address: a cluster IP, a node address (NodePort), a
+// LoadBalancer IP or an externalIP.
 type Frontend struct {
 	Addr  netip.Addr
 	Port  uint16
 	Proto Protocol
+	// Internal marks the cluster-wide twin of an externalTrafficPolicy Local frontend: the
+	// backends in-cluster clients (pods, host processes) get at the same address, while
+	// external clients get the local ones (kube-proxy's short-circuit of in-cluster traffic).
+	Internal bool
 }
 
 func (f Frontend) String() string {
+	if f.Internal {
+		return fmt.Sprintf("%s/%s (in-cluster)", netip.AddrPortFrom(f.Addr, f.Port), f.Proto)
+	}
 	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), f.Proto)
 }
 

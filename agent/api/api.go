@@ -44,6 +44,7 @@ const (
 	CodeInternal        = 103 // anything else the agent could not do
 	CodeDatapath        = 104 // netlink or BPF setup failed
 	CodeUnknownPod      = 105 // CHECK: the agent has no allocation for this sandbox
+	CodeIPAMOff         = 106 // tern's IPAM is off (ipam.mode none): tern-cni must run chained
 	CodeAgentNotStarted = CodeTryAgainLater
 )
 
@@ -70,6 +71,9 @@ type ENI struct {
 	Gateway     string `json:"gateway"`
 	VSwitchID   string `json:"vSwitchID"`
 	VSwitchCIDR string `json:"vSwitchCIDR"`
+	// NodePrimary: the ENI is the instance's primary NIC (VPC route mode), the node's own
+	// interface; the CNI routes pods through it but leaves its addresses alone.
+	NodePrimary bool `json:"nodePrimary,omitempty"`
 }
 
 // Allocation is a pod address with its ENI.
@@ -99,6 +103,20 @@ type AttachRequest struct {
 	// (attach only; optional for older plugins).
 	IP  string `json:"ip,omitempty"`
 	MAC string `json:"mac,omitempty"`
+	// Chained says the interface was made by another plugin earlier in the conflist (tern's
+	// IPAM off, or on): the host veth may have any name. Attach only.
+	Chained bool `json:"chained,omitempty"`
+	// PortMappings are the sandbox's hostPorts (the CNI portMappings capability). Attach
+	// only.
+	PortMappings []PortMapping `json:"portMappings,omitempty"`
+}
+
+// PortMapping is one hostPort, as the runtime passes it in runtimeConfig.portMappings.
+type PortMapping struct {
+	HostPort      int    `json:"hostPort"`
+	ContainerPort int    `json:"containerPort"`
+	Protocol      string `json:"protocol,omitempty"` // tcp (default) or udp
+	HostIP        string `json:"hostIP,omitempty"`   // empty: every address of the node
 }
 
 // AttachResponse reports how the programs were attached ("tcx" or "clsact").

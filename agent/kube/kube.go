@@ -14,8 +14,10 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -29,6 +31,7 @@ import (
 	"github.com/tern-net/tern/ipam/nodereport"
 	"github.com/tern-net/tern/service"
 	"github.com/tern-net/tern/service/controller"
+	"github.com/tern-net/tern/service/healthcheck"
 	"github.com/tern-net/tern/service/lbmap"
 )
 
@@ -50,6 +53,7 @@ type Component struct {
 	broadcaster record.EventBroadcaster
 	reporter    *nodereport.Reporter
 	ctl         *controller.Controller
+	health      *healthcheck.Server
 	pods        cache.SharedIndexInformer
 
 	mu        sync.Mutex
@@ -86,9 +90,13 @@ func (c *Component) Start(ctx context.Context) error {
 	if dp == nil {
 		return errors.New("kubernetes component: the datapath is not loaded")
 	}
-	rec, err := lbmap.NewReconciler(c.a.LBMaps(dp), c.log)
-	if err != nil {
-		return fmt.Errorf("service reconciler: %w", err)
+	// The agent's reconciler: it also holds the hostPorts, which Service syncs must keep.
+	rec := c.a.ServiceReconciler()
+	if rec == nil {
+		var err error
+		if rec, err = lbmap.NewReconciler(c.a.LBMaps(dp), c.log); err != nil {
+			return fmt.Errorf("service reconciler: %w", err)
+		}
 	}
 	// The node is not ready for pods until every Service of the initial list is in the maps:
 	// a pod's first packets (DNS, usually) go to ClusterIPs.
@@ -96,8 +104,13 @@ func (c *Component) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	tr := c.translator(ctx, node)
+	// healthCheckNodePort servers, on the addresses NodePorts are served on; the proxy is
+	// healthy once the first full sync is in the maps.
+	c.health = healthcheck.New(tr.Node.Addrs, func() bool { return c.ctl != nil && c.ctl.HasSynced() }, c.log.Named("healthcheck"))
 	c.ctl, err = controller.New(c.client, rec, controller.Options{ResyncInterval: c.opts.ServiceResync,
-		Translator: c.translator(ctx, node),
+		Translator: tr,
+		OnService:  c.serviceHealth,
 		Recorder:   c.recorder, Registerer: c.a.Registry(), Logger: c.log,
 		Progress: func(p controller.FirstSync) {
 			if p.Done {
@@ -140,6 +153,9 @@ func (c *Component) Start(ctx context.Context) error {
 		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.gcLoop(ctx) }()
 	}
+	if rp, ok := c.a.Pool().(*ipam.RoutePool); ok && c.a.RouteCloud() != nil {
+		c.startRouteJanitor(ctx, rp)
+	}
 	return nil
 }
 
@@ -149,7 +165,7 @@ func (c *Component) Start(ctx context.Context) error {
 // algorithm defaults (validated with the config).
 func (c *Component) translator(ctx context.Context, node string) service.Translator {
 	cfg := c.a.Config()
-	tr := service.Translator{Node: service.Node{Name: node}, MaglevTableSize: cfg.MaglevTableSize}
+	tr := service.Translator{Node: service.Node{Name: node, Addrs: c.a.NodeAddrs()}, MaglevTableSize: cfg.MaglevTableSize}
 	if cfg.LBAlgorithm != "" {
 		tr.DefaultAlgorithm, _ = service.ParseAlgorithm(cfg.LBAlgorithm)
 	}
@@ -163,12 +179,28 @@ func (c *Component) translator(ctx context.Context, node string) service.Transla
 	return tr
 }
 
+// serviceHealth keeps a Service's healthCheckNodePort server (if it needs one) in step
+// with its local ready endpoints. A port that cannot be opened becomes a Warning Event, as
+// kube-proxy's FailedToStartServiceHealthcheck.
+func (c *Component) serviceHealth(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice) {
+	port := healthcheck.Port(svc)
+	if err := c.health.Update(nn, port, healthcheck.LocalReadyEndpoints(c.a.Config().NodeName, eps)); err != nil {
+		c.log.Error("health check node port not served", zap.String("service", nn.String()), zap.Error(err))
+		if svc != nil {
+			c.recorder.Eventf(svc, corev1.EventTypeWarning, "FailedToStartServiceHealthcheck", "%v", err)
+		}
+	}
+}
+
 // Stop ends everything the component started. The maps stay as they are.
 func (c *Component) Stop() {
 	if c.cancel != nil {
 		c.cancel()
 	}
 	c.wg.Wait()
+	if c.health != nil {
+		c.health.Close()
+	}
 	if c.broadcaster != nil {
 		c.broadcaster.Shutdown()
 	}

@@ -2,14 +2,17 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
-	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -17,6 +20,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/agent/readiness"
@@ -35,15 +39,17 @@ import (
 //     the rules of the identities of pods scheduled to this node (spec.nodeName, known
 //     before the pod's sandbox exists, so its rules are in place before its first packet).
 //
-// A change is compiled whole: 1,000 policies over 2,000 pods take ~0.4 s of CPU
-// (policy/bench_test.go); the writes are diffs.
+// Compilation is incremental (policy.Compiler): each sync hands the compiler only the
+// objects whose resourceVersion changed since the last one, and it recompiles only the
+// policies those changes can affect; the writer then rewrites only the identities whose
+// rules changed (or that became or stopped being local), and writes only entries that differ.
 type policyReconciler struct {
 	node    string
 	enforce bool
 	audit   func(namespace string) bool
 	reg     *endpoint.Registry
 	writer  *policymap.Writer
-	slots   *policymap.Slots // owned by the sync loop
+	names   *policymap.Names // tern_policy_names, owned by the sync loop
 	maps    *loader.PolicyMaps
 	log     *zap.Logger
 	ready   *readiness.Component
@@ -54,24 +60,64 @@ type policyReconciler struct {
 	remote         map[netip.Addr]bool // ipcache entries written for pods of other nodes
 	nodeIPs        []netip.Addr        // this node's addresses, read once (always allowed)
 
-	mu      sync.Mutex
-	desired *policy.Desired   // the last compiled state, read by the registry's PolicyFunc
-	slotOf  map[string]uint32 // the policies' slots for desired (View)
-	synced  bool
+	// failures counts syncs that could not write the maps; each also gives this Node a
+	// Warning Event (recorder) so that an operator sees it where kubectl describe looks.
+	failures *prometheus.CounterVec
+	recorder record.EventRecorder
+
+	compiler *policy.Compiler              // created by the first sync (it needs the node's addresses)
+	seen     map[string]string             // "kind/namespace/name" -> resourceVersion fed to the compiler
+	seenPods map[types.NamespacedName]bool // pods fed to the compiler (the others: host network, finished)
+	// compilerHasNode: the compiler was made with this node's addresses.
+	compilerHasNode bool
+	// fullSynced: the maps hold a full sync's contents, later syncs may rewrite only some
+	// identities (policymap.Writer.SyncSubjects); inMaps are the identities whose rules
+	// the maps hold.
+	fullSynced bool
+	inMaps     map[policy.Identity]bool
+
+	// compiled guards the compiler's state (its Desired) against View: the sync loop holds
+	// it to change that state; View reads it, which the writers' reads do not disturb.
+	compiled sync.RWMutex
+	desired  *policy.Desired // the last compiled state (View), nil before the first sync
+
+	mu     sync.Mutex
+	lookup *identityLookup // the last compiled identities, read by the registry's PolicyFunc
+	synced bool
+}
+
+// identityLookup is a copy of the compiled pod identities: the compiler updates its own
+// maps in place during the next sync, while the registry may read these at any time.
+type identityLookup struct {
+	byPod  map[types.NamespacedName]policy.Identity
+	byAddr map[netip.Addr]policy.Identity
 }
 
 func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool, audit func(string) bool,
-	reg *endpoint.Registry, maps *loader.PolicyMaps, ready *readiness.Component, log *zap.Logger) (*policyReconciler, error) {
+	reg *endpoint.Registry, maps *loader.PolicyMaps, ready *readiness.Component, recorder record.EventRecorder,
+	registerer prometheus.Registerer, log *zap.Logger) (*policyReconciler, error) {
 	w, err := policymap.NewWriter(maps)
 	if err != nil {
 		return nil, fmt.Errorf("networkpolicy: %w", err)
 	}
-	slots, err := policymap.NewSlots(maps)
+	names, err := policymap.NewNames(maps)
 	if err != nil {
 		return nil, fmt.Errorf("networkpolicy: %w", err)
 	}
-	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, slots: slots, maps: maps, log: log.Named("policy"),
-		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}}
+	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, names: names, maps: maps, log: log.Named("policy"),
+		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}, recorder: recorder,
+		seen: map[string]string{}, seenPods: map[types.NamespacedName]bool{},
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tern_networkpolicy_sync_failures_total",
+			Help: "NetworkPolicy syncs that could not write the policy maps, by reason (map_full, other); the previous rules stay enforced."},
+			[]string{"reason"})}
+	for _, reason := range []string{"map_full", "other"} {
+		r.failures.WithLabelValues(reason)
+	}
+	if registerer != nil {
+		if err := registerer.Register(r.failures); err != nil {
+			return nil, fmt.Errorf("networkpolicy: register metrics: %w", err)
+		}
+	}
 	// Entries a previous agent wrote for other nodes' pods: the first sync removes the
 	// ones whose pods left meanwhile.
 	for _, a := range reg.Cache().PodAddrs() {
@@ -92,6 +138,24 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 		}
 	}
 	return r, nil
+}
+
+// reportFailure counts a failed sync and says so on this Node. A policy map that is full
+// (E2BIG from the kernel) keeps the rules it had: policymap.Writer adds new rules and
+// prefixes before it changes isolation or deletes anything, so a write that stops part way
+// enforces the previous policy (plus unused new entries).
+func (r *policyReconciler) reportFailure(err error) {
+	reason, event := "other", "TernNetworkPolicySyncFailed"
+	// A full hash map answers E2BIG; a full LPM trie (tern_policy, tern_policy_cidrs) ENOSPC.
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		reason, event = "map_full", "TernNetworkPolicyMapFull"
+	}
+	r.failures.WithLabelValues(reason).Inc()
+	if r.recorder != nil {
+		ref := &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: r.node, UID: types.UID(r.node)}
+		r.recorder.Eventf(ref, corev1.EventTypeWarning, event,
+			"could not write the NetworkPolicy rules on this node; the previous rules stay enforced until a change fits (will retry on the next change): %v", err)
+	}
 }
 
 func (r *policyReconciler) kick() {
@@ -122,6 +186,7 @@ func (r *policyReconciler) run(ctx context.Context, wg *sync.WaitGroup) {
 		if err := r.sync(ctx); err != nil {
 			// The next change retries; readiness says why until a sync succeeds.
 			r.log.Error("networkpolicy sync failed", zap.Error(err))
+			r.reportFailure(err)
 			r.mu.Lock()
 			synced := r.synced
 			r.mu.Unlock()
@@ -159,31 +224,94 @@ func (r *policyReconciler) nodeAddrs(ctx context.Context) []netip.Addr {
 	return out
 }
 
-func (r *policyReconciler) sync(ctx context.Context) error {
-	st := policy.State{NodeAddrs: r.nodeAddrs(ctx)}
-	localIDs := map[policy.Identity]bool{}
+// feed hands the compiler the objects that changed since the last sync (by
+// resourceVersion) and the deletions, and returns this node's pods.
+func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
+	// The node's addresses are part of the compiled state; until they could be read, each
+	// sync tries again and, once they are known, starts a compiler that has them.
+	if r.compiler == nil || (!r.compilerHasNode && r.nodeIPs == nil) {
+		addrs := r.nodeAddrs(ctx)
+		if r.compiler == nil || len(addrs) > 0 {
+			r.compiler = policy.NewCompiler(addrs)
+			// Each policy gets the slot it had (its counters), also across agent restarts.
+			r.compiler.ReserveSlots(r.names.Previous())
+			r.compilerHasNode = len(addrs) > 0
+			r.fullSynced = false
+			clear(r.seen)
+			clear(r.seenPods)
+		}
+	}
+	c := r.compiler
+	present := map[string]bool{}
+	changed := func(kind string, m metav1.Object) bool {
+		k := kind + "/" + m.GetNamespace() + "/" + m.GetName()
+		present[k] = true
+		if rv, ok := r.seen[k]; ok && rv == m.GetResourceVersion() {
+			return false
+		}
+		r.seen[k] = m.GetResourceVersion()
+		return true
+	}
+	// Namespaces first: a pod's shape includes its namespace's labels.
+	for _, o := range r.nss.GetStore().List() {
+		if ns := o.(*corev1.Namespace); changed("ns", ns) {
+			c.SetNamespace(ns)
+		}
+	}
 	var local []types.NamespacedName
+	pods := map[types.NamespacedName]bool{}
 	for _, o := range r.pods.GetStore().List() {
 		p := o.(*corev1.Pod)
 		if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
 			continue
 		}
-		st.Pods = append(st.Pods, *p)
+		nn := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
+		pods[nn] = true
+		if changed("pod", p) {
+			c.SetPod(p)
+		}
 		if p.Spec.NodeName == r.node {
-			local = append(local, types.NamespacedName{Namespace: p.Namespace, Name: p.Name})
+			local = append(local, nn)
 		}
 	}
-	for _, o := range r.nss.GetStore().List() {
-		st.Namespaces = append(st.Namespaces, *o.(*corev1.Namespace))
+	for nn := range r.seenPods {
+		if !pods[nn] {
+			c.DeletePod(nn)
+			// A pod that comes back (say, a phase change undone) must be fed again.
+			delete(r.seen, "pod/"+nn.Namespace+"/"+nn.Name)
+		}
 	}
+	r.seenPods = pods
 	for _, o := range r.nps.GetStore().List() {
-		st.Policies = append(st.Policies, *o.(*networkingv1.NetworkPolicy))
+		if np := o.(*networkingv1.NetworkPolicy); changed("np", np) {
+			c.SetPolicy(np)
+		}
 	}
-	// Sorted input: identities do not depend on it, but error reports and rule values do.
-	slices.SortFunc(st.Policies, func(a, b networkingv1.NetworkPolicy) int {
-		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
-	})
-	d, err := policy.Compile(st)
+	for k := range r.seen {
+		if present[k] {
+			continue
+		}
+		kind, rest, _ := strings.Cut(k, "/")
+		ns, name, _ := strings.Cut(rest, "/")
+		switch kind {
+		case "ns":
+			c.DeleteNamespace(name)
+		case "np":
+			c.DeletePolicy(types.NamespacedName{Namespace: ns, Name: name})
+		}
+		delete(r.seen, k)
+	}
+	return local
+}
+
+func (r *policyReconciler) sync(ctx context.Context) error {
+	localIDs := map[policy.Identity]bool{}
+	r.compiled.Lock()
+	local := r.feed(ctx)
+	d, err := r.compiler.Desired()
+	touched := r.compiler.TakeTouched()
+	r.desired = d
+	r.compiled.Unlock()
 	if err != nil {
 		// One bad policy must not stall every other change; what Compile returns with the
 		// error allows nothing the bad fields would have allowed.
@@ -198,33 +326,66 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	for _, e := range r.reg.List() {
 		current[policy.Identity(e.Identity)] = true
 	}
-	keep := func(id policy.Identity) bool { return localIDs[id] || current[id] }
-	// New policies get their slots (named, counters zeroed) before any entry refers to them.
-	if err := r.slots.Assign(d.Policies); err != nil {
+	keepSet := maps.Clone(localIDs)
+	for id := range current {
+		keepSet[id] = true
+	}
+	keep := func(id policy.Identity) bool { return keepSet[id] }
+	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) }}
+	// The first sync (and any after a failed one) diffs the whole maps, which also removes
+	// what a previous agent left; later ones rewrite only the identities whose rules
+	// changed or that became or stopped being local.
+	full := !r.fullSynced
+	r.fullSynced = false // until this sync succeeds
+	write := func(subjects map[policy.Identity]bool) error {
+		var err error
+		if full {
+			_, err = r.writer.Sync(policymap.Encode(d, opts))
+		} else {
+			_, err = r.writer.SyncSubjects(d, r.compiler.RulesOf, subjects, opts)
+		}
 		return err
 	}
-	slotOf := make(map[string]uint32, len(d.Policies))
-	for _, n := range d.Policies {
-		slotOf[n] = r.slots.Of(n)
+	subjects := maps.Clone(touched)
+	for id := range keepSet {
+		if !r.inMaps[id] {
+			subjects[id] = true
+		}
 	}
-	opts := policymap.Options{Local: keep, Audit: func(id policy.Identity) bool { return r.audit(d.Namespace[id]) },
-		Slot: func(i uint32) uint32 { return slotOf[d.Policies[i]] }}
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	for id := range r.inMaps {
+		if !keepSet[id] {
+			subjects[id] = true
+		}
+	}
+	// New policies' slots are named, their counters zeroed, before any entry refers to them.
+	if err := r.names.Assign(d.Policies); err != nil {
+		return err
+	}
+	if err := write(subjects); err != nil {
 		return err
 	}
 	r.mu.Lock()
-	r.desired = d
-	r.slotOf = slotOf
+	r.lookup = &identityLookup{byPod: maps.Clone(d.PodIdentity), byAddr: maps.Clone(d.IPCache)}
 	r.mu.Unlock()
 	if err := r.reg.SetPolicy(r.endpointPolicy); err != nil {
 		return fmt.Errorf("set endpoint identities: %w", err)
 	}
 	opts.Local = func(id policy.Identity) bool { return localIDs[id] }
-	if _, err := r.writer.Sync(policymap.Encode(d, opts)); err != nil {
+	gone := map[policy.Identity]bool{}
+	for id := range keepSet {
+		if !localIDs[id] {
+			gone[id] = true
+		}
+	}
+	if err := write(gone); err != nil {
 		return err
 	}
-	// Deleted policies' slots go once no entry names them.
-	if err := r.slots.Release(d.Policies); err != nil {
+	r.inMaps = localIDs
+	r.fullSynced = true
+	// Deleted policies' slots lose their names once no entry names them; slots kept for a
+	// previous agent's policies that no longer exist are freed.
+	r.compiler.DropReservations()
+	if err := r.names.Release(d.Policies); err != nil {
 		return err
 	}
 	return r.syncRemote(d)
@@ -233,9 +394,9 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 // View is what NetworkPolicy does to a pod, from the last compiled state and the counters:
 // `ternctl policy get`.
 func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Error) {
-	r.mu.Lock()
-	d, slotOf := r.desired, r.slotOf
-	r.mu.Unlock()
+	r.compiled.RLock()
+	defer r.compiled.RUnlock()
+	d := r.desired
 	if d == nil {
 		return api.PolicyView{}, &api.Error{Code: api.CodeTryAgainLater, Msg: "networkpolicy has not synced yet", Details: "retry in a moment"}
 	}
@@ -273,7 +434,7 @@ func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Er
 	byIdx := map[uint32]*api.PolicyOfPod{}
 	for _, idx := range d.Selecting[id] {
 		name := d.Policies[idx]
-		p := &api.PolicyOfPod{Name: name, Slot: slotOf[name], Rules: []api.PolicyRule{}}
+		p := &api.PolicyOfPod{Name: name, Slot: policymap.Slot(idx), Rules: []api.PolicyRule{}}
 		for _, dir := range []policy.Direction{policy.Ingress, policy.Egress} {
 			if by, ok := d.IsolatedBy[policy.IsolationKey{Subject: id, Dir: dir}]; ok && by == idx {
 				p.Isolates = append(p.Isolates, dir.String())
@@ -281,9 +442,9 @@ func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Er
 		}
 		byIdx[idx] = p
 	}
-	for k, idx := range d.Rules {
-		p := byIdx[idx]
-		if k.Subject != id || p == nil {
+	for k := range r.compiler.RulesOf(id) {
+		p := byIdx[d.Rules[k]]
+		if p == nil {
 			continue
 		}
 		rv := policymap.RuleView(k)
@@ -309,17 +470,17 @@ func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Er
 // names it), else by address (endpoints found in the map after a restart).
 func (r *policyReconciler) endpointPolicy(pod string, addr netip.Addr) (uint32, bool) {
 	r.mu.Lock()
-	d := r.desired
+	l := r.lookup
 	r.mu.Unlock()
-	if d == nil {
+	if l == nil {
 		return 0, false
 	}
 	if ns, name, ok := strings.Cut(pod, "/"); ok {
-		if id, ok := d.PodIdentity[types.NamespacedName{Namespace: ns, Name: name}]; ok {
+		if id, ok := l.byPod[types.NamespacedName{Namespace: ns, Name: name}]; ok {
 			return uint32(id), r.enforce
 		}
 	}
-	return uint32(d.IPCache[addr]), r.enforce
+	return uint32(l.byAddr[addr]), r.enforce
 }
 
 // syncRemote writes the identities of pod addresses that are not local endpoints (the
@@ -371,7 +532,8 @@ func (c *Component) startPolicy(ctx context.Context) error {
 		auditNS[ns] = true
 	}
 	audit := func(ns string) bool { return cfg.NetworkPolicy.Audit || auditNS[ns] }
-	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.a.Datapath().PolicyMaps(), ready, c.log)
+	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.a.Datapath().PolicyMaps(), ready,
+		c.recorder, c.a.Registry(), c.log)
 	if err != nil {
 		return err
 	}

@@ -24,7 +24,8 @@ struct affinity_value {
  * full map forgets its least recently used clients, which then get a fresh choice (the same
  * as an expired entry). Entries of removed frontends are not deleted: they expire, and a
  * reused frontend id only honours one whose backend is a member of it. Writer and reader:
- * from-pod program (and the socket-LB object through lb_pick_backend). */
+ * from-pod program (lb_pick_backend) and the socket hooks (sock.h sock_select_backend, under the
+ * frontend id with SOCK_AFFINITY_ID set, keyed by network namespace). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct affinity_key);

@@ -16,7 +16,17 @@ struct svc_key {
 	__be32 addr;
 	__be16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope; /* enum svc_scope (was padding: 0 in entries older agents wrote) */
+};
+
+/* Which clients an entry serves. An external frontend with externalTrafficPolicy Local
+ * (SVC_F_EXT_LOCAL) has a twin under SVC_SCOPE_INTERNAL with every endpoint of the Service:
+ * pods and host processes reaching a NodePort or LoadBalancer IP are sent to any endpoint,
+ * as kube-proxy short-circuits in-cluster clients, while external clients get this node's
+ * endpoints only. */
+enum svc_scope {
+	SVC_SCOPE_ALL = 0,
+	SVC_SCOPE_INTERNAL = 1,
 };
 
 struct svc_value {
@@ -29,6 +39,9 @@ enum svc_flag {
 	SVC_F_AFFINITY = 1 << 0,   /* sessionAffinity ClientIP; timeout in tern_lb_svc_opts */
 	SVC_F_MAGLEV = 1 << 1,     /* pick by tern_lb_maglev; table size in tern_lb_svc_opts */
 	SVC_F_DROP_EMPTY = 1 << 2, /* no backends: drop (no local endpoint), not reject */
+	SVC_F_EXTERNAL = 1 << 3,   /* NodePort, LoadBalancer IP or externalIP: served on the netdevs too */
+	SVC_F_SRC_RANGES = 1 << 4, /* loadBalancerSourceRanges: clients outside tern_lb_src_ranges drop */
+	SVC_F_EXT_LOCAL = 1 << 5,  /* externalTrafficPolicy Local: in-cluster clients use the SVC_SCOPE_INTERNAL twin */
 };
 
 /* tern_services: key svc_key, value svc_value. Size from the loader (default 131072
@@ -113,11 +126,65 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tern_lb_svc_opts SEC(".maps");
 
+struct src_range_key {
+	__u32 prefixlen; /* 32 (the frontend id) + the CIDR's length */
+	__u32 svc_id;    /* svc_value.id */
+	__be32 addr;     /* the allowed CIDR's address */
+};
+
+/* tern_lb_src_ranges: key src_range_key (frontend id, allowed client CIDR), value __u8
+ * (unused, 1). The loadBalancerSourceRanges of each LoadBalancer IP frontend that has them
+ * (svc_value.flags SVC_F_SRC_RANGES): a new flow from a client outside them is dropped. LPM
+ * trie, 65536 prefixes; never evicted: written before the frontend's flag is set, deleted
+ * after it is cleared. Writer: agent service reconciler. Readers: from-netdev (external
+ * clients) and from-pod (in-cluster clients), on a flow's first packet. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tern_lb_src_ranges SEC(".maps");
+
+/* Whether client is inside the source ranges of the frontend with id. A global function:
+ * the verifier checks it once on its own instead of once per path through the caller
+ * (inlined, it grew tern_from_pod's verification by a third). */
+__attribute__((noinline)) int lb_source_in_ranges(__u32 id, __be32 client)
+{
+	struct src_range_key k = { .prefixlen = 64, .svc_id = id, .addr = client };
+
+	return bpf_map_lookup_elem(&tern_lb_src_ranges, &k) != NULL;
+}
+
+/* Whether client may open a flow to svc: always, unless the frontend has source ranges
+ * and none holds it. */
+static __always_inline bool lb_source_allowed(const struct svc_value *svc, __be32 client)
+{
+	if (!(svc->flags & SVC_F_SRC_RANGES))
+		return true;
+	return lb_source_in_ranges(svc->id, client);
+}
+
 static __always_inline struct svc_value *lb_lookup_service(__be32 addr, __be16 port, __u8 proto)
 {
 	struct svc_key k = { .addr = addr, .port = port, .proto = proto };
 
 	return bpf_map_lookup_elem(&tern_services, &k);
+}
+
+/* The frontend an in-cluster client (a pod, a host process) reaches: the entry itself, or
+ * for an externalTrafficPolicy Local frontend its cluster-wide twin when there is one. */
+static __always_inline struct svc_value *lb_lookup_internal(__be32 addr, __be16 port, __u8 proto)
+{
+	struct svc_value *svc = lb_lookup_service(addr, port, proto);
+
+	if (!svc || !(svc->flags & SVC_F_EXT_LOCAL))
+		return svc;
+	struct svc_key k = { .addr = addr, .port = port, .proto = proto, .scope = SVC_SCOPE_INTERNAL };
+	struct svc_value *twin = bpf_map_lookup_elem(&tern_services, &k);
+
+	return twin ?: svc;
 }
 
 static __always_inline struct backend_value *lb_backend(__u32 svc_id, __u32 slot)

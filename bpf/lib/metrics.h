@@ -51,7 +51,12 @@ enum tern_reason : __u8 {
 	REASON_MASQ_RESTORE = 34,   /* a masqueraded flow's reply or ICMP error: back to the pod */
 	REASON_DROP_SNAT_NO_PORT = 35, /* masquerade found no free port in CFG_SNAT_TRIES tries */
 	REASON_DROP_SNAT_FULL = 36, /* tern_snat is full: no new masqueraded flow */
-	REASON_POLICY_ALLOWED = 37, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
+	REASON_NODEPORT_FORWARD = 37, /* from-netdev: external client to a local backend, DNAT only */
+	REASON_NODEPORT_SNAT = 38,  /* from-netdev: external client to a remote backend, DNAT + SNAT to the node */
+	REASON_NODEPORT_REVNAT = 39, /* an external client's reply restored (from-netdev: SNAT flow; to-netdev: local backend) */
+	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
+	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
+	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
 	__REASON_MAX = 64,
 };
 

@@ -1,8 +1,10 @@
 /* Socket-level load balancing: the stages of the cgroup hooks in sock.c.
  *
- *   sock_pick       connect()/sendmsg() to a frontend: pick a backend (lb.h), remember the
+ *   sock_pick       connect()/sendmsg() to a frontend: pick a backend (sock_select_backend:
+ *                   sessionAffinity per network namespace, else random), remember the
  *                   frontend for this socket and backend (sock4_/sock6_xlate_fwd hand the
- *                   kernel the backend)
+ *                   kernel the backend); no backend: refuse, or time out when the frontend
+ *                   drops (internalTrafficPolicy Local)
  *   sock_frontend   recvmsg()/getpeername() seeing a backend this socket was given: the
  *                   frontend to show instead (sock4_/sock6_xlate_rev)
  *   sock_stale_udp  (socket iterator) a connected UDP socket whose backend left its frontend
@@ -20,6 +22,9 @@
 
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
+#endif
+#ifndef ETIMEDOUT
+#define ETIMEDOUT 110
 #endif
 
 /* Set by the loader from what the kernel offers (loader/sock.go). */
@@ -81,10 +86,76 @@ static __always_inline int sock_reject(void)
 	return SYS_REJECT;
 }
 
+/* A frontend that drops when it has no backend (SVC_F_DROP_EMPTY: internalTrafficPolicy
+ * Local without a local endpoint), where kube-proxy drops the SYN and the client's connect()
+ * ends, after its retransmissions, with ETIMEDOUT. A socket hook cannot drop a packet it
+ * never sees: it fails the call at once with the error the client would get in the end,
+ * and sends nothing (docs/conformance.md). */
+static __always_inline int sock_drop(void)
+{
+	count_event(REASON_DROP_NO_LOCAL_BACKEND, DIR_SOCK);
+	if (CFG_SOCK_HAVE_SET_RETVAL)
+		bpf_set_retval(-ETIMEDOUT);
+	return SYS_REJECT;
+}
+
+/* sessionAffinity at the socket: the client is the socket's network namespace, as in
+ * Cilium's socket LB. At connect() an unbound socket has no source address yet, and every
+ * socket of a namespace leaves by the same address anyway (a pod's; the node's for the
+ * host-network processes, which kube-proxy's per-source "recent" match treats as one client
+ * too). The entries share tern_lb_affinity with the tc path under the frontend id with
+ * SOCK_AFFINITY_ID set, so a namespace key never meets an address key. */
+#define SOCK_AFFINITY_ID (1u << 31)
+
+static __always_inline __be32 sock_affinity_client(void *ctx)
+{
+	__u64 c = bpf_get_netns_cookie(ctx);
+
+	return (__be32)(c ^ (c >> 32));
+}
+
+/* The backend for a new socket of svc (backend_count > 0): its namespace's live affinity
+ * entry's, if that backend is still a member (lb_pick_backend's rule), else a random one;
+ * the affinity entry is then written or refreshed, as kube-proxy refreshes "recent" on every
+ * new connection. Maglev is not applied here: at connect() the source port that Maglev
+ * hashes is not chosen yet. */
+static __always_inline struct backend_value *sock_select_backend(void *ctx, const struct svc_value *svc)
+{
+	struct svc_opts *o = NULL;
+	__u32 slot = 0;
+	__u32 id = svc->id | SOCK_AFFINITY_ID;
+	__be32 client = 0;
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (svc->flags & SVC_F_AFFINITY) {
+		o = bpf_map_lookup_elem(&tern_lb_svc_opts, &svc->id);
+		client = sock_affinity_client(ctx);
+	}
+	if (o) {
+		struct affinity_value *a = affinity_lookup(id, client, o->affinity_timeout_s, now);
+
+		if (a) {
+			__u32 s = lb_member_slot(svc->id, a->addr, a->port);
+			struct backend_value *be = s ? lb_backend(svc->id, s) : NULL;
+
+			if (be && be->addr == a->addr && be->port == a->port)
+				slot = s;
+		}
+	}
+	if (!slot || slot > svc->backend_count)
+		slot = (bpf_get_prandom_u32() % svc->backend_count) + 1;
+
+	struct backend_value *be = lb_backend(svc->id, slot);
+
+	if (o && be)
+		affinity_record(id, client, be->addr, be->port, now);
+	return be;
+}
+
 /* connect()/sendmsg() to (vip, vport): a frontend gets a backend, returned in *addr, *port
  * (SOCK_XLATE). Anything else, or a frontend whose backend cannot be remembered, goes on
  * untouched (SOCK_PASS: to the tc path, which translates it per packet for pods). */
-enum { SOCK_PASS, SOCK_XLATE, SOCK_REFUSE };
+enum { SOCK_PASS, SOCK_XLATE, SOCK_REFUSE, SOCK_DROP };
 
 static __always_inline int sock_pick(void *ctx, __u32 proto, __be32 vip, __be16 vport, __u8 reason,
 				     __be32 *addr, __be16 *port)
@@ -92,14 +163,14 @@ static __always_inline int sock_pick(void *ctx, __u32 proto, __be32 vip, __be16 
 	if (!sock_proto_on(proto))
 		return SOCK_PASS;
 
-	struct svc_value *svc = lb_lookup_service(vip, vport, proto);
+	struct svc_value *svc = lb_lookup_internal(vip, vport, proto);
 
 	if (!svc)
 		return SOCK_PASS;
 	if (svc->backend_count == 0)
-		return SOCK_REFUSE;
+		return (svc->flags & SVC_F_DROP_EMPTY) ? SOCK_DROP : SOCK_REFUSE;
 
-	struct backend_value *be = lb_select_backend(svc, bpf_get_prandom_u32());
+	struct backend_value *be = sock_select_backend(ctx, svc);
 
 	if (!be) {
 		count_event(REASON_DROP_NO_BACKEND_SLOT, DIR_SOCK);
@@ -146,6 +217,8 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reaso
 	switch (sock_pick(ctx, ctx->protocol, ctx->user_ip4, sock_dport(ctx), reason, &addr, &port)) {
 	case SOCK_REFUSE:
 		return sock_reject();
+	case SOCK_DROP:
+		return sock_drop();
 	case SOCK_XLATE:
 		ctx->user_ip4 = addr;
 		ctx->user_port = (__u32)port;
@@ -185,6 +258,8 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u8 reaso
 	switch (sock_pick(ctx, ctx->protocol, vip, sock_dport(ctx), reason, &addr, &port)) {
 	case SOCK_REFUSE:
 		return sock_reject();
+	case SOCK_DROP:
+		return sock_drop();
 	case SOCK_XLATE:
 		ctx->user_ip6[3] = addr;
 		ctx->user_port = (__u32)port;

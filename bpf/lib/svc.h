@@ -178,22 +178,28 @@ static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct 
 }
 
 
-/* Open a new service flow from p (its SVC key in f) to svc: choose a backend, claim its wire
- * tuple and write both entries (REVNAT first, so a reply can never arrive before its entry).
- * When the wire tuple is another live flow's, the source port changes, taken from the
- * collision range. Returns a reason to drop, or 0 with the flow's SVC entry in *out. */
-static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
-				    const struct svc_value *svc, __u64 now, struct ct_value *out)
+/* The backend slot a new flow of p takes at svc: the one a lost SVC entry had (a TCP flow
+ * whose REVNAT half survived), else lb_pick_backend's choice. */
+static __always_inline __u32 svc_pick_slot(const struct pkt *p, const struct svc_value *svc, __u64 now)
 {
 	__u32 slot = svc_recover_slot(p, svc, now);
 
 	if (!slot)
 		slot = lb_pick_backend(svc, lb_tuple_hash(p->saddr, p->daddr, p->sport, p->dport, p->proto),
 				       p->saddr, now);
-	struct backend_value *be = lb_backend(svc->id, slot);
+	return slot;
+}
 
-	if (!be)
-		return REASON_DROP_NO_BACKEND_SLOT;
+/* Open a new service flow from p (its SVC key in f) to svc: claim its wire
+ * tuple and write both entries (REVNAT first, so a reply can never arrive before its entry).
+ * When the wire tuple is another live flow's, the source port changes, taken from the
+ * collision range. Returns a reason to drop, or 0 with the flow's SVC entry in *out.
+ * svc_open_to takes the backend already chosen (the netdev path picks first: whether the
+ * backend is local decides how the flow is translated, nodeport.h); svc_open chooses it. */
+static __always_inline int svc_open_to(const struct pkt *p, const struct flow *f,
+				       const struct svc_value *svc, const struct backend_value *be,
+				       __u64 now, struct ct_value *out)
+{
 
 	__u16 flags = be->addr == p->saddr ? CT_F_HAIRPIN : 0;
 	__be32 wire_client = svc_wire_client(p->saddr, flags);
@@ -240,6 +246,16 @@ claim:;
 	if (bpf_map_update_elem(&tern_conntrack, &f->key, out, BPF_ANY))
 		return REASON_DROP_CT_FULL;
 	return 0;
+}
+
+static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
+				    const struct svc_value *svc, __u64 now, struct ct_value *out)
+{
+	struct backend_value *be = lb_backend(svc->id, svc_pick_slot(p, svc, now));
+
+	if (!be)
+		return REASON_DROP_NO_BACKEND_SLOT;
+	return svc_open_to(p, f, svc, be, now, out);
 }
 
 /* The flow of a client's packet whose SVC entry f found: refresh it (and its REVNAT half

@@ -33,6 +33,9 @@ func main() {
 }
 
 func run(ctx context.Context, args []string) error {
+	if len(args) > 0 && args[0] == "install-cni" {
+		return installCNI(args[1:])
+	}
 	fs := flag.NewFlagSet("tern-agent", flag.ContinueOnError)
 	configPath := fs.String("config", "", "agent config file (JSON)")
 	nodeName := fs.String("node-name", "", "override nodeName")
@@ -40,6 +43,7 @@ func run(ctx context.Context, args []string) error {
 	socket := fs.String("socket", "", "override socketPath")
 	kubeconfig := fs.String("kubeconfig", "", "override kubeconfig (none: IPAM-only)")
 	metricsAddr := fs.String("metrics-addr", "", "override metricsAddr, e.g. $(HOST_IP):9464 to serve /metrics, /healthz and /readyz on the node's internal address only")
+	daemonMode := fs.String("daemon-mode", "", "override daemonMode: ENIMultiIP or VPC (Terway's --daemon-mode flag, same spelling)")
 	debug := fs.Bool("debug", false, "log at debug level")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -53,7 +57,7 @@ func run(ctx context.Context, args []string) error {
 		cfg = c
 	}
 	for dst, v := range map[*string]string{&cfg.NodeName: *nodeName, &cfg.InstanceID: *instanceID,
-		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig, &cfg.MetricsAddr: *metricsAddr} {
+		&cfg.SocketPath: *socket, &cfg.Kubeconfig: *kubeconfig, &cfg.MetricsAddr: *metricsAddr, &cfg.DaemonMode: *daemonMode} {
 		if v != "" {
 			*dst = v
 		}
@@ -82,6 +86,9 @@ func run(ctx context.Context, args []string) error {
 			return fmt.Errorf("read kubeconfig %s: %w", cfg.Kubeconfig, err)
 		}
 		rc.UserAgent = "tern-agent/" + cfg.NodeName
+		if err := kube.InstrumentAPIClient(rc, a.Registry(), log); err != nil {
+			return fmt.Errorf("kubernetes client metrics: %w", err)
+		}
 		client, err := kubernetes.NewForConfig(rc)
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)

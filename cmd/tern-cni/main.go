@@ -43,6 +43,12 @@ type NetConf struct {
 	Timeout        string `json:"timeout,omitempty"`
 	ENILinkTimeout string `json:"eniLinkTimeout,omitempty"`
 
+	// RuntimeConfig carries the capabilities the conflist declares and the runtime fills:
+	// portMappings (the pod's hostPorts).
+	RuntimeConfig struct {
+		PortMappings []api.PortMapping `json:"portMappings,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+
 	// ValidAttachments is set by GC. A pointer, so that a missing key is told from an empty
 	// list: only the latter means "no attachment is valid".
 	ValidAttachments *[]types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
@@ -66,6 +72,10 @@ func parseConf(b []byte) (*NetConf, error) {
 	}
 	if c.Socket == "" {
 		c.Socket = api.DefaultSocketPath
+	}
+	// A previous plugin's result makes this a chained call (chain.go).
+	if err := version.ParsePrevResult(&c.NetConf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "parse prevResult of tern-cni's network config", err.Error())
 	}
 	var err error
 	if c.timeout, err = durationOr(c.Timeout, 30*time.Second); err != nil {
@@ -136,6 +146,9 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := checkNetNS(args.Netns); err != nil {
 		return err
 	}
+	if conf.PrevResult != nil {
+		return cmdAddChained(args, conf, ref)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
 	client := api.NewClient(conf.Socket, conf.timeout)
@@ -185,7 +198,8 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := datapath.SetupPodRules(podIP, link.Table); err != nil {
 		return types.NewError(api.CodeDatapath, fmt.Sprintf("policy routing for %s via ENI %s", podIP, link.Name), err.Error())
 	}
-	if _, err := client.Attach(ctx, api.AttachRequest{PodRef: ref, IfIndex: pl.HostIndex, IP: podIP.String(), MAC: pl.PodMAC.String()}); err != nil {
+	if _, err := client.Attach(ctx, api.AttachRequest{PodRef: ref, IfIndex: pl.HostIndex, IP: podIP.String(), MAC: pl.PodMAC.String(),
+		PortMappings: conf.RuntimeConfig.PortMappings}); err != nil {
 		return cniError(err, api.CodeDatapath)
 	}
 
@@ -221,7 +235,7 @@ func parseAllocation(al api.Allocation) (netip.Addr, datapath.ENI, error) {
 		return ip, datapath.ENI{}, fmt.Errorf("agent returned a bad gateway %q for ENI %s: %w", al.ENI.Gateway, al.ENI.ID, err)
 	}
 	primary, _ := netip.ParseAddr(al.ENI.PrimaryIP)
-	return ip, datapath.ENI{MAC: mac, PrimaryIP: primary, Gateway: gw}, nil
+	return ip, datapath.ENI{MAC: mac, PrimaryIP: primary, Gateway: gw, NodePrimary: al.ENI.NodePrimary}, nil
 }
 
 // cmdDel tears the sandbox's networking down. It needs neither the pod's namespace (the host
@@ -240,9 +254,16 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		ref = api.PodRef{ContainerID: args.ContainerID, IfName: args.IfName}
 	}
+	if chained(conf, args) {
+		return cmdDelChained(ctx, client, ref)
+	}
 	// The address's rules are removed only while this sandbox still owns it: once released
 	// (by GC, say) it may already belong to another pod whose rules must stay.
 	lk, lerr := client.Lookup(ctx, ref)
+	if lerr != nil && api.AsError(lerr, 0).Code == api.CodeIPAMOff {
+		// Chained, but the runtime had no cached result to pass as prevResult.
+		return cmdDelChained(ctx, client, ref)
+	}
 	if lerr == nil && !lk.Found && ref.Name != "" {
 		// The container ID may hold another pod's address (an ADD under a second pod name was
 		// refused): its veth and rules are that pod's, so this DEL has nothing to remove.
@@ -257,7 +278,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	hostIf := api.HostVethName(args.ContainerID, args.IfName)
 	// The veth goes even when the agent is unreachable; the rules then wait for GC.
 	_, terr := datapath.TeardownPod(datapath.PodTeardown{HostIfName: hostIf, IP: ip,
-		Detach: func(ifindex int) error { return client.Detach(ctx, api.AttachRequest{IfIndex: ifindex}) }})
+		Detach: func(ifindex int) error {
+			return client.Detach(ctx, api.AttachRequest{PodRef: api.PodRef{ContainerID: args.ContainerID, IfName: args.IfName}, IfIndex: ifindex})
+		}})
 	if terr != nil {
 		return types.NewError(api.CodeDatapath, "tear down host veth "+hostIf, terr.Error())
 	}
@@ -265,7 +288,8 @@ func cmdDel(args *skel.CmdArgs) error {
 		return cniError(lerr, api.CodeInternal)
 	}
 	if !lk.Found {
-		return nil
+		// Not an address of tern's: a chained sandbox whose DEL came without a result.
+		return cmdDelChained(ctx, client, ref)
 	}
 	if _, err := client.Release(ctx, ref); err != nil {
 		return cniError(err, api.CodeInternal)
@@ -286,6 +310,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.timeout)
 	defer cancel()
+	if chained(conf, args) {
+		return cmdCheckChained(args, conf)
+	}
 	lk, err := api.NewClient(conf.Socket, conf.timeout).Lookup(ctx, ref)
 	if err != nil {
 		return cniError(err, api.CodeInternal)

@@ -25,6 +25,7 @@ import (
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/ternctl"
+	"github.com/tern-net/tern/test/lab"
 )
 
 const (
@@ -335,8 +336,10 @@ func (d *demo) dumps(ctx context.Context) error {
 			return err
 		}
 	}
-	say("\n(%s is the apiserver's own \"kubernetes\" Service: the lab's apiserver listens on the root", "10.96.0.1:443")
-	say("namespace's loopback only, so it has no endpoints and tern rejects connections to it.)")
+	say("\n(%s is the apiserver's own \"kubernetes\" Service. Its endpoint is %s, an address of the", "10.96.0.1:443", lab.APIServerAddr)
+	say("VPC router bridged to the apiserver on the root namespace's loopback, where a managed control")
+	say("plane's internal load balancer would be: pods and host-network processes reach the apiserver")
+	say("through the ClusterIP, as in-cluster clients do first.)")
 	for _, n := range d.st.Nodes {
 		say("\n$ tern-lab ternctl %s ipam show     # the agent's ENIs and pod addresses", n.Name)
 		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, "ipam", "show") }); err != nil {

@@ -8,11 +8,14 @@ package sockclient
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -59,7 +62,12 @@ func clientMain() int {
 		err := nsutil.Do(netns.NsHandle(3), func() error {
 			switch f[0] {
 			case "tcp": // tcp ADDR: connect, read the greeting, report getpeername
-				a = clientTCP(f[1])
+				a = clientTCP(f[1], 3*time.Second)
+			case "tcpt": // tcpt ADDR MS: as tcp, giving up after MS milliseconds
+				ms, _ := strconv.Atoi(f[2])
+				a = clientTCP(f[1], time.Duration(ms)*time.Millisecond)
+			case "httpsget": // httpsget ADDR CAFILE PATH: GET https://ADDR/PATH, verifying with CAFILE
+				a = clientHTTPSGet(f[1], f[2], f[3])
 			case "sendto": // sendto ADDR: one datagram from an unconnected socket
 				a = clientSendto(f[1])
 			case "udpconn": // udpconn ADDR: connect a UDP socket, keep it, ask once
@@ -125,14 +133,14 @@ func peerOf(c syscall.Conn) string {
 	return peer
 }
 
-func clientTCP(addr string) Answer {
-	d := net.Dialer{Timeout: 3 * time.Second}
+func clientTCP(addr string, timeout time.Duration) Answer {
+	d := net.Dialer{Timeout: timeout}
 	c, err := d.Dial("tcp4", addr)
 	if err != nil {
 		return errAnswer(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(3 * time.Second))
+	c.SetDeadline(time.Now().Add(timeout))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
 		return errAnswer(fmt.Errorf("read greeting: %w", err))
@@ -141,6 +149,45 @@ func clientTCP(addr string) Answer {
 	a.Peer = peerOf(c.(*net.TCPConn))
 	a.Local = c.LocalAddr().String()
 	return a
+}
+
+// clientHTTPSGet fetches https://addr/path on a new connection, checking the server's
+// certificate against the CA in caFile for addr's IP. Who is the HTTP status code, Seen the
+// body's first 200 bytes on one line, Peer the socket's peer.
+func clientHTTPSGet(addr, caFile, path string) Answer {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return errAnswer(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return Answer{Err: "no certificate in " + caFile}
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	d := &net.Dialer{Timeout: 3 * time.Second}
+	raw, err := d.Dial("tcp4", addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(5 * time.Second))
+	c := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS12})
+	if err := c.Handshake(); err != nil {
+		return errAnswer(fmt.Errorf("TLS handshake with %s: %w", addr, err))
+	}
+	if _, err := fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", path, addr); err != nil {
+		return errAnswer(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return errAnswer(fmt.Errorf("read response of %s: %w", addr, err))
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+	return Answer{Who: strconv.Itoa(resp.StatusCode), Seen: strings.Join(strings.Fields(string(body)), " "), Peer: peerOf(raw.(*net.TCPConn))}
 }
 
 func greeting(s string) Answer {
@@ -314,7 +361,9 @@ func askHeld(c *net.UDPConn) Answer {
 }
 
 // Client is a running client process. Commands: "tcp ADDR" (connect, read a greeting line
-// "<who> <address the server saw>", report getpeername), "sendto ADDR" (one datagram from an
+// "<who> <address the server saw>", report getpeername), "tcpt ADDR MS" (the same, giving up
+// after MS milliseconds), "httpsget ADDR CAFILE PATH" (an HTTPS GET checked against a CA),
+// "sendto ADDR" (one datagram from an
 // unconnected socket), "tcp6m ADDR" and "sendto6m ADDR" (the same from a dual-stack IPv6
 // socket to ::ffff:ADDR), "udpconn ADDR" (connect a UDP socket, keep it, ask once), "udpheld"
 // (ask again on it), "connloop ADDR N" (N connect()+close(), timed).
@@ -324,8 +373,8 @@ type Client struct {
 	out *bufio.Scanner
 }
 
-// Start starts a client process in cgroup (a cgroup v2 directory) and network
-// namespace ns. It is stopped when the test ends.
+// Start starts a client process in cgroup (a cgroup v2 directory; empty: the caller's own)
+// and network namespace ns. It is stopped when the test ends.
 func Start(t testing.TB, ns netns.NsHandle, cgroup string) *Client {
 	t.Helper()
 	nsfd, err := unix.Dup(int(ns))
@@ -334,15 +383,17 @@ func Start(t testing.TB, ns netns.NsHandle, cgroup string) *Client {
 	}
 	nsFile := os.NewFile(uintptr(nsfd), "netns")
 	defer nsFile.Close()
-	cg, err := os.Open(cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), Env+"=1")
 	cmd.ExtraFiles = []*os.File{nsFile}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	if cgroup != "" {
+		cg, err := os.Open(cgroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	}
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

@@ -42,6 +42,9 @@ type RateLimit struct {
 type Options struct {
 	RegionID   string
 	Credential credential.Credential
+	// Credentials, when set, replaces Credential: it is asked before every call, so a
+	// rotated token file is used without a restart (credential.FileSource).
+	Credentials credential.Source
 	// Endpoint overrides both services' endpoints with host[:port] (for example the emulator's
 	// 127.0.0.1:port). Empty uses the SDK's regional endpoints.
 	Endpoint string
@@ -76,6 +79,10 @@ func DefaultRateLimits() map[string]RateLimit {
 		actAssignIPs:             {PerSecond: 10, Burst: 20},
 		actUnassignIPs:           {PerSecond: 10, Burst: 20},
 		actDescribeVSwitches:     {PerSecond: 5, Burst: 10},
+		actCreateRoute:           {PerSecond: 2, Burst: 4},
+		actDeleteRoute:           {PerSecond: 2, Burst: 4},
+		actDescribeRouteEntries:  {PerSecond: 10, Burst: 20},
+		actDescribeRouteTables:   {PerSecond: 2, Burst: 4},
 	}
 }
 
@@ -91,6 +98,10 @@ const (
 	actAssignIPs             = "AssignPrivateIpAddresses"
 	actUnassignIPs           = "UnassignPrivateIpAddresses"
 	actDescribeVSwitches     = "DescribeVSwitches"
+	actCreateRoute           = "CreateRouteEntry"
+	actDeleteRoute           = "DeleteRouteEntry"
+	actDescribeRouteEntries  = "DescribeRouteEntryList"
+	actDescribeRouteTables   = "DescribeRouteTableList"
 )
 
 // Client implements Cloud over the Alibaba Cloud Go SDK.
@@ -112,8 +123,11 @@ func New(o Options) (*Client, error) {
 	if o.RegionID == "" {
 		return nil, fmt.Errorf("aliyun client: RegionID is empty; set region_id in eni_conf")
 	}
-	if o.Credential.AccessKeyID == "" || o.Credential.AccessKeySecret == "" {
-		return nil, fmt.Errorf("aliyun client: %w", credential.ErrNoCredential)
+	if o.Credentials == nil {
+		if o.Credential.AccessKeyID == "" || o.Credential.AccessKeySecret == "" {
+			return nil, fmt.Errorf("aliyun client: %w", credential.ErrNoCredential)
+		}
+		o.Credentials = credential.Static(o.Credential)
 	}
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 10 * time.Second
@@ -149,12 +163,8 @@ func New(o Options) (*Client, error) {
 
 	cfg := sdk.NewConfig().WithScheme(strings.ToUpper(o.Scheme)).WithTimeout(o.CallTimeout)
 	cfg.AutoRetry = false // we retry ourselves, with tokens and backoff
-	var cred auth.Credential
-	if o.Credential.SecurityToken != "" {
-		cred = credentials.NewStsTokenCredential(o.Credential.AccessKeyID, o.Credential.AccessKeySecret, o.Credential.SecurityToken)
-	} else {
-		cred = credentials.NewAccessKeyCredential(o.Credential.AccessKeyID, o.Credential.AccessKeySecret)
-	}
+	// The SDK asks a CredentialsProvider for every request it signs.
+	var cred auth.Credential = sdkCredentials{src: o.Credentials, log: o.Logger}
 	ec, err := ecs.NewClientWithOptions(o.RegionID, cfg, cred)
 	if err != nil {
 		return nil, fmt.Errorf("create ECS client for region %s: %w", o.RegionID, err)
@@ -199,6 +209,33 @@ func New(o Options) (*Client, error) {
 		}, []string{"action"}),
 	}, nil
 }
+
+// sdkCredentials adapts a credential.Source to the SDK's per-request provider.
+type sdkCredentials struct {
+	src credential.Source
+	log *zap.Logger
+}
+
+var _ credentials.CredentialsProvider = sdkCredentials{}
+
+func (p sdkCredentials) GetCredentials() (*credentials.Credentials, error) {
+	c, err := p.src.Get()
+	if c.AccessKeyID == "" {
+		if err == nil {
+			err = credential.ErrNoCredential
+		}
+		return nil, fmt.Errorf("cloud credentials: %w", err)
+	}
+	if err != nil {
+		// The source still has a usable credential; the operator should see why the new one
+		// was not taken. The error names the file, never the key material.
+		p.log.Warn("credential source", zap.Error(err))
+	}
+	return &credentials.Credentials{AccessKeyId: c.AccessKeyID, AccessKeySecret: c.AccessKeySecret,
+		SecurityToken: c.SecurityToken, ProviderName: p.GetProviderName()}, nil
+}
+
+func (sdkCredentials) GetProviderName() string { return "tern" }
 
 // Collectors returns the client's metrics for the caller to register.
 func (c *Client) Collectors() []prometheus.Collector {

@@ -35,8 +35,15 @@ var (
 	ErrThrottled = errors.New("cloud API throttled")
 	// ErrTransient: a retryable failure (InternalError, 5xx, timeouts) that outlived the retries.
 	ErrTransient = errors.New("transient cloud failure")
-	// ErrTimeout: an asynchronous ENI transition did not finish within the wait.
-	ErrTimeout = errors.New("timed out waiting for the ENI state")
+	// ErrTimeout: an asynchronous ENI or route entry transition did not finish within the wait.
+	ErrTimeout = errors.New("timed out waiting for the ENI or route entry state")
+	// ErrConflict: the resource already exists (a route table entry for the same destination:
+	// InvalidCIDRBlock.Duplicate, InvalidRouteEntry.Duplicate, RouterEntryConflict.Duplicated).
+	ErrConflict = errors.New("cloud resource already exists")
+	// ErrBadRoute: the cloud refuses a route entry's destination (InvalidCidrBlock*: it
+	// overlaps a vSwitch of the VPC or 100.64.0.0/10, or is malformed). Only another pod CIDR
+	// fixes it.
+	ErrBadRoute = errors.New("cloud refuses the route destination")
 )
 
 // APIError is a failed OpenAPI call.
@@ -96,7 +103,9 @@ func hintFor(cause error) string {
 	case ErrVSwitchExhausted:
 		return "add a vSwitch with free addresses to eni_conf vswitches"
 	case ErrQuota:
-		return "the instance or account limit is reached"
+		return "the instance, route table or account limit is reached"
+	case ErrBadRoute:
+		return "give the node a pod CIDR outside every vSwitch of the VPC and outside 100.64.0.0/10"
 	}
 	return ""
 }
@@ -126,7 +135,7 @@ func classify(action string, err error) (*APIError, bool) {
 		strings.HasPrefix(code, "QuotaExceeded"):
 		ae.cause = ErrQuota
 	case code == "SignatureDoesNotMatch" || strings.HasPrefix(code, "InvalidAccessKeyId") ||
-		code == "InvalidSecurityToken.Expired" || code == "InvalidSecurityToken.Malformed":
+		strings.HasPrefix(code, "InvalidSecurityToken"):
 		ae.cause = ErrCredentials
 	case strings.HasPrefix(code, "Forbidden") || code == "NoPermission":
 		ae.cause = ErrForbidden
@@ -135,6 +144,15 @@ func classify(action string, err error) (*APIError, bool) {
 		ae.cause = ErrBadVSwitch
 	case strings.HasSuffix(code, ".NotFound"):
 		ae.cause = ErrNotFound
+	case code == "InvalidCIDRBlock.Duplicate" || code == "InvalidRouteEntry.Duplicate" || code == "RouterEntryConflict.Duplicated":
+		ae.cause = ErrConflict
+	case strings.HasPrefix(code, "InvalidCidrBlock"):
+		ae.cause = ErrBadRoute
+	case code == "IncorrectRouteEntryStatus" || code == "TaskConflict" || code == "LastTokenProcessing":
+		// Another entry of the table is Pending (the table takes one change at a time): it
+		// settles within seconds.
+		ae.cause = ErrTransient
+		return ae, true
 	case code == "InvalidOperation.InvalidEniState" || code == "IncorrectInstanceStatus" || code == "IncorrectVSwitchStatus":
 		ae.cause = ErrInvalidState
 	case strings.HasPrefix(code, "Throttling"):

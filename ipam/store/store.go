@@ -56,6 +56,9 @@ const (
 	IntentAssignIPs   = "assign-ips"
 	IntentUnassignIPs = "unassign-ips"
 	IntentDeleteENI   = "delete-eni"
+	// IntentCreateRoute is the VPC route mode's CreateRouteEntry for the node's pod CIDR
+	// (Route, RouteTableID).
+	IntentCreateRoute = "create-route"
 )
 
 // Intent is a cloud operation that was about to start. It is written before the call and
@@ -69,7 +72,10 @@ type Intent struct {
 	VSwitchID string       `json:"vSwitchID,omitempty"`
 	Count     int          `json:"count,omitempty"`
 	IPs       []netip.Addr `json:"ips,omitempty"`
-	Created   time.Time    `json:"created"`
+	// Route and RouteTableID describe a create-route intent.
+	Route        netip.Prefix `json:"route,omitempty"`
+	RouteTableID string       `json:"routeTableID,omitempty"`
+	Created      time.Time    `json:"created"`
 }
 
 // Store is an open state file.

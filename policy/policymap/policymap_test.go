@@ -1,81 +1,185 @@
 package policymap_test
 
 import (
+	"maps"
 	"testing"
 
-	"github.com/cilium/ebpf"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
-	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/policy"
 	"github.com/tern-net/tern/policy/policymap"
+	"github.com/tern-net/tern/policy/policytest"
 )
 
-// DecodeRuleKey inverts RuleKey and IsolatorKey.
-func TestRuleKeyRoundTrip(t *testing.T) {
-	for _, k := range []policy.RuleKey{
-		{Subject: 300, Peer: 0, Dir: policy.Ingress},
-		{Subject: 300, Peer: 1 << 31, Dir: policy.Egress, Proto: 6},
-		{Subject: 300, Peer: 400, Dir: policy.Egress, Proto: 17, Port: 8000, PortBits: 13},
-		{Subject: 300, Peer: 400, Dir: policy.Ingress, Proto: 132, Port: 8080, PortBits: 16},
-	} {
-		got, iso := policymap.DecodeRuleKey(policymap.RuleKey(k))
-		if got != k || iso {
-			t.Errorf("%+v decoded as %+v (isolator %v)", k, got, iso)
+// diff counts the entries that differ between two map contents: added, removed, or with
+// another value.
+func diff[K comparable, V comparable](a, b map[K]V) int {
+	n := 0
+	for k, v := range b {
+		if old, ok := a[k]; !ok || old != v {
+			n++
 		}
 	}
-	got, iso := policymap.DecodeRuleKey(policymap.IsolatorKey(300, policy.Egress))
-	if !iso || got.Subject != 300 || got.Dir != policy.Egress || got.Proto != 0 {
-		t.Errorf("isolator key decoded as %+v (isolator %v)", got, iso)
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			n++
+		}
 	}
-	if r := policymap.RuleView(policy.RuleKey{Dir: policy.Ingress, Proto: 17, Port: 8000, PortBits: 13}); r.Ports != "8000-8007" || r.Protocol != "UDP" {
-		t.Errorf("rule view %+v", r)
+	return n
+}
+
+func entriesDiff(a, b policymap.Entries) int {
+	return diff(a.Rules, b.Rules) + diff(a.Isolation, b.Isolation) + diff(a.CIDRs, b.CIDRs)
+}
+
+// TestIncrementalWritesOnlyTheDifference: on 1,000 policies over 2,000 pods
+// (policytest.BigState) the incremental compiler and the writer handle one change at a
+// time — a pod's labels, a namespace's labels, a policy's port, a policy deleted — and:
+//   - the compiler recompiles only the policies the change can affect;
+//   - the writer, given only the subjects the compiler touched (SyncSubjects), writes
+//     (puts and deletes) exactly the entries that differ, and the maps then hold exactly
+//     the new contents;
+//   - the numbers are compared with what a whole compile (policy.Compile, values numbered by
+//     position) would make the writer write for the same change.
+func TestIncrementalWritesOnlyTheDifference(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	if testing.Short() {
+		t.Skip("1,000 policies")
+	}
+	dp, err := loader.LoadPrivate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	w, err := policymap.NewWriter(dp.PolicyMaps())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := policytest.BigState()
+	c, d, err := policy.CompileIncremental(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prev := policymap.Encode(d, policymap.Options{})
+	s, err := w.Sync(prev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := len(prev.Rules) + len(prev.Isolation) + len(prev.CIDRs)
+	if s.Written != total || s.Deleted != 0 {
+		t.Fatalf("first sync wrote %d and deleted %d, want %d written", s.Written, s.Deleted, total)
+	}
+	wholePrev := policymap.Encode(mustCompile(t, st), policymap.Options{})
+	c.TakeTouched() // the full sync above wrote them
+
+	port := intstr.FromInt32(7070)
+	for _, ch := range []struct {
+		name string
+		// apply changes st and tells the compiler; maxRecompiled bounds the policies the
+		// compiler may recompile.
+		apply         func()
+		maxRecompiled int
+	}{
+		{"one pod's labels (a new identity)", func() {
+			p := &st.Pods[3]
+			p.Labels = map[string]string{"app": p.Labels["app"], "tier": p.Labels["tier"], "canary": "yes"}
+			c.SetPod(p)
+		}, 200},
+		{"one pod's labels (into an existing identity)", func() {
+			p := &st.Pods[4]
+			p.Labels = maps.Clone(st.Pods[3].Labels)
+			c.SetPod(p)
+		}, 0},
+		{"one policy's port", func() {
+			np := &st.Policies[10]
+			np.Spec.Ingress[0].Ports[0].Port = &port
+			c.SetPolicy(np)
+		}, 1},
+		{"one namespace's labels", func() {
+			ns := &st.Namespaces[2]
+			ns.Labels = map[string]string{"team": "t9"}
+			c.SetNamespace(ns)
+		}, 1000},
+		{"one policy deleted", func() {
+			np := st.Policies[500]
+			st.Policies = append(st.Policies[:500:500], st.Policies[501:]...)
+			c.DeletePolicy(types.NamespacedName{Namespace: np.Namespace, Name: np.Name})
+		}, 0},
+	} {
+		ch.apply()
+		d, err := c.Desired()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Recompiled() > ch.maxRecompiled {
+			t.Errorf("%s: recompiled %d policies, want at most %d", ch.name, c.Recompiled(), ch.maxRecompiled)
+		}
+		next := policymap.Encode(d, policymap.Options{})
+		want := entriesDiff(prev, next)
+		touched := c.TakeTouched()
+		s, err := w.SyncSubjects(d, c.RulesOf, touched, policymap.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Written + s.Deleted; got != want {
+			t.Errorf("%s: the writer wrote %d and deleted %d entries; %d differ", ch.name, s.Written, s.Deleted, want)
+		}
+		checkMaps(t, dp.PolicyMaps(), next)
+		wholeNext := policymap.Encode(mustCompile(t, st), policymap.Options{})
+		t.Logf("%s: %d policies recompiled, %d subjects rewritten, %d of %d entries written; a whole compile would have written %d",
+			ch.name, c.Recompiled(), len(touched), want, total, entriesDiff(wholePrev, wholeNext))
+		prev, wholePrev = next, wholeNext
 	}
 }
 
-// Slots stay with their policy: a new policy takes the lowest free slot with zeroed
-// counters, a deleted one frees its slot, and a new Slots (an agent restart) reads them back
-// from the pinned names.
-func TestSlotsAreStable(t *testing.T) {
-	d := loadertest.New(t, loader.Config{})
-	m := d.PolicyMaps()
-	s, err := policymap.NewSlots(m)
+func mustCompile(t *testing.T, st policy.State) *policy.Desired {
+	t.Helper()
+	d, err := policy.Compile(st)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Assign([]string{"b/two", "a/one"}); err != nil {
-		t.Fatal(err)
+	return d
+}
+
+// checkMaps reads the three maps back and compares them with e.
+func checkMaps(t *testing.T, pm *loader.PolicyMaps, e policymap.Entries) {
+	t.Helper()
+	rules := map[loader.PolicyKey]loader.PolicyValue{}
+	var (
+		rk loader.PolicyKey
+		rv loader.PolicyValue
+	)
+	for it := pm.Rules.Iterate(); it.Next(&rk, &rv); {
+		rules[rk] = rv
 	}
-	if s.Of("a/one") != 1 || s.Of("b/two") != 2 {
-		t.Fatalf("slots a/one %d b/two %d, want 1 and 2", s.Of("a/one"), s.Of("b/two"))
+	iso := map[uint32]loader.PolicyIsoValue{}
+	var (
+		ik uint32
+		iv loader.PolicyIsoValue
+	)
+	for it := pm.Isolation.Iterate(); it.Next(&ik, &iv); {
+		iso[ik] = iv
 	}
-	// Stale counts in slot 1 from its previous owner must not reach the next one.
-	cpus, err := ebpf.PossibleCPU()
-	if err != nil {
-		t.Fatal(err)
+	cidrs := map[loader.PolicyCIDRKey]loader.PolicyCIDRValue{}
+	var (
+		ck loader.PolicyCIDRKey
+		cv loader.PolicyCIDRValue
+	)
+	for it := pm.CIDRs.Iterate(); it.Next(&ck, &cv); {
+		cidrs[ck] = cv
 	}
-	per := make([]loader.MetricsValue, cpus)
-	per[0] = loader.MetricsValue{Packets: 7, Bytes: 700}
-	if err := m.Stats.Put(loader.PolicyStatsIndex(1, 1, loader.PolicyVerdictDeny), per); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Release([]string{"b/two"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Assign([]string{"b/two", "c/three"}); err != nil {
-		t.Fatal(err)
-	}
-	if s.Of("c/three") != 1 || s.Of("b/two") != 2 || s.Of("a/one") != 0 {
-		t.Fatalf("after a/one left: c/three %d b/two %d a/one %d", s.Of("c/three"), s.Of("b/two"), s.Of("a/one"))
-	}
-	if c, err := loader.ReadPolicyStats(m.Stats, 1, 1); err != nil || c != (loader.PolicyCounters{}) {
-		t.Fatalf("slot 1 given to c/three kept counts %+v (%v)", c, err)
-	}
-	again, err := policymap.NewSlots(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if again.Of("c/three") != 1 || again.Of("b/two") != 2 || again.Name(2) != "b/two" {
-		t.Fatalf("slots read back: c/three %d b/two %d", again.Of("c/three"), again.Of("b/two"))
+	for _, c := range []struct {
+		name string
+		ok   bool
+		n, w int
+	}{{"tern_policy", maps.Equal(rules, e.Rules), len(rules), len(e.Rules)},
+		{"tern_policy_isolation", maps.Equal(iso, e.Isolation), len(iso), len(e.Isolation)},
+		{"tern_policy_cidrs", maps.Equal(cidrs, e.CIDRs), len(cidrs), len(e.CIDRs)}} {
+		if !c.ok {
+			t.Fatalf("%s holds %d entries, not the %d wanted", c.name, c.n, c.w)
+		}
 	}
 }

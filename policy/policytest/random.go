@@ -248,11 +248,19 @@ func Reference(sc *Scenario) ([]reference.Verdict, error) {
 	return out, nil
 }
 
+// Service is a protocol and port every pod of a RandomOver scenario serves.
+type Service struct {
+	Protocol string // TCP, UDP or SCTP
+	Port     uint16
+}
+
 // RandomOver is a random scenario over given pods (their namespaces, names, container
 // ports and addresses stay; their labels, the namespaces' labels and the policies are
-// drawn from seed) with nProbes TCP probes between them on the given ports. The lab uses it
-// to compare the live datapath with the simulator on pods it cannot recreate per scenario.
-func RandomOver(seed uint64, pods []corev1.Pod, ports []uint16, nProbes int) Scenario {
+// drawn from seed). The lab uses it to compare the live datapath with the simulator on pods
+// it cannot recreate per scenario. With nProbes > 0 the probes are that many random ones
+// on the given services; with nProbes 0 they are every ordered pair of distinct pods on
+// every service.
+func RandomOver(seed uint64, pods []corev1.Pod, services []Service, nProbes int) Scenario {
 	r := rand.New(rand.NewPCG(seed, seed^0x51ed2701f3a5c4b9))
 	sc := Scenario{Seed: seed}
 	seen := map[string]bool{}
@@ -292,10 +300,24 @@ func RandomOver(seed uint64, pods []corev1.Pod, ports []uint16, nProbes int) Sce
 		// Namespace selectors in the generator name ns0..ns2; point them at these namespaces.
 		sc.State.Policies = append(sc.State.Policies, renameNamespaces(np, nsNames))
 	}
+	key := func(p corev1.Pod) string { return p.Namespace + "/" + p.Name }
+	if nProbes == 0 {
+		for _, from := range sc.State.Pods {
+			for _, to := range sc.State.Pods {
+				if key(from) == key(to) {
+					continue
+				}
+				for _, s := range services {
+					sc.Probes = append(sc.Probes, Probe{From: key(from), To: key(to), Port: s.Port, Protocol: s.Protocol})
+				}
+			}
+		}
+		return sc
+	}
 	for range nProbes {
 		from, to := pick(r, sc.State.Pods), pick(r, sc.State.Pods)
-		sc.Probes = append(sc.Probes, Probe{From: from.Namespace + "/" + from.Name, To: to.Namespace + "/" + to.Name,
-			Port: pick(r, ports), Protocol: "TCP"})
+		s := pick(r, services)
+		sc.Probes = append(sc.Probes, Probe{From: key(from), To: key(to), Port: s.Port, Protocol: s.Protocol})
 	}
 	return sc
 }

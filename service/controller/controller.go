@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,6 +47,10 @@ type Options struct {
 	// internalTrafficPolicy Local and topology hints) and its defaults (load-balancing
 	// algorithm, Maglev table size). The zero value knows no node: no endpoint is local.
 	Translator service.Translator
+	// OnService, when set, hears every Service the controller translated, with its
+	// EndpointSlices (svc nil: the Service is gone). The agent's healthCheckNodePort servers
+	// follow it. Called from the controller's goroutine; must not block.
+	OnService func(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice)
 }
 
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
@@ -59,6 +64,16 @@ type Controller struct {
 
 	svcInformer   cache.SharedIndexInformer
 	sliceInformer cache.SharedIndexInformer
+
+	// waitingForRoom holds the Services whose last write failed because an LB map was full.
+	// The queue's backoff for them grows to minutes while the map stays full; a sync that
+	// succeeds may have freed room, so it requeues them at once. Only the worker touches it.
+	waitingForRoom map[types.NamespacedName]bool
+	// unwritten holds, per Service, the frontends whose last write to the maps failed. The
+	// builder already counts them as desired, so a retry's Set finds nothing changed: without
+	// this the retry wrote nothing, "succeeded", and the frontend waited for the periodic
+	// full resync. Only the worker touches it.
+	unwritten map[types.NamespacedName][]service.Frontend
 
 	synced     atomic.Bool // the first full sync is in the maps
 	progressMu sync.Mutex
@@ -87,11 +102,13 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 		opts.Logger = zap.NewNop()
 	}
 	c := &Controller{
-		client:  client,
-		rec:     rec,
-		builder: service.NewBuilderFor(opts.Translator),
-		opts:    opts,
-		log:     opts.Logger.Named("services"),
+		client:         client,
+		rec:            rec,
+		builder:        service.NewBuilderFor(opts.Translator),
+		opts:           opts,
+		log:            opts.Logger.Named("services"),
+		waitingForRoom: map[types.NamespacedName]bool{},
+		unwritten:      map[types.NamespacedName][]service.Frontend{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[types.NamespacedName](),
 			workqueue.TypedRateLimitingQueueConfig[types.NamespacedName]{Name: "services"}),
@@ -237,10 +254,17 @@ func (c *Controller) processNext() bool {
 	}
 	if err != nil {
 		c.log.Warn("service sync failed; retrying with backoff", zap.Stringer("service", nn), zap.Error(err))
+		if errors.Is(err, unix.E2BIG) { // the kernel's answer to an update of a full map
+			c.waitingForRoom[nn] = true
+		}
 		c.queue.AddRateLimited(nn)
 		return true
 	}
 	c.queue.Forget(nn)
+	delete(c.waitingForRoom, nn)
+	for w := range c.waitingForRoom {
+		c.queue.Add(w)
+	}
 	return true
 }
 
@@ -280,11 +304,22 @@ func (c *Controller) syncService(nn types.NamespacedName) error {
 	if terr != nil {
 		c.reportInvalid(svc, terr)
 	}
+	for _, f := range c.unwritten[nn] {
+		if !slices.Contains(dirty, f) {
+			dirty = append(dirty, f)
+		}
+	}
+	if c.opts.OnService != nil {
+		c.opts.OnService(nn, svc, eps)
+	}
 	err = c.rec.ApplyWith(c.builder.Desired, c.builder.Options, dirty)
 	c.observe("service", start, err)
 	c.m.frontends.Set(float64(c.builder.Len()))
 	if err != nil {
+		c.unwritten[nn] = dirty
 		c.reportMapError(svc, err)
+	} else {
+		delete(c.unwritten, nn)
 	}
 	return err
 }
@@ -311,11 +346,17 @@ func (c *Controller) fullSync() error {
 		if _, terr := c.builder.Set(nn, s, eps); terr != nil {
 			c.reportInvalid(s, terr)
 		}
+		if c.opts.OnService != nil {
+			c.opts.OnService(nn, s, eps)
+		}
 	}
 	// Services deleted while we were not looking.
 	for nn := range c.builder.Services() {
 		if !seen[nn] {
 			c.builder.Set(nn, nil, nil)
+			if c.opts.OnService != nil {
+				c.opts.OnService(nn, nil, nil)
+			}
 		}
 	}
 	desired := c.builder.State()

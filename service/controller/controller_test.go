@@ -236,4 +236,13 @@ func TestFullMapIsReportedAndOthersKeepServing(t *testing.T) {
 			t.Fatalf("service %s that fits is not served", vip)
 		}
 	}
+	// Room again: the one that did not fit gets in without waiting for the periodic resync
+	// (5 minutes) — its retry must write what failed, and the freeing sync wakes it.
+	if err := client.CoreV1().Services("default").Delete(ctx, "s0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the service that did not fit in the map once s0 is gone", func() bool {
+		_, ok := backendsIn(t, d.Maps(), service.Frontend{Addr: vips[2], Port: 80, Proto: service.TCP})
+		return ok
+	})
 }

@@ -7,6 +7,7 @@ package lbmap
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
 
 	"go.uber.org/zap"
@@ -45,17 +46,28 @@ type BatchLBMaps interface {
 	PutMembers([]loader.MemberKey, []uint32) error
 }
 
+// SrcRangeMaps is implemented by maps that hold loadBalancerSourceRanges (loader.Maps).
+// With maps that lack it the reconciler never sets a frontend's source-ranges flag, so
+// older test doubles keep working.
+type SrcRangeMaps interface {
+	DumpSrcRanges() (map[loader.SrcRangeKey]uint8, error)
+	PutSrcRange(loader.SrcRangeKey) error
+	DeleteSrcRange(loader.SrcRangeKey) error
+}
+
 type realized struct {
 	id     uint32
-	slots  []service.Backend // slot i+1 holds slots[i]
-	flags  uint16            // svc_value.flags as written
-	opts   loader.SvcOpts    // tern_lb_svc_opts entry; written when flags need it
+	ranges map[netip.Prefix]bool // tern_lb_src_ranges entries as written
+	slots  []service.Backend     // slot i+1 holds slots[i]
+	flags  uint16                // svc_value.flags as written
+	opts   loader.SvcOpts        // tern_lb_svc_opts entry; written when flags need it
 	hasOpt bool
 	blocks []loader.MaglevValue // Maglev table blocks 0..len-1 as written
 }
 
 // encoded is what a frontend's options become in the maps.
 type encoded struct {
+	ranges []netip.Prefix
 	flags  uint16
 	opts   loader.SvcOpts
 	hasOpt bool
@@ -82,6 +94,16 @@ func encode(o service.Options, slots []service.Backend) encoded {
 	if o.DropWhenEmpty {
 		e.flags |= loader.SvcFlagDropEmpty
 	}
+	if o.Kind.External() {
+		e.flags |= loader.SvcFlagExternal
+	}
+	if o.ExternalLocal {
+		e.flags |= loader.SvcFlagExtLocal
+	}
+	if o.Kind == service.KindLoadBalancer && o.SourceRanges != "" {
+		e.flags |= loader.SvcFlagSrcRanges
+		e.ranges = o.Prefixes()
+	}
 	e.hasOpt = e.flags&(loader.SvcFlagAffinity|loader.SvcFlagMaglev) != 0
 	return e
 }
@@ -107,6 +129,14 @@ type Reconciler struct {
 	nextID  uint32
 	members map[loader.MemberKey]uint32 // membership entries as written: the backend's slot
 	writes  uint64
+
+	// Frontends of another owner than the Service controller: the pods' hostPorts
+	// (SetExtra). Sync keeps them, and Apply puts them back when a Service that shared the
+	// address gives it up. byService is what the Service side last asked for, so that
+	// SetExtra never overwrites a Service's frontend: on a clash the Service wins, as the
+	// cluster-wide intent.
+	extra     service.State
+	byService map[service.Frontend]bool
 }
 
 // NewReconciler reads the maps' current contents (left by a previous agent) as its
@@ -115,7 +145,7 @@ func NewReconciler(m LBMaps, log *zap.Logger) (*Reconciler, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	r := &Reconciler{maps: m, log: log}
+	r := &Reconciler{maps: m, log: log, extra: service.State{}, byService: map[service.Frontend]bool{}}
 	if err := r.load(); err != nil {
 		return nil, err
 	}
@@ -148,7 +178,8 @@ func (r *Reconciler) load() error {
 	r.nextID = 1
 	byID := map[uint32]*realized{}
 	for k, v := range svcs {
-		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto)}
+		f := service.Frontend{Addr: loader.BEToAddr(k.Addr), Port: loader.BEToPort(k.Port), Proto: service.Protocol(k.Proto),
+			Internal: k.Scope == loader.SvcScopeInternal}
 		re := &realized{id: v.Id, slots: make([]service.Backend, v.BackendCount), flags: v.Flags}
 		r.fronts[f] = re
 		r.usedIDs[v.Id] = true
@@ -185,6 +216,24 @@ func (r *Reconciler) load() error {
 		}
 		re.blocks[k.Block] = v
 	}
+	// Source ranges of frontends that do not exist are leftovers too.
+	if sm, ok := r.maps.(SrcRangeMaps); ok {
+		rs, err := sm.DumpSrcRanges()
+		if err != nil {
+			return fmt.Errorf("read source range map: %w", err)
+		}
+		for k := range rs {
+			re, ok := byID[k.SvcId]
+			if !ok {
+				errs = append(errs, r.del(func() error { return sm.DeleteSrcRange(k) }))
+				continue
+			}
+			if re.ranges == nil {
+				re.ranges = map[netip.Prefix]bool{}
+			}
+			re.ranges[k.Prefix()] = true
+		}
+	}
 	// Membership must match the slots exactly: a member without a slot would keep a removed
 	// backend's UDP flows alive, a slot without a member would move them needlessly. A map
 	// left by an older layout has no members at all; they are rebuilt here, before any
@@ -215,6 +264,62 @@ func (r *Reconciler) load() error {
 			}
 			r.members[k] = slot
 		}
+	}
+	return errors.Join(errs...)
+}
+
+// encode is the package's encode, less the source-ranges flag where the maps cannot hold
+// ranges.
+func (r *Reconciler) encode(o service.Options, slots []service.Backend) encoded {
+	e := encode(o, slots)
+	if _, ok := r.maps.(SrcRangeMaps); !ok && e.flags&loader.SvcFlagSrcRanges != 0 {
+		e.flags &^= loader.SvcFlagSrcRanges
+		e.ranges = nil
+	}
+	return e
+}
+
+// putRanges writes the ranges re lacks (before its flag may point at them).
+func (r *Reconciler) putRanges(re *realized, want []netip.Prefix) error {
+	sm, ok := r.maps.(SrcRangeMaps)
+	if !ok {
+		return nil
+	}
+	if re.ranges == nil {
+		re.ranges = map[netip.Prefix]bool{}
+	}
+	for _, p := range want {
+		if re.ranges[p] {
+			continue
+		}
+		if err := r.put(func() error { return sm.PutSrcRange(loader.SrcRangeKeyOf(re.id, p)) }); err != nil {
+			return fmt.Errorf("write source range %s: %w", p, err)
+		}
+		re.ranges[p] = true
+	}
+	return nil
+}
+
+// dropRanges deletes the ranges of re that want lacks (after its flag stopped needing them).
+func (r *Reconciler) dropRanges(re *realized, want []netip.Prefix) error {
+	sm, ok := r.maps.(SrcRangeMaps)
+	if !ok {
+		return nil
+	}
+	keep := map[netip.Prefix]bool{}
+	for _, p := range want {
+		keep[p] = true
+	}
+	var errs []error
+	for p := range re.ranges {
+		if keep[p] {
+			continue
+		}
+		if err := r.del(func() error { return sm.DeleteSrcRange(loader.SrcRangeKeyOf(re.id, p)) }); err != nil {
+			errs = append(errs, fmt.Errorf("delete source range %s: %w", p, err))
+			continue
+		}
+		delete(re.ranges, p)
 	}
 	return errors.Join(errs...)
 }
@@ -265,9 +370,15 @@ func (r *Reconciler) ApplyWith(desired service.Lookup, opts service.OptionsLooku
 	for _, f := range dirty {
 		bs, ok := desired(f)
 		var err error
-		if ok {
+		switch extra, isExtra := r.extra[f]; {
+		case ok:
+			r.byService[f] = true
 			err = r.upsert(f, bs, optionsOf(opts, f))
-		} else {
+		case isExtra:
+			delete(r.byService, f)
+			err = r.upsert(f, extra, service.Options{})
+		default:
+			delete(r.byService, f)
 			err = r.remove(f)
 		}
 		if err != nil {
@@ -288,6 +399,21 @@ func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup)
 	if err := r.load(); err != nil {
 		return err
 	}
+	r.byService = make(map[service.Frontend]bool, len(desired))
+	for f := range desired {
+		r.byService[f] = true
+	}
+	if len(r.extra) > 0 {
+		merged := make(service.State, len(desired)+len(r.extra))
+		for f, bs := range r.extra {
+			merged[f] = bs
+		}
+		for f, bs := range desired {
+			merged[f] = bs
+		}
+		desired = merged
+		opts = r.serviceOptionsOnly(opts)
+	}
 	if bm, ok := r.maps.(BatchLBMaps); ok && len(r.fronts) == 0 && len(r.members) == 0 && len(desired) > 0 {
 		return r.bulkLoad(bm, desired, opts)
 	}
@@ -307,6 +433,50 @@ func (r *Reconciler) SyncWith(desired service.State, opts service.OptionsLookup)
 	return errors.Join(errs...)
 }
 
+// serviceOptionsOnly gives the extra frontends the default options whatever opts says: a
+// Service's annotations never apply to a hostPort.
+func (r *Reconciler) serviceOptionsOnly(opts service.OptionsLookup) service.OptionsLookup {
+	return func(f service.Frontend) service.Options {
+		if !r.byService[f] {
+			return service.Options{}
+		}
+		return optionsOf(opts, f)
+	}
+}
+
+// SetExtra replaces the frontends owned by another writer than the Service controller (the
+// agent's hostPorts) and writes the difference: new and changed ones are upserted, dropped
+// ones removed. A frontend a Service also has is left to the Service until the Service
+// gives it up. Such frontends get the default options (random selection, reject when
+// empty).
+func (r *Reconciler) SetExtra(extra service.State) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	for f := range r.extra {
+		if _, keep := extra[f]; keep || r.byService[f] {
+			continue
+		}
+		if err := r.remove(f); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
+		}
+	}
+	next := make(service.State, len(extra))
+	for f, bs := range extra {
+		next[f] = append([]service.Backend(nil), bs...)
+		if r.byService[f] {
+			r.log.Warn("a hostPort has the address, port and protocol of a Service frontend; the Service keeps it",
+				zap.Stringer("frontend", f))
+			continue
+		}
+		if err := r.upsert(f, bs, service.Options{}); err != nil {
+			errs = append(errs, fmt.Errorf("frontend %s: %w", f, err))
+		}
+	}
+	r.extra = next
+	return errors.Join(errs...)
+}
+
 func (r *Reconciler) allocID() (uint32, error) {
 	for range 1 << 20 {
 		id := r.nextID
@@ -323,7 +493,11 @@ func (r *Reconciler) allocID() (uint32, error) {
 }
 
 func svcKey(f service.Frontend) loader.ServiceKey {
-	return loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
+	k := loader.ServiceKey{Addr: loader.AddrToBE(f.Addr), Port: loader.PortToBE(f.Port), Proto: uint8(f.Proto)}
+	if f.Internal {
+		k.Scope = loader.SvcScopeInternal
+	}
+	return k
 }
 
 // layout places the desired backends into slots, keeping every surviving backend in the
@@ -387,7 +561,7 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o ser
 		cur = &realized{id: id}
 	}
 	slots := layout(cur.slots, desired)
-	enc := encode(o, slots)
+	enc := r.encode(o, slots)
 
 	// 1. Membership for every backend, before any new flow can be given it.
 	for i, b := range slots {
@@ -442,6 +616,9 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o ser
 			return fmt.Errorf("write Maglev table block %d: %w", i, err)
 		}
 	}
+	if err := r.putRanges(cur, enc.ranges); err != nil {
+		return err
+	}
 	// 4. The frontend, once the slots it counts and the options its flags name are in place.
 	if _, exists := r.fronts[f]; !exists || len(cur.slots) != len(slots) || cur.flags != enc.flags {
 		v := loader.ServiceValue{Id: cur.id, BackendCount: uint16(len(slots)), Flags: enc.flags}
@@ -461,6 +638,7 @@ func (r *Reconciler) upsert(f service.Frontend, desired []service.Backend, o ser
 		errs = append(errs, r.del(func() error { return r.maps.DeleteMaglev(k) }))
 	}
 	cur.blocks = enc.blocks
+	errs = append(errs, r.dropRanges(cur, enc.ranges))
 	if !enc.hasOpt && cur.hasOpt {
 		errs = append(errs, r.del(func() error { return r.maps.DeleteOpts(cur.id) }))
 		cur.opts, cur.hasOpt = loader.SvcOpts{}, false
@@ -503,6 +681,7 @@ func (r *Reconciler) remove(f service.Frontend) error {
 	if cur.hasOpt {
 		errs = append(errs, r.del(func() error { return r.maps.DeleteOpts(cur.id) }))
 	}
+	errs = append(errs, r.dropRanges(cur, nil))
 	for _, b := range cur.slots {
 		if b.Addr.IsValid() {
 			errs = append(errs, r.dropMember(memberKey(cur.id, b)))
@@ -540,8 +719,14 @@ func (r *Reconciler) bulkLoad(bm BatchLBMaps, desired service.State, opts servic
 			return err
 		}
 		re := &realized{id: id, slots: append([]service.Backend(nil), bs...)}
-		enc := encode(optionsOf(opts, f), re.slots)
+		enc := r.encode(optionsOf(opts, f), re.slots)
 		re.flags, re.opts, re.hasOpt, re.blocks = enc.flags, enc.opts, enc.hasOpt, enc.blocks
+		if len(enc.ranges) > 0 {
+			// Few (LoadBalancer IPs with ranges): entry by entry, before the frontend.
+			if err := r.putRanges(re, enc.ranges); err != nil {
+				return err
+			}
+		}
 		fronts[f] = re
 		for i, b := range bs {
 			bk = append(bk, loader.BackendKey{SvcId: id, Slot: uint32(i + 1)})

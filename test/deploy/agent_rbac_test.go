@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -46,6 +47,11 @@ const (
 //   - records the TernPodIPsExhausted Warning Event on the pod that got no address (events
 //     create);
 //   - and its log never says "forbidden" (the pod informer's list and watch included).
+//
+// It also runs with only the capabilities the DaemonSet adds (the bounding set cut to them,
+// as a runtime does for drop ALL + add), checked in the process's CapEff: loading and
+// attaching the programs, pinning, writing the maps and serving the ClusterIP all happen
+// with that list.
 func TestAgentRunsWithItsServiceAccount(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	if _, err := controlplane.BinDir(); err != nil {
@@ -87,10 +93,20 @@ func TestAgentRunsWithItsServiceAccount(t *testing.T) {
 	}
 
 	const tiny = "vsw-deploy-tiny" // a /29: four addresses, each a pod's (the ENI's primary too)
+	caps := agentCapabilities(t, objs)
+	var wantCapEff uint64
+	for _, c := range caps {
+		n, ok := capabilityNumbers[c]
+		if !ok {
+			t.Fatalf("the DaemonSet adds capability %q, which this test does not know", c)
+		}
+		wantCapEff |= 1 << n
+	}
 	l, err := lab.Up(ctx, lab.Options{Nodes: 1, BinDir: binDir, Kubernetes: true, AgentKubeconfig: withServiceAccount,
-		ExtraVSwitches: []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"}},
-		ENIConf:        lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
-		Logger:         zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Named("lab")})
+		AgentCapabilities: caps,
+		ExtraVSwitches:    []ecsemu.VSwitchConfig{{ID: tiny, Zone: lab.Zone, CIDR: "192.168.40.0/29"}},
+		ENIConf:           lab.ENIConf{VSwitches: []string{tiny}, MaxPoolSize: 3},
+		Logger:            zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Named("lab")})
 	if err != nil {
 		t.Fatalf("lab up: %v", err)
 	}
@@ -108,6 +124,11 @@ func TestAgentRunsWithItsServiceAccount(t *testing.T) {
 			t.Errorf("lab down: %v", err)
 		}
 	})
+
+	// The agent really runs with the list and nothing more.
+	if got, err := node.AgentCapabilities(); err != nil || got != wantCapEff {
+		t.Fatalf("agent CapEff = %#x, %v; want %#x (%v)", got, err, wantCapEff, caps)
+	}
 
 	// The agent's kubeconfig really is the ServiceAccount, not an admin.
 	rc, err := clientcmd.BuildConfigFromFlags("", agentKubeconfig)
@@ -218,6 +239,16 @@ func TestAgentRunsWithItsServiceAccount(t *testing.T) {
 			t.Errorf("agent log: %s", line)
 		}
 	}
+}
+
+// capabilityNumbers maps the names a Pod's securityContext uses to capability numbers.
+var capabilityNumbers = map[string]int{
+	"CHOWN": unix.CAP_CHOWN, "DAC_OVERRIDE": unix.CAP_DAC_OVERRIDE, "FOWNER": unix.CAP_FOWNER,
+	"KILL": unix.CAP_KILL, "SETUID": unix.CAP_SETUID, "SETGID": unix.CAP_SETGID,
+	"NET_BIND_SERVICE": unix.CAP_NET_BIND_SERVICE, "NET_ADMIN": unix.CAP_NET_ADMIN, "NET_RAW": unix.CAP_NET_RAW,
+	"IPC_LOCK": unix.CAP_IPC_LOCK, "SYS_MODULE": unix.CAP_SYS_MODULE, "SYS_PTRACE": unix.CAP_SYS_PTRACE,
+	"SYS_ADMIN": unix.CAP_SYS_ADMIN, "SYS_RESOURCE": unix.CAP_SYS_RESOURCE, "PERFMON": unix.CAP_PERFMON,
+	"BPF": unix.CAP_BPF, "CHECKPOINT_RESTORE": unix.CAP_CHECKPOINT_RESTORE,
 }
 
 // writeAgentKubeconfig takes the ConfigMap's kubeconfig as an operator would deploy it and

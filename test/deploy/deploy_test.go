@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/datapath"
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/ipam/eniconfig"
 	"github.com/tern-net/tern/test/deploy"
@@ -245,11 +247,30 @@ func TestConfigMatchesDaemonSet(t *testing.T) {
 		}
 	}
 
-	// The CNI binary is installed by an init container onto the host's /opt/cni/bin.
-	if len(spec.InitContainers) != 1 || !strings.Contains(strings.Join(spec.InitContainers[0].Args, " "), "/opt/cni/bin/tern-cni") {
-		t.Errorf("init containers %+v; want one installing tern-cni", spec.InitContainers)
-	} else if m := spec.InitContainers[0].VolumeMounts; len(m) != 1 || volumes[m[0].Name].HostPath == nil || volumes[m[0].Name].HostPath.Path != "/opt/cni/bin" {
-		t.Errorf("install-cni mounts %+v; want the host's /opt/cni/bin", m)
+	// The CNI binary is installed by an init container onto the host's /opt/cni/bin, with
+	// tern-agent install-cni (the image has no shell).
+	if len(spec.InitContainers) != 1 || len(spec.InitContainers[0].Command) != 3 ||
+		spec.InitContainers[0].Command[1] != "install-cni" {
+		t.Errorf("init containers %+v; want one running tern-agent install-cni DIR", spec.InitContainers)
+	} else if m := spec.InitContainers[0].VolumeMounts; len(m) != 1 || m[0].MountPath != spec.InitContainers[0].Command[2] ||
+		volumes[m[0].Name].HostPath == nil || volumes[m[0].Name].HostPath.Path != "/opt/cni/bin" {
+		t.Errorf("install-cni mounts %+v; want the host's /opt/cni/bin at its DIR argument", m)
+	}
+
+	// A capability list, not privileged; the sysctls through the host's /proc/sys/net.
+	if sc := c.SecurityContext; sc == nil || (sc.Privileged != nil && *sc.Privileged) || sc.Capabilities == nil ||
+		!slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) == 0 {
+		t.Errorf("agent securityContext %+v; want privileged false, drop ALL, add a list", sc)
+	}
+	procSys := ""
+	for _, e := range c.Env {
+		if e.Name == datapath.EnvProcSys {
+			procSys = e.Value
+		}
+	}
+	if m, ok := mountOf(procSys + "/net"); procSys == "" || !ok || m.ReadOnly || volumes[m.Name].HostPath == nil ||
+		volumes[m.Name].HostPath.Path != "/proc/sys/net" || m.MountPath != procSys+"/net" {
+		t.Errorf("%s=%q: want the host's /proc/sys/net mounted writable at $%s/net", datapath.EnvProcSys, procSys, datapath.EnvProcSys)
 	}
 
 	svc := find[*corev1.Service](t, objs, "Service", "tern-agent-metrics")
@@ -279,6 +300,23 @@ func TestConfigMatchesDaemonSet(t *testing.T) {
 	}
 }
 
+// agentCapabilities returns the capabilities the DaemonSet gives the agent container.
+func agentCapabilities(t *testing.T, objs []deploy.Object) []string {
+	t.Helper()
+	ds := find[*appsv1.DaemonSet](t, objs, "DaemonSet", "tern-agent")
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.Name == "tern-agent" && c.SecurityContext != nil && c.SecurityContext.Capabilities != nil {
+			var out []string
+			for _, a := range c.SecurityContext.Capabilities.Add {
+				out = append(out, string(a))
+			}
+			return out
+		}
+	}
+	t.Fatal("the tern-agent container adds no capabilities")
+	return nil
+}
+
 // wantRules is the ClusterRole the code needs, and no more; each line names its caller. A
 // change in either direction must change this table and the manifest together.
 var wantRules = []rbacv1.PolicyRule{
@@ -287,7 +325,7 @@ var wantRules = []rbacv1.PolicyRule{
 	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                              // agent/kube pod informer (spec.nodeName)
 	{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},                        // agent/kube NetworkPolicy reconciler
 	{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},  // agent/kube NetworkPolicy reconciler
-	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch"}},                              // ipam/nodereport
+	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch", "list", "watch"}},             // ipam/nodereport; agent/kube route janitor (VPC mode)
 	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                             // ipam/nodereport condition
 	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                          // client-go recorder, core/v1 sink
 	{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},        // agent/metricsauth (metricsAuth "kubernetes")

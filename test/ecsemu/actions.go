@@ -539,7 +539,7 @@ func (e *Emulator) scheduleLocked(n *eni, d time.Duration, finish func(*eni)) {
 	})
 }
 
-// FinishTransitions completes every pending ENI state transition now, as if its delay had
+// FinishTransitions completes every pending ENI and route state transition now, as if its delay had
 // passed. Tests use it to step past Attaching/Detaching/Deleting without sleeping.
 func (e *Emulator) FinishTransitions() {
 	e.mu.Lock()
@@ -553,6 +553,19 @@ func (e *Emulator) FinishTransitions() {
 		finish := n.pending
 		n.timer, n.pending = nil, nil
 		finish(n)
+	}
+	for _, r := range slices.Clone(e.rt.entries) {
+		if r.timer == nil {
+			continue
+		}
+		r.timer.Stop()
+		r.timer = nil
+		r.gen++
+		if r.status == RouteStatusPending {
+			e.finishRouteCreateLocked(r)
+		} else {
+			e.finishRouteDeleteLocked(r)
+		}
 	}
 }
 

@@ -26,6 +26,7 @@ const (
 	CodeSignatureDoesNotMatch   = "SignatureDoesNotMatch"
 	CodeInvalidAccessKeyID      = "InvalidAccessKeyId.NotFound"
 	CodeSignatureNonceUsed      = "SignatureNonceUsed"
+	CodeInvalidSecurityToken    = "InvalidSecurityToken.Mismatch"
 	CodeInvalidTimeStamp        = "InvalidTimeStamp.Expired"
 	CodeMissingParameter        = "MissingParameter"
 	CodeInvalidParameter        = "InvalidParameter"

@@ -27,7 +27,21 @@ type Config struct {
 	ListingLag ListingLag `json:"listingLag"`
 	// MaxClockSkew bounds |Timestamp - now|; zero means the real API's 15 minutes.
 	MaxClockSkew Duration `json:"maxClockSkew"`
+	// Timing is "realistic" (the default) or "fast". Realistic fills every zero field of
+	// Latency, Delays and ListingLag from RealisticTiming, so an emulator nobody tuned takes
+	// seconds for what takes seconds in the cloud; fast keeps the fields as given (zero: the
+	// change completes before the call returns), as unit and lab tests want.
+	Timing string `json:"timing,omitempty"`
+	// RouteEntryQuota is how many custom entries the VPC route table takes (default
+	// DefaultRouteEntryQuota, the documented 48).
+	RouteEntryQuota int `json:"routeEntryQuota,omitempty"`
 }
+
+// Timing names of Config.Timing.
+const (
+	TimingRealistic = "realistic"
+	TimingFast      = "fast"
+)
 
 // VPCConfig is the VPC every vSwitch belongs to. NetNSPath, when set, names the network
 // namespace that plays the VPC router (used by cmd/ecs-emulator to build a NetnsSDN).
@@ -35,6 +49,8 @@ type VPCConfig struct {
 	ID        string `json:"id"`
 	CIDR      string `json:"cidr"`
 	NetNSPath string `json:"netnsPath,omitempty"`
+	// RouteTableID names the VPC's (system) route table; default "vtb-" + the VPC ID's tail.
+	RouteTableID string `json:"routeTableId,omitempty"`
 }
 
 // VSwitchConfig is one vSwitch (subnet) of the VPC in one zone.
@@ -69,10 +85,13 @@ type InstanceConfig struct {
 	NetNSPath      string   `json:"netnsPath,omitempty"`
 }
 
-// AccessKey is one accepted AccessKeyId/secret pair.
+// AccessKey is one accepted AccessKeyId/secret pair. With SecurityToken set the key is an
+// STS key: a call must carry that exact SecurityToken (InvalidSecurityToken.Mismatch
+// otherwise), as Alibaba Cloud refuses an STS key presented without its token.
 type AccessKey struct {
-	ID     string `json:"id"`
-	Secret string `json:"secret"`
+	ID            string `json:"id"`
+	Secret        string `json:"secret"`
+	SecurityToken string `json:"securityToken,omitempty"`
 }
 
 // TransitionDelays set how long an ENI stays in each transient state. Zero means the
@@ -84,6 +103,60 @@ type TransitionDelays struct {
 	// Metadata is how long an ENI stays invisible in the instance metadata after it turns
 	// InUse: the real metadata service lags behind a fresh attach.
 	Metadata Duration `json:"metadata,omitempty"`
+	// Route is how long a new route entry stays Pending before it is Available and forwards;
+	// RouteDelete how long a deleted one stays listed (and forwarding) before it is gone.
+	Route       Duration `json:"route,omitempty"`
+	RouteDelete Duration `json:"routeDelete,omitempty"`
+}
+
+// RealisticTiming is what Config.Timing "realistic" fills in: values the cloud documents or
+// that Terway's code is tuned for (AliyunContainerService/terway pkg/backoff/backoff.go),
+// where neither exists an assumption, marked as such:
+//
+//   - Attach 3 s: Terway's WaitENIStatus waits an InitialDelay of 3 s before its first status
+//     poll after AttachNetworkInterface (then polls every 3 s × 1.5^n): the attach is expected
+//     to take about that long.
+//   - Detach 3 s: the same backoff waits for a detach; Terway also sleeps its 3 s Duration
+//     between a detach and the delete of a robbed ENI.
+//   - Delete 1 s: assumed (no documented figure; Terway does not wait for it).
+//   - Metadata 1.1 s: Terway polls the metadata service for a freshly assigned address every
+//     1.1 s (MetaAssignPrivateIP, 10 steps): one poll interval of lag.
+//   - Listing lag 1 s for new and removed addresses and 1 s for a status: assumed; the API
+//     documents no read-after-write guarantee (docs/ipam.md) and Terway reads new addresses
+//     from the Assign reply for that reason.
+//   - Route 5 s, RouteDelete 5 s: "Route Entry does not support creating or deleting within
+//     5 seconds frequently" (the comment over CreateRouteEntry's IncorrectRouteEntryStatus
+//     retry in the Alibaba Cloud Terraform provider, resource_alicloud_route_entry.go); the
+//     table's entries are Pending meanwhile.
+//   - Latency 100 ms per call: assumed round trip to a regional OpenAPI endpoint.
+func RealisticTiming() (latency Duration, d TransitionDelays, lag ListingLag) {
+	s := func(x float64) Duration { return Duration(x * float64(time.Second)) }
+	return s(0.1),
+		TransitionDelays{Attach: s(3), Detach: s(3), Delete: s(1), Metadata: s(1.1), Route: s(5), RouteDelete: s(5)},
+		ListingLag{Assigned: s(1), Unassigned: s(1), Status: s(1)}
+}
+
+// applyTiming fills the zero timing fields of a realistic config.
+func (c *Config) applyTiming() {
+	if c.Timing == TimingFast {
+		return
+	}
+	lat, d, lag := RealisticTiming()
+	fill := func(dst *Duration, v Duration) {
+		if *dst == 0 {
+			*dst = v
+		}
+	}
+	fill(&c.Latency, lat)
+	fill(&c.Delays.Attach, d.Attach)
+	fill(&c.Delays.Detach, d.Detach)
+	fill(&c.Delays.Delete, d.Delete)
+	fill(&c.Delays.Metadata, d.Metadata)
+	fill(&c.Delays.Route, d.Route)
+	fill(&c.Delays.RouteDelete, d.RouteDelete)
+	fill(&c.ListingLag.Assigned, lag.Assigned)
+	fill(&c.ListingLag.Unassigned, lag.Unassigned)
+	fill(&c.ListingLag.Status, lag.Status)
 }
 
 // Duration is a time.Duration that reads and writes JSON as a Go duration string ("1.5s").
@@ -142,6 +215,12 @@ func (c *Config) Validate() error {
 	}
 	if len(c.AccessKeys) == 0 {
 		return fmt.Errorf("no accessKeys: the API would reject every call")
+	}
+	if c.Timing != "" && c.Timing != TimingRealistic && c.Timing != TimingFast {
+		return fmt.Errorf("timing %q is not %q or %q", c.Timing, TimingRealistic, TimingFast)
+	}
+	if c.RouteEntryQuota < 0 {
+		return fmt.Errorf("routeEntryQuota %d is negative", c.RouteEntryQuota)
 	}
 	vsw := map[string]VSwitchConfig{}
 	for _, v := range c.VSwitches {
@@ -229,8 +308,9 @@ func g7Types() []InstanceTypeConfig {
 
 // TestConfig returns a small valid config: region cn-hangzhou, VPC 192.168.0.0/16, vSwitches
 // vsw-test-a (192.168.1.0/24) and vsw-test-b (192.168.2.0/24) in cn-hangzhou-h, security group
-// sg-test, the g7 instance types, one ecs.g7.large instance i-test-0001 at 192.168.1.10, and the
-// Test* credentials. Add more instances with AddInstance.
+// sg-test, the g7 instance types, one ecs.g7.large instance i-test-0001 at 192.168.1.10, the
+// Test* credentials and fast timing (every transition immediate). Add more instances with
+// AddInstance.
 func TestConfig() *Config {
 	c := &Config{
 		RegionID: TestRegion,
@@ -242,6 +322,7 @@ func TestConfig() *Config {
 		SecurityGroups: []string{"sg-test"},
 		InstanceTypes:  g7Types(),
 		AccessKeys:     []AccessKey{{ID: TestAccessKeyID, Secret: TestAccessKeySecret}},
+		Timing:         TimingFast,
 	}
 	c.AddInstance("i-test-0001", "ecs.g7.large", "vsw-test-a", "192.168.1.10")
 	return c

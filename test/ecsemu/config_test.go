@@ -65,3 +65,36 @@ func TestReservedAddresses(t *testing.T) {
 		t.Fatalf("vsw-test-a gateway %s available %d, want 192.168.1.253 and 251", v.Gateway, v.Available)
 	}
 }
+
+func TestTimingRealisticByDefaultFastWhenAsked(t *testing.T) {
+	c := TestConfig()
+	c.Timing = ""
+	c.Delays.Attach = Duration(7 * time.Millisecond) // a field set by hand is kept
+	e, err := New(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	lat, d, lag := RealisticTiming()
+	want := d
+	want.Attach = Duration(7 * time.Millisecond)
+	if e.delays != want || e.lag != lag || Duration(e.latency.Load()) != lat {
+		t.Fatalf("realistic: delays %+v lag %+v latency %v; want %+v %+v %v", e.delays, e.lag, Duration(e.latency.Load()), want, lag, lat)
+	}
+	if d.Attach < Duration(time.Second) || d.Route < Duration(time.Second) {
+		t.Fatalf("realistic attach %v and route %v should take seconds", d.Attach, d.Route)
+	}
+	fast, err := New(TestConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fast.Close()
+	if fast.delays != (TransitionDelays{}) || fast.lag != (ListingLag{}) || fast.latency.Load() != 0 {
+		t.Fatalf("fast: delays %+v lag %+v latency %d; want all zero", fast.delays, fast.lag, fast.latency.Load())
+	}
+	c = TestConfig()
+	c.Timing = "slow"
+	if err := c.Validate(); err == nil {
+		t.Fatal("timing \"slow\" accepted")
+	}
+}

@@ -105,6 +105,7 @@ type Emulator struct {
 	lag      ListingLag
 	holds    []*hold
 	requests uint64
+	rt       *routeTable
 }
 
 type vswitch struct {
@@ -151,8 +152,10 @@ func New(cfg *Config, opts ...Option) (*Emulator, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("emulator config: %w", err)
 	}
+	cfg = cfg.Clone()
+	cfg.applyTiming()
 	e := &Emulator{
-		cfg:    cfg.Clone(),
+		cfg:    cfg,
 		log:    zap.NewNop(),
 		sdn:    NopSDN{},
 		now:    time.Now,
@@ -179,6 +182,7 @@ func New(cfg *Config, opts ...Option) (*Emulator, error) {
 	}
 	e.auth = newAuthenticator(cfg.AccessKeys, skew, e.now)
 	e.actions = e.actionTables()
+	e.rt = e.newRouteTable()
 	e.latency.Store(int64(cfg.Latency))
 	e.vpc = netip.MustParsePrefix(cfg.VPC.CIDR)
 	for _, t := range cfg.InstanceTypes {
@@ -300,7 +304,11 @@ func (e *Emulator) ClearFaults() {
 // SetLatency delays every later OpenAPI call by d.
 func (e *Emulator) SetLatency(d time.Duration) { e.latency.Store(int64(d)) }
 
-// SetDelays changes the ENI state-transition delays for later transitions.
+// SetAccessKeys replaces the accepted keys, as a credential rotation does: calls signed
+// with a key no longer listed fail with InvalidAccessKeyId.NotFound from now on.
+func (e *Emulator) SetAccessKeys(keys []AccessKey) { e.auth.setKeys(keys) }
+
+// SetDelays changes the ENI and route state-transition delays for later transitions.
 func (e *Emulator) SetDelays(d TransitionDelays) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -321,6 +329,9 @@ func (e *Emulator) Close() error {
 
 func (e *Emulator) unplugAllLocked() error {
 	var errs []string
+	if e.rt != nil {
+		errs = append(errs, e.stopRoutesLocked()...)
+	}
 	for _, id := range e.eniIDs {
 		n := e.enis[id]
 		if n.timer != nil {
@@ -488,7 +499,12 @@ func (e *Emulator) actionTables() map[string]map[string]actionFunc {
 		"UnassignPrivateIpAddresses": e.unassignPrivateIPAddresses,
 	}
 	vpc := map[string]actionFunc{
-		"DescribeVSwitches": e.describeVSwitches,
+		"DescribeVSwitches":      e.describeVSwitches,
+		"CreateRouteEntry":       e.createRouteEntry,
+		"DeleteRouteEntry":       e.deleteRouteEntry,
+		"DescribeRouteTables":    e.describeRouteTables,
+		"DescribeRouteTableList": e.describeRouteTableList,
+		"DescribeRouteEntryList": e.describeRouteEntryList,
 	}
 	return map[string]map[string]actionFunc{ECSVersion: ecs, VPCVersion: vpc}
 }
@@ -590,12 +606,13 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 
 // State is a deep copy of the emulator's state, for assertions and /_emulator/state.
 type State struct {
-	ENIs      []ENIState     `json:"enis"`
-	VSwitches []VSwitchState `json:"vSwitches"`
-	Instances []InstanceInfo `json:"instances"`
-	Calls     map[string]int `json:"calls"`  // per action, failed calls included
-	Errors    map[string]int `json:"errors"` // per error code
-	Faults    []Fault        `json:"faults"`
+	ENIs      []ENIState        `json:"enis"`
+	VSwitches []VSwitchState    `json:"vSwitches"`
+	Instances []InstanceInfo    `json:"instances"`
+	Routes    []RouteEntryState `json:"routes"` // custom entries of the VPC route table
+	Calls     map[string]int    `json:"calls"`  // per action, failed calls included
+	Errors    map[string]int    `json:"errors"` // per error code
+	Faults    []Fault           `json:"faults"`
 }
 
 // ENIState is one ENI in a State.
@@ -671,6 +688,7 @@ func (e *Emulator) Snapshot() State {
 			PrimaryIP: in.cfg.PrimaryIP, PrimaryENI: in.primary,
 		})
 	}
+	s.Routes = e.routeStatesLocked()
 	for k, v := range e.calls {
 		s.Calls[k] = v
 	}

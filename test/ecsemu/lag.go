@@ -135,6 +135,8 @@ type HeldCall struct {
 	Action string
 	ENIID  string            // the ENI the call named, or created
 	Tags   map[string]string // that ENI's tags
+	// NextHopID is a route call's next hop (CreateRouteEntry: the instance).
+	NextHopID string
 }
 
 type hold struct {
@@ -169,7 +171,7 @@ func (e *Emulator) takeHoldLocked(action string, p map[string]string, reply any)
 	if len(e.holds) == 0 {
 		return nil, HeldCall{}
 	}
-	c := HeldCall{Action: action, ENIID: p["NetworkInterfaceId"], Tags: map[string]string{}}
+	c := HeldCall{Action: action, ENIID: p["NetworkInterfaceId"], Tags: map[string]string{}, NextHopID: p["NextHopId"]}
 	if r, ok := reply.(wireENI); ok && c.ENIID == "" {
 		c.ENIID = r.NetworkInterfaceID
 	}

@@ -366,3 +366,35 @@ func (s *NetnsSDN) UnassignIP(eni ENIInfo, ip netip.Addr) error {
 	}
 	return nil
 }
+
+var _ RouteSDN = (*NetnsSDN)(nil)
+
+// AddRoute forwards dst in the VPC namespace to the instance's primary address through its
+// primary ENI's VPC-side veth: a custom route entry whose next hop is the instance.
+func (s *NetnsSDN) AddRoute(dst netip.Prefix, via ENIInfo) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, err := s.vpcH.LinkByName(VPCLinkName(via.ID))
+	if err != nil {
+		return fmt.Errorf("route %s to instance %s: find the veth of its ENI %s in the VPC namespace: %w", dst, via.InstanceID, via.ID, err)
+	}
+	r := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixNet(dst), Gw: via.IPs[0].AsSlice(), Flags: int(netlink.FLAG_ONLINK)}
+	if err := s.vpcH.RouteReplace(r); err != nil {
+		return fmt.Errorf("route %s via %s (instance %s) in the VPC namespace: %w", dst, via.IPs[0], via.InstanceID, err)
+	}
+	return nil
+}
+
+// DelRoute removes the VPC namespace's route to dst; a route already gone is not an error.
+func (s *NetnsSDN) DelRoute(dst netip.Prefix) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.vpcH.RouteDel(&netlink.Route{Dst: prefixNet(dst)}); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("remove route %s from the VPC namespace: %w", dst, err)
+	}
+	return nil
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}

@@ -43,20 +43,30 @@ func Sign(stringToSign, secret string) string {
 
 // authenticator checks signature, timestamp and nonce of each call.
 type authenticator struct {
-	secrets map[string]string // AccessKeyId → secret
-	skew    time.Duration
-	now     func() time.Time
+	skew time.Duration
+	now  func() time.Time
 
 	mu     sync.Mutex
+	keys   map[string]AccessKey // AccessKeyId → key; replaced whole on rotation
 	nonces map[string]time.Time // nonce → when it may be forgotten
 }
 
 func newAuthenticator(keys []AccessKey, skew time.Duration, now func() time.Time) *authenticator {
-	a := &authenticator{secrets: map[string]string{}, skew: skew, now: now, nonces: map[string]time.Time{}}
-	for _, k := range keys {
-		a.secrets[k.ID] = k.Secret
-	}
+	a := &authenticator{skew: skew, now: now, nonces: map[string]time.Time{}}
+	a.setKeys(keys)
 	return a
+}
+
+// setKeys replaces the accepted keys: a key left out is refused from the next call on, as
+// when the platform rotates an STS key or an operator disables an AccessKey.
+func (a *authenticator) setKeys(keys []AccessKey) {
+	m := make(map[string]AccessKey, len(keys))
+	for _, k := range keys {
+		m[k.ID] = k
+	}
+	a.mu.Lock()
+	a.keys = m
+	a.mu.Unlock()
 }
 
 // check verifies one call's parameters. It records the nonce only for calls whose signature
@@ -73,15 +83,20 @@ func (a *authenticator) check(method string, p map[string]string) *APIError {
 	if v := p["SignatureVersion"]; v != "" && v != "1.0" {
 		return apiErr(http.StatusBadRequest, "UnsupportedSignatureVersion", "SignatureVersion %q is not supported; use 1.0.", v)
 	}
-	secret, ok := a.secrets[p["AccessKeyId"]]
+	a.mu.Lock()
+	key, ok := a.keys[p["AccessKeyId"]]
+	a.mu.Unlock()
 	if !ok {
 		return apiErr(http.StatusNotFound, CodeInvalidAccessKeyID, "Specified access key is not found: %s.", p["AccessKeyId"])
 	}
 	sts := StringToSign(method, p)
-	want := Sign(sts, secret)
+	want := Sign(sts, key.Secret)
 	if !hmac.Equal([]byte(want), []byte(p["Signature"])) {
 		return apiErr(http.StatusBadRequest, CodeSignatureDoesNotMatch,
 			"Specified signature is not matched with our calculation. server string to sign is:%s", sts)
+	}
+	if key.SecurityToken != "" && p["SecurityToken"] != key.SecurityToken {
+		return apiErr(http.StatusBadRequest, CodeInvalidSecurityToken, "Specified SecurityToken does not match the AccessKeyId %s.", key.ID)
 	}
 	ts, err := time.Parse(timestampLayout, p["Timestamp"])
 	if err != nil {

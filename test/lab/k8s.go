@@ -22,12 +22,15 @@ import (
 
 	"github.com/tern-net/tern/test/k8s/controlplane"
 	"github.com/tern-net/tern/test/k8s/kubeletsim"
+	"github.com/tern-net/tern/test/k8s/nsbridge"
 )
 
 // kubeParts is the Kubernetes side of a lab (Options.Kubernetes).
 type kubeParts struct {
 	cp     *controlplane.ControlPlane
 	client kubernetes.Interface
+	// vpcBridge serves the apiserver at APIServerAddr inside the VPC router's namespace.
+	vpcBridge *nsbridge.Bridge
 
 	mu         sync.Mutex
 	namespaces map[string]bool // created (or found) and given their default ServiceAccount
@@ -61,8 +64,17 @@ func (l *Lab) startKubernetes(ctx context.Context) error {
 	}
 	l.kube = &kubeParts{cp: cp, client: client, namespaces: map[string]bool{}}
 	for _, n := range l.nodes {
-		if _, err := kubeletsim.EnsureNode(ctx, client, n.Name, n.PrimaryIP); err != nil {
+		node, err := kubeletsim.EnsureNode(ctx, client, n.Name, n.PrimaryIP)
+		if err != nil {
 			return fmt.Errorf("lab: register Node %s: %w", n.Name, err)
+		}
+		if l.RouteMode() && node.Spec.PodCIDR == "" {
+			// What kube-controller-manager's node IPAM (--allocate-node-cidrs) does.
+			cidr := RoutePodCIDR(n.Index).String()
+			node.Spec.PodCIDR, node.Spec.PodCIDRs = cidr, []string{cidr}
+			if _, err := client.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+				return fmt.Errorf("lab: give Node %s the pod CIDR %s: %w", n.Name, cidr, err)
+			}
 		}
 	}
 	return nil
@@ -73,6 +85,10 @@ func (l *Lab) startKubernetes(ctx context.Context) error {
 func (l *Lab) stopKubernetes() error {
 	if l.kube == nil || l.kube.cp == nil {
 		return nil
+	}
+	if l.kube.vpcBridge != nil {
+		_ = l.kube.vpcBridge.Close()
+		l.kube.vpcBridge = nil
 	}
 	err := l.kube.cp.Stop()
 	l.kube.cp = nil

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -112,15 +113,39 @@ type Options struct {
 	// admin one, e.g. one with a ServiceAccount token to prove an RBAC role (test/deploy).
 	// It runs once per node after the control plane is up and before any agent starts.
 	AgentKubeconfig func(ctx context.Context, l *Lab, n *Node) (string, error)
+	// AgentCapabilities, when set, runs every agent with only these capabilities (names as
+	// in a Pod's securityContext: "NET_ADMIN", "BPF", ...), the way a container runtime runs
+	// a container that drops ALL and adds them: the agent still runs as uid 0, but with its
+	// bounding set (hence its permitted and effective sets) cut to the list, through
+	// util-linux setpriv. Empty runs it with every capability, like a privileged container.
+	AgentCapabilities []string
 	// DeferAgents leaves every node's agent unstarted: the test prepares the cluster (a
 	// fresh node joining a cluster that already has Services, say) and then starts them with
 	// Node.StartAgent or Node.LaunchAgent.
 	DeferAgents bool
+	// Timing is the emulator's: "" or ecsemu.TimingFast (the lab's short but asynchronous
+	// delays), or ecsemu.TimingRealistic (ecsemu.RealisticTiming for every delay, lag and the
+	// latency that Delays, ListingLag and Latency leave zero; the agents then poll the cloud
+	// at the client's default interval instead of the lab's 10 ms). The benchmark uses it.
+	Timing string
+	// DaemonMode is every agent's daemonMode: "" (ENIIP) or agent.ModeVPC (route mode:
+	// node i owns RoutePodCIDR(i), on its Node's spec.podCIDR with Kubernetes — the lab
+	// plays kube-controller-manager's node IPAM — or in its config without).
+	DaemonMode string
+	// AgentConfig, when set, adjusts each node's agent configuration before it is written
+	// (small datapath maps for the map-full tests, masquerade, ...).
+	AgentConfig func(n *Node, c *agent.Config)
 	// SocketLB turns socket-level load balancing on in every agent, each attached to a cgroup
 	// of its node's own, <cgroup v2 root>/tern-lab-<random>/<node name> (Node.Cgroup), never
 	// to a cgroup the lab did not create. A process started there (internal/sockclient) in
 	// the node's namespace is a host-network client of that node.
 	SocketLB bool
+	// ExternalProxy leaves Services to another proxy (the real kube-proxy, StartKubeProxy):
+	// the agents get no kubeconfig, so they serve IPAM and pod networking only, and forward
+	// pod traffic through the kernel stack ("stack"), where kube-proxy's iptables or
+	// nftables rules see it (the default "redirect" would bypass netfilter between local
+	// pods). It needs Kubernetes.
+	ExternalProxy bool
 }
 
 // Lab is a running lab. Its methods are safe for concurrent use.
@@ -131,15 +156,18 @@ type Lab struct {
 	pinRoot string
 	cgroup  string // Options.SocketLB: the lab's cgroup, parent of the nodes'
 	vpc     netns.NsHandle
-	sdn     *ecsemu.NetnsSDN
-	emu     *ecsemu.Emulator
-	srv     *http.Server
-	emuAddr string
-	nodes   []*Node
-	kube    *kubeParts // nil unless Options.Kubernetes
+	// external hosts' namespaces (AddExternalHost), closed by Down
+	externalHosts []netns.NsHandle
+	sdn           *ecsemu.NetnsSDN
+	emu           *ecsemu.Emulator
+	srv           *http.Server
+	emuAddr       string
+	nodes         []*Node
+	kube          *kubeParts // nil unless Options.Kubernetes
 
-	mu   sync.Mutex
-	pods map[string]*Pod // by namespace/name
+	mu       sync.Mutex
+	pods     map[string]*Pod // by namespace/name
+	external *External       // ExternalClient, made on first use
 }
 
 // BuildBinaries builds tern-agent and tern-cni into dir with the go tool; run it from inside
@@ -180,6 +208,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
+	}
+	if o.ExternalProxy && !o.Kubernetes {
+		return nil, errors.New("lab: ExternalProxy needs Kubernetes (the external proxy watches the lab's apiserver)")
 	}
 	for _, b := range []string{"tern-agent", "tern-cni"} {
 		if _, err := os.Stat(filepath.Join(o.BinDir, b)); err != nil {
@@ -260,6 +291,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		if err := l.startKubernetes(ctx); err != nil {
 			return nil, err
 		}
+		if err := l.serveAPIServerInVPC(ctx); err != nil {
+			return nil, err
+		}
 		if o.AgentKubeconfig != nil {
 			for _, n := range l.nodes {
 				if n.kubeconfig, err = o.AgentKubeconfig(ctx, l, n); err != nil {
@@ -273,7 +307,9 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 			return nil, err
 		}
 	}
-	l.emu.SetLatency(o.Latency)
+	if o.Timing != ecsemu.TimingRealistic || o.Latency != 0 {
+		l.emu.SetLatency(o.Latency)
+	}
 	for _, f := range o.Faults {
 		l.emu.InjectFault(f)
 	}
@@ -301,9 +337,24 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 		SecurityGroups: []string{SecurityGroup},
 		InstanceTypes:  base.InstanceTypes,
 		AccessKeys:     base.AccessKeys,
+		// The lab keeps every transition short but asynchronous (realistic timing is the
+		// benchmark's, test/bench/cni -timing realistic).
+		Timing: ecsemu.TimingFast,
 		Delays: ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
-			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata},
+			Delete: ecsemu.Duration(10 * time.Millisecond), Metadata: l.opts.Delays.Metadata,
+			Route: ecsemu.Duration(50 * time.Millisecond), RouteDelete: ecsemu.Duration(20 * time.Millisecond)},
 		ListingLag: l.opts.ListingLag,
+	}
+	if l.opts.Timing == ecsemu.TimingRealistic {
+		cfg.Timing = ecsemu.TimingRealistic
+		cfg.Delays = l.opts.Delays // zero fields take RealisticTiming's
+		return l.addInstances(cfg)
+	}
+	if d := l.opts.Delays; d.Route != 0 {
+		cfg.Delays.Route = d.Route
+	}
+	if d := l.opts.Delays; d.RouteDelete != 0 {
+		cfg.Delays.RouteDelete = d.RouteDelete
 	}
 	if d := l.opts.Delays; d.Attach != 0 {
 		cfg.Delays.Attach = d.Attach
@@ -314,6 +365,10 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 	if d := l.opts.Delays; d.Delete != 0 {
 		cfg.Delays.Delete = d.Delete
 	}
+	return l.addInstances(cfg)
+}
+
+func (l *Lab) addInstances(cfg *ecsemu.Config) *ecsemu.Config {
 	for i := range l.opts.Nodes {
 		cfg.AddInstance(fmt.Sprintf("i-lab-%04d", i+1), l.opts.InstanceType, NodeVSwitch, nodePrimaryIP(i))
 	}
@@ -325,6 +380,15 @@ func (l *Lab) Emulator() *ecsemu.Emulator { return l.emu }
 
 // EmulatorAddr is the emulator's host:port on the root namespace's (and every node's) loopback.
 func (l *Lab) EmulatorAddr() string { return l.emuAddr }
+
+// RoutePodCIDR is node i's pod CIDR in the VPC route mode: inside the VPC, outside every
+// vSwitch (the cloud refuses a route that overlaps one).
+func RoutePodCIDR(i int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, byte(128 + i), 0}), 24)
+}
+
+// RouteMode reports whether the lab's agents run the VPC route mode.
+func (l *Lab) RouteMode() bool { return l.opts.DaemonMode == agent.ModeVPC }
 
 // nodePrimaryIP is the address of node i's primary ENI on NodeVSwitch.
 func nodePrimaryIP(i int) string { return fmt.Sprintf("192.168.0.%d", 10+i) }
@@ -398,6 +462,10 @@ func (l *Lab) Down() error {
 		p.ns.Close()
 		delete(l.pods, k)
 	}
+	if l.external != nil {
+		l.external.ns.Close() // its link goes with the namespace
+		l.external = nil
+	}
 	l.mu.Unlock()
 	if l.srv != nil {
 		_ = l.srv.Close()
@@ -420,6 +488,10 @@ func (l *Lab) Down() error {
 			n.NS.Close()
 		}
 	}
+	for _, ns := range l.externalHosts {
+		ns.Close()
+	}
+	l.externalHosts = nil
 	if l.vpc.IsOpen() {
 		l.vpc.Close()
 	}
@@ -456,6 +528,9 @@ func (l *Lab) Down() error {
 // (its primary included, which serves a pod too); the agent knows no ENI the cloud lacks; no tern ENI is left detached; no
 // address is allocated twice across the lab. It returns every difference found.
 func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
+	if l.RouteMode() {
+		return l.checkRoutesMatchAgents(ctx)
+	}
 	s := l.emu.Snapshot()
 	var errs []error
 	seen := map[string]string{}
@@ -511,6 +586,54 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// checkRoutesMatchAgents is CheckCloudMatchesAgents for the VPC route mode: the route table
+// holds exactly one Available entry per node, its pod CIDR to its instance; the cloud holds no
+// tern ENI; every allocation is inside its node's pod CIDR and no address is given twice.
+func (l *Lab) checkRoutesMatchAgents(ctx context.Context) error {
+	s := l.emu.Snapshot()
+	var errs []error
+	want := map[string]string{}
+	for _, n := range l.nodes {
+		want[RoutePodCIDR(n.Index).String()] = n.InstanceID
+	}
+	got := map[string]string{}
+	for _, r := range s.Routes {
+		if r.Status != ecsemu.RouteStatusAvailable || !r.Installed {
+			errs = append(errs, fmt.Errorf("route entry %s (%s → %s) is %s, installed %v", r.ID, r.Destination, r.NextHopID, r.Status, r.Installed))
+		}
+		if _, dup := got[r.Destination]; dup {
+			errs = append(errs, fmt.Errorf("two route entries for %s", r.Destination))
+		}
+		got[r.Destination] = r.NextHopID
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		errs = append(errs, fmt.Errorf("route table %v, want %v", got, want))
+	}
+	for _, e := range s.ENIs {
+		if e.Tags[ipam.TagCreator] == ipam.TagCreatorTern {
+			errs = append(errs, fmt.Errorf("cloud ENI %s was created in route mode", e.ID))
+		}
+	}
+	seen := map[string]string{}
+	for _, n := range l.nodes {
+		st, err := n.Client().State(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("state of %s's agent: %w", n.Name, err))
+			continue
+		}
+		for k, a := range st.Allocations {
+			if prev, dup := seen[a.IP]; dup {
+				errs = append(errs, fmt.Errorf("IP %s allocated twice: %s and %s/%s", a.IP, prev, n.Name, k))
+			}
+			seen[a.IP] = n.Name + "/" + k
+			if ip, err := netip.ParseAddr(a.IP); err != nil || !RoutePodCIDR(n.Index).Contains(ip) {
+				errs = append(errs, fmt.Errorf("%s/%s holds %s, outside the node's pod CIDR %s", n.Name, k, a.IP, RoutePodCIDR(n.Index)))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func writeJSON(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
@@ -526,7 +649,16 @@ func writeJSON(path string, v any) error {
 
 // agentConfig is what the lab writes for a node's agent.
 func (n *Node) agentConfig() agent.Config {
-	return agent.Config{
+	c := n.ternAgentConfig()
+	if n.lab.opts.ExternalProxy {
+		c.Kubeconfig = ""
+		c.Forwarding = string(loader.ForwardStack)
+	}
+	return c
+}
+
+func (n *Node) ternAgentConfig() agent.Config {
+	c := agent.Config{
 		NodeName: n.Name, InstanceID: n.InstanceID, ClusterID: ClusterID,
 		ENIConfigPath: n.eniConfPath(), ENIConfigPollInterval: agent.Duration(100 * time.Millisecond),
 		CloudEndpoint: n.lab.emuAddr,
@@ -534,6 +666,7 @@ func (n *Node) agentConfig() agent.Config {
 			BackoffInitial: agent.Duration(20 * time.Millisecond), BackoffMax: agent.Duration(500 * time.Millisecond), BackoffAttempts: 8,
 			RateLimitPerSecond: 200},
 		StatePath:        filepath.Join(n.dir, "ipam.db"),
+		SandboxStatePath: filepath.Join(n.dir, "sandboxes.json"),
 		SocketPath:       n.Socket(),
 		PinRoot:          n.PinRoot(),
 		AllocateWait:     agent.Duration(n.lab.opts.AllocateWait),
@@ -543,4 +676,15 @@ func (n *Node) agentConfig() agent.Config {
 		CNIConfDir:       n.AgentConfDir(),
 		SocketLB:         agent.SocketLBConfig{Enabled: n.lab.cgroup != "", Cgroup: n.Cgroup()},
 	}
+	if n.lab.opts.Timing == ecsemu.TimingRealistic {
+		c.Cloud.PollInterval = 0 // the client's default (500 ms), not a 10 ms poll of a seconds-long attach
+	}
+	if n.lab.RouteMode() {
+		c.DaemonMode = agent.ModeVPC
+		c.RouteCheckInterval = agent.Duration(500 * time.Millisecond)
+		if c.Kubeconfig == "" {
+			c.PodCIDR = RoutePodCIDR(n.Index).String()
+		}
+	}
+	return c
 }

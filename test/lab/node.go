@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -87,7 +88,11 @@ func (n *Node) prepare() error {
 	if err := n.UpdateENIConf(n.lab.opts.ENIConf); err != nil {
 		return err
 	}
-	if err := writeJSON(filepath.Join(n.dir, "agent.json"), n.agentConfig()); err != nil {
+	cfg := n.agentConfig()
+	if n.lab.opts.AgentConfig != nil {
+		n.lab.opts.AgentConfig(n, &cfg)
+	}
+	if err := writeJSON(filepath.Join(n.dir, "agent.json"), cfg); err != nil {
 		return err
 	}
 	conflist := map[string]any{
@@ -205,7 +210,17 @@ func (n *Node) LaunchAgent() (<-chan struct{}, error) {
 		n.mu.Unlock()
 		return nil, fmt.Errorf("lab: open agent log: %w", err)
 	}
-	cmd := exec.Command(filepath.Join(n.lab.opts.BinDir, "tern-agent"), "-config", filepath.Join(n.dir, "agent.json"))
+	argv := []string{filepath.Join(n.lab.opts.BinDir, "tern-agent"), "-config", filepath.Join(n.dir, "agent.json")}
+	if caps := n.lab.opts.AgentCapabilities; len(caps) > 0 {
+		pre, err := setprivArgs(caps)
+		if err != nil {
+			n.mu.Unlock()
+			logf.Close()
+			return nil, err
+		}
+		argv = append(pre, argv...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = cleanEnv()
 	// The agent dies with the lab process even if Down never runs.
@@ -225,6 +240,54 @@ func (n *Node) LaunchAgent() (<-chan struct{}, error) {
 	}()
 	n.lab.log.Info("agent started", zap.String("node", n.Name), zap.Int("pid", cmd.Process.Pid))
 	return exited, nil
+}
+
+// setprivArgs is the setpriv prefix that leaves a root process only caps: the bounding set
+// is cut to them and nothing is inheritable or ambient, so after exec the agent's permitted
+// and effective sets are exactly caps (a root exec gets its bounding set).
+func setprivArgs(caps []string) ([]string, error) {
+	path, err := exec.LookPath("setpriv")
+	if err != nil {
+		return nil, fmt.Errorf("lab: AgentCapabilities needs setpriv (util-linux): %w", err)
+	}
+	bounding := "-all"
+	for _, c := range caps {
+		bounding += ",+" + strings.ToLower(strings.TrimPrefix(strings.ToUpper(c), "CAP_"))
+	}
+	return []string{path, "--bounding-set", bounding, "--inh-caps", "-all", "--ambient-caps", "-all", "--"}, nil
+}
+
+// AgentCapabilities returns the running agent's effective capability set, read from
+// /proc/PID/status (CapEff), so a test can show the agent runs with what it was given.
+func (n *Node) AgentCapabilities() (uint64, error) {
+	n.mu.Lock()
+	cmd := n.agent
+	n.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return 0, fmt.Errorf("lab: the agent of %s is not running", n.Name)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	if err != nil {
+		return 0, fmt.Errorf("lab: read the agent's status: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	return 0, fmt.Errorf("lab: no CapEff in /proc/%d/status", cmd.Process.Pid)
+}
+
+// tail returns at most the last n bytes of a file, for error messages.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
 }
 
 // cleanEnv drops proxy variables: the agent's cloud endpoint is a loopback address.
@@ -252,7 +315,8 @@ func (n *Node) waitReady(ctx context.Context, exited <-chan struct{}) error {
 		}
 		select {
 		case <-exited:
-			return fmt.Errorf("lab: tern-agent of %s exited during start-up; see %s", n.Name, n.AgentLog())
+			// The lab's directory goes with a failed Up: quote the log's end here.
+			return fmt.Errorf("lab: tern-agent of %s exited during start-up; the end of %s:\n%s", n.Name, n.AgentLog(), tail(n.AgentLog(), 3000))
 		case <-ctx.Done():
 			return fmt.Errorf("lab: waiting for tern-agent of %s: %w", n.Name, ctx.Err())
 		case <-time.After(20 * time.Millisecond):

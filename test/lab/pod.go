@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
 
+	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/test/k8s/kubeletsim"
 )
@@ -34,6 +35,8 @@ type Pod struct {
 	Result               *current.Result
 	// Attempts is how many ADDs it took (retries after "try again later").
 	Attempts int
+	// HostPorts are the sandbox's portMappings, as the kubelet passes a pod's hostPorts.
+	HostPorts []api.PortMapping
 
 	ns   netns.NsHandle
 	kube bool // made by RunPod: a Pod object exists
@@ -71,7 +74,15 @@ func (p *Pod) NetNSPath() string { return nsPath(p.ns) }
 func nsPath(ns netns.NsHandle) string { return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(ns)) }
 
 func (p *Pod) runtimeConf() *libcni.RuntimeConf {
-	return runtimeConf(p.Namespace, p.Name, p.UID, p.ContainerID, p.ns)
+	rc := runtimeConf(p.Namespace, p.Name, p.UID, p.ContainerID, p.ns)
+	if len(p.HostPorts) > 0 {
+		pms := make([]any, len(p.HostPorts))
+		for i, m := range p.HostPorts {
+			pms[i] = m
+		}
+		rc.CapabilityArgs["portMappings"] = pms
+	}
+	return rc
 }
 
 // runtimeConf is what containerd passes for a sandbox: CNI_ARGS with IgnoreUnknown and the
@@ -106,7 +117,13 @@ func (l *Lab) AddPod(ctx context.Context, node int, namespace, name string) (*Po
 	return l.addPod(ctx, l.nodes[node], namespace, name, randHex(8))
 }
 
-func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string) (*Pod, error) {
+// AddPodWithHostPorts is AddPod for a pod with hostPorts: the runtime passes them to the
+// CNI as the portMappings capability.
+func (l *Lab) AddPodWithHostPorts(ctx context.Context, node int, namespace, name string, hostPorts []api.PortMapping) (*Pod, error) {
+	return l.addPod(ctx, l.nodes[node], namespace, name, randHex(8), hostPorts...)
+}
+
+func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string, hostPorts ...api.PortMapping) (*Pod, error) {
 	l.mu.Lock()
 	if _, dup := l.pods[namespace+"/"+name]; dup {
 		l.mu.Unlock()
@@ -117,7 +134,7 @@ func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string) 
 	if err != nil {
 		return nil, fmt.Errorf("lab: namespace of pod %s/%s: %w", namespace, name, err)
 	}
-	p := &Pod{Namespace: namespace, Name: name, UID: uid, Node: n, ns: ns}
+	p := &Pod{Namespace: namespace, Name: name, UID: uid, Node: n, ns: ns, HostPorts: hostPorts}
 	delay := 50 * time.Millisecond
 	for {
 		p.Attempts++
@@ -285,10 +302,13 @@ func (s *server) serve(greeting string) {
 		}
 		go func() {
 			defer c.Close()
+			// An idle limit, not a lifetime: the chaos tests hold flows open across faults
+			// that take longer than any one exchange.
 			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 			fmt.Fprintf(c, "%s\n", greeting)
 			sc := bufio.NewScanner(c)
 			for sc.Scan() {
+				_ = c.SetDeadline(time.Now().Add(30 * time.Second))
 				fmt.Fprintf(c, "%s\n", sc.Text())
 			}
 		}()

@@ -1,9 +1,11 @@
 //go:build linux
 
 // Command cni measures tern-cni end to end in the lab (real tern-agent, real plugin exec'd by
-// libcni, real kernel): ADD latency with a warm pool, the time to start 100 pods on one node
-// with a warm and with a cold pool (cloud latency emulated), and cloud API calls per pod IP.
-// It prints a Markdown table. Run as root: go run ./test/bench/cni
+// libcni, real kernel): per daemon mode (ENIIP, VPC route) and emulator timing (fast: the
+// lab's short delays; realistic: ecsemu.RealisticTiming, seconds per ENI attach and route
+// entry), ADD latency with a warm pool, the time to start N pods on one node with a warm and
+// with a cold pool, the route mode's node start, and cloud API calls per pod. It prints a
+// Markdown table. Run as root: go run ./test/bench/cni [-timing fast,realistic] [-modes eniip,route]
 package main
 
 import (
@@ -17,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -32,13 +36,15 @@ type row struct{ name, value string }
 func run() error {
 	pods := flag.Int("pods", 100, "pods per scenario")
 	conc := flag.Int("concurrency", 10, "parallel ADDs in the burst scenarios (a kubelet starts pods in parallel)")
-	latency := flag.Duration("latency", 50*time.Millisecond, "emulated cloud API latency of the cold-pool scenario")
+	latency := flag.Duration("latency", 50*time.Millisecond, "emulated cloud API latency of the fast cold-pool scenario (realistic timing uses ecsemu.RealisticTiming's)")
+	timings := flag.String("timing", "fast,realistic", "emulator timings to run: fast (the lab's short delays), realistic (ecsemu.RealisticTiming)")
+	modes := flag.String("modes", "eniip,route", "daemon modes to run: eniip, route (VPC route mode)")
 	bin := flag.String("bin", "", "directory with tern-agent and tern-cni (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (network namespaces, BPF)")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	if *bin == "" {
 		dir, err := os.MkdirTemp("", "tern-bench-bin-")
@@ -53,21 +59,56 @@ func run() error {
 		*bin = dir
 	}
 	var rows []row
+	for _, timing := range strings.Split(*timings, ",") {
+		if timing != ecsemu.TimingFast && timing != ecsemu.TimingRealistic {
+			return fmt.Errorf("-timing %q: want fast or realistic", timing)
+		}
+		for _, mode := range strings.Split(*modes, ",") {
+			var (
+				r   []row
+				err error
+			)
+			switch mode {
+			case "eniip":
+				r, err = eniipScenarios(ctx, *bin, timing, *pods, *conc, *latency)
+			case "route":
+				r, err = routeScenarios(ctx, *bin, timing, *pods, *conc)
+			default:
+				return fmt.Errorf("-modes %q: want eniip or route", mode)
+			}
+			if err != nil {
+				return fmt.Errorf("%s, %s timing: %w", mode, timing, err)
+			}
+			rows = append(rows, r...)
+		}
+	}
+	fmt.Println("| measurement | value |")
+	fmt.Println("|---|---:|")
+	for _, r := range rows {
+		fmt.Printf("| %s | %s |\n", r.name, r.value)
+	}
+	return nil
+}
 
+// eniipScenarios: ADD latency with a warm pool (one at a time and in parallel) and with a cold
+// pool (every pod waits for the cloud), with cloud API calls per pod IP.
+func eniipScenarios(ctx context.Context, bin, timing string, pods, conc int, latency time.Duration) ([]row, error) {
+	var rows []row
+	tag := "ENIIP, " + timing + " timing"
 	// Warm pool: min_pool_size covers every pod, so no ADD waits for the cloud. Each scenario
 	// gets a fresh lab so that one's refill or reclaim does not run into the next.
-	warm := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: *bin,
-		ENIConf: lab.ENIConf{MinPoolSize: *pods, MaxPoolSize: *pods + 10}}
+	warm := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: bin, Timing: timing,
+		ENIConf: lab.ENIConf{MinPoolSize: pods, MaxPoolSize: pods + 10}}
 	err := withLab(ctx, warm, func(l *lab.Lab) error {
-		if err := waitIdle(ctx, l, *pods); err != nil {
+		if err := waitIdle(ctx, l, pods); err != nil {
 			return err
 		}
-		lat, _, err := burst(ctx, l, "seq", *pods, 1)
+		lat, _, err := burst(ctx, l, "seq", pods, 1)
 		if err != nil {
 			return err
 		}
-		rows = append(rows, row{fmt.Sprintf("ADD latency, warm pool, one at a time (%d pods): p50", *pods), ms(pct(lat, 50))},
-			row{"ADD latency, warm pool, one at a time: p99", ms(pct(lat, 99))})
+		rows = append(rows, row{fmt.Sprintf("%s: ADD latency, warm pool, one at a time (%d pods): p50", tag, pods), ms(pct(lat, 50))},
+			row{"  p99", ms(pct(lat, 99))})
 		m, err := l.Node(0).Client().Metrics(ctx)
 		if err != nil {
 			return err
@@ -78,51 +119,79 @@ func run() error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("warm pool: %w", err)
+		return nil, fmt.Errorf("warm pool: %w", err)
 	}
 	err = withLab(ctx, warm, func(l *lab.Lab) error {
-		if err := waitIdle(ctx, l, *pods); err != nil {
+		if err := waitIdle(ctx, l, pods); err != nil {
 			return err
 		}
 		before := calls(l)
-		lat, total, err := burst(ctx, l, "warm", *pods, *conc)
+		lat, total, err := burst(ctx, l, "warm", pods, conc)
 		if err != nil {
 			return err
 		}
-		rows = append(rows, row{fmt.Sprintf("%d pods on one node, warm pool, %d in parallel: total", *pods, *conc), ms(total)},
+		rows = append(rows, row{fmt.Sprintf("%s: %d pods on one node, warm pool, %d in parallel: total", tag, pods, conc), ms(total)},
 			row{"  ADD latency p50 / p99", ms(pct(lat, 50)) + " / " + ms(pct(lat, 99))},
-			row{"  cloud API calls per pod IP (background refill to min_pool_size)", fmt.Sprintf("%.2f", float64(calls(l)-before)/float64(*pods))})
+			row{"  cloud API calls per pod IP (background refill to min_pool_size)", fmt.Sprintf("%.2f", float64(calls(l)-before)/float64(pods))})
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("warm pool: %w", err)
+		return nil, fmt.Errorf("warm pool: %w", err)
 	}
 
-	// Cold pool: nothing is pre-allocated and every API call takes `latency` longer.
-	cold := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: *bin, Latency: *latency,
+	// Cold pool: nothing is pre-allocated; with fast timing every API call takes `latency`
+	// longer, with realistic timing the emulator's realistic latency and delays apply.
+	cold := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: bin, Timing: timing,
 		ENIConf: lab.ENIConf{MinPoolSize: 0, MaxPoolSize: 5}}
+	what := "realistic delays"
+	if timing == ecsemu.TimingFast {
+		cold.Latency = latency
+		what = fmt.Sprintf("%v API latency", latency)
+	}
 	err = withLab(ctx, cold, func(l *lab.Lab) error {
 		before := calls(l)
-		lat, total, err := burst(ctx, l, "cold", *pods, *conc)
+		lat, total, err := burst(ctx, l, "cold", pods, conc)
 		if err != nil {
 			return err
 		}
 		n := calls(l) - before
-		rows = append(rows, row{fmt.Sprintf("%d pods on one node, cold pool, %v API latency, %d in parallel: total", *pods, *latency, *conc), ms(total)},
+		rows = append(rows, row{fmt.Sprintf("%s: %d pods on one node, cold pool, %s, %d in parallel: total", tag, pods, what, conc), ms(total)},
 			row{"  ADD latency p50 / p99", ms(pct(lat, 50)) + " / " + ms(pct(lat, 99))},
-			row{"  cloud API calls per pod IP", fmt.Sprintf("%.2f (%d calls)", float64(n)/float64(*pods), n)})
+			row{"  cloud API calls per pod IP", fmt.Sprintf("%.2f (%d calls)", float64(n)/float64(pods), n)})
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("cold pool: %w", err)
+		return nil, fmt.Errorf("cold pool: %w", err)
 	}
+	return rows, nil
+}
 
-	fmt.Println("| measurement | value |")
-	fmt.Println("|---|---:|")
-	for _, r := range rows {
-		fmt.Printf("| %s | %s |\n", r.name, r.value)
-	}
-	return nil
+// routeScenarios: the VPC route mode has no pool: the node's start waits for its route entry
+// (Pending → Available), then every ADD is local.
+func routeScenarios(ctx context.Context, bin, timing string, pods, conc int) ([]row, error) {
+	var rows []row
+	tag := "VPC route, " + timing + " timing"
+	o := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: bin, Timing: timing, DaemonMode: agent.ModeVPC, DeferAgents: true}
+	err := withLab(ctx, o, func(l *lab.Lab) error {
+		t0 := time.Now()
+		if err := l.Node(0).StartAgent(ctx); err != nil {
+			return err
+		}
+		start := time.Since(t0)
+		startCalls := calls(l)
+		lat, total, err := burst(ctx, l, "route", pods, conc)
+		if err != nil {
+			return err
+		}
+		n := calls(l) - startCalls
+		rows = append(rows, row{fmt.Sprintf("%s: agent start to ready (route entry created, Pending → Available)", tag), ms(start)},
+			row{"  cloud API calls of the start", fmt.Sprint(startCalls)},
+			row{fmt.Sprintf("  %d pods, %d in parallel: total", pods, conc), ms(total)},
+			row{"  ADD latency p50 / p99", ms(pct(lat, 50)) + " / " + ms(pct(lat, 99))},
+			row{"  cloud API calls per pod (route checks included)", fmt.Sprintf("%.2f (%d calls)", float64(n)/float64(pods), n)})
+		return nil
+	})
+	return rows, err
 }
 
 func withLab(ctx context.Context, o lab.Options, fn func(*lab.Lab) error) error {

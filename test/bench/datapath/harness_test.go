@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -111,12 +112,26 @@ func TestHarnessMeasuresWhatItClaims(t *testing.T) {
 			t.Errorf("report lacks %q:\n%s", want, report.String())
 		}
 	}
-	png := filepath.Join(t.TempDir(), "datapath.png")
-	if err := b.plot(png); err != nil {
+	resPath := filepath.Join(t.TempDir(), "datapath.json")
+	if err := b.writeResults(resPath); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := os.Stat(png); err != nil || st.Size() == 0 {
-		t.Fatalf("plot %s: %v", png, err)
+	data, err := os.ReadFile(resPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r results
+	if err := json.Unmarshal(data, &r); err != nil {
+		t.Fatalf("results %s: %v", resPath, err)
+	}
+	// Every scenario but the no-op baseline, which is NoopNs.
+	if len(r.Medians) != len(b.scenarios)-1 || r.NoopNs <= 0 {
+		t.Fatalf("results hold %d medians (want %d) and no-op %v ns", len(r.Medians), len(b.scenarios)-1, r.NoopNs)
+	}
+	for _, m := range r.Medians {
+		if m.Ns <= 0 || m.Kind == "" {
+			t.Errorf("result %+v: no median or no kind", m)
+		}
 	}
 }
 

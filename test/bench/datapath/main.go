@@ -24,6 +24,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
@@ -38,6 +39,7 @@ func main() {
 	flag.IntVar(&p.nonSvc, "non-service", 250000, "established non-service flows per datapath")
 	flag.IntVar(&p.newFlows, "new", 50000, "new service flows per datapath per round")
 	flag.IntVar(&p.rounds, "rounds", 5, "rounds; medians are over rounds")
+	setups := flag.Int("setups", 1, "independent setups (fresh maps, traffic seeded seed, seed+1, ...); the ratios are also reported as their median over setups")
 	flag.StringVar(&p.v1Object, "v1", "loader/testdata/v1/pod_bpfel.o", "the v1 pod object")
 	flag.Uint64Var(&p.seed, "seed", 1, "seed of the traffic generator")
 	fwd := flag.String("forwarding", "redirect", "v2 forward stage: redirect (the default) or stack (the stage off)")
@@ -53,14 +55,14 @@ func main() {
 		}
 		p.sizes = append(p.sizes, n)
 	}
-	if p.fanout < 2 || p.v1Fanout < 2 || p.v1Fanout > v1MaxFrontends || p.rounds < 1 || p.flows < 1 || p.nonSvc < 1 || p.newFlows < 1 {
+	if *setups < 1 || p.fanout < 2 || p.v1Fanout < 2 || p.v1Fanout > v1MaxFrontends || p.rounds < 1 || p.flows < 1 || p.nonSvc < 1 || p.newFlows < 1 {
 		fmt.Fprintf(os.Stderr, "datapath bench: need -fanout >= 2, 2 <= -v1-fanout <= %d, and -rounds, -flows, -non-service, -new >= 1\n", v1MaxFrontends)
 		os.Exit(2)
 	}
 	command := "go run ./test/bench/datapath " + strings.Join(os.Args[1:], " ")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, p, *cpu, *png, command); err != nil {
+	if err := run(ctx, p, *setups, *cpu, *png, command); err != nil {
 		fmt.Fprintln(os.Stderr, "datapath bench:", err)
 		stop()
 		os.Exit(1)
@@ -79,7 +81,11 @@ func pinCPU(cpu int) error {
 	return nil
 }
 
-func run(ctx context.Context, p params, cpu int, png, command string) error {
+// run measures setups independent setups one after the other (each one's maps are freed
+// before the next is made). Where a map's memory lands, and where each flow hashes, is fixed
+// for a setup and differs between setups: two paths doing equal work can differ by ±20% in
+// one setup and swap places in the next, so a ratio is judged on its median over setups.
+func run(ctx context.Context, p params, setups, cpu int, png, command string) error {
 	if err := pinCPU(cpu); err != nil {
 		return err
 	}
@@ -88,19 +94,43 @@ func run(ctx context.Context, p params, cpu int, png, command string) error {
 		return fmt.Errorf("load the no-op program: %w", err)
 	}
 	defer noop.Close()
-	fmt.Fprintln(os.Stderr, "setting up the datapaths (frames, Services, opening flows)...")
-	b, err := setup(ctx, p, noop.TernNoop)
+	var perSetup [][]ratio
+	for i := range setups {
+		q := p
+		q.seed = p.seed + uint64(i)
+		rs, err := measureSetup(ctx, q, noop.TernNoop, i == 0, png, command)
+		if err != nil {
+			return fmt.Errorf("setup %d of %d: %w", i+1, setups, err)
+		}
+		perSetup = append(perSetup, rs)
+	}
+	if setups > 1 {
+		reportAcrossSetups(os.Stdout, perSetup)
+	}
+	return nil
+}
+
+// measureSetup makes one setup, measures it and returns its ratios; the first setup's full
+// report (and plot) is printed.
+func measureSetup(ctx context.Context, p params, noop *ebpf.Program, report bool, png, command string) ([]ratio, error) {
+	fmt.Fprintf(os.Stderr, "setting up the datapaths (frames, Services, opening flows; seed %d)...\n", p.seed)
+	b, err := setup(ctx, p, noop)
 	defer b.Close()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	fmt.Fprintf(os.Stderr, "measuring %d scenarios x %d rounds...\n", len(b.scenarios), p.rounds)
 	if err := b.measure(ctx); err != nil {
-		return err
+		return nil, err
+	}
+	if !report {
+		return b.ratios(), nil
 	}
 	b.report(os.Stdout, command)
 	if png != "" {
-		return b.plot(png)
+		if err := b.plot(png); err != nil {
+			return nil, err
+		}
 	}
-	return nil
+	return b.ratios(), nil
 }

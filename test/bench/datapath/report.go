@@ -172,3 +172,37 @@ func (b *bench) checkedRuns() int {
 	}
 	return n
 }
+
+// reportAcrossSetups prints every ratio per setup and its median over setups, which is what
+// the targets are judged on when there is more than one setup.
+func reportAcrossSetups(w io.Writer, perSetup [][]ratio) {
+	fmt.Fprintf(w, "\nThe same ratios (own, over no-op) in each of %d independent setups, and their median:\n\n| ratio |", len(perSetup))
+	for i := range perSetup {
+		fmt.Fprintf(w, " setup %d |", i+1)
+	}
+	fmt.Fprintf(w, " median | target | |\n|---|")
+	for range perSetup {
+		fmt.Fprintf(w, "---:|")
+	}
+	fmt.Fprintf(w, "---:|---:|---|\n")
+	for j, r := range perSetup[0] {
+		if !r.available {
+			continue
+		}
+		vals := make([]float64, 0, len(perSetup))
+		fmt.Fprintf(w, "| %s |", r.what)
+		for _, rs := range perSetup {
+			fmt.Fprintf(w, " %.3f |", rs[j].own)
+			vals = append(vals, rs[j].own)
+		}
+		m := median(vals)
+		verdict := "reference (v1)"
+		if r.judged {
+			verdict = "met"
+			if m > r.target {
+				verdict = fmt.Sprintf("**missed by %.0f%%**", (m/r.target-1)*100)
+			}
+		}
+		fmt.Fprintf(w, " %.3f | ≤ %.1f | %s |\n", m, r.target, verdict)
+	}
+}

@@ -36,6 +36,12 @@ type testRunAttr struct {
 // cilium/ebpf gives either the output (Run) or the duration (Benchmark), not both, and a
 // benchmark must check what every measured run did.
 func Run(prog *ebpf.Program, in, out []byte) (verdict uint32, result []byte, ns uint32, err error) {
+	return RunWithContext(prog, in, out, nil)
+}
+
+// RunWithContext is Run with a context for the program (for tc programs a struct __sk_buff
+// whose settable fields the kernel copies into the skb, such as ingress_ifindex); nil: none.
+func RunWithContext(prog *ebpf.Program, in, out, ctx []byte) (verdict uint32, result []byte, ns uint32, err error) {
 	attr := testRunAttr{
 		progFD:      uint32(prog.FD()),
 		dataSizeIn:  uint32(len(in)),
@@ -44,9 +50,14 @@ func Run(prog *ebpf.Program, in, out []byte) (verdict uint32, result []byte, ns 
 		dataOut:     uint64(uintptr(unsafe.Pointer(unsafe.SliceData(out)))),
 		repeat:      1,
 	}
+	if ctx != nil {
+		attr.ctxSizeIn = uint32(len(ctx))
+		attr.ctxIn = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(ctx))))
+	}
 	_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_TEST_RUN, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
 	runtime.KeepAlive(in)
 	runtime.KeepAlive(out)
+	runtime.KeepAlive(ctx)
 	// With one repetition a kernel since 5.10 checks for signals only after the run is
 	// complete and never returns EINTR; on any error the kernel copies nothing out.
 	if errno != 0 {

@@ -96,8 +96,8 @@ func TestChartLints(t *testing.T) {
 // TestChartRenders: the default values give the objects of deploy/manifests with the same RBAC
 // rules; agent.json and eni_conf pass the agent's own strict parsers; the DaemonSet has the
 // host network, the bpffs and cgroup2 mounts, an unprivileged tern-cni install, a rolling
-// update and the priority class. agent.privileged=false gives capabilities instead of
-// privilege, and priorityClass.create a PriorityClass.
+// update and the priority class. By default the agent gets deploy/manifests' capability list;
+// agent.privileged=true gives privilege instead, and priorityClass.create a PriorityClass.
 func TestChartRenders(t *testing.T) {
 	objs := render(t, nil)
 	var kinds []string
@@ -153,26 +153,44 @@ func TestChartRenders(t *testing.T) {
 		t.Errorf("host paths %v", host)
 	}
 	if len(spec.InitContainers) != 1 || spec.InitContainers[0].Name != "install-cni" ||
-		spec.InitContainers[0].SecurityContext.Capabilities.Drop[0] != "ALL" {
-		t.Errorf("init containers %+v", spec.InitContainers)
+		spec.InitContainers[0].SecurityContext.Capabilities.Drop[0] != "ALL" ||
+		!reflect.DeepEqual(spec.InitContainers[0].Command, []string{"/usr/local/bin/tern-agent", "install-cni", "/host/opt/cni/bin"}) {
+		t.Errorf("init containers %+v; want only install-cni, run by tern-agent (the image has no shell)", spec.InitContainers)
 	}
-	if sc := spec.Containers[0].SecurityContext; sc == nil || sc.Privileged == nil || !*sc.Privileged {
-		t.Errorf("agent security context by default %+v, want privileged (per-interface sysctls)", sc)
-	}
-
-	objs = render(t, map[string]any{"agent": map[string]any{"privileged": false}, "priorityClass": map[string]any{"create": true, "name": "tern-node-critical"}})
-	ds = find[*appsv1.DaemonSet](t, objs, "DaemonSet", "tern-agent")
-	spec = ds.Spec.Template.Spec
+	// By default a capability list, the same one deploy/manifests has (the list test/deploy
+	// runs the real agent with), and sysctls through the host's /proc/sys/net.
 	sc := spec.Containers[0].SecurityContext
 	if sc == nil || sc.Privileged == nil || *sc.Privileged || sc.Capabilities == nil {
-		t.Fatalf("agent security context with agent.privileged=false: %+v", sc)
+		t.Fatalf("agent security context by default: %+v; want a capability list, not privileged", sc)
 	}
-	want := []corev1.Capability{"NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"}
-	if !reflect.DeepEqual(sc.Capabilities.Add, want) || sc.Capabilities.Drop[0] != "ALL" {
-		t.Errorf("capabilities %+v, want add %v drop ALL", sc.Capabilities, want)
+	var want []corev1.Capability
+	for _, c := range find[*appsv1.DaemonSet](t, manifests, "DaemonSet", "tern-agent").Spec.Template.Spec.Containers {
+		if c.Name == "tern-agent" && c.SecurityContext != nil && c.SecurityContext.Capabilities != nil {
+			want = c.SecurityContext.Capabilities.Add
+		}
 	}
-	if len(spec.InitContainers) != 2 || spec.InitContainers[0].Name != "sysctls" || !*spec.InitContainers[0].SecurityContext.Privileged {
-		t.Errorf("init containers without a privileged agent: %+v", spec.InitContainers)
+	if len(want) == 0 || !reflect.DeepEqual(sc.Capabilities.Add, want) || sc.Capabilities.Drop[0] != "ALL" {
+		t.Errorf("capabilities %+v, want add %v (deploy/manifests') drop ALL", sc.Capabilities, want)
+	}
+	env := map[string]string{}
+	for _, e := range spec.Containers[0].Env {
+		env[e.Name] = e.Value
+	}
+	procMount := ""
+	for _, m := range spec.Containers[0].VolumeMounts {
+		if host[m.Name] == "/proc/sys/net" && !m.ReadOnly {
+			procMount = m.MountPath
+		}
+	}
+	if env["TERN_PROC_SYS"] == "" || procMount != env["TERN_PROC_SYS"]+"/net" {
+		t.Errorf("TERN_PROC_SYS=%q, host /proc/sys/net mounted at %q; want it at $TERN_PROC_SYS/net", env["TERN_PROC_SYS"], procMount)
+	}
+
+	objs = render(t, map[string]any{"agent": map[string]any{"privileged": true}, "priorityClass": map[string]any{"create": true, "name": "tern-node-critical"}})
+	ds = find[*appsv1.DaemonSet](t, objs, "DaemonSet", "tern-agent")
+	spec = ds.Spec.Template.Spec
+	if sc := spec.Containers[0].SecurityContext; sc == nil || sc.Privileged == nil || !*sc.Privileged || sc.Capabilities != nil {
+		t.Errorf("agent security context with agent.privileged=true: %+v", sc)
 	}
 	if !hasObject(objs, "PriorityClass", "tern-node-critical") || spec.PriorityClassName != "tern-node-critical" {
 		t.Errorf("priority class %q", spec.PriorityClassName)
@@ -210,7 +228,7 @@ func TestChartAcceptedByAPIServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, vals := range []map[string]any{nil, {"agent": map[string]any{"privileged": false}, "priorityClass": map[string]any{"create": true, "name": "tern-node-critical"}}} {
+	for _, vals := range []map[string]any{nil, {"agent": map[string]any{"privileged": true}, "priorityClass": map[string]any{"create": true, "name": "tern-node-critical"}}} {
 		for _, o := range render(t, vals) {
 			if err := ap.Create(ctx, o, true); err != nil {
 				t.Errorf("values %v: %v", vals, err)

@@ -47,7 +47,7 @@ func TestMain(m *testing.M) {
 // current is set once by TestMain before any test runs and only read afterwards.
 var current *suiteState
 
-func getLab(t *testing.T) *lab.Lab {
+func getLab(t testing.TB) *lab.Lab {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	if _, err := controlplane.BinDir(); err != nil {

@@ -297,7 +297,7 @@ func labelNS(t *testing.T, ctx context.Context, l *lab.Lab, ns, k, v string) {
 	}
 }
 
-func relabelPod(t *testing.T, ctx context.Context, l *lab.Lab, p *lab.Pod, k, v string) {
+func relabelPod(t testing.TB, ctx context.Context, l *lab.Lab, p *lab.Pod, k, v string) {
 	t.Helper()
 	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, k, v)
 	if _, err := l.Client().CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {

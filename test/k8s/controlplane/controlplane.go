@@ -527,6 +527,32 @@ func (c *ControlPlane) RestartAPIServer(ctx context.Context) error {
 	return nil
 }
 
+// RestartEtcd stops etcd and starts it again with the same ports, flags and data directory,
+// then waits for its /health and for the apiserver's /readyz (whose etcd check must pass
+// again): the apiserver sees its storage vanish and its watches on etcd break, as in an
+// etcd member restart.
+func (c *ControlPlane) RestartEtcd(ctx context.Context) error {
+	if c.etcd == nil {
+		return errors.New("restart etcd: it was never started")
+	}
+	if err := c.etcd.stop(30 * time.Second); err != nil {
+		return fmt.Errorf("restart etcd: %w", err)
+	}
+	// Existing data: etcd ignores --initial-cluster-state=new and rejoins as the same member.
+	if err := c.etcd.start(c.sp); err != nil {
+		return fmt.Errorf("restart etcd: %w", err)
+	}
+	if err := c.waitHealthy(ctx, c.etcd, c.etcdURL+"/health"); err != nil {
+		return fmt.Errorf("restart etcd: %w", err)
+	}
+	if c.apiserver != nil {
+		if err := c.waitHealthy(ctx, c.apiserver, c.apiURL+"/readyz"); err != nil {
+			return fmt.Errorf("restart etcd: the apiserver did not become ready again: %w", err)
+		}
+	}
+	return nil
+}
+
 // Stop stops kube-apiserver, then kube-controller-manager, then etcd (SIGTERM, then SIGKILL
 // after a grace period), and removes DataDir if Start created it. It is safe to call twice.
 func (c *ControlPlane) Stop() error {
