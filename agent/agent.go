@@ -35,6 +35,7 @@ import (
 	"github.com/tern-net/tern/ipam/metadata"
 	"github.com/tern-net/tern/ipam/store"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/policy/policymap"
 	"github.com/tern-net/tern/service/lbmap"
 )
 
@@ -73,6 +74,15 @@ type Agent struct {
 	// The bandwidth manager's mode (bandwidth.go) and who hears of endpoint attach/detach.
 	bwMode        bandwidth.Mode
 	endpointHooks []EndpointHooks
+	// policyView answers `ternctl policy get`; set by the NetworkPolicy component.
+	policyView func(namespace, name string) (api.PolicyView, *api.Error)
+}
+
+// SetPolicyView registers what answers api.PathPolicy (the NetworkPolicy reconciler).
+func (a *Agent) SetPolicyView(fn func(namespace, name string) (api.PolicyView, *api.Error)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.policyView = fn
 }
 
 // New checks cfg and builds an agent; it touches nothing.
@@ -207,7 +217,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Forwarding:  loader.Forwarding(a.cfg.Forwarding),
 		MaxServices: a.cfg.MaxServices, MaxBackends: a.cfg.MaxBackends, MaxFlows: a.cfg.MaxFlows,
 		MaxAffinity: a.cfg.MaxAffinity, MaxMaglevBlocks: a.cfg.MaxMaglevBlocks, MaxPolicyCIDRs: a.cfg.MaxPolicyCIDRs,
-		BandwidthEDT: bwMode == bandwidth.ModeEDT, Logger: a.log.Named("loader")}
+		BandwidthEDT: bwMode == bandwidth.ModeEDT, PolicyAllowedEvents: a.cfg.NetworkPolicy.AllowedEvents,
+		Logger: a.log.Named("loader")}
 	if err := a.masqueradeLoadConfig(&lcfg); err != nil {
 		return err
 	}
@@ -234,6 +245,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	dpMetrics := loader.NewCollector(dp.Maps())
 	a.reg.MustRegister(dpMetrics)
 	cleanups = append(cleanups, func() { a.reg.Unregister(dpMetrics) })
+	polMetrics := policymap.NewCollector(dp.PolicyMaps())
+	a.reg.MustRegister(polMetrics)
+	cleanups = append(cleanups, func() { a.reg.Unregister(polMetrics) })
 
 	if err := a.startServiceMaps(dp); err != nil {
 		return err

@@ -16,6 +16,11 @@ type NetworkPolicyConfig struct {
 	Audit bool `json:"audit,omitempty"`
 	// AuditNamespaces puts only these namespaces' pods in audit mode.
 	AuditNamespaces []string `json:"auditNamespaces,omitempty"`
+	// AllowedEvents sends allowed verdicts (the first packet of each new flow of an
+	// isolated pod) to `ternctl monitor` too; denials always are. Off by default: on a busy
+	// node it is one event per connection, and events share one rate limit with drops.
+	// Applied when the datapath is loaded (an agent restart).
+	AllowedEvents bool `json:"allowedEvents,omitempty"`
 }
 
 // TerwayBool reads Terway's ConfigMap-style booleans: "true"/"false" strings or JSON

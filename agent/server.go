@@ -59,9 +59,28 @@ func (a *Agent) handler() http.Handler {
 	route(http.MethodGet, api.PathStatus, a.handleStatus)
 	route(http.MethodGet, api.PathState, a.handleState)
 	route(http.MethodGet, api.PathReady, a.handleReadiness)
+	route(http.MethodPost, api.PathPolicy, a.handlePolicy)
 	mux.Handle("GET "+api.PathReadyz, a.readiness)
 	mux.Handle("GET "+api.PathMetrics, promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
 	return mux
+}
+
+func (a *Agent) handlePolicy(r *http.Request) (any, *api.Error) {
+	var ref api.PodRef
+	if aerr := decode(r, &ref); aerr != nil {
+		return nil, aerr
+	}
+	if ref.Namespace == "" || ref.Name == "" {
+		return nil, &api.Error{Code: api.CodeDecodeFailure, Msg: "policy: namespace and name are required"}
+	}
+	a.mu.Lock()
+	view := a.policyView
+	a.mu.Unlock()
+	if view == nil {
+		return nil, &api.Error{Code: api.CodeNotAvailable, Msg: "networkpolicy is not running in this agent",
+			Details: "it needs a kubeconfig; `ternctl bpf policy get` reads the pinned maps instead"}
+	}
+	return view(ref.Namespace, ref.Name)
 }
 
 func httpStatus(code uint) int {

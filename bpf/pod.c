@@ -146,6 +146,10 @@ int tern_from_pod(struct __sk_buff *skb)
 		return verdict;
 	if (bw_egress(skb) == TC_ACT_SHOT)
 		return TC_ACT_SHOT;
+	if (p.proto == IPPROTO_ICMP) {
+		int reason = policy_icmp(skb, &p, true);
+		return reason ? drop(skb, reason, DIR_FROM_POD) : TC_ACT_OK;
+	}
 	/* Not trackable, or a later fragment whose head needed no translation. */
 	if (!has_ports(p.proto) || !frag_ports(&p))
 		return TC_ACT_OK;
@@ -185,6 +189,10 @@ int tern_to_pod(struct __sk_buff *skb)
 		return verdict;
 	if (bw_ingress(skb) == TC_ACT_SHOT)
 		return TC_ACT_SHOT;
+	if (p.proto == IPPROTO_ICMP) {
+		int reason = policy_icmp(skb, &p, false);
+		return reason ? drop(skb, reason, DIR_TO_POD) : TC_ACT_OK;
+	}
 	if (!has_ports(p.proto) || !frag_ports(&p))
 		return TC_ACT_OK;
 

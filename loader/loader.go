@@ -74,6 +74,9 @@ type Config struct {
 	SNATPortCount uint16
 	SNATTries     uint32
 	MaxSNATFlows  uint32
+	// PolicyAllowedEvents sends allowed NetworkPolicy verdicts on tern_events too (denials
+	// always are): one event per new allowed flow of an isolated pod.
+	PolicyAllowedEvents bool
 	// ForceClsact attaches with clsact even where tcx works, so the fallback stays tested.
 	ForceClsact bool
 	// Forwarding is ForwardRedirect (default) or ForwardStack (forward.go).
@@ -234,6 +237,7 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 		PodVarCFG_SNAT_PORT_MIN:              cfg.SNATPortMin,
 		PodVarCFG_SNAT_PORT_COUNT:            cfg.SNATPortCount,
 		PodVarCFG_SNAT_TRIES:                 cfg.SNATTries,
+		PodVarCFG_POLICY_EVENTS_ALLOWED:      boolByte(cfg.PolicyAllowedEvents),
 		PodVarCFG_NODEPORT_ADDR:              uint32(0),
 	}
 	if cfg.MasqAddr.IsValid() {

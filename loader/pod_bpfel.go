@@ -91,7 +91,7 @@ type PodDropEvent struct {
 	Proto   uint8
 	Reason  PodTernReason
 	Dir     PodTernDir
-	Pad     uint8
+	Kind    uint8
 }
 
 type PodEndpointKey struct {
@@ -205,6 +205,19 @@ type PodPolicyCidrValue struct {
 	Identity uint32
 }
 
+type PodPolicyEvent struct {
+	_            structs.HostLayout
+	Pkt          PodDropEvent
+	Subject      uint32
+	PeerIdentity uint32
+	Slot         uint32
+	Peer         uint32
+	Port         uint16
+	PolicyDir    uint8
+	Verdict      uint8
+	_            [4]byte
+}
+
 type PodPolicyIsoValue struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -218,6 +231,19 @@ type PodPolicyKey struct {
 	Dir       uint8
 	Proto     uint8
 	Port      uint16
+}
+
+type PodPolicyName struct {
+	_    structs.HostLayout
+	Name [320]int8
+}
+
+type PodPolicyStatsKey struct {
+	_       structs.HostLayout
+	Slot    uint32
+	Dir     uint8
+	Verdict uint8
+	Pad     uint16
 }
 
 type PodPolicyValue struct {
@@ -318,6 +344,7 @@ const (
 	PodTernReasonREASON_NODEPORT_REVNAT        PodTernReason = 39
 	PodTernReasonREASON_DROP_SRC_RANGE         PodTernReason = 40
 	PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE PodTernReason = 41
+	PodTernReasonREASON_POLICY_ALLOWED         PodTernReason = 42
 	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 
@@ -345,6 +372,8 @@ const (
 	PodMapTernPolicy                     = "tern_policy"
 	PodMapTernPolicyCidrs                = "tern_policy_cidrs"
 	PodMapTernPolicyIsolation            = "tern_policy_isolation"
+	PodMapTernPolicyNames                = "tern_policy_names"
+	PodMapTernPolicyStats                = "tern_policy_stats"
 	PodMapTernServices                   = "tern_services"
 	PodMapTernSnat                       = "tern_snat"
 	PodMapTernSnatStats                  = "tern_snat_stats"
@@ -362,6 +391,7 @@ const (
 	PodVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
 	PodVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
 	PodVarCFG_NODEPORT_ADDR              = "CFG_NODEPORT_ADDR"
+	PodVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
 	PodVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
@@ -437,6 +467,8 @@ type PodMapSpecs struct {
 	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.MapSpec `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.MapSpec `ebpf:"tern_policy_stats"`
 	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
 	TernSnat            *ebpf.MapSpec `ebpf:"tern_snat"`
 	TernSnatStats       *ebpf.MapSpec `ebpf:"tern_snat_stats"`
@@ -458,6 +490,7 @@ type PodVariableSpecs struct {
 	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
 	CFG_NODEPORT_ADDR              *ebpf.VariableSpec `ebpf:"CFG_NODEPORT_ADDR"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
@@ -503,6 +536,8 @@ type PodMaps struct {
 	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
 	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
 	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.Map `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.Map `ebpf:"tern_policy_stats"`
 	TernServices        *ebpf.Map `ebpf:"tern_services"`
 	TernSnat            *ebpf.Map `ebpf:"tern_snat"`
 	TernSnatStats       *ebpf.Map `ebpf:"tern_snat_stats"`
@@ -530,6 +565,8 @@ func (m *PodMaps) Close() error {
 		m.TernPolicy,
 		m.TernPolicyCidrs,
 		m.TernPolicyIsolation,
+		m.TernPolicyNames,
+		m.TernPolicyStats,
 		m.TernServices,
 		m.TernSnat,
 		m.TernSnatStats,
@@ -552,6 +589,7 @@ type PodVariables struct {
 	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
 	CFG_NODEPORT_ADDR              *ebpf.Variable `ebpf:"CFG_NODEPORT_ADDR"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`

@@ -94,8 +94,10 @@ type policyDP struct {
 	desired *policy.Desired
 }
 
-func newPolicyDP(t *testing.T) *policyDP {
-	d := loadertest.New(t, loader.Config{})
+func newPolicyDP(t *testing.T) *policyDP { return newPolicyDPWith(t, loader.Config{}) }
+
+func newPolicyDPWith(t *testing.T, cfg loader.Config) *policyDP {
+	d := loadertest.New(t, cfg)
 	w, err := policymap.NewWriter(d.PolicyMaps())
 	if err != nil {
 		t.Fatal(err)

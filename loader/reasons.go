@@ -70,6 +70,9 @@ const (
 	ReasonNodePortRevNAT      = PodTernReasonREASON_NODEPORT_REVNAT
 	ReasonDropSrcRange        = PodTernReasonREASON_DROP_SRC_RANGE
 	ReasonDropNodePortNoRoute = PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE
+	// ReasonPolicyAllowed names an allowed verdict on tern_events (policy_event); it is
+	// never counted in tern_metrics (tern_policy_stats counts verdicts per policy).
+	ReasonPolicyAllowed = PodTernReasonREASON_POLICY_ALLOWED
 )
 
 var reasonLabels = map[Reason]string{
@@ -92,6 +95,7 @@ var reasonLabels = map[Reason]string{
 	ReasonNodePortForward: "nodeport_forward", ReasonNodePortSNAT: "nodeport_snat",
 	ReasonNodePortRevNAT: "nodeport_revnat", ReasonDropSrcRange: "drop_src_range",
 	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
+	ReasonPolicyAllowed:       "policy_allowed",
 }
 
 // String is the reason's Prometheus label value.
@@ -128,6 +132,15 @@ func (d PodTernDir) String() string {
 type (
 	DropEvent  = PodDropEvent
 	EventLimit = PodEventLimit
+	// PolicyEvent is a policy verdict (struct policy_event in bpf/lib/policy.h): a
+	// DropEvent of kind EventKindPolicy followed by what was judged.
+	PolicyEvent = PodPolicyEvent
+)
+
+// Event kinds (enum event_kind in bpf/lib/metrics.h): DropEvent.Kind.
+const (
+	EventKindDrop   = 0
+	EventKindPolicy = 1
 )
 
 // Reasons lists every reason with a label, in numeric order (for ternctl's filters).

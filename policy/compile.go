@@ -84,6 +84,12 @@ func (k RuleKey) Covers(proto uint8, port uint16) bool {
 	return port&mask == k.Port&mask
 }
 
+// IsolationKey is an identity isolated in one direction.
+type IsolationKey struct {
+	Subject Identity
+	Dir     Direction
+}
+
 // Desired is what the policy maps must hold.
 type Desired struct {
 	// Shapes describes every pod identity (for ternctl and errors).
@@ -99,11 +105,25 @@ type Desired struct {
 	CIDRs map[netip.Prefix]Identity
 	// Isolation holds the flags of every identity some policy selects (tern_policy_isolation).
 	Isolation map[Identity]uint32
+	// IsolatedBy is, per identity and direction it is isolated in, the index in Policies
+	// of the first policy isolating it: the one a denial is attributed to.
+	IsolatedBy map[IsolationKey]uint32
+	// Selecting lists, per identity, the indexes in Policies of every policy selecting it.
+	Selecting map[Identity][]uint32
 	// Rules are the allow entries (tern_policy); the value is the index in Policies of the
 	// first policy that produced the entry.
 	Rules map[RuleKey]uint32
 	// Policies names the policies by index, "namespace/name".
 	Policies []string
+}
+
+// namedPorts is the named-port table of the pod identity id.
+func namedPorts(order []*shapeInfo, id Identity) map[string]NamedPort {
+	i, ok := slices.BinarySearchFunc(order, id, func(s *shapeInfo, id Identity) int { return cmp.Compare(s.id, id) })
+	if !ok {
+		return nil
+	}
+	return order[i].shape.NamedPorts
 }
 
 type shapeInfo struct {
@@ -130,6 +150,8 @@ func Compile(st State) (*Desired, error) {
 		IPCache:     map[netip.Addr]Identity{},
 		CIDRs:       map[netip.Prefix]Identity{},
 		Isolation:   map[Identity]uint32{},
+		IsolatedBy:  map[IsolationKey]uint32{},
+		Selecting:   map[Identity][]uint32{},
 		Rules:       map[RuleKey]uint32{},
 	}
 	var errs []error
@@ -172,6 +194,10 @@ func Compile(st State) (*Desired, error) {
 		order = append(order, si)
 	}
 	slices.SortFunc(order, func(a, b *shapeInfo) int { return cmp.Compare(a.id, b.id) })
+	namedPortsOf := make(map[Identity]map[string]NamedPort, len(order))
+	for _, si := range order {
+		namedPortsOf[si.id] = si.shape.NamedPorts
+	}
 	for i := range st.Pods {
 		p := &st.Pods[i]
 		nn := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
@@ -189,6 +215,14 @@ func Compile(st State) (*Desired, error) {
 		prefixes = append(prefixes, ps...)
 		errs = append(errs, perrs...)
 	}
+	// An egress rule with a named port and an ipBlock peer: the name resolves on each
+	// destination pod inside the block (an address that is no pod has no named ports), so
+	// every such pod's address becomes a /32 prefix of its own, which gets the enclosing
+	// blocks' rules like any nested prefix plus its resolved port (addRule).
+	for i := range st.Policies {
+		prefixes = append(prefixes, namedBlockPodPrefixes(namedPortBlocks(&st.Policies[i]), d.IPCache,
+			func(id Identity) map[string]NamedPort { return namedPortsOf[id] })...)
+	}
 	pdescs := make([]string, 0, len(prefixes))
 	for _, p := range prefixes {
 		pdescs = append(pdescs, p.String())
@@ -197,6 +231,7 @@ func Compile(st State) (*Desired, error) {
 	for _, p := range prefixes {
 		d.CIDRs[p] = pids[p.String()]
 	}
+	podPrefix := podPrefixes(d.CIDRs, d.IPCache)
 	for _, a := range st.NodeAddrs {
 		d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 	}
@@ -204,13 +239,79 @@ func Compile(st State) (*Desired, error) {
 	for i := range st.Policies {
 		np := &st.Policies[i]
 		d.Policies = append(d.Policies, np.Namespace+"/"+np.Name)
-		c := newContribution(d.CIDRs)
+		c := newContribution(d.CIDRs, podPrefix, d.IPCache)
 		if err := c.compilePolicy(np, order); err != nil {
 			errs = append(errs, err)
 		}
 		c.mergeInto(d, uint32(i))
 	}
 	return d, errors.Join(errs...)
+}
+
+// namedBlock is an egress rule's ipBlock peer with the port names the rule lists.
+type namedBlock struct {
+	cidr  netip.Prefix
+	names []string
+}
+
+// namedPortBlocks is np's egress ipBlock peers whose rule has a named port.
+func namedPortBlocks(np *networkingv1.NetworkPolicy) []namedBlock {
+	var out []namedBlock
+	for _, r := range np.Spec.Egress {
+		var names []string
+		for _, port := range r.Ports {
+			if port.Port != nil && port.Port.Type != 0 && !slices.Contains(names, port.Port.StrVal) {
+				names = append(names, port.Port.StrVal)
+			}
+		}
+		if len(names) == 0 {
+			continue
+		}
+		for _, peer := range r.To {
+			if peer.IPBlock == nil {
+				continue
+			}
+			c, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+			if err != nil || !c.Addr().Is4() {
+				continue
+			}
+			out = append(out, namedBlock{cidr: c.Masked(), names: names})
+		}
+	}
+	return out
+}
+
+// namedBlockPodPrefixes is the /32 of every pod address inside one of blocks whose pod has
+// one of the block's port names.
+func namedBlockPodPrefixes(blocks []namedBlock, ipcache map[netip.Addr]Identity,
+	portsOf func(Identity) map[string]NamedPort) []netip.Prefix {
+	var out []netip.Prefix
+	for _, b := range blocks {
+		for a, id := range ipcache {
+			if !b.cidr.Contains(a) {
+				continue
+			}
+			ports := portsOf(id)
+			for _, n := range b.names {
+				if _, ok := ports[n]; ok {
+					out = append(out, netip.PrefixFrom(a, 32))
+					break
+				}
+			}
+		}
+	}
+	return out
+}
+
+// podPrefixes is the /32 ipBlock prefixes that are pod addresses, by their CIDR identity.
+func podPrefixes(cidrs map[netip.Prefix]Identity, ipcache map[netip.Addr]Identity) map[Identity]netip.Prefix {
+	out := map[Identity]netip.Prefix{}
+	for p, id := range cidrs {
+		if _, ok := ipcache[p.Addr()]; ok && p.Bits() == 32 && id != IdentityHost {
+			out[id] = p
+		}
+	}
+	return out
 }
 
 // policyPrefixes is the IPv4 ipBlock prefixes (cidr and except) of np, and the fields that
@@ -261,10 +362,17 @@ type contribution struct {
 	refs     map[Identity]bool
 	usesCIDR bool
 	anyNamed bool
+	// subjects are the pod identities the policy selects (Desired.Selecting).
+	subjects []Identity
+	// podPrefix and ipcache (read only): the ipBlock /32 prefixes that are pod addresses
+	// and the pods' identities, to resolve an egress named port on an ipBlock peer.
+	podPrefix map[Identity]netip.Prefix
+	ipcache   map[netip.Addr]Identity
 }
 
-func newContribution(cidrs map[netip.Prefix]Identity) *contribution {
-	return &contribution{cidrs: cidrs, iso: map[Identity]uint32{}, rules: map[RuleKey]struct{}{}, refs: map[Identity]bool{}}
+func newContribution(cidrs map[netip.Prefix]Identity, podPrefix map[Identity]netip.Prefix, ipcache map[netip.Addr]Identity) *contribution {
+	return &contribution{cidrs: cidrs, iso: map[Identity]uint32{}, rules: map[RuleKey]struct{}{}, refs: map[Identity]bool{},
+		podPrefix: podPrefix, ipcache: ipcache}
 }
 
 func (c *contribution) put(k RuleKey) { c.rules[k] = struct{}{} }
@@ -273,10 +381,30 @@ func (c *contribution) put(k RuleKey) { c.rules[k] = struct{}{} }
 func (c *contribution) mergeInto(d *Desired, idx uint32) {
 	for id, f := range c.iso {
 		d.Isolation[id] |= f
+		for _, dir := range []Direction{Ingress, Egress} {
+			if f&dir.isolatedFlag() == 0 {
+				continue
+			}
+			k := IsolationKey{Subject: id, Dir: dir}
+			if old, ok := d.IsolatedBy[k]; !ok || idx < old {
+				d.IsolatedBy[k] = idx
+			}
+		}
+	}
+	for _, id := range c.subjects {
+		d.Selecting[id] = append(d.Selecting[id], idx)
 	}
 	for k := range c.rules {
 		d.put(k, idx)
 	}
+}
+
+// isolatedFlag is the Isolation flag of the direction.
+func (dir Direction) isolatedFlag() uint32 {
+	if dir == Ingress {
+		return IsolatedIngress
+	}
+	return IsolatedEgress
 }
 
 // NamespaceLabels returns a namespace's labels with kubernetes.io/metadata.name set, as
@@ -378,6 +506,7 @@ func (c *contribution) compilePolicy(np *networkingv1.NetworkPolicy, order []*sh
 	ing, eg := PolicyTypes(np)
 	for _, s := range subjects {
 		c.refs[s.id] = true
+		c.subjects = append(c.subjects, s.id)
 		if ing {
 			c.iso[s.id] |= IsolatedIngress
 		}
@@ -596,6 +725,16 @@ func (c *contribution) addRule(np *networkingv1.NetworkPolicy, field string, s *
 			}
 			if np, ok := peer.shape.NamedPorts[name]; ok && np.Protocol == protoName {
 				c.put(RuleKey{Subject: s.id, Peer: peer.id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
+			}
+		}
+		// ipBlock peers: the /32 prefixes Compile made for the pods inside them.
+		for _, id := range ps.ids {
+			pfx, ok := c.podPrefix[id]
+			if !ok {
+				continue
+			}
+			if np, ok := namedPorts(order, c.ipcache[pfx.Addr()])[name]; ok && np.Protocol == protoName {
+				c.put(RuleKey{Subject: s.id, Peer: id, Dir: dir, Proto: proto, Port: np.Port, PortBits: 16})
 			}
 		}
 	}

@@ -54,11 +54,25 @@ type Compiler struct {
 	taken    map[Identity]bool
 	policies map[types.NamespacedName]*policyEntry
 	slots    []string // slot -> namespace/name ("" free)
-	owners   map[RuleKey][]uint32
-	isoCount map[Identity]*[2]int // ingress, egress: how many policies isolate it
-	prefixes map[netip.Prefix]int // ipBlock prefix -> how many policies name it
-	dirty    map[types.NamespacedName]bool
-	cidrsSet bool // prefixes changed since the last flush
+	// reserved: slots kept for policies a previous agent had (ReserveSlots), by name and
+	// by slot.
+	reserved     map[string]uint32
+	reservedSlot map[uint32]bool
+	owners       map[RuleKey][]uint32
+	isoCount     map[Identity]*[2]int // ingress, egress: how many policies isolate it
+	// isoOwners and selOwners: the slots of the policies isolating an identity in a
+	// direction (Desired.IsolatedBy names the first) and selecting it (Desired.Selecting).
+	isoOwners map[IsolationKey][]uint32
+	selOwners map[Identity][]uint32
+	// podPfx is, for the ipBlock /32 prefixes that are pod addresses (named ports on
+	// ipBlocks, docs/networkpolicy.md), the pod identity the last CIDR allocation saw;
+	// podPrefix is what the contributions read.
+	podPfx    map[netip.Prefix]Identity
+	podPrefix map[Identity]netip.Prefix
+	allocated map[netip.Prefix]bool // the prefixes the CIDR identities were allocated for
+	prefixes  map[netip.Prefix]int  // ipBlock prefix -> how many policies name it
+	dirty     map[types.NamespacedName]bool
+	cidrsSet  bool // prefixes changed since the last flush
 	// recompiled counts the policies the last Desired call compiled (tests, debug logs).
 	recompiled int
 	// bySubject indexes the rule entries by subject; touched collects the subjects whose
@@ -90,6 +104,7 @@ type podEntry struct {
 
 type policyEntry struct {
 	np       *networkingv1.NetworkPolicy
+	blocks   []namedBlock // egress ipBlock peers with named ports
 	slot     uint32
 	sel      *policySelectors // nil: a selector does not parse (recompiled on every shape change)
 	contrib  *contribution
@@ -109,13 +124,16 @@ type peerSelector struct{ ns, pod labels.Selector } // nil: absent
 func NewCompiler(nodeAddrs []netip.Addr) *Compiler {
 	c := &Compiler{
 		d: &Desired{Shapes: map[Identity]string{}, Namespace: map[Identity]string{}, PodIdentity: map[types.NamespacedName]Identity{},
-			IPCache: map[netip.Addr]Identity{}, CIDRs: map[netip.Prefix]Identity{}, Isolation: map[Identity]uint32{}, Rules: map[RuleKey]uint32{}},
+			IPCache: map[netip.Addr]Identity{}, CIDRs: map[netip.Prefix]Identity{}, Isolation: map[Identity]uint32{}, Rules: map[RuleKey]uint32{},
+			IsolatedBy: map[IsolationKey]uint32{}, Selecting: map[Identity][]uint32{}},
 		nodeAddr: slices.Clone(nodeAddrs),
 		nsLabels: map[string]map[string]string{}, pods: map[types.NamespacedName]*podEntry{}, shapes: map[string]*shapeInfo{},
 		owners4: map[netip.Addr][]types.NamespacedName{},
 		byID:    map[Identity]*shapeInfo{}, taken: map[Identity]bool{}, policies: map[types.NamespacedName]*policyEntry{},
 		owners: map[RuleKey][]uint32{}, isoCount: map[Identity]*[2]int{}, prefixes: map[netip.Prefix]int{},
 		dirty: map[types.NamespacedName]bool{}, bySubject: map[Identity]map[RuleKey]struct{}{}, touched: map[Identity]bool{},
+		isoOwners: map[IsolationKey][]uint32{}, selOwners: map[Identity][]uint32{},
+		podPfx: map[netip.Prefix]Identity{}, podPrefix: map[Identity]netip.Prefix{},
 	}
 	for _, a := range c.nodeAddr {
 		c.d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
@@ -367,6 +385,7 @@ func (c *Compiler) SetPolicy(np *networkingv1.NetworkPolicy) {
 	pe.np = np.DeepCopy()
 	pe.sel = parseSelectors(pe.np)
 	pe.prefixes, pe.errs = policyPrefixes(pe.np)
+	pe.blocks = namedPortBlocks(pe.np)
 	for _, p := range pe.prefixes {
 		if c.prefixes[p] == 0 {
 			c.cidrsSet = true
@@ -401,11 +420,44 @@ func (c *Compiler) dropPrefixes(pe *policyEntry) {
 	pe.prefixes = nil
 }
 
+// ReserveSlots keeps the slots of prev (a previous Desired.Policies, "" free) for their
+// policies: a policy set later gets its old slot back, other new policies take other
+// free slots. A restarted agent passes what tern_policy_names held, so per-policy counters
+// stay with their policies (policymap.Names). Call it before the first SetPolicy.
+func (c *Compiler) ReserveSlots(prev []string) {
+	c.reserved, c.reservedSlot = map[string]uint32{}, map[uint32]bool{}
+	for i, n := range prev {
+		if n != "" {
+			c.reserved[n] = uint32(i)
+			c.reservedSlot[uint32(i)] = true
+		}
+	}
+}
+
+// DropReservations frees the reserved slots no policy claimed (their policies were deleted
+// while no agent ran). Call it once the first full state has been set.
+func (c *Compiler) DropReservations() { c.reserved, c.reservedSlot = nil, nil }
+
 func (c *Compiler) freeSlot(name string) uint32 {
-	if i := slices.Index(c.slots, ""); i >= 0 {
-		c.slots[i] = name
-		c.d.Policies[i] = name
-		return uint32(i)
+	if i, ok := c.reserved[name]; ok {
+		delete(c.reserved, name)
+		delete(c.reservedSlot, i)
+		for uint32(len(c.slots)) <= i {
+			c.slots = append(c.slots, "")
+			c.d.Policies = append(c.d.Policies, "")
+		}
+		if c.slots[i] == "" {
+			c.slots[i] = name
+			c.d.Policies[i] = name
+			return i
+		}
+	}
+	for i, n := range c.slots {
+		if n == "" && !c.reservedSlot[uint32(i)] {
+			c.slots[i] = name
+			c.d.Policies[i] = name
+			return uint32(i)
+		}
 	}
 	c.slots = append(c.slots, name)
 	c.d.Policies = append(c.d.Policies, name)
@@ -427,6 +479,10 @@ func (c *Compiler) unmerge(pe *policyEntry) {
 			n[1]--
 		}
 		c.setIso(id, n)
+		c.isolatedBy(id, f, pe.slot, false)
+	}
+	for _, id := range pe.contrib.subjects {
+		c.selecting(id, pe.slot, false)
 	}
 	for k := range pe.contrib.rules {
 		c.touched[k.Subject] = true
@@ -464,6 +520,10 @@ func (c *Compiler) merge(pe *policyEntry) {
 			n[1]++
 		}
 		c.setIso(id, n)
+		c.isolatedBy(id, f, pe.slot, true)
+	}
+	for _, id := range pe.contrib.subjects {
+		c.selecting(id, pe.slot, true)
 	}
 	for k := range pe.contrib.rules {
 		c.touched[k.Subject] = true
@@ -497,6 +557,49 @@ func (c *Compiler) setIso(id Identity, n *[2]int) {
 	c.d.Isolation[id] = f
 }
 
+// isolatedBy adds (or removes) slot to the policies isolating id in the directions of
+// flags, and keeps Desired.IsolatedBy naming the first in namespace/name order.
+func (c *Compiler) isolatedBy(id Identity, flags uint32, slot uint32, add bool) {
+	for _, dir := range []Direction{Ingress, Egress} {
+		if flags&dir.isolatedFlag() == 0 {
+			continue
+		}
+		k := IsolationKey{Subject: id, Dir: dir}
+		o := c.isoOwners[k]
+		if add {
+			o = append(o, slot)
+		} else {
+			o = slices.DeleteFunc(o, func(s uint32) bool { return s == slot })
+		}
+		if len(o) == 0 {
+			delete(c.isoOwners, k)
+			delete(c.d.IsolatedBy, k)
+			continue
+		}
+		c.isoOwners[k] = o
+		c.d.IsolatedBy[k] = c.first(o)
+	}
+}
+
+// selecting adds (or removes) slot to the policies selecting id; Desired.Selecting lists
+// them in namespace/name order, as Compile does.
+func (c *Compiler) selecting(id Identity, slot uint32, add bool) {
+	o := slices.Clone(c.selOwners[id])
+	if add {
+		o = append(o, slot)
+	} else {
+		o = slices.DeleteFunc(o, func(s uint32) bool { return s == slot })
+	}
+	if len(o) == 0 {
+		delete(c.selOwners, id)
+		delete(c.d.Selecting, id)
+		return
+	}
+	slices.SortFunc(o, func(a, b uint32) int { return strings.Compare(c.slots[a], c.slots[b]) })
+	c.selOwners[id] = o
+	c.d.Selecting[id] = o
+}
+
 // first is the slot of the producing policy first in namespace/name order.
 func (c *Compiler) first(slots []uint32) uint32 {
 	best := slots[0]
@@ -511,17 +614,54 @@ func (c *Compiler) first(slots []uint32) uint32 {
 // Desired recompiles what the changes since the last call affect and returns the maps'
 // contents with every invalid field of every policy, as Compile does.
 func (c *Compiler) Desired() (*Desired, error) {
+	// The prefixes are the policies' ipBlocks plus, for an egress named port on an ipBlock
+	// peer, the /32 of every pod inside the block that has the name (as Compile): those
+	// follow the pods, so they are found again on every call.
+	all := maps.Clone(c.prefixes)
+	for _, pe := range c.policies {
+		if len(pe.blocks) == 0 {
+			continue
+		}
+		for _, p := range namedBlockPodPrefixes(pe.blocks, c.d.IPCache, c.namedPortsOf) {
+			all[p]++
+		}
+	}
+	// A /32 that is a pod's address resolves named ports on that pod: a change of the
+	// pod there changes the rules too.
+	podPfx := map[netip.Prefix]Identity{}
+	for p := range all {
+		if id, ok := c.d.IPCache[p.Addr()]; ok && p.Bits() == 32 {
+			podPfx[p] = id
+		}
+	}
+	if !c.cidrsSet && (len(all) != len(c.allocated) || !maps.Equal(podPfx, c.podPfx)) {
+		c.cidrsSet = true
+	}
+	if !c.cidrsSet {
+		for p := range all {
+			if !c.allocated[p] {
+				c.cidrsSet = true
+				break
+			}
+		}
+	}
 	if c.cidrsSet {
 		c.cidrsSet = false
-		descs := make([]string, 0, len(c.prefixes))
-		for p := range c.prefixes {
+		c.podPfx = podPfx
+		c.allocated = make(map[netip.Prefix]bool, len(all))
+		for p := range all {
+			c.allocated[p] = true
+		}
+		descs := make([]string, 0, len(all))
+		for p := range all {
 			descs = append(descs, p.String())
 		}
 		ids := allocate(descs, cidrIdentityBit, cidrIdentityBit|(cidrIdentityBit-1))
 		clear(c.d.CIDRs)
-		for p := range c.prefixes {
+		for p := range all {
 			c.d.CIDRs[p] = ids[p.String()]
 		}
+		c.podPrefix = podPrefixes(c.d.CIDRs, c.d.IPCache)
 		for _, a := range c.nodeAddr {
 			c.d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 		}
@@ -535,7 +675,7 @@ func (c *Compiler) Desired() (*Desired, error) {
 	for nn := range c.dirty {
 		pe := c.policies[nn]
 		c.unmerge(pe)
-		pe.contrib = newContribution(c.d.CIDRs)
+		pe.contrib = newContribution(c.d.CIDRs, c.podPrefix, c.d.IPCache)
 		var errs []error
 		if err := pe.contrib.compilePolicy(pe.np, c.order); err != nil {
 			errs = append(errs, err)
@@ -554,6 +694,14 @@ func (c *Compiler) Desired() (*Desired, error) {
 		errs = append(errs, c.policies[nn].errs...)
 	}
 	return c.d, errors.Join(errs...)
+}
+
+// namedPortsOf is the named ports of a pod identity (nil: none or no such identity).
+func (c *Compiler) namedPortsOf(id Identity) map[string]NamedPort {
+	if si := c.byID[id]; si != nil {
+		return si.shape.NamedPorts
+	}
+	return nil
 }
 
 func (c *Compiler) prefixErrs(pe *policyEntry) []error {

@@ -47,6 +47,30 @@ func sameDesired(inc, full *policy.Desired) error {
 			return fmt.Errorf("rule %+v names %s, whole compile %s", k, inc.Policies[iv], full.Policies[v])
 		}
 	}
+	// The isolators (which policy a denial is attributed to) and the selecting policies.
+	if len(inc.IsolatedBy) != len(full.IsolatedBy) {
+		return fmt.Errorf("%d isolators, whole compile %d", len(inc.IsolatedBy), len(full.IsolatedBy))
+	}
+	for k, v := range full.IsolatedBy {
+		iv, ok := inc.IsolatedBy[k]
+		if !ok || inc.Policies[iv] != full.Policies[v] {
+			return fmt.Errorf("isolator %+v: %q (%v), whole compile %s", k, inc.Policies[iv], ok, full.Policies[v])
+		}
+	}
+	if len(inc.Selecting) != len(full.Selecting) {
+		return fmt.Errorf("%d selected identities, whole compile %d", len(inc.Selecting), len(full.Selecting))
+	}
+	for id, fs := range full.Selecting {
+		is := inc.Selecting[id]
+		if len(is) != len(fs) {
+			return fmt.Errorf("identity %d: selected by %d policies, whole compile %d", id, len(is), len(fs))
+		}
+		for i := range fs {
+			if inc.Policies[is[i]] != full.Policies[fs[i]] {
+				return fmt.Errorf("identity %d: selecting policy %d is %s, whole compile %s", id, i, inc.Policies[is[i]], full.Policies[fs[i]])
+			}
+		}
+	}
 	return nil
 }
 

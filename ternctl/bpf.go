@@ -11,6 +11,9 @@ func bpfViews() []func(*env) *cobra.Command {
 		bpfCTCommand,
 		bpfEndpointCommand,
 		bpfMetricsCommand,
+		bpfPolicyCommand,
+		bpfNATCommand,
+		bpfBandwidthCommand,
 	}
 }
 

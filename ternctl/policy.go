@@ -5,7 +5,7 @@ import "github.com/spf13/cobra"
 // policyCommands are the `ternctl policy` subcommands, one file each (policy_<name>.go):
 // `policy simulate` goes here as policy_simulate.go with a func(*env) *cobra.Command.
 func policyCommands() []func(*env) *cobra.Command {
-	return []func(*env) *cobra.Command{policySimulateCommand}
+	return []func(*env) *cobra.Command{policySimulateCommand, policyGetCommand}
 }
 
 func policyCommand(e *env) *cobra.Command {

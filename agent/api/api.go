@@ -25,6 +25,7 @@ const (
 	PathStatus   = "/v1/status"        // GET → Status
 	PathState    = "/v1/state"         // GET → State (tests, ternctl)
 	PathReady    = "/v1/readiness"     // GET → Readiness (ternctl status)
+	PathPolicy   = "/v1/policy"        // POST PodRef (namespace, name) → PolicyView (ternctl policy get)
 	PathReadyz   = "/readyz"           // GET → the metrics listener's /readyz, on the socket too
 	PathMetrics  = "/metrics"          // Prometheus text format
 )
@@ -194,6 +195,60 @@ type State struct {
 	Allocations map[string]Allocation `json:"allocations"` // key namespace/name/containerID
 	// BandwidthMode is how pod egress limits are enforced: "edt" or "policer".
 	BandwidthMode string `json:"bandwidthMode,omitempty"`
+}
+
+// PolicyView is what NetworkPolicy does to one pod: `ternctl policy get` (from the agent,
+// with names and selectors resolved) and `ternctl bpf policy get` (from the pinned maps).
+type PolicyView struct {
+	Pod      string `json:"pod,omitempty"` // namespace/name
+	Address  string `json:"address,omitempty"`
+	Identity uint32 `json:"identity"`
+	// Labels of the identity as the compiler saw them (agent only).
+	Shape           string `json:"shape,omitempty"`
+	IsolatedIngress bool   `json:"isolatedIngress"`
+	IsolatedEgress  bool   `json:"isolatedEgress"`
+	Audit           bool   `json:"audit"`
+	// Enforced: the pod's endpoint has the policy stage on (bpf view only).
+	Enforced *bool `json:"enforced,omitempty"`
+	// Policies selecting the pod (agent), or named by its map entries (bpf), by name.
+	Policies []PolicyOfPod `json:"policies"`
+}
+
+// PolicyOfPod is one policy as it applies to a pod.
+type PolicyOfPod struct {
+	Name string `json:"name"` // namespace/name; "slot N" when the name is unknown
+	Slot uint32 `json:"slot"`
+	// Isolates lists the directions in which denials are attributed to this policy (the
+	// first by name of the policies isolating the pod).
+	Isolates []string          `json:"isolates,omitempty"`
+	Rules    []PolicyRule      `json:"rules"`
+	Counters PolicyCounterPair `json:"counters"`
+}
+
+// PolicyRule is one resolved allow entry: a peer and a port block in one direction.
+type PolicyRule struct {
+	Direction    string `json:"direction"` // ingress, egress
+	PeerIdentity uint32 `json:"peerIdentity"`
+	// Peer describes the identity: "any", a pod shape's labels (agent) or its addresses
+	// (bpf), an ipBlock prefix.
+	Peer     string `json:"peer"`
+	Protocol string `json:"protocol"` // TCP, UDP, SCTP, or "any" (every protocol and port, ICMP too)
+	Ports    string `json:"ports"`    // "8080", "8000-8063", or "any"
+}
+
+// PolicyCounterPair is a policy's judged packets in each direction.
+type PolicyCounterPair struct {
+	Ingress PolicyCounters `json:"ingress"`
+	Egress  PolicyCounters `json:"egress"`
+}
+
+// PolicyCounters count judged packets: the first packet of each allowed flow, every denied
+// one (tern_policy_stats).
+type PolicyCounters struct {
+	AllowedPackets uint64 `json:"allowedPackets"`
+	AllowedBytes   uint64 `json:"allowedBytes"`
+	DeniedPackets  uint64 `json:"deniedPackets"`
+	DeniedBytes    uint64 `json:"deniedBytes"`
 }
 
 // Error is an error response.

@@ -59,6 +59,12 @@ func (c *Client) Lookup(ctx context.Context, r PodRef) (LookupResponse, error) {
 	return out, c.do(ctx, http.MethodPost, PathLookup, r, &out)
 }
 
+// Policy returns what NetworkPolicy does to a pod (r's namespace and name).
+func (c *Client) Policy(ctx context.Context, r PodRef) (PolicyView, error) {
+	var out PolicyView
+	return out, c.do(ctx, http.MethodPost, PathPolicy, r, &out)
+}
+
 // Release returns the sandbox's address to the pool (idempotent).
 func (c *Client) Release(ctx context.Context, r PodRef) (ReleaseResponse, error) {
 	var out ReleaseResponse

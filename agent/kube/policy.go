@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/agent/readiness"
 	"github.com/tern-net/tern/endpoint"
 	"github.com/tern-net/tern/loader"
@@ -48,6 +49,8 @@ type policyReconciler struct {
 	audit   func(namespace string) bool
 	reg     *endpoint.Registry
 	writer  *policymap.Writer
+	names   *policymap.Names // tern_policy_names, owned by the sync loop
+	maps    *loader.PolicyMaps
 	log     *zap.Logger
 	ready   *readiness.Component
 	client  kubernetes.Interface
@@ -73,6 +76,11 @@ type policyReconciler struct {
 	fullSynced bool
 	inMaps     map[policy.Identity]bool
 
+	// compiled guards the compiler's state (its Desired) against View: the sync loop holds
+	// it to change that state; View reads it, which the writers' reads do not disturb.
+	compiled sync.RWMutex
+	desired  *policy.Desired // the last compiled state (View), nil before the first sync
+
 	mu     sync.Mutex
 	lookup *identityLookup // the last compiled identities, read by the registry's PolicyFunc
 	synced bool
@@ -92,7 +100,11 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 	if err != nil {
 		return nil, fmt.Errorf("networkpolicy: %w", err)
 	}
-	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, log: log.Named("policy"),
+	names, err := policymap.NewNames(maps)
+	if err != nil {
+		return nil, fmt.Errorf("networkpolicy: %w", err)
+	}
+	r := &policyReconciler{node: node, enforce: enforce, audit: audit, reg: reg, writer: w, names: names, maps: maps, log: log.Named("policy"),
 		ready: ready, client: client, trigger: make(chan struct{}, 1), remote: map[netip.Addr]bool{}, recorder: recorder,
 		seen: map[string]string{}, seenPods: map[types.NamespacedName]bool{},
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tern_networkpolicy_sync_failures_total",
@@ -221,6 +233,8 @@ func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
 		addrs := r.nodeAddrs(ctx)
 		if r.compiler == nil || len(addrs) > 0 {
 			r.compiler = policy.NewCompiler(addrs)
+			// Each policy gets the slot it had (its counters), also across agent restarts.
+			r.compiler.ReserveSlots(r.names.Previous())
 			r.compilerHasNode = len(addrs) > 0
 			r.fullSynced = false
 			clear(r.seen)
@@ -292,8 +306,12 @@ func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
 
 func (r *policyReconciler) sync(ctx context.Context) error {
 	localIDs := map[policy.Identity]bool{}
+	r.compiled.Lock()
 	local := r.feed(ctx)
 	d, err := r.compiler.Desired()
+	touched := r.compiler.TakeTouched()
+	r.desired = d
+	r.compiled.Unlock()
 	if err != nil {
 		// One bad policy must not stall every other change; what Compile returns with the
 		// error allows nothing the bad fields would have allowed.
@@ -302,7 +320,6 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	for _, nn := range local {
 		localIDs[d.PodIdentity[nn]] = true
 	}
-	touched := r.compiler.TakeTouched()
 	// Previous local identities stay in the maps until the endpoints have moved to the new
 	// ones, so no endpoint ever points at an identity without its rules.
 	current := map[policy.Identity]bool{}
@@ -340,6 +357,10 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 			subjects[id] = true
 		}
 	}
+	// New policies' slots are named, their counters zeroed, before any entry refers to them.
+	if err := r.names.Assign(d.Policies); err != nil {
+		return err
+	}
 	if err := write(subjects); err != nil {
 		return err
 	}
@@ -361,7 +382,88 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	}
 	r.inMaps = localIDs
 	r.fullSynced = true
+	// Deleted policies' slots lose their names once no entry names them; slots kept for a
+	// previous agent's policies that no longer exist are freed.
+	r.compiler.DropReservations()
+	if err := r.names.Release(d.Policies); err != nil {
+		return err
+	}
 	return r.syncRemote(d)
+}
+
+// View is what NetworkPolicy does to a pod, from the last compiled state and the counters:
+// `ternctl policy get`.
+func (r *policyReconciler) View(namespace, name string) (api.PolicyView, *api.Error) {
+	r.compiled.RLock()
+	defer r.compiled.RUnlock()
+	d := r.desired
+	if d == nil {
+		return api.PolicyView{}, &api.Error{Code: api.CodeTryAgainLater, Msg: "networkpolicy has not synced yet", Details: "retry in a moment"}
+	}
+	nn := types.NamespacedName{Namespace: namespace, Name: name}
+	id, ok := d.PodIdentity[nn]
+	if !ok {
+		return api.PolicyView{}, &api.Error{Code: api.CodeUnknownPod, Msg: "no such pod in the cluster as the agent sees it",
+			Details: fmt.Sprintf("pod %s (Succeeded, Failed and host-network pods have no policy)", nn)}
+	}
+	v := api.PolicyView{Pod: nn.String(), Identity: uint32(id), Shape: d.Shapes[id], Policies: []api.PolicyOfPod{}}
+	if o, ok, _ := r.pods.GetStore().GetByKey(nn.String()); ok {
+		v.Address = o.(*corev1.Pod).Status.PodIP
+	}
+	iso := d.Isolation[id]
+	v.IsolatedIngress = iso&policy.IsolatedIngress != 0
+	v.IsolatedEgress = iso&policy.IsolatedEgress != 0
+	v.Audit = (v.IsolatedIngress || v.IsolatedEgress) && r.audit(namespace)
+	describe := func(peer policy.Identity) string {
+		switch {
+		case peer == policy.IdentityAny:
+			return "any"
+		case peer.IsCIDR():
+			for p, cid := range d.CIDRs {
+				if cid == peer {
+					return p.String()
+				}
+			}
+		default:
+			if s, ok := d.Shapes[peer]; ok {
+				return s
+			}
+		}
+		return fmt.Sprintf("identity %d", peer)
+	}
+	byIdx := map[uint32]*api.PolicyOfPod{}
+	for _, idx := range d.Selecting[id] {
+		name := d.Policies[idx]
+		p := &api.PolicyOfPod{Name: name, Slot: policymap.Slot(idx), Rules: []api.PolicyRule{}}
+		for _, dir := range []policy.Direction{policy.Ingress, policy.Egress} {
+			if by, ok := d.IsolatedBy[policy.IsolationKey{Subject: id, Dir: dir}]; ok && by == idx {
+				p.Isolates = append(p.Isolates, dir.String())
+			}
+		}
+		byIdx[idx] = p
+	}
+	for k := range r.compiler.RulesOf(id) {
+		p := byIdx[d.Rules[k]]
+		if p == nil {
+			continue
+		}
+		rv := policymap.RuleView(k)
+		rv.Peer = describe(k.Peer)
+		p.Rules = append(p.Rules, rv)
+	}
+	for _, idx := range d.Selecting[id] {
+		p := byIdx[idx]
+		if p.Slot != 0 {
+			c, err := policymap.Counters(r.maps.Stats, p.Slot)
+			if err != nil {
+				return v, &api.Error{Code: api.CodeInternal, Msg: "read policy counters", Details: err.Error()}
+			}
+			p.Counters = c
+		}
+		policymap.SortRules(p.Rules)
+		v.Policies = append(v.Policies, *p)
+	}
+	return v, nil
 }
 
 // endpointPolicy is the registry's PolicyFunc: the identity of the pod by name (an attach
@@ -435,6 +537,7 @@ func (c *Component) startPolicy(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.a.SetPolicyView(r.View)
 	c.log.Info("networkpolicy", zap.Bool("enforce", cfg.PolicyEnforced()), zap.Bool("audit", cfg.NetworkPolicy.Audit),
 		zap.Strings("auditNamespaces", cfg.NetworkPolicy.AuditNamespaces))
 	c.wg.Add(1)

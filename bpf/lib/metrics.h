@@ -56,6 +56,7 @@ enum tern_reason : __u8 {
 	REASON_NODEPORT_REVNAT = 39, /* an external client's reply restored (from-netdev: SNAT flow; to-netdev: local backend) */
 	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
+	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
 	__REASON_MAX = 64,
 };
 
@@ -112,8 +113,14 @@ static __always_inline void count_event(__u8 reason, __u8 dir)
 		v->packets++;
 }
 
+enum event_kind {
+	EVENT_DROP = 0,   /* struct drop_event: drop() */
+	EVENT_POLICY = 1, /* struct policy_event (policy.h), which starts with a drop_event */
+};
+
 /* One dropped packet, for `ternctl monitor`: sent on tern_events by drop(). Addresses and
- * ports are as on the wire (network order), 0 where the packet has none. */
+ * ports are as on the wire (network order), 0 where the packet has none. Other kinds of
+ * events start with one (kind says which), so a reader can always decode this much. */
 struct drop_event {
 	__u64 ts_ns;   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u32 ifindex; /* skb->ifindex: the pod's host veth, or the ENI / primary NIC */
@@ -125,12 +132,12 @@ struct drop_event {
 	__u8 proto;
 	enum tern_reason reason;
 	enum tern_dir dir;
-	__u8 pad;
+	__u8 kind; /* enum event_kind */
 };
 
-/* tern_events: a ring buffer of struct drop_event, 256 KiB (~6,500 events). Nothing is
- * evicted: a full buffer refuses new events, counted in event_limit.lost_full. Writer: drop()
- * in every program, at most EVENT_RATE per second per CPU. Reader: `ternctl monitor` (one
+/* tern_events: a ring buffer of struct drop_event and policy_event, 256 KiB (~6,500 events). Nothing is
+ * evicted: a full buffer refuses new events, counted in event_limit.lost_full. Writers: drop()
+ * in every program, the policy stage (policy.h); at most EVENT_RATE per second per CPU. Reader: `ternctl monitor` (one
  * reader at a time: readers share the consumer position). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -188,33 +195,39 @@ static __always_inline struct event_limit *event_allowed(void)
 	return l;
 }
 
-/* emit_drop reads the addresses and ports with bpf_skb_load_bytes rather than the parsed
+/* event_fill reads the addresses and ports with bpf_skb_load_bytes rather than the parsed
  * headers: drop() is called before parsing succeeds too (a truncated or bad header). */
+static __always_inline void event_fill(struct __sk_buff *skb, struct drop_event *ev, __u8 reason, __u8 dir)
+{
+	struct iphdr ip;
+	__be16 ports[2];
+
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ifindex = skb->ifindex;
+	ev->len = skb->len;
+	ev->reason = reason;
+	ev->dir = dir;
+	if (skb->protocol == bpf_htons(ETH_P_IP) && bpf_skb_load_bytes(skb, 14, &ip, sizeof(ip)) == 0) {
+		ev->saddr = ip.saddr;
+		ev->daddr = ip.daddr;
+		ev->proto = ip.protocol;
+		if (ip.ihl >= 5 && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
+				    ip.protocol == IPPROTO_SCTP) &&
+		    bpf_skb_load_bytes(skb, 14 + ip.ihl * 4, ports, sizeof(ports)) == 0) {
+			ev->sport = ports[0];
+			ev->dport = ports[1];
+		}
+	}
+}
+
 static __always_inline void emit_drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	struct event_limit *l = event_allowed();
 	struct drop_event ev = {};
-	struct iphdr ip;
-	__be16 ports[2];
 
 	if (!l)
 		return;
-	ev.ts_ns = bpf_ktime_get_ns();
-	ev.ifindex = skb->ifindex;
-	ev.len = skb->len;
-	ev.reason = reason;
-	ev.dir = dir;
-	if (skb->protocol == bpf_htons(ETH_P_IP) && bpf_skb_load_bytes(skb, 14, &ip, sizeof(ip)) == 0) {
-		ev.saddr = ip.saddr;
-		ev.daddr = ip.daddr;
-		ev.proto = ip.protocol;
-		if (ip.ihl >= 5 && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
-				    ip.protocol == IPPROTO_SCTP) &&
-		    bpf_skb_load_bytes(skb, 14 + ip.ihl * 4, ports, sizeof(ports)) == 0) {
-			ev.sport = ports[0];
-			ev.dport = ports[1];
-		}
-	}
+	event_fill(skb, &ev, reason, dir);
 	if (bpf_ringbuf_output(&tern_events, &ev, sizeof(ev), 0))
 		l->lost_full++;
 }
@@ -222,6 +235,8 @@ static __always_inline void emit_drop(struct __sk_buff *skb, __u8 reason, __u8 d
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	count(skb, reason, dir);
-	emit_drop(skb, reason, dir);
+	/* The policy stage sent a policy_event for it already, naming the policy. */
+	if (reason != REASON_DROP_POLICY)
+		emit_drop(skb, reason, dir);
 	return TC_ACT_SHOT;
 }

@@ -25,12 +25,14 @@ struct flow {
 	struct ct_key key;
 	struct ct_value *ct; /* NULL: no live entry */
 	bool from_a;         /* the packet's sender is side a of key */
+	__u16 policy;        /* no entry yet: the verdicts (ct_policy_flag) to create it with */
 };
 
 static __always_inline void flow_lookup(const struct pkt *p, __u64 now, struct flow *f)
 {
 	ct_flow_key(&f->key, p->saddr, p->sport, p->daddr, p->dport, p->proto, &f->from_a);
 	f->ct = ct_lookup(&f->key, now);
+	f->policy = 0;
 }
 
 /* The two sides of a key, loaded into registers before choosing one. Choosing with
@@ -320,7 +322,7 @@ static __always_inline int flow_track(const struct pkt *p, __u64 now, struct flo
 	struct ct_value *ct = f->ct;
 
 	if (!ct) {
-		struct ct_value v = {};
+		struct ct_value v = { .policy = f->policy };
 
 		if (!f->from_a)
 			v.flags |= CT_F_ORIGIN_B;

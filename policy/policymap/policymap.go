@@ -55,14 +55,45 @@ func RuleKey(k policy.RuleKey) loader.PolicyKey {
 		Dir: uint8(k.Dir), Proto: k.Proto, Port: be16(k.Port)}
 }
 
+// IsolatorKey is the tern_policy entry naming the policy that isolates subject in dir.
+func IsolatorKey(subject policy.Identity, dir policy.Direction) loader.PolicyKey {
+	return loader.PolicyKey{Prefixlen: 72, Subject: be32(uint32(subject)), Dir: uint8(dir) | loader.PolicyDirIsolator}
+}
+
+// DecodeRuleKey is RuleKey's inverse; isolator tells an isolator entry (Dir without the
+// isolator bit in k).
+func DecodeRuleKey(lk loader.PolicyKey) (k policy.RuleKey, isolator bool) {
+	k = policy.RuleKey{Subject: policy.Identity(be32(lk.Subject)), Peer: policy.Identity(be32(lk.Peer)),
+		Dir: policy.Direction(lk.Dir &^ loader.PolicyDirIsolator), Proto: lk.Proto, Port: be16(lk.Port)}
+	if lk.Prefixlen > 80 {
+		k.PortBits = uint8(lk.Prefixlen - 80)
+	}
+	if lk.Prefixlen <= 72 {
+		k.Proto, k.Port = 0, 0
+	}
+	return k, lk.Dir&loader.PolicyDirIsolator != 0
+}
+
 // CIDRKey encodes a prefix of tern_policy_cidrs.
 func CIDRKey(p netip.Prefix) loader.PolicyCIDRKey {
 	return loader.PolicyCIDRKey{Prefixlen: uint32(p.Bits()), Addr: loader.AddrToBE(p.Masked().Addr())}
 }
 
+// Slot is the datapath's slot (tern_policy_names, tern_policy_stats, policy events) of the
+// policy Desired.Policies[i]: i+1, slot 0 meaning "unknown" (also for the policies past the
+// first PolicySlots-1). The compiler keeps a policy's index for its life
+// (policy.Compiler), so its counters stay its own.
+func Slot(i uint32) uint32 {
+	if i+1 >= loader.PolicySlots {
+		return 0
+	}
+	return i + 1
+}
+
 // Encode turns d into map contents.
 func Encode(d *policy.Desired, o Options) Entries {
 	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	slot := Slot
 	e := Entries{
 		Rules:     make(map[loader.PolicyKey]loader.PolicyValue, len(d.Rules)),
 		Isolation: make(map[uint32]loader.PolicyIsoValue, len(d.Isolation)),
@@ -70,7 +101,13 @@ func Encode(d *policy.Desired, o Options) Entries {
 	}
 	for k, idx := range d.Rules {
 		if local(k.Subject) {
-			e.Rules[RuleKey(k)] = loader.PolicyValue{Policy: idx}
+			e.Rules[RuleKey(k)] = loader.PolicyValue{Policy: slot(idx)}
+		}
+	}
+	// The isolator entries: which policy a denial is attributed to (bpf/lib/policy.h).
+	for k, idx := range d.IsolatedBy {
+		if local(k.Subject) {
+			e.Rules[IsolatorKey(k.Subject, k.Dir)] = loader.PolicyValue{Policy: slot(idx)}
 		}
 	}
 	for id, flags := range d.Isolation {
@@ -244,13 +281,19 @@ func isFull(err error) bool { return errors.Is(err, unix.E2BIG) || errors.Is(err
 func (w *Writer) SyncSubjects(d *policy.Desired, rulesOf func(policy.Identity) map[policy.RuleKey]struct{},
 	subjects map[policy.Identity]bool, o Options) (Stats, error) {
 	local := func(id policy.Identity) bool { return o.Local == nil || o.Local(id) }
+	slot := Slot
 	small := Encode(&policy.Desired{Isolation: d.Isolation, CIDRs: d.CIDRs}, o)
 	want := map[loader.PolicyKey]loader.PolicyValue{}
 	var gone []loader.PolicyKey
 	for id := range subjects {
 		if local(id) {
 			for k := range rulesOf(id) {
-				want[RuleKey(k)] = loader.PolicyValue{Policy: d.Rules[k]}
+				want[RuleKey(k)] = loader.PolicyValue{Policy: slot(d.Rules[k])}
+			}
+			for _, dir := range []policy.Direction{policy.Ingress, policy.Egress} {
+				if idx, ok := d.IsolatedBy[policy.IsolationKey{Subject: id, Dir: dir}]; ok {
+					want[IsolatorKey(id, dir)] = loader.PolicyValue{Policy: slot(idx)}
+				}
 			}
 		}
 		for k := range w.bySubject[be32(uint32(id))] {

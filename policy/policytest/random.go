@@ -158,11 +158,10 @@ func Random(seed uint64, nProbes int) Scenario {
 	return sc
 }
 
-// randRule makes one rule's peers and ports. Egress rules with a named port get no ipBlock
-// peer: the compiler resolves named ports on pod identities only (docs/networkpolicy.md).
+// randRule makes one rule's peers and ports (egress rules with a named port and an ipBlock
+// peer included: the name resolves on each destination pod inside the block).
 func randRule(r *rand.Rand, egress bool) ([]networkingv1.NetworkPolicyPeer, []networkingv1.NetworkPolicyPort) {
 	var ports []networkingv1.NetworkPolicyPort
-	named := false
 	for range r.IntN(3) {
 		var p networkingv1.NetworkPolicyPort
 		switch r.IntN(3) {
@@ -183,18 +182,13 @@ func randRule(r *rand.Rand, egress bool) ([]networkingv1.NetworkPolicyPeer, []ne
 		case 4:
 			v := intstr.FromString(pick(r, []string{"http", "dns", "sctp"}))
 			p.Port = &v
-			named = true
 		}
 		ports = append(ports, p)
 	}
 	var peers []networkingv1.NetworkPolicyPeer
 	for range r.IntN(3) {
 		var p networkingv1.NetworkPolicyPeer
-		kind := r.IntN(4)
-		if egress && named && kind == 3 {
-			kind = 0
-		}
-		switch kind {
+		switch r.IntN(4) {
 		case 0:
 			p.PodSelector = randSelector(r, podKeys)
 		case 1:

@@ -17,7 +17,11 @@
 //   - A rule allows a port when it lists no ports, or when any listed port matches:
 //     protocol (default TCP) equal, and port absent (all ports), equal to the number, inside
 //     [port, endPort], or a name that the destination pod has as a container port of that
-//     protocol.
+//     protocol. A named port towards an ipBlock peer thus matches only pod addresses inside
+//     the block (an address that is not a pod has no container ports).
+//   - ICMP (not a NetworkPolicy protocol, left to implementations): we follow Cilium, whose
+//     ICMP passes only rules that list no ports. As the port rule above already says: a
+//     rule with ports matches only their protocols, so ICMP needs a rule without ports.
 //   - Namespaces carry kubernetes.io/metadata.name=<name> (the apiserver sets it).
 //   - A pod cannot block access to itself; traffic to and from the pod's own node is
 //     always allowed (not modelled here: queries are between pods and external addresses).

@@ -173,11 +173,18 @@ func ParseProbes(r io.Reader) ([]Probe, error) {
 			p.Protocol = "TCP"
 		}
 		p.Protocol = strings.ToUpper(p.Protocol)
-		if policy.ProtoNumber(corev1.Protocol(p.Protocol)) == 0 {
-			errs = append(errs, fmt.Errorf("probe %d: protocol %q is not TCP, UDP or SCTP", i, p.Protocol))
-		}
-		if p.Port < 1 || p.Port > 65535 {
-			errs = append(errs, fmt.Errorf("probe %d: port %d is not 1-65535", i, p.Port))
+		if p.Protocol == "ICMP" {
+			// An echo request: no port (docs/networkpolicy.md, ICMP).
+			if p.Port != 0 {
+				errs = append(errs, fmt.Errorf("probe %d: ICMP has no port: leave port out or 0 (got %d)", i, p.Port))
+			}
+		} else {
+			if policy.ProtoNumber(corev1.Protocol(p.Protocol)) == 0 {
+				errs = append(errs, fmt.Errorf("probe %d: protocol %q is not TCP, UDP, SCTP or ICMP", i, p.Protocol))
+			}
+			if p.Port < 1 || p.Port > 65535 {
+				errs = append(errs, fmt.Errorf("probe %d: port %d is not 1-65535", i, p.Port))
+			}
 		}
 		if p.From == "" || p.To == "" {
 			errs = append(errs, fmt.Errorf("probe %d: from and to are both required (\"NS/POD\" or an IPv4 address)", i))

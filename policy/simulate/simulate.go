@@ -119,7 +119,7 @@ func (s *Simulator) Run(st policy.State, probes []Probe) ([]Result, error) {
 			continue
 		}
 		res := Result{From: pr.From, To: pr.To, Port: pr.Port, Protocol: pr.Protocol, Egress: true, Ingress: true}
-		frame := probeFrame(src.addr, dst.addr, sourcePort(i), uint16(pr.Port), policy.ProtoNumber(corev1.Protocol(pr.Protocol)))
+		frame := probeFrame(src.addr, dst.addr, sourcePort(i), uint16(pr.Port), probeProto(pr.Protocol))
 		if src.pod != nil {
 			if res.Egress, err = s.runAs(desired, src, s.dp.FromPod(), frame, 0); err != nil {
 				return nil, fmt.Errorf("probe %d: %w", i, err)
@@ -142,9 +142,22 @@ func (s *Simulator) Run(st policy.State, probes []Probe) ([]Result, error) {
 // sourcePort gives each probe of a run its own flow.
 func sourcePort(i int) uint16 { return uint16(10000 + i%50000) }
 
+// probeProto is a probe's IP protocol number (ICMP is not a NetworkPolicy protocol).
+func probeProto(p string) uint8 {
+	if p == "ICMP" {
+		return packet.ProtoICMP
+	}
+	return policy.ProtoNumber(corev1.Protocol(p))
+}
+
+// probeFrame is a connection's first packet: a TCP SYN, a UDP or SCTP datagram, or an ICMP
+// echo request (type 8).
 func probeFrame(src, dst netip.Addr, sport, dport uint16, proto uint8) []byte {
 	f := packet.Frame{SrcMAC: [6]byte{2, 0, 0, 0, 0, 1}, DstMAC: [6]byte{2, 0, 0, 0, 0, 2}, Src: src, Dst: dst,
 		Proto: proto, SrcPort: sport, DstPort: dport, ID: 1}
+	if proto == packet.ProtoICMP {
+		f.SrcPort, f.DstPort, f.ICMPType = 0, 0, 8
+	}
 	if proto == packet.ProtoTCP {
 		f.TCPFlags = packet.SYN
 		f.Seq = 1

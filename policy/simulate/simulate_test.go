@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/tern-net/tern/internal/testutil"
+	"github.com/tern-net/tern/policy"
 	"github.com/tern-net/tern/policy/policytest"
 	"github.com/tern-net/tern/policy/simulate"
 )
@@ -137,4 +138,57 @@ func TestParseStateErrors(t *testing.T) {
 			t.Errorf("ParseState(%q) error %v, want it to mention %q", c.in, err, c.want)
 		}
 	}
+}
+
+// ICMP (an echo request per probe) on the same random scenarios: the simulator's real
+// programs, the compiled maps (Decide) and the reference evaluator agree. An isolated pod
+// takes and sends ICMP only through rules without ports.
+func TestSimulatorICMPAgreesWithReference(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	sim, err := simulate.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	allowed, denied := 0, 0
+	for seed := uint64(1); seed <= 60; seed++ {
+		sc := policytest.Random(seed, 30)
+		for i := range sc.Probes {
+			sc.Probes[i].Protocol, sc.Probes[i].Port = "ICMP", 0
+		}
+		want, err := policytest.Reference(&sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := policy.Compile(sc.State)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var in []simulate.Probe
+		for _, p := range sc.Probes {
+			in = append(in, simulate.Probe{From: p.From, To: p.To, Protocol: "ICMP"})
+		}
+		got, err := sim.Run(sc.State, in)
+		if err != nil {
+			t.Fatalf("seed %d: %v", seed, err)
+		}
+		for i := range got {
+			src, _ := policytest.Resolve(&sc.State, sc.Probes[i].From)
+			dst, _ := policytest.Resolve(&sc.State, sc.Probes[i].To)
+			eg, ing := d.Decide(src.Addr, dst.Addr, 1, 0)
+			if got[i].Egress != want[i].Egress || got[i].Ingress != want[i].Ingress || eg != want[i].Egress || ing != want[i].Ingress {
+				t.Fatalf("seed %d ICMP probe %d %+v: simulator %+v, compiled egress=%v ingress=%v, reference %+v",
+					seed, i, sc.Probes[i], got[i], eg, ing, want[i])
+			}
+			if got[i].Allowed {
+				allowed++
+			} else {
+				denied++
+			}
+		}
+	}
+	if allowed == 0 || denied == 0 {
+		t.Fatalf("ICMP probes: %d allowed, %d denied: the scenarios must exercise both", allowed, denied)
+	}
+	t.Logf("ICMP: %d allowed, %d denied, all agree", allowed, denied)
 }

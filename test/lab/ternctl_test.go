@@ -18,7 +18,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
@@ -56,8 +58,11 @@ func ternctlJSON[T any](t *testing.T, ctx context.Context, n *lab.Node, args ...
 // TestTernctlAgainstALiveAgent runs every ternctl command against a lab node's agent with a
 // Service, a backend and a client that used it, and checks the parsed JSON (YAML for one):
 // status, ipam show, service list, bpf lb/ct/endpoint/metrics list, monitor (a drop caused on
-// purpose shows within a second); then, with the agent stopped, that the map views still work
-// and the agent's commands exit 3.
+// purpose shows within a second); then, with a NetworkPolicy denying the client: monitor
+// --type policy (the denial within a second, naming the policy), policy get, bpf policy get
+// and the tern_policy_verdict metrics with the denial counted; bpf bandwidth list after an
+// annotation; bpf nat list; then, with the agent stopped, that the map views still work and
+// the agent's commands exit 3.
 func TestTernctlAgainstALiveAgent(t *testing.T) {
 	l := upKubernetes(t, lab.Options{Nodes: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -305,6 +310,167 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 		}
 	})
 
+	// NetworkPolicy: web-0 takes only app=web pods (itself) on 8080, so the client is
+	// denied; the denial shows in monitor within a second naming the policy, in the policy
+	// views with its counters, and in /metrics.
+	_, err = c.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-friends"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Port: ptrTo(intstr.FromInt32(8080))}}}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const policyName = ns + "/web-friends"
+	backendAddr := backend.IP.String()
+	// Wait for the rules in the node's maps (read directly, as bpf policy get does).
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		v := ternctlJSON[api.PolicyView](t, ctx, n, "bpf", "policy", "get", backendAddr)
+		if v.IsolatedIngress && len(v.Policies) == 1 && v.Policies[0].Name == policyName {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("policy %s never reached %s's maps: %+v", policyName, n.Name, v)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	t.Run("monitor policy", func(t *testing.T) {
+		mctx, mcancel := context.WithTimeout(ctx, 20*time.Second)
+		defer mcancel()
+		lines, done := startMonitor(t, mctx, n, "monitor", "--pod", ns+"/client", "--type", "policy", "--count", "1", "-o", "json")
+		sent := time.Now()
+		denied := make(chan error, 1)
+		go func() {
+			dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
+			defer dcancel()
+			_, err := client.HTTPGet(dctx, "http://"+wantBackend+"/")
+			denied <- err
+		}()
+		defer func() {
+			if err := <-denied; err == nil {
+				t.Errorf("client reached %s through a policy that denies it", wantBackend)
+			}
+		}()
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("monitor printed nothing (exit %d)", <-done)
+			}
+			took := time.Since(sent)
+			var ev ternctl.PolicyEvent
+			if err := json.Unmarshal([]byte(line), &ev); err != nil {
+				t.Fatalf("%q: %v", line, err)
+			}
+			if ev.Type != "policy" || ev.Verdict != "denied" || ev.Direction != "ingress" || ev.Policy != policyName ||
+				ev.Pod != ns+"/web-0" || ev.PodAddress != backend.IP || ev.Peer != client.IP || ev.PeerPod != ns+"/client" ||
+				ev.Port != 8080 || ev.Proto != "TCP" || ev.Slot == 0 {
+				t.Errorf("event %+v", ev)
+			}
+			t.Logf("denial shown %s after the connect: %s", took, line)
+			if took > time.Second {
+				t.Errorf("took %s, want under a second", took)
+			}
+		case <-time.After(time.Second):
+			t.Fatal("no policy denial shown within a second")
+		}
+		if code := <-done; code != 0 {
+			t.Errorf("monitor --count 1 exited %d", code)
+		}
+	})
+
+	checkPolicyView := func(t *testing.T, v api.PolicyView, fromAgent bool) {
+		t.Helper()
+		if !v.IsolatedIngress || v.IsolatedEgress || v.Identity == 0 || v.Address != backendAddr || v.Pod != ns+"/web-0" || len(v.Policies) != 1 {
+			t.Fatalf("view %+v", v)
+		}
+		p := v.Policies[0]
+		if p.Name != policyName || p.Slot == 0 || len(p.Isolates) != 1 || p.Isolates[0] != "ingress" || len(p.Rules) != 1 {
+			t.Fatalf("policy %+v", p)
+		}
+		r := p.Rules[0]
+		if r.Direction != "ingress" || r.Protocol != "TCP" || r.Ports != "8080" || r.PeerIdentity == 0 {
+			t.Errorf("rule %+v", r)
+		}
+		// The agent names the peer by its labels, the maps by the addresses holding it.
+		if fromAgent && !strings.Contains(r.Peer, `"app"="web"`) || !fromAgent && r.Peer != "pods "+backendAddr {
+			t.Errorf("peer %q: want web-0's labels (agent) or address (maps)", r.Peer)
+		}
+		if p.Counters.Ingress.DeniedPackets == 0 || p.Counters.Ingress.DeniedBytes < 40*p.Counters.Ingress.DeniedPackets {
+			t.Errorf("counters %+v: want the client's denied SYNs", p.Counters)
+		}
+	}
+	t.Run("policy get", func(t *testing.T) {
+		checkPolicyView(t, ternctlJSON[api.PolicyView](t, ctx, n, "policy", "get", ns+"/web-0"), true)
+		var out, errb bytes.Buffer
+		if code := ternctlOn(ctx, n, &out, &errb, "policy", "get", ns+"/nope"); code != ternctl.ExitFailure {
+			t.Errorf("policy get of an unknown pod: exit %d (%s), want %d", code, errb.String(), ternctl.ExitFailure)
+		}
+	})
+	t.Run("bpf policy get", func(t *testing.T) {
+		v := ternctlJSON[api.PolicyView](t, ctx, n, "bpf", "policy", "get", ns+"/web-0")
+		if v.Enforced == nil || !*v.Enforced {
+			t.Errorf("enforced %v", v.Enforced)
+		}
+		checkPolicyView(t, v, false)
+	})
+	t.Run("policy metrics", func(t *testing.T) {
+		text, err := api.NewClient(n.Socket(), 5*time.Second).Metrics(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, l := range strings.Split(text, "\n") {
+			if strings.HasPrefix(l, `tern_policy_verdict_packets_total{direction="ingress",policy="`+policyName+`",verdict="denied"} `) &&
+				!strings.HasSuffix(l, " 0") {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no denied packets of %s in /metrics:\n%s", policyName, grepLines(text, "tern_policy"))
+		}
+	})
+
+	t.Run("bpf bandwidth list", func(t *testing.T) {
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{
+			"kubernetes.io/egress-bandwidth": "10M"}}})
+		if _, err := c.CoreV1().Pods(ns).Patch(ctx, "client", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(30 * time.Second); ; {
+			bws := ternctlJSON[[]ternctl.Bandwidth](t, ctx, n, "bpf", "bandwidth", "list")
+			if len(bws) == 1 {
+				b := bws[0]
+				if b.Address != client.IP || b.Pod != ns+"/client" || b.Interface != clientVeth || b.EgressBitsPerSecond != 10_000_000 ||
+					b.IngressBitsPerSecond != 0 || (b.Mode != "edt" && b.Mode != "policer") || b.EgressBurst == "" {
+					t.Errorf("bandwidth %+v", b)
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("bpf bandwidth list: %+v after 30 s, want the client's 10M egress", bws)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+
+	t.Run("bpf nat list", func(t *testing.T) {
+		// The lab runs without masquerade (its pods stay in the VPC): the view reads the
+		// pinned tern_snat and prints an empty list, not null.
+		var out, errb bytes.Buffer
+		if code := ternctlOn(ctx, n, &out, &errb, "bpf", "nat", "list", "-o", "json"); code != 0 {
+			t.Fatalf("exit %d: %s", code, errb.String())
+		}
+		var nat []ternctl.NATEntry
+		if err := json.Unmarshal(out.Bytes(), &nat); err != nil || nat == nil {
+			t.Fatalf("bpf nat list -o json: %v\n%s", err, out.String())
+		}
+	})
+
 	// The map views need no agent; the agent's own commands say it is down with exit 3.
 	if err := n.StopAgent(); err != nil {
 		t.Fatal(err)
@@ -315,13 +481,63 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	if flows := ternctlJSON[[]ternctl.Flow](t, ctx, n, "bpf", "ct", "list", "--address", client.IP.String()); len(flows) == 0 {
 		t.Error("bpf ct list --address shows no flow of the client with the agent stopped")
 	}
-	for _, args := range [][]string{{"status"}, {"ipam", "show"}, {"bpf", "ct", "list", "--pod", ns + "/client"}} {
+	v := ternctlJSON[api.PolicyView](t, ctx, n, "bpf", "policy", "get", backendAddr)
+	if len(v.Policies) != 1 || v.Policies[0].Name != policyName || v.Policies[0].Counters.Ingress.DeniedPackets == 0 {
+		t.Errorf("bpf policy get %s with the agent stopped: %+v", backendAddr, v)
+	}
+	if bws := ternctlJSON[[]ternctl.Bandwidth](t, ctx, n, "bpf", "bandwidth", "list"); len(bws) != 1 || bws[0].EgressBitsPerSecond != 10_000_000 {
+		t.Errorf("bpf bandwidth list with the agent stopped: %+v", bws)
+	}
+	for _, args := range [][]string{{"status"}, {"ipam", "show"}, {"bpf", "ct", "list", "--pod", ns + "/client"}, {"policy", "get", ns + "/web-0"}} {
 		var out, errb bytes.Buffer
 		if code := ternctlOn(ctx, n, &out, &errb, args...); code != ternctl.ExitAgentDown {
 			t.Errorf("ternctl %s with the agent stopped: exit %d (%s), want %d", strings.Join(args, " "), code, errb.String(), ternctl.ExitAgentDown)
 		}
 	}
 }
+
+// startMonitor runs ternctl monitor with args on n until ctx ends or it exits, waits until
+// it reads the ring buffer, and returns its stdout lines and its exit code.
+func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) (<-chan string, <-chan int) {
+	t.Helper()
+	outR, outW := io.Pipe()
+	errR, errW := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		code := ternctlOn(ctx, n, outW, errW, args...)
+		outW.Close()
+		errW.Close()
+		done <- code
+	}()
+	started := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(errR)
+		ok := false
+		for sc.Scan() {
+			if !ok && strings.Contains(sc.Text(), "monitoring drops") {
+				ok = true
+				started <- true
+			}
+		}
+		if !ok {
+			started <- false
+		}
+	}()
+	if !<-started {
+		t.Fatalf("monitor ended before reading (exit %d)", <-done)
+	}
+	lines := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(outR)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	return lines, done
+}
+
+func ptrTo[T any](v T) *T { return &v }
 
 // sendBadIPFrom sends, from the pod's eth0 through a packet socket, a UDP frame to dst whose
 // IPv4 total length is shorter than its header: tern_from_pod drops it as drop_bad_ip.
