@@ -334,6 +334,46 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 	}
 }
 
+// An idle established service flow whose translated (REVNAT) half the LRU evicted while
+// its SVC half survived: the client's next packet, well within the SVC entry's lifetime (so
+// its deadline does not move and the halves are not merged), rebuilds the lost half, and the
+// backend's reply is translated back to the frontend instead of reaching the client from the
+// backend's address (which resets the connection). The chaos map-full test saw this gap.
+func TestIdleServiceFlowRebuildsItsLostReplyHalf(t *testing.T) {
+	for _, proto := range []uint8{packet.ProtoTCP, packet.ProtoUDP} {
+		t.Run(protoName(proto), func(t *testing.T) {
+			h := newCT(t, loader.Config{})
+			loadertest.PutService(t, h.m, 1, vip.String(), 80, proto, loadertest.B(be1.String(), 8080))
+			out := h.forward(frame(proto, client, 3000, vip, 80, packet.SYN))
+			wantAddrPort(t, "first packet", out.Dst, out.DstPort, be1, 8080)
+			h.reply(frame(proto, be1, 8080, client, 3000, packet.SYN|packet.ACK))
+			h.forward(frame(proto, client, 3000, vip, 80, packet.ACK))
+
+			revKey := loader.CTFlowKey(client, 3000, be1, 8080, proto)
+			var rev loader.CTValue
+			if err := h.m.CT.Lookup(revKey, &rev); err != nil || rev.Flags&loader.CTFlagRevNAT == 0 {
+				t.Fatalf("the established flow has no REVNAT half at %+v: %+v, %v", revKey, rev, err)
+			}
+			if err := h.m.CT.Delete(revKey); err != nil {
+				t.Fatal(err)
+			}
+			out = h.forward(frame(proto, client, 3000, vip, 80, packet.ACK))
+			wantAddrPort(t, "client packet after the REVNAT half was lost", out.Dst, out.DstPort, be1, 8080)
+			var got loader.CTValue
+			if err := h.m.CT.Lookup(revKey, &got); err != nil {
+				t.Fatalf("the client's packet did not rebuild the lost REVNAT half: %v", err)
+			}
+			if got.Flags != rev.Flags || got.NatAddr != rev.NatAddr || got.NatPort != rev.NatPort ||
+				got.NatSport != rev.NatSport || got.SvcId != rev.SvcId {
+				t.Errorf("rebuilt REVNAT half %+v, want the lost one's %+v", got, rev)
+			}
+			in := h.reply(frame(proto, be1, 8080, client, 3000, packet.ACK))
+			wantAddrPort(t, "reply after the REVNAT half was rebuilt", in.Src, in.SrcPort, vip, 80)
+			wantAddrPort(t, "reply's destination", in.Dst, in.DstPort, client, 3000)
+		})
+	}
+}
+
 // Capacity: a conntrack map of N entries holds N live flows inserted from one CPU, less at
 // most the 128 spare entries each other CPU may keep on its local free list (the kernel's
 // LOCAL_FREE_TARGET; the Go thread running the test moves between CPUs). Per-CPU LRU lists
