@@ -98,9 +98,12 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 {
 	struct ct_value v = {};
 
+	/* An entry of the wrong kind at the other key is not the other half: a packet that
+	 * found neither half (a backend's reply after the LRU took the REVNAT half) was tracked
+	 * as a plain flow there. It is overwritten, or the pair would stay broken. */
 	if (svc) {
 		rev = bpf_map_lookup_elem(&tern_conntrack, fk);
-		if (rev) {
+		if (rev && (rev->flags & CT_F_REVNAT)) {
 			if (merge)
 				svc_merge(svc, rev, proto, now);
 			return;
@@ -118,7 +121,7 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 		return;
 	}
 	svc = bpf_map_lookup_elem(&tern_conntrack, sk);
-	if (svc) {
+	if (svc && (svc->flags & CT_F_SVC)) {
 		if (merge)
 			svc_merge(svc, rev, proto, now);
 		return;
