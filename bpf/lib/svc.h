@@ -7,9 +7,10 @@
  *   svc_restore   a backend's reply found on a REVNAT entry: back to frontend -> client
  *
  * Both entries of a service flow (SVC: the client's tuple; REVNAT: the translated one) can
- * be rebuilt from each other, and each re-touches the other whenever it pushes its own
- * deadline (svc_keep_pair), so LRU pressure evicts idle flows whole rather than a live flow
- * by halves. */
+ * be rebuilt from each other (svc_keep_pair). Every client packet looks the REVNAT half up
+ * and rebuilds it if the LRU took it (an idle flow can lose one half and keep the other);
+ * the halves merge their state whenever either pushes its deadline. A client packet whose
+ * SVC half is gone finds its backend through the REVNAT half (svc_recover_slot). */
 #pragma once
 
 #include "common.h"
