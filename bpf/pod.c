@@ -201,6 +201,13 @@ int tern_to_pod(struct __sk_buff *skb)
 	/* A client's untranslated tuple seen coming in is not a reply to restore. */
 	if (f.ct && (f.ct->flags & CT_F_SVC))
 		return TC_ACT_OK;
+	/* A handshake reply whose flow the pod opened has an entry, unless the LRU evicted it
+	 * under pressure before the reply came: a service flow's reply then reaches the client
+	 * untranslated and the connection fails (the client's SYN retransmission rebuilds the
+	 * flow). Counted, so that a conntrack too small for its load is visible. */
+	if (!f.ct && p.proto == IPPROTO_TCP &&
+	    (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK))
+		count(skb, REASON_CT_REPLY_LOST, DIR_TO_POD);
 	int reason = policy_to_pod(skb, &p, &f);
 	if (!reason)
 		reason = flow_track(&p, now, &f, &reply);

@@ -334,6 +334,87 @@ func TestServiceFlowHalvesRebuildEachOther(t *testing.T) {
 	}
 }
 
+// An idle established service flow whose translated (REVNAT) half the LRU evicted while
+// its SVC half survived: the client's next packet, well within the SVC entry's lifetime (so
+// its deadline does not move and the halves are not merged), rebuilds the lost half, and the
+// backend's reply is translated back to the frontend instead of reaching the client from the
+// backend's address (which resets the connection). The chaos map-full test saw this gap.
+func TestIdleServiceFlowRebuildsItsLostReplyHalf(t *testing.T) {
+	for _, proto := range []uint8{packet.ProtoTCP, packet.ProtoUDP} {
+		t.Run(protoName(proto), func(t *testing.T) {
+			h := newCT(t, loader.Config{})
+			loadertest.PutService(t, h.m, 1, vip.String(), 80, proto, loadertest.B(be1.String(), 8080))
+			out := h.forward(frame(proto, client, 3000, vip, 80, packet.SYN))
+			wantAddrPort(t, "first packet", out.Dst, out.DstPort, be1, 8080)
+			h.reply(frame(proto, be1, 8080, client, 3000, packet.SYN|packet.ACK))
+			h.forward(frame(proto, client, 3000, vip, 80, packet.ACK))
+
+			revKey := loader.CTFlowKey(client, 3000, be1, 8080, proto)
+			var rev loader.CTValue
+			if err := h.m.CT.Lookup(revKey, &rev); err != nil || rev.Flags&loader.CTFlagRevNAT == 0 {
+				t.Fatalf("the established flow has no REVNAT half at %+v: %+v, %v", revKey, rev, err)
+			}
+			if err := h.m.CT.Delete(revKey); err != nil {
+				t.Fatal(err)
+			}
+			out = h.forward(frame(proto, client, 3000, vip, 80, packet.ACK))
+			wantAddrPort(t, "client packet after the REVNAT half was lost", out.Dst, out.DstPort, be1, 8080)
+			var got loader.CTValue
+			if err := h.m.CT.Lookup(revKey, &got); err != nil {
+				t.Fatalf("the client's packet did not rebuild the lost REVNAT half: %v", err)
+			}
+			if got.Flags != rev.Flags || got.NatAddr != rev.NatAddr || got.NatPort != rev.NatPort ||
+				got.NatSport != rev.NatSport || got.SvcId != rev.SvcId {
+				t.Errorf("rebuilt REVNAT half %+v, want the lost one's %+v", got, rev)
+			}
+			in := h.reply(frame(proto, be1, 8080, client, 3000, packet.ACK))
+			wantAddrPort(t, "reply after the REVNAT half was rebuilt", in.Src, in.SrcPort, vip, 80)
+			wantAddrPort(t, "reply's destination", in.Dst, in.DstPort, client, 3000)
+		})
+	}
+}
+
+// A new service flow whose REVNAT half the LRU took before the backend's SYN-ACK (the
+// kernel recycles the newest unreferenced entries of a small, busy map first): the SYN-ACK
+// finds no entry, is counted as ct_reply_lost and reaches the client untranslated (the
+// connection's first attempt fails; nothing else could translate it). The entry to-pod then
+// tracks for it at the REVNAT key is a plain flow, not the pair's half: the client's SYN
+// retransmission must overwrite it with the rebuilt half, so the retried handshake's reply
+// is translated.
+func TestHandshakeReplyAfterItsFlowWasEvicted(t *testing.T) {
+	h := newCT(t, loader.Config{})
+	loadertest.PutService(t, h.m, 1, vip.String(), 80, packet.ProtoTCP, loadertest.B(be1.String(), 8080))
+	h.forward(tcp(client, 3000, vip, 80, packet.SYN))
+	revKey := loader.CTFlowKey(client, 3000, be1, 8080, packet.ProtoTCP)
+	if err := h.m.CT.Delete(revKey); err != nil {
+		t.Fatal(err)
+	}
+	lost := loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod)
+	in := h.reply(tcp(be1, 8080, client, 3000, packet.SYN|packet.ACK))
+	wantAddrPort(t, "SYN-ACK with its flow's entries gone (passed as it is)", in.Src, in.SrcPort, be1, 8080)
+	if got := loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod) - lost; got != 1 {
+		t.Errorf("ct_reply_lost counted %d for the untracked SYN-ACK, want 1", got)
+	}
+	out := h.forward(tcp(client, 3000, vip, 80, packet.SYN))
+	wantAddrPort(t, "the client's SYN retransmission", out.Dst, out.DstPort, be1, 8080)
+	in = h.reply(tcp(be1, 8080, client, 3000, packet.SYN|packet.ACK))
+	wantAddrPort(t, "the retried handshake's SYN-ACK", in.Src, in.SrcPort, vip, 80)
+	// An established flow's reply that found no entry is not a handshake reply: not counted.
+	lost = loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod)
+	h.forward(tcp(client, 3000, vip, 80, packet.ACK))
+	if err := h.m.CT.Delete(revKey); err != nil {
+		t.Fatal(err)
+	}
+	h.reply(tcp(be1, 8080, client, 3000, packet.ACK))
+	if got := loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod) - lost; got != 0 {
+		t.Errorf("ct_reply_lost counted %d for a mid-flow segment, want 0", got)
+	}
+	// ... and the client's next packet repairs the pair all the same.
+	h.forward(tcp(client, 3000, vip, 80, packet.ACK))
+	in = h.reply(tcp(be1, 8080, client, 3000, packet.ACK))
+	wantAddrPort(t, "reply once the client's packet replaced the plain entry", in.Src, in.SrcPort, vip, 80)
+}
+
 // Capacity: a conntrack map of N entries holds N live flows inserted from one CPU, less at
 // most the 128 spare entries each other CPU may keep on its local free list (the kernel's
 // LOCAL_FREE_TARGET; the Go thread running the test moves between CPUs). Per-CPU LRU lists

@@ -296,7 +296,7 @@ func boolByte(b bool) uint8 {
 	return 0
 }
 
-// maxSNATTries is SNAT_MAX_TRIES in bpf/lib/snat.h: the bpf_loop bound.
+// maxSNATTries is SNAT_MAX_TRIES in bpf/lib/portclaim.h: the bpf_loop bound.
 const maxSNATTries = 256
 
 // configureSpec sets the load-time variables and map sizes an object declares (the pod and

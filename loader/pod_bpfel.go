@@ -345,6 +345,7 @@ const (
 	PodTernReasonREASON_DROP_SRC_RANGE         PodTernReason = 40
 	PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE PodTernReason = 41
 	PodTernReasonREASON_POLICY_ALLOWED         PodTernReason = 42
+	PodTernReasonREASON_CT_REPLY_LOST          PodTernReason = 43
 	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 

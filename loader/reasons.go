@@ -73,6 +73,10 @@ const (
 	// ReasonPolicyAllowed names an allowed verdict on tern_events (policy_event); it is
 	// never counted in tern_metrics (tern_policy_stats counts verdicts per policy).
 	ReasonPolicyAllowed = PodTernReasonREASON_POLICY_ALLOWED
+	// ReasonCTReplyLost counts (to-pod) a TCP SYN-ACK that found no conntrack entry: the
+	// LRU evicted its flow's entries before the reply, and a service flow's reply then
+	// reaches the client untranslated. Not a drop: the packet passes as it is.
+	ReasonCTReplyLost = PodTernReasonREASON_CT_REPLY_LOST
 )
 
 var reasonLabels = map[Reason]string{
@@ -96,6 +100,7 @@ var reasonLabels = map[Reason]string{
 	ReasonNodePortRevNAT: "nodeport_revnat", ReasonDropSrcRange: "drop_src_range",
 	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
 	ReasonPolicyAllowed:       "policy_allowed",
+	ReasonCTReplyLost:         "ct_reply_lost",
 }
 
 // String is the reason's Prometheus label value.

@@ -15,10 +15,11 @@
  * service flow.
  *
  * Keeping the pair together under map pressure: both entries live in one global LRU map,
- * each can be rebuilt from the other, and whenever a packet pushes its entry's deadline
- * (svc.h) it looks the other up, merges their state, or rebuilds it if the LRU took it. A
- * lookup marks an LRU entry as referenced, so an active flow keeps both halves warm; the LRU
- * evicts idle flows first. */
+ * each can be rebuilt from the other. Every client packet looks the REVNAT half up and
+ * rebuilds it if the LRU took it; whenever a packet pushes its entry's deadline (svc.h) the
+ * two merge their state. A lookup marks an LRU entry as referenced, so an active flow keeps
+ * both halves warm; the LRU evicts idle flows first, but not whole: an idle flow may lose
+ * either half, and its next packet repairs it. */
 #pragma once
 
 #include "common.h"

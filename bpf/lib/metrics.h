@@ -57,6 +57,7 @@ enum tern_reason : __u8 {
 	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
 	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
+	REASON_CT_REPLY_LOST = 43,  /* to-pod: a TCP SYN-ACK with no conntrack entry (the LRU took its flow's before the reply); passed as it is */
 	__REASON_MAX = 64,
 };
 

@@ -32,6 +32,7 @@
 #include "lb.h"
 #include "metrics.h"
 #include "nat.h"
+#include "portclaim.h"
 #include "reject.h"
 #include "snat.h"
 #include "svc.h"
@@ -110,56 +111,27 @@ static __always_inline bool np_touch(struct np_rev *v, __u64 now, __u8 proto, __
 }
 
 struct np_alloc {
-	/* in */
 	__be32 backend;
 	__be16 bport;
-	__be16 sport; /* the client's port: the first candidate */
-	__u8 proto;
-	__u32 seed;
-	__u64 now;
-	struct np_rev v;
-	/* out */
-	__be16 port;
-	int result; /* 0 claimed, else a drop reason */
+	struct np_rev v; /* the claim's value */
+	struct port_claim pc;
 };
 
 /* One candidate port: claim it if free (or expired), take it back if it is this flow's. */
 static long np_try(__u32 i, struct np_alloc *a)
 {
-	__be16 port = a->sport;
 	struct ct_key k;
-	bool from_a;
+	__be16 port;
 
-	if (i >= CFG_SNAT_TRIES) {
-		a->result = REASON_DROP_SNAT_NO_PORT;
+	if (!port_claim_key(&a->pc, i, CFG_NODEPORT_ADDR, a->backend, a->bport, &k, &port))
 		return 1;
-	}
-	if (i > 0)
-		port = bpf_htons(CFG_SNAT_PORT_MIN +
-				 snat_mix(a->seed + i * 0x9e3779b9) % CFG_SNAT_PORT_COUNT);
-	ct_flow_key(&k, CFG_NODEPORT_ADDR, port, a->backend, a->bport, a->proto, &from_a);
 	struct np_rev *old = bpf_map_lookup_elem(&tern_nodeport_snat, &k);
-	if (old) {
-		if (old->client_addr == a->v.client_addr && old->client_port == a->v.client_port &&
-		    old->front_addr == a->v.front_addr && old->front_port == a->v.front_port) {
-			*old = a->v; /* this flow's own: its SVC entry was lost */
-			goto claimed;
-		}
-		if (old->expires_ns >= a->now)
-			return 0;
-		bpf_map_delete_elem(&tern_nodeport_snat, &k);
+	if (old && old->client_addr == a->v.client_addr && old->client_port == a->v.client_port &&
+	    old->front_addr == a->v.front_addr && old->front_port == a->v.front_port) {
+		*old = a->v; /* this flow's own: its SVC entry was lost */
+		return port_claim_done(&a->pc, port);
 	}
-	long err = bpf_map_update_elem(&tern_nodeport_snat, &k, &a->v, BPF_NOEXIST);
-	if (err == -SNAT_EEXIST)
-		return 0;
-	if (err) {
-		a->result = REASON_DROP_SNAT_FULL;
-		return 1;
-	}
-claimed:
-	a->port = port;
-	a->result = 0;
-	return 1;
+	return port_claim_insert(&a->pc, &tern_nodeport_snat, &k, &a->v, old ? &old->expires_ns : NULL, port);
 }
 
 /* Open a SNAT flow from the client's packet p (its SVC key in f) to the remote backend be:
@@ -171,27 +143,23 @@ static __always_inline int np_open_snat(const struct pkt *p, const struct flow *
 	struct np_alloc a = {
 		.backend = be->addr,
 		.bport = be->port,
-		.sport = p->sport,
-		.proto = p->proto,
-		.now = now,
-		.result = REASON_DROP_SNAT_NO_PORT,
 	};
 
-	a.seed = snat_mix(p->saddr ^ snat_mix(p->daddr ^ snat_mix(((__u32)p->sport << 16 | p->dport) ^ p->proto)));
+	port_claim_init(&a.pc, p, now);
 	a.v.client_addr = p->saddr;
 	a.v.client_port = p->sport;
 	a.v.front_addr = p->daddr;
 	a.v.front_port = p->dport;
 	a.v.expires_ns = now + ct_lifetime_ns(p->proto, 0);
 	bpf_loop(SNAT_MAX_TRIES, np_try, &a, 0);
-	if (a.result)
-		return a.result;
+	if (a.pc.result)
+		return a.pc.result;
 
 	__builtin_memset(out, 0, sizeof(*out));
 	out->expires_ns = a.v.expires_ns;
 	out->nat_addr = be->addr;
 	out->nat_port = be->port;
-	out->nat_sport = a.port;
+	out->nat_sport = a.pc.port;
 	out->svc_id = svc->id;
 	out->flags = CT_F_SVC | CT_F_SNAT | (f->from_a ? 0 : CT_F_ORIGIN_B);
 	if (bpf_map_update_elem(&tern_conntrack, &f->key, out, BPF_ANY))

@@ -35,6 +35,7 @@
 #include "metrics.h"
 #include "nat.h"
 #include "parse.h"
+#include "portclaim.h"
 
 /* The node address pod traffic is masqueraded to (network order); 0 turns masquerade off.
  * CFG_MASQ_IFINDEX is the interface that address lives on (the primary NIC): a packet
@@ -43,15 +44,7 @@
 volatile const __be32 CFG_MASQ_ADDR = 0;
 volatile const __u32 CFG_MASQ_IFINDEX = 0;
 
-/* Ports (and ICMP identifiers) a masqueraded flow gets when its own is taken, and how many
- * candidates one allocation tries before it drops the packet (REASON_DROP_SNAT_NO_PORT).
- * Default 1024-65535: see docs/architecture.md, "Masquerade". */
-volatile const __u16 CFG_SNAT_PORT_MIN = 1024;
-volatile const __u16 CFG_SNAT_PORT_COUNT = 64512;
-volatile const __u32 CFG_SNAT_TRIES = 32;
-
-#define SNAT_MAX_TRIES 256
-#define SNAT_EEXIST 17 /* vmlinux.h has no errno macros */
+/* The port range (CFG_SNAT_PORT_MIN/COUNT) and tries (CFG_SNAT_TRIES) are portclaim.h's. */
 
 #define ICMP_ECHOREPLY 0
 #define ICMP_ECHO 8
@@ -120,16 +113,6 @@ struct {
 #define SNAT_PASS 0      /* not masquerade traffic: untouched */
 #define SNAT_DONE (-1)   /* translated */
 
-static __always_inline __u32 snat_mix(__u32 x)
-{
-	x ^= x >> 16;
-	x *= 0x7feb352d;
-	x ^= x >> 15;
-	x *= 0x846ca68b;
-	x ^= x >> 16;
-	return x;
-}
-
 /* Whether a packet on its way out is a local pod's to a destination outside the
  * non-masquerade set. */
 static __always_inline bool snat_wanted(const struct pkt *p)
@@ -171,59 +154,28 @@ static __always_inline void snat_touch(struct snat_value *v, __u64 now, __u8 pro
 }
 
 struct snat_alloc {
-	/* in */
 	__be32 daddr;
 	__be16 dport;
-	__be16 sport; /* the pod's port: the first candidate */
-	__u8 proto;
-	__u32 seed;
-	__u64 now;
-	struct snat_value v;
-	/* out */
-	__be16 port;
-	int result; /* 0 claimed, else a drop reason */
-	__u32 tries;
+	struct snat_value v; /* the claim's value */
+	struct port_claim pc;
 };
 
 /* One candidate: claim it if free (or expired), take it back if it is this flow's own. */
 static long snat_try(__u32 i, struct snat_alloc *a)
 {
-	__be16 port = a->sport;
 	struct ct_key k;
-	bool from_a;
+	__be16 port;
 
-	if (i >= CFG_SNAT_TRIES) {
-		a->result = REASON_DROP_SNAT_NO_PORT;
+	if (!port_claim_key(&a->pc, i, CFG_MASQ_ADDR, a->daddr, a->dport, &k, &port))
 		return 1;
-	}
-	if (i > 0)
-		port = bpf_htons(CFG_SNAT_PORT_MIN +
-				 snat_mix(a->seed + i * 0x9e3779b9) % CFG_SNAT_PORT_COUNT);
-	a->tries = i + 1;
-	ct_flow_key(&k, CFG_MASQ_ADDR, port, a->daddr, a->dport, a->proto, &from_a);
 	struct snat_value *old = bpf_map_lookup_elem(&tern_snat, &k);
-	if (old) {
-		if (old->orig_addr == a->v.orig_addr && old->orig_port == a->v.orig_port) {
-			/* This flow's own translation: its conntrack entry was lost, the NAT one not. */
-			if (old->expires_ns < a->now)
-				*old = a->v;
-			goto claimed;
-		}
-		if (old->expires_ns >= a->now)
-			return 0; /* a live flow's: next candidate */
-		bpf_map_delete_elem(&tern_snat, &k);
+	if (old && old->orig_addr == a->v.orig_addr && old->orig_port == a->v.orig_port) {
+		/* This flow's own translation: its conntrack entry was lost, the NAT one not. */
+		if (old->expires_ns < a->pc.now)
+			*old = a->v;
+		return port_claim_done(&a->pc, port);
 	}
-	long err = bpf_map_update_elem(&tern_snat, &k, &a->v, BPF_NOEXIST);
-	if (err == -SNAT_EEXIST) /* another CPU took it just now */
-		return 0;
-	if (err) {
-		a->result = REASON_DROP_SNAT_FULL;
-		return 1;
-	}
-claimed:
-	a->port = port;
-	a->result = 0;
-	return 1;
+	return port_claim_insert(&a->pc, &tern_snat, &k, &a->v, old ? &old->expires_ns : NULL, port);
 }
 
 static __always_inline void snat_count_alloc(const struct snat_alloc *a)
@@ -233,10 +185,10 @@ static __always_inline void snat_count_alloc(const struct snat_alloc *a)
 
 	if (!s)
 		return;
-	s->tries += a->tries;
-	if (a->result == 0)
+	s->tries += a->pc.tries;
+	if (a->pc.result == 0)
 		s->allocations++;
-	else if (a->result == REASON_DROP_SNAT_NO_PORT)
+	else if (a->pc.result == REASON_DROP_SNAT_NO_PORT)
 		s->failures++;
 }
 
@@ -247,13 +199,9 @@ static __always_inline int snat_allocate(const struct pkt *p, __u64 now, __be16 
 	struct snat_alloc a = {
 		.daddr = p->daddr,
 		.dport = p->dport,
-		.sport = p->sport,
-		.proto = p->proto,
-		.now = now,
-		.result = REASON_DROP_SNAT_NO_PORT,
 	};
 
-	a.seed = snat_mix(p->saddr ^ snat_mix(p->daddr ^ snat_mix(((__u32)p->sport << 16 | p->dport) ^ p->proto)));
+	port_claim_init(&a.pc, p, now);
 	a.v.orig_addr = p->saddr;
 	a.v.orig_port = p->sport;
 	if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
@@ -261,8 +209,8 @@ static __always_inline int snat_allocate(const struct pkt *p, __u64 now, __be16 
 	a.v.expires_ns = now + ct_lifetime_ns(p->proto, a.v.flags);
 	bpf_loop(SNAT_MAX_TRIES, snat_try, &a, 0);
 	snat_count_alloc(&a);
-	*port = a.port;
-	return a.result;
+	*port = a.pc.port;
+	return a.pc.result;
 }
 
 /* The flow's conntrack entry, created if the pod program did not (ICMP, which it does not

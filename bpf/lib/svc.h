@@ -7,9 +7,10 @@
  *   svc_restore   a backend's reply found on a REVNAT entry: back to frontend -> client
  *
  * Both entries of a service flow (SVC: the client's tuple; REVNAT: the translated one) can
- * be rebuilt from each other, and each re-touches the other whenever it pushes its own
- * deadline (svc_keep_pair), so LRU pressure evicts idle flows whole rather than a live flow
- * by halves. */
+ * be rebuilt from each other (svc_keep_pair). Every client packet looks the REVNAT half up
+ * and rebuilds it if the LRU took it (an idle flow can lose one half and keep the other);
+ * the halves merge their state whenever either pushes its deadline. A client packet whose
+ * SVC half is gone finds its backend through the REVNAT half (svc_recover_slot). */
 #pragma once
 
 #include "common.h"
@@ -90,18 +91,22 @@ static __always_inline void svc_merge(struct ct_value *a, struct ct_value *b, __
 
 /* Keep a service flow's two entries together. sk/svc is the SVC entry (svc_client_b: the
  * client is side b of sk), fk/rev the REVNAT entry (rev_client_b: the client's wire side is
- * side b of fk). Whichever the packet found is non-NULL; the other is looked up and merged,
- * or rebuilt from the one at hand if the LRU took it. */
+ * side b of fk). Whichever the packet found is non-NULL; the other is looked up and, when
+ * merge is set, merged, or rebuilt from the one at hand if the LRU took it. */
 static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_value *svc, bool svc_client_b,
 					  const struct ct_key *fk, struct ct_value *rev, bool rev_client_b,
-					  __u8 proto, __u64 now)
+					  __u8 proto, __u64 now, bool merge)
 {
 	struct ct_value v = {};
 
+	/* An entry of the wrong kind at the other key is not the other half: a packet that
+	 * found neither half (a backend's reply after the LRU took the REVNAT half) was tracked
+	 * as a plain flow there. It is overwritten, or the pair would stay broken. */
 	if (svc) {
 		rev = bpf_map_lookup_elem(&tern_conntrack, fk);
-		if (rev) {
-			svc_merge(svc, rev, proto, now);
+		if (rev && (rev->flags & CT_F_REVNAT)) {
+			if (merge)
+				svc_merge(svc, rev, proto, now);
 			return;
 		}
 		struct ct_side client = ct_side_of(sk, svc_client_b);
@@ -117,8 +122,9 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 		return;
 	}
 	svc = bpf_map_lookup_elem(&tern_conntrack, sk);
-	if (svc) {
-		svc_merge(svc, rev, proto, now);
+	if (svc && (svc->flags & CT_F_SVC)) {
+		if (merge)
+			svc_merge(svc, rev, proto, now);
 		return;
 	}
 	struct ct_side backend = ct_side_of(fk, !rev_client_b);
@@ -258,9 +264,9 @@ static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
 	return svc_open_to(p, f, svc, be, now, out);
 }
 
-/* The flow of a client's packet whose SVC entry f found: refresh it (and its REVNAT half
- * when its deadline moves) and return 0 with the flow in *out, or SVC_REPICK when a new
- * backend must be chosen (svc_must_repick). */
+/* The flow of a client's packet whose SVC entry f found: refresh it, make sure its REVNAT
+ * half is there, and return 0 with the flow in *out, or SVC_REPICK when a new backend must
+ * be chosen (svc_must_repick). */
 #define SVC_REPICK (-2)
 
 static __always_inline int svc_established(const struct pkt *p, struct flow *f, __u64 now,
@@ -271,16 +277,20 @@ static __always_inline int svc_established(const struct pkt *p, struct flow *f, 
 	if (svc_must_repick(ct, p))
 		return SVC_REPICK;
 	bool moved = ct_touch(ct, now, p->proto, p->tcp_flags, false);
-	/* Until established, every packet looks for the reply's mark on the REVNAT half;
-	 * after that, only when the deadline moves. */
-	if (moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY))) {
-		struct ct_key fk;
-		bool client_is_a;
+	struct ct_key fk;
+	bool client_is_a;
 
-		ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
-			    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
-		svc_keep_pair(&f->key, ct, !f->from_a, &fk, NULL, !client_is_a, p->proto, now);
-	}
+	/* Every packet looks the REVNAT half up, and rebuilds it if the LRU took it: the
+	 * backend's reply needs it, and an idle flow's halves can be evicted one without the
+	 * other (the deadline moves only every sixteenth of the lifetime, 22 minutes for an
+	 * established TCP flow, far too rarely to catch the gap). The lookup also marks the
+	 * half referenced, so the LRU keeps it while the client sends. The two merge their
+	 * state only when the deadline moves, or until the flow is established (the reply's
+	 * mark is on the REVNAT half), so that established packets write nothing. */
+	ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
+		    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
+	svc_keep_pair(&f->key, ct, !f->from_a, &fk, NULL, !client_is_a, p->proto, now,
+		      moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY)));
 	*out = *ct;
 	return 0;
 }
@@ -342,7 +352,7 @@ static __always_inline int flow_track(const struct pkt *p, __u64 now, struct flo
 		bool client_b;
 
 		svc_key_of_rev(&sk, &client_b, &f->key, ct);
-		svc_keep_pair(&sk, NULL, client_b, &f->key, ct, !!(ct->flags & CT_F_ORIGIN_B), p->proto, now);
+		svc_keep_pair(&sk, NULL, client_b, &f->key, ct, !!(ct->flags & CT_F_ORIGIN_B), p->proto, now, true);
 	}
 	return 0;
 }
