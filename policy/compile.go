@@ -236,10 +236,11 @@ func Compile(st State) (*Desired, error) {
 		d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 	}
 
+	index := newCIDRIndex(d.CIDRs)
 	for i := range st.Policies {
 		np := &st.Policies[i]
 		d.Policies = append(d.Policies, np.Namespace+"/"+np.Name)
-		c := newContribution(d.CIDRs, podPrefix, d.IPCache)
+		c := newContribution(index, podPrefix, d.IPCache)
 		if err := c.compilePolicy(np, order); err != nil {
 			errs = append(errs, err)
 		}
@@ -353,7 +354,7 @@ func policyPrefixes(np *networkingv1.NetworkPolicy) ([]netip.Prefix, []error) {
 // and ipBlock identities. The whole compiler merges every policy's; the incremental one
 // (Compiler) keeps each policy's so it can take it out again.
 type contribution struct {
-	cidrs map[netip.Prefix]Identity // read only: the ipBlock prefixes' identities
+	cidrs *cidrIndex // the ipBlock prefixes' identities (shared by every contribution of a compile)
 	iso   map[Identity]uint32
 	rules map[RuleKey]struct{}
 	// What the result depends on besides the policy itself: the pod identities it selected
@@ -370,7 +371,7 @@ type contribution struct {
 	ipcache   map[netip.Addr]Identity
 }
 
-func newContribution(cidrs map[netip.Prefix]Identity, podPrefix map[Identity]netip.Prefix, ipcache map[netip.Addr]Identity) *contribution {
+func newContribution(cidrs *cidrIndex, podPrefix map[Identity]netip.Prefix, ipcache map[netip.Addr]Identity) *contribution {
 	return &contribution{cidrs: cidrs, iso: map[Identity]uint32{}, rules: map[RuleKey]struct{}{}, refs: map[Identity]bool{},
 		podPrefix: podPrefix, ipcache: ipcache}
 }
@@ -581,21 +582,7 @@ func (c *contribution) peers(np *networkingv1.NetworkPolicy, field string, peers
 			if badExcept {
 				continue
 			}
-			for pfx, id := range c.cidrs {
-				if id == IdentityHost || !within(pfx, block) {
-					continue
-				}
-				excluded := false
-				for _, x := range excepts {
-					if within(pfx, x) {
-						excluded = true
-						break
-					}
-				}
-				if !excluded {
-					add(id)
-				}
-			}
+			c.cidrs.inside(block, excepts, add)
 			continue
 		}
 		var podSel, nsSel labels.Selector
@@ -627,11 +614,6 @@ func (c *contribution) peers(np *networkingv1.NetworkPolicy, field string, peers
 	}
 	slices.Sort(ps.ids)
 	return ps, nil
-}
-
-// within tells whether p lies inside c.
-func within(p, c netip.Prefix) bool {
-	return p.Bits() >= c.Bits() && c.Contains(p.Addr())
 }
 
 func protoNumber(p *corev1.Protocol) (uint8, bool) {

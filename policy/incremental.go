@@ -70,9 +70,13 @@ type Compiler struct {
 	podPfx    map[netip.Prefix]Identity
 	podPrefix map[Identity]netip.Prefix
 	allocated map[netip.Prefix]bool // the prefixes the CIDR identities were allocated for
-	prefixes  map[netip.Prefix]int  // ipBlock prefix -> how many policies name it
-	dirty     map[types.NamespacedName]bool
-	cidrsSet  bool // prefixes changed since the last flush
+	index     *cidrIndex            // Desired.CIDRs sorted, for resolving ipBlock peers
+	// cidrCapacity is how many prefixes tern_policy_cidrs holds (0: no limit): Desired
+	// refuses a state with more before compiling anything (SetCIDRCapacity).
+	cidrCapacity int
+	prefixes     map[netip.Prefix]int // ipBlock prefix -> how many policies name it
+	dirty        map[types.NamespacedName]bool
+	cidrsSet     bool // prefixes changed since the last flush
 	// recompiled counts the policies the last Desired call compiled (tests, debug logs).
 	recompiled int
 	// bySubject indexes the rule entries by subject; touched collects the subjects whose
@@ -138,8 +142,17 @@ func NewCompiler(nodeAddrs []netip.Addr) *Compiler {
 	for _, a := range c.nodeAddr {
 		c.d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 	}
+	c.index = newCIDRIndex(c.d.CIDRs)
 	return c
 }
+
+// SetCIDRCapacity tells the Compiler how many prefixes the policy CIDR map holds (the
+// agent's maxPolicyCIDRs). Desired then fails fast with a *CIDROverflowError when the
+// policies name more, before compiling any rule; the changes stay pending, and once
+// policies are deleted or shrunk until they fit the next Desired compiles them. The Desired
+// returned with that error is half-updated (a changed policy's old rules are already out):
+// write nothing from it, so the maps keep the last state that fitted.
+func (c *Compiler) SetCIDRCapacity(n int) { c.cidrCapacity = n }
 
 // CompileIncremental feeds a whole state to a new Compiler (what an agent does on start).
 func CompileIncremental(st State) (*Compiler, *Desired, error) {
@@ -634,6 +647,18 @@ func (c *Compiler) Desired() (*Desired, error) {
 			podPfx[p] = id
 		}
 	}
+	if c.cidrCapacity > 0 {
+		n := len(all)
+		for _, a := range c.nodeAddr {
+			if all[netip.PrefixFrom(a, a.BitLen())] == 0 {
+				n++
+			}
+		}
+		if n > c.cidrCapacity {
+			c.recompiled = 0
+			return c.d, &CIDROverflowError{Prefixes: n, Capacity: c.cidrCapacity}
+		}
+	}
 	if !c.cidrsSet && (len(all) != len(c.allocated) || !maps.Equal(podPfx, c.podPfx)) {
 		c.cidrsSet = true
 	}
@@ -665,6 +690,7 @@ func (c *Compiler) Desired() (*Desired, error) {
 		for _, a := range c.nodeAddr {
 			c.d.CIDRs[netip.PrefixFrom(a, a.BitLen())] = IdentityHost
 		}
+		c.index = newCIDRIndex(c.d.CIDRs)
 		for nn, pe := range c.policies {
 			if pe.contrib == nil || pe.contrib.usesCIDR {
 				c.dirty[nn] = true
@@ -675,7 +701,7 @@ func (c *Compiler) Desired() (*Desired, error) {
 	for nn := range c.dirty {
 		pe := c.policies[nn]
 		c.unmerge(pe)
-		pe.contrib = newContribution(c.d.CIDRs, c.podPrefix, c.d.IPCache)
+		pe.contrib = newContribution(c.index, c.podPrefix, c.d.IPCache)
 		var errs []error
 		if err := pe.contrib.compilePolicy(pe.np, c.order); err != nil {
 			errs = append(errs, err)

@@ -147,7 +147,7 @@ func newPolicyReconciler(client kubernetes.Interface, node string, enforce bool,
 func (r *policyReconciler) reportFailure(err error) {
 	reason, event := "other", "TernNetworkPolicySyncFailed"
 	// A full hash map answers E2BIG; a full LPM trie (tern_policy, tern_policy_cidrs) ENOSPC.
-	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) || errors.Is(err, policy.ErrTooManyCIDRs) {
 		reason, event = "map_full", "TernNetworkPolicyMapFull"
 	}
 	r.failures.WithLabelValues(reason).Inc()
@@ -233,6 +233,8 @@ func (r *policyReconciler) feed(ctx context.Context) []types.NamespacedName {
 		addrs := r.nodeAddrs(ctx)
 		if r.compiler == nil || len(addrs) > 0 {
 			r.compiler = policy.NewCompiler(addrs)
+			// Fail fast on more ipBlock prefixes than the map holds (policy.CIDROverflowError).
+			r.compiler.SetCIDRCapacity(int(r.maps.CIDRs.MaxEntries()))
 			// Each policy gets the slot it had (its counters), also across agent restarts.
 			r.compiler.ReserveSlots(r.names.Previous())
 			r.compilerHasNode = len(addrs) > 0
@@ -309,6 +311,13 @@ func (r *policyReconciler) sync(ctx context.Context) error {
 	r.compiled.Lock()
 	local := r.feed(ctx)
 	d, err := r.compiler.Desired()
+	if errors.Is(err, policy.ErrTooManyCIDRs) {
+		// Nothing compiled; the maps keep the last rules that fitted. The changes stay
+		// pending (and touched), and the next sync after one that failed diffs whole maps.
+		r.compiled.Unlock()
+		r.fullSynced = false
+		return err
+	}
 	touched := r.compiler.TakeTouched()
 	r.desired = d
 	r.compiled.Unlock()

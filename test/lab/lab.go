@@ -247,6 +247,11 @@ func Up(ctx context.Context, o Options) (_ *Lab, err error) {
 		}
 		l.cgroup = cg
 	}
+	// Dead labs' pins first (sweep.go), then this lab's owner record, before any agent pins.
+	l.sweepStale()
+	if err := recordOwner(l.pinRoot, l.cgroup); err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
 	if l.vpc, err = nsutil.NewAnon(); err != nil {
 		return nil, fmt.Errorf("lab: VPC namespace: %w", err)
 	}

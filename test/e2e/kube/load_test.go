@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -13,10 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -72,9 +75,28 @@ type newConn struct {
 	ok bool
 }
 
+// dialer is where the load comes from: a pod (*lab.Pod) or a host outside the cluster
+// (nsDialer: the lab's external client, for NodePort traffic).
+type dialer interface {
+	Dial(ctx context.Context, addr string) (net.Conn, error)
+}
+
+// nsDialer dials from a network namespace that is not a pod's: the lab's external client or
+// an external host. A socket stays in the namespace it was created in.
+type nsDialer struct{ ns netns.NsHandle }
+
+func (d nsDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := nsutil.Do(d.ns, func() (err error) {
+		c, err = (&net.Dialer{}).DialContext(ctx, "tcp4", addr)
+		return err
+	})
+	return c, err
+}
+
 // startLoad dials flows long-lived connections to addr from client and starts the load; it
 // returns once traffic flows on both paths. Stop it with stop (also registered as a cleanup).
-func startLoad(t *testing.T, ctx context.Context, client *lab.Pod, addr netip.AddrPort, flows int) *clusterIPLoad {
+func startLoad(t *testing.T, ctx context.Context, client dialer, addr netip.AddrPort, flows int) *clusterIPLoad {
 	t.Helper()
 	ld := &clusterIPLoad{conns: make([]*echoConn, flows), stop: make(chan struct{})}
 	for i := range ld.conns {

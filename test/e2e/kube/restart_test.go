@@ -29,7 +29,7 @@ type echoConn struct {
 	r *bufio.Reader
 }
 
-func dialEcho(t *testing.T, ctx context.Context, from *lab.Pod, addr string) (*echoConn, string) {
+func dialEcho(t *testing.T, ctx context.Context, from dialer, addr string) (*echoConn, string) {
 	t.Helper()
 	c, err := from.Dial(ctx, addr)
 	if err != nil {
