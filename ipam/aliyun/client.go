@@ -476,6 +476,9 @@ func eniFromSet(s ecs.NetworkInterfaceSet) ENI {
 	if e.InstanceID == "" {
 		e.InstanceID = s.Attachment.InstanceId
 	}
+	if s.Attachment.TrunkNetworkInterfaceId != "" {
+		e.TrunkID, e.VLAN = s.Attachment.TrunkNetworkInterfaceId, s.Attachment.DeviceIndex
+	}
 	e.PrimaryIP, e.Secondary = splitIPs(s.PrivateIpAddress, s.PrivateIpSets.PrivateIpSet)
 	for _, t := range s.Tags.Tag {
 		k, v := t.Key, t.Value
@@ -512,6 +515,9 @@ func (c *Client) CreateENI(ctx context.Context, r CreateENIRequest) (ENI, error)
 		req.NetworkInterfaceName = r.Name
 		req.Description = r.Description
 		req.ClientToken = r.Token
+		if r.Trunk {
+			req.InstanceType = TypeTrunk
+		}
 		out, err := c.ecs.CreateNetworkInterface(req)
 		resp = out
 		return err

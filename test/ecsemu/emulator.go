@@ -550,13 +550,15 @@ func (e *Emulator) fault(action string) *APIError {
 		if msg == "" {
 			msg = "injected fault: " + f.Code
 		}
+		out := &APIError{Status: status, Code: f.Code, Message: msg}
 		if f.Count > 0 {
 			f.Count--
 			if f.Count == 0 {
+				// f points into the slice: it names the next fault once this one is cut out.
 				e.faults = append(e.faults[:i], e.faults[i+1:]...)
 			}
 		}
-		return &APIError{Status: status, Code: f.Code, Message: msg}
+		return out
 	}
 	return nil
 }
