@@ -46,7 +46,16 @@ func LoadTrunk(pinRoot string) (*Trunk, error) {
 		}
 		opts.Maps.PinPath = pinRoot
 	}
-	if err := loader.LoadTrunkObjects(&t.objs, opts); err != nil {
+	spec, err := loader.LoadTrunk()
+	if err != nil {
+		return nil, fmt.Errorf("parse the embedded trunk BPF object: %w", err)
+	}
+	if pinRoot == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	}
+	if err := spec.LoadAndAssign(&t.objs, opts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("kernel verifier rejected the trunk programs: %+v", ve)

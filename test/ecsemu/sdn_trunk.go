@@ -181,4 +181,3 @@ func (s *NetnsSDN) closeTrunkLocked() error {
 	s.trunk = nil
 	return err
 }
-
