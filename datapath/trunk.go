@@ -73,6 +73,9 @@ func (t *Trunk) linkPin(ifindex int, dir string) string {
 // link's network namespace (tcx resolves the ifindex there). Attaching again replaces the
 // pinned links' programs in place.
 func (t *Trunk) Attach(ifindex int) error {
+	if _, ok := t.links[ifindex]; ok && t.pinRoot == "" {
+		return nil // already first in both chains; a second pair would tag twice
+	}
 	hooks := []struct {
 		dir    string
 		prog   *ebpf.Program

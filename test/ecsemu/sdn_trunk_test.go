@@ -47,41 +47,6 @@ func newTrunkLab(t *testing.T) *lab {
 	return l
 }
 
-// addTrunkPod wires a pod namespace to node ns the way tern wires a pod (veth, /32, default
-// via 169.254.1.1 onlink with a permanent neighbour, "to podIP → main", "from podIP → table")
-// and returns the pod's namespace.
-func addTrunkPod(t *testing.T, node netns.NsHandle, h *netlink.Handle, podIP string, table int) netns.NsHandle {
-	t.Helper()
-	pod := testutil.NewNetNS(t)
-	la := netlink.NewLinkAttrs()
-	la.Name = "tp1"
-	must(t, h.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(pod)}))
-	host, err := h.LinkByName("tp1")
-	must(t, err)
-	must(t, h.LinkSetUp(host))
-	ph, err := netlink.NewHandleAt(pod)
-	must(t, err)
-	t.Cleanup(ph.Close)
-	eth0, err := ph.LinkByName("eth0")
-	must(t, err)
-	must(t, ph.AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(podIP), Mask: net.CIDRMask(32, 32)}}))
-	must(t, ph.LinkSetUp(eth0))
-	must(t, waitOperUp(ph, "eth0"))
-	must(t, waitOperUp(h, "tp1"))
-	gw := net.ParseIP("169.254.1.1")
-	must(t, ph.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: &net.IPNet{IP: gw, Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK}))
-	must(t, ph.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: gw, Dst: &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}}))
-	must(t, ph.NeighSet(&netlink.Neigh{LinkIndex: eth0.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: gw, HardwareAddr: host.Attrs().HardwareAddr}))
-	must(t, h.RouteAdd(&netlink.Route{LinkIndex: host.Attrs().Index, Dst: &net.IPNet{IP: net.ParseIP(podIP), Mask: net.CIDRMask(32, 32)}, Scope: netlink.SCOPE_LINK}))
-	rule := netlink.NewRule()
-	rule.Src = &net.IPNet{IP: net.ParseIP(podIP), Mask: net.CIDRMask(32, 32)}
-	rule.Table = table
-	rule.Priority = 2048
-	must(t, h.RuleAdd(rule))
-	setSysctl(t, node, map[string]string{"net/ipv4/ip_forward": "1", "net/ipv4/conf/tp1/rp_filter": "0"})
-	return pod
-}
-
 // TestTrunkMemberPodTalksThroughItsVLAN: a pod on a member ENI of node 1 reaches node 2
 // across the emulated VPC only because its packets carry the member's VLAN on the trunk link
 // and its VLAN's frames are untagged on the way back. Without the tag the VPC's source check
@@ -107,13 +72,6 @@ func TestTrunkMemberPodTalksThroughItsVLAN(t *testing.T) {
 	if _, ok := linkByMAC(l.h1, m.MacAddress); ok {
 		t.Fatal("a member ENI got a link of its own in the node")
 	}
-	trunkLink, ok := linkByMAC(l.h1, tr.MacAddress)
-	if !ok {
-		t.Fatalf("no link with the trunk's MAC %s on node 1", tr.MacAddress)
-	}
-	configureENI(t, l.n1, l.h1, trunkLink, tr.PrivateIpAddress, "192.168.1.253", 1001)
-	pod := addTrunkPod(t, l.n1, l.h1, podIP, 1001)
-
 	tp, err := datapath.LoadTrunk("")
 	must(t, err)
 	t.Cleanup(func() {
@@ -121,22 +79,40 @@ func TestTrunkMemberPodTalksThroughItsVLAN(t *testing.T) {
 			t.Errorf("close trunk programs: %v", err)
 		}
 	})
-	idx := trunkLink.Attrs().Index
+	// The pod is wired with the agent's own building blocks; VLAN 1 (the other member's) first.
+	pod := testutil.NewNetNS(t)
+	mac, err := net.ParseMAC(tr.MacAddress)
+	must(t, err)
+	pod4 := netip.MustParseAddr(podIP)
+	trunkENI := datapath.ENI{MAC: mac, PrimaryIP: netip.MustParseAddr(tr.PrivateIpAddress), Gateway: netip.MustParseAddr("192.168.1.253")}
+	var el datapath.ENILink
+	must(t, nsutil.Do(l.n1, func() error {
+		if err := datapath.PrepareNode(); err != nil {
+			return err
+		}
+		var err error
+		_, el, err = tp.SetupPod(datapath.TrunkPod{Link: datapath.PodLink{HostIfName: "tp1", PodNS: pod, PodIP: pod4},
+			Trunk: trunkENI, VLAN: 1}, 5*time.Second)
+		return err
+	}))
+	idx := el.Index
+	if l1, ok := linkByMAC(l.h1, tr.MacAddress); !ok || l1.Attrs().Index != idx {
+		t.Fatalf("SetupPod configured ifindex %d, want the trunk's link", idx)
+	}
+	// Attaching again (the next pod) must not put a second pair of programs on the link: a
+	// doubly tagged frame would fail the VPC's check, so the successful dial below shows it.
 	must(t, nsutil.Do(l.n1, func() error { return tp.Attach(idx) }))
 
 	serveEcho(t, l.n2, "192.168.1.11:7100")
-	pod4 := netip.MustParseAddr(podIP)
-
-	// No tag: the VPC takes the member's address on the trunk's link for a spoof.
-	if err := dialEchoQuick(pod, podIP, "192.168.1.11:7100"); err == nil {
-		t.Fatal("an untagged member pod reached node 2: the VPC's per-VLAN source check is missing")
-	}
-	// Another member's VLAN: dropped too.
-	must(t, tp.AddPod(pod4, idx, 1))
+	// Another member's VLAN: the VPC drops it.
 	if err := dialEchoQuick(pod, podIP, "192.168.1.11:7100"); err == nil {
 		t.Fatal("a member pod reached node 2 with another member's VLAN")
 	}
+	// No tag: the VPC takes the member's address on the trunk's link for a spoof.
 	must(t, tp.DelPod(pod4, idx, 1))
+	if err := dialEchoQuick(pod, podIP, "192.168.1.11:7100"); err == nil {
+		t.Fatal("an untagged member pod reached node 2: the VPC's per-VLAN source check is missing")
+	}
 
 	must(t, tp.AddPod(pod4, idx, vlan))
 	must(t, dialEcho(pod, podIP, "192.168.1.11:7100"))
@@ -145,9 +121,9 @@ func TestTrunkMemberPodTalksThroughItsVLAN(t *testing.T) {
 	if st.Tagged == 0 || st.Untagged == 0 {
 		t.Fatalf("trunk stats %+v: want tagged and untagged packets", st)
 	}
-	// The node's own traffic on the trunk link is untagged and unaffected.
-	serveEcho(t, l.n2, "192.168.1.11:7101")
-	must(t, dialEcho(l.n1, tr.PrivateIpAddress, "192.168.1.11:7101"))
+	if st.DropUnknownVLAN+st.DropWrongDst+st.DropPush != 0 {
+		t.Fatalf("trunk stats %+v: the node dropped tagged frames", st)
+	}
 
 	// Detach the members, then the trunk: the VPC keeps no route, neighbour or VLAN of theirs.
 	for _, id := range []string{m.NetworkInterfaceId, other.NetworkInterfaceId} {
@@ -164,7 +140,10 @@ func TestTrunkMemberPodTalksThroughItsVLAN(t *testing.T) {
 	if err := dialEchoQuick(pod, podIP, "192.168.1.11:7100"); err == nil {
 		t.Fatal("the pod still reaches node 2 after its member ENI was detached")
 	}
-	must(t, tp.DelPod(pod4, idx, vlan))
+	must(t, nsutil.Do(l.n1, func() error { return tp.TeardownPod("tp1", pod4, idx, vlan) }))
+	if _, err := l.h1.LinkByName("tp1"); err == nil {
+		t.Fatal("the pod's host veth survived TeardownPod")
+	}
 	must(t, detach(l.c, inst, tr.NetworkInterfaceId))
 	waitStatus(t, l.c, tr.NetworkInterfaceId, StatusAvailable)
 	if _, err := l.vpcH.LinkByName(VPCLinkName(tr.NetworkInterfaceId)); err == nil {
