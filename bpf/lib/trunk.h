@@ -45,8 +45,8 @@ enum trunk_stat {
 
 /* tern_trunk_vlans: key a member pod's IPv4 address (__u32, network order), value struct
  * trunk_vlan; 4096 entries (a node's member ENIs are tens, bounded by EniTotalQuantity);
- * never evicted. Writer: the agent (datapath.Trunk) on a trunk pod's ADD/DEL and at start.
- * Reader: trunk_tag. */
+ * never evicted. Writer: datapath.Trunk (SetupPod, TeardownPod; the agent once trunking is
+ * wired into it). Reader: trunk_tag. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -57,7 +57,7 @@ struct {
 } tern_trunk_vlans SEC(".maps");
 
 /* tern_trunk_pods: key struct trunk_key (trunk link ifindex, VLAN id), value the member pod's
- * IPv4 address (__u32, network order); 4096; never evicted. Writer: the agent, with
+ * IPv4 address (__u32, network order); 4096; never evicted. Writer: datapath.Trunk, with
  * tern_trunk_vlans. Reader: trunk_untag. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -69,7 +69,8 @@ struct {
 } tern_trunk_pods SEC(".maps");
 
 /* tern_trunk_stats: per-CPU array, key enum trunk_stat, value packets (__u64); 5 entries.
- * Writer: both trunk programs. Reader: the agent (/metrics), tests. */
+ * Writer: both trunk programs. Reader: datapath.Trunk.Stats (tests; the agent once trunking
+ * is wired into it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
