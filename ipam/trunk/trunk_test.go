@@ -18,6 +18,13 @@ import (
 
 func setup(t *testing.T) (*ecsemu.Emulator, *aliyun.Client) {
 	t.Helper()
+	emu, c, _ := setupEndpoint(t)
+	return emu, c
+}
+
+// setupEndpoint is setup that also returns the emulator's host:port.
+func setupEndpoint(t *testing.T) (*ecsemu.Emulator, *aliyun.Client, string) {
+	t.Helper()
 	cfg := ecsemu.TestConfig()
 	cfg.SetTrunking("ecs.g7.large", 6) // 3 member ENIs
 	emu, ep := ecsemu.NewTestServer(t, cfg)
@@ -35,7 +42,7 @@ func setup(t *testing.T) (*ecsemu.Emulator, *aliyun.Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	return emu, c
+	return emu, c, ep
 }
 
 func opts() trunk.Options {
