@@ -27,10 +27,10 @@ build:
 
 # Regenerate the BPF objects and Go bindings (committed). Needs clang-14 (make setup).
 generate: setup
-	$(GO) generate ./loader/...
+	$(GO) generate ./loader/... ./test/ecsemu/vlanbpf/...
 
 check-generate: generate
-	@if ! git diff --exit-code --stat -- bpf loader || [ -n "$$(git status --porcelain -- 'loader/*_bpfel.go' 'loader/*_bpfel.o')" ]; then \
+	@if ! git diff --exit-code --stat -- bpf loader test/ecsemu/vlanbpf || [ -n "$$(git status --porcelain -- 'loader/*_bpfel.go' 'loader/*_bpfel.o' 'test/ecsemu/vlanbpf/*_bpfel.*')" ]; then \
 		echo "generated BPF files differ from the committed ones: run 'make generate' and commit" >&2; exit 1; fi
 
 # vmlinux.h is committed; this rebuilds it from the running kernel's BTF.

@@ -617,7 +617,8 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	p.foreign = 0
 	for _, e := range onInstance {
 		_, known := p.enis[e.ID]
-		if !known && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
+		// A member ENI takes no device slot (it rides on the trunk ENI, which does).
+		if !known && e.Type != aliyun.TypeMember && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
 			p.foreign++
 		}
 	}

@@ -57,7 +57,7 @@ func TestMapsReferenceMatchesObjects(t *testing.T) {
 	}
 
 	pinned := map[string]*ebpf.MapSpec{}
-	for obj, load := range map[string]func() (*ebpf.CollectionSpec, error){"pod": loader.LoadPod, "netdev": loader.LoadNetdev, "sock": loader.LoadSock, "noop": loader.LoadNoop} {
+	for obj, load := range map[string]func() (*ebpf.CollectionSpec, error){"pod": loader.LoadPod, "netdev": loader.LoadNetdev, "sock": loader.LoadSock, "noop": loader.LoadNoop, "trunk": loader.LoadTrunk} {
 		spec, err := load()
 		if err != nil {
 			t.Fatalf("%s object: %v", obj, err)

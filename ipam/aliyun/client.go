@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/aliyun/alibaba-cloud-sdk-go/sdk"
@@ -111,6 +112,7 @@ type Client struct {
 	opts     Options
 	limiters map[string]*rate.Limiter
 	log      *zap.Logger
+	sdkMu    sync.Mutex // serialises calls into the SDK clients (see call)
 
 	calls    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
@@ -263,7 +265,15 @@ func (c *Client) call(ctx context.Context, action string, do func() error) error
 			return fmt.Errorf("%s: waiting for the rate limiter: %w", action, ctxErr(ctx, err))
 		}
 		start := time.Now()
-		err := runCtx(ctx, do)
+		err := runCtx(ctx, func() error {
+			// The SDK client is not safe for concurrent calls: every call rewrites its shared
+			// http.Client's timeout and dialer (sdk.Client.setTimeout). One call at a time per
+			// client; the lock is taken inside the goroutine, so a caller whose context ends
+			// still returns at once.
+			c.sdkMu.Lock()
+			defer c.sdkMu.Unlock()
+			return do()
+		})
 		c.duration.WithLabelValues(action).Observe(time.Since(start).Seconds())
 		if err == nil {
 			c.calls.WithLabelValues(action, "ok").Inc()
@@ -476,6 +486,9 @@ func eniFromSet(s ecs.NetworkInterfaceSet) ENI {
 	if e.InstanceID == "" {
 		e.InstanceID = s.Attachment.InstanceId
 	}
+	if s.Attachment.TrunkNetworkInterfaceId != "" {
+		e.TrunkID, e.VLAN = s.Attachment.TrunkNetworkInterfaceId, s.Attachment.DeviceIndex
+	}
 	e.PrimaryIP, e.Secondary = splitIPs(s.PrivateIpAddress, s.PrivateIpSets.PrivateIpSet)
 	for _, t := range s.Tags.Tag {
 		k, v := t.Key, t.Value
@@ -512,6 +525,9 @@ func (c *Client) CreateENI(ctx context.Context, r CreateENIRequest) (ENI, error)
 		req.NetworkInterfaceName = r.Name
 		req.Description = r.Description
 		req.ClientToken = r.Token
+		if r.Trunk {
+			req.InstanceType = TypeTrunk
+		}
 		out, err := c.ecs.CreateNetworkInterface(req)
 		resp = out
 		return err

@@ -91,6 +91,9 @@ type ENI struct {
 	Type       string
 	InstanceID string
 	Tags       map[string]string
+	// TrunkID and VLAN are set for a member ENI attached to a trunk ENI (trunk.go).
+	TrunkID string
+	VLAN    int
 }
 
 // ENIFilter selects ENIs; empty fields do not filter.
@@ -111,6 +114,8 @@ type CreateENIRequest struct {
 	Name           string
 	Description    string
 	Token          string // ClientToken; required
+	// Trunk creates a trunk ENI (InstanceType=Trunk) instead of a secondary one.
+	Trunk bool
 }
 
 // VSwitch is a vSwitch with its free address count.

@@ -106,7 +106,7 @@ func (e *Emulator) wireInstanceLocked(in *instance, withENIs bool) wireInstance 
 		}{NetworkInterface: []wireInstanceENI{}}
 		for _, id := range e.eniIDs {
 			n := e.enis[id]
-			if v := e.viewLocked(n); v.instanceID != in.cfg.ID || v.status != StatusInUse {
+			if v := e.viewLocked(n); v.instanceID != in.cfg.ID || v.status != StatusInUse || v.trunk != "" {
 				continue
 			}
 			w.NetworkInterfaces.NetworkInterface = append(w.NetworkInterfaces.NetworkInterface, wireInstanceENI{
@@ -167,13 +167,13 @@ func (e *Emulator) listedENILocked(n *eni) wireENI {
 
 // trueENILocked is an ENI as it is, for the reply of the call that changed it.
 func (e *Emulator) trueENILocked(n *eni) wireENI {
-	return e.wireENILocked(n, eniView{status: n.status, instanceID: n.instanceID, deviceIndex: n.deviceIndex, attachedAt: n.attachedAt}, n.ips)
+	return e.wireENILocked(n, n.currentView(), n.ips)
 }
 
 func (e *Emulator) wireENILocked(n *eni, v eniView, ips []netip.Addr) wireENI {
 	w := wireENI{
 		NetworkInterfaceID: n.id, NetworkInterfaceName: n.name, Description: n.description,
-		Status: v.status, Type: n.typ, VpcID: e.cfg.VPC.ID, VSwitchID: n.vswitch.cfg.ID,
+		Status: v.status, Type: n.typeIn(v), VpcID: e.cfg.VPC.ID, VSwitchID: n.vswitch.cfg.ID,
 		ZoneID: n.vswitch.cfg.Zone, MacAddress: n.mac.String(), PrivateIPAddress: n.ips[0].String(),
 		InstanceID: v.instanceID, CreationTime: n.created.UTC().Format(timeLayout),
 		SecurityGroupIDs: wireSGs{SecurityGroupID: nonNil(n.sgs)}, PrivateIPSets: ipSets(ips),
@@ -184,6 +184,7 @@ func (e *Emulator) wireENILocked(n *eni, v eniView, ips []netip.Addr) wireENI {
 	}
 	if v.instanceID != "" {
 		w.Attachment = &wireAttachment{InstanceID: v.instanceID, DeviceIndex: v.deviceIndex}
+		e.trunkAttachmentLocked(n, v, &w)
 		if !v.attachedAt.IsZero() {
 			w.Attachment.AttachedTime = v.attachedAt.UTC().Format(timeLayout)
 		}
@@ -208,7 +209,7 @@ func (e *Emulator) describeNetworkInterfaces(p map[string]string) (any, *APIErro
 			(p["VSwitchId"] != "" && p["VSwitchId"] != n.vswitch.cfg.ID) ||
 			(p["VpcId"] != "" && p["VpcId"] != e.cfg.VPC.ID) ||
 			(p["Status"] != "" && p["Status"] != v.status) ||
-			(p["Type"] != "" && p["Type"] != n.typ) ||
+			(p["Type"] != "" && p["Type"] != n.typeIn(v)) ||
 			(p["SecurityGroupId"] != "" && !slices.Contains(n.sgs, p["SecurityGroupId"])) ||
 			(p["NetworkInterfaceName"] != "" && p["NetworkInterfaceName"] != n.name) ||
 			(p["PrimaryIpAddress"] != "" && p["PrimaryIpAddress"] != n.ips[0].String()) {
@@ -353,9 +354,9 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	} else {
 		ips = append(ips, more...)
 	}
-	typ := TypeSecondary
-	if p["InstanceType"] == TypeTrunk {
-		typ = TypeTrunk
+	typ, aerr := createType(p["InstanceType"])
+	if aerr != nil {
+		return nil, aerr
 	}
 	n := e.newENILocked(vs, typ, ips, sgs)
 	n.tags = tagParams(p)
@@ -387,8 +388,14 @@ func (e *Emulator) attachNetworkInterface(p map[string]string) (any, *APIError) 
 	if n.typ == TypePrimary {
 		return nil, apiErr(http.StatusForbidden, CodeInvalidEniType, "ENI %s is a primary ENI and cannot be attached.", n.id)
 	}
+	if p["TrunkNetworkInstanceId"] != "" {
+		return e.attachMemberLocked(in, n, p["TrunkNetworkInstanceId"])
+	}
 	if n.status != StatusAvailable {
 		return nil, apiErr(http.StatusForbidden, CodeInvalidEniState, "ENI %s is %s; it must be Available to attach.", n.id, n.status)
+	}
+	if aerr := e.checkTrunkAttachLocked(in, n); aerr != nil {
+		return nil, aerr
 	}
 	if n.vswitch.cfg.Zone != in.cfg.Zone {
 		return nil, apiErr(http.StatusForbidden, CodeEniZoneMismatch, "ENI %s is in zone %s but instance %s is in %s.", n.id, n.vswitch.cfg.Zone, in.cfg.ID, in.cfg.Zone)
@@ -397,7 +404,7 @@ func (e *Emulator) attachNetworkInterface(p map[string]string) (any, *APIError) 
 	count := 0
 	for _, id := range e.eniIDs {
 		o := e.enis[id]
-		if o.instanceID == in.cfg.ID && (o.status == StatusAttaching || o.status == StatusInUse || o.status == StatusDetaching) {
+		if o.instanceID == in.cfg.ID && o.trunk == "" && (o.status == StatusAttaching || o.status == StatusInUse || o.status == StatusDetaching) {
 			used[o.deviceIndex] = true
 			if o.status != StatusDetaching {
 				count++
@@ -464,9 +471,12 @@ func (e *Emulator) detachNetworkInterface(p map[string]string) (any, *APIError) 
 	if n.status != StatusInUse || n.instanceID != p["InstanceId"] {
 		return nil, apiErr(http.StatusForbidden, CodeInvalidEniState, "ENI %s is %s (instance %q); it must be InUse on instance %s to detach.", n.id, n.status, n.instanceID, p["InstanceId"])
 	}
+	if aerr := e.checkTrunkDetachLocked(n, p["TrunkNetworkInstanceId"]); aerr != nil {
+		return nil, aerr
+	}
 	e.transitionLocked(n, func() { n.status = StatusDetaching })
 	n.gen++
-	e.scheduleLocked(n, time.Duration(e.delays.Detach), e.finishDetachLocked)
+	e.scheduleLocked(n, e.detachDelayLocked(n), e.finishDetachLocked)
 	return map[string]any{}, nil
 }
 
@@ -483,6 +493,7 @@ func (e *Emulator) finishDetachLocked(n *eni) {
 		n.status = StatusAvailable
 		n.instanceID = ""
 		n.deviceIndex = 0
+		n.trunk = ""
 		n.attachedAt = time.Time{}
 	})
 }

@@ -100,6 +100,9 @@ type TransitionDelays struct {
 	Attach Duration `json:"attach"`
 	Detach Duration `json:"detach"`
 	Delete Duration `json:"delete"`
+	// MemberAttach is how long a member ENI stays Attaching (and Detaching) when it joins or
+	// leaves a trunk ENI: no NIC is hot-plugged, only a VLAN assigned (trunk.go).
+	MemberAttach Duration `json:"memberAttach,omitempty"`
 	// Metadata is how long an ENI stays invisible in the instance metadata after it turns
 	// InUse: the real metadata service lags behind a fresh attach.
 	Metadata Duration `json:"metadata,omitempty"`
@@ -119,6 +122,8 @@ type TransitionDelays struct {
 //   - Detach 3 s: the same backoff waits for a detach; Terway also sleeps its 3 s Duration
 //     between a detach and the delete of a robbed ENI.
 //   - Delete 1 s: assumed (no documented figure; Terway does not wait for it).
+//   - MemberAttach 2 s: Terway's WaitMemberENIStatus waits an InitialDelay of 2 s before it
+//     first reads a member ENI attached to a trunk (then polls every 1 s × 1.5^n).
 //   - Metadata 1.1 s: Terway polls the metadata service for a freshly assigned address every
 //     1.1 s (MetaAssignPrivateIP, 10 steps): one poll interval of lag.
 //   - Listing lag 1 s for new and removed addresses and 1 s for a status: assumed; the API
@@ -132,7 +137,7 @@ type TransitionDelays struct {
 func RealisticTiming() (latency Duration, d TransitionDelays, lag ListingLag) {
 	s := func(x float64) Duration { return Duration(x * float64(time.Second)) }
 	return s(0.1),
-		TransitionDelays{Attach: s(3), Detach: s(3), Delete: s(1), Metadata: s(1.1), Route: s(5), RouteDelete: s(5)},
+		TransitionDelays{Attach: s(3), Detach: s(3), Delete: s(1), MemberAttach: s(2), Metadata: s(1.1), Route: s(5), RouteDelete: s(5)},
 		ListingLag{Assigned: s(1), Unassigned: s(1), Status: s(1)}
 }
 
@@ -151,6 +156,7 @@ func (c *Config) applyTiming() {
 	fill(&c.Delays.Attach, d.Attach)
 	fill(&c.Delays.Detach, d.Detach)
 	fill(&c.Delays.Delete, d.Delete)
+	fill(&c.Delays.MemberAttach, d.MemberAttach)
 	fill(&c.Delays.Metadata, d.Metadata)
 	fill(&c.Delays.Route, d.Route)
 	fill(&c.Delays.RouteDelete, d.RouteDelete)

@@ -128,7 +128,8 @@ type eni struct {
 	typ         string
 	status      string
 	instanceID  string
-	deviceIndex int
+	deviceIndex int    // a member ENI's VLAN id
+	trunk       string // a member ENI's trunk ENI while it is attached to one (trunk.go)
 	vswitch     *vswitch
 	ips         []netip.Addr // ips[0] is the primary
 	sgs         []string
@@ -275,7 +276,7 @@ func (e *Emulator) newMACLocked() net.HardwareAddr {
 }
 
 func (e *Emulator) infoLocked(n *eni) ENIInfo {
-	return ENIInfo{
+	info := ENIInfo{
 		ID:          n.id,
 		InstanceID:  n.instanceID,
 		MAC:         append(net.HardwareAddr(nil), n.mac...),
@@ -285,6 +286,10 @@ func (e *Emulator) infoLocked(n *eni) ENIInfo {
 		Gateway:     n.vswitch.gw,
 		IPs:         append([]netip.Addr(nil), n.ips...),
 	}
+	if t := e.enis[n.trunk]; n.trunk != "" && t != nil {
+		info.TrunkID, info.TrunkMAC, info.VLAN = t.id, append(net.HardwareAddr(nil), t.mac...), n.deviceIndex
+	}
+	return info
 }
 
 // InjectFault adds a fault; faults are checked in the order they were added.
@@ -545,13 +550,15 @@ func (e *Emulator) fault(action string) *APIError {
 		if msg == "" {
 			msg = "injected fault: " + f.Code
 		}
+		out := &APIError{Status: status, Code: f.Code, Message: msg}
 		if f.Count > 0 {
 			f.Count--
 			if f.Count == 0 {
+				// f points into the slice: it names the next fault once this one is cut out.
 				e.faults = append(e.faults[:i], e.faults[i+1:]...)
 			}
 		}
-		return &APIError{Status: status, Code: f.Code, Message: msg}
+		return out
 	}
 	return nil
 }
@@ -629,7 +636,8 @@ type ENIState struct {
 	IPs            []string          `json:"ips"` // primary first
 	SecurityGroups []string          `json:"securityGroups"`
 	Tags           map[string]string `json:"tags,omitempty"`
-	Plugged        bool              `json:"plugged"` // attached in the SDN
+	Plugged        bool              `json:"plugged"`         // attached in the SDN
+	Trunk          string            `json:"trunk,omitempty"` // a member ENI's trunk ENI; DeviceIndex is its VLAN id
 }
 
 // VSwitchState is one vSwitch in a State.
@@ -659,7 +667,7 @@ func (e *Emulator) Snapshot() State {
 	for _, id := range e.eniIDs {
 		n := e.enis[id]
 		es := ENIState{
-			ID: n.id, MAC: n.mac.String(), Type: n.typ, Status: n.status, InstanceID: n.instanceID,
+			ID: n.id, MAC: n.mac.String(), Type: n.typeIn(n.currentView()), Status: n.status, Trunk: n.trunk, InstanceID: n.instanceID,
 			DeviceIndex: n.deviceIndex, VSwitchID: n.vswitch.cfg.ID, ZoneID: n.vswitch.cfg.Zone,
 			PrimaryIP: n.ips[0].String(), SecurityGroups: append([]string{}, n.sgs...), Plugged: n.plugged,
 		}

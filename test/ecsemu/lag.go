@@ -28,6 +28,7 @@ type eniView struct {
 	status      string
 	instanceID  string
 	deviceIndex int
+	trunk       string // a member ENI's trunk ENI (deviceIndex is then its VLAN id)
 	attachedAt  time.Time
 	until       time.Time // for a past view: when it stopped being true
 }
@@ -77,7 +78,7 @@ func (e *Emulator) noteUnassignedLocked(n *eni, ip netip.Addr) {
 // transitionLocked runs change on n's attachment state and remembers the previous state for
 // the Status lag.
 func (e *Emulator) transitionLocked(n *eni, change func()) {
-	prev := eniView{status: n.status, instanceID: n.instanceID, deviceIndex: n.deviceIndex, attachedAt: n.attachedAt}
+	prev := n.currentView()
 	change()
 	if e.lag.Status <= 0 {
 		n.lag.past = nil
@@ -99,7 +100,7 @@ func (e *Emulator) viewLocked(n *eni) eniView {
 			return v
 		}
 	}
-	return eniView{status: n.status, instanceID: n.instanceID, deviceIndex: n.deviceIndex, attachedAt: n.attachedAt}
+	return n.currentView()
 }
 
 // listedIPsLocked are the addresses a listing shows now, primary first: the true ones whose

@@ -73,7 +73,7 @@ func (e *Emulator) metadata(instanceID, path string) (string, bool) {
 	for _, id := range e.eniIDs {
 		n := e.enis[id]
 		visible := n.typ == TypePrimary || e.now().Sub(n.attachedAt) >= time.Duration(e.delays.Metadata)
-		if n.instanceID == instanceID && n.status == StatusInUse && visible {
+		if n.instanceID == instanceID && n.status == StatusInUse && visible && n.trunk == "" { // a member ENI is no device
 			attached = append(attached, n)
 		}
 	}

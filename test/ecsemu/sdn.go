@@ -16,6 +16,11 @@ type ENIInfo struct {
 	VSwitchCIDR netip.Prefix
 	Gateway     netip.Addr
 	IPs         []netip.Addr
+	// A member ENI has no link of its own: its frames travel over its trunk ENI's link tagged
+	// with VLAN. TrunkID, TrunkMAC and VLAN are set only for a member ENI.
+	TrunkID  string
+	TrunkMAC net.HardwareAddr
+	VLAN     int
 }
 
 // SDN is the data-plane half of the emulator: what the cloud's virtual network does when the

@@ -41,8 +41,9 @@ type NetnsSDN struct {
 	owned []netns.NsHandle // handles opened from paths, closed by Close
 	vpcH  *netlink.Handle
 
-	mu  sync.Mutex
-	gws map[netip.Addr]bool // gateway addresses put on the VPC loopback
+	mu    sync.Mutex
+	gws   map[netip.Addr]bool // gateway addresses put on the VPC loopback
+	trunk *vpcTrunk           // VLAN programs of trunk ENIs, loaded at the first member (sdn_trunk.go)
 }
 
 // NewNetnsSDN builds an SDN over the VPC namespace vpc and one namespace per instance ID.
@@ -151,6 +152,7 @@ func (s *NetnsSDN) Close() error {
 		}
 	}
 	s.gws = map[netip.Addr]bool{}
+	errs = append(errs, s.closeTrunkLocked())
 	s.vpcH.Close()
 	for _, h := range s.owned {
 		h.Close()
@@ -183,6 +185,9 @@ func hostRoute(ip netip.Addr, linkIndex int) *netlink.Route {
 func (s *NetnsSDN) AttachENI(eni ENIInfo) (err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if eni.TrunkID != "" {
+		return s.attachMemberLocked(eni)
+	}
 	node, ok := s.nodes[eni.InstanceID]
 	if !ok {
 		return fmt.Errorf("attach ENI %s: no network namespace is configured for instance %s (set its netnsPath)", eni.ID, eni.InstanceID)
@@ -309,6 +314,10 @@ func (s *NetnsSDN) ensureGatewayLocked(gw netip.Addr) error {
 func (s *NetnsSDN) DetachENI(eni ENIInfo) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if eni.TrunkID != "" {
+		return s.detachMemberLocked(eni)
+	}
+	s.forgetTrunkLocked(eni.ID)
 	l, err := s.vpcH.LinkByName(VPCLinkName(eni.ID))
 	if err != nil {
 		var nf netlink.LinkNotFoundError
@@ -327,6 +336,9 @@ func (s *NetnsSDN) DetachENI(eni ENIInfo) error {
 func (s *NetnsSDN) AssignIP(eni ENIInfo, ip netip.Addr) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if eni.TrunkID != "" {
+		return s.routeMemberLocked(eni, ip)
+	}
 	l, err := s.vpcH.LinkByName(VPCLinkName(eni.ID))
 	if err != nil {
 		return fmt.Errorf("find veth of ENI %s in the VPC namespace: %w", eni.ID, err)
@@ -353,6 +365,9 @@ func (s *NetnsSDN) routeLocked(eni ENIInfo, ip netip.Addr, linkIndex int) error 
 func (s *NetnsSDN) UnassignIP(eni ENIInfo, ip netip.Addr) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if eni.TrunkID != "" {
+		return s.unrouteMemberLocked(eni, ip)
+	}
 	l, err := s.vpcH.LinkByName(VPCLinkName(eni.ID))
 	if err != nil {
 		return nil // the link, and so the route, is gone

@@ -38,6 +38,10 @@ type wireAttachment struct {
 	InstanceID   string `json:"InstanceId"`
 	DeviceIndex  int    `json:"DeviceIndex"`
 	AttachedTime string `json:"AttachedTime,omitempty"`
+	// A member ENI names its trunk (DeviceIndex is then its VLAN id); a trunk ENI lists its
+	// members (see trunk.go).
+	TrunkNetworkInterfaceID   string            `json:"TrunkNetworkInterfaceId,omitempty"`
+	MemberNetworkInterfaceIDs *wireMemberENIIDs `json:"MemberNetworkInterfaceIds,omitempty"`
 }
 
 type wireENI struct {
