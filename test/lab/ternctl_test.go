@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -92,25 +93,7 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	}
 	frontend, wantBackend := vip+":80", backend.IP.String()+":8080"
 	// Wait for the backend in the node's maps (the agent's endpoint watch), then use it.
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		svcs, err := ternctl.ReadServicesAt(n.PinRoot())
-		if err != nil {
-			t.Fatal(err)
-		}
-		found := false
-		for _, s := range svcs {
-			if s.Frontend.String() == frontend && len(s.Backends) == 1 {
-				found = true
-			}
-		}
-		if found {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never got its backend in %s's maps: %+v", frontend, n.Name, svcs)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitBackends(t, n, netip.MustParseAddrPort(frontend), "TCP", netip.MustParseAddrPort(wantBackend))
 	if _, err := client.HTTPGet(ctx, "http://"+frontend+"/"); err != nil {
 		t.Fatalf("client through %s: %v", frontend, err)
 	}
@@ -246,40 +229,7 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	t.Run("monitor", func(t *testing.T) {
 		mctx, mcancel := context.WithTimeout(ctx, 20*time.Second)
 		defer mcancel()
-		outR, outW := io.Pipe()
-		errR, errW := io.Pipe()
-		done := make(chan int, 1)
-		go func() {
-			code := ternctlOn(mctx, n, outW, errW, "monitor", "--pod", ns+"/client", "--reason", "drop_bad_ip", "--count", "1", "-o", "json")
-			outW.Close()
-			errW.Close()
-			done <- code
-		}()
-		started := make(chan bool, 1)
-		go func() {
-			sc := bufio.NewScanner(errR)
-			ok := false
-			for sc.Scan() {
-				if !ok && strings.Contains(sc.Text(), "monitoring drops") {
-					ok = true
-					started <- true
-				}
-			}
-			if !ok {
-				started <- false
-			}
-		}()
-		if !<-started {
-			t.Fatalf("monitor ended before reading (exit %d)", <-done)
-		}
-		lines := make(chan string, 1)
-		go func() {
-			sc := bufio.NewScanner(outR)
-			for sc.Scan() {
-				lines <- sc.Text()
-			}
-			close(lines)
-		}()
+		lines, done := startMonitor(t, mctx, n, "monitor", "--pod", ns+"/client", "--reason", "drop_bad_ip", "--count", "1", "-o", "json")
 		sent := time.Now()
 		if err := sendBadIPFrom(n, client, clientVeth, backend.IP.As4()); err != nil {
 			t.Fatal(err)
