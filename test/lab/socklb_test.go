@@ -5,7 +5,6 @@ package lab_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -49,13 +48,14 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	pods := map[string]*lab.Pod{}
 	for i := range 2 {
 		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("echo-%d", i), Node: l.Node(i).Name,
-			Labels: map[string]string{"app": "echo"}, ServePort: 7777})
+			Labels: map[string]string{"app": "echo"}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		want[p.Key()] = true
-		pods[p.Key()] = p
-		serveUDP(t, p, 5353)
+		want[p.Name] = true
+		pods[p.Name] = p
+		serveWho(t, p, 7777)
+		serveWhoUDP(t, p, 5353)
 	}
 
 	node := l.Node(0)
@@ -130,31 +130,6 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	if got := sockCounter(t, node, loader.ReasonSockDestroy); got == 0 {
 		t.Fatal("the destroy was not counted as sock_destroy")
 	}
-}
-
-// serveUDP answers every datagram to port inside the pod with the pod's namespace/name.
-func serveUDP(t *testing.T, p *lab.Pod, port int) {
-	t.Helper()
-	var c net.PacketConn
-	if err := p.Exec(func() (err error) {
-		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { c.Close(); <-done })
-	go func() {
-		defer close(done)
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			c.WriteTo([]byte(p.Key()), from)
-		}
-	}()
 }
 
 func sockConnects(t *testing.T, n *lab.Node) uint64 {
