@@ -163,7 +163,7 @@ func (d *demo) backends(ctx context.Context) error {
 	d.title("Three web replicas, spread over both nodes")
 	say("tern-lab plays the kubelet: it creates each Pod bound to its node, calls tern-cni through")
 	say("libcni (as containerd would) with the Pod's UID, starts a small HTTP server in the pod that")
-	say("answers \"hello from <pod> on <node>\", and reports the pod's IP and Ready to the apiserver.\n")
+	say("answers \"hello from <pod> on <node> (<ip>), client <source>\", and reports the pod's IP and Ready to the apiserver.\n")
 	var pods []PodInfo
 	for i := range 3 {
 		p, err := d.webPod(ctx, i, d.node(i))

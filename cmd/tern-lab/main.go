@@ -120,7 +120,7 @@ func cmdPod(ctx context.Context, args []string) error {
 	case "run":
 		node := fs.String("node", "", "node name (default: the node with the fewest pods)")
 		labels := fs.String("l", "", "labels k=v,k=v")
-		httpPort := fs.Int("http", 0, "serve HTTP on this port (answers \"hello from <pod> on <node>\")")
+		httpPort := fs.Int("http", 0, "serve HTTP on this port (answers \"hello from <pod> on <node> (<ip>), client <source it saw>\")")
 		servePort := fs.Int("serve", 0, "serve the TCP greeting/echo protocol on this port")
 		pos, err := parseArgs(fs, args[1:])
 		if err != nil {
