@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,7 +16,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -27,6 +25,7 @@ import (
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
@@ -508,28 +507,6 @@ func sendBadIPFrom(n *lab.Node, p *lab.Pod, hostVeth string, dst [4]byte) error 
 		if err != nil {
 			return err
 		}
-		var be [2]byte // the socket wants ETH_P_IP in network order
-		binary.BigEndian.PutUint16(be[:], unix.ETH_P_IP)
-		proto := binary.NativeEndian.Uint16(be[:])
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(proto))
-		if err != nil {
-			return fmt.Errorf("packet socket: %w", err)
-		}
-		defer unix.Close(fd)
-		frame := make([]byte, 14+20+8)
-		copy(frame[0:6], hostMAC)
-		copy(frame[6:12], eth0.Attrs().HardwareAddr)
-		binary.BigEndian.PutUint16(frame[12:], unix.ETH_P_IP)
-		ip := frame[14:]
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], 10)
-		ip[8], ip[9] = 64, unix.IPPROTO_UDP
-		copy(ip[12:16], src[:])
-		copy(ip[16:20], dst[:])
-		binary.BigEndian.PutUint16(ip[20:], 5555)
-		binary.BigEndian.PutUint16(ip[22:], 7777)
-		sa := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: eth0.Attrs().Index, Halen: 6}
-		copy(sa.Addr[:], hostMAC)
-		return unix.Sendto(fd, frame, 0, sa)
+		return testutil.SendShortIPv4(eth0.Attrs().Index, eth0.Attrs().HardwareAddr, hostMAC, src, dst)
 	})
 }
