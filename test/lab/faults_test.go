@@ -197,35 +197,7 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 		t.FailNow()
 	}
 
-	before := agentAllocations(t, l, ctx)
-	live := l.Pods()
-	t.Logf("%d live pods; agents hold %d allocations before GC", len(live), len(before))
-	// No address is given to two live pods, and no live pod lost its address.
-	seen := map[netip.Addr]string{}
-	for _, p := range live {
-		if prev, dup := seen[p.IP]; dup {
-			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
-		}
-		seen[p.IP] = p.Key()
-		if before[p.ContainerID] != p.IP.String() {
-			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
-		}
-	}
-	// GC through libcni releases what interrupted ADDs left behind; then the cloud and the
-	// agents agree exactly (nothing leaked in the emulator, nothing missing in the agents).
-	if err := l.GC(ctx); err != nil {
-		t.Fatal(err)
-	}
-	settled(t, l, ctx)
-	after := agentAllocations(t, l, ctx)
-	if len(after) != len(live) {
-		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
-	}
-	for _, p := range live {
-		if after[p.ContainerID] != p.IP.String() {
-			t.Errorf("after GC %s has %s but its agent records %q", p.Key(), p.IP, after[p.ContainerID])
-		}
-	}
+	live := addressesAfterBurst(t, ctx, l)
 
 	// The survivors still talk, across nodes too.
 	for _, p := range live {
@@ -250,6 +222,41 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 
 // churn keeps one node's pod count swinging between low and high: ADDs until high, then DELs
 // until low, from several workers at once.
+// addressesAfterBurst checks the lab's pods once a burst ended: no address is given to two
+// live pods and no live pod lost its address; then GC through libcni releases what
+// interrupted ADDs left behind, and the cloud and the agents agree exactly (nothing leaked
+// in the emulator, nothing missing in the agents). It returns the live pods.
+func addressesAfterBurst(t *testing.T, ctx context.Context, l *lab.Lab) []*lab.Pod {
+	t.Helper()
+	before := agentAllocations(t, l, ctx)
+	live := l.Pods()
+	t.Logf("%d live pods; agents hold %d allocations before GC", len(live), len(before))
+	seen := map[netip.Addr]string{}
+	for _, p := range live {
+		if prev, dup := seen[p.IP]; dup {
+			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
+		}
+		seen[p.IP] = p.Key()
+		if before[p.ContainerID] != p.IP.String() {
+			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
+		}
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	settled(t, l, ctx)
+	after := agentAllocations(t, l, ctx)
+	if len(after) != len(live) {
+		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
+	}
+	for _, p := range live {
+		if after[p.ContainerID] != p.IP.String() {
+			t.Errorf("after GC %s has %s but its agent records %q", p.Key(), p.IP, after[p.ContainerID])
+		}
+	}
+	return live
+}
+
 // burst is pods coming and going on every node of a lab: three churners a node, each adding
 // and deleting pods so that the node holds between low and high of them, until end.
 type burst struct {

@@ -214,26 +214,9 @@ func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 		t.Fatal("the test exercised neither the lost reply nor the faults")
 	}
 
-	live := l.Pods()
-	before := agentAllocations(t, l, ctx)
-	seen := map[netip.Addr]string{}
-	for _, p := range live {
-		if prev, dup := seen[p.IP]; dup {
-			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
-		}
-		seen[p.IP] = p.Key()
-		if before[p.ContainerID] != p.IP.String() {
-			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
-		}
-	}
-	if err := l.GC(ctx); err != nil {
-		t.Fatal(err)
-	}
-	settled(t, l, ctx) // one Available entry per node, allocations inside the CIDRs, no duplicate
-	after := agentAllocations(t, l, ctx)
-	if len(after) != len(live) {
-		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
-	}
+	// settled (in addressesAfterBurst) checks route mode too: one Available entry per node,
+	// allocations inside the CIDRs.
+	live := addressesAfterBurst(t, ctx, l)
 	// A survivor on each node still reaches one on the other.
 	var a, b *lab.Pod
 	for _, p := range live {
