@@ -220,8 +220,6 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	}
 }
 
-// churn keeps one node's pod count swinging between low and high: ADDs until high, then DELs
-// until low, from several workers at once.
 // addressesAfterBurst checks the lab's pods once a burst ended: no address is given to two
 // live pods and no live pod lost its address; then GC through libcni releases what
 // interrupted ADDs left behind, and the cloud and the agents agree exactly (nothing leaked
@@ -296,6 +294,8 @@ func (b *burst) end(t *testing.T) int64 {
 	return b.ops.Load()
 }
 
+// churn keeps one node's pod count swinging between low and high: ADDs until high, then DELs
+// until low, from several workers at once.
 type churn struct {
 	l         *lab.Lab
 	node      int
