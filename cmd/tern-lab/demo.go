@@ -46,6 +46,7 @@ type demo struct {
 	// nodePortAddr is a node's address and the api Service's node port, for the tips.
 	nodePortAddr string
 	hostStep     int // the host-network step's number
+	apiNodePort  int // the api Service's node port
 }
 
 func cmdDemo(ctx context.Context, args []string) error {
@@ -342,7 +343,7 @@ func (d *demo) dumps(ctx context.Context) error {
 	}{
 		{[]string{"service", "list"}, "each frontend and its backends, from the pinned maps"},
 		{[]string{"bpf", "lb", "list"}, "the same as stored: tern_services, tern_backends, tern_lb_members"},
-		{[]string{"bpf", "ct", "list"}, "conntrack: the tc path's flows (pod clients, NodePort)"},
+		{[]string{"bpf", "ct", "list", "--port", fmt.Sprint(d.apiNodePort)}, "conntrack of the NodePort flows"},
 	} {
 		say("\n$ tern-lab ternctl %s %s    # %s", n.Name, strings.Join(c.args, " "), c.why)
 		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, c.args...) }); err != nil {
@@ -354,8 +355,10 @@ func (d *demo) dumps(ctx context.Context) error {
 	say("VPC router bridged to the apiserver on the root namespace's loopback, where a managed control")
 	say("plane's internal load balancer would be: pods and host-network processes reach the apiserver")
 	say("through the ClusterIP, as in-cluster clients do first.")
-	say("The conntrack table holds the pod clients' and the external client's flows (translated per")
-	say("packet by tc); the host-network connections of step %d have no entry: the socket hooks", d.hostStep)
+	say("Each NodePort flow has a conntrack entry: the external client's tuple, translated to a backend")
+	say("per packet by tc on the ENI. Replies of this node's backend find theirs by the revnat entry;")
+	say("flows SNATed to the other node's backend come back through the SNAT table (bpf nat list).")
+	say("The host-network connections of step %d need no translation state: the socket hooks", d.hostStep)
 	say("translated them once, at connect().")
 	for _, n := range d.st.Nodes {
 		say("\n$ tern-lab ternctl %s ipam show     # the agent's ENIs and pod addresses", n.Name)

@@ -29,10 +29,10 @@ type hello struct{ pod, node, client string }
 
 func parseHello(s string) (hello, bool) {
 	f := strings.Fields(s)
-	if len(f) != 7 || f[0] != "hello" || f[1] != "from" || f[3] != "on" || f[5] != "client" {
+	if len(f) != 8 || f[0] != "hello" || f[1] != "from" || f[3] != "on" || f[6] != "client" {
 		return hello{}, false
 	}
-	return hello{pod: f[2], node: f[4], client: f[6]}, true
+	return hello{pod: f[2], node: f[4], client: f[7]}, true
 }
 
 // hostNetwork is a host-network process on a node using the ClusterIP: the node's own
@@ -96,6 +96,7 @@ func (d *demo) nodePort(ctx context.Context) error {
 		return fmt.Errorf("create Service %s/%s: %w", demoNS, nodePortService, err)
 	}
 	nodePort := int(svc.Spec.Ports[0].NodePort)
+	d.apiNodePort = nodePort
 	d.nodePortAddr = fmt.Sprintf("%s:%d", d.st.Nodes[0].PrimaryIP, nodePort)
 	if err := d.podTable(ctx, pods); err != nil {
 		return err
