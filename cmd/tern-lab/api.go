@@ -32,6 +32,8 @@ type state struct {
 	PID     int    `json:"pid"`
 	PinRoot string `json:"pinRoot"`
 	LabDir  string `json:"labDir"`
+	// Cgroup is the lab's socket-LB cgroup (parent of the nodes'), recorded once Up made it.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 func readState(dir string) (*state, error) {
@@ -56,6 +58,14 @@ type Status struct {
 	Emulator   string     `json:"emulator"`
 	Nodes      []NodeInfo `json:"nodes"`
 	Pods       []PodInfo  `json:"pods"`
+	// External is the lab's client outside the VPC (its own namespace behind the VPC router).
+	External ExternalInfo `json:"external"`
+}
+
+// ExternalInfo describes the external client.
+type ExternalInfo struct {
+	IP    string `json:"ip"`
+	NetNS string `json:"netns"` // /proc/<daemon>/fd/<n>, for nsenter --net
 }
 
 // NodeInfo describes a lab node.
@@ -68,6 +78,9 @@ type NodeInfo struct {
 	Socket     string `json:"socket"`
 	AgentLog   string `json:"agentLog"`
 	NetNS      string `json:"netns"` // /proc/<daemon>/fd/<n>, for nsenter --net
+	// Cgroup is where the node's agent attached its socket hooks: a process started there in
+	// the node's namespace is a host-network process of the node (tern-lab exec does that).
+	Cgroup string `json:"cgroup"`
 }
 
 // PodInfo describes a lab pod.

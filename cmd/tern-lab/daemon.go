@@ -128,11 +128,12 @@ func cmdUp(ctx context.Context, args []string) error {
 
 // daemon runs the lab until `down` or SIGTERM.
 type daemon struct {
-	dir  string
-	lab  *lab.Lab
-	log  *zap.Logger
-	down chan chan error // a `down` request; the daemon answers once the lab is gone
-	mu   sync.Mutex      // serialises pod creation's node choice
+	dir      string
+	lab      *lab.Lab
+	external *lab.External
+	log      *zap.Logger
+	down     chan chan error // a `down` request; the daemon answers once the lab is gone
+	mu       sync.Mutex      // serialises pod creation's node choice
 }
 
 func cmdDaemon(ctx context.Context, args []string) (retErr error) {
@@ -169,7 +170,7 @@ func cmdDaemon(ctx context.Context, args []string) (retErr error) {
 
 	upCtx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	l, err := lab.Up(upCtx, lab.Options{Nodes: f.nodes, BinDir: f.binDir, Dir: st.LabDir, PinRoot: st.PinRoot,
-		Kubernetes: true, KubernetesBinDir: f.k8sBinDir, Logger: log.Named("lab"),
+		Kubernetes: true, KubernetesBinDir: f.k8sBinDir, Logger: log.Named("lab"), SocketLB: true,
 		ENIConf: lab.ENIConf{MinPoolSize: 2, MaxPoolSize: 8}})
 	cancel()
 	if err != nil {
@@ -182,6 +183,14 @@ func cmdDaemon(ctx context.Context, args []string) (retErr error) {
 			_ = l.Down()
 		}
 	}()
+	// The socket-LB cgroups are the lab's to remove too if this daemon dies.
+	st.Cgroup = filepath.Dir(l.Node(0).Cgroup())
+	if err := writeFileAtomic(filepath.Join(f.dir, stateFile), st); err != nil {
+		return err
+	}
+	if d.external, err = l.ExternalClient(); err != nil {
+		return err
+	}
 	kc, err := os.ReadFile(l.KubeconfigPath())
 	if err != nil {
 		return fmt.Errorf("read the lab's kubeconfig: %w", err)
@@ -266,7 +275,10 @@ func (d *daemon) status() Status {
 	}
 	for _, n := range l.Nodes() {
 		s.Nodes = append(s.Nodes, NodeInfo{Name: n.Name, InstanceID: n.InstanceID, PrimaryIP: n.PrimaryIP, AgentPID: n.AgentPID(),
-			PinRoot: n.PinRoot(), Socket: n.Socket(), AgentLog: n.AgentLog(), NetNS: n.NetNSPath()})
+			PinRoot: n.PinRoot(), Socket: n.Socket(), AgentLog: n.AgentLog(), NetNS: n.NetNSPath(), Cgroup: n.Cgroup()})
+	}
+	if d.external != nil {
+		s.External = ExternalInfo{IP: d.external.IP.String(), NetNS: fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(d.external.NS()))}
 	}
 	for _, p := range l.Pods() {
 		s.Pods = append(s.Pods, podInfo(p))
@@ -375,6 +387,9 @@ func printStatus(s *Status) {
 	fmt.Fprintln(w, "NODE\tINSTANCE\tPRIMARY IP\tAGENT PID\tNETNS (nsenter --net=...)")
 	for _, n := range s.Nodes {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\n", n.Name, n.InstanceID, n.PrimaryIP, n.AgentPID, n.NetNS)
+	}
+	if s.External.IP != "" {
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", externalName, "(outside the VPC)", s.External.IP, "-", s.External.NetNS)
 	}
 	w.Flush()
 	if len(s.Pods) == 0 {

@@ -43,6 +43,10 @@ type demo struct {
 	requests int
 	step     int
 	vip      string
+	// nodePortAddr is a node's address and the api Service's node port, for the tips.
+	nodePortAddr string
+	hostStep     int // the host-network step's number
+	apiNodePort  int // the api Service's node port
 }
 
 func cmdDemo(ctx context.Context, args []string) error {
@@ -72,7 +76,7 @@ func cmdDemo(ctx context.Context, args []string) error {
 		return err
 	}
 	for _, s := range []func(context.Context) error{d.nodes, d.namespace, d.backends, d.service, d.client, d.scaleUp,
-		d.scaleDown, d.dumps} {
+		d.scaleDown, d.hostNetwork, d.nodePort, d.dumps} {
 		if err := s(ctx); err != nil {
 			return err
 		}
@@ -97,9 +101,11 @@ func (d *demo) reset(ctx context.Context) error {
 			}
 		}
 	}
-	err := d.kube.CoreV1().Services(demoNS).Delete(ctx, demoService, metav1.DeleteOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
-		return fmt.Errorf("remove the Service of an earlier demo: %w", err)
+	for _, name := range []string{demoService, nodePortService} {
+		err := d.kube.CoreV1().Services(demoNS).Delete(ctx, name, metav1.DeleteOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("remove the Service %s of an earlier demo: %w", name, err)
+		}
 	}
 	return nil
 }
@@ -158,7 +164,7 @@ func (d *demo) backends(ctx context.Context) error {
 	d.title("Three web replicas, spread over both nodes")
 	say("tern-lab plays the kubelet: it creates each Pod bound to its node, calls tern-cni through")
 	say("libcni (as containerd would) with the Pod's UID, starts a small HTTP server in the pod that")
-	say("answers \"hello from <pod> on <node>\", and reports the pod's IP and Ready to the apiserver.\n")
+	say("answers \"hello from <pod> on <node> (<ip>), client <source>\", and reports the pod's IP and Ready to the apiserver.\n")
 	var pods []PodInfo
 	for i := range 3 {
 		p, err := d.webPod(ctx, i, d.node(i))
@@ -329,17 +335,31 @@ func (d *demo) scaleDown(ctx context.Context) error {
 }
 
 func (d *demo) dumps(ctx context.Context) error {
-	d.title("What tern holds on the nodes (tern-lab ternctl NODE service list|ipam show)")
-	for _, n := range d.st.Nodes[:1] {
-		say("$ tern-lab ternctl %s service list  # the eBPF service map, from the pinned maps", n.Name)
-		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, "service", "list") }); err != nil {
+	n := d.st.Nodes[0]
+	d.title(fmt.Sprintf("What tern holds on %s (tern-lab ternctl NODE ...)", n.Name))
+	for _, c := range []struct {
+		args []string
+		why  string
+	}{
+		{[]string{"service", "list"}, "each frontend and its backends, from the pinned maps"},
+		{[]string{"bpf", "lb", "list"}, "the same as stored: tern_services, tern_backends, tern_lb_members"},
+		{[]string{"bpf", "ct", "list", "--port", fmt.Sprint(d.apiNodePort)}, "conntrack of the NodePort flows"},
+	} {
+		say("\n$ tern-lab ternctl %s %s    # %s", n.Name, strings.Join(c.args, " "), c.why)
+		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, c.args...) }); err != nil {
 			return err
 		}
 	}
-	say("\n(%s is the apiserver's own \"kubernetes\" Service. Its endpoint is %s, an address of the", "10.96.0.1:443", lab.APIServerAddr)
+	say("\nThe service list has the web and api ClusterIPs, the api node port on the node's addresses,")
+	say("and %s, the apiserver's own \"kubernetes\" Service. Its endpoint is %s, an address of the", "10.96.0.1:443", lab.APIServerAddr)
 	say("VPC router bridged to the apiserver on the root namespace's loopback, where a managed control")
 	say("plane's internal load balancer would be: pods and host-network processes reach the apiserver")
-	say("through the ClusterIP, as in-cluster clients do first.)")
+	say("through the ClusterIP, as in-cluster clients do first.")
+	say("Each NodePort flow has a conntrack entry: the external client's tuple, translated to a backend")
+	say("per packet by tc on the ENI. Replies of this node's backend find theirs by the revnat entry;")
+	say("flows SNATed to the other node's backend come back through the SNAT table (bpf nat list).")
+	say("The host-network connections of step %d need no translation state: the socket hooks", d.hostStep)
+	say("translated them once, at connect().")
 	for _, n := range d.st.Nodes {
 		say("\n$ tern-lab ternctl %s ipam show     # the agent's ENIs and pod addresses", n.Name)
 		if err := printIndented(func(w io.Writer) error { return ternctl.Print(ctx, w, n.PinRoot, n.Socket, "ipam", "show") }); err != nil {
@@ -382,6 +402,10 @@ func (d *demo) explore(took time.Duration) {
 	tip(fmt.Sprintf("%s pod run -n %s -l app=web -http %d web-9", bin, demoNS, webPort), "one more backend")
 	tip(fmt.Sprintf("%s pod delete -n %s web-0", bin, demoNS), "one less")
 	tip(fmt.Sprintf("%s ternctl %s bpf ct list", bin, n1.Name), "conntrack: client -> VIP -> backend")
+	tip(fmt.Sprintf("%s exec %s -- %s probe -count 5 %s:%d", bin, n1.Name, bin, d.vip, servicePort), "a host-network client (socket LB)")
+	if d.nodePortAddr != "" {
+		tip(fmt.Sprintf("%s exec %s -- %s probe -count 5 %s", bin, externalName, bin, d.nodePortAddr), "the NodePort from outside")
+	}
 	tip(fmt.Sprintf("%s ternctl %s bpf metrics list", bin, n1.Name), "datapath counters")
 	tip(fmt.Sprintf("%s exec -n %s client -- ip route", bin, demoNS), "any command in a pod's (or node's) netns")
 	tip("bpftool map dump pinned "+filepath.Join(n1.PinRoot, "tern_services"), "")

@@ -90,8 +90,38 @@ func cleanLeftovers(dir string) error {
 			}
 		}
 	}
+	if st != nil && st.Cgroup != "" {
+		if err := removeCgroups(st.Cgroup); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+	}
+	return errors.Join(errs...)
+}
+
+// removeCgroups removes the lab's socket-LB cgroup and its nodes' (empty once the lab's
+// processes are gone; cgroup directories go by rmdir, children first).
+func removeCgroups(cg string) error {
+	ents, err := os.ReadDir(cg)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read leftover cgroup %s: %w", cg, err)
+	}
+	fmt.Printf("removing leftover cgroup %s\n", cg)
+	var errs []error
+	for _, e := range ents {
+		if e.IsDir() {
+			if err := os.Remove(filepath.Join(cg, e.Name())); err != nil {
+				errs = append(errs, fmt.Errorf("remove leftover cgroup: %w", err))
+			}
+		}
+	}
+	if err := os.Remove(cg); err != nil {
+		errs = append(errs, fmt.Errorf("remove leftover cgroup: %w", err))
 	}
 	return errors.Join(errs...)
 }

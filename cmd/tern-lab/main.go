@@ -20,9 +20,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vishvananda/netns"
-
-	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ternctl"
 )
 
@@ -35,7 +32,9 @@ const usage = `usage: tern-lab <command> [flags]
   pod run [-n NS] [-node node-1] [-l k=v,...] [-http PORT] [-serve PORT] NAME
   pod delete [-n NS] NAME
   ask    [-n NS] [-count 10] [-tcp] POD HOST:PORT   requests from a pod, one connection each
-  exec   [-n NS] POD|NODE -- COMMAND...   run a command in a pod's or node's network namespace
+  exec   [-n NS] POD|NODE|external -- COMMAND...   run a command in a pod's, a node's (as a host-network
+                                         process: the node's namespace and cgroup) or the external client's namespace
+  probe  [-count 1] HOST:PORT             HTTP GETs, one connection each, one JSON line per answer (with getpeername)
   ternctl NODE COMMAND...                            ternctl on a node (service list, bpf ct list, ipam show, -o json)
 
 Every command takes -dir (default /run/tern-lab). Run as root.
@@ -50,7 +49,7 @@ func main() {
 	}
 	cmds := map[string]func(context.Context, []string) error{
 		"up": cmdUp, "down": cmdDown, "status": cmdStatus, "demo": cmdDemo, "pod": cmdPod, "ask": cmdAsk,
-		"exec": cmdExec, "ternctl": cmdTernctl, "daemon": cmdDaemon,
+		"exec": cmdExec, "ternctl": cmdTernctl, "daemon": cmdDaemon, "probe": cmdProbe,
 	}
 	fn, ok := cmds[os.Args[1]]
 	if !ok {
@@ -121,7 +120,7 @@ func cmdPod(ctx context.Context, args []string) error {
 	case "run":
 		node := fs.String("node", "", "node name (default: the node with the fewest pods)")
 		labels := fs.String("l", "", "labels k=v,k=v")
-		httpPort := fs.Int("http", 0, "serve HTTP on this port (answers \"hello from <pod> on <node>\")")
+		httpPort := fs.Int("http", 0, "serve HTTP on this port (answers \"hello from <pod> on <node> (<ip>), client <source it saw>\")")
 		servePort := fs.Int("serve", 0, "serve the TCP greeting/echo protocol on this port")
 		pos, err := parseArgs(fs, args[1:])
 		if err != nil {
@@ -240,11 +239,16 @@ func cmdExec(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	path := ""
+	path, cgroup := "", ""
 	for _, n := range st.Nodes {
 		if n.Name == rest[0] {
-			path = n.NetNS
+			// A node's command runs in the node's cgroup too: a host-network process that
+			// the node's socket hooks load-balance.
+			path, cgroup = n.NetNS, n.Cgroup
 		}
+	}
+	if rest[0] == externalName {
+		path = st.External.NetNS
 	}
 	pns, name := splitPod(rest[0], *ns)
 	for _, p := range st.Pods {
@@ -255,15 +259,12 @@ func cmdExec(ctx context.Context, args []string) error {
 	if path == "" {
 		return fmt.Errorf("exec: no node or pod %q (tern-lab status lists them)", rest[0])
 	}
-	h, err := netns.GetFromPath(path)
-	if err != nil {
-		return fmt.Errorf("open the namespace of %s at %s: %w", rest[0], path, err)
-	}
-	defer h.Close()
 	cmd := exec.CommandContext(ctx, rest[2], rest[3:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	// The child inherits the network namespace of the thread that forks it.
-	return nsutil.Do(h, cmd.Run)
+	if err := runIn(cmd, path, cgroup); err != nil {
+		return fmt.Errorf("exec in %s: %w", rest[0], err)
+	}
+	return cmd.Wait()
 }
 
 func cmdTernctl(ctx context.Context, args []string) error {

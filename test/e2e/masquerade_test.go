@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"strings"
@@ -218,50 +217,13 @@ func (l *masqLab) addENIPod(t *testing.T, name, ip string) *podNS {
 // it sees and then echoes lines, and a UDP server that answers with the peer address.
 func serveWho(t *testing.T, ns netns.NsHandle, addr string) {
 	t.Helper()
-	var (
-		tl net.Listener
-		ul net.PacketConn
-	)
-	err := nsutil.Do(ns, func() (err error) {
-		if tl, err = net.Listen("tcp4", addr); err != nil {
-			return err
+	serveTCPUDP(t, ns, addr, true, func(client net.Addr) string {
+		ap, err := netip.ParseAddrPort(client.String())
+		if err != nil {
+			return client.String()
 		}
-		ul, err = net.ListenPacket("udp4", addr)
-		return err
+		return ap.Addr().String()
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { tl.Close(); ul.Close(); wg.Wait() })
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := tl.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	go func() {
-		defer wg.Done()
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := ul.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			ul.WriteTo([]byte(from.(*net.UDPAddr).IP.String()), from)
-		}
-	}()
 }
 
 func loadMasq(t *testing.T, l *masqLab) *loader.Datapath {

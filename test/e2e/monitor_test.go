@@ -3,9 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -14,9 +12,9 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/ternctl"
@@ -132,29 +130,5 @@ func sendBadIP(lab *nodeLab, pod *podNS) error {
 	}); err != nil {
 		return err
 	}
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_IP)))
-	if err != nil {
-		return fmt.Errorf("packet socket: %w", err)
-	}
-	defer unix.Close(fd)
-	frame := make([]byte, 14+20+8)
-	copy(frame[0:6], hostMAC)
-	copy(frame[6:12], eth0.Attrs().HardwareAddr)
-	binary.BigEndian.PutUint16(frame[12:], unix.ETH_P_IP)
-	ip := frame[14:]
-	ip[0] = 0x45
-	binary.BigEndian.PutUint16(ip[2:], 10) // total length shorter than the header
-	ip[8], ip[9] = 64, unix.IPPROTO_UDP
-	copy(ip[12:16], []byte{10, 0, 1, 10})
-	copy(ip[16:20], []byte{10, 0, 1, 20})
-	binary.BigEndian.PutUint16(ip[20:], 5555)
-	binary.BigEndian.PutUint16(ip[22:], 7777)
-	sa := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_IP), Ifindex: eth0.Attrs().Index, Halen: 6}
-	copy(sa.Addr[:], hostMAC)
-	if err := unix.Sendto(fd, frame, 0, sa); err != nil {
-		return fmt.Errorf("send the bad frame: %w", err)
-	}
-	return nil
+	return testutil.SendShortIPv4(eth0.Attrs().Index, eth0.Attrs().HardwareAddr, hostMAC, [4]byte{10, 0, 1, 10}, [4]byte{10, 0, 1, 20})
 }
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -99,15 +99,24 @@ func (l *nodeLab) attachAll(d *loader.Datapath) {
 // and then echoes lines; UDP answers every datagram with the pod's name.
 func (p *podNS) serve(t testing.TB, port int) {
 	t.Helper()
+	name := func(net.Addr) string { return p.name }
+	serveTCPUDP(t, p.ns, fmt.Sprintf(":%d", port), true, name)
+}
+
+// serveTCPUDP starts TCP and UDP servers on addr inside ns, stopped when the test ends.
+// Each TCP connection is greeted with greet(client address) on a line, then has its lines
+// echoed (echo) or is closed; each datagram is answered with greet(client address).
+func serveTCPUDP(t testing.TB, ns netns.NsHandle, addr string, echo bool, greet func(client net.Addr) string) {
+	t.Helper()
 	var (
 		tl net.Listener
 		ul net.PacketConn
 	)
-	err := nsutil.Do(p.ns, func() (err error) {
-		if tl, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); err != nil {
+	err := nsutil.Do(ns, func() (err error) {
+		if tl, err = net.Listen("tcp4", addr); err != nil {
 			return err
 		}
-		ul, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
+		ul, err = net.ListenPacket("udp4", addr)
 		return err
 	})
 	if err != nil {
@@ -127,8 +136,10 @@ func (p *podNS) serve(t testing.TB, port int) {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				fmt.Fprintf(c, "%s\n", p.name)
-				io.Copy(c, c)
+				fmt.Fprintf(c, "%s\n", greet(c.RemoteAddr()))
+				if echo {
+					io.Copy(c, c)
+				}
 			}()
 		}
 	}()
@@ -140,7 +151,7 @@ func (p *podNS) serve(t testing.TB, port int) {
 			if err != nil {
 				return
 			}
-			ul.WriteTo([]byte(p.name), from)
+			ul.WriteTo([]byte(greet(from)), from)
 		}
 	}()
 }

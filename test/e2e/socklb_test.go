@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 
@@ -54,48 +53,12 @@ func newTestCgroups(t testing.TB) (in, out string) {
 }
 
 // serveSeen starts TCP and UDP servers in the pod that greet with "<pod name> <the client
-// address they saw>".
+// address they saw>" (TCP then closes).
 func (p *podNS) serveSeen(t testing.TB, port int) {
 	t.Helper()
-	var (
-		tl net.Listener
-		ul net.PacketConn
-	)
-	err := nsutil.Do(p.ns, func() (err error) {
-		if tl, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); err != nil {
-			return err
-		}
-		ul, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
-		return err
+	serveTCPUDP(t, p.ns, fmt.Sprintf(":%d", port), false, func(client net.Addr) string {
+		return fmt.Sprintf("%s %s", p.name, client)
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { tl.Close(); ul.Close(); wg.Wait() })
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := tl.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "%s %s\n", p.name, c.RemoteAddr())
-			c.Close()
-		}
-	}()
-	go func() {
-		defer wg.Done()
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := ul.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			ul.WriteTo([]byte(fmt.Sprintf("%s %s", p.name, from)), from)
-		}
-	}()
 }
 
 func counters(t *testing.T, m *loader.Maps) map[loader.MetricsKey]loader.MetricsValue {

@@ -962,57 +962,6 @@ func joinKeys(m map[string]bool) string {
 	return strings.Join(ks, ",")
 }
 
-// serveWho answers every connection to port in pod p with "<pod name> <client address>",
-// the address the backend saw, and closes it.
-func serveWho(t *testing.T, p *lab.Pod, port int) {
-	t.Helper()
-	var ln net.Listener
-	if err := p.Exec(func() (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { ln.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "%s %s\n", p.Name, c.RemoteAddr())
-			c.Close()
-		}
-	}()
-}
-
-// serveWhoUDP answers every datagram to port in pod p with "<pod name> <client address>".
-func serveWhoUDP(t *testing.T, p *lab.Pod, port int) {
-	t.Helper()
-	var c net.PacketConn
-	if err := p.Exec(func() (err error) {
-		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { c.Close(); <-done })
-	go func() {
-		defer close(done)
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = c.WriteTo([]byte(fmt.Sprintf("%s %s\n", p.Name, from)), from)
-		}
-	}()
-}
-
 // askWhoUDP sends one datagram from a connected UDP socket inside ns and reads
 // serveWhoUDP's answer within timeout; an ICMP port unreachable fails the read with
 // ECONNREFUSED.

@@ -135,22 +135,7 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 	defer cancel()
 	emu := l.Emulator()
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, 64)
-	var ops atomic.Int64
-	for node := range 2 {
-		c := &churn{l: l, node: node, low: 1, high: 8, grow: true}
-		for range 3 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := c.run(ctx, stop, &ops); err != nil {
-					errs <- err
-				}
-			}()
-		}
-	}
+	churners := startBurst(ctx, l, 1, 8)
 
 	hits, misses := map[string]int{}, map[string]int{}
 	kills := 0
@@ -201,13 +186,8 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 			misses[point]++
 		}
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
-	t.Logf("%d kills; crash points hit %v (waits that saw no such call: %v); %d ADD/DEL operations", kills, hits, misses, ops.Load())
+	ops := churners.end(t)
+	t.Logf("%d kills; crash points hit %v (waits that saw no such call: %v); %d ADD/DEL operations", kills, hits, misses, ops)
 	for _, p := range points {
 		if hits[p] < minHits {
 			t.Errorf("crash point %q hit %d times, want at least %d", p, hits[p], minHits)
@@ -217,35 +197,7 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 		t.FailNow()
 	}
 
-	before := agentAllocations(t, l, ctx)
-	live := l.Pods()
-	t.Logf("%d live pods; agents hold %d allocations before GC", len(live), len(before))
-	// No address is given to two live pods, and no live pod lost its address.
-	seen := map[netip.Addr]string{}
-	for _, p := range live {
-		if prev, dup := seen[p.IP]; dup {
-			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
-		}
-		seen[p.IP] = p.Key()
-		if before[p.ContainerID] != p.IP.String() {
-			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
-		}
-	}
-	// GC through libcni releases what interrupted ADDs left behind; then the cloud and the
-	// agents agree exactly (nothing leaked in the emulator, nothing missing in the agents).
-	if err := l.GC(ctx); err != nil {
-		t.Fatal(err)
-	}
-	settled(t, l, ctx)
-	after := agentAllocations(t, l, ctx)
-	if len(after) != len(live) {
-		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
-	}
-	for _, p := range live {
-		if after[p.ContainerID] != p.IP.String() {
-			t.Errorf("after GC %s has %s but its agent records %q", p.Key(), p.IP, after[p.ContainerID])
-		}
-	}
+	live := addressesAfterBurst(t, ctx, l)
 
 	// The survivors still talk, across nodes too.
 	for _, p := range live {
@@ -266,6 +218,80 @@ func TestAgentKilledDuringBurstNeverGivesAnAddressTwice(t *testing.T) {
 			t.Errorf("%s → %s after the burst: %q, %v", p.Key(), live[0].Key(), got, err)
 		}
 	}
+}
+
+// addressesAfterBurst checks the lab's pods once a burst ended: no address is given to two
+// live pods and no live pod lost its address; then GC through libcni releases what
+// interrupted ADDs left behind, and the cloud and the agents agree exactly (nothing leaked
+// in the emulator, nothing missing in the agents). It returns the live pods.
+func addressesAfterBurst(t *testing.T, ctx context.Context, l *lab.Lab) []*lab.Pod {
+	t.Helper()
+	before := agentAllocations(t, l, ctx)
+	live := l.Pods()
+	t.Logf("%d live pods; agents hold %d allocations before GC", len(live), len(before))
+	seen := map[netip.Addr]string{}
+	for _, p := range live {
+		if prev, dup := seen[p.IP]; dup {
+			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
+		}
+		seen[p.IP] = p.Key()
+		if before[p.ContainerID] != p.IP.String() {
+			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
+		}
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	settled(t, l, ctx)
+	after := agentAllocations(t, l, ctx)
+	if len(after) != len(live) {
+		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
+	}
+	for _, p := range live {
+		if after[p.ContainerID] != p.IP.String() {
+			t.Errorf("after GC %s has %s but its agent records %q", p.Key(), p.IP, after[p.ContainerID])
+		}
+	}
+	return live
+}
+
+// burst is pods coming and going on every node of a lab: three churners a node, each adding
+// and deleting pods so that the node holds between low and high of them, until end.
+type burst struct {
+	stop chan struct{}
+	wg   sync.WaitGroup
+	errs chan error
+	ops  atomic.Int64
+}
+
+func startBurst(ctx context.Context, l *lab.Lab, low, high int) *burst {
+	b := &burst{stop: make(chan struct{}), errs: make(chan error, 3*len(l.Nodes()))}
+	for node := range l.Nodes() {
+		c := &churn{l: l, node: node, low: low, high: high, grow: true}
+		for range 3 {
+			b.wg.Add(1)
+			go func() {
+				defer b.wg.Done()
+				if err := c.run(ctx, b.stop, &b.ops); err != nil {
+					b.errs <- err
+				}
+			}()
+		}
+	}
+	return b
+}
+
+// end stops the churners, waits for them, reports each one's error on t and returns the
+// number of ADD/DEL operations they made.
+func (b *burst) end(t *testing.T) int64 {
+	t.Helper()
+	close(b.stop)
+	b.wg.Wait()
+	close(b.errs)
+	for err := range b.errs {
+		t.Error(err)
+	}
+	return b.ops.Load()
 }
 
 // churn keeps one node's pod count swinging between low and high: ADDs until high, then DELs

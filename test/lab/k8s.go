@@ -301,8 +301,9 @@ func (l *Lab) EnsureNamespace(ctx context.Context, name string) error {
 }
 
 // ServeHTTP serves HTTP on port inside the pod: every request is answered with
-// "hello from <name> on <node> (<ip>)", so a client can tell which backend and which node
-// answered. The server stops when the pod is deleted or with the returned closer.
+// "hello from <name> on <node> (<ip>), client <address>", so a client can tell which backend
+// and which node answered and what source address (after any SNAT) reached the backend. The
+// server stops when the pod is deleted or with the returned closer.
 func (p *Pod) ServeHTTP(port int) (io.Closer, error) {
 	var ln net.Listener
 	err := p.Exec(func() error {
@@ -313,9 +314,12 @@ func (p *Pod) ServeHTTP(port int) (io.Closer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on port %d in pod %s: %w", port, p.Key(), err)
 	}
-	hello := fmt.Sprintf("hello from %s on %s (%s)\n", p.Name, p.Node.Name, p.IP)
+	hello := fmt.Sprintf("hello from %s on %s (%s), client ", p.Name, p.Node.Name, p.IP)
 	srv := &http.Server{
-		Handler:           http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = fmt.Fprint(w, hello) }),
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			client, _, _ := net.SplitHostPort(r.RemoteAddr)
+			_, _ = fmt.Fprint(w, hello+client+"\n")
+		}),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 	go func() { _ = srv.Serve(ln) }()

@@ -24,31 +24,8 @@ import (
 	"github.com/tern-net/tern/test/lab"
 )
 
-// serveClientAddr runs, inside the pod, a TCP server that greets each connection with the
-// address it sees the client as.
-func serveClientAddr(t *testing.T, p *lab.Pod, port int) {
-	t.Helper()
-	var ln net.Listener
-	if err := p.Exec(func() (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
-			c.Close()
-		}
-	}()
-}
-
-// whoFrom connects from the external host to addr and returns who the backend saw.
+// whoFrom connects from the external host to addr and returns the client address the
+// backend (serveWho) saw.
 func whoFrom(h *lab.ExternalHost, addr string, timeout time.Duration) (string, error) {
 	var c net.Conn
 	if err := nsutil.Do(h.NS, func() (err error) {
@@ -60,7 +37,16 @@ func whoFrom(h *lab.ExternalHost, addr string, timeout time.Duration) (string, e
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	s, err := bufio.NewReader(c).ReadString('\n')
-	return strings.TrimSpace(s), err
+	if err != nil {
+		return "", err
+	}
+	// serveWho's "<pod name> <client ip:port>"
+	f := strings.Fields(s)
+	if len(f) != 2 {
+		return "", fmt.Errorf("answer %q from %s, want \"<pod> <client address>\"", s, addr)
+	}
+	ip, _, err := net.SplitHostPort(f[1])
+	return ip, err
 }
 
 func getFrom(h *lab.ExternalHost, addr string) (int, string, error) {
@@ -131,7 +117,7 @@ func TestNodePortFromOutside(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveClientAddr(t, web, 8080)
+	serveWho(t, web, 8080)
 
 	mk := func(name string, typ corev1.ServiceType, etp corev1.ServiceExternalTrafficPolicy, nodePort int32, selector map[string]string, extIPs []string) *corev1.Service {
 		t.Helper()

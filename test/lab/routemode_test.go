@@ -8,8 +8,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -166,22 +164,7 @@ func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 	defer cancel()
 	emu := l.Emulator()
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, 64)
-	var ops atomic.Int64
-	for node := range 2 {
-		c := &churn{l: l, node: node, low: 2, high: 12, grow: true}
-		for range 3 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := c.run(ctx, stop, &ops); err != nil {
-					errs <- err
-				}
-			}()
-		}
-	}
+	churners := startBurst(ctx, l, 2, 12)
 	kills, heldKills := 0, 0
 	for i := range 8 {
 		n := l.Node(rand.IntN(2))
@@ -220,42 +203,20 @@ func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	close(stop)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	ops := churners.end(t)
 	if t.Failed() {
 		t.FailNow()
 	}
 	s := emu.Snapshot()
-	t.Logf("%d kills (%d with a CreateRouteEntry reply lost); %d ADD/DEL operations; %d faults fired", kills, heldKills, ops.Load(),
+	t.Logf("%d kills (%d with a CreateRouteEntry reply lost); %d ADD/DEL operations; %d faults fired", kills, heldKills, ops,
 		s.Errors[ecsemu.CodeThrottling]+s.Errors[ecsemu.CodeInternalError])
 	if heldKills == 0 || s.Errors[ecsemu.CodeThrottling]+s.Errors[ecsemu.CodeInternalError] == 0 {
 		t.Fatal("the test exercised neither the lost reply nor the faults")
 	}
 
-	live := l.Pods()
-	before := agentAllocations(t, l, ctx)
-	seen := map[netip.Addr]string{}
-	for _, p := range live {
-		if prev, dup := seen[p.IP]; dup {
-			t.Errorf("%s and %s both hold %s", prev, p.Key(), p.IP)
-		}
-		seen[p.IP] = p.Key()
-		if before[p.ContainerID] != p.IP.String() {
-			t.Errorf("%s has %s but its agent records %q", p.Key(), p.IP, before[p.ContainerID])
-		}
-	}
-	if err := l.GC(ctx); err != nil {
-		t.Fatal(err)
-	}
-	settled(t, l, ctx) // one Available entry per node, allocations inside the CIDRs, no duplicate
-	after := agentAllocations(t, l, ctx)
-	if len(after) != len(live) {
-		t.Errorf("after GC the agents hold %d allocations for %d live pods: %v", len(after), len(live), after)
-	}
+	// settled (in addressesAfterBurst) checks route mode too: one Available entry per node,
+	// allocations inside the CIDRs.
+	live := addressesAfterBurst(t, ctx, l)
 	// A survivor on each node still reaches one on the other.
 	var a, b *lab.Pod
 	for _, p := range live {

@@ -5,7 +5,7 @@ package lab_test
 import (
 	"context"
 	"fmt"
-	"net"
+	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
@@ -48,39 +48,46 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	pods := map[string]*lab.Pod{}
 	for i := range 2 {
 		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("echo-%d", i), Node: l.Node(i).Name,
-			Labels: map[string]string{"app": "echo"}, ServePort: 7777})
+			Labels: map[string]string{"app": "echo"}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		want[p.Key()] = true
-		pods[p.Key()] = p
-		serveUDP(t, p, 5353)
+		want[p.Name] = true
+		pods[p.Name] = p
+		serveWho(t, p, 7777)
+		serveWhoUDP(t, p, 5353)
 	}
 
 	node := l.Node(0)
+	// The real condition for host-network connects to succeed: the node's agent has both
+	// backends of each port in its pinned service map. From then on every connect must.
+	var tcpBackends, udpBackends []netip.AddrPort
+	for _, p := range pods {
+		tcpBackends = append(tcpBackends, netip.AddrPortFrom(p.IP, 7777))
+		udpBackends = append(udpBackends, netip.AddrPortFrom(p.IP, 5353))
+	}
+	waitBackends(t, node, netip.MustParseAddrPort(vip+":7"), "TCP", tcpBackends...)
+	waitBackends(t, node, netip.MustParseAddrPort(vip+":53"), "UDP", udpBackends...)
 	host := sockclient.Start(t, node.NS, node.Cgroup())
 	before := sockConnects(t, node)
-	// Until the EndpointSlice reaches the agent the ClusterIP has no backends (connect is
-	// refused) or none at all; wait for every backend to have answered.
+	// Connect until every backend has answered (the choice is random); each connect must
+	// succeed, reach a backend and show the ClusterIP as its peer.
 	seen := map[string]int{}
-	deadline := time.Now().Add(30 * time.Second)
-	var last sockclient.Answer
-	for len(seen) < len(want) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after 30s host-network connects to %s:7 reached only %v (last: %+v)", vip, seen, last)
+	for i := 0; len(seen) < len(want); i++ {
+		if i == 200 {
+			t.Fatalf("200 host-network connects to %s:7 reached only %v", vip, seen)
 		}
-		last = host.Do("tcp " + vip + ":7")
-		if last.Err != "" {
-			time.Sleep(20 * time.Millisecond)
-			continue
+		a := host.Do("tcp " + vip + ":7")
+		if a.Err != "" {
+			t.Fatalf("host-network connect %d to %s:7 after the Service was programmed: %s", i, vip, a.Err)
 		}
-		if !want[last.Who] {
-			t.Fatalf("answer from %q, not a backend of the Service", last.Who)
+		if !want[a.Who] {
+			t.Fatalf("answer from %q, not a backend of the Service", a.Who)
 		}
-		if last.Peer != vip+":7" {
-			t.Fatalf("getpeername of the host-network socket is %s, want the ClusterIP %s:7", last.Peer, vip)
+		if a.Peer != vip+":7" {
+			t.Fatalf("getpeername of the host-network socket is %s, want the ClusterIP %s:7", a.Peer, vip)
 		}
-		seen[last.Who]++
+		seen[a.Who]++
 	}
 	total := 0
 	for _, n := range seen {
@@ -101,7 +108,7 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	if err := l.SetPodReady(ctx, pods[first.Who], false); err != nil {
 		t.Fatal(err)
 	}
-	deadline = time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		a := host.Do("udpheld")
 		if a.Err != "" {
@@ -123,31 +130,6 @@ func TestKubernetesSocketLBHostNetwork(t *testing.T) {
 	if got := sockCounter(t, node, loader.ReasonSockDestroy); got == 0 {
 		t.Fatal("the destroy was not counted as sock_destroy")
 	}
-}
-
-// serveUDP answers every datagram to port inside the pod with the pod's namespace/name.
-func serveUDP(t *testing.T, p *lab.Pod, port int) {
-	t.Helper()
-	var c net.PacketConn
-	if err := p.Exec(func() (err error) {
-		c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { c.Close(); <-done })
-	go func() {
-		defer close(done)
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			c.WriteTo([]byte(p.Key()), from)
-		}
-	}()
 }
 
 func sockConnects(t *testing.T, n *lab.Node) uint64 {

@@ -6,17 +6,16 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,6 +25,7 @@ import (
 
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
@@ -92,25 +92,7 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	}
 	frontend, wantBackend := vip+":80", backend.IP.String()+":8080"
 	// Wait for the backend in the node's maps (the agent's endpoint watch), then use it.
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		svcs, err := ternctl.ReadServicesAt(n.PinRoot())
-		if err != nil {
-			t.Fatal(err)
-		}
-		found := false
-		for _, s := range svcs {
-			if s.Frontend.String() == frontend && len(s.Backends) == 1 {
-				found = true
-			}
-		}
-		if found {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s never got its backend in %s's maps: %+v", frontend, n.Name, svcs)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitBackends(t, n, netip.MustParseAddrPort(frontend), "TCP", netip.MustParseAddrPort(wantBackend))
 	if _, err := client.HTTPGet(ctx, "http://"+frontend+"/"); err != nil {
 		t.Fatalf("client through %s: %v", frontend, err)
 	}
@@ -246,40 +228,7 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	t.Run("monitor", func(t *testing.T) {
 		mctx, mcancel := context.WithTimeout(ctx, 20*time.Second)
 		defer mcancel()
-		outR, outW := io.Pipe()
-		errR, errW := io.Pipe()
-		done := make(chan int, 1)
-		go func() {
-			code := ternctlOn(mctx, n, outW, errW, "monitor", "--pod", ns+"/client", "--reason", "drop_bad_ip", "--count", "1", "-o", "json")
-			outW.Close()
-			errW.Close()
-			done <- code
-		}()
-		started := make(chan bool, 1)
-		go func() {
-			sc := bufio.NewScanner(errR)
-			ok := false
-			for sc.Scan() {
-				if !ok && strings.Contains(sc.Text(), "monitoring drops") {
-					ok = true
-					started <- true
-				}
-			}
-			if !ok {
-				started <- false
-			}
-		}()
-		if !<-started {
-			t.Fatalf("monitor ended before reading (exit %d)", <-done)
-		}
-		lines := make(chan string, 1)
-		go func() {
-			sc := bufio.NewScanner(outR)
-			for sc.Scan() {
-				lines <- sc.Text()
-			}
-			close(lines)
-		}()
+		lines, done := startMonitor(t, mctx, n, "monitor", "--pod", ns+"/client", "--reason", "drop_bad_ip", "--count", "1", "-o", "json")
 		sent := time.Now()
 		if err := sendBadIPFrom(n, client, clientVeth, backend.IP.As4()); err != nil {
 			t.Fatal(err)
@@ -558,28 +507,6 @@ func sendBadIPFrom(n *lab.Node, p *lab.Pod, hostVeth string, dst [4]byte) error 
 		if err != nil {
 			return err
 		}
-		var be [2]byte // the socket wants ETH_P_IP in network order
-		binary.BigEndian.PutUint16(be[:], unix.ETH_P_IP)
-		proto := binary.NativeEndian.Uint16(be[:])
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(proto))
-		if err != nil {
-			return fmt.Errorf("packet socket: %w", err)
-		}
-		defer unix.Close(fd)
-		frame := make([]byte, 14+20+8)
-		copy(frame[0:6], hostMAC)
-		copy(frame[6:12], eth0.Attrs().HardwareAddr)
-		binary.BigEndian.PutUint16(frame[12:], unix.ETH_P_IP)
-		ip := frame[14:]
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], 10)
-		ip[8], ip[9] = 64, unix.IPPROTO_UDP
-		copy(ip[12:16], src[:])
-		copy(ip[16:20], dst[:])
-		binary.BigEndian.PutUint16(ip[20:], 5555)
-		binary.BigEndian.PutUint16(ip[22:], 7777)
-		sa := &unix.SockaddrLinklayer{Protocol: proto, Ifindex: eth0.Attrs().Index, Halen: 6}
-		copy(sa.Addr[:], hostMAC)
-		return unix.Sendto(fd, frame, 0, sa)
+		return testutil.SendShortIPv4(eth0.Attrs().Index, eth0.Attrs().HardwareAddr, hostMAC, src, dst)
 	})
 }

@@ -114,7 +114,7 @@ func whoAnswersFrom(t *testing.T, client *lab.Pod, url string, n int, ports []in
 		if err != nil {
 			t.Fatalf("request %d to %s from port %d: %v", i, url, port, err)
 		}
-		// "hello from <name> on <node> (<ip>)"
+		// "hello from <name> on <node> (<ip>), client <address>"
 		f := strings.Fields(body)
 		if len(f) < 3 {
 			t.Fatalf("unexpected answer %q", body)

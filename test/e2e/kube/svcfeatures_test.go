@@ -38,6 +38,26 @@ func frontendFlags(t *testing.T, n *lab.Node, front netip.AddrPort) (uint16, boo
 	return v.Flags, true
 }
 
+// backendsAndClient runs three HTTP backends (port 8080) labelled labels, <prefix>-0 and -2 on
+// node-1 and -1 on node-2, and a pod "client" on node-2, all in namespace ns.
+func backendsAndClient(t *testing.T, ctx context.Context, l *lab.Lab, ns, prefix string, labels map[string]string) (map[string]*lab.Pod, *lab.Pod) {
+	t.Helper()
+	pods := map[string]*lab.Pod{}
+	for i, node := range []string{"node-1", "node-2", "node-1"} {
+		name := fmt.Sprintf("%s-%d", prefix, i)
+		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: name, Node: node, Labels: labels, HTTPPort: 8080})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods[name] = p
+	}
+	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: "node-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pods, client
+}
+
 func waitFlags(t *testing.T, l *lab.Lab, front netip.AddrPort, want uint16) {
 	t.Helper()
 	for _, n := range l.Nodes() {
@@ -72,19 +92,7 @@ func TestSessionAffinityClientIP(t *testing.T) {
 	const ns = "e2e-affinity"
 	c := l.Client()
 	app := map[string]string{"app": "sticky"}
-	pods := map[string]*lab.Pod{}
-	for i, node := range []string{"node-1", "node-2", "node-1"} {
-		name := fmt.Sprintf("sticky-%d", i)
-		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: name, Node: node, Labels: app, HTTPPort: 8080})
-		if err != nil {
-			t.Fatal(err)
-		}
-		pods[name] = p
-	}
-	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: "node-2"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pods, client := backendsAndClient(t, ctx, l, ns, "sticky", app)
 	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "sticky"},
 		Spec: corev1.ServiceSpec{Selector: app, SessionAffinity: corev1.ServiceAffinityClientIP,
@@ -278,17 +286,10 @@ func TestMaglevAnnotation(t *testing.T) {
 	const ns = "e2e-maglev"
 	c := l.Client()
 	app := map[string]string{"app": "maglev"}
+	pods, client := backendsAndClient(t, ctx, l, ns, "maglev", app)
 	var want []string
-	for i, node := range []string{"node-1", "node-2", "node-1"} {
-		p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: fmt.Sprintf("maglev-%d", i), Node: node, Labels: app, HTTPPort: 8080})
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, p := range pods {
 		want = append(want, netip.AddrPortFrom(p.IP, 8080).String())
-	}
-	client, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "client", Node: "node-2"})
-	if err != nil {
-		t.Fatal(err)
 	}
 	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "maglev", Annotations: map[string]string{"service.cilium.io/lb-algorithm": "maglev"}},
