@@ -9,6 +9,7 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -25,9 +26,6 @@ import (
 
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/ipam"
-	"github.com/tern-net/tern/ipam/nodereport"
-	"github.com/tern-net/tern/service/controller"
-	"github.com/tern-net/tern/service/healthcheck"
 )
 
 // Options tune the component.
@@ -39,34 +37,35 @@ type Options struct {
 
 // Component implements agent.Component.
 type Component struct {
-	a      *agent.Agent
+	deps   agent.Deps
 	client kubernetes.Interface
 	opts   Options
 	log    *zap.Logger
 
 	recorder    record.EventRecorder
 	broadcaster record.EventBroadcaster
-	reporter    *nodereport.Reporter
-	ctl         *controller.Controller
-	health      *healthcheck.Server
-	pods        cache.SharedIndexInformer
-
-	mu        sync.Mutex
-	exhausted string // why the last allocation failed for lack of addresses; "" when fine
+	pods        cache.SharedIndexInformer // this node's pods: GC and bandwidth
+	// The jobs with a life of their own (services.go, nodereport.go); report is nil
+	// without a pool.
+	services *serviceLB
+	report   *nodeReport
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
 
-// New builds the component; Start runs it.
-func New(a *agent.Agent, client kubernetes.Interface, opts Options, log *zap.Logger) *Component {
+// New builds the component from the agent's started parts; Start runs it.
+func New(deps agent.Deps, client kubernetes.Interface, opts Options, log *zap.Logger) (*Component, error) {
+	if deps.Datapath == nil || deps.Services == nil || deps.Endpoints == nil {
+		return nil, errors.New("kubernetes component: the agent's datapath, LB reconciler and endpoint registry are needed (build it from agent.Deps in Run)")
+	}
 	if opts.GCInterval == 0 {
 		opts.GCInterval = time.Minute
 	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Component{a: a, client: client, opts: opts, log: log.Named("kube")}
+	return &Component{deps: deps, client: client, opts: opts, log: log.Named("kube")}, nil
 }
 
 func (c *Component) Name() string { return "kubernetes" }
@@ -75,13 +74,14 @@ func (c *Component) Name() string { return "kubernetes" }
 // readiness component it registers becomes ready after the first full Service sync.
 func (c *Component) Start(ctx context.Context) error {
 	ctx, c.cancel = context.WithCancel(ctx)
-	node := c.a.Config().NodeName
+	node := c.deps.Config.NodeName
 
 	c.broadcaster = record.NewBroadcaster(record.WithContext(ctx))
 	c.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.client.CoreV1().Events("")})
 	c.recorder = c.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "tern-agent", Host: node})
 
-	if err := c.startServices(ctx, node); err != nil {
+	c.services = &serviceLB{deps: c.deps, client: c.client, recorder: c.recorder, resync: c.opts.ServiceResync, log: c.log}
+	if err := c.services.Start(ctx, node); err != nil {
 		return err
 	}
 
@@ -100,12 +100,13 @@ func (c *Component) Start(ctx context.Context) error {
 		return err
 	}
 
-	if c.a.Pool() != nil {
-		c.startNodeReport(ctx, node)
+	if c.deps.Pool != nil {
+		c.report = &nodeReport{deps: c.deps, client: c.client, recorder: c.recorder, interval: c.opts.ReportInterval, log: c.log}
+		c.report.Start(ctx, node)
 		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.gcLoop(ctx) }()
 	}
-	if rp, ok := c.a.Pool().(*ipam.RoutePool); ok && c.a.RouteCloud() != nil {
+	if rp, ok := c.deps.Pool.(*ipam.RoutePool); ok && c.deps.RouteCloud != nil {
 		c.startRouteJanitor(ctx, rp)
 	}
 	return nil
@@ -117,8 +118,11 @@ func (c *Component) Stop() {
 		c.cancel()
 	}
 	c.wg.Wait()
-	if c.health != nil {
-		c.health.Close()
+	if c.report != nil {
+		c.report.Stop()
+	}
+	if c.services != nil {
+		c.services.Stop()
 	}
 	if c.broadcaster != nil {
 		c.broadcaster.Shutdown()

@@ -30,7 +30,7 @@ func (c *Component) gcLoop(ctx context.Context) {
 			}
 		}
 		next := map[ipam.PodKey]int{}
-		res, err := c.a.GC(ctx, func(k ipam.PodKey) bool {
+		res, err := c.deps.GC(ctx, func(k ipam.PodKey) bool {
 			if live[k.Namespace+"/"+k.Name] {
 				return true
 			}
@@ -42,7 +42,7 @@ func (c *Component) gcLoop(ctx context.Context) {
 			c.log.Warn("pod address GC incomplete", zap.Error(err))
 		} else if len(res.Released) > 0 {
 			c.log.Info("released addresses of deleted pods", zap.Int("count", len(res.Released)))
-			c.reporter.Changed()
+			c.report.Changed()
 		}
 		select {
 		case <-ctx.Done():
