@@ -4,9 +4,10 @@
 // without a kubeconfig it is IPAM-only, and the live-sandbox set comes from CNI GC and DEL.
 //
 // Lifecycle: New checks the config; Run loads the datapath, opens the store, starts the pool,
-// serves the socket and the registered components, and tears all of it down when its context
-// ends. Components (the service load-balancing controller, later) plug in with AddComponent
-// and reach the loaded datapath and the pool through the Agent.
+// serves the socket, builds and starts the registered components, and tears all of it down
+// when its context ends. The agent is the composition root: components (the Kubernetes side,
+// agent/kube) are registered as factories with AddComponent and built by Run from Deps, the
+// parts already started, so none holds a part that is not there yet (docs/architecture.md).
 package agent
 
 import (
@@ -55,7 +56,7 @@ type Agent struct {
 	m   *metrics
 
 	mu         sync.Mutex
-	components []Component
+	components []ComponentFactory
 	dp         *loader.Datapath
 	endpoints  *endpoint.Registry
 	pool       ipam.Allocator
@@ -113,11 +114,12 @@ func New(cfg Config, log *zap.Logger) (*Agent, error) {
 // once every registered component is ready.
 func (a *Agent) Readiness() *readiness.Registry { return a.readiness }
 
-// AddComponent registers a component; call it before Run.
-func (a *Agent) AddComponent(c Component) {
+// AddComponent registers a component, built by Run from the started parts (Deps) and
+// started after them; call it before Run.
+func (a *Agent) AddComponent(build ComponentFactory) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.components = append(a.components, c)
+	a.components = append(a.components, build)
 }
 
 // OnAllocate registers fn to hear the outcome of every allocation the CNI asks for (err nil
@@ -138,16 +140,16 @@ func (a *Agent) notifyAllocate(key ipam.PodKey, err error) {
 	}
 }
 
-// Datapath is the loaded datapath, nil until Run has loaded it.
-func (a *Agent) Datapath() *loader.Datapath {
+// loadedDatapath is the loaded datapath, nil until Run has loaded it (components get it in Deps).
+func (a *Agent) loadedDatapath() *loader.Datapath {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.dp
 }
 
-// Pool is the address source (the ENIIP pool, or the route mode's pod CIDR), nil until Run
-// has started it.
-func (a *Agent) Pool() ipam.Allocator {
+// startedPool is the address source (the ENIIP pool, or the route mode's pod CIDR), nil until
+// Run has started it (components get it in Deps).
+func (a *Agent) startedPool() ipam.Allocator {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.pool
@@ -276,9 +278,14 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.self.NotReady("starting components")
 	a.mu.Lock()
-	comps := append([]Component(nil), a.components...)
+	builds := append([]ComponentFactory(nil), a.components...)
 	a.mu.Unlock()
-	for _, c := range comps {
+	deps := a.deps()
+	for _, build := range builds {
+		c, err := build(deps)
+		if err != nil {
+			return fmt.Errorf("build component: %w", err)
+		}
 		if err := c.Start(ctx); err != nil {
 			return fmt.Errorf("start component %s: %w", c.Name(), err)
 		}
@@ -298,7 +305,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	// Pods running under an older agent's programs move to this one's once the maps hold
 	// every Service (an upgrade converts the old layout's flows first).
 	a.takeOverPods(dp)
-	if pool := a.Pool(); pool != nil {
+	if pool := a.startedPool(); pool != nil {
 		s := pool.Status()
 		a.log.Info("agent ready", zap.String("socket", a.cfg.SocketPath), zap.String("instance", a.cfg.InstanceID),
 			zap.Int("idle", s.Idle), zap.Int("inUse", s.InUse), zap.Int("enis", len(s.ENIs)))
@@ -426,7 +433,7 @@ func (a *Agent) startIPAM(ctx context.Context, dp *loader.Datapath) (stop func()
 	// The watcher hands reloads to the pool once it runs; it only runs after the pool started.
 	watcher := eniconfig.NewWatcher(a.cfg.ENIConfigPath, time.Duration(a.cfg.ENIConfigPollInterval), a.log.Named("eniconfig"),
 		func(c eniconfig.Config) {
-			if p := a.Pool(); p != nil {
+			if p := a.startedPool(); p != nil {
 				p.UpdateConfig(c)
 			}
 			// service_cidr is part of the non-masquerade set.

@@ -36,9 +36,9 @@ func (a *Agent) chooseBandwidthMode() (bandwidth.Mode, error) {
 	return mode, nil
 }
 
-// BandwidthMode is how pod egress limits are enforced on this node; empty until Run has
+// bandwidthMode is how pod egress limits are enforced on this node; empty until Run has
 // loaded the datapath.
-func (a *Agent) BandwidthMode() bandwidth.Mode {
+func (a *Agent) bandwidthMode() bandwidth.Mode {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.bwMode
@@ -77,7 +77,7 @@ func (a *Agent) notifyEndpoint(ifindex int, attached bool) {
 // ensureFQLocked gives a device pod traffic leaves by the fq qdisc EDT needs. A failure is
 // logged: the node's traffic still flows, only limited pods' egress goes unpaced there.
 func (a *Agent) ensureFQLocked(ifindex int, what string) {
-	if a.BandwidthMode() != bandwidth.ModeEDT {
+	if a.bandwidthMode() != bandwidth.ModeEDT {
 		return
 	}
 	if err := bandwidth.EnsureFQ(ifindex); err != nil {

@@ -60,7 +60,3 @@ func endpointOf(req api.AttachRequest) (endpoint.Endpoint, bool, error) {
 	}
 	return e, true, nil
 }
-
-// Endpoints is the endpoint registry (nil until the datapath is loaded). NetworkPolicy
-// feeds identities through it.
-func (a *Agent) Endpoints() *endpoint.Registry { return a.endpointRegistry() }

@@ -29,7 +29,7 @@ type GCResult struct {
 // pod while the old pod's rules still point at it.
 func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, error) {
 	var res GCResult
-	pool := a.Pool()
+	pool := a.startedPool()
 	if pool == nil {
 		return res, errors.New("agent GC: the IP pool is not started")
 	}
@@ -81,7 +81,7 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 		errs = append(errs, err)
 	}
 	res.DeletedENIs, res.AdoptedENIs = pres.DeletedENIs, pres.AdoptedENIs
-	if dp := a.Datapath(); dp != nil {
+	if dp := a.loadedDatapath(); dp != nil {
 		a.attachMu.Lock()
 		a.sweepNetdevPinsLocked(dp)
 		a.attachMu.Unlock()
@@ -98,7 +98,7 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 // prunes it — by then possibly deleting the ipcache entry of the pod that got the address
 // next.
 func (a *Agent) forgetEndpointsAt(ip netip.Addr) error {
-	dp, reg := a.Datapath(), a.endpointRegistry()
+	dp, reg := a.loadedDatapath(), a.endpointRegistry()
 	if dp == nil || reg == nil {
 		return nil
 	}
@@ -124,7 +124,7 @@ func (a *Agent) forgetEndpointsAt(ip netip.Addr) error {
 // detach removes the pod programs and its endpoint record from a host veth, if the
 // datapath is loaded.
 func (a *Agent) detach(ifindex int) error {
-	dp := a.Datapath()
+	dp := a.loadedDatapath()
 	if dp == nil {
 		return nil
 	}

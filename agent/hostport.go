@@ -278,7 +278,7 @@ func nodeAddresses() ([]netip.Addr, error) {
 // share it) and restores the recorded hostPorts: those of live sandboxes stay, those whose
 // host veth went while no agent ran are removed.
 func (a *Agent) startServiceMaps(dp *loader.Datapath) error {
-	rec, err := lbmap.NewReconciler(a.LBMaps(dp), a.log.Named("lbmap"))
+	rec, err := lbmap.NewReconciler(a.lbMaps(dp), a.log.Named("lbmap"))
 	if err != nil {
 		return fmt.Errorf("service reconciler: %w", err)
 	}
@@ -307,15 +307,6 @@ func (a *Agent) startServiceMaps(dp *loader.Datapath) error {
 	a.log.Info("sandbox table loaded", zap.String("path", a.cfg.SandboxStatePath),
 		zap.Int("sandboxes", len(table.list())), zap.Int("forgotten", gone))
 	return nil
-}
-
-// ServiceReconciler is the one writer of the LB maps (nil until Run has loaded the
-// datapath). The Service controller writes Services through it; the agent writes hostPorts
-// as its extra frontends, which Service syncs keep.
-func (a *Agent) ServiceReconciler() *lbmap.Reconciler {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.svcRec
 }
 
 // applyHostPorts hands every recorded hostPort to the reconciler. Called with hostPortMu

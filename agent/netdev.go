@@ -46,7 +46,7 @@ func (a *Agent) NodeAddrs() []netip.Addr {
 	if idx, err := primaryNIC(); err == nil {
 		links = append(links, idx)
 	}
-	if pool := a.Pool(); pool != nil {
+	if pool := a.startedPool(); pool != nil {
 		for _, e := range pool.Status().ENIs {
 			if idx, err := linkByMAC(e.MAC); err == nil {
 				links = append(links, idx)
@@ -128,7 +128,7 @@ func (a *Agent) sweepNetdevPinsLocked(dp *loader.Datapath) {
 // ensureNetdevFor attaches the netdev programs to the ENI that holds podIP if they are not
 // there yet. Called with attachMu held, after the pod's programs are attached.
 func (a *Agent) ensureNetdevFor(dp *loader.Datapath, podIP netip.Addr) {
-	pool := a.Pool()
+	pool := a.startedPool()
 	if pool == nil || !podIP.IsValid() {
 		return
 	}

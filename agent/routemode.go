@@ -41,14 +41,6 @@ func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *stor
 	})
 }
 
-// RouteCloud is the VPC route API in route mode, nil otherwise: the Kubernetes component
-// deletes the entries of departed Nodes through it.
-func (a *Agent) RouteCloud() aliyun.RouteCloud {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.routes
-}
-
 // podCIDR is the node's pod CIDR: the Node's spec.podCIDR (kube-controller-manager's node
 // IPAM writes it, possibly after the node registered: the agent waits for it), or the
 // configured podCIDR without a kubeconfig.

@@ -128,7 +128,7 @@ func (a *Agent) poolOrRetry() (ipam.Allocator, *api.Error) {
 	if a.cfg.IPAM.Off() {
 		return nil, &api.Error{Code: api.CodeIPAMOff, Msg: "tern's IPAM is off on this node (ipam.mode none): tern-cni must run chained, after a plugin that gives the pod its interface and address (docs/cni.md, \"Chaining\")"}
 	}
-	p := a.Pool()
+	p := a.startedPool()
 	if p == nil || !a.ready.Load() {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the IP pool is not ready yet; try again"}
 	}
@@ -286,7 +286,7 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	dp := a.Datapath()
+	dp := a.loadedDatapath()
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
@@ -319,26 +319,22 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	return api.AttachResponse{Mode: string(mode)}, nil
 }
 
-// handleDetach removes the programs and their link pins before the CNI deletes the veth; a
-// tcx link pin would otherwise outlive its device in the pin root.
+// endpointRegistry is the registry of the pods the node serves; nil until Run has loaded
+// the datapath (components get it in Deps).
 func (a *Agent) endpointRegistry() *endpoint.Registry {
-	return a.EndpointRegistry()
-}
-
-// EndpointRegistry is the registry of the pods the node serves; nil until Run has loaded
-// the datapath.
-func (a *Agent) EndpointRegistry() *endpoint.Registry {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.endpoints
 }
 
+// handleDetach removes the programs and their link pins before the CNI deletes the veth; a
+// tcx link pin would otherwise outlive its device in the pin root.
 func (a *Agent) handleDetach(r *http.Request) (any, *api.Error) {
 	var req api.AttachRequest
 	if e := decode(r, &req); e != nil {
 		return nil, e
 	}
-	dp := a.Datapath()
+	dp := a.loadedDatapath()
 	if dp == nil {
 		return nil, &api.Error{Code: api.CodeTryAgainLater, Msg: "tern-agent is starting: the datapath is not loaded yet; try again"}
 	}
@@ -401,7 +397,7 @@ func (a *Agent) handleStatus(*http.Request) (any, *api.Error) {
 func (a *Agent) handleState(*http.Request) (any, *api.Error) {
 	if a.cfg.IPAM.Off() {
 		return api.State{NodeName: a.cfg.NodeName, InstanceID: a.cfg.InstanceID, Allocations: map[string]api.Allocation{},
-			BandwidthMode: string(a.BandwidthMode())}, nil
+			BandwidthMode: string(a.bandwidthMode())}, nil
 	}
 	pool, e := a.poolOrRetry()
 	if e != nil {
@@ -412,7 +408,7 @@ func (a *Agent) handleState(*http.Request) (any, *api.Error) {
 		MaxPods: s.Capacity.MaxPods, Allocations: map[string]api.Allocation{},
 		Pool: api.PoolLimits{InstanceType: s.Capacity.InstanceType, MinPoolSize: s.MinPoolSize, MaxPoolSize: s.MaxPoolSize,
 			IdleReclaimSec: int(s.IdleReclaimAfter / time.Second), ENIQuota: s.Capacity.ENIs, IPsPerENI: s.Capacity.IPsPerENI},
-		BandwidthMode: string(a.BandwidthMode())}
+		BandwidthMode: string(a.bandwidthMode())}
 	for _, e := range s.ENIs {
 		st := api.ENIState{ID: e.ID, MAC: e.MAC, VSwitchID: e.VSwitchID, IPs: addrs(e.IPs), InUse: addrs(e.InUse)}
 		if e.PrimaryIP.IsValid() {

@@ -124,10 +124,10 @@ func (a *Agent) SockLB() *loader.SockLB {
 	return a.sock.lb
 }
 
-// LBMaps are the maps the service reconciler writes. With socket LB on, removing a backend
+// lbMaps are the maps the service reconciler writes. With socket LB on, removing a backend
 // from a frontend (its membership entry) also schedules a pass that destroys the connected
 // UDP sockets still on it.
-func (a *Agent) LBMaps(dp *loader.Datapath) lbmap.LBMaps {
+func (a *Agent) lbMaps(dp *loader.Datapath) lbmap.LBMaps {
 	a.mu.Lock()
 	s := a.sock
 	a.mu.Unlock()

@@ -73,11 +73,11 @@ func TestStartSockLB(t *testing.T) {
 	if a.SockLB() == nil {
 		t.Fatal("socket LB not recorded on the agent")
 	}
-	if _, ok := a.LBMaps(dp).(*memberWatch); !ok {
+	if _, ok := a.lbMaps(dp).(*memberWatch); !ok {
 		t.Fatal("with socket LB on, the reconciler's maps must report membership deletes")
 	}
 	stop()
-	if _, ok := a.LBMaps(dp).(*memberWatch); ok {
+	if _, ok := a.lbMaps(dp).(*memberWatch); ok {
 		t.Fatal("after stop the reconciler still gets the watching maps")
 	}
 	hooks, got := loader.SockAttached(dp.Config().PinRoot)

@@ -62,6 +62,12 @@ const (
 	SvcFlagExtLocal  = 1 << 5
 	// SvcScopeInternal (svc_key.scope): the in-cluster twin of an SvcFlagExtLocal frontend.
 	SvcScopeInternal = 1
+	// SvcKindShift and SvcKindMask: bits 8-11 of svc_value.flags hold the frontend's kind
+	// (service.Kind: ClusterIP 0, NodePort 1, LoadBalancer 2, ExternalIP 3, HostPort 4),
+	// written by the service reconciler for operators (ternctl bpf lb list). No program reads
+	// them: the datapath only tests the bits above.
+	SvcKindShift = 8
+	SvcKindMask  = 0xf << SvcKindShift
 )
 
 // MaglevBlock is how many Maglev table entries one tern_lb_maglev value holds

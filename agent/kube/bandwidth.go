@@ -22,13 +22,13 @@ import (
 
 // startBandwidth builds the bandwidth manager and feeds it the pods' annotations.
 func (c *Component) startBandwidth(ctx context.Context) error {
-	dp := c.a.Datapath()
-	reg := c.a.EndpointRegistry()
+	dp := c.deps.Datapath
+	reg := c.deps.Endpoints
 	if reg == nil {
 		return fmt.Errorf("bandwidth manager: the endpoint registry is not loaded")
 	}
 	mgr, err := bandwidth.NewManager(dp.Maps(), bandwidth.Options{
-		Mode: c.a.BandwidthMode(),
+		Mode: c.deps.BandwidthMode,
 		Endpoints: func() []bandwidth.Endpoint {
 			eps := reg.List()
 			out := make([]bandwidth.Endpoint, 0, len(eps))
@@ -38,7 +38,7 @@ func (c *Component) startBandwidth(ctx context.Context) error {
 			return out
 		},
 		PodAddrs: func() map[string]netip.Addr {
-			pool := c.a.Pool()
+			pool := c.deps.Pool
 			if pool == nil {
 				return nil
 			}
@@ -54,11 +54,11 @@ func (c *Component) startBandwidth(ctx context.Context) error {
 		return fmt.Errorf("bandwidth manager: %w", err)
 	}
 	for _, col := range mgr.Collectors() {
-		if err := c.a.Registry().Register(col); err != nil {
+		if err := c.deps.Registry.Register(col); err != nil {
 			return fmt.Errorf("bandwidth manager metrics: %w", err)
 		}
 	}
-	c.a.OnEndpoint(agent.EndpointHooks{
+	c.deps.OnEndpoint(agent.EndpointHooks{
 		Attached: func(int) { mgr.Sync() },
 		Detached: mgr.Forget,
 	})
@@ -76,7 +76,7 @@ func (c *Component) startBandwidth(ctx context.Context) error {
 		defer c.wg.Done()
 		if cache.WaitForCacheSync(ctx.Done(), h.HasSynced) {
 			mgr.MarkSynced()
-			c.log.Info("bandwidth manager synced with the node's pods", zap.String("mode", string(c.a.BandwidthMode())))
+			c.log.Info("bandwidth manager synced with the node's pods", zap.String("mode", string(c.deps.BandwidthMode)))
 		}
 	}()
 	return nil

@@ -45,7 +45,7 @@ func TestBoundEventMessage(t *testing.T) {
 // allocation carries at most MaxEventMessage bytes of message, however long the error.
 func TestAllocationFailureEventIsBounded(t *testing.T) {
 	rec := record.NewFakeRecorder(1)
-	c := &Component{recorder: rec}
+	c := &nodeReport{recorder: rec}
 	long := errors.New("allocate: " + strings.Repeat("z", 100*1024))
 	c.allocated(ipam.PodKey{Namespace: "default", Name: "web-0", ContainerID: "c1"}, long)
 	ev := <-rec.Events

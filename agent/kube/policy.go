@@ -527,12 +527,12 @@ func (r *policyReconciler) syncRemote(d *policy.Desired) error {
 // startPolicy starts the NetworkPolicy reconciler and registers its readiness: the node
 // takes no pods before the first full policy sync is in the maps.
 func (c *Component) startPolicy(ctx context.Context) error {
-	reg := c.a.Endpoints()
+	reg := c.deps.Endpoints
 	if reg == nil {
 		return fmt.Errorf("networkpolicy: the endpoint registry is not loaded")
 	}
-	cfg := c.a.Config()
-	ready, err := c.a.Readiness().Register("networkpolicy", "waiting for the first sync of Pods, Namespaces and NetworkPolicies")
+	cfg := c.deps.Config
+	ready, err := c.deps.Readiness.Register("networkpolicy", "waiting for the first sync of Pods, Namespaces and NetworkPolicies")
 	if err != nil {
 		return err
 	}
@@ -541,12 +541,12 @@ func (c *Component) startPolicy(ctx context.Context) error {
 		auditNS[ns] = true
 	}
 	audit := func(ns string) bool { return cfg.NetworkPolicy.Audit || auditNS[ns] }
-	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.a.Datapath().PolicyMaps(), ready,
-		c.recorder, c.a.Registry(), c.log)
+	r, err := newPolicyReconciler(c.client, cfg.NodeName, cfg.PolicyEnforced(), audit, reg, c.deps.Datapath.PolicyMaps(), ready,
+		c.recorder, c.deps.Registry, c.log)
 	if err != nil {
 		return err
 	}
-	c.a.SetPolicyView(r.View)
+	c.deps.SetPolicyView(r.View)
 	c.log.Info("networkpolicy", zap.Bool("enforce", cfg.PolicyEnforced()), zap.Bool("audit", cfg.NetworkPolicy.Audit),
 		zap.Strings("auditNamespaces", cfg.NetworkPolicy.AuditNamespaces))
 	c.wg.Add(1)

@@ -41,7 +41,7 @@ func (c *Component) startRouteJanitor(ctx context.Context, rp *ipam.RoutePool) {
 		if !cache.WaitForCacheSync(ctx.Done(), nodes.HasSynced) {
 			return
 		}
-		every := time.Duration(c.a.Config().RouteCheckInterval)
+		every := time.Duration(c.deps.Config.RouteCheckInterval)
 		if every <= 0 {
 			every = time.Minute
 		}
@@ -62,7 +62,7 @@ func (c *Component) startRouteJanitor(ctx context.Context, rp *ipam.RoutePool) {
 }
 
 func (c *Component) cleanDepartedRoutes(ctx context.Context, rp *ipam.RoutePool, objs []any) {
-	self := c.a.Config().NodeName
+	self := c.deps.Config.NodeName
 	live := map[string]bool{}
 	first := ""
 	for _, o := range objs {
@@ -80,7 +80,7 @@ func (c *Component) cleanDepartedRoutes(ctx context.Context, rp *ipam.RoutePool,
 		return
 	}
 	table, _, _ := rp.Route()
-	deleted, err := ipam.DeleteDepartedRoutes(ctx, c.a.RouteCloud(), table, c.a.Config().ClusterID, live, c.log)
+	deleted, err := ipam.DeleteDepartedRoutes(ctx, c.deps.RouteCloud, table, c.deps.Config.ClusterID, live, c.log)
 	if err != nil {
 		c.log.Warn("could not delete every route entry of departed nodes; retrying next period", zap.Error(err))
 	}

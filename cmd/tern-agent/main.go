@@ -93,7 +93,7 @@ func run(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		a.AddComponent(kube.New(a, client, kube.Options{}, log))
+		a.AddComponent(func(d agent.Deps) (agent.Component, error) { return kube.New(d, client, kube.Options{}, log) })
 	} else {
 		log.Info("no kubeconfig: IPAM-only (no service load balancing, no Node report)")
 	}

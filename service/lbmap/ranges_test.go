@@ -28,11 +28,12 @@ func TestReconcilerSourceRanges(t *testing.T) {
 	check := func(wantRanges ...string) {
 		t.Helper()
 		svcs, _ := m.DumpServices()
-		if got := svcs[svcKey(np)].Flags; got != loader.SvcFlagExternal {
-			t.Fatalf("NodePort flags %#x, want external only", got)
+		// External, and the kind bits (for ternctl) say which part of the Service.
+		if got := svcs[svcKey(np)].Flags; got != loader.SvcFlagExternal|uint16(service.KindNodePort)<<loader.SvcKindShift {
+			t.Fatalf("NodePort flags %#x, want external and kind NodePort only", got)
 		}
 		sv, ok := svcs[svcKey(lb)]
-		wantFlags := uint16(loader.SvcFlagExternal)
+		wantFlags := uint16(loader.SvcFlagExternal) | uint16(service.KindLoadBalancer)<<loader.SvcKindShift
 		if len(wantRanges) > 0 {
 			wantFlags |= loader.SvcFlagSrcRanges
 		}

@@ -97,6 +97,8 @@ func encode(o service.Options, slots []service.Backend) encoded {
 	if o.Kind.External() {
 		e.flags |= loader.SvcFlagExternal
 	}
+	// The kind, for operators only (ternctl bpf lb list): no program reads these bits.
+	e.flags |= uint16(o.Kind) << loader.SvcKindShift & loader.SvcKindMask
 	if o.ExternalLocal {
 		e.flags |= loader.SvcFlagExtLocal
 	}

@@ -34,6 +34,7 @@ import (
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/test/deploy"
+	"github.com/tern-net/tern/test/deploy/agentrun"
 	"github.com/tern-net/tern/test/k8s/controlplane"
 )
 
@@ -102,7 +103,7 @@ func TestMetricsTLSAndKubernetesAuth(t *testing.T) {
 		}
 		return tr.Status.Token
 	}
-	agentKubeconfig, err := writeAgentKubeconfig(t.TempDir(), cm.Data["kubeconfig"], cp.APIServerURL(), cp.RestConfig().CAData,
+	agentKubeconfig, err := agentrun.WriteKubeconfig(t.TempDir(), cm.Data["kubeconfig"], cp.APIServerURL(), cp.RestConfig().CAData,
 		token("kube-system", "tern-agent"))
 	if err != nil {
 		t.Fatal(err)

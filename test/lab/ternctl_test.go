@@ -178,6 +178,50 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 		if !ok {
 			t.Errorf("no frontend %s with backend %s in %+v", frontend, wantBackend, entries)
 		}
+		for _, e := range entries {
+			if e.Map == loader.PodMapTernServices && e.Frontend.String() == frontend && (e.Kind != "ClusterIP" || e.Scope != "all") {
+				t.Errorf("frontend %s: kind %q scope %q, want ClusterIP, all", frontend, e.Kind, e.Scope)
+			}
+		}
+
+		// A NodePort Service with externalTrafficPolicy Local: its NodePort frontends say
+		// NodePort, each with an in-cluster twin (scope internal), and its ClusterIP says
+		// ClusterIP.
+		local, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "web-local"},
+			Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, ExternalTrafficPolicy: corev1.ServiceExternalTrafficPolicyLocal,
+				Selector: map[string]string{"app": "web"},
+				Ports:    []corev1.ServicePort{{Name: "http", Port: 81, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := c.CoreV1().Services(ns).Delete(ctx, "web-local", metav1.DeleteOptions{}); err != nil {
+				t.Errorf("delete web-local: %v", err)
+			}
+		}()
+		nodePort := uint16(local.Spec.Ports[0].NodePort)
+		for deadline := time.Now().Add(20 * time.Second); ; {
+			kinds := map[string]bool{}
+			for _, e := range ternctlJSON[[]ternctl.LBEntry](t, ctx, n, "bpf", "lb", "list") {
+				switch {
+				case e.Map != loader.PodMapTernServices:
+				case e.Frontend.Port() == nodePort:
+					kinds[e.Kind+"/"+e.Scope] = true
+				case e.Frontend.Addr().String() == local.Spec.ClusterIP && e.Frontend.Port() == 81:
+					kinds[e.Kind+"/"+e.Scope] = true
+				}
+			}
+			if kinds["NodePort/all"] && kinds["NodePort/internal"] && kinds["ClusterIP/all"] && len(kinds) == 3 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("web-local's frontends (NodePort %d, ClusterIP %s:81) listed as %v; want NodePort/all, NodePort/internal, ClusterIP/all",
+					nodePort, local.Spec.ClusterIP, kinds)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
 	})
 
 	t.Run("bpf ct list", func(t *testing.T) {
