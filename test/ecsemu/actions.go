@@ -268,15 +268,27 @@ func allocLocked(vs *vswitch, n int, exhausted func(format string, args ...any) 
 }
 
 // checkRequestedIPsLocked validates explicitly requested addresses against vs.
-func checkRequestedIPsLocked(vs *vswitch, ips []string) ([]netip.Addr, *APIError) {
+// Codes as the published ECS error tables give them: Malformed for what is not an address,
+// InvalidPrivateIpAddress for one outside the vSwitch's CIDR block (or one of its reserved
+// addresses), Duplicated for one in use — or, with ListingLag.Reassign, still being released.
+func checkRequestedIPsLocked(vs *vswitch, ips []string, now time.Time) ([]netip.Addr, *APIError) {
 	var out []netip.Addr
 	for _, s := range ips {
 		a, err := netip.ParseAddr(s)
-		if err != nil || !usable(vs.prefix, a) {
-			return nil, apiErr(http.StatusBadRequest, CodeIPNotInVSwitch, "The specified private IP address %q is not a usable address of vSwitch %s (%s).", s, vs.cfg.ID, vs.prefix)
+		if err != nil || !a.Is4() {
+			return nil, apiErr(http.StatusBadRequest, CodeIPMalformed, "The specified private IP address %q is malformed.", s)
+		}
+		if !usable(vs.prefix, a) {
+			return nil, apiErr(http.StatusBadRequest, CodeIPNotInVSwitch, "The specified private IP address %s is not a usable address of the CIDR block of vSwitch %s (%s).", s, vs.cfg.ID, vs.prefix)
 		}
 		if _, used := vs.used[a]; used || slices.Contains(out, a) {
 			return nil, apiErr(http.StatusBadRequest, CodeIPAddressAlreadyUsed, "The specified private IP address %s is already in use.", a)
+		}
+		if until, ok := vs.settling[a]; ok {
+			if now.Before(until) {
+				return nil, apiErr(http.StatusBadRequest, CodeIPAddressAlreadyUsed, "The specified private IP address %s is already in use.", a)
+			}
+			delete(vs.settling, a)
 		}
 		out = append(out, a)
 	}
@@ -331,7 +343,7 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 		return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "PrivateIpAddress.N and SecondaryPrivateIpAddressCount cannot both be set.")
 	}
 	want = append(want, explicit...)
-	ips, aerr := checkRequestedIPsLocked(vs, want)
+	ips, aerr := checkRequestedIPsLocked(vs, want, e.now())
 	if aerr != nil {
 		return nil, aerr
 	}
@@ -613,7 +625,7 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 	}
 	var ips []netip.Addr
 	if len(explicit) > 0 {
-		ips, aerr = checkRequestedIPsLocked(n.vswitch, explicit)
+		ips, aerr = checkRequestedIPsLocked(n.vswitch, explicit, e.now())
 		count = len(ips)
 	}
 	if aerr != nil {
@@ -693,6 +705,7 @@ func (e *Emulator) unassignPrivateIPAddresses(p map[string]string) (any, *APIErr
 		delete(n.vswitch.used, ip)
 		n.ips = slices.DeleteFunc(n.ips, func(a netip.Addr) bool { return a == ip })
 		e.noteUnassignedLocked(n, ip)
+		e.noteSettlingLocked(n.vswitch, ip)
 	}
 	e.log.Info("private IPs unassigned", zap.String("eni", n.id), zap.Stringers("ips", drop))
 	return map[string]any{}, nil
