@@ -18,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -40,6 +41,8 @@ type Options struct {
 	ServiceResync  time.Duration
 	GCInterval     time.Duration // pod GC; default 1 minute
 	ReportInterval time.Duration // Node report; default 30 s
+	// Dynamic, when set, turns on fixed IPs for StatefulSets (FixedIP records; fixedip.go).
+	Dynamic dynamic.Interface
 }
 
 // Component implements agent.Component.
@@ -55,6 +58,7 @@ type Component struct {
 	ctl         *controller.Controller
 	health      *healthcheck.Server
 	pods        cache.SharedIndexInformer
+	fixed       *fixedIPs // nil without Options.Dynamic
 
 	mu        sync.Mutex
 	exhausted string // why the last allocation failed for lack of addresses; "" when fine
@@ -71,7 +75,11 @@ func New(a *agent.Agent, client kubernetes.Interface, opts Options, log *zap.Log
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Component{a: a, client: client, opts: opts, log: log.Named("kube")}
+	c := &Component{a: a, client: client, opts: opts, log: log.Named("kube")}
+	if opts.Dynamic != nil {
+		c.useFixedIPs(opts.Dynamic)
+	}
+	return c
 }
 
 func (c *Component) Name() string { return "kubernetes" }
@@ -141,6 +149,7 @@ func (c *Component) Start(ctx context.Context) error {
 	}
 	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.pods.Run(ctx.Done()) }()
+	c.startFixedIP(ctx)
 	if err := c.startPolicy(ctx); err != nil {
 		return err
 	}
