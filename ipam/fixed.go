@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -81,15 +82,106 @@ func (p *Pool) AllocateAddress(ctx context.Context, key PodKey, ip netip.Addr, v
 		return Allocation{}, fmt.Errorf("%w: %s is in vSwitch %s; this node's ENIs on it are full or there are none (add the vSwitch to eni_conf vswitches of the node's zone, or free addresses)",
 			ErrNoENIForAddress, ip, vswitchID)
 	}
-	eniID := target.info.ID
-	intent := store.Intent{Token: newToken(), Kind: store.IntentAssignIPs, ENIID: eniID, Count: 1, IPs: []netip.Addr{ip}, Created: p.now()}
+	return p.assignForPod(ctx, key, target.info.ID, []netip.Addr{ip})
+}
+
+// AllocateMovable gives key a secondary address, never an ENI's primary: a fixed address
+// must be able to leave its ENI for another node's. An idle secondary is taken; without one,
+// one address is assigned to an ENI with room, recorded as key's in the same transaction.
+func (p *Pool) AllocateMovable(ctx context.Context, key PodKey) (Allocation, error) {
+	if key.Namespace == "" || key.Name == "" || key.ContainerID == "" {
+		return Allocation{}, fmt.Errorf("allocate: pod key %q needs namespace, name and container id", key.String())
+	}
+	pickIdle := func() (netip.Addr, error) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if !p.started {
+			return netip.Addr{}, ErrNotStarted
+		}
+		if a, ok := p.allocs[key.key()]; ok {
+			return a.ip, nil
+		}
+		var best netip.Addr
+		var bestSince time.Time
+		for _, e := range p.sortedENIsLocked() {
+			for _, a := range e.sortedIPs() {
+				ip := e.ips[a]
+				if ip.owner != "" || ip.releasing || ip.primary {
+					continue
+				}
+				if !best.IsValid() || ip.idleSince.Before(bestSince) {
+					best, bestSince = a, ip.idleSince
+				}
+			}
+		}
+		return best, nil
+	}
+	for attempt := 0; attempt < 3; attempt++ {
+		ip, err := pickIdle()
+		if err != nil {
+			return Allocation{}, err
+		}
+		if !ip.IsValid() {
+			break
+		}
+		out, ok, err := p.takeHeldAddress(key, ip)
+		if ok {
+			if p.idleLockedSafe() < p.cfgMinPool() {
+				kick(p.kickFill)
+			}
+			return out, nil
+		}
+		if err != nil && !errors.Is(err, ErrAddressHeld) && !errors.Is(err, ErrAddressInUse) {
+			return Allocation{}, err
+		}
+		// Taken meanwhile: pick again.
+	}
+	p.opMu.Lock()
+	defer p.opMu.Unlock()
+	p.mu.Lock()
+	e, room := p.eniWithRoomLocked()
+	p.mu.Unlock()
+	if e == nil || room <= 0 {
+		return Allocation{}, fmt.Errorf("%w: no idle secondary address and no ENI with room for one (a fixed address cannot be an ENI's primary)", ErrPoolEmptyTryAgain)
+	}
+	return p.assignForPod(ctx, key, e.info.ID, nil)
+}
+
+func (p *Pool) idleLockedSafe() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.idleLocked()
+}
+
+func (p *Pool) cfgMinPool() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cfg.MinPoolSize
+}
+
+// assignForPod assigns the named addresses (or, with none, one address of the cloud's
+// choice) to eniID and records the first as key's, in the transaction that records the ENI's
+// new address: it is never idle. opMu must be held.
+func (p *Pool) assignForPod(ctx context.Context, key PodKey, eniID string, named []netip.Addr) (Allocation, error) {
+	intent := store.Intent{Token: newToken(), Kind: store.IntentAssignIPs, ENIID: eniID, Count: 1, IPs: named, Created: p.now()}
 	if err := p.st.PutIntent(intent); err != nil {
-		return Allocation{}, fmt.Errorf("record intent to assign %s to %s: %w", ip, eniID, err)
+		return Allocation{}, fmt.Errorf("record intent to assign %v to %s: %w", named, eniID, err)
 	}
-	if _, err := p.cloud.AssignSpecificIPs(ctx, eniID, []netip.Addr{ip}, intent.Token); err != nil {
+	var got []netip.Addr
+	var err error
+	if len(named) > 0 {
+		got, err = p.cloud.AssignSpecificIPs(ctx, eniID, named, intent.Token)
+	} else {
+		got, err = p.cloud.AssignPrivateIPs(ctx, eniID, 1, intent.Token)
+	}
+	if err == nil && len(got) != 1 {
+		err = fmt.Errorf("the cloud assigned %v; want one address", got)
+	}
+	if err != nil {
 		p.settleFailedIntent(ctx, intent, err)
-		return Allocation{}, fmt.Errorf("assign %s to ENI %s for %s: %w", ip, eniID, key, err)
+		return Allocation{}, fmt.Errorf("assign an address to ENI %s for %s: %w", eniID, key, err)
 	}
+	ip := got[0]
 	// Recorded as the pod's in the transaction that records the address: it is never idle.
 	k := key.key()
 	p.mu.Lock()

@@ -19,6 +19,7 @@ import (
 type Pool interface {
 	ipam.Allocator
 	AllocateAddress(ctx context.Context, key ipam.PodKey, ip netip.Addr, vswitchID string) (ipam.Allocation, error)
+	AllocateMovable(ctx context.Context, key ipam.PodKey) (ipam.Allocation, error)
 	Hold(key ipam.PodKey) (netip.Addr, bool, error)
 	ForgetAddress(ip netip.Addr) error
 	Zone() string
@@ -211,7 +212,9 @@ func (m *Manager) allocateFixed(ctx context.Context, key ipam.PodKey, pod Pod, r
 	log := m.log.With(zap.Stringer("pod", key), zap.Stringer("action", d.Action), zap.String("reason", d.Reason))
 	switch d.Action {
 	case Allocate:
-		al, err := m.Pool.Allocate(ctx, key)
+		// Never an ENI's primary address: the cloud cannot unassign it, so it could not follow
+		// the pod to another node.
+		al, err := m.Pool.AllocateMovable(ctx, key)
 		if err != nil {
 			return al, err
 		}

@@ -254,15 +254,23 @@ func (e *Emulator) enILocked(id string) (*eni, *APIError) {
 
 // allocLocked takes n free addresses from vs, lowest first (deterministic for tests). A
 // vSwitch without enough free addresses answers exhausted.
-func allocLocked(vs *vswitch, n int, exhausted func(format string, args ...any) *APIError) ([]netip.Addr, *APIError) {
+// An address still settling after an unassign (ListingLag.Reassign) is skipped, as the VPC
+// does not hand out an address it is still releasing.
+func allocLocked(vs *vswitch, n int, now time.Time, exhausted func(format string, args ...any) *APIError) ([]netip.Addr, *APIError) {
 	if usableCount(vs.prefix)-len(vs.used) < n {
 		return nil, exhausted("The specified VSwitch %s does not have enough IP addresses: %d requested, %d available.", vs.cfg.ID, n, usableCount(vs.prefix)-len(vs.used))
 	}
 	var out []netip.Addr
 	for a := vs.prefix.Addr().Next(); len(out) < n && vs.prefix.Contains(a); a = a.Next() {
+		if until, settling := vs.settling[a]; settling && now.Before(until) {
+			continue
+		}
 		if _, used := vs.used[a]; !used && usable(vs.prefix, a) {
 			out = append(out, a)
 		}
+	}
+	if len(out) < n {
+		return nil, exhausted("The specified VSwitch %s does not have enough IP addresses: %d requested, %d available (others are still being released).", vs.cfg.ID, n, len(out))
 	}
 	return out, nil
 }
@@ -354,7 +362,7 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	if len(ips)+need > availableENIIPLimit {
 		return nil, apiErr(http.StatusForbidden, CodeIpv4CountExceeded, "An ENI that is not attached holds at most %d private IP addresses; %d were requested.", availableENIIPLimit, len(ips)+need)
 	}
-	more, aerr := allocLocked(vs, need, func(f string, a ...any) *APIError {
+	more, aerr := allocLocked(vs, need, e.now(), func(f string, a ...any) *APIError {
 		return apiErr(http.StatusForbidden, CodeVSwitchIPNotEnough, f, a...)
 	})
 	if aerr != nil {
@@ -638,7 +646,7 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 		// The published error table: QuotaExceeded.PrivateIpAddress (HTTP 400) is an assign
 		// the vSwitch has too few free addresses for.
 		exhausted := func(f string, a ...any) *APIError { return apiErr(http.StatusBadRequest, CodeQuotaPrivateIP, f, a...) }
-		if ips, aerr = allocLocked(n.vswitch, count, exhausted); aerr != nil {
+		if ips, aerr = allocLocked(n.vswitch, count, e.now(), exhausted); aerr != nil {
 			return nil, aerr
 		}
 	}

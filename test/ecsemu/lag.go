@@ -25,7 +25,7 @@ type ListingLag struct {
 	// vSwitch for an assign that names it (PrivateIpAddress.N): such an assign answers
 	// InvalidPrivateIpAddress.Duplicated meanwhile, as an address still held elsewhere does.
 	// The address moving between ENIs (a fixed pod IP following its pod to another node) sees
-	// this; an assign by count never picks a specific address and is not affected.
+	// this. An assign by count does not pick it meanwhile either.
 	Reassign Duration `json:"reassign,omitempty"`
 }
 
