@@ -244,7 +244,9 @@ func (w *world) instanceOf(eni string) string {
 	return e.InstanceID
 }
 
-func key(name, cid string) ipam.PodKey { return ipam.PodKey{Namespace: "db", Name: name, ContainerID: cid} }
+func key(name, cid string) ipam.PodKey {
+	return ipam.PodKey{Namespace: "db", Name: name, ContainerID: cid}
+}
 
 func statefulPod(name, uid string) fixedip.Pod {
 	return fixedip.Pod{Namespace: "db", Name: name, UID: uid, Fixed: true, StatefulSet: "web", Ordinal: fixedip.Ordinal(name, "web")}
