@@ -77,9 +77,40 @@ func (p *Pool) AllocateAddress(ctx context.Context, key PodKey, ip netip.Addr, v
 			target = e
 		}
 	}
-	p.mu.Unlock()
+	// Full ENIs on the vSwitch make room by giving an idle secondary address back.
+	var spare *eniState
+	var spareIP netip.Addr
 	if target == nil {
-		return Allocation{}, fmt.Errorf("%w: %s is in vSwitch %s; this node's ENIs on it are full or there are none (add the vSwitch to eni_conf vswitches of the node's zone, or free addresses)",
+		for _, e := range p.sortedENIsLocked() {
+			if e.info.VSwitchID != vswitchID || !e.info.CIDR.Contains(ip) || e.full {
+				continue
+			}
+			for _, a := range e.sortedIPs() {
+				if st := e.ips[a]; st.owner == "" && !st.releasing && !st.primary {
+					spare, spareIP = e, a
+					st.releasing = true
+					break
+				}
+			}
+			if spare != nil {
+				break
+			}
+		}
+	}
+	p.mu.Unlock()
+	if target == nil && spare != nil {
+		if _, err := p.unassign(ctx, spare, []netip.Addr{spareIP}); err != nil {
+			p.mu.Lock()
+			if st, ok := spare.ips[spareIP]; ok {
+				st.releasing = false
+			}
+			p.mu.Unlock()
+			return Allocation{}, fmt.Errorf("make room for %s on ENI %s: unassign idle %s: %w", ip, spare.info.ID, spareIP, err)
+		}
+		target = spare
+	}
+	if target == nil {
+		return Allocation{}, fmt.Errorf("%w: %s is in vSwitch %s; this node's ENIs on it are full of pods or there are none (add the vSwitch to eni_conf vswitches of the node's zone, or free addresses)",
 			ErrNoENIForAddress, ip, vswitchID)
 	}
 	return p.assignForPod(ctx, key, target.info.ID, []netip.Addr{ip})
