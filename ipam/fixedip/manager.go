@@ -85,7 +85,8 @@ type Options struct {
 	AssignWait time.Duration
 	// Interval is the period of the hold pass (default HoldTime/4, at most 10 s).
 	Interval time.Duration
-	// PodWait bounds the wait for the pod to appear in this node's pod cache (default 3 s).
+	// PodWait bounds the wait for the pod to appear in this node's pod cache (default 500 ms:
+	// the kubelet learns of the pod from the same watch, so the cache is rarely behind).
 	PodWait time.Duration
 	Now     func() time.Time
 }
@@ -122,7 +123,7 @@ func New(o Options) (*Manager, error) {
 		o.Interval = min(o.HoldTime/4, 10*time.Second)
 	}
 	if o.PodWait <= 0 {
-		o.PodWait = 3 * time.Second
+		o.PodWait = 500 * time.Millisecond
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -344,6 +345,12 @@ func (m *Manager) assignByName(ctx context.Context, key ipam.PodKey, rec Record)
 func (m *Manager) Release(ctx context.Context, key ipam.PodKey) error {
 	al, ok := m.Pool.Allocations()[key]
 	if !ok || key.IsHold() {
+		return m.Pool.Release(ctx, key)
+	}
+	// A pod still in the cache without the annotation is not fixed: no apiserver call.
+	now, cancel := context.WithCancel(ctx)
+	cancel()
+	if pod, ok := m.o.Pods.Pod(now, key.Namespace, key.Name); ok && !pod.Fixed {
 		return m.Pool.Release(ctx, key)
 	}
 	rec, err := m.o.Records.Get(ctx, key.Namespace, key.Name)
