@@ -36,7 +36,7 @@ import (
 func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 	const hold = 10 * time.Second
 	l := upKubernetes(t, lab.Options{Nodes: 2,
-		ListingLag: ecsemu.ListingLag{Unassigned: ecsemu.Duration(500 * time.Millisecond), Reassign: ecsemu.Duration(700 * time.Millisecond)},
+		ListingLag:  ecsemu.ListingLag{Unassigned: ecsemu.Duration(500 * time.Millisecond), Reassign: ecsemu.Duration(700 * time.Millisecond)},
 		AgentConfig: func(_ *lab.Node, c *agent.Config) { c.FixedIPHoldTime = agent.Duration(hold) }})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
