@@ -165,6 +165,18 @@ func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 		}
 		return false
 	}
+	// letGo waits until n no longer holds the pod's address: a hold pass deletes the record
+	// first and then releases the address, so the release follows the record's deletion.
+	letGo := func(n *lab.Node, name, what string) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for holds(n, name) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still holds %s's address 15s %s", n.Name, name, what)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 
 	// Node 1: address A, reachable across nodes and through the ClusterIP.
 	p1 := runWeb("web-0", n1)
@@ -209,13 +221,7 @@ func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 	reach(clients[n2.Name], fmt.Sprintf("http://%s:8080/", a), "web-0 on "+n2.Name)
 	reach(clients[n1.Name], "http://"+vip+":80/", "web-0 on "+n2.Name)
 	// Node 1 lets its hold go once it sees the record name node 2.
-	deadline := time.Now().Add(15 * time.Second)
-	for holds(n1, "web-0") {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s still holds web-0's address 15s after the move", n1.Name)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	letGo(n1, "web-0", "after the move")
 
 	// Scale-down: web-1, deleted, then the set scaled to 1: released before its hold time.
 	pw1 := runWeb("web-1", n1)
@@ -237,9 +243,7 @@ func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 	if took := time.Since(scaled); took >= hold {
 		t.Fatalf("the scale-down released web-1's address after %s; want it before the hold time", took)
 	}
-	if holds(n1, "web-1") {
-		t.Fatalf("%s still holds web-1's address after the scale-down", n1.Name)
-	}
+	letGo(n1, "web-1", "after the scale-down released it")
 
 	// Final delete: held for the hold time, then released.
 	if err := l.DeletePod(ctx, p2); err != nil {
@@ -252,9 +256,7 @@ func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 	if took := time.Since(finalDelete); took < hold {
 		t.Fatalf("released %s after the final delete, before the hold time %s", took, hold)
 	}
-	if holds(n2, "web-0") {
-		t.Fatalf("%s still holds web-0's address past the hold time", n2.Name)
-	}
+	letGo(n2, "web-0", "after the hold time released it")
 	onENIsOf(a) // still at most one ENI
 	if err := l.GC(ctx); err != nil {
 		t.Fatal(err)
