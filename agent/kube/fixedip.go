@@ -238,7 +238,12 @@ func toUnstructured(r fixedip.Record) *unstructured.Unstructured {
 		}
 	}
 	if !r.ReleaseAfter.IsZero() {
-		spec["releaseAfter"] = r.ReleaseAfter.UTC().Format(time.RFC3339)
+		// Whole seconds, rounded up: a hold is never shorter than configured.
+		at := r.ReleaseAfter.UTC()
+		if t := at.Truncate(time.Second); t.Before(at) {
+			at = t.Add(time.Second)
+		}
+		spec["releaseAfter"] = at.Format(time.RFC3339)
 	}
 	u := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "tern.io/v1alpha1", "kind": "FixedIP", "spec": spec}}
 	u.SetNamespace(r.Namespace)

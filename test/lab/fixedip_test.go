@@ -246,10 +246,10 @@ func TestFixedIPFollowsStatefulSetPodAcrossNodes(t *testing.T) {
 	letGo(n1, "web-1", "after the scale-down released it")
 
 	// Final delete: held for the hold time, then released.
+	finalDelete := time.Now() // the DEL runs inside DeletePod, after this
 	if err := l.DeletePod(ctx, p2); err != nil {
 		t.Fatal(err)
 	}
-	finalDelete := time.Now()
 	waitRecord("web-0", func(r *fixedip.Record) bool { return r != nil && r.Phase == fixedip.PhaseHeld && r.Node == n2.Name },
 		5*time.Second, "Held on "+n2.Name)
 	waitRecord("web-0", func(r *fixedip.Record) bool { return r == nil }, hold+15*time.Second, "released past the hold time")
