@@ -72,6 +72,7 @@ type Agent struct {
 	attachMu   sync.Mutex           // serialises BPF attach calls
 	sandboxes  sandboxLocks
 	onAllocate []func(ipam.PodKey, error)
+	wrappers   []AllocatorWrapper // agent/fixedip.go
 	// The bandwidth manager's mode (bandwidth.go) and who hears of endpoint attach/detach.
 	bwMode        bandwidth.Mode
 	endpointHooks []EndpointHooks
@@ -476,6 +477,9 @@ func (a *Agent) startIPAM(ctx context.Context, dp *loader.Datapath) (stop func()
 
 	pool, err := a.newAllocator(ctx, cloud, st, eniCfg)
 	if err != nil {
+		return stop, err
+	}
+	if pool, err = a.wrapAllocator(pool, cloud); err != nil {
 		return stop, err
 	}
 	a.reg.MustRegister(pool.Collectors()...)

@@ -147,6 +147,9 @@ type Config struct {
 	AllocateWait Duration `json:"allocateWait,omitempty"`
 	// MaintainInterval is the pool's background refill/reclaim period (default 10s).
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
+	// FixedIPHoldTime is how long the address of a deleted StatefulSet pod with
+	// k8s.aliyun.com/pod-ip-fixed stays reserved for it (default 10m; docs/ipam.md).
+	FixedIPHoldTime Duration `json:"fixedIPHoldTime,omitempty"`
 	// ENILinkTimeout bounds the wait for an attached ENI's link to appear (default 10s).
 	ENILinkTimeout Duration `json:"eniLinkTimeout,omitempty"`
 	// SocketLB is socket-level load balancing (agent/socklb.go, docs/socket-lb.md).
@@ -266,7 +269,7 @@ func (c Config) Validate() error {
 		}
 	}
 	for name, d := range map[string]Duration{
-		"allocateWait": c.AllocateWait, "maintainInterval": c.MaintainInterval, "eniLinkTimeout": c.ENILinkTimeout,
+		"allocateWait": c.AllocateWait, "maintainInterval": c.MaintainInterval, "fixedIPHoldTime": c.FixedIPHoldTime, "eniLinkTimeout": c.ENILinkTimeout,
 		"eniConfigPollInterval": c.ENIConfigPollInterval, "cloud.pollInterval": c.Cloud.PollInterval,
 		"cloud.waitTimeout": c.Cloud.WaitTimeout, "cloud.callTimeout": c.Cloud.CallTimeout,
 		"cloud.backoffInitial": c.Cloud.BackoffInitial, "cloud.backoffMax": c.Cloud.BackoffMax,

@@ -35,7 +35,9 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 	}
 	var errs []error
 	for key, al := range pool.Allocations() {
-		if keep(key) {
+		// A hold (a fixed address kept for a pod without a sandbox) has no veth; the
+		// fixed-IP manager's hold pass decides when it goes.
+		if key.IsHold() || keep(key) {
 			continue
 		}
 		// The host veth is found by its route to the address, so a sandbox added with any

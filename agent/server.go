@@ -141,6 +141,10 @@ func errorFor(err error) *api.Error {
 	case errors.Is(err, ipam.ErrPoolEmptyTryAgain), errors.Is(err, ipam.ErrNotStarted),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return &api.Error{Code: api.CodeTryAgainLater, Msg: "no IP address available yet: the pool is refilling; try again", Details: err.Error()}
+	case errors.Is(err, ipam.ErrTryAgain):
+		return &api.Error{Code: api.CodeTryAgainLater, Msg: "the pod's fixed address is not free yet (see the pod's Events); try again", Details: err.Error()}
+	case errors.Is(err, ipam.ErrWrongZone):
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod's fixed address is in another zone: schedule it in the address's zone (see the pod's Events)", Details: err.Error()}
 	case errors.Is(err, ipam.ErrVSwitchExhausted):
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):

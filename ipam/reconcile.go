@@ -234,7 +234,15 @@ func outcomeUnknown(ctx context.Context, err error) bool {
 // replayAssign asks for the same assignment again: the token makes the cloud answer with the
 // addresses it assigned the first time (or assign them now, if the first call never arrived).
 func (p *Pool) replayAssign(ctx context.Context, in store.Intent) error {
-	ips, err := p.cloud.AssignPrivateIPs(ctx, in.ENIID, in.Count, in.Token)
+	var ips []netip.Addr
+	var err error
+	if len(in.IPs) > 0 {
+		// An assign by name (a fixed pod address): the replay names the same addresses. It
+		// comes back idle; the fixed-IP manager takes it again by name.
+		ips, err = p.cloud.AssignSpecificIPs(ctx, in.ENIID, in.IPs, in.Token)
+	} else {
+		ips, err = p.cloud.AssignPrivateIPs(ctx, in.ENIID, in.Count, in.Token)
+	}
 	if err != nil {
 		if outcomeUnknown(ctx, err) {
 			return err

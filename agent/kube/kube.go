@@ -33,6 +33,9 @@ type Options struct {
 	ServiceResync  time.Duration
 	GCInterval     time.Duration // pod GC; default 1 minute
 	ReportInterval time.Duration // Node report; default 30 s
+	// Fixed, when set, turns on fixed IPs for StatefulSets (FixedIP records; fixedip.go). Its
+	// Wrap must be registered with agent.WrapAllocator before the agent runs.
+	Fixed *FixedIPs
 }
 
 // Component implements agent.Component.
@@ -49,6 +52,7 @@ type Component struct {
 	// without a pool.
 	services *serviceLB
 	report   *nodeReport
+	fixed    *FixedIPs // nil without Options.Fixed
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -65,7 +69,7 @@ func New(deps agent.Deps, client kubernetes.Interface, opts Options, log *zap.Lo
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Component{deps: deps, client: client, opts: opts, log: log.Named("kube")}, nil
+	return &Component{deps: deps, client: client, opts: opts, fixed: opts.Fixed, log: log.Named("kube")}, nil
 }
 
 func (c *Component) Name() string { return "kubernetes" }
@@ -96,6 +100,7 @@ func (c *Component) Start(ctx context.Context) error {
 	}
 	c.wg.Add(1)
 	go func() { defer c.wg.Done(); c.pods.Run(ctx.Done()) }()
+	c.startFixedIP(ctx)
 	if err := c.startPolicy(ctx); err != nil {
 		return err
 	}

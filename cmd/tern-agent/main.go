@@ -12,10 +12,12 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -93,7 +95,17 @@ func run(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		a.AddComponent(func(d agent.Deps) (agent.Component, error) { return kube.New(d, client, kube.Options{}, log) })
+		dyn, err := dynamic.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kubernetes dynamic client: %w", err)
+		}
+		// The fixed-IP wrapper goes on the pool before Run starts it; the component built in
+		// Run gives it its informers.
+		fixed := kube.NewFixedIPs(dyn, cfg.NodeName, time.Duration(cfg.FixedIPHoldTime), log)
+		a.WrapAllocator(fixed.Wrap)
+		a.AddComponent(func(d agent.Deps) (agent.Component, error) {
+			return kube.New(d, client, kube.Options{Fixed: fixed}, log)
+		})
 	} else {
 		log.Info("no kubeconfig: IPAM-only (no service load balancing, no Node report)")
 	}

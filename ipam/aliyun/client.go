@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -664,6 +665,49 @@ func (c *Client) AssignPrivateIPs(ctx context.Context, eniID string, count int, 
 			return nil, fmt.Errorf("AssignPrivateIpAddresses to %s returned bad address %q [RequestId %s]", eniID, s, resp.RequestId)
 		}
 		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// AssignSpecificIPs implements Cloud.
+func (c *Client) AssignSpecificIPs(ctx context.Context, eniID string, ips []netip.Addr, token string) ([]netip.Addr, error) {
+	if len(ips) < 1 || len(ips) > MaxIPsPerCall {
+		return nil, fmt.Errorf("AssignSpecificIPs to %s: %d addresses; allowed 1..%d", eniID, len(ips), MaxIPsPerCall)
+	}
+	if token == "" {
+		return nil, fmt.Errorf("AssignSpecificIPs to %s: empty token; generate one per logical assign and record it first", eniID)
+	}
+	want := make([]string, len(ips))
+	for i, ip := range ips {
+		want[i] = ip.String()
+	}
+	var resp *ecs.AssignPrivateIpAddressesResponse
+	err := c.call(ctx, actAssignIPs, func() error {
+		req := ecs.CreateAssignPrivateIpAddressesRequest()
+		req.NetworkInterfaceId = eniID
+		addrs := slices.Clone(want)
+		req.PrivateIpAddress = &addrs
+		req.ClientToken = token
+		r, err := c.ecs.AssignPrivateIpAddresses(req)
+		resp = r
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, s := range resp.AssignedPrivateIpAddressesSet.PrivateIpSet.PrivateIpAddress {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("AssignPrivateIpAddresses to %s returned bad address %q [RequestId %s]", eniID, s, resp.RequestId)
+		}
+		out = append(out, ip)
+	}
+	for _, ip := range ips {
+		if !slices.Contains(out, ip) {
+			return nil, fmt.Errorf("AssignPrivateIpAddresses to %s asked for %v and answered %v [RequestId %s]: the cloud did not assign %s",
+				eniID, ips, out, resp.RequestId, ip)
+		}
 	}
 	return out, nil
 }

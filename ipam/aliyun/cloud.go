@@ -32,6 +32,10 @@ type Cloud interface {
 	DeleteENI(ctx context.Context, eniID string) error
 	// AssignPrivateIPs adds count (1..MaxIPsPerCall) secondary IPs to an ENI.
 	AssignPrivateIPs(ctx context.Context, eniID string, count int, token string) ([]netip.Addr, error)
+	// AssignSpecificIPs adds the given addresses (1..MaxIPsPerCall, all of the ENI's vSwitch)
+	// to an ENI: AssignPrivateIpAddresses with PrivateIpAddress.N. An address the VPC still
+	// has elsewhere is ErrAddressInUse.
+	AssignSpecificIPs(ctx context.Context, eniID string, ips []netip.Addr, token string) ([]netip.Addr, error)
 	// UnassignPrivateIPs removes secondary IPs (at most MaxIPsPerCall) from an ENI. IPs that are
 	// already gone are not an error.
 	UnassignPrivateIPs(ctx context.Context, eniID string, ips []netip.Addr) error

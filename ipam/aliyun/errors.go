@@ -40,6 +40,13 @@ var (
 	// ErrConflict: the resource already exists (a route table entry for the same destination:
 	// InvalidCIDRBlock.Duplicate, InvalidRouteEntry.Duplicate, RouterEntryConflict.Duplicated).
 	ErrConflict = errors.New("cloud resource already exists")
+	// ErrAddressInUse: an address asked for by name is still assigned in the VPC
+	// (InvalidPrivateIpAddress.Duplicated, InvalidIPAddress.AlreadyUsed). After an unassign
+	// elsewhere this clears within seconds: retry with backoff.
+	ErrAddressInUse = errors.New("private IP address is still in use in the VPC")
+	// ErrBadAddress: an address asked for by name is not a usable address of the ENI's vSwitch
+	// (InvalidPrivateIpAddress, InvalidPrivateIpAddress.Malformed, .Mismatch).
+	ErrBadAddress = errors.New("private IP address is not usable in the ENI's vSwitch")
 	// ErrBadRoute: the cloud refuses a route entry's destination (InvalidCidrBlock*: it
 	// overlaps a vSwitch of the VPC or 100.64.0.0/10, or is malformed). Only another pod CIDR
 	// fixes it.
@@ -134,6 +141,10 @@ func classify(action string, err error) (*APIError, bool) {
 	case code == "EniPerInstanceLimitExceeded" || code == "InvalidOperation.Ipv4CountExceeded" ||
 		strings.HasPrefix(code, "QuotaExceeded"):
 		ae.cause = ErrQuota
+	case code == "InvalidPrivateIpAddress.Duplicated" || code == "InvalidIPAddress.AlreadyUsed":
+		ae.cause = ErrAddressInUse
+	case code == "InvalidPrivateIpAddress" || strings.HasPrefix(code, "InvalidPrivateIpAddress."):
+		ae.cause = ErrBadAddress
 	case code == "SignatureDoesNotMatch" || strings.HasPrefix(code, "InvalidAccessKeyId") ||
 		strings.HasPrefix(code, "InvalidSecurityToken"):
 		ae.cause = ErrCredentials

@@ -320,16 +320,18 @@ func agentCapabilities(t *testing.T, objs []deploy.Object) []string {
 // wantRules is the ClusterRole the code needs, and no more; each line names its caller. A
 // change in either direction must change this table and the manifest together.
 var wantRules = []rbacv1.PolicyRule{
-	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"list", "watch"}},                          // service/controller informer
-	{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"list", "watch"}},    // service/controller informer
-	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                              // agent/kube pod informer (spec.nodeName)
-	{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},                        // agent/kube NetworkPolicy reconciler
-	{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},  // agent/kube NetworkPolicy reconciler
-	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch", "list", "watch"}},             // ipam/nodereport; agent/kube route janitor (VPC mode)
-	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                             // ipam/nodereport condition
-	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                          // client-go recorder, core/v1 sink
-	{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},        // agent/metricsauth (metricsAuth "kubernetes")
-	{APIGroups: []string{"authorization.k8s.io"}, Resources: []string{"subjectaccessreviews"}, Verbs: []string{"create"}}, // agent/metricsauth
+	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"list", "watch"}},                            // service/controller informer
+	{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"list", "watch"}},      // service/controller informer
+	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},                                // agent/kube pod informer (spec.nodeName)
+	{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},                          // agent/kube NetworkPolicy reconciler
+	{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},    // agent/kube NetworkPolicy reconciler
+	{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "patch", "list", "watch"}},               // ipam/nodereport; agent/kube route janitor (VPC mode)
+	{APIGroups: []string{""}, Resources: []string{"nodes/status"}, Verbs: []string{"update"}},                               // ipam/nodereport condition
+	{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},                            // client-go recorder, core/v1 sink
+	{APIGroups: []string{"tern.io"}, Resources: []string{"fixedips"}, Verbs: []string{"get", "create", "update", "delete"}}, // agent/kube fixed IPs (FixedIP records)
+	{APIGroups: []string{"apps"}, Resources: []string{"statefulsets"}, Verbs: []string{"list", "watch"}},                    // agent/kube fixed IPs (hold pass)
+	{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},          // agent/metricsauth (metricsAuth "kubernetes")
+	{APIGroups: []string{"authorization.k8s.io"}, Resources: []string{"subjectaccessreviews"}, Verbs: []string{"create"}},   // agent/metricsauth
 }
 
 // TestManifestsAcceptedByAPIServer starts a real kube-apiserver (RBAC on) and
@@ -406,6 +408,9 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 		{"get", "", "nodes", "", ""}, {"patch", "", "nodes", "", ""}, {"update", "", "nodes", "status", ""},
 		{"create", "", "events", "", "default"}, {"patch", "", "events", "", "default"},
 		{"create", "authentication.k8s.io", "tokenreviews", "", ""}, {"create", "authorization.k8s.io", "subjectaccessreviews", "", ""},
+		{"get", "tern.io", "fixedips", "", "default"}, {"create", "tern.io", "fixedips", "", "default"},
+		{"update", "tern.io", "fixedips", "", "default"}, {"delete", "tern.io", "fixedips", "", "default"},
+		{"list", "apps", "statefulsets", "", ""}, {"watch", "apps", "statefulsets", "", ""},
 	}
 	denied := []check{
 		{"delete", "", "pods", "", "default"}, {"create", "", "pods", "", "default"}, {"get", "", "pods", "", "default"},
@@ -421,6 +426,9 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 		{"escalate", "rbac.authorization.k8s.io", "clusterroles", "", ""},
 		{"impersonate", "", "users", "", ""}, {"impersonate", "", "serviceaccounts", "", "kube-system"},
 		{"create", "certificates.k8s.io", "certificatesigningrequests", "", ""},
+		{"list", "tern.io", "fixedips", "", ""}, {"patch", "tern.io", "fixedips", "", "default"},
+		{"update", "apps", "statefulsets", "", "default"}, {"get", "apps", "statefulsets", "", "default"},
+		{"create", "apiextensions.k8s.io", "customresourcedefinitions", "", ""},
 	}
 	ask := func(c check) bool {
 		t.Helper()

@@ -255,29 +255,49 @@ func (e *Emulator) enILocked(id string) (*eni, *APIError) {
 
 // allocLocked takes n free addresses from vs, lowest first (deterministic for tests). A
 // vSwitch without enough free addresses answers exhausted.
-func allocLocked(vs *vswitch, n int, exhausted func(format string, args ...any) *APIError) ([]netip.Addr, *APIError) {
+// An address still settling after an unassign (ListingLag.Reassign) is skipped, as the VPC
+// does not hand out an address it is still releasing.
+func allocLocked(vs *vswitch, n int, now time.Time, exhausted func(format string, args ...any) *APIError) ([]netip.Addr, *APIError) {
 	if usableCount(vs.prefix)-len(vs.used) < n {
 		return nil, exhausted("The specified VSwitch %s does not have enough IP addresses: %d requested, %d available.", vs.cfg.ID, n, usableCount(vs.prefix)-len(vs.used))
 	}
 	var out []netip.Addr
 	for a := vs.prefix.Addr().Next(); len(out) < n && vs.prefix.Contains(a); a = a.Next() {
+		if until, settling := vs.settling[a]; settling && now.Before(until) {
+			continue
+		}
 		if _, used := vs.used[a]; !used && usable(vs.prefix, a) {
 			out = append(out, a)
 		}
+	}
+	if len(out) < n {
+		return nil, exhausted("The specified VSwitch %s does not have enough IP addresses: %d requested, %d available (others are still being released).", vs.cfg.ID, n, len(out))
 	}
 	return out, nil
 }
 
 // checkRequestedIPsLocked validates explicitly requested addresses against vs.
-func checkRequestedIPsLocked(vs *vswitch, ips []string) ([]netip.Addr, *APIError) {
+// Codes as the published ECS error tables give them: Malformed for what is not an address,
+// InvalidPrivateIpAddress for one outside the vSwitch's CIDR block (or one of its reserved
+// addresses), Duplicated for one in use — or, with ListingLag.Reassign, still being released.
+func checkRequestedIPsLocked(vs *vswitch, ips []string, now time.Time) ([]netip.Addr, *APIError) {
 	var out []netip.Addr
 	for _, s := range ips {
 		a, err := netip.ParseAddr(s)
-		if err != nil || !usable(vs.prefix, a) {
-			return nil, apiErr(http.StatusBadRequest, CodeIPNotInVSwitch, "The specified private IP address %q is not a usable address of vSwitch %s (%s).", s, vs.cfg.ID, vs.prefix)
+		if err != nil || !a.Is4() {
+			return nil, apiErr(http.StatusBadRequest, CodeIPMalformed, "The specified private IP address %q is malformed.", s)
+		}
+		if !usable(vs.prefix, a) {
+			return nil, apiErr(http.StatusBadRequest, CodeIPNotInVSwitch, "The specified private IP address %s is not a usable address of the CIDR block of vSwitch %s (%s).", s, vs.cfg.ID, vs.prefix)
 		}
 		if _, used := vs.used[a]; used || slices.Contains(out, a) {
 			return nil, apiErr(http.StatusBadRequest, CodeIPAddressAlreadyUsed, "The specified private IP address %s is already in use.", a)
+		}
+		if until, ok := vs.settling[a]; ok {
+			if now.Before(until) {
+				return nil, apiErr(http.StatusBadRequest, CodeIPAddressAlreadyUsed, "The specified private IP address %s is already in use.", a)
+			}
+			delete(vs.settling, a)
 		}
 		out = append(out, a)
 	}
@@ -332,7 +352,7 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 		return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "PrivateIpAddress.N and SecondaryPrivateIpAddressCount cannot both be set.")
 	}
 	want = append(want, explicit...)
-	ips, aerr := checkRequestedIPsLocked(vs, want)
+	ips, aerr := checkRequestedIPsLocked(vs, want, e.now())
 	if aerr != nil {
 		return nil, aerr
 	}
@@ -343,7 +363,7 @@ func (e *Emulator) createNetworkInterface(p map[string]string) (any, *APIError) 
 	if len(ips)+need > availableENIIPLimit {
 		return nil, apiErr(http.StatusForbidden, CodeIpv4CountExceeded, "An ENI that is not attached holds at most %d private IP addresses; %d were requested.", availableENIIPLimit, len(ips)+need)
 	}
-	more, aerr := allocLocked(vs, need, func(f string, a ...any) *APIError {
+	more, aerr := allocLocked(vs, need, e.now(), func(f string, a ...any) *APIError {
 		return apiErr(http.StatusForbidden, CodeVSwitchIPNotEnough, f, a...)
 	})
 	if aerr != nil {
@@ -624,7 +644,7 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 	}
 	var ips []netip.Addr
 	if len(explicit) > 0 {
-		ips, aerr = checkRequestedIPsLocked(n.vswitch, explicit)
+		ips, aerr = checkRequestedIPsLocked(n.vswitch, explicit, e.now())
 		count = len(ips)
 	}
 	if aerr != nil {
@@ -637,7 +657,7 @@ func (e *Emulator) assignPrivateIPAddresses(p map[string]string) (any, *APIError
 		// The published error table: QuotaExceeded.PrivateIpAddress (HTTP 400) is an assign
 		// the vSwitch has too few free addresses for.
 		exhausted := func(f string, a ...any) *APIError { return apiErr(http.StatusBadRequest, CodeQuotaPrivateIP, f, a...) }
-		if ips, aerr = allocLocked(n.vswitch, count, exhausted); aerr != nil {
+		if ips, aerr = allocLocked(n.vswitch, count, e.now(), exhausted); aerr != nil {
 			return nil, aerr
 		}
 	}
@@ -704,6 +724,7 @@ func (e *Emulator) unassignPrivateIPAddresses(p map[string]string) (any, *APIErr
 		delete(n.vswitch.used, ip)
 		n.ips = slices.DeleteFunc(n.ips, func(a netip.Addr) bool { return a == ip })
 		e.noteUnassignedLocked(n, ip)
+		e.noteSettlingLocked(n.vswitch, ip)
 	}
 	e.log.Info("private IPs unassigned", zap.String("eni", n.id), zap.Stringers("ips", drop))
 	return map[string]any{}, nil

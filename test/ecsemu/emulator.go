@@ -113,6 +113,9 @@ type vswitch struct {
 	prefix netip.Prefix
 	gw     netip.Addr
 	used   map[netip.Addr]string // address → ENI ID
+	// settling holds addresses just unassigned, until the time the VPC has finished releasing
+	// them (ListingLag.Reassign): an assign of one of them by name is refused meanwhile.
+	settling map[netip.Addr]time.Time
 }
 
 type instance struct {

@@ -21,6 +21,12 @@ type ListingLag struct {
 	// Status is how long the listing keeps showing an ENI's previous status and attachment
 	// after a change (Available → Attaching → InUse → Detaching → Available → Deleting).
 	Status Duration `json:"status,omitempty"`
+	// Reassign is how long an address removed by UnassignPrivateIpAddresses stays busy in its
+	// vSwitch for an assign that names it (PrivateIpAddress.N): such an assign answers
+	// InvalidPrivateIpAddress.Duplicated meanwhile, as an address still held elsewhere does.
+	// The address moving between ENIs (a fixed pod IP following its pod to another node) sees
+	// this. An assign by count does not pick it meanwhile either.
+	Reassign Duration `json:"reassign,omitempty"`
 }
 
 // eniView is what a listing shows of an ENI's attachment at one moment.
@@ -73,6 +79,17 @@ func (e *Emulator) noteUnassignedLocked(n *eni, ip netip.Addr) {
 		n.lag.ghosts = map[netip.Addr]time.Time{}
 	}
 	n.lag.ghosts[ip] = now.Add(time.Duration(e.lag.Unassigned))
+}
+
+// noteSettlingLocked keeps an unassigned address busy for assigns by name for the Reassign lag.
+func (e *Emulator) noteSettlingLocked(vs *vswitch, ip netip.Addr) {
+	if e.lag.Reassign <= 0 {
+		return
+	}
+	if vs.settling == nil {
+		vs.settling = map[netip.Addr]time.Time{}
+	}
+	vs.settling[ip] = e.now().Add(time.Duration(e.lag.Reassign))
 }
 
 // transitionLocked runs change on n's attachment state and remembers the previous state for

@@ -158,3 +158,44 @@ func TestHoldReplyLosesTheReplyButKeepsTheEffect(t *testing.T) {
 		t.Fatalf("replay changed the ENI to %v", st2.IPs)
 	}
 }
+
+// TestAddressMovesBetweenENIsAfterTheReassignLag moves one address from one ENI to another by
+// name, as a fixed pod IP does when its pod changes node: while the old ENI's unassign is
+// still settling (ListingLag.Reassign) the assign by name is refused with the documented
+// InvalidPrivateIpAddress.Duplicated and the address stays in the old ENI's listing; after
+// the lag the same assign succeeds. Malformed and out-of-vSwitch addresses get their own codes.
+func TestAddressMovesBetweenENIsAfterTheReassignLag(t *testing.T) {
+	clock := &fakeClock{now: time.Now()}
+	cfg := TestConfig()
+	cfg.ListingLag = ListingLag{Unassigned: Duration(time.Second), Reassign: Duration(2 * time.Second)}
+	_, addr := NewTestServer(t, cfg, WithClock(clock.Now))
+	c, _ := NewTestClients(t, addr)
+	from := createENI(t, c, "vsw-test-a", nil).NetworkInterfaceId
+	to := createENI(t, c, "vsw-test-a", nil).NetworkInterfaceId
+	byName := func(eni string, ips ...string) error {
+		req := ecs.CreateAssignPrivateIpAddressesRequest()
+		req.NetworkInterfaceId = eni
+		req.PrivateIpAddress = &ips
+		_, err := c.AssignPrivateIpAddresses(req)
+		return err
+	}
+	const ip = "192.168.1.100"
+	must(t, byName(from, ip))
+	wantCode(t, byName(to, ip), CodeIPAddressAlreadyUsed) // held by the other ENI
+	un := ecs.CreateUnassignPrivateIpAddressesRequest()
+	un.NetworkInterfaceId = from
+	un.PrivateIpAddress = &[]string{ip}
+	_, err := c.UnassignPrivateIpAddresses(un)
+	must(t, err)
+	wantCode(t, byName(to, ip), CodeIPAddressAlreadyUsed) // still being released
+	if got := listedIPs(t, c, from); !slices.Contains(got, ip) {
+		t.Fatalf("right after the unassign the old ENI lists %v; want %s still there", got, ip)
+	}
+	clock.Advance(2 * time.Second)
+	must(t, byName(to, ip))
+	if got := listedIPs(t, c, from); slices.Contains(got, ip) {
+		t.Fatalf("2s after the unassign the old ENI still lists %s: %v", ip, got)
+	}
+	wantCode(t, byName(to, "192.168.1.300"), CodeIPMalformed)
+	wantCode(t, byName(to, "10.9.9.9"), CodeIPNotInVSwitch)
+}

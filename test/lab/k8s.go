@@ -63,6 +63,9 @@ func (l *Lab) startKubernetes(ctx context.Context) error {
 		return fmt.Errorf("lab: Kubernetes client: %w", err)
 	}
 	l.kube = &kubeParts{cp: cp, client: client, namespaces: map[string]bool{}}
+	if err := installCRDs(ctx, cp.RestConfig()); err != nil {
+		return err
+	}
 	for _, n := range l.nodes {
 		node, err := kubeletsim.EnsureNode(ctx, client, n.Name, n.PrimaryIP)
 		if err != nil {
@@ -172,6 +175,10 @@ type PodSpec struct {
 	HTTPPort int
 	// NotReady reports the pod running but not Ready (it gets an address, no endpoint).
 	NotReady bool
+	// Annotations and OwnerReferences go on the Pod object (a StatefulSet pod's template
+	// annotations and its controller).
+	Annotations     map[string]string
+	OwnerReferences []metav1.OwnerReference
 }
 
 // RunPod does a kubelet's part for one pod: it creates the Pod object bound to its node,
@@ -200,7 +207,7 @@ func (l *Lab) RunPod(ctx context.Context, s PodSpec) (_ *Pod, err error) {
 	ports = addPort(ports, "serve", s.ServePort)
 	ports = addPort(ports, "http", s.HTTPPort)
 	obj, err := kubeletsim.CreatePod(ctx, l.kube.client, kubeletsim.PodSpec{Namespace: s.Namespace, Name: s.Name,
-		Node: n.Name, Labels: s.Labels, Ports: ports})
+		Node: n.Name, Labels: s.Labels, Ports: ports, Annotations: s.Annotations, OwnerReferences: s.OwnerReferences})
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}

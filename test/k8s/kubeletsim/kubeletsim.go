@@ -45,12 +45,14 @@ type PodSpec struct {
 	Labels                map[string]string
 	Ports                 []corev1.ContainerPort
 	Annotations           map[string]string
+	OwnerReferences       []metav1.OwnerReference // e.g. the StatefulSet of a StatefulSet-style pod
 }
 
 // CreatePod creates a Pod bound to its node, not yet running.
 func CreatePod(ctx context.Context, c kubernetes.Interface, s PodSpec) (*corev1.Pod, error) {
 	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.Name, Labels: s.Labels, Annotations: s.Annotations},
+		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.Name, Labels: s.Labels, Annotations: s.Annotations,
+			OwnerReferences: s.OwnerReferences},
 		Spec: corev1.PodSpec{NodeName: s.Node, Containers: []corev1.Container{{Name: "app", Image: "tern.invalid/app",
 			Ports: s.Ports}}},
 	}
