@@ -565,7 +565,12 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	}
 
 	listed := map[string]aliyun.ENI{}
+	otherKind := map[string]bool{}
 	for _, e := range ours {
+		if e.Tags[TagKind] != "" {
+			otherKind[e.ID] = true // another kind's ENI (exclusive): not the pool's
+			continue
+		}
 		listed[e.ID] = e
 	}
 	p.mu.Lock()
@@ -617,7 +622,7 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	p.foreign = 0
 	for _, e := range onInstance {
 		_, known := p.enis[e.ID]
-		if !known && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
+		if !known && !otherKind[e.ID] && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
 			p.foreign++
 		}
 	}
