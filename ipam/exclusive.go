@@ -313,14 +313,21 @@ func (x *ExclusiveENIs) Allocations() map[PodKey]Allocation {
 	out := map[PodKey]Allocation{}
 	for _, r := range x.recs {
 		if r.State == exReady {
-			out[r.key()] = r.allocation()
+			out[r.key()] = x.allocationLocked(r)
 		}
 	}
 	return out
 }
 
-func (r *exRecord) allocation() Allocation {
-	return Allocation{IP: r.IP, Kind: KindENI, ENI: ENIInfo{ID: r.ENIID, MAC: r.MAC, PrimaryIP: r.IP,
+func (x *ExclusiveENIs) allocationLocked(r *exRecord) Allocation {
+	var via []netip.Prefix
+	if x.cfg.ServiceCIDR.IsValid() {
+		via = append(via, x.cfg.ServiceCIDR)
+	}
+	if x.instance.PrimaryIP.IsValid() {
+		via = append(via, netip.PrefixFrom(x.instance.PrimaryIP, 32))
+	}
+	return Allocation{IP: r.IP, Kind: KindENI, ViaVeth: via, ENI: ENIInfo{ID: r.ENIID, MAC: r.MAC, PrimaryIP: r.IP,
 		Gateway: aliyun.Gateway(r.CIDR), VSwitchID: r.VSwitchID, VSwitchCIDR: r.CIDR}}
 }
 
@@ -338,7 +345,7 @@ func (x *ExclusiveENIs) Allocate(ctx context.Context, req Request) (Allocation, 
 	if r, ok := x.recs[k]; ok {
 		defer x.mu.Unlock()
 		if r.State == exReady {
-			return r.allocation(), nil
+			return x.allocationLocked(r), nil
 		}
 		return Allocation{}, fmt.Errorf("%w: the exclusive ENI of %s is still being set up or torn down", ErrPoolEmptyTryAgain, k)
 	}
@@ -407,7 +414,9 @@ func (x *ExclusiveENIs) Allocate(ctx context.Context, req Request) (Allocation, 
 		return Allocation{}, x.fail(r, err)
 	}
 	x.log.Info("exclusive ENI ready", zap.String("pod", k), zap.String("eni", r.ENIID), zap.Stringer("ip", r.IP))
-	return r.allocation(), nil
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.allocationLocked(r), nil
 }
 
 // fail undoes a failed ADD (a context of its own: the caller's may be what ended) and returns

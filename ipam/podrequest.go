@@ -2,9 +2,13 @@ package ipam
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 )
+
+// ErrBadPodRequest: the pod's annotations that choose its resource are malformed.
+var ErrBadPodRequest = errors.New("invalid pod network request")
 
 // Pod annotations that choose the kind of resource and its placement, as Terway spells them.
 const (
@@ -41,8 +45,8 @@ func RequestFromPod(key PodKey, annotations map[string]string, requestsENIResour
 	}
 	var pn podNetworks
 	if err := json.Unmarshal([]byte(raw), &pn); err != nil {
-		return req, fmt.Errorf("pod %s/%s: annotation %s is not valid JSON (%v); want {\"podNetworks\":[{\"interface\":\"eth0\",\"vSwitchOptions\":[…],\"securityGroupIDs\":[…]}]}",
-			key.Namespace, key.Name, AnnotationPodNetworks, err)
+		return req, fmt.Errorf("%w: pod %s/%s: annotation %s is not valid JSON (%v); want {\"podNetworks\":[{\"interface\":\"eth0\",\"vSwitchOptions\":[…],\"securityGroupIDs\":[…]}]}",
+			ErrBadPodRequest, key.Namespace, key.Name, AnnotationPodNetworks, err)
 	}
 	for _, n := range pn.PodNetworks {
 		if n.Interface == "" || n.Interface == "eth0" || len(pn.PodNetworks) == 1 {
@@ -51,8 +55,8 @@ func RequestFromPod(key PodKey, annotations map[string]string, requestsENIResour
 		}
 	}
 	if len(req.SecurityGroups) > 10 {
-		return req, fmt.Errorf("pod %s/%s: annotation %s lists %d security groups; an ENI takes at most 10",
-			key.Namespace, key.Name, AnnotationPodNetworks, len(req.SecurityGroups))
+		return req, fmt.Errorf("%w: pod %s/%s: annotation %s lists %d security groups; an ENI takes at most 10",
+			ErrBadPodRequest, key.Namespace, key.Name, AnnotationPodNetworks, len(req.SecurityGroups))
 	}
 	return req, nil
 }

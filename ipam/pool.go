@@ -58,6 +58,9 @@ type Allocation struct {
 	// Kind is the kind of resource (Node sets it; empty from the ENIIP pool itself). With
 	// KindENI, ENI is the pod's own ENI and IP its primary address.
 	Kind Kind
+	// ViaVeth (KindENI) are the destinations the pod reaches through its veth to the node
+	// rather than its ENI: the Service CIDR and the node's address.
+	ViaVeth []netip.Prefix
 }
 
 // Errors for the CNI.

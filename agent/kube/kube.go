@@ -213,7 +213,7 @@ func (c *Component) snapshot() nodereport.Snapshot {
 	why := c.exhausted
 	c.mu.Unlock()
 	return nodereport.Snapshot{ENIIPs: st.InUseByENI(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
-		Exhausted: why != "", Reason: why}
+		Exhausted: why != "", Reason: why, ExtendedResources: nodereport.ExtendedResourcesOf(st.Kinds)}
 }
 
 // allocated hears every allocation the CNI asked for. A failure becomes a Warning Event on

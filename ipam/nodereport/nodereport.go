@@ -18,6 +18,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/retry"
+
+	"github.com/tern-net/tern/ipam"
 )
 
 const (
@@ -36,6 +38,25 @@ type Snapshot struct {
 	InUse     int
 	Exhausted bool   // the last allocation failed for lack of addresses
 	Reason    string // why, with the cloud's error code when there was one
+	// ExtendedResources are the Node's extended resources for optional kinds (aliyun/eni →
+	// how many exclusive ENIs the node can hold now), set in its status capacity and
+	// allocatable, where the scheduler counts pods' requests against them.
+	ExtendedResources map[string]int
+}
+
+// ExtendedResourcesOf picks the kinds that have an extended resource (nil when none does).
+func ExtendedResourcesOf(kinds []ipam.KindCapacity) map[string]int {
+	var out map[string]int
+	for _, k := range kinds {
+		if k.ExtendedResource == "" {
+			continue
+		}
+		if out == nil {
+			out = map[string]int{}
+		}
+		out[k.ExtendedResource] = k.Capacity
+	}
+	return out
 }
 
 // Source gives the current snapshot; the agent builds it from the IPAM pool.
@@ -116,12 +137,29 @@ func (r *Reporter) Report(ctx context.Context) error {
 	if s.Exhausted {
 		cond.Status, cond.Reason, cond.Message = corev1.ConditionTrue, "PodIPsExhausted", s.Reason
 	}
-	key := string(body) + string(cond.Status) + cond.Message
+	var status []byte
+	if len(s.ExtendedResources) > 0 {
+		q := map[string]string{}
+		for name, n := range s.ExtendedResources {
+			q[name] = strconv.Itoa(n)
+		}
+		if status, err = json.Marshal(map[string]any{"status": map[string]any{"capacity": q, "allocatable": q}}); err != nil {
+			return err
+		}
+	}
+	key := string(body) + string(status) + string(cond.Status) + cond.Message
 	if key == r.last {
 		return nil
 	}
 	if _, err := r.client.CoreV1().Nodes().Patch(ctx, r.node, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
 		return fmt.Errorf("patch annotations of node %s: %w", r.node, err)
+	}
+	if status != nil {
+		// Extended resources are advertised through the status subresource (the kubelet keeps
+		// those it does not manage itself).
+		if _, err := r.client.CoreV1().Nodes().Patch(ctx, r.node, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
+			return fmt.Errorf("set extended resources %v on node %s: %w", s.ExtendedResources, r.node, err)
+		}
 	}
 	if err := r.setCondition(ctx, cond); err != nil {
 		return err
