@@ -162,6 +162,8 @@ type PodSpec struct {
 	Name      string
 	Node      string // node name (node-1, …)
 	Labels    map[string]string
+	// Annotations go on the Pod object (k8s.aliyun.com/eni asks for an exclusive ENI).
+	Annotations map[string]string
 	// Ports are the container's declared ports (named target ports resolve against them).
 	// ServePort and HTTPPort are added when missing, named "serve" and "http".
 	Ports []corev1.ContainerPort
@@ -200,7 +202,7 @@ func (l *Lab) RunPod(ctx context.Context, s PodSpec) (_ *Pod, err error) {
 	ports = addPort(ports, "serve", s.ServePort)
 	ports = addPort(ports, "http", s.HTTPPort)
 	obj, err := kubeletsim.CreatePod(ctx, l.kube.client, kubeletsim.PodSpec{Namespace: s.Namespace, Name: s.Name,
-		Node: n.Name, Labels: s.Labels, Ports: ports})
+		Node: n.Name, Labels: s.Labels, Ports: ports, Annotations: s.Annotations})
 	if err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
