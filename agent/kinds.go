@@ -100,7 +100,7 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 }
 
 // allocateFor serves one ADD: the pod's annotations (from the runtime) or, when they do not
-// ask for an exclusive ENI, the Pod object (annotations and aliyun/eni resource requests)
+// ask for an exclusive ENI, the Pod object (annotations and aliyun/eni resource requests, listed by name)
 // choose the kind. Nodes with no optional kind never read the Pod.
 func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.AllocateRequest, key ipam.PodKey) (ipam.Allocation, error) {
 	node, ok := pool.(*ipam.Node)
@@ -115,13 +115,19 @@ func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.Al
 		return ipam.Allocation{}, err
 	}
 	if r.Kind == ipam.KindENIIP && ks.client != nil {
+		// A list by name, not a get: the agent's role lists and watches pods but may not get
+		// them (deploy/manifests/10-rbac.yaml).
 		gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		pod, err := ks.client.CoreV1().Pods(key.Namespace).Get(gctx, key.Name, metav1.GetOptions{})
+		pods, err := ks.client.CoreV1().Pods(key.Namespace).List(gctx, metav1.ListOptions{FieldSelector: "metadata.name=" + key.Name})
 		cancel()
+		if err == nil && len(pods.Items) != 1 {
+			err = fmt.Errorf("%d pods of that name", len(pods.Items))
+		}
 		if err != nil {
 			// Guessing "shared" could give an exclusive pod the wrong network for its life.
 			return ipam.Allocation{}, fmt.Errorf("%w: read pod %s/%s to learn which network resource it asks for: %v", ipam.ErrPoolEmptyTryAgain, key.Namespace, key.Name, err)
 		}
+		pod := &pods.Items[0]
 		if r, err = ipam.RequestFromPod(key, pod.Annotations, requestsENI(pod)); err != nil {
 			return ipam.Allocation{}, err
 		}
