@@ -240,7 +240,6 @@ func TestExclusiveENIPodAcrossNodes(t *testing.T) {
 			t.Fatalf("ENI %s appeared and stayed: before [%s], after [%s]", e.ID, ids(before), ids(after))
 		}
 	}
-	nodeENIResource(t, l, ctx, n0.Name, func() int64 { return int64(quota - poolENIs()) })
 }
 
 // TestExclusiveENIFaultsAndKillDuringBurst: with 30 % Throttling/InternalError on every cloud
