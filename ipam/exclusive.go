@@ -130,9 +130,11 @@ func (x *ExclusiveENIs) Kind() Kind { return KindENI }
 
 func (x *ExclusiveENIs) tags(key PodKey, token string) map[string]string {
 	t := x.ownTags()
+	x.mu.Lock()
 	for k, v := range x.cfg.ENITags {
 		t[k] = v
 	}
+	x.mu.Unlock()
 	t[TagPod] = key.Namespace + "/" + key.Name
 	t[TagToken] = token
 	return t

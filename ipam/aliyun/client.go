@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/aliyun/alibaba-cloud-sdk-go/sdk"
@@ -111,6 +112,7 @@ type Client struct {
 	opts     Options
 	limiters map[string]*rate.Limiter
 	log      *zap.Logger
+	sdkMu    sync.Mutex // serialises SDK calls (see call)
 
 	calls    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
@@ -263,7 +265,13 @@ func (c *Client) call(ctx context.Context, action string, do func() error) error
 			return fmt.Errorf("%s: waiting for the rate limiter: %w", action, ctxErr(ctx, err))
 		}
 		start := time.Now()
-		err := runCtx(ctx, do)
+		err := runCtx(ctx, func() error {
+			// The SDK's DoAction writes its client's HTTP timeout on every call
+			// (sdk.Client.setTimeout), so two calls at once on one client race: one at a time.
+			c.sdkMu.Lock()
+			defer c.sdkMu.Unlock()
+			return do()
+		})
 		c.duration.WithLabelValues(action).Observe(time.Since(start).Seconds())
 		if err == nil {
 			c.calls.WithLabelValues(action, "ok").Inc()
