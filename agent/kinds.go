@@ -68,7 +68,11 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 	if err != nil {
 		return nil, err
 	}
-	specs := ipam.EnabledKinds(a.nodeLabels(ctx, client))
+	labels := a.cfg.NodeLabels
+	if client != nil {
+		labels = a.nodeLabels(ctx, client)
+	}
+	specs := ipam.EnabledKinds(labels)
 	var node *ipam.Node
 	others := func(k ipam.Kind) func() int {
 		return func() int {

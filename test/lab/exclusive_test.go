@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam"
@@ -76,6 +77,129 @@ func nodeENIResource(t *testing.T, l *lab.Lab, ctx context.Context, node string,
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// checkExclusivePod asserts that p holds its own ENI: the agent's allocation is of kind eni
+// with the ENI's primary address, the cloud lists it InUse on the node, its link is the pod's
+// eth0 (with veth1 beside it) and no longer in the node. It returns the cloud's ENI.
+func checkExclusivePod(t *testing.T, l *lab.Lab, ctx context.Context, p *lab.Pod) ecsemu.ENIState {
+	t.Helper()
+	st, err := p.Node.Client().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var al api.Allocation
+	for k, a := range st.Allocations {
+		if strings.HasPrefix(k, p.Namespace+"/"+p.Name+"/") {
+			al = a
+		}
+	}
+	if al.Kind != api.KindENI || al.IP != p.IP.String() {
+		t.Fatalf("agent allocation of %s: %+v (pod IP %s), want kind eni", p.Key(), al, p.IP)
+	}
+	cloudENI, ok := exclusiveInCloud(l.Emulator().Snapshot())[al.ENI.ID]
+	if !ok || cloudENI.PrimaryIP != p.IP.String() || cloudENI.Status != "InUse" || cloudENI.InstanceID != p.Node.InstanceID {
+		t.Fatalf("cloud ENI %s: %+v, want InUse on %s with primary %s", al.ENI.ID, cloudENI, p.Node.InstanceID, p.IP)
+	}
+	if err := nsutil.Do(p.NS(), func() error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if l.Attrs().HardwareAddr.String() != cloudENI.MAC {
+			return fmt.Errorf("pod eth0 has MAC %s, the ENI %s", l.Attrs().HardwareAddr, cloudENI.MAC)
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil || len(addrs) != 1 || addrs[0].IP.String() != p.IP.String() {
+			return fmt.Errorf("pod eth0 addresses %v (%v), want %s", addrs, err, p.IP)
+		}
+		if _, err := netlink.LinkByName("veth1"); err != nil {
+			return fmt.Errorf("no veth1 beside the ENI: %w", err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := nsutil.Do(p.Node.NS, func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if l.Attrs().HardwareAddr.String() == cloudENI.MAC {
+				return fmt.Errorf("the ENI's link %s is still in the node namespace", l.Attrs().Name)
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return cloudENI
+}
+
+// httpEventually fetches url from a pod until the answer contains want.
+func httpEventually(t *testing.T, ctx context.Context, from *lab.Pod, url, want string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		body, err := from.HTTPGet(ctx, url)
+		if err == nil && strings.Contains(body, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s → %s: %q, %v (want an answer from %s)", from.Name, url, body, err, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestExclusiveENIPodWithoutKubernetes: an agent without a kubeconfig whose nodeLabels carry
+// the exclusive-ENI label serves a pod whose runtime passes k8s.aliyun.com/eni: "true" with its
+// own ENI, moved into the pod; it talks to an ENIIP pod of the other node both ways through the
+// VPC; DEL and GC leave no exclusive ENI, and cloud and agents agree.
+func TestExclusiveENIPodWithoutKubernetes(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 2, AgentConfig: func(n *lab.Node, c *agent.Config) {
+		if n.Index == 0 {
+			c.NodeLabels = map[string]string{ipam.LabelExclusiveENI: ipam.LabelExclusiveENIOnly}
+		}
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	settled(t, l, ctx)
+	ex, err := l.AddPodAnnotated(ctx, 0, "excl", "ex", map[string]string{ipam.AnnotationENI: "true"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := l.AddPod(ctx, 1, "excl", "peer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same annotation on the unlabelled node: refused, naming the label.
+	if _, err := l.AddPodAnnotated(ctx, 1, "excl", "nope", map[string]string{ipam.AnnotationENI: "true"}); err == nil ||
+		!strings.Contains(err.Error(), ipam.LabelExclusiveENI) {
+		t.Fatalf("exclusive pod on the unlabelled node: %v, want a refusal naming %s", err, ipam.LabelExclusiveENI)
+	}
+	checkExclusivePod(t, l, ctx, ex)
+	for _, p := range []*lab.Pod{ex, peer} {
+		if _, err := p.ServeHTTP(8080); err != nil {
+			t.Fatal(err)
+		}
+	}
+	httpEventually(t, ctx, ex, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
+	httpEventually(t, ctx, peer, fmt.Sprintf("http://%s:8080/", ex.IP), "ex")
+	settled(t, l, ctx)
+	for _, p := range []*lab.Pod{ex, peer} {
+		if err := l.DeletePod(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if left := exclusiveInCloud(l.Emulator().Snapshot()); len(left) != 0 {
+		t.Fatalf("exclusive ENIs left after DEL: %v", left)
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	settled(t, l, ctx)
 }
 
 // TestExclusiveENIPodAcrossNodes: on a node labelled for exclusive ENIs, a pod annotated
