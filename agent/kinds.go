@@ -112,6 +112,13 @@ func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.Al
 	ks := a.kinds
 	a.mu.Unlock()
 	if !ok || !ks.on {
+		// No optional kind here: a pod whose annotations ask for one is refused with the label
+		// to set, rather than silently given a shared address (and none of its own security
+		// groups).
+		if r, err := ipam.RequestFromPod(key, req.Annotations, false); err == nil && r.Kind != ipam.KindENIIP {
+			return ipam.Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q; this node offers eniip only (label the Node %s=%s for exclusive ENIs)",
+				ipam.ErrKindNotOffered, key.Namespace, key.Name, r.Kind, ipam.LabelExclusiveENI, ipam.LabelExclusiveENIOnly)
+		}
 		return pool.Allocate(ctx, key)
 	}
 	r, err := ipam.RequestFromPod(key, req.Annotations, false)

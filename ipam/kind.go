@@ -229,8 +229,8 @@ func (n *Node) AllocateFor(ctx context.Context, req Request) (Allocation, error)
 	}
 	r := n.resource(req.Kind)
 	if r == nil {
-		return Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q, the node offers %s (the node label turns a kind on; see docs/ipam.md)",
-			ErrKindNotOffered, req.Key.Namespace, req.Key.Name, req.Kind, kindList(n.Kinds()))
+		return Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q, the node offers %s (a Node label turns a kind on, %s=%s for exclusive ENIs; see docs/ipam.md)",
+			ErrKindNotOffered, req.Key.Namespace, req.Key.Name, req.Kind, kindList(n.Kinds()), LabelExclusiveENI, LabelExclusiveENIOnly)
 	}
 	return r.Allocate(ctx, req)
 }
