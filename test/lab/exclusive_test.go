@@ -366,20 +366,22 @@ func TestExclusiveENIPodAcrossNodes(t *testing.T) {
 	}
 }
 
-// TestExclusiveENIFaultsAndKillDuringBurst: with 30 % Throttling/InternalError on every cloud
-// call, a burst of exclusive pods on the labelled node while its agent is killed (kill -9) and
+// TestExclusiveENIFaultsAndKillDuringBurst (no Kubernetes: the node's labels come from the
+// agent's nodeLabels, the pods' request from the runtime's annotations): with 30 %
+// Throttling/InternalError on every cloud call, a burst of exclusive pods on the labelled node while its agent is killed (kill -9) and
 // restarted: every pod ends with its own ENI and address (none twice), and after the pods are
 // deleted and GC runs the cloud holds no exclusive ENI.
 func TestExclusiveENIFaultsAndKillDuringBurst(t *testing.T) {
-	l := upExclusive(t, lab.Options{Seed: 12})
+	l := up(t, lab.Options{Nodes: 2, Seed: 12, AgentConfig: func(n *lab.Node, c *agent.Config) {
+		if n.Index == 0 {
+			c.NodeLabels = map[string]string{ipam.LabelExclusiveENI: ipam.LabelExclusiveENIOnly}
+		}
+	}})
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	emu := l.Emulator()
 	n0 := l.Node(0)
 	const ns = "burst"
-	if err := l.EnsureNamespace(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeThrottling, Rate: 0.15})
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeInternalError, Rate: 0.15})
 
@@ -393,8 +395,7 @@ func TestExclusiveENIFaultsAndKillDuringBurst(t *testing.T) {
 			defer wg.Done()
 			name := fmt.Sprintf("ex-%d", i)
 			for attempt := 0; ctx.Err() == nil; attempt++ {
-				p, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: name, Node: n0.Name,
-					Annotations: map[string]string{ipam.AnnotationENI: "true"}})
+				p, err := l.AddPodAnnotated(ctx, 0, ns, name, map[string]string{ipam.AnnotationENI: "true"})
 				if err == nil {
 					mu.Lock()
 					running[name] = p
