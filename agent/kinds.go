@@ -72,7 +72,7 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 	if client != nil {
 		labels = a.nodeLabels(ctx, client)
 	}
-	specs := ipam.EnabledKinds(labels)
+	specs := ipam.EnabledKinds(ipam.NodeInfo{Labels: labels, Config: eniCfg})
 	var node *ipam.Node
 	others := func(k ipam.Kind) func() int {
 		return func() int {

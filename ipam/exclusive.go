@@ -41,7 +41,7 @@ const (
 func exclusiveENISpec() KindSpec {
 	return KindSpec{
 		Kind:    KindENI,
-		Enabled: func(l map[string]string) bool { return l[LabelExclusiveENI] == LabelExclusiveENIOnly },
+		Enabled: func(n NodeInfo) bool { return n.Labels[LabelExclusiveENI] == LabelExclusiveENIOnly },
 		New:     func(d KindDeps) (Resource, error) { return NewExclusiveENIs(d) },
 	}
 }

@@ -67,10 +67,10 @@ func (e *env) startNode(instance string, cfg eniconfig.Config, cloud aliyun.Clou
 }
 
 func TestExclusiveENIKindFromLabelAndPod(t *testing.T) {
-	if ks := EnabledKinds(map[string]string{LabelExclusiveENI: LabelExclusiveENIOnly}); len(ks) != 1 || ks[0].Kind != KindENI {
+	if ks := EnabledKinds(NodeInfo{Labels: map[string]string{LabelExclusiveENI: LabelExclusiveENIOnly}}); len(ks) != 1 || ks[0].Kind != KindENI {
 		t.Fatalf("labelled node: kinds %v, want eni", ks)
 	}
-	if ks := EnabledKinds(map[string]string{"other": "x"}); len(ks) != 0 {
+	if ks := EnabledKinds(NodeInfo{Labels: map[string]string{"other": "x"}}); len(ks) != 0 {
 		t.Fatalf("unlabelled node offers %v", ks)
 	}
 	k := PodKey{Namespace: "ns", Name: "p", ContainerID: "c"}

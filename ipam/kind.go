@@ -99,11 +99,17 @@ type KindDeps struct {
 	Now          func() time.Time
 }
 
+// NodeInfo is what decides which optional kinds a node offers.
+type NodeInfo struct {
+	Labels map[string]string // the Node's labels (or the agent's nodeLabels without a kubeconfig)
+	Config eniconfig.Config  // eni_conf (enable_eni_trunking, say)
+}
+
 // KindSpec describes an optional kind: how a node opts in, and how to build it.
 type KindSpec struct {
 	Kind Kind
-	// Enabled says whether a node with these labels offers the kind.
-	Enabled func(nodeLabels map[string]string) bool
+	// Enabled says whether the node offers the kind.
+	Enabled func(NodeInfo) bool
 	New     func(KindDeps) (Resource, error)
 }
 
@@ -115,11 +121,11 @@ func Kinds() []KindSpec {
 	}
 }
 
-// EnabledKinds returns the specs a node with these labels turns on.
-func EnabledKinds(nodeLabels map[string]string) []KindSpec {
+// EnabledKinds returns the specs the node turns on.
+func EnabledKinds(n NodeInfo) []KindSpec {
 	var out []KindSpec
 	for _, s := range Kinds() {
-		if s.Enabled(nodeLabels) {
+		if s.Enabled(n) {
 			out = append(out, s)
 		}
 	}
