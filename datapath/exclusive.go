@@ -81,7 +81,17 @@ func SetupExclusiveENI(x ExclusiveENI) (PodLinkResult, error) {
 			return fmt.Errorf("remove the veth default route: %w", err)
 		}
 		// The address lives on the ENI only; the veth routes name it as their source.
+		// Removing a device's last address flushes its neighbours (the permanent one too) and
+		// routes: put the gateway's back.
 		_ = netlink.AddrDel(veth, &netlink.Addr{IPNet: hostPrefix(x.IP)})
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: veth.Attrs().Index, Family: unix.AF_INET,
+			State: netlink.NUD_PERMANENT, IP: gw, HardwareAddr: res.HostMAC}); err != nil {
+			return fmt.Errorf("add permanent neighbour %s on %s: %w", PodGateway, x.VethIfName, err)
+		}
+		if err := netlink.RouteReplace(&netlink.Route{LinkIndex: veth.Attrs().Index, Scope: netlink.SCOPE_LINK,
+			Dst: hostPrefix(PodGateway)}); err != nil {
+			return fmt.Errorf("add route to %s on %s: %w", PodGateway, x.VethIfName, err)
+		}
 		if err := netlink.RouteReplace(&netlink.Route{LinkIndex: eni.Attrs().Index, Dst: def, Gw: x.Gateway.AsSlice(),
 			Src: x.IP.AsSlice()}); err != nil {
 			return fmt.Errorf("default route via the vSwitch gateway %s: %w", x.Gateway, err)

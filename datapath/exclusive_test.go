@@ -81,6 +81,16 @@ func TestExclusiveENIMovesIntoThePodAndBack(t *testing.T) {
 		if a, _ := netlink.AddrList(veth, netlink.FAMILY_V4); len(a) != 0 {
 			t.Errorf("veth1 has addresses %v, want none", a)
 		}
+		neighs, _ := netlink.NeighList(veth.Attrs().Index, netlink.FAMILY_V4)
+		found := false
+		for _, n := range neighs {
+			if n.IP.Equal(PodGateway.AsSlice()) && n.State == netlink.NUD_PERMANENT {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("veth1 lacks the permanent neighbour %s: %v", PodGateway, neighs)
+		}
 		for dst, want := range map[string]int{"8.8.8.8": eth0.Attrs().Index, "192.168.2.99": eth0.Attrs().Index,
 			"10.96.0.1": veth.Attrs().Index, "192.168.0.10": veth.Attrs().Index} {
 			rs, err := netlink.RouteGet(net.ParseIP(dst))
