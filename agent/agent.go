@@ -78,6 +78,7 @@ type Agent struct {
 	endpointHooks []EndpointHooks
 	// policyView answers `ternctl policy get`; set by the NetworkPolicy component.
 	policyView func(namespace, name string) (api.PolicyView, *api.Error)
+	kinds      kindsState // optional network resource kinds (kinds.go)
 }
 
 // SetPolicyView registers what answers api.PathPolicy (the NetworkPolicy reconciler).

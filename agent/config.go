@@ -142,6 +142,10 @@ type Config struct {
 	MetricsAuth string `json:"metricsAuth,omitempty"`
 	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
 	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// NodeLabels stand for the Node's labels when there is no kubeconfig: they turn optional
+	// network resource kinds on (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly). Ignored
+	// with a kubeconfig (the Node's own labels count).
+	NodeLabels map[string]string `json:"nodeLabels,omitempty"`
 	// AllocateWait bounds how long one allocation waits for a refill before answering
 	// "try again later" (default 10s).
 	AllocateWait Duration `json:"allocateWait,omitempty"`

@@ -20,10 +20,12 @@ import (
 // newAllocator builds the node's address source for the configured daemon mode.
 func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *store.Store, eniCfg eniconfig.Config) (ipam.Allocator, error) {
 	if mode, _ := a.cfg.Mode(); mode != ModeVPC {
-		return ipam.New(ipam.Options{
-			Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
-			ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
-			MaintainInterval: time.Duration(a.cfg.MaintainInterval),
+		return a.withKinds(ctx, cloud, st, eniCfg, func(otherENIs func() int) (ipam.Allocator, error) {
+			return ipam.New(ipam.Options{
+				Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
+				ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
+				MaintainInterval: time.Duration(a.cfg.MaintainInterval), OtherENIs: otherENIs,
+			})
 		})
 	}
 	cidr, err := a.podCIDR(ctx)

@@ -149,6 +149,10 @@ func errorFor(err error) *api.Error {
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):
 		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+	case errors.Is(err, ipam.ErrKindNotOffered):
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod asks for a kind of network resource this node does not offer: label the node (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly for exclusive ENIs) or schedule the pod to a node that has it", Details: err.Error()}
+	case errors.Is(err, ipam.ErrBadPodRequest):
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod's network annotations are invalid: fix them on the pod", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrBadVSwitch):
 		return &api.Error{Code: api.CodeInvalidConfig, Msg: "eni_conf names a vSwitch the cloud does not know: fix vswitches in eni_conf (the agent reloads it)", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrCredentials), errors.Is(err, aliyun.ErrForbidden):
@@ -159,10 +163,14 @@ func errorFor(err error) *api.Error {
 }
 
 func toAPI(al ipam.Allocation) api.Allocation {
-	return api.Allocation{IP: al.IP.String(), ENI: api.ENI{
+	out := api.Allocation{IP: al.IP.String(), Kind: string(al.Kind), ENI: api.ENI{
 		ID: al.ENI.ID, MAC: al.ENI.MAC, PrimaryIP: al.ENI.PrimaryIP.String(), Gateway: al.ENI.Gateway.String(),
 		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(), NodePrimary: al.ENI.NodePrimary,
 	}}
+	for _, p := range al.ViaVeth {
+		out.ViaVeth = append(out.ViaVeth, p.String())
+	}
+	return out
 }
 
 // podAndPool validates a request's pod and returns the pool to serve it ("try again" while
@@ -198,7 +206,7 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *api.Error) {
 			key.ContainerID, owner.Namespace, owner.Name, key.Namespace, key.Name)}
 	}
 	_, existed := pool.Allocations()[key]
-	al, err := pool.Allocate(r.Context(), key)
+	al, err := a.allocateFor(r.Context(), pool, req, key)
 	a.notifyAllocate(key, err)
 	if err != nil {
 		ae := errorFor(err)

@@ -169,6 +169,9 @@ func (p *Pool) growENI(ctx context.Context, n int) error {
 	owned := len(p.enis)
 	foreign := p.foreign
 	p.mu.Unlock()
+	if p.opts.OtherENIs != nil {
+		foreign += p.opts.OtherENIs()
+	}
 	if !cfg.HotPlug {
 		return fmt.Errorf("%w: every ENI is full and hot_plug is false in eni_conf", ErrNodeFull)
 	}

@@ -55,6 +55,12 @@ type ENIInfo struct {
 type Allocation struct {
 	IP  netip.Addr
 	ENI ENIInfo
+	// Kind is the kind of resource (Node sets it; empty from the ENIIP pool itself). With
+	// KindENI, ENI is the pod's own ENI and IP its primary address.
+	Kind Kind
+	// ViaVeth (KindENI) are the destinations the pod reaches through its veth to the node
+	// rather than its ENI: the Service CIDR and the node's address.
+	ViaVeth []netip.Prefix
 }
 
 // Errors for the CNI.
@@ -118,6 +124,9 @@ type Options struct {
 	ListingGrace time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// OtherENIs counts the instance's ENIs other kinds hold (exclusive ENIs): they share
+	// EniQuantity with the pool. Nil counts none.
+	OtherENIs func() int
 }
 
 // Tag keys that mark an ENI as created by tern for one node.
@@ -256,6 +265,13 @@ func New(o Options) (*Pool, error) {
 		kickReclaim: make(chan struct{}, 1),
 		kickVerify:  make(chan struct{}, 1),
 	}, nil
+}
+
+// ENIsHeld is how many ENIs the pool holds.
+func (p *Pool) ENIsHeld() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.enis)
 }
 
 // ownTags are the tags every ENI we create carries and that identify ours on listing.
@@ -684,6 +700,8 @@ type Status struct {
 	// The pool's sizes from eni_conf as applied now.
 	MinPoolSize, MaxPoolSize int
 	IdleReclaimAfter         time.Duration
+	// Kinds is the capacity of every kind the node offers (Node fills it).
+	Kinds []KindCapacity
 }
 
 // Status returns the current state.

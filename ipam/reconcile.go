@@ -573,7 +573,12 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	}
 
 	listed := map[string]aliyun.ENI{}
+	otherKind := map[string]bool{}
 	for _, e := range ours {
+		if e.Tags[TagKind] != "" {
+			otherKind[e.ID] = true // another kind's ENI (exclusive): not the pool's
+			continue
+		}
 		listed[e.ID] = e
 	}
 	p.mu.Lock()
@@ -625,8 +630,9 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	p.foreign = 0
 	for _, e := range onInstance {
 		_, known := p.enis[e.ID]
-		// A member ENI takes no device slot (it rides on the trunk ENI, which does).
-		if !known && e.Type != aliyun.TypeMember && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
+		// A member ENI takes no device slot (it rides on the trunk ENI, which does); another
+		// kind's ENI is that kind's to count.
+		if !known && e.Type != aliyun.TypeMember && !otherKind[e.ID] && !found[suspectKey{kind: unknownENI, eni: e.ID}] && (e.Status == aliyun.StatusInUse || e.Status == aliyun.StatusAttaching) {
 			p.foreign++
 		}
 	}

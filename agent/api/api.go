@@ -61,6 +61,10 @@ type AllocateRequest struct {
 	PodRef
 	UID   string `json:"uid,omitempty"`
 	NetNS string `json:"netns,omitempty"`
+	// Annotations are the pod's annotations as the runtime passes them (the CNI capability
+	// io.kubernetes.cri.pod-annotations): they may ask for an exclusive ENI
+	// (k8s.aliyun.com/eni) and place it (k8s.aliyun.com/pod-networks).
+	Annotations map[string]string `json:"annotations,omitempty"`
 }
 
 // ENI describes the ENI that owns a pod address.
@@ -80,7 +84,19 @@ type ENI struct {
 type Allocation struct {
 	IP  string `json:"ip"`
 	ENI ENI    `json:"eni"`
+	// Kind is the kind of resource: "eniip" (or empty, from older agents) for an address of a
+	// shared ENI, "eni" for an exclusive ENI the CNI moves into the pod's namespace.
+	Kind string `json:"kind,omitempty"`
+	// ViaVeth (kind "eni") are the CIDRs the pod routes through its veth to the node (the
+	// Service CIDR, the node's address); everything else leaves through its ENI.
+	ViaVeth []string `json:"viaVeth,omitempty"`
 }
+
+// Kinds of Allocation.
+const (
+	KindENIIP = "eniip"
+	KindENI   = "eni"
+)
 
 // LookupResponse says whether a sandbox holds an address.
 type LookupResponse struct {

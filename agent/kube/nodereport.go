@@ -64,7 +64,7 @@ func (r *nodeReport) snapshot() nodereport.Snapshot {
 	why := r.exhausted
 	r.mu.Unlock()
 	return nodereport.Snapshot{ENIIPs: st.InUseByENI(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
-		Exhausted: why != "", Reason: why}
+		Exhausted: why != "", Reason: why, ExtendedResources: nodereport.ExtendedResourcesOf(st.Kinds)}
 }
 
 // allocated hears every allocation the CNI asked for. A failure becomes a Warning Event on

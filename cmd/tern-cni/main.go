@@ -47,6 +47,8 @@ type NetConf struct {
 	// portMappings (the pod's hostPorts).
 	RuntimeConfig struct {
 		PortMappings []api.PortMapping `json:"portMappings,omitempty"`
+		// PodAnnotations may ask for an exclusive ENI (k8s.aliyun.com/eni) and place it.
+		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
 
 	// ValidAttachments is set by GC. A pointer, so that a missing key is told from an empty
@@ -154,9 +156,13 @@ func cmdAdd(args *skel.CmdArgs) error {
 	client := api.NewClient(conf.Socket, conf.timeout)
 	var k K8sArgs
 	_ = types.LoadArgs(args.Args, &k)
-	al, err := client.Allocate(ctx, api.AllocateRequest{PodRef: ref, UID: string(k.K8S_POD_UID), NetNS: args.Netns})
+	al, err := client.Allocate(ctx, api.AllocateRequest{PodRef: ref, UID: string(k.K8S_POD_UID), NetNS: args.Netns,
+		Annotations: conf.RuntimeConfig.PodAnnotations})
 	if err != nil {
 		return cniError(err, api.CodeInternal)
+	}
+	if al.Kind == api.KindENI {
+		return addExclusive(ctx, args, conf, ref, client, al)
 	}
 	podIP, eni, err := parseAllocation(al)
 	if err != nil {
@@ -276,6 +282,9 @@ func cmdDel(args *skel.CmdArgs) error {
 		ip, _ = netip.ParseAddr(lk.Allocation.IP)
 	}
 	hostIf := api.HostVethName(args.ContainerID, args.IfName)
+	if lerr == nil && lk.Found {
+		returnExclusive(args, lk.Allocation)
+	}
 	// The veth goes even when the agent is unreachable; the rules then wait for GC.
 	_, terr := datapath.TeardownPod(datapath.PodTeardown{HostIfName: hostIf, IP: ip,
 		Detach: func(ifindex int) error {
@@ -336,7 +345,8 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(api.CodeDatapath, "host veth "+hostIf+" is missing or down", fmt.Sprint(err))
 	}
 	rules, err := datapath.PodRulesOf(ip)
-	if err != nil || !rules.ToMain || rules.FromTable == 0 {
+	exclusive := lk.Allocation.Kind == api.KindENI // no "from" rule: its traffic leaves through its own ENI
+	if err != nil || !rules.ToMain || (rules.FromTable == 0 && !exclusive) {
 		return types.NewError(api.CodeDatapath, fmt.Sprintf("policy rules of %s are incomplete: %+v", ip, rules), fmt.Sprint(err))
 	}
 	podNS, err := netns.GetFromPath(args.Netns)

@@ -14,10 +14,13 @@ import (
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/retry"
+
+	"github.com/tern-net/tern/ipam"
 )
 
 const (
@@ -36,6 +39,25 @@ type Snapshot struct {
 	InUse     int
 	Exhausted bool   // the last allocation failed for lack of addresses
 	Reason    string // why, with the cloud's error code when there was one
+	// ExtendedResources are the Node's extended resources for optional kinds (aliyun/eni →
+	// how many exclusive ENIs the node can hold now), set in its status capacity and
+	// allocatable, where the scheduler counts pods' requests against them.
+	ExtendedResources map[string]int
+}
+
+// ExtendedResourcesOf picks the kinds that have an extended resource (nil when none does).
+func ExtendedResourcesOf(kinds []ipam.KindCapacity) map[string]int {
+	var out map[string]int
+	for _, k := range kinds {
+		if k.ExtendedResource == "" {
+			continue
+		}
+		if out == nil {
+			out = map[string]int{}
+		}
+		out[k.ExtendedResource] = k.Capacity
+	}
+	return out
 }
 
 // Source gives the current snapshot; the agent builds it from the IPAM pool.
@@ -116,30 +138,51 @@ func (r *Reporter) Report(ctx context.Context) error {
 	if s.Exhausted {
 		cond.Status, cond.Reason, cond.Message = corev1.ConditionTrue, "PodIPsExhausted", s.Reason
 	}
-	key := string(body) + string(cond.Status) + cond.Message
+	ext := ""
+	if len(s.ExtendedResources) > 0 {
+		b, err := json.Marshal(s.ExtendedResources)
+		if err != nil {
+			return err
+		}
+		ext = string(b)
+	}
+	key := string(body) + ext + string(cond.Status) + cond.Message
 	if key == r.last {
 		return nil
 	}
 	if _, err := r.client.CoreV1().Nodes().Patch(ctx, r.node, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
 		return fmt.Errorf("patch annotations of node %s: %w", r.node, err)
 	}
-	if err := r.setCondition(ctx, cond); err != nil {
+	if err := r.setStatus(ctx, cond, s.ExtendedResources); err != nil {
 		return err
 	}
 	r.last = key
 	return nil
 }
 
-// setCondition sets one condition on the Node's status. The kubelet writes the same status
-// every few seconds, so a conflict is expected now and then: re-read and try again.
-func (r *Reporter) setCondition(ctx context.Context, c corev1.NodeCondition) error {
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error { return r.trySetCondition(ctx, c) })
+// setStatus sets one condition and the extended resources (capacity and allocatable, the way
+// an operator advertises extended resources; the kubelet keeps those it does not manage) on the
+// Node's status, with the nodes/status update the agent's role grants. The kubelet writes the
+// same status every few seconds, so a conflict is expected now and then: re-read and try again.
+func (r *Reporter) setStatus(ctx context.Context, c corev1.NodeCondition, ext map[string]int) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error { return r.trySetStatus(ctx, c, ext) })
 }
 
-func (r *Reporter) trySetCondition(ctx context.Context, c corev1.NodeCondition) error {
+func (r *Reporter) trySetStatus(ctx context.Context, c corev1.NodeCondition, ext map[string]int) error {
 	node, err := r.client.CoreV1().Nodes().Get(ctx, r.node, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("get node %s: %w", r.node, err)
+	}
+	for name, n := range ext {
+		q := *resource.NewQuantity(int64(n), resource.DecimalSI)
+		if node.Status.Capacity == nil {
+			node.Status.Capacity = corev1.ResourceList{}
+		}
+		if node.Status.Allocatable == nil {
+			node.Status.Allocatable = corev1.ResourceList{}
+		}
+		node.Status.Capacity[corev1.ResourceName(name)] = q
+		node.Status.Allocatable[corev1.ResourceName(name)] = q
 	}
 	now := metav1.Now()
 	c.LastHeartbeatTime = now

@@ -51,6 +51,12 @@ func TestReportsOnTheNode(t *testing.T) {
 		if n.Annotations[nodereport.AnnotationMaxAvailableIP] != "10" {
 			t.Fatalf("max-available-ip = %q", n.Annotations[nodereport.AnnotationMaxAvailableIP])
 		}
+		for name, want := range snap.ExtendedResources {
+			c, a := n.Status.Capacity[corev1.ResourceName(name)], n.Status.Allocatable[corev1.ResourceName(name)]
+			if c.Value() != int64(want) || a.Value() != int64(want) {
+				t.Fatalf("extended resource %s: capacity %s allocatable %s, want %d", name, c.String(), a.String(), want)
+			}
+		}
 		for _, c := range n.Status.Conditions {
 			if c.Type == nodereport.ConditionIPExhausted {
 				if c.Status != wantStatus {
@@ -64,6 +70,7 @@ func TestReportsOnTheNode(t *testing.T) {
 	check(corev1.ConditionFalse)
 
 	snap = nodereport.Snapshot{ENIIPs: map[string][]string{"eni-1": {"192.168.0.20"}}, MaxPods: 10, InUse: 1,
-		Exhausted: true, Reason: "InvalidVSwitchId.IpNotEnough: vsw-a has no free addresses"}
+		Exhausted: true, Reason: "InvalidVSwitchId.IpNotEnough: vsw-a has no free addresses",
+		ExtendedResources: map[string]int{"aliyun/eni": 3}}
 	check(corev1.ConditionTrue)
 }

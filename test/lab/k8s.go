@@ -175,8 +175,8 @@ type PodSpec struct {
 	HTTPPort int
 	// NotReady reports the pod running but not Ready (it gets an address, no endpoint).
 	NotReady bool
-	// Annotations and OwnerReferences go on the Pod object (a StatefulSet pod's template
-	// annotations and its controller).
+	// Annotations and OwnerReferences go on the Pod object (k8s.aliyun.com/eni asks for an
+	// exclusive ENI; a StatefulSet pod carries its template's annotations and its controller).
 	Annotations     map[string]string
 	OwnerReferences []metav1.OwnerReference
 }

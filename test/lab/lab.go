@@ -65,6 +65,8 @@ type ENIConf struct {
 	VSwitches   []string // pod vSwitches of Zone; default [PodVSwitch]
 	MinPoolSize int
 	MaxPoolSize int // default 5
+	// ServiceCIDR is eni_conf's service_cidr (exclusive-ENI pods route it through their veth).
+	ServiceCIDR string
 }
 
 // Options configure Up.
@@ -543,9 +545,13 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	for _, n := range l.nodes {
 		byNode[n.Name] = n
 	}
+	exclusive := map[string]ecsemu.ENIState{} // exclusive ENIs (tern.io/kind=eni) by ID
 	for _, e := range s.ENIs {
 		if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern {
 			continue
+		}
+		if e.Tags[ipam.TagKind] != "" {
+			exclusive[e.ID] = e
 		}
 		n, ok := byNode[e.Tags[ipam.TagNode]]
 		if !ok || e.Status != aliyun.StatusInUse || e.InstanceID != n.InstanceID {
@@ -562,8 +568,18 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 		for _, e := range st.ENIs {
 			agentENIs[e.ID] = e
 		}
+		for k, a := range st.Allocations {
+			if a.Kind != api.KindENI {
+				continue
+			}
+			e, ok := exclusive[a.ENI.ID]
+			if !ok || e.Tags[ipam.TagNode] != n.Name || e.PrimaryIP != a.IP || len(e.IPs) != 1 {
+				errs = append(errs, fmt.Errorf("%s: pod %s holds exclusive ENI %s (%s), the cloud has %+v", n.Name, k, a.ENI.ID, a.IP, e))
+			}
+			delete(exclusive, a.ENI.ID)
+		}
 		for _, e := range s.ENIs {
-			if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern || e.Tags[ipam.TagNode] != n.Name {
+			if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern || e.Tags[ipam.TagNode] != n.Name || e.Tags[ipam.TagKind] != "" {
 				continue
 			}
 			ae, ok := agentENIs[e.ID]
@@ -587,6 +603,9 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 			}
 			seen[a.IP] = n.Name + "/" + k
 		}
+	}
+	for id, e := range exclusive {
+		errs = append(errs, fmt.Errorf("cloud exclusive ENI %s (pod tag %q, node %q) is held by no pod: leaked", id, e.Tags[ipam.TagPod], e.Tags[ipam.TagNode]))
 	}
 	return errors.Join(errs...)
 }

@@ -175,6 +175,9 @@ func (n *Node) UpdateENIConf(c ENIConf) error {
 		"max_pool_size":            c.MaxPoolSize,
 		"vswitch_selection_policy": "ordered",
 	}
+	if c.ServiceCIDR != "" {
+		doc["service_cidr"] = c.ServiceCIDR
+	}
 	return writeJSON(n.eniConfPath(), doc)
 }
 

@@ -37,6 +37,8 @@ type Pod struct {
 	Attempts int
 	// HostPorts are the sandbox's portMappings, as the kubelet passes a pod's hostPorts.
 	HostPorts []api.PortMapping
+	// Annotations the runtime passes (io.kubernetes.cri.pod-annotations) besides the lab's.
+	Annotations map[string]string
 
 	ns   netns.NsHandle
 	kube bool // made by RunPod: a Pod object exists
@@ -82,6 +84,13 @@ func (p *Pod) runtimeConf() *libcni.RuntimeConf {
 		}
 		rc.CapabilityArgs["portMappings"] = pms
 	}
+	if len(p.Annotations) > 0 {
+		ann := map[string]string{"kubernetes.io/config.source": "lab"}
+		for k, v := range p.Annotations {
+			ann[k] = v
+		}
+		rc.CapabilityArgs["io.kubernetes.cri.pod-annotations"] = ann
+	}
 	return rc
 }
 
@@ -123,7 +132,17 @@ func (l *Lab) AddPodWithHostPorts(ctx context.Context, node int, namespace, name
 	return l.addPod(ctx, l.nodes[node], namespace, name, randHex(8), hostPorts...)
 }
 
+// AddPodAnnotated is AddPod for a pod whose runtime passes these annotations to the CNI (the
+// io.kubernetes.cri.pod-annotations capability), e.g. k8s.aliyun.com/eni for an exclusive ENI.
+func (l *Lab) AddPodAnnotated(ctx context.Context, node int, namespace, name string, annotations map[string]string) (*Pod, error) {
+	return l.addPodWith(ctx, l.nodes[node], namespace, name, randHex(8), annotations)
+}
+
 func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string, hostPorts ...api.PortMapping) (*Pod, error) {
+	return l.addPodWith(ctx, n, namespace, name, uid, nil, hostPorts...)
+}
+
+func (l *Lab) addPodWith(ctx context.Context, n *Node, namespace, name, uid string, annotations map[string]string, hostPorts ...api.PortMapping) (*Pod, error) {
 	l.mu.Lock()
 	if _, dup := l.pods[namespace+"/"+name]; dup {
 		l.mu.Unlock()
@@ -134,7 +153,7 @@ func (l *Lab) addPod(ctx context.Context, n *Node, namespace, name, uid string, 
 	if err != nil {
 		return nil, fmt.Errorf("lab: namespace of pod %s/%s: %w", namespace, name, err)
 	}
-	p := &Pod{Namespace: namespace, Name: name, UID: uid, Node: n, ns: ns, HostPorts: hostPorts}
+	p := &Pod{Namespace: namespace, Name: name, UID: uid, Node: n, ns: ns, HostPorts: hostPorts, Annotations: annotations}
 	delay := 50 * time.Millisecond
 	for {
 		p.Attempts++
