@@ -52,8 +52,10 @@ func valueKeys(m map[string]any, prefix string) []string {
 	return out
 }
 
-// isFreeForm: maps whose keys are data (zones, tags), not options.
-func isFreeForm(key string) bool { return key == "vswitches" || key == "eni_tags" }
+// isFreeForm: maps whose keys are data (zones, tags, labels), not options.
+func isFreeForm(key string) bool {
+	return key == "vswitches" || key == "eni_tags" || key == "nodeLabels"
+}
 
 // TestChartValuesNameEveryOption: values.yaml's agentConfig has a value for every option of
 // agent.Config and eniConf for every eni_conf field tern reads, and nothing else. An option
