@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -170,7 +171,40 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 			return nil, err
 		}
 	}
+	// The measured Service's slice comes from the controller-manager, after the pods are
+	// Ready: wait until every proxy serves it, on the cluster IP and on the NodePort.
+	if err := b.waitServed(ctx, netip.AddrPortFrom(b.vip, svcEcho).String(), 2*time.Minute); err != nil {
+		return nil, err
+	}
+	for _, n := range []int{nodeTern, nodeIPTables, nodeNFTables} {
+		addr := net.JoinHostPort(b.l.Node(n).PrimaryIP, strconv.Itoa(npEcho))
+		if err := pollEcho(ctx, b.ext.NS(), addr, 2*time.Minute); err != nil {
+			return nil, fmt.Errorf("NodePort %s from the external client: %w", addr, err)
+		}
+	}
 	return b, nil
+}
+
+// pollEcho polls addr from namespace ns (connect, greeting, echo) until it answers.
+func pollEcho(ctx context.Context, ns netns.NsHandle, addr string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	buf := make([]byte, 256)
+	for {
+		var err error
+		if ierr := inNS(ns, 1, func(int) { err = oneExchange(addr, buf) }); ierr != nil {
+			return ierr
+		}
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s still fails after %s: %w", addr, timeout, err)
+		}
+		time.Sleep(200 * time.Millisecond) // a poll interval, not a synchronisation
+	}
 }
 
 // Close stops the kube-proxies and takes the lab down.
@@ -230,20 +264,8 @@ func (b *bench) waitServed(ctx context.Context, addr string, timeout time.Durati
 	deadline := time.Now().Add(timeout)
 	for _, n := range []int{nodeTern, nodeIPTables, nodeNFTables} {
 		c := b.clients[n]
-		for {
-			cctx, cancel := context.WithTimeout(ctx, time.Second)
-			_, err := c.Ask(cctx, addr, "ready?")
-			cancel()
-			if err == nil {
-				break
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("%s from %s (%s's proxy) still fails after %s: %w", addr, c.Key(), b.l.Node(n).Name, timeout, err)
-			}
-			time.Sleep(200 * time.Millisecond) // a poll interval, not a synchronisation
+		if err := pollEcho(ctx, c.NS(), addr, time.Until(deadline)); err != nil {
+			return fmt.Errorf("from %s (%s's proxy): %w", c.Key(), b.l.Node(n).Name, err)
 		}
 	}
 	return nil
