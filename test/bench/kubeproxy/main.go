@@ -18,6 +18,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -182,7 +183,52 @@ func (b *bench) memory() (map[string]float64, error) {
 		}
 		out[name] = float64(r) / 1e6
 	}
+	// What the Go runtime says of the tern agent's memory, from its /metrics: how much of
+	// the RSS is live heap, and how much the runtime holds beyond it.
+	text, err := b.agentMetrics()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range []string{"go_memstats_heap_inuse_bytes", "go_memstats_heap_alloc_bytes", "go_memstats_sys_bytes"} {
+		for _, line := range strings.Split(text, "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == m {
+				v, err := strconv.ParseFloat(f[1], 64)
+				if err != nil {
+					return nil, fmt.Errorf("tern agent metric %s: %w", line, err)
+				}
+				out["tern agent "+m] = v / 1e6
+			}
+		}
+	}
 	return out, nil
+}
+
+// agentMetrics reads node-1's agent /metrics inside the node's namespace (it listens on
+// the node's loopback), dialled from a thread in that namespace.
+func (b *bench) agentMetrics() (string, error) {
+	var body []byte
+	var rerr error
+	err := inNS(b.l.Node(nodeTern).NS, 1, func(int) {
+		c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", lab.MetricsPort), 2*time.Second)
+		if err != nil {
+			rerr = err
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+			rerr = err
+			return
+		}
+		body, rerr = io.ReadAll(c)
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the tern agent's /metrics: %w", err)
+	}
+	return string(body), nil
 }
 
 func loadavg() string {

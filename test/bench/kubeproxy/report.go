@@ -203,5 +203,11 @@ func (r *results) markdown() string {
 			st.RSS["tern agent"], st.RSS["tern agent, no Services"], st.RSS["kube-proxy iptables"], st.RSS["kube-proxy nftables"],
 			st.WritesSeconds, st.ConvergeSeconds, st.LoadBefore, st.LoadAfter)
 	}
+	b.WriteString("\nThe tern agent's Go runtime at the same moment (its /metrics): heap in use / heap allocated (live and not yet collected) / memory obtained from the OS:")
+	for _, st := range r.Sizes {
+		fmt.Fprintf(&b, " %d Services %.0f / %.0f / %.0f MB;", st.Services, st.RSS["tern agent go_memstats_heap_inuse_bytes"],
+			st.RSS["tern agent go_memstats_heap_alloc_bytes"], st.RSS["tern agent go_memstats_sys_bytes"])
+	}
+	b.WriteString("\n")
 	return b.String()
 }

@@ -144,7 +144,9 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 		go sink(ln)
 	}
 	for _, n := range []int{nodeTern, nodeIPTables, nodeNFTables} {
-		if b.clients[n], err = b.l.AddPod(ctx, n, benchNS, fmt.Sprintf("client-%d", n+1)); err != nil {
+		// Pods with objects (RunPod), not bare CNI pods: tern's agent frees the address of
+		// a pod the apiserver does not know.
+		if b.clients[n], err = b.l.RunPod(ctx, lab.PodSpec{Namespace: benchNS, Name: fmt.Sprintf("client-%d", n+1), Node: b.l.Node(n).Name}); err != nil {
 			return nil, err
 		}
 	}
