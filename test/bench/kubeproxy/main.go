@@ -161,6 +161,9 @@ func run(ctx context.Context, p params, binDir string, logf func(string, ...any)
 		}
 		res.Sizes = append(res.Sizes, st)
 		logf("%d Services done; RSS %v; load %s", size, st.RSS, st.LoadAfter)
+		// The report so far, so that an interrupted run keeps what it measured.
+		res.computeMedians()
+		logf("report so far:\n%s", res.markdown())
 	}
 	res.computeMedians()
 	return res, nil
