@@ -285,7 +285,7 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 				switch kind {
 				case kindConn:
 					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
-					s.Value, err = connRate(ns, t, b.p.connWorkers, b.p.dur)
+					s.Value, s.Failed, err = connRate(ns, t, b.p.connWorkers, b.p.dur)
 				case kindRR:
 					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
 					var r rrResult
@@ -300,7 +300,7 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 					return fmt.Errorf("%s %s via %s at %d Services: %w", path, kind, dp.name, size, err)
 				}
 				res.Samples = append(res.Samples, s)
-				b.logf("%d Services, rep %d: %s %s %s = %.4g", size, rep+1, path, kind, dp.key, s.Value)
+				b.logf("%d Services, rep %d: %s %s %s = %.4g (failed connections: %d)", size, rep+1, path, kind, dp.key, s.Value, s.Failed)
 			}
 		}
 	}

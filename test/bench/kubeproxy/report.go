@@ -31,6 +31,9 @@ type sample struct {
 	Value    float64 `json:"value"` // conn/s, req/s or Gbit/s
 	P50us    float64 `json:"p50us,omitempty"`
 	P99us    float64 `json:"p99us,omitempty"`
+	// Failed connections of a conn run (each one timed out or was refused); in a median,
+	// the sum over the repetitions.
+	Failed int `json:"failed,omitempty"`
 }
 
 // sizeStats is what the benchmark records per Service count besides the traffic.
@@ -99,11 +102,13 @@ func (r *results) computeMedians() {
 	r.Medians = nil
 	for _, k := range order {
 		var v, p50, p99 []float64
+		failed := 0
 		for _, s := range groups[k] {
 			v, p50, p99 = append(v, s.Value), append(p50, s.P50us), append(p99, s.P99us)
+			failed += s.Failed
 		}
 		r.Medians = append(r.Medians, sample{Path: k.path, Kind: k.kind, Datapath: k.dp, Services: k.n, Rep: -1,
-			Value: median(v), P50us: median(p50), P99us: median(p99)})
+			Value: median(v), P50us: median(p50), P99us: median(p99), Failed: failed})
 	}
 }
 
@@ -171,8 +176,8 @@ func (r *results) markdown() string {
 	}
 	for _, path := range []string{pathClusterIP, pathNodePort} {
 		fmt.Fprintf(&b, "#### %s\n\n", titles[path])
-		b.WriteString("| Services | datapath | new conn/s | ×none | kept-alive req/s | p50 µs | p99 µs | ×none | Gbit/s | ×none |\n")
-		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		b.WriteString("| Services | datapath | new conn/s | ×none | failed conns | kept-alive req/s | p50 µs | p99 µs | ×none | Gbit/s | ×none |\n")
+		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, st := range r.Sizes {
 			n := st.Services
 			base := map[string]float64{}
@@ -188,8 +193,8 @@ func (r *results) markdown() string {
 				if !ok1 || !ok2 || !ok3 {
 					continue
 				}
-				fmt.Fprintf(&b, "| %d | %s | %.0f | %s | %.0f | %.0f | %.0f | %s | %.2f | %s |\n", n, names[dp.key],
-					c.Value, ratio(c.Value, base[kindConn]), rr.Value, rr.P50us, rr.P99us, ratio(rr.Value, base[kindRR]),
+				fmt.Fprintf(&b, "| %d | %s | %.0f | %s | %d | %.0f | %.0f | %.0f | %s | %.2f | %s |\n", n, names[dp.key],
+					c.Value, ratio(c.Value, base[kindConn]), c.Failed, rr.Value, rr.P50us, rr.P99us, ratio(rr.Value, base[kindRR]),
 					s.Value, ratio(s.Value, base[kindStream]))
 			}
 		}
