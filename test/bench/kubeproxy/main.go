@@ -150,6 +150,9 @@ func run(ctx context.Context, p params, binDir string, logf func(string, ...any)
 		}
 		st := sizeStats{Services: size, WritesSeconds: writes.Seconds(), ConvergeSeconds: conv.Seconds(), LoadBefore: loadavg()}
 		logf("%d Services: API writes %s, every proxy serving %s; load %s", size, writes.Round(time.Millisecond), conv.Round(time.Millisecond), st.LoadBefore)
+		if m, err := b.memory(); err == nil {
+			logf("%d Services, memory before the measurements (MB): %v", size, m)
+		}
 		for rep := range p.reps {
 			if err := b.measure(ctx, size, rep, res); err != nil {
 				return res, err
@@ -249,7 +252,9 @@ func loadavg() string {
 // target is where a client of one datapath connects, for one path and service port.
 func (b *bench) target(path string, dp datapath, svcPort, nodePort, podPort int) (netns.NsHandle, []string) {
 	var ns netns.NsHandle
-	if path == pathClusterIP {
+	if path == pathClusterIP && dp.key == "none" {
+		ns = b.direct.NS()
+	} else if path == pathClusterIP {
 		ns = b.clients[dp.node].NS()
 	} else {
 		ns = b.ext.NS()

@@ -81,6 +81,7 @@ type bench struct {
 	client  kubernetes.Interface
 	kps     map[string]*lab.KubeProxy
 	clients [nodeCount]*lab.Pod // client pods on nodes 1–3
+	direct  *lab.Pod            // node-1's no-Service client
 	servers []*lab.Pod
 	sinks   []net.Listener
 	ext     *lab.External
@@ -149,6 +150,13 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 		if b.clients[n], err = b.l.RunPod(ctx, lab.PodSpec{Namespace: benchNS, Name: fmt.Sprintf("client-%d", n+1), Node: b.l.Node(n).Name}); err != nil {
 			return nil, err
 		}
+	}
+	// The no-Service client is a pod of its own on node-1: a client that mixes direct and
+	// Service connections to the same backends from one address hits the conntrack
+	// collision reported in docs/benchmarks.md (a reused source port's reply is taken for
+	// the earlier Service flow's), which would measure that bug instead of the path.
+	if b.direct, err = b.l.RunPod(ctx, lab.PodSpec{Namespace: benchNS, Name: "client-direct", Node: b.l.Node(nodeTern).Name}); err != nil {
+		return nil, err
 	}
 	if b.ext, err = b.l.ExternalClient(); err != nil {
 		return nil, err
