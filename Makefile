@@ -14,7 +14,7 @@ BIN := bin
 # Real Kubernetes binaries, built from the Go module proxy and cached outside the tree.
 K8S_BIN_DIR = $(shell bash test/k8s/build.sh)
 
-.PHONY: image test-image all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-kernel-6.12 test-unit e2e conformance bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence bench-policy demo demo-down clean
+.PHONY: image test-image all setup build generate check-generate check-tidy fuzz test-race vmlinux k8s-bins vet test test-kernels test-kernel-6.12 test-unit e2e conformance bench bench-socklb bench-masq bench-datapath bench-attach bench-cni bench-convergence bench-policy bench-kubeproxy demo demo-down clean
 
 all: build
 
@@ -116,7 +116,7 @@ conformance: setup k8s-bins
 e2e: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -v -timeout 30m ./test/e2e/...
 
-bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb bench-masq bench-policy
+bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-socklb bench-masq bench-policy bench-kubeproxy
 
 # NetworkPolicy: per-packet cost with no policy, 100 and 10,000 rules on the endpoint over a
 # working set larger than the last-level cache, compile time and identity churn on 1,000
@@ -125,6 +125,11 @@ bench: setup bench-datapath bench-attach bench-cni bench-convergence bench-sockl
 bench-policy: setup k8s-bins
 	$(GO) run ./test/bench/policy -rules 0,100,10000 -flows 250000 -new 50000 -peers 60000 -rounds 3 -churn 10
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -run '^$$' -bench PolicyChangeLatency -benchtime 100x ./test/e2e/kube
+
+# Service datapaths side by side in one lab: tern, kube-proxy iptables and nftables, no
+# Service; ClusterIP and NodePort; 1, 1,000 and 10,000 Services (docs/benchmarks.md).
+bench-kubeproxy: setup k8s-bins
+	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/kubeproxy -services 1,1000,10000 -reps 3 -png docs/img/kubeproxy.png
 
 bench-masq:
 	$(GO) run ./test/bench/masq -flows 50000 -new 20000 -rounds 5 -allocs 3000

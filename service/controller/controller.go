@@ -160,8 +160,28 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 		if err := inf.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
 			return nil, fmt.Errorf("set the informers' watch error handler: %w", err)
 		}
+		if err := inf.SetTransform(trimForCache); err != nil {
+			return nil, fmt.Errorf("set the informers' transform: %w", err)
+		}
 	}
 	return c, nil
+}
+
+// trimForCache drops, before an object enters an informer's cache, the parts the
+// controller never reads and that are a large share of a small object: managedFields (the
+// server-side-apply bookkeeping, a few hundred bytes to kilobytes per object) and kubectl's
+// last-applied-configuration annotation (a second copy of the whole object). At 10,000
+// Services and their EndpointSlices the caches are most of the agent's heap.
+func trimForCache(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *corev1.Service:
+		o.ManagedFields = nil
+		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
+	case *discoveryv1.EndpointSlice:
+		o.ManagedFields = nil
+		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
+	}
+	return obj, nil
 }
 
 func sliceServiceKey(obj any) ([]string, error) {

@@ -110,6 +110,14 @@ func (l *Lab) StartKubeProxy(ctx context.Context, n *Node, mode string) (*KubePr
 // Log is kube-proxy's log file.
 func (k *KubeProxy) Log() string { return k.log }
 
+// PID is kube-proxy's process ID (0 once stopped), to read its memory.
+func (k *KubeProxy) PID() int {
+	if k.cmd == nil {
+		return 0
+	}
+	return k.cmd.Process.Pid
+}
+
 // Mode is the proxy mode.
 func (k *KubeProxy) Mode() string { return k.mode }
 

@@ -1,6 +1,7 @@
 // Command plot draws docs/img/datapath.png from the medians test/bench/datapath writes with
-// -json. It is its own Go module so that the plotting library (gonum/plot, with its PDF,
-// SVG, LaTeX and font dependencies) stays out of the agent's module graph.
+// -json, and (-chart kubeproxy) docs/img/kubeproxy.png from test/bench/kubeproxy's. It is
+// its own Go module so that the plotting library (gonum/plot, with its PDF, SVG, LaTeX and
+// font dependencies) stays out of the agent's module graph.
 //
 //	go run . -in results.json -out ../../../docs/img/datapath.png
 package main
@@ -37,8 +38,18 @@ type measure struct {
 func main() {
 	in := flag.String("in", "", "the JSON file test/bench/datapath -json wrote")
 	out := flag.String("out", "docs/img/datapath.png", "the PNG to draw")
+	chart := flag.String("chart", "datapath", "which benchmark's JSON -in holds: datapath (test/bench/datapath) or kubeproxy (test/bench/kubeproxy)")
 	flag.Parse()
-	if err := run(*in, *out); err != nil {
+	draw := run
+	switch *chart {
+	case "datapath":
+	case "kubeproxy":
+		draw = runKubeProxy
+	default:
+		fmt.Fprintf(os.Stderr, "plot: -chart %q: want datapath or kubeproxy\n", *chart)
+		os.Exit(2)
+	}
+	if err := draw(*in, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "plot:", err)
 		os.Exit(1)
 	}

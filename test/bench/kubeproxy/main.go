@@ -1,0 +1,313 @@
+// Command kubeproxy compares Service datapaths in one lab, in one run: tern, the real
+// kube-proxy in iptables mode and in nftables mode, and no Service at all (the client
+// dialling the backends' pod IPs itself), at several Service counts. For a ClusterIP from a
+// pod, and for a NodePort from a client outside the VPC, it measures new connections per
+// second (connect, request, close), a kept-alive request rate with p50/p99 latency, and
+// bulk throughput; and the resident memory of tern's whole agent and of kube-proxy. It
+// prints a Markdown report (medians of the repetitions, ratios against no Service) and
+// draws a PNG with test/bench/plot.
+//
+// Every datapath runs at the same time in the same lab (test/lab, four nodes: see
+// setup.go), so they share the apiserver, the Services and the five backend pods, and the
+// measurements interleave: one short run of each datapath in turn, repeated, so that the
+// load of a shared machine falls on all of them alike.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/tern-net/tern/test/lab"
+)
+
+type params struct {
+	sizes           []int
+	reps            int
+	dur             time.Duration // each connection-rate and request-rate run
+	streamDur       time.Duration // each throughput run
+	connWorkers     int
+	rrConns         int
+	workers         int // parallel API clients creating Services
+	convergeTimeout time.Duration
+}
+
+func main() {
+	var (
+		sizes    = flag.String("services", "1,1000,10000", "Service counts to measure, ascending (each size adds Services to the last)")
+		reps     = flag.Int("reps", 3, "repetitions of every measurement; the report gives medians")
+		dur      = flag.Duration("duration", 2*time.Second, "length of each connection-rate and request-rate run")
+		sdur     = flag.Duration("stream-duration", 2*time.Second, "length of each throughput run")
+		cw       = flag.Int("conn-workers", 4, "concurrent clients opening connections")
+		rrc      = flag.Int("rr-conns", 4, "kept-alive connections for the request rate")
+		workers  = flag.Int("workers", 32, "parallel API clients creating Services")
+		converge = flag.Duration("converge-timeout", 10*time.Minute, "how long every proxy may take to serve a new size")
+		png      = flag.String("png", "", "draw the medians into this PNG with test/bench/plot (run from the repository root)")
+		jsonOut  = flag.String("json", "", "write every sample and median to this JSON file")
+		binDir   = flag.String("bindir", "", "prebuilt tern-agent and tern-cni (default: built into a temporary directory)")
+	)
+	flag.Parse()
+	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge}
+	var err error
+	if p.sizes, err = parseSizes(*sizes); err == nil && (p.reps < 1 || p.connWorkers < 1 || p.rrConns < 1 || p.workers < 1) {
+		err = errors.New("-reps, -conn-workers, -rr-conns and -workers must be positive")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "kubeproxy:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	began := time.Now()
+	logf := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "[%6.1fs] %s\n", time.Since(began).Seconds(), fmt.Sprintf(format, args...))
+	}
+	res, err := run(ctx, p, *binDir, logf)
+	if res != nil {
+		res.Command = "go run ./test/bench/kubeproxy " + strings.Join(os.Args[1:], " ")
+		res.Wall = time.Since(began).Round(time.Second).String()
+		fmt.Print(res.markdown())
+		if *jsonOut != "" {
+			if werr := res.writeJSON(*jsonOut); werr != nil {
+				err = errors.Join(err, werr)
+			}
+		}
+		if *png != "" && len(res.Medians) > 0 {
+			if perr := res.plot(*png); perr != nil {
+				err = errors.Join(err, perr)
+			}
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "kubeproxy:", err)
+		stop()
+		os.Exit(1)
+	}
+}
+
+func parseSizes(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 50000 {
+			return nil, fmt.Errorf("-services %q: want ascending counts between 1 and 50000, e.g. 1,1000,10000", s)
+		}
+		out = append(out, n)
+	}
+	if !slices.IsSorted(out) {
+		return nil, fmt.Errorf("-services %q: sizes must ascend", s)
+	}
+	return out, nil
+}
+
+func run(ctx context.Context, p params, binDir string, logf func(string, ...any)) (*results, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("needs root (network namespaces, BPF, kube-proxy's rules): run with sudo")
+	}
+	if binDir == "" {
+		dir, err := os.MkdirTemp("", "tern-kubeproxy-bench-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir)
+		logf("building tern-agent and tern-cni")
+		if err := lab.BuildBinaries(ctx, dir); err != nil {
+			return nil, err
+		}
+		binDir = dir
+	}
+	logf("bringing the lab up (4 nodes, apiserver, two kube-proxies)")
+	setupCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	b, err := setup(setupCtx, p, binDir, logf)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if cerr := b.Close(); cerr != nil {
+			logf("lab down: %v", cerr)
+		}
+	}()
+	res := newResults(p)
+	for _, size := range p.sizes {
+		logf("growing to %d Services", size)
+		writes, conv, err := b.grow(ctx, size)
+		if err != nil {
+			return res, err
+		}
+		st := sizeStats{Services: size, WritesSeconds: writes.Seconds(), ConvergeSeconds: conv.Seconds(), LoadBefore: loadavg()}
+		logf("%d Services: API writes %s, every proxy serving %s; load %s", size, writes.Round(time.Millisecond), conv.Round(time.Millisecond), st.LoadBefore)
+		if m, err := b.memory(); err == nil {
+			logf("%d Services, memory before the measurements (MB): %v", size, m)
+		}
+		for rep := range p.reps {
+			if err := b.measure(ctx, size, rep, res); err != nil {
+				return res, err
+			}
+		}
+		st.LoadAfter = loadavg()
+		if st.RSS, err = b.memory(); err != nil {
+			return res, err
+		}
+		res.Sizes = append(res.Sizes, st)
+		logf("%d Services done; RSS %v; load %s", size, st.RSS, st.LoadAfter)
+		// The report so far, so that an interrupted run keeps what it measured.
+		res.computeMedians()
+		logf("report so far:\n%s", res.markdown())
+	}
+	res.computeMedians()
+	return res, nil
+}
+
+// memory reads the resident memory of node-1's whole tern agent, node-4's (IPAM and pod
+// networking only, for comparison) and the two kube-proxies, in MB.
+func (b *bench) memory() (map[string]float64, error) {
+	pids := map[string]int{
+		"tern agent":              b.l.Node(nodeTern).AgentPID(),
+		"tern agent, no Services": b.l.Node(nodeServers).AgentPID(),
+		"kube-proxy iptables":     b.kps["iptables"].PID(),
+		"kube-proxy nftables":     b.kps["nftables"].PID(),
+	}
+	out := map[string]float64{}
+	for name, pid := range pids {
+		r, err := rss(pid)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		out[name] = float64(r) / 1e6
+	}
+	// What the Go runtime says of the tern agent's memory, from its /metrics: how much of
+	// the RSS is live heap, and how much the runtime holds beyond it.
+	text, err := b.agentMetrics()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range []string{"go_memstats_heap_inuse_bytes", "go_memstats_heap_alloc_bytes", "go_memstats_sys_bytes"} {
+		for _, line := range strings.Split(text, "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[0] == m {
+				v, err := strconv.ParseFloat(f[1], 64)
+				if err != nil {
+					return nil, fmt.Errorf("tern agent metric %s: %w", line, err)
+				}
+				out["tern agent "+m] = v / 1e6
+			}
+		}
+	}
+	return out, nil
+}
+
+// agentMetrics reads node-1's agent /metrics inside the node's namespace (it listens on
+// the node's loopback), dialled from a thread in that namespace.
+func (b *bench) agentMetrics() (string, error) {
+	var body []byte
+	var rerr error
+	err := inNS(b.l.Node(nodeTern).NS, 1, func(int) {
+		c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", lab.MetricsPort), 2*time.Second)
+		if err != nil {
+			rerr = err
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+			rerr = err
+			return
+		}
+		body, rerr = io.ReadAll(c)
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the tern agent's /metrics: %w", err)
+	}
+	return string(body), nil
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// target is where a client of one datapath connects, for one path and service port.
+func (b *bench) target(path string, dp datapath, svcPort, nodePort, podPort int) (netns.NsHandle, []string) {
+	var ns netns.NsHandle
+	if path == pathClusterIP && dp.key == "none" {
+		ns = b.direct.NS()
+	} else if path == pathClusterIP {
+		ns = b.clients[dp.node].NS()
+	} else {
+		ns = b.ext.NS()
+	}
+	if dp.key == "none" {
+		var addrs []string
+		for _, s := range b.servers {
+			addrs = append(addrs, net.JoinHostPort(s.IP.String(), strconv.Itoa(podPort)))
+		}
+		return ns, addrs
+	}
+	if path == pathClusterIP {
+		return ns, []string{netip.AddrPortFrom(b.vip, uint16(svcPort)).String()}
+	}
+	return ns, []string{net.JoinHostPort(b.l.Node(dp.node).PrimaryIP, strconv.Itoa(nodePort))}
+}
+
+// measure runs every measurement once: for each path and kind, each datapath in turn, the
+// order rotated by rep so that no datapath always runs first (or last) after a switch.
+func (b *bench) measure(ctx context.Context, size, rep int, res *results) error {
+	order := make([]datapath, len(datapaths))
+	for i := range datapaths {
+		order[i] = datapaths[(i+rep)%len(datapaths)]
+	}
+	for _, path := range []string{pathClusterIP, pathNodePort} {
+		for _, kind := range []string{kindConn, kindRR, kindStream} {
+			for _, dp := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				s := sample{Path: path, Kind: kind, Datapath: dp.key, Services: size, Rep: rep}
+				var err error
+				switch kind {
+				case kindConn:
+					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
+					s.Value, s.Failed, err = connRate(ns, t, b.p.connWorkers, b.p.dur)
+				case kindRR:
+					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
+					var r rrResult
+					r, err = keepAlive(ns, t, b.p.rrConns, b.p.dur)
+					s.Value, s.P50us, s.P99us = r.rate, float64(r.p50.Nanoseconds())/1e3, float64(r.p99.Nanoseconds())/1e3
+				case kindStream:
+					ns, t := b.target(path, dp, svcSink, npSink, sinkPort)
+					// One stream, to one backend: the no-Service client takes the rep's.
+					s.Value, err = stream(ns, t[rep%len(t)], b.p.streamDur)
+				}
+				if err != nil {
+					return fmt.Errorf("%s %s via %s at %d Services: %w", path, kind, dp.name, size, err)
+				}
+				res.Samples = append(res.Samples, s)
+				b.logf("%d Services, rep %d: %s %s %s = %.4g (failed connections: %d)", size, rep+1, path, kind, dp.key, s.Value, s.Failed)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,218 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+const (
+	pathClusterIP = "clusterip" // pod → ClusterIP → pod on another node
+	pathNodePort  = "nodeport"  // external client → node:NodePort → pod on another node
+
+	kindConn   = "conn"   // new connections per second
+	kindRR     = "rr"     // kept-alive requests per second (with p50/p99)
+	kindStream = "stream" // Gbit/s on one connection
+)
+
+// sample is one measurement.
+type sample struct {
+	Path     string  `json:"path"`
+	Kind     string  `json:"kind"`
+	Datapath string  `json:"datapath"`
+	Services int     `json:"services"`
+	Rep      int     `json:"rep"`
+	Value    float64 `json:"value"` // conn/s, req/s or Gbit/s
+	P50us    float64 `json:"p50us,omitempty"`
+	P99us    float64 `json:"p99us,omitempty"`
+	// Failed connections of a conn run (each one timed out or was refused); in a median,
+	// the sum over the repetitions.
+	Failed int `json:"failed,omitempty"`
+}
+
+// sizeStats is what the benchmark records per Service count besides the traffic.
+type sizeStats struct {
+	Services        int                `json:"services"`
+	WritesSeconds   float64            `json:"writesSeconds"`   // creating the Services and slices this size added
+	ConvergeSeconds float64            `json:"convergeSeconds"` // from the first write until every proxy served the sentinel
+	RSS             map[string]float64 `json:"rssMB"`
+	LoadBefore      string             `json:"loadBefore"`
+	LoadAfter       string             `json:"loadAfter"`
+}
+
+// results is the benchmark's output; test/bench/plot reads its JSON (-chart kubeproxy).
+type results struct {
+	Command  string      `json:"command"`
+	Wall     string      `json:"wall"`
+	Measured string      `json:"measured"`
+	Reps     int         `json:"reps"`
+	Sizes    []sizeStats `json:"sizes"`
+	Samples  []sample    `json:"samples"`
+	Medians  []sample    `json:"medians"` // Rep is -1
+	params   params
+}
+
+func newResults(p params) *results {
+	return &results{params: p, Reps: p.reps,
+		Measured: fmt.Sprintf("%s on Linux %s, %d CPUs, %s", time.Now().UTC().Format("2006-01-02"), kernelRelease(), runtime.NumCPU(), runtime.Version())}
+}
+
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// computeMedians reduces the samples of each (path, kind, datapath, size) to their median
+// (value, p50 and p99 each on its own).
+func (r *results) computeMedians() {
+	type key struct {
+		path, kind, dp string
+		n              int
+	}
+	groups := map[key][]sample{}
+	var order []key
+	for _, s := range r.Samples {
+		k := key{s.Path, s.Kind, s.Datapath, s.Services}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], s)
+	}
+	r.Medians = nil
+	for _, k := range order {
+		var v, p50, p99 []float64
+		failed := 0
+		for _, s := range groups[k] {
+			v, p50, p99 = append(v, s.Value), append(p50, s.P50us), append(p99, s.P99us)
+			failed += s.Failed
+		}
+		r.Medians = append(r.Medians, sample{Path: k.path, Kind: k.kind, Datapath: k.dp, Services: k.n, Rep: -1,
+			Value: median(v), P50us: median(p50), P99us: median(p99), Failed: failed})
+	}
+}
+
+func (r *results) median(path, kind, dp string, n int) (sample, bool) {
+	for _, m := range r.Medians {
+		if m.Path == path && m.Kind == kind && m.Datapath == dp && m.Services == n {
+			return m, true
+		}
+	}
+	return sample{}, false
+}
+
+func (r *results) writeJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// plot draws the medians with test/bench/plot, a module of its own (it keeps the plotting
+// library out of the agent's module graph), from a temporary JSON file.
+func (r *results) plot(path string) error {
+	f, err := os.CreateTemp("", "tern-kubeproxy-*.json")
+	if err != nil {
+		return err
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	if err := r.writeJSON(f.Name()); err != nil {
+		return err
+	}
+	out, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("go", "run", ".", "-chart", "kubeproxy", "-in", f.Name(), "-out", out)
+	cmd.Dir = "test/bench/plot"
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("draw %s with test/bench/plot (run from the repository root; the report above has the numbers): %w", path, err)
+	}
+	return nil
+}
+
+func ratio(v, base float64) string {
+	if base == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%.2f", v/base)
+}
+
+func (r *results) markdown() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions; each connection and request run lasts %s, each throughput run %s.\n\n",
+		r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
+	fmt.Fprintf(&b, "```\n%s\n```\n\n", r.Command)
+	names := map[string]string{}
+	for _, dp := range datapaths {
+		names[dp.key] = dp.name
+	}
+	titles := map[string]string{
+		pathClusterIP: "ClusterIP: pod → Service → pod on another node",
+		pathNodePort:  "NodePort: client outside the VPC → node:NodePort → pod on another node",
+	}
+	for _, path := range []string{pathClusterIP, pathNodePort} {
+		fmt.Fprintf(&b, "#### %s\n\n", titles[path])
+		b.WriteString("| Services | datapath | new conn/s | ×none | failed conns | kept-alive req/s | p50 µs | p99 µs | ×none | Gbit/s | ×none |\n")
+		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, st := range r.Sizes {
+			n := st.Services
+			base := map[string]float64{}
+			for _, kind := range []string{kindConn, kindRR, kindStream} {
+				if m, ok := r.median(path, kind, "none", n); ok {
+					base[kind] = m.Value
+				}
+			}
+			for _, dp := range datapaths {
+				c, ok1 := r.median(path, kindConn, dp.key, n)
+				rr, ok2 := r.median(path, kindRR, dp.key, n)
+				s, ok3 := r.median(path, kindStream, dp.key, n)
+				if !ok1 || !ok2 || !ok3 {
+					continue
+				}
+				fmt.Fprintf(&b, "| %d | %s | %.0f | %s | %d | %.0f | %.0f | %.0f | %s | %.2f | %s |\n", n, names[dp.key],
+					c.Value, ratio(c.Value, base[kindConn]), c.Failed, rr.Value, rr.P50us, rr.P99us, ratio(rr.Value, base[kindRR]),
+					s.Value, ratio(s.Value, base[kindStream]))
+			}
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("#### Memory (VmRSS after the measurements) and set-up\n\n")
+	b.WriteString("| Services | tern agent | tern agent, no Services | kube-proxy iptables | kube-proxy nftables | API writes | until every proxy served | load before → after |\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	for _, st := range r.Sizes {
+		fmt.Fprintf(&b, "| %d | %.0f MB | %.0f MB | %.0f MB | %.0f MB | %.1f s | %.1f s | %s → %s |\n", st.Services,
+			st.RSS["tern agent"], st.RSS["tern agent, no Services"], st.RSS["kube-proxy iptables"], st.RSS["kube-proxy nftables"],
+			st.WritesSeconds, st.ConvergeSeconds, st.LoadBefore, st.LoadAfter)
+	}
+	b.WriteString("\nThe tern agent's Go runtime at the same moment (its /metrics): heap in use / heap allocated (live and not yet collected) / memory obtained from the OS:")
+	for _, st := range r.Sizes {
+		fmt.Fprintf(&b, " %d Services %.0f / %.0f / %.0f MB;", st.Services, st.RSS["tern agent go_memstats_heap_inuse_bytes"],
+			st.RSS["tern agent go_memstats_heap_alloc_bytes"], st.RSS["tern agent go_memstats_sys_bytes"])
+	}
+	b.WriteString("\n")
+	return b.String()
+}
