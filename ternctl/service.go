@@ -15,9 +15,12 @@ import (
 type Service struct {
 	Frontend netip.AddrPort `json:"frontend"`
 	Proto    string         `json:"protocol"`
-	// Type is what the frontend serves as. The maps hold ClusterIP frontends only today;
-	// NodePort and LoadBalancer frontends will say so here.
-	Type     string    `json:"type"`
+	// Type is what the frontend serves as: ClusterIP, NodePort, LoadBalancer, ExternalIP or
+	// HostPort (the kind bits of svc_value.flags; "external" for an older agent's entries).
+	Type string `json:"type"`
+	// Scope is "all", or "internal" for the in-cluster twin of an externalTrafficPolicy
+	// Local frontend (same address and port, every endpoint).
+	Scope    string    `json:"scope"`
 	ID       uint32    `json:"id"`
 	Backends []Backend `json:"backends"`
 	// MissingSlots counts backend slots the service claims but the backend map lacks (a
@@ -46,7 +49,7 @@ func ReadServices(m *loader.Maps) ([]Service, error) {
 	}
 	out := make([]Service, 0, len(svcs))
 	for k, v := range svcs {
-		s := Service{Frontend: ap(k.Addr, k.Port), Proto: Proto(k.Proto), Type: "ClusterIP", ID: v.Id, Backends: []Backend{}}
+		s := Service{Frontend: ap(k.Addr, k.Port), Proto: Proto(k.Proto), Type: frontendKind(v.Flags), Scope: frontendScope(k.Scope), ID: v.Id, Backends: []Backend{}}
 		for i := uint32(1); i <= uint32(v.BackendCount); i++ {
 			b, ok := bes[loader.BackendKey{SvcId: v.Id, Slot: i}]
 			if !ok {
@@ -61,7 +64,10 @@ func ReadServices(m *loader.Maps) ([]Service, error) {
 		if c := out[i].Frontend.Compare(out[j].Frontend); c != 0 {
 			return c < 0
 		}
-		return out[i].Proto < out[j].Proto
+		if out[i].Proto != out[j].Proto {
+			return out[i].Proto < out[j].Proto
+		}
+		return out[i].Scope < out[j].Scope
 	})
 	return out, nil
 }
@@ -110,7 +116,11 @@ func serviceListCommand(e *env) *cobra.Command {
 				if be == "" {
 					be = "(none: rejects)"
 				}
-				t.add(strconv.Itoa(int(s.ID)), s.Frontend.String()+"/"+s.Proto, s.Type, be)
+				typ := s.Type
+				if s.Scope != "all" {
+					typ += " (" + s.Scope + ")"
+				}
+				t.add(strconv.Itoa(int(s.ID)), s.Frontend.String()+"/"+s.Proto, typ, be)
 			}
 			return t
 		})
