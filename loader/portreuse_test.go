@@ -3,6 +3,8 @@ package loader_test
 import (
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tern-net/tern/internal/packet"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
@@ -16,10 +18,16 @@ import (
 // drops: the connection timed out). A late packet of the old flow must not take the tuple
 // back. For UDP (no SYN to tell a new flow) any client packet sent straight to the backend
 // ends the old flow; the service flow's next packet opens a new one on another wire port,
-// and both get their replies from the right address.
+// and both get their replies from the right address. A TCP service flow still open when the
+// direct SYN comes (Linux may share an ephemeral port between destinations) ends the same way.
 func TestDirectFlowReusesAClosedServiceFlowsPort(t *testing.T) {
-	for _, proto := range []uint8{packet.ProtoTCP, packet.ProtoUDP} {
-		t.Run(protoName(proto), func(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proto uint8
+		rst   bool
+	}{{"tcp after RST", packet.ProtoTCP, true}, {"tcp without close", packet.ProtoTCP, false}, {"udp", packet.ProtoUDP, false}} {
+		proto := tc.proto
+		t.Run(tc.name, func(t *testing.T) {
 			h := newCT(t, loader.Config{})
 			loadertest.PutService(t, h.m, 1, vip.String(), 80, proto, loadertest.B(be1.String(), 8080))
 
@@ -31,8 +39,22 @@ func TestDirectFlowReusesAClosedServiceFlowsPort(t *testing.T) {
 			h.forward(frame(proto, client, 40000, vip, 80, packet.ACK))
 			h.forward(frame(proto, client, 40000, vip, 80, packet.PSH|packet.ACK))
 			h.reply(frame(proto, be1, 8080, client, 40000, packet.PSH|packet.ACK))
-			if proto == packet.ProtoTCP {
+			if tc.rst {
 				h.forward(frame(proto, client, 40000, vip, 80, packet.RST))
+				// The RST shortens both halves to the closing lifetime (10 s by default).
+				var ts unix.Timespec
+				if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+					t.Fatal(err)
+				}
+				for _, k := range []loader.CTKey{loader.CTFlowKey(client, 40000, vip, 80, proto), loader.CTFlowKey(client, 40000, be1, 8080, proto)} {
+					var v loader.CTValue
+					if err := h.m.CT.Lookup(k, &v); err != nil {
+						t.Fatal(err)
+					}
+					if v.Flags&loader.CTFlagClosing == 0 || v.ExpiresNs > uint64(ts.Nano())+11e9 {
+						t.Errorf("after the RST the half at %+v is %+v, want closing within 10 s", k, v)
+					}
+				}
 			}
 
 			// The same port, straight to the backend.
