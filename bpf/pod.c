@@ -160,6 +160,8 @@ int tern_from_pod(struct __sk_buff *skb)
 		return hairpin_reply(skb, &p, &f, now);
 	if (f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a))
 		return service_forward(skb, &p, &f, NULL, now);
+	/* A new connection straight to a backend on an old service flow's wire tuple ends it. */
+	svc_end_by_direct(&p, &f);
 	/* Only a packet with no flow asks whether it opens a service flow. */
 	if (!f.ct) {
 		struct svc_value *svc = lb_lookup_internal(p.daddr, p.dport, p.proto);

@@ -155,6 +155,32 @@ static __always_inline void svc_key_of_rev(struct ct_key *sk, bool *client_b, co
 	*client_b = !client_a;
 }
 
+/* A client's packet sent straight to a backend, from the port a service flow of its own used
+ * on the wire: the packet (not a reply) found that flow's REVNAT half at its tuple. A client
+ * never sends there for the service flow (its packets go to the frontend), so its kernel has
+ * a new connection on the tuple: a TCP SYN after the service flow closed (SO_LINGER 0 frees
+ * the port at once), or a UDP socket talking to the backend itself. The old flow is over: its
+ * REVNAT half would turn the new flow's replies into the frontend's, which the client drops.
+ * Its SVC half is deleted too, so that a late packet of the old flow opens a new service flow
+ * (on another wire port, the tuple being live) instead of rebuilding the REVNAT half over the
+ * new flow; f->ct is cleared, so the packet opens a plain entry in its place. A TCP segment
+ * without SYN is left alone (it cannot open a flow); SCTP too (a port change is impossible
+ * for it, so a live service flow would be lost: rare enough to keep as it is). */
+static __always_inline void svc_end_by_direct(const struct pkt *p, struct flow *f)
+{
+	struct ct_value *ct = f->ct;
+	struct ct_key sk;
+	bool client_b;
+
+	if (!ct || !(ct->flags & CT_F_REVNAT) || ct_is_reply(ct, f->from_a))
+		return;
+	if (p->proto == IPPROTO_TCP ? !is_pure_syn(p->tcp_flags) : p->proto != IPPROTO_UDP)
+		return;
+	svc_key_of_rev(&sk, &client_b, &f->key, ct);
+	bpf_map_delete_elem(&tern_conntrack, &sk);
+	f->ct = NULL;
+}
+
 #define SVC_RECOVER_SLOTS 8
 
 static __always_inline __u32 svc_recover_slot(const struct pkt *p, const struct svc_value *svc,
