@@ -62,7 +62,7 @@ func BenchmarkServiceHitAgainstBase(b *testing.B) {
 		fr   packet.Frame
 	}{
 		{d.FromPod(), tcp(client, 3000, vip, 80, packet.SYN)},
-		{d.ToPod(), tcp(be1, 8080, client, 3000, packet.SYN | packet.ACK)},
+		{d.ToPod(), tcp(be1, 8080, client, 3000, packet.SYN|packet.ACK)},
 		{d.FromPod(), tcp(client, 3000, vip, 80, packet.ACK)},
 	} {
 		if v, _ := loadertest.Run(b, f.prog, f.fr.Build()); v != verdictOK {
