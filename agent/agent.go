@@ -480,9 +480,6 @@ func (a *Agent) startIPAM(ctx context.Context, dp *loader.Datapath) (stop func()
 	if err != nil {
 		return stop, err
 	}
-	if pool, err = a.wrapAllocator(pool, cloud); err != nil {
-		return stop, err
-	}
 	a.reg.MustRegister(pool.Collectors()...)
 	if err := a.startPool(ctx, pool); err != nil {
 		return stop, err

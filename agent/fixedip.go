@@ -5,7 +5,7 @@ import (
 	"github.com/tern-net/tern/ipam/aliyun"
 )
 
-// AllocatorWrapper puts a layer over the node's allocator before it starts: the Kubernetes
+// AllocatorWrapper puts a layer over the node's ENIIP pool before it starts (under the optional kinds' ipam.Node): the Kubernetes
 // component gives StatefulSet pods their fixed addresses this way (ipam/fixedip), since the
 // decision needs the pod's annotations and the apiserver's records, which the agent core
 // does not read. A wrapper returns the allocator unchanged when it does not apply (VPC route

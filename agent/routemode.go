@@ -21,11 +21,17 @@ import (
 func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *store.Store, eniCfg eniconfig.Config) (ipam.Allocator, error) {
 	if mode, _ := a.cfg.Mode(); mode != ModeVPC {
 		return a.withKinds(ctx, cloud, st, eniCfg, func(otherENIs func() int) (ipam.Allocator, error) {
-			return ipam.New(ipam.Options{
+			pool, err := ipam.New(ipam.Options{
 				Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
 				ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
 				MaintainInterval: time.Duration(a.cfg.MaintainInterval), OtherENIs: otherENIs,
 			})
+			if err != nil {
+				return nil, err
+			}
+			// The wrappers (fixed IPs: agent/fixedip.go) go on the ENIIP pool itself, under
+			// the kinds' ipam.Node: they need the *ipam.Pool, and only ENIIP pods are theirs.
+			return a.wrapAllocator(pool, cloud)
 		})
 	}
 	cidr, err := a.podCIDR(ctx)

@@ -23,6 +23,9 @@ type Pool interface {
 	Hold(key ipam.PodKey) (netip.Addr, bool, error)
 	ForgetAddress(ip netip.Addr) error
 	Zone() string
+	// ENIsHeld counts the pool's ENIs; through the Manager (which embeds Pool) the node's
+	// other resource kinds still see how many ENIs the ENIIP pool holds (ipam.Node).
+	ENIsHeld() int
 }
 
 // Cloud is the one call the manager makes itself: taking an address off another node's ENI.

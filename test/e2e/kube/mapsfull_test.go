@@ -5,6 +5,7 @@ package kube_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -81,7 +82,15 @@ func TestConntrackFullUnderClusterIPTraffic(t *testing.T) {
 		relabelPod(t, ctx, l, l.Pod(ns, "echo-1"), "solo", "yes")
 		solo := newClusterIP(t, ctx, l, ns, "solo", map[string]string{"solo": "yes"}, 7000)
 		onEveryNode(t, l, solo, "TCP", []string{netip.AddrPortFrom(l.Pod(ns, "echo-1").IP, 7000).String()})
-		idle, who := dialEcho(t, ctx, client, solo.String())
+		// The idle flow's source port is outside the kernel's ephemeral range (32768-60999),
+		// so no connection of the load reuses it. Otherwise the test also meets a limit of a
+		// full LRU table (docs/architecture.md, "Collision"): a load connection from the same
+		// client port to the other ClusterIP that picks the same backend has the idle flow's
+		// wire tuple; tern moves such a flow to another source port only when it finds the
+		// idle flow's REVNAT half, which the LRU may have taken, and then the backend's
+		// kernel resets the idle connection (seen once in CI: both halves present afterwards,
+		// the echo reset by the peer).
+		idle, who := dialEcho(t, ctx, fixedPort{client, 20000}, solo.String())
 		defer idle.c.Close()
 		idle.echo(t, "before")
 		idleFrom := netip.MustParseAddrPort(idle.c.LocalAddr().String())
@@ -415,6 +424,16 @@ func flowHalves(t *testing.T, n *lab.Node, from netip.AddrPort) (svc, revnat boo
 		}
 	}
 	return svc, revnat
+}
+
+// fixedPort dials from a pod with a chosen source port.
+type fixedPort struct {
+	p    *lab.Pod
+	port int
+}
+
+func (f fixedPort) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return f.p.DialFrom(ctx, addr, f.port)
 }
 
 // echoErr is echoConn.echo returning the error instead of failing.
