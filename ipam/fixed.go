@@ -273,14 +273,7 @@ func (p *Pool) takeHeldAddress(key PodKey, ip netip.Addr) (Allocation, bool, err
 		p.mu.Unlock()
 		return out, true, nil
 	}
-	var e *eniState
-	var st *ipState
-	for _, cand := range p.enis {
-		if s, ok := cand.ips[ip]; ok {
-			e, st = cand, s
-			break
-		}
-	}
+	e, st := p.findAddressLocked(ip)
 	if st == nil {
 		p.mu.Unlock()
 		return Allocation{}, false, nil
@@ -364,14 +357,7 @@ func (p *Pool) ForgetAddress(ip netip.Addr) error {
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
 	p.mu.Lock()
-	var e *eniState
-	var st *ipState
-	for _, cand := range p.enis {
-		if s, ok := cand.ips[ip]; ok {
-			e, st = cand, s
-			break
-		}
-	}
+	e, st := p.findAddressLocked(ip)
 	if st == nil {
 		p.mu.Unlock()
 		return nil
@@ -412,4 +398,15 @@ func (p *Pool) ForgetAddress(ip netip.Addr) error {
 	p.mu.Unlock()
 	p.log.Info("forgot a fixed address another node took over", zap.Stringer("ip", ip), zap.String("eni", e.info.ID))
 	return nil
+}
+
+// findAddressLocked is the ENI holding ip on this node and its state (nil, nil: none).
+// Call with p.mu held.
+func (p *Pool) findAddressLocked(ip netip.Addr) (*eniState, *ipState) {
+	for _, e := range p.enis {
+		if st, ok := e.ips[ip]; ok {
+			return e, st
+		}
+	}
+	return nil, nil
 }

@@ -658,6 +658,11 @@ func (c *Client) AssignPrivateIPs(ctx context.Context, eniID string, count int, 
 	if err != nil {
 		return nil, err
 	}
+	return assignedAddrs(eniID, resp)
+}
+
+// assignedAddrs parses the addresses an AssignPrivateIpAddresses reply names.
+func assignedAddrs(eniID string, resp *ecs.AssignPrivateIpAddressesResponse) ([]netip.Addr, error) {
 	var out []netip.Addr
 	for _, s := range resp.AssignedPrivateIpAddressesSet.PrivateIpSet.PrivateIpAddress {
 		ip, err := netip.ParseAddr(s)
@@ -695,13 +700,9 @@ func (c *Client) AssignSpecificIPs(ctx context.Context, eniID string, ips []neti
 	if err != nil {
 		return nil, err
 	}
-	var out []netip.Addr
-	for _, s := range resp.AssignedPrivateIpAddressesSet.PrivateIpSet.PrivateIpAddress {
-		ip, err := netip.ParseAddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("AssignPrivateIpAddresses to %s returned bad address %q [RequestId %s]", eniID, s, resp.RequestId)
-		}
-		out = append(out, ip)
+	out, err := assignedAddrs(eniID, resp)
+	if err != nil {
+		return nil, err
 	}
 	for _, ip := range ips {
 		if !slices.Contains(out, ip) {
