@@ -70,6 +70,9 @@ func (f *FixedIPs) started() (pods, sets cache.SharedIndexInformer, rec record.E
 func (f *FixedIPs) Wrap(pool ipam.Allocator, cloud *aliyun.Client) (ipam.Allocator, error) {
 	p, ok := pool.(*ipam.Pool)
 	if !ok || cloud == nil {
+		// Said once at start, so that a pod's pod-ip-fixed annotation being ignored is
+		// explained (and a wiring mistake does not pass silently, as one did).
+		f.log.Info("fixed IPs for StatefulSets are off: they need the ENIIP pool", zap.String("allocator", fmt.Sprintf("%T", pool)))
 		return pool, nil
 	}
 	return fixedip.New(fixedip.Options{Pool: p, Cloud: cloud, Records: f, Pods: f, Events: f,
