@@ -27,6 +27,13 @@ type ListingLag struct {
 	// The address moving between ENIs (a fixed pod IP following its pod to another node) sees
 	// this. An assign by count does not pick it meanwhile either.
 	Reassign Duration `json:"reassign,omitempty"`
+	// Routes is how far DescribeRouteEntryList (and the entries DescribeRouteTables lists)
+	// lags behind the route table: a listing shows the custom entries as they were Routes ago,
+	// so a created entry is missing for that long, a status change shows that late and a
+	// deleted entry is still listed, with its old status, for that long. CreateRouteEntry and
+	// DeleteRouteEntry act on the true table (InvalidCIDRBlock.Duplicate for an entry the
+	// listing does not show yet).
+	Routes Duration `json:"routes,omitempty"`
 }
 
 // eniView is what a listing shows of an ENI's attachment at one moment.
