@@ -54,8 +54,8 @@ type RouteOptions struct {
 	// DeleteRouteEntry (default 10s): an entry the cloud accepted is waited for that long
 	// before its absence from the listing counts.
 	ListingGrace time.Duration
-	Logger        *zap.Logger
-	Now           func() time.Time
+	Logger       *zap.Logger
+	Now          func() time.Time
 }
 
 // RoutePool hands out the addresses of the node's pod CIDR and keeps the node's VPC route

@@ -101,8 +101,8 @@ type routeEntry struct {
 	history   []routeStatusAt
 	removedAt time.Time
 	installed bool // the SDN forwards dst
-	timer       *time.Timer
-	gen         int
+	timer     *time.Timer
+	gen       int
 }
 
 func (e *Emulator) newRouteTable() *routeTable {
