@@ -213,3 +213,15 @@ func (e *Emulator) takeHoldLocked(action string, p map[string]string, reply any)
 	}
 	return nil, HeldCall{}
 }
+
+// ListingLag is the listing lag in force.
+func (e *Emulator) ListingLag() ListingLag {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.lag
+}
+
+// Longest is the longest of the lags a listing shows (Reassign is not a listing's).
+func (l ListingLag) Longest() time.Duration {
+	return time.Duration(max(l.Assigned, l.Unassigned, l.Status, l.Routes))
+}

@@ -150,15 +150,17 @@ func TestVPCRouteModeAcrossNodes(t *testing.T) {
 }
 
 // TestVPCRouteModeFaultsAndKillDuringBurst: pods churn on two route-mode nodes while 30 % of
-// the cloud calls fail (Throttling, InternalError) and every call takes 20 ms more, and the
-// agents are killed with SIGKILL and restarted: at random moments, and while a
-// CreateRouteEntry reply is held back (the node's entry was deleted behind its back, the
-// restarted agent creates it again and dies waiting for the reply). No address is given twice,
-// no live pod loses its address, GC leaves exactly the live pods, and the route table holds
-// exactly one Available entry per node.
+// the cloud calls fail (Throttling, InternalError), every call takes 20 ms more and the
+// listings lag (lab.LaggingListing: the route entry listing 1 s behind), and the agents are
+// killed with SIGKILL and restarted: at random moments, and while a CreateRouteEntry reply is
+// held back (the node's entry was deleted behind its back — the restarted agent still sees it
+// listed, then its check creates it again — and dies waiting for the reply, so the next start
+// replays the create before the listing shows the entry). No address is given twice, no live
+// pod loses its address, GC leaves exactly the live pods, and the route table holds exactly
+// one Available entry per node.
 func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 	l := up(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC, Seed: 11, Latency: 20 * time.Millisecond,
-		AllocateWait: 200 * time.Millisecond,
+		AllocateWait: 200 * time.Millisecond, ListingLag: lab.LaggingListing,
 		Faults:       []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
