@@ -161,7 +161,7 @@ func TestVPCRouteModeAcrossNodes(t *testing.T) {
 func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 	l := up(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC, Seed: 11, Latency: 20 * time.Millisecond,
 		AllocateWait: 200 * time.Millisecond, ListingLag: lab.LaggingListing,
-		Faults:       []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}}})
+		Faults: []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	emu := l.Emulator()
