@@ -521,7 +521,7 @@ func (p *RoutePool) GC(ctx context.Context, livePods func() map[string]bool) (GC
 func (p *RoutePool) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	s := Status{Capacity: Capacity{MaxPods: p.size()}, InUse: len(p.allocs), Idle: p.size() - len(p.allocs)}
+	s := Status{Capacity: Capacity{MaxPods: p.size()}, InUse: len(p.allocs), Idle: p.size() - len(p.allocs), PodCIDR: p.opts.PodCIDR}
 	if p.primary.ID != "" {
 		es := ENIStatus{ENIInfo: p.primary}
 		for ip := range p.byIP {
