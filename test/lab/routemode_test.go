@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/ipam/nodereport"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -46,6 +48,24 @@ func TestVPCRouteModeAcrossNodes(t *testing.T) {
 	emu, c := l.Emulator(), l.Client()
 	settled(t, l, ctx)
 	before := emu.Snapshot()
+	// The Node report: no ENI annotation (no ENI holds pod addresses), the pod CIDR's capacity.
+	for i := range 2 {
+		n := l.Node(i)
+		want := strconv.Itoa(1<<(32-lab.RoutePodCIDR(i).Bits()) - 2)
+		for {
+			node, err := c.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			eniips, hasENIIPs := node.Annotations[nodereport.AnnotationAllocatedENIIPs]
+			if got := node.Annotations[nodereport.AnnotationMaxAvailableIP]; got == want && !hasENIIPs {
+				break
+			} else if ctx.Err() != nil {
+				t.Fatalf("Node %s: max-available-ip %q (want %s), allocated-eniips %q (want none)", n.Name, got, want, eniips)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 
 	const ns = "route"
 	if err := l.EnsureNamespace(ctx, ns); err != nil {
