@@ -40,9 +40,10 @@ func routeTable(s ecsemu.State) map[string]string {
 // CIDR with no cloud call; a pod reaches a pod of the other node directly (through the
 // emulator's VPC router, following the route entry) and through a ClusterIP; DEL and GC leave
 // no allocation; a deleted Node's entry is removed by the other node's agent and the route
-// table ends exactly as expected.
+// table ends exactly as expected. The cloud's listings lag throughout (lab.LaggingListing: the
+// route entry listing 1 s behind the table).
 func TestVPCRouteModeAcrossNodes(t *testing.T) {
-	l := upKubernetes(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC})
+	l := upKubernetes(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC, ListingLag: lab.LaggingListing})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	emu, c := l.Emulator(), l.Client()
