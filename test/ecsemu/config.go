@@ -23,7 +23,8 @@ type Config struct {
 	Latency Duration `json:"latency"`
 	// Delays of the asynchronous ENI state transitions.
 	Delays TransitionDelays `json:"delays"`
-	// ListingLag makes DescribeNetworkInterfaces eventually consistent (default: none).
+	// ListingLag makes DescribeNetworkInterfaces and the route entry listings eventually
+	// consistent (default: none).
 	ListingLag ListingLag `json:"listingLag"`
 	// MaxClockSkew bounds |Timestamp - now|; zero means the real API's 15 minutes.
 	MaxClockSkew Duration `json:"maxClockSkew"`

@@ -7,7 +7,8 @@ import (
 	"time"
 )
 
-// ListingLag makes DescribeNetworkInterfaces (and the ENI list of DescribeInstances) eventually
+// ListingLag makes DescribeNetworkInterfaces (and the ENI list of DescribeInstances), and with
+// Routes DescribeRouteEntryList and DescribeRouteTables, eventually
 // consistent, as the real API is: it documents no read-after-write guarantee, and its
 // AssignPrivateIpAddresses page says to take the new addresses from the call's response. The
 // mutating calls and their replies always act on the true state; only the listings lag.
