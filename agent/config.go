@@ -151,6 +151,10 @@ type Config struct {
 	AllocateWait Duration `json:"allocateWait,omitempty"`
 	// MaintainInterval is the pool's background refill/reclaim period (default 10s).
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
+	// ListingGrace is how long the cloud's listings (DescribeNetworkInterfaces,
+	// DescribeRouteEntryList) may lag behind the calls that change what they list before the
+	// agent acts on a difference (default 10s; agent/listinggrace.go).
+	ListingGrace Duration `json:"listingGrace,omitempty"`
 	// FixedIPHoldTime is how long the address of a deleted StatefulSet pod with
 	// k8s.aliyun.com/pod-ip-fixed stays reserved for it (default 10m; docs/ipam.md).
 	FixedIPHoldTime Duration `json:"fixedIPHoldTime,omitempty"`
@@ -320,6 +324,7 @@ func (c Config) Validate() error {
 	if c.RouteCheckInterval < 0 {
 		errs = append(errs, fmt.Errorf("routeCheckInterval %s is negative", time.Duration(c.RouteCheckInterval)))
 	}
+	errs = append(errs, c.validateListingGrace()...)
 	errs = append(errs, c.validatePolicy()...)
 	errs = append(errs, c.Masquerade.validate()...)
 	errs = append(errs, c.validateModes()...)
