@@ -168,6 +168,11 @@ int tern_from_pod(struct __sk_buff *skb)
 		if (svc)
 			return service_forward(skb, &p, &f, svc, now);
 	}
+	/* A backend's handshake reply whose flow lost its entries to the LRU, seen where it
+	 * leaves the backend: on this node it is forwarded into a local client pod without
+	 * crossing that pod's to-pod hook (forward.h), which counts the same loss otherwise. */
+	if (!f.ct && is_syn_ack(p.proto, p.tcp_flags))
+		count(skb, REASON_CT_REPLY_LOST, DIR_FROM_POD);
 	int reason = policy_from_pod(skb, &p, &f, p.daddr, p.dport);
 	if (!reason)
 		reason = flow_track(&p, now, &f, &reply);

@@ -265,7 +265,7 @@ claim:;
 		.flags = flags | CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B),
 	};
 	rev.expires_ns = now + ct_lifetime_ns(p->proto, 0);
-	if (bpf_map_update_elem(&tern_conntrack, &fk, &rev, BPF_ANY))
+	if (ct_create(&fk, &rev))
 		return REASON_DROP_CT_FULL;
 
 	__builtin_memset(out, 0, sizeof(*out));
@@ -275,7 +275,7 @@ claim:;
 	out->nat_sport = sport;
 	out->svc_id = svc->id;
 	out->flags = flags | CT_F_SVC | (f->from_a ? 0 : CT_F_ORIGIN_B);
-	if (bpf_map_update_elem(&tern_conntrack, &f->key, out, BPF_ANY))
+	if (ct_create(&f->key, out))
 		return REASON_DROP_CT_FULL;
 	return 0;
 }
