@@ -128,7 +128,7 @@ func runOnce(p *ebpf.Program, frame []byte) (uint32, []byte, error) {
 // list and shrunk from there when that list was short), so a 1,024-entry table lost the
 // REVNAT half of a share of new flows before their SYN-ACK.
 func TestFreshServiceFlowsSurviveAFullTable(t *testing.T) {
-	for _, inFlight := range []int{4, 16, 64} {
+	for _, inFlight := range []int{0, 1, 4, 16, 64} {
 		t.Run(fmt.Sprintf("%d in flight per CPU", inFlight), func(t *testing.T) {
 			h := newCT(t, loader.Config{MaxFlows: 1024})
 			loadertest.PutService(t, h.m, 1, vip.String(), 80, packet.ProtoTCP,

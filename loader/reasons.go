@@ -77,6 +77,11 @@ const (
 	// LRU evicted its flow's entries before the reply, and a service flow's reply then
 	// reaches the client untranslated. Not a drop: the packet passes as it is.
 	ReasonCTReplyLost = PodTernReasonREASON_CT_REPLY_LOST
+	// ReasonCTCollisionLate counts (from-pod) a packet of an idle service flow whose wire
+	// tuple a newer flow of the same client took after the LRU had evicted the idle flow's
+	// REVNAT half: a TCP segment is answered with a RST (the backend knows the newer
+	// connection only), a SYN or UDP datagram opens a new flow on another source port.
+	ReasonCTCollisionLate = PodTernReasonREASON_CT_COLLISION_LATE
 )
 
 var reasonLabels = map[Reason]string{
@@ -101,6 +106,7 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
 	ReasonPolicyAllowed:       "policy_allowed",
 	ReasonCTReplyLost:         "ct_reply_lost",
+	ReasonCTCollisionLate:     "ct_collision_late",
 }
 
 // String is the reason's Prometheus label value.
