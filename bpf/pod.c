@@ -180,10 +180,10 @@ int tern_from_pod(struct __sk_buff *skb)
 		if (svc)
 			return service_forward(skb, &p, &f, svc, now);
 	}
-	/* A backend's handshake reply whose flow lost its entries to the LRU, seen where it
-	 * leaves the backend: on this node it is forwarded into a local client pod without
-	 * crossing that pod's to-pod hook (forward.h), which counts the same loss otherwise. */
-	if (!f.ct && is_syn_ack(p.proto, p.tcp_flags))
+	/* A backend's reply whose flow lost its entries to the LRU, seen where it leaves the
+	 * backend: on this node it is forwarded into a local client pod without crossing that
+	 * pod's to-pod hook (forward.h), which counts the same loss otherwise. */
+	if (!f.ct && tcp_acks_a_flow(p.proto, p.tcp_flags))
 		count(skb, REASON_CT_REPLY_LOST, DIR_FROM_POD);
 	int reason = policy_from_pod(skb, &p, &f, p.daddr, p.dport);
 	if (!reason)
@@ -220,12 +220,12 @@ int tern_to_pod(struct __sk_buff *skb)
 	/* A client's untranslated tuple seen coming in is not a reply to restore. */
 	if (f.ct && (f.ct->flags & CT_F_SVC))
 		return TC_ACT_OK;
-	/* A handshake reply whose flow the pod opened has an entry, unless the LRU evicted it
-	 * under pressure before the reply came: a service flow's reply then reaches the client
-	 * untranslated and the connection fails (the client's SYN retransmission rebuilds the
-	 * flow). Counted, so that a conntrack too small for its load is visible. */
-	if (!f.ct && p.proto == IPPROTO_TCP &&
-	    (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK))
+	/* A TCP segment that acknowledges something belongs to a live flow, which has an entry
+	 * unless the LRU evicted it under pressure: a service flow's reply (the SYN-ACK, or the
+	 * server's first data right after the handshake) then reaches the client untranslated,
+	 * the client resets it and that connection fails. Counted, so that a conntrack too
+	 * small for its load is visible. */
+	if (!f.ct && tcp_acks_a_flow(p.proto, p.tcp_flags))
 		count(skb, REASON_CT_REPLY_LOST, DIR_TO_POD);
 	int reason = policy_to_pod(skb, &p, &f);
 	if (!reason)

@@ -103,9 +103,11 @@ static __always_inline bool is_pure_syn(__u8 tcp_flags)
 	return (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-static __always_inline bool is_syn_ack(__u8 proto, __u8 tcp_flags)
+/* A TCP segment of a live flow: it acknowledges something (a SYN-ACK or any later segment)
+ * and is not a RST (a RST to a tuple nobody knows is the usual answer to a lost entry). */
+static __always_inline bool tcp_acks_a_flow(__u8 proto, __u8 tcp_flags)
 {
-	return proto == IPPROTO_TCP && (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+	return proto == IPPROTO_TCP && (tcp_flags & (TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_ACK;
 }
 
 /* Fold the packet's TCP flags into the entry and push its deadline out. Returns true when
