@@ -124,9 +124,9 @@ func runOnce(p *ebpf.Program, frame []byte) (uint32, []byte, error) {
 
 // Fresh service flows keep both halves until their handshake completes, in a table kept
 // full: the kernel's LRU recycles unreferenced entries first, and a just-created pair was
-// the newest unreferenced (its CPU's pending inserts, flushed to the head of the inactive
-// list and shrunk from there when that list was short), so a 1,024-entry table lost the
-// REVNAT half of a share of new flows before their SYN-ACK.
+// unreferenced (its CPU's pending inserts, flushed to the head of the inactive list and
+// shrunk from there when that list was short), so a 1,024-entry table lost the REVNAT half
+// of a share of new flows before their SYN-ACK. ct_create marks them referenced.
 func TestFreshServiceFlowsSurviveAFullTable(t *testing.T) {
 	for _, inFlight := range []int{0, 1, 4, 16, 64} {
 		t.Run(fmt.Sprintf("%d in flight per CPU", inFlight), func(t *testing.T) {
@@ -135,6 +135,12 @@ func TestFreshServiceFlowsSurviveAFullTable(t *testing.T) {
 				loadertest.B(be1.String(), 8080), loadertest.B(be2.String(), 8080))
 			lost, flows := handshakeLoad(t, h, 2, 6000, inFlight)
 			t.Logf("%d of %d SYN-ACKs found no REVNAT half (%.2f%%)", lost, flows, 100*float64(lost)/float64(flows))
+			// Measured on 6.18 (2 CPUs): created unreferenced, 1.1-2.3 % were lost with 1 to
+			// 4 in flight; referenced, 0 to 0.01 %. With more in flight the approximation
+			// of the kernel's LRU still loses some (16: ~0.1 %, 64: 8-9 %): logged only.
+			if inFlight <= 4 && lost*1000 > flows {
+				t.Errorf("%d of %d new flows lost their REVNAT half before the SYN-ACK with %d in flight per CPU, want at most 0.1 %%", lost, flows, inFlight)
+			}
 		})
 	}
 }
