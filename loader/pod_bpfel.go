@@ -346,6 +346,7 @@ const (
 	PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE PodTernReason = 41
 	PodTernReasonREASON_POLICY_ALLOWED         PodTernReason = 42
 	PodTernReasonREASON_CT_REPLY_LOST          PodTernReason = 43
+	PodTernReasonREASON_CT_COLLISION_LATE      PodTernReason = 44
 	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 

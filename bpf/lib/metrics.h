@@ -57,7 +57,8 @@ enum tern_reason : __u8 {
 	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
 	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
-	REASON_CT_REPLY_LOST = 43,  /* to-pod: a TCP SYN-ACK with no conntrack entry (the LRU took its flow's before the reply); passed as it is */
+	REASON_CT_REPLY_LOST = 43,  /* to-pod, from-pod: a TCP segment with ACK (not RST) and no conntrack entry (the LRU took its live flow's); passed as it is */
+	REASON_CT_COLLISION_LATE = 44, /* from-pod: an idle service flow's wire tuple was taken by a newer flow after the LRU took its REVNAT half: TCP reset, UDP moved */
 	__REASON_MAX = 64,
 };
 
