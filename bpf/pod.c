@@ -4,6 +4,7 @@
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
  *             -> a service flow, or no flow and a frontend? policy on the backend, translate
+ *                (an exclusive-ENI pod's flow to a remote backend: to the node's address too)
  *             : policy, track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
@@ -32,6 +33,7 @@
 #include "lib/bandwidth.h"
 #include "lib/forward.h"
 #include "lib/nodeport.h"
+#include "lib/exclusive.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -83,7 +85,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 	int reason = SVC_REPICK;
 
 	if (f->ct)
-		reason = svc_established(p, f, now, &flow);
+		reason = (f->ct->flags & CT_F_SNAT) ? excl_established(p, f, now, &flow)
+						    : svc_established(p, f, now, &flow);
 	/* A newer flow of this client took the flow's wire tuple (its REVNAT half had been
 	 * evicted): the backend knows one connection on that tuple, the newer one. A TCP
 	 * segment of the old connection is answered with a RST, so the client learns at once
@@ -108,15 +111,31 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 				return drop(skb, REASON_DROP_NO_LOCAL_BACKEND, DIR_FROM_POD);
 			return reject(skb, p, REASON_SVC_REJECT);
 		}
-		reason = svc_open(p, f, svc, now, &flow);
+		struct backend_value *be = lb_backend(svc->id, svc_pick_slot(p, svc, now));
+		if (!be)
+			return drop(skb, REASON_DROP_NO_BACKEND_SLOT, DIR_FROM_POD);
+		/* An exclusive-ENI pod's flow to a remote backend (exclusive.h). */
+		if (excl_wants_snat(skb, p, be))
+			reason = np_open_snat(p, f, svc, be, now, &flow);
+		else
+			reason = svc_open_to(p, f, svc, be, now, &flow);
 	}
 	if (!reason)
 		reason = policy_from_pod(skb, p, f, flow.nat_addr, flow.nat_port);
-	if (!reason)
-		reason = svc_translate(skb, p, &flow);
+	__be32 src = (flow.flags & CT_F_SNAT) ? CFG_NODEPORT_ADDR : svc_wire_client(p->saddr, flow.flags);
+	if (!reason && (p->proto == IPPROTO_SCTP && flow.nat_port != p->dport))
+		reason = REASON_DROP_SCTP_PORT;
+	if (!reason && (nat_rewrite(skb, p, true, flow.nat_addr, flow.nat_port) ||
+			nat_rewrite(skb, p, false, src, flow.nat_sport)))
+		reason = REASON_DROP_NAT_FAILED;
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
 	frag_remember(p);
+	/* An exclusive-ENI pod's flow to a remote backend: out by the FIB (exclusive.h). */
+	if (flow.flags & CT_F_SNAT) {
+		count(skb, REASON_NODEPORT_SNAT, DIR_FROM_POD);
+		return np_redirect(skb, false, DIR_FROM_POD);
+	}
 	if (flow.flags & CT_F_HAIRPIN) {
 		if (swap_eth(skb))
 			return drop(skb, REASON_DROP_NAT_FAILED, DIR_FROM_POD);
@@ -170,16 +189,20 @@ int tern_from_pod(struct __sk_buff *skb)
 	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
 		return hairpin_reply(skb, &p, &f, now);
-	if (f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a))
-		return service_forward(skb, &p, &f, NULL, now);
-	/* A new connection straight to a backend on an old service flow's wire tuple ends it. */
-	svc_end_by_direct(&p, &f);
-	/* Only a packet with no flow asks whether it opens a service flow. */
-	if (!f.ct) {
-		struct svc_value *svc = lb_lookup_internal(p.daddr, p.dport, p.proto);
-		if (svc)
-			return service_forward(skb, &p, &f, svc, now);
+	/* A service flow's packet, or a packet with no flow to a frontend: one place, so that
+	 * the verifier walks the service stages once (docs/reliability.md). */
+	struct svc_value *svc = NULL;
+	bool svc_flow = f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a);
+	if (!svc_flow) {
+		/* A new connection straight to a backend on an old service flow's wire tuple
+		 * ends it. */
+		svc_end_by_direct(&p, &f);
+		/* Only a packet with no flow asks whether it opens a service flow. */
+		if (!f.ct)
+			svc = lb_lookup_internal(p.daddr, p.dport, p.proto);
 	}
+	if (svc_flow || svc)
+		return service_forward(skb, &p, &f, svc, now);
 	/* A backend's reply whose flow lost its entries to the LRU, seen where it leaves the
 	 * backend: on this node it is forwarded into a local client pod without crossing that
 	 * pod's to-pod hook (forward.h), which counts the same loss otherwise. */

@@ -52,7 +52,7 @@ enum tern_reason : __u8 {
 	REASON_DROP_SNAT_NO_PORT = 35, /* masquerade found no free port in CFG_SNAT_TRIES tries */
 	REASON_DROP_SNAT_FULL = 36, /* tern_snat is full: no new masqueraded flow */
 	REASON_NODEPORT_FORWARD = 37, /* from-netdev: external client to a local backend, DNAT only */
-	REASON_NODEPORT_SNAT = 38,  /* from-netdev: external client to a remote backend, DNAT + SNAT to the node */
+	REASON_NODEPORT_SNAT = 38,  /* from-netdev: external client (from-pod: exclusive-ENI pod) to a remote backend, DNAT + SNAT to the node */
 	REASON_NODEPORT_REVNAT = 39, /* an external client's reply restored (from-netdev: SNAT flow; to-netdev: local backend) */
 	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
