@@ -77,6 +77,12 @@ const (
 	// LRU evicted its flow's entries before the reply, and a service flow's reply then
 	// reaches the client untranslated. Not a drop: the packet passes as it is.
 	ReasonCTReplyLost = PodTernReasonREASON_CT_REPLY_LOST
+	// ReasonSockMaglev counts (sock) connect()/sendmsg() calls to a Maglev frontend whose
+	// backend the Maglev table chose, the socket's source address and port being known;
+	// ReasonSockDefer those to a frontend with loadBalancerSourceRanges whose client address
+	// was not known yet (a pod's unbound socket), left untranslated for the tc path to check.
+	ReasonSockMaglev = PodTernReasonREASON_SOCK_MAGLEV
+	ReasonSockDefer  = PodTernReasonREASON_SOCK_DEFER
 )
 
 var reasonLabels = map[Reason]string{
@@ -101,6 +107,8 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
 	ReasonPolicyAllowed:       "policy_allowed",
 	ReasonCTReplyLost:         "ct_reply_lost",
+	ReasonSockMaglev:          "sock_maglev",
+	ReasonSockDefer:           "sock_defer",
 }
 
 // String is the reason's Prometheus label value.

@@ -58,6 +58,8 @@ enum tern_reason : __u8 {
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
 	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
 	REASON_CT_REPLY_LOST = 43,  /* to-pod: a TCP SYN-ACK with no conntrack entry (the LRU took its flow's before the reply); passed as it is */
+	REASON_SOCK_MAGLEV = 44,    /* sock: a connect()/sendmsg() whose backend the Maglev table chose (source address and port known) */
+	REASON_SOCK_DEFER = 45,     /* sock: a frontend left to the tc path (loadBalancerSourceRanges, the client's address not known yet) */
 	__REASON_MAX = 64,
 };
 
