@@ -25,6 +25,7 @@ var (
 	featAffinityVIP = netip.MustParseAddr("10.96.0.20")
 	featMaglevVIP   = netip.MustParseAddr("10.96.0.21")
 	featDropVIP     = netip.MustParseAddr("10.96.0.22")
+	featHairpinVIP  = netip.MustParseAddr("10.96.0.23") // b1 alone
 	// LoadBalancer IPs with loadBalancerSourceRanges: one lets only the node in, one only
 	// the client pod.
 	featLBNodeOnly = netip.MustParseAddr("203.0.113.14")
@@ -76,6 +77,7 @@ func TestSocketLBServiceFeatures(t *testing.T) {
 		tcp(vip): both, tcp(emptyVIP): {}, udp(emptyVIP): {},
 		tcp(featAffinityVIP): both, tcp(featMaglevVIP): both, tcp(featDropVIP): {},
 		tcp(featLBNodeOnly): both, udp(featLBNodeOnly): both, tcp(featLBPodOnly): both, udp(featLBPodOnly): both,
+		tcp(featHairpinVIP): both[:1],
 	}
 	var dirty []service.Frontend
 	for f := range desired {
@@ -268,6 +270,22 @@ func TestSocketLBServiceFeatures(t *testing.T) {
 			if u := c.Do(fmt.Sprintf("sendto %s:53", emptyVIP)); u.Errno != int(syscall.ECONNREFUSED) {
 				t.Fatalf("sendto a Service without endpoints: %+v, want ECONNREFUSED", u)
 			}
+		}
+	})
+
+	t.Run("hairpin", func(t *testing.T) {
+		// b1 reaching the Service only it backs: through the tc path it is masqueraded to
+		// the hairpin address; through the socket it connects to itself and sees itself.
+		addr := fmt.Sprintf("%s:80", featHairpinVIP)
+		selfIn := sockclient.Start(t, b1.ns, in)
+		selfOut := sockclient.Start(t, b1.ns, out)
+		a := selfIn.Do("tcp " + addr)
+		if a.Who != "b1" || a.Peer != addr || hostOf(t, a.Seen) != b1.ip {
+			t.Fatalf("hairpin through the socket: %+v, want b1 seeing itself (%s)", a, b1.ip)
+		}
+		a = selfOut.Do("tcp " + addr)
+		if a.Who != "b1" || a.Peer != addr || hostOf(t, a.Seen) != netip.MustParseAddr("169.254.42.1") {
+			t.Fatalf("hairpin through the tc path: %+v, want b1 seeing the hairpin address", a)
 		}
 	})
 
