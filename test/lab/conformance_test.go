@@ -230,6 +230,9 @@ func conformanceCases() []confCase {
 		{svc: "term-only", from: fromPod, to: toClusterIP, needs: []feature{featTerminating}, want: ans("b2", "c1")},
 		{svc: "term-only", from: fromExternal, to: toNodePort1, needs: []feature{featTerminating, featNodePort}, want: ans("b2", "node-1")},
 		{svc: "term-gone", from: fromPod, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints}, want: outcome{Result: rejected}},
+		{svc: "term-ready", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featHostNet}, want: ans("a1", "node-1")},
+		{svc: "term-only", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featHostNet}, want: ans("b2", "node-1")},
+		{svc: "term-gone", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
 
 		// none: LoadBalancer with an externalIP whose selector matches no pod.
 		{svc: "none", from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
@@ -239,6 +242,7 @@ func conformanceCases() []confCase {
 		{svc: "none", from: fromExternal, to: toExternalIP, needs: []feature{featNoEndpoints, featExternalIP}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
+		{svc: "none", from: fromHost, to: toLB, needs: []feature{featNoEndpoints, featLB, featHostNet}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
 
 		// loadBalancerSourceRanges: one Service allows the external client, one does not.
