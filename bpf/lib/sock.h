@@ -211,7 +211,11 @@ static __always_inline int sock_pick(struct bpf_sock_addr *ctx, __u32 proto, __b
 	if (!svc)
 		return SOCK_PASS;
 
-	struct sock_src src = sock_source(ctx, msg_src);
+	/* Only source ranges and Maglev need the socket's source: other frontends skip the reads. */
+	struct sock_src src = {};
+
+	if (svc->flags & (SVC_F_SRC_RANGES | SVC_F_MAGLEV))
+		src = sock_source(ctx, msg_src);
 
 	/* loadBalancerSourceRanges, checked before anything else as the tc path does. A client
 	 * whose address is not known yet (a pod's unbound socket) is left to the tc path, which

@@ -242,7 +242,6 @@ func conformanceCases() []confCase {
 		{svc: "none", from: fromExternal, to: toExternalIP, needs: []feature{featNoEndpoints, featExternalIP}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
-		{svc: "none", from: fromHost, to: toLB, needs: []feature{featNoEndpoints, featLB, featHostNet}, want: outcome{Result: rejected}},
 		{svc: "none", udp: true, from: fromExternal, to: toNodePort1, needs: []feature{featNoEndpoints, featNodePort}, want: outcome{Result: rejected}},
 
 		// loadBalancerSourceRanges: one Service allows the external client, one does not.
