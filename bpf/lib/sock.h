@@ -3,8 +3,8 @@
  *   sock_pick       connect()/sendmsg() to a frontend: check loadBalancerSourceRanges
  *                   against the socket's source (sock_source; unknown: leave the frontend to
  *                   the tc path), pick a backend (sock_select_backend: sessionAffinity per
- *                   network namespace, else Maglev when the source port is known, else
- *                   random), remember the frontend for this socket and backend
+ *                   network namespace, else Maglev when source address and port are known,
+ *                   else random), remember the frontend for this socket and backend
  *                   (sock4_/sock6_xlate_fwd hand the kernel the backend); no backend: refuse,
  *                   or time out when the frontend drops (internalTrafficPolicy Local)
  *   sock_frontend   recvmsg()/getpeername() seeing a backend this socket was given: the
