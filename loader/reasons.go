@@ -83,6 +83,12 @@ const (
 	// REVNAT half: a TCP segment is answered with a RST (the backend knows the newer
 	// connection only), a SYN or UDP datagram opens a new flow on another source port.
 	ReasonCTCollisionLate = PodTernReasonREASON_CT_COLLISION_LATE
+	// ReasonSockMaglev counts (sock) connect()/sendmsg() calls to a Maglev frontend whose
+	// backend the Maglev table chose, the socket's source address and port being known;
+	// ReasonSockDefer those to a frontend with loadBalancerSourceRanges whose client address
+	// was not known yet (a pod's unbound socket), left untranslated for the tc path to check.
+	ReasonSockMaglev = PodTernReasonREASON_SOCK_MAGLEV
+	ReasonSockDefer  = PodTernReasonREASON_SOCK_DEFER
 )
 
 var reasonLabels = map[Reason]string{
@@ -108,6 +114,8 @@ var reasonLabels = map[Reason]string{
 	ReasonPolicyAllowed:       "policy_allowed",
 	ReasonCTReplyLost:         "ct_reply_lost",
 	ReasonCTCollisionLate:     "ct_collision_late",
+	ReasonSockMaglev:          "sock_maglev",
+	ReasonSockDefer:           "sock_defer",
 }
 
 // String is the reason's Prometheus label value.

@@ -59,6 +59,8 @@ enum tern_reason : __u8 {
 	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
 	REASON_CT_REPLY_LOST = 43,  /* to-pod, from-pod: a TCP segment with ACK (not RST) and no conntrack entry (the LRU took its live flow's); passed as it is */
 	REASON_CT_COLLISION_LATE = 44, /* from-pod: an idle service flow's wire tuple was taken by a newer flow after the LRU took its REVNAT half: TCP reset, UDP moved */
+	REASON_SOCK_MAGLEV = 45,    /* sock: a connect()/sendmsg() whose backend the Maglev table chose (source address and port known) */
+	REASON_SOCK_DEFER = 46,     /* sock: a frontend left to the tc path (loadBalancerSourceRanges, the client's address not known yet) */
 	__REASON_MAX = 64,
 };
 
