@@ -43,6 +43,24 @@ type params struct {
 	rrConns         int
 	workers         int // parallel API clients creating Services
 	convergeTimeout time.Duration
+	paths, kinds    []string // what to measure (default: everything)
+	perfDir         string   // when set, a system-wide perf profile of every throughput run goes here
+}
+
+// wants reports whether the run measures path (or kind): all of them unless narrowed.
+func wants(list []string, v string) bool { return len(list) == 0 || slices.Contains(list, v) }
+
+// parseList splits a comma-separated flag and checks every item against valid.
+func parseList(flagName, s string, valid []string) ([]string, error) {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(valid, f) {
+			return nil, fmt.Errorf("-%s %q: %q is not one of %s", flagName, s, f, strings.Join(valid, ", "))
+		}
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 func main() {
@@ -58,12 +76,21 @@ func main() {
 		png      = flag.String("png", "", "draw the medians into this PNG with test/bench/plot (run from the repository root)")
 		jsonOut  = flag.String("json", "", "write every sample and median to this JSON file")
 		binDir   = flag.String("bindir", "", "prebuilt tern-agent and tern-cni (default: built into a temporary directory)")
+		paths    = flag.String("paths", pathClusterIP+","+pathNodePort, "paths to measure: clusterip, nodeport")
+		kinds    = flag.String("kinds", kindConn+","+kindRR+","+kindStream, "measurements: conn (new connections), rr (kept-alive requests), stream (throughput)")
+		perfDir  = flag.String("perf", "", "record a system-wide `perf record -g` profile of every throughput run into this directory (needs perf)")
 	)
 	flag.Parse()
-	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge}
+	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge, perfDir: *perfDir}
 	var err error
 	if p.sizes, err = parseSizes(*sizes); err == nil && (p.reps < 1 || p.connWorkers < 1 || p.rrConns < 1 || p.workers < 1) {
 		err = errors.New("-reps, -conn-workers, -rr-conns and -workers must be positive")
+	}
+	if err == nil {
+		p.paths, err = parseList("paths", *paths, []string{pathClusterIP, pathNodePort})
+	}
+	if err == nil {
+		p.kinds, err = parseList("kinds", *kinds, []string{kindConn, kindRR, kindStream})
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kubeproxy:", err)
@@ -280,7 +307,13 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 		order[i] = datapaths[(i+rep)%len(datapaths)]
 	}
 	for _, path := range []string{pathClusterIP, pathNodePort} {
+		if !wants(b.p.paths, path) {
+			continue
+		}
 		for _, kind := range []string{kindConn, kindRR, kindStream} {
+			if !wants(b.p.kinds, kind) {
+				continue
+			}
 			for _, dp := range order {
 				if ctx.Err() != nil {
 					return ctx.Err()
@@ -298,8 +331,16 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 					s.Value, s.P50us, s.P99us = r.rate, float64(r.p50.Nanoseconds())/1e3, float64(r.p99.Nanoseconds())/1e3
 				case kindStream:
 					ns, t := b.target(path, dp, svcSink, npSink, sinkPort)
+					var probe *streamProbe
+					if probe, err = b.startProbe(fmt.Sprintf("%d-%s-%s-%d", size, path, dp.key, rep)); err != nil {
+						return err
+					}
 					// One stream, to one backend: the no-Service client takes the rep's.
 					s.Value, err = stream(ns, t[rep%len(t)], b.p.streamDur)
+					if perr := probe.stop(); err == nil && perr != nil {
+						err = perr
+					}
+					s.Links = probe.links
 				}
 				if err != nil {
 					return fmt.Errorf("%s %s via %s at %d Services: %w", path, kind, dp.name, size, err)
