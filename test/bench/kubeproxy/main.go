@@ -279,14 +279,17 @@ func loadavg() string {
 // target is where a client of one datapath connects, for one path and service port.
 func (b *bench) target(path string, dp datapath, svcPort, nodePort, podPort int) (netns.NsHandle, []string) {
 	var ns netns.NsHandle
-	if path == pathClusterIP && dp.key == "none" {
+	switch {
+	case path == pathClusterIP && dp.key == "none":
 		ns = b.direct.NS()
-	} else if path == pathClusterIP {
+	case path == pathClusterIP:
 		ns = b.clients[dp.node].NS()
-	} else {
+	case dp.key == "routed":
+		ns = b.routed.NS
+	default:
 		ns = b.ext.NS()
 	}
-	if dp.key == "none" {
+	if dp.key == "none" || dp.key == "routed" {
 		var addrs []string
 		for _, s := range b.servers {
 			addrs = append(addrs, net.JoinHostPort(s.IP.String(), strconv.Itoa(podPort)))
@@ -317,6 +320,9 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 			for _, dp := range order {
 				if ctx.Err() != nil {
 					return ctx.Err()
+				}
+				if dp.nodePortOnly && path != pathNodePort {
+					continue
 				}
 				s := sample{Path: path, Kind: kind, Datapath: dp.key, Services: size, Rep: rep}
 				var err error

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -47,6 +48,9 @@ func (b *bench) startProbe(name string) (*streamProbe, error) {
 	if b.ext != nil {
 		p.watch = append(p.watch, watchedLink{"external client eth0", b.ext.NS(), "eth0"})
 	}
+	if b.routed != nil {
+		p.watch = append(p.watch, watchedLink{"routed client ext0", b.routed.NS, "ext0"})
+	}
 	p.watch = append(p.watch, watchedLink{"node-1 eth0", b.l.Node(nodeTern).NS, "eth0"})
 	var err error
 	if p.before, err = p.read(); err != nil {
@@ -91,8 +95,11 @@ func (p *streamProbe) stop() error {
 	var perr error
 	if p.perf != nil {
 		_ = p.perf.Process.Signal(syscall.SIGINT)
+		// perf writes its file on SIGINT and may then report the signal as its exit.
 		if err := p.perf.Wait(); err != nil {
-			perr = fmt.Errorf("perf record: %w", err)
+			if ee, ok := errors.AsType[*exec.ExitError](err); !ok || !ee.Sys().(syscall.WaitStatus).Signaled() {
+				perr = fmt.Errorf("perf record: %w", err)
+			}
 		}
 	}
 	after, err := p.read()
