@@ -264,6 +264,26 @@ func (b *bench) agentMetrics() (string, error) {
 	return string(body), nil
 }
 
+// proxyCPU is the CPU time (user + system, ms) node-1's tern agent and both kube-proxies
+// have used so far: a proxy busy during a latency run shows here.
+func (b *bench) proxyCPU() float64 {
+	var ms float64
+	for _, pid := range []int{b.l.Node(nodeTern).AgentPID(), b.kps["iptables"].PID(), b.kps["nftables"].PID()} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// Fields after the command name (which may hold spaces): utime is the 14th field.
+		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+		if len(f) > 12 {
+			u, _ := strconv.ParseFloat(f[11], 64)
+			st, _ := strconv.ParseFloat(f[12], 64)
+			ms += (u + st) * 10 // USER_HZ is 100
+		}
+	}
+	return ms
+}
+
 func loadavg() string {
 	b, err := os.ReadFile("/proc/loadavg")
 	if err != nil {
@@ -333,8 +353,13 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 				case kindRR:
 					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
 					var r rrResult
+					cpu0 := b.proxyCPU()
 					r, err = keepAlive(ns, t, b.p.rrConns, b.p.dur)
 					s.Value, s.P50us, s.P99us = r.rate, float64(r.p50.Nanoseconds())/1e3, float64(r.p99.Nanoseconds())/1e3
+					s.SlowWindows, s.Slow = r.slowWindows, r.slow
+					s.ProxyCPUms = b.proxyCPU() - cpu0
+					b.logf("  requests above 1 ms: %d, in %d distinct 10 ms windows; CPU of node-1's tern agent + both kube-proxies during the run: %.0f ms",
+						r.slow, r.slowWindows, s.ProxyCPUms)
 				case kindStream:
 					ns, t := b.target(path, dp, svcSink, npSink, sinkPort)
 					var probe *streamProbe

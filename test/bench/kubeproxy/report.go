@@ -40,6 +40,11 @@ type sample struct {
 	Max    float64 `json:"max,omitempty"`
 	P99Min float64 `json:"p99minUs,omitempty"`
 	P99Max float64 `json:"p99maxUs,omitempty"`
+	// A request-rate run: requests above 1 ms, the distinct 10 ms windows they began in,
+	// and the CPU time node-1's tern agent and both kube-proxies used during the run.
+	Slow        int     `json:"slow,omitempty"`
+	SlowWindows int     `json:"slowWindows,omitempty"`
+	ProxyCPUms  float64 `json:"proxyCpuMs,omitempty"`
 	// A throughput run's link counters (probe.go).
 	Links map[string]linkDelta `json:"links,omitempty"`
 }
@@ -163,6 +168,40 @@ func (r *results) plot(path string) error {
 	return nil
 }
 
+// againstRouted compares each NodePort datapath with the same hops without a Service (the
+// external client's traffic routed through node-1): what the datapath itself costs, the
+// detour through the node taken out.
+func (r *results) againstRouted() string {
+	var b strings.Builder
+	for _, st := range r.Sizes {
+		n := st.Services
+		var parts []string
+		for _, dp := range datapaths {
+			if dp.key == "none" || dp.key == "routed" {
+				continue
+			}
+			var cells []string
+			for _, kind := range []string{kindConn, kindRR, kindStream} {
+				m, ok1 := r.median(pathNodePort, kind, dp.key, n)
+				base, ok2 := r.median(pathNodePort, kind, "routed", n)
+				if ok1 && ok2 {
+					cells = append(cells, fmt.Sprintf("%s %s", map[string]string{kindConn: "conn/s", kindRR: "req/s", kindStream: "Gbit/s"}[kind], ratio(m.Value, base.Value)))
+				}
+			}
+			if len(cells) > 0 {
+				parts = append(parts, dp.name+" "+strings.Join(cells, ", "))
+			}
+		}
+		if len(parts) > 0 {
+			fmt.Fprintf(&b, "%d Services, ×(no Service, through node-1): %s.\n", n, strings.Join(parts, "; "))
+		}
+	}
+	if b.Len() > 0 {
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
 // spread prints a median with the smallest and largest repetition, so a reader can tell a
 // gap between datapaths from the run-to-run noise.
 func spread(med, lo, hi float64, format string) string {
@@ -232,6 +271,9 @@ func (r *results) markdown() string {
 			}
 		}
 		b.WriteString("\n")
+		if path == pathNodePort {
+			b.WriteString(r.againstRouted())
+		}
 	}
 	b.WriteString("#### Memory (VmRSS after the measurements) and set-up\n\n")
 	b.WriteString("| Services | tern agent | tern agent, no Services | kube-proxy iptables | kube-proxy nftables | API writes | until every proxy served | load before → after |\n")

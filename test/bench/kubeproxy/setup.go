@@ -97,7 +97,7 @@ type bench struct {
 	sinks   []net.Listener
 	ext     *lab.External
 	routed  *lab.ExternalHost // the external client whose traffic crosses node-1
-	vip     netip.Addr // the measured Service's cluster IP
+	vip     netip.Addr        // the measured Service's cluster IP
 	// Services in the cluster: the measured one, fillers and sentinels.
 	fillers, sentinels int
 	logf               func(format string, args ...any)
