@@ -66,7 +66,7 @@ func parseList(flagName, s string, valid []string) ([]string, error) {
 func main() {
 	var (
 		sizes    = flag.String("services", "1,1000,10000", "Service counts to measure, ascending (each size adds Services to the last)")
-		reps     = flag.Int("reps", 3, "repetitions of every measurement; the report gives medians")
+		reps     = flag.Int("reps", 5, "repetitions of every measurement; the report gives medians with the smallest and largest")
 		dur      = flag.Duration("duration", 2*time.Second, "length of each connection-rate and request-rate run")
 		sdur     = flag.Duration("stream-duration", 2*time.Second, "length of each throughput run")
 		cw       = flag.Int("conn-workers", 4, "concurrent clients opening connections")
