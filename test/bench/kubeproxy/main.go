@@ -264,24 +264,35 @@ func (b *bench) agentMetrics() (string, error) {
 	return string(body), nil
 }
 
-// proxyCPU is the CPU time (user + system, ms) node-1's tern agent and both kube-proxies
+// proxyCPU is the CPU time (user + system, ms) node-1's tern agent and the two kube-proxies
 // have used so far: a proxy busy during a latency run shows here.
-func (b *bench) proxyCPU() float64 {
-	var ms float64
-	for _, pid := range []int{b.l.Node(nodeTern).AgentPID(), b.kps["iptables"].PID(), b.kps["nftables"].PID()} {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			continue
-		}
-		// Fields after the command name (which may hold spaces): utime is the 14th field.
-		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
-		if len(f) > 12 {
-			u, _ := strconv.ParseFloat(f[11], 64)
-			st, _ := strconv.ParseFloat(f[12], 64)
-			ms += (u + st) * 10 // USER_HZ is 100
-		}
+func (b *bench) proxyCPU() (tern, kubeProxies float64) {
+	tern = cpuMillis(b.l.Node(nodeTern).AgentPID())
+	for _, kp := range b.kps {
+		kubeProxies += cpuMillis(kp.PID())
 	}
-	return ms
+	return tern, kubeProxies
+}
+
+// cpuMillis reads a process's user + system time from /proc/PID/stat; 0 when the process is
+// gone (the difference of two reads is then meaningless, and the log says so by its size).
+func cpuMillis(pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name (which may hold spaces): utime and stime are the
+	// 12th and 13th of them.
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, err1 := strconv.ParseUint(f[11], 10, 64)
+	st, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return float64(u+st) * 10 // clock ticks of 1/100 s (USER_HZ)
 }
 
 func loadavg() string {
@@ -353,13 +364,14 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 				case kindRR:
 					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
 					var r rrResult
-					cpu0 := b.proxyCPU()
+					tern0, kp0 := b.proxyCPU()
 					r, err = keepAlive(ns, t, b.p.rrConns, b.p.dur)
 					s.Value, s.P50us, s.P99us = r.rate, float64(r.p50.Nanoseconds())/1e3, float64(r.p99.Nanoseconds())/1e3
 					s.SlowWindows, s.Slow = r.slowWindows, r.slow
-					s.ProxyCPUms = b.proxyCPU() - cpu0
-					b.logf("  requests above 1 ms: %d, in %d distinct 10 ms windows; CPU of node-1's tern agent + both kube-proxies during the run: %.0f ms",
-						r.slow, r.slowWindows, s.ProxyCPUms)
+					tern1, kp1 := b.proxyCPU()
+					s.TernCPUms, s.KubeProxyCPUms = tern1-tern0, kp1-kp0
+					b.logf("  requests above 1 ms: %d, in %d distinct 10 ms windows; CPU during the run: node-1's tern agent %.0f ms, the kube-proxies %.0f ms",
+						r.slow, r.slowWindows, s.TernCPUms, s.KubeProxyCPUms)
 				case kindStream:
 					ns, t := b.target(path, dp, svcSink, npSink, sinkPort)
 					var probe *streamProbe

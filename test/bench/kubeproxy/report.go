@@ -41,10 +41,11 @@ type sample struct {
 	P99Min float64 `json:"p99minUs,omitempty"`
 	P99Max float64 `json:"p99maxUs,omitempty"`
 	// A request-rate run: requests above 1 ms, the distinct 10 ms windows they began in,
-	// and the CPU time node-1's tern agent and both kube-proxies used during the run.
-	Slow        int     `json:"slow,omitempty"`
-	SlowWindows int     `json:"slowWindows,omitempty"`
-	ProxyCPUms  float64 `json:"proxyCpuMs,omitempty"`
+	// and the CPU time node-1's tern agent and the two kube-proxies used during the run.
+	Slow           int     `json:"slow,omitempty"`
+	SlowWindows    int     `json:"slowWindows,omitempty"`
+	TernCPUms      float64 `json:"ternCpuMs,omitempty"`
+	KubeProxyCPUms float64 `json:"kubeProxyCpuMs,omitempty"`
 	// A throughput run's link counters (probe.go).
 	Links map[string]linkDelta `json:"links,omitempty"`
 }
