@@ -17,8 +17,10 @@ import (
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
+	coreinformers "k8s.io/client-go/informers/core/v1"
+	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -134,12 +136,12 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 		}
 	}
 
-	factory := informers.NewSharedInformerFactory(client, 0)
-	c.svcInformer = factory.Core().V1().Services().Informer()
-	c.sliceInformer = factory.Discovery().V1().EndpointSlices().Informer()
-	if err := c.sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceServiceKey}); err != nil {
-		return nil, fmt.Errorf("index EndpointSlices by Service: %w", err)
-	}
+	// Informers of our own rather than a factory's: a factory's come with a namespace index
+	// (a set of every key per namespace) that nothing here reads. Slices are indexed by
+	// their Service only.
+	c.svcInformer = coreinformers.NewServiceInformer(client, metav1.NamespaceAll, 0, cache.Indexers{})
+	c.sliceInformer = discoveryinformers.NewEndpointSliceInformer(client, metav1.NamespaceAll, 0,
+		cache.Indexers{byServiceIndex: sliceServiceKey})
 	enqueue := func(obj any) {
 		if nn, ok := serviceKeyOf(obj); ok {
 			c.queue.Add(nn)
@@ -156,32 +158,16 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 	if _, err := c.sliceInformer.AddEventHandler(handler); err != nil {
 		return nil, err
 	}
+	slim := newSlimmer()
 	for _, inf := range []cache.SharedIndexInformer{c.svcInformer, c.sliceInformer} {
 		if err := inf.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
 			return nil, fmt.Errorf("set the informers' watch error handler: %w", err)
 		}
-		if err := inf.SetTransform(trimForCache); err != nil {
+		if err := inf.SetTransform(slim.transform); err != nil {
 			return nil, fmt.Errorf("set the informers' transform: %w", err)
 		}
 	}
 	return c, nil
-}
-
-// trimForCache drops, before an object enters an informer's cache, the parts the
-// controller never reads and that are a large share of a small object: managedFields (the
-// server-side-apply bookkeeping, a few hundred bytes to kilobytes per object) and kubectl's
-// last-applied-configuration annotation (a second copy of the whole object). At 10,000
-// Services and their EndpointSlices the caches are most of the agent's heap.
-func trimForCache(obj any) (any, error) {
-	switch o := obj.(type) {
-	case *corev1.Service:
-		o.ManagedFields = nil
-		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
-	case *discoveryv1.EndpointSlice:
-		o.ManagedFields = nil
-		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
-	}
-	return obj, nil
 }
 
 func sliceServiceKey(obj any) ([]string, error) {
