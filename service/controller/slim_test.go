@@ -26,7 +26,7 @@ func richService() *corev1.Service {
 			ManagedFields: mf, Labels: map[string]string{"app": "web", "service.kubernetes.io/service-proxy-name": "tern"},
 			OwnerReferences: []metav1.OwnerReference{{Kind: "Deployment", Name: "web"}},
 			Annotations: map[string]string{corev1.LastAppliedConfigAnnotation: "{...}",
-				service.AnnotationCiliumLBAlgorithm: "maglev",
+				service.AnnotationCiliumLBAlgorithm:                          "maglev",
 				"service.beta.kubernetes.io/alibaba-cloud-loadbalancer-spec": "slb.s1.small"}},
 		Spec: corev1.ServiceSpec{
 			Type: corev1.ServiceTypeLoadBalancer, ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"},
