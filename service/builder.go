@@ -52,6 +52,12 @@ func NewBuilderFor(tr Translator) *Builder {
 	}
 }
 
+// SetTranslator changes what translation knows of the node (its addresses for NodePorts,
+// its zone for topology hints). Frontends already built keep their old translation until
+// their Service is set again: the caller re-translates everything (the controller's full
+// sync does).
+func (b *Builder) SetTranslator(tr Translator) { b.tr = tr }
+
 // Set replaces everything known about one Service: the object (nil when it is gone) and
 // all its EndpointSlices. Controllers that read from informer caches use this; the
 // per-object methods below suit event streams.

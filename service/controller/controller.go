@@ -77,6 +77,10 @@ type Controller struct {
 	// full resync. Only the worker touches it.
 	unwritten map[types.NamespacedName][]service.Frontend
 
+	// node is a node description SetNode handed over for the worker to apply (nil: none).
+	nodeMu sync.Mutex
+	node   *service.Node
+
 	synced     atomic.Bool // the first full sync is in the maps
 	progressMu sync.Mutex
 	progress   FirstSync
@@ -254,6 +258,7 @@ func (c *Controller) processNext() bool {
 	defer c.queue.Done(nn)
 	var err error
 	if nn == fullSyncKey {
+		c.applyNode()
 		err = c.fullSync()
 	} else {
 		err = c.syncService(nn)
@@ -381,6 +386,32 @@ func (c *Controller) fullSync() error {
 		c.report(func(p *FirstSync) { p.Err, p.Done = err, err == nil })
 	}
 	return err
+}
+
+// SetNode changes what the controller knows of this node (its addresses, on which NodePorts
+// are served, and its zone, for topology hints) while it runs. The change is applied by the
+// worker, followed by a full sync that re-translates every Service: NodePort frontends on an
+// address that went are removed, and ones on a new address added.
+func (c *Controller) SetNode(n service.Node) {
+	c.nodeMu.Lock()
+	c.node = &n
+	c.nodeMu.Unlock()
+	c.queue.Add(fullSyncKey)
+}
+
+// applyNode hands the builder the node SetNode gave, if any. Worker only.
+func (c *Controller) applyNode() {
+	c.nodeMu.Lock()
+	n := c.node
+	c.node = nil
+	c.nodeMu.Unlock()
+	if n == nil {
+		return
+	}
+	c.opts.Translator.Node = *n
+	c.builder.SetTranslator(c.opts.Translator)
+	c.log.Info("node changed: translating every Service again", zap.String("node", n.Name),
+		zap.String("zone", n.Zone), zap.Stringers("addresses", n.Addrs))
 }
 
 func (c *Controller) observe(kind string, start time.Time, err error) {

@@ -9,7 +9,7 @@
 //
 // Give two binaries (the code before and after a change) to see both side by side in one
 // run; the order rotates every repetition. Extra environment per binary (GOGC, GOMEMLIMIT)
-// follows its path:
+// and ternsvc flags (-resync) follow its path:
 //
 //	go run ./test/bench/svcmem -ternsvc before=/tmp/ternsvc-old \
 //	    -ternsvc after=/tmp/ternsvc-new -ternsvc 'after+limit=/tmp/ternsvc-new GOMEMLIMIT=80MiB'
@@ -49,7 +49,8 @@ import (
 
 type variant struct {
 	label, path string
-	env         []string
+	env         []string // ENV=value
+	args        []string // -flag or -flag=value, after ternsvc's own
 }
 
 type variants []variant
@@ -59,9 +60,17 @@ func (v *variants) Set(s string) error {
 	label, rest, ok := strings.Cut(s, "=")
 	f := strings.Fields(rest)
 	if !ok || label == "" || len(f) == 0 {
-		return fmt.Errorf("-ternsvc %q: want label=path [ENV=value ...]", s)
+		return fmt.Errorf("-ternsvc %q: want label=path [ENV=value ...] [-flag ...]", s)
 	}
-	*v = append(*v, variant{label: label, path: f[0], env: f[1:]})
+	x := variant{label: label, path: f[0]}
+	for _, a := range f[1:] {
+		if strings.HasPrefix(a, "-") {
+			x.args = append(x.args, a)
+		} else {
+			x.env = append(x.env, a)
+		}
+	}
+	*v = append(*v, x)
 	return nil
 }
 
@@ -76,7 +85,7 @@ type sample struct {
 
 func main() {
 	var vs variants
-	flag.Var(&vs, "ternsvc", "label=path [ENV=value ...] of a ternsvc binary to measure (repeatable; default: build this tree's as \"this\")")
+	flag.Var(&vs, "ternsvc", "label=path [ENV=value ...] [-flag ...] of a ternsvc binary to measure (repeatable; default: build this tree's as \"this\")")
 	n := flag.Int("services", 10000, "Services to create")
 	each := flag.Int("endpoints", 5, "endpoints per Service (one EndpointSlice)")
 	shapeFlag := flag.String("shape", string(shapeRealistic), "realistic (what kubectl and the EndpointSlice controller write) or minimal (what the kubeproxy bench writes)")
@@ -201,7 +210,7 @@ func measure(ctx context.Context, v variant, kubeconfig, prefix string, n int, s
 		return s, err
 	}
 	pprof := "127.0.0.1:" + strconv.Itoa(port)
-	cmd := exec.Command(v.path, "-kubeconfig", kubeconfig, "-pin-root", pinRoot, "-pprof-addr", pprof)
+	cmd := exec.Command(v.path, append([]string{"-kubeconfig", kubeconfig, "-pin-root", pinRoot, "-pprof-addr", pprof}, v.args...)...)
 	cmd.Env = append(os.Environ(), v.env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	logf, err := os.Create(prefix + ".log")
@@ -373,7 +382,7 @@ func median(xs []uint64) uint64 {
 
 func report(w io.Writer, vs variants, res map[string][]sample, n, each int, sh shape, reps int, settle time.Duration) {
 	fmt.Fprintf(w, "%d Services × %d endpoints (%s objects), median of %d, memory read %s after the first full sync\n\n", n, each, sh, reps, settle)
-	fmt.Fprintln(w, "| ternsvc | env | frontends | start → full sync | RSS | RSS at sync | peak RSS | Go heap in use | Go heap allocated | Go runtime from the OS |")
+	fmt.Fprintln(w, "| ternsvc | env, flags | frontends | start → full sync | RSS | RSS at sync | peak RSS | Go heap in use | Go heap allocated | Go runtime from the OS |")
 	fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 	seen := map[string]bool{}
 	for _, v := range vs {
@@ -389,7 +398,7 @@ func report(w io.Writer, vs variants, res map[string][]sample, n, each int, sh s
 			}
 			return median(xs)
 		}
-		env := strings.Join(v.env, " ")
+		env := strings.Join(append(slices.Clone(v.env), v.args...), " ")
 		if env == "" {
 			env = "–"
 		}

@@ -58,6 +58,7 @@ func run(kubeconfig, pinRoot string, keepPins bool, resync time.Duration, pprofA
 		return fmt.Errorf("build logger: %w", err)
 	}
 	defer log.Sync()
+	agent.TuneGC(log) // as tern-agent does
 
 	if pprofAddr != "" {
 		addr, err := agent.PprofListenAddr(pprofAddr)
