@@ -140,6 +140,9 @@ type Config struct {
 	// with a TokenReview and a SubjectAccessReview through Kubeconfig (see agent/metricsauth);
 	// /healthz and /readyz stay open for the kubelet's probes. Empty: no authentication.
 	MetricsAuth string `json:"metricsAuth,omitempty"`
+	// PprofAddr, when set, serves Go's runtime profiles (/debug/pprof/) on this TCP address;
+	// a bare port (":6060", "6060") listens on loopback only (agent/pprof.go). Empty: off.
+	PprofAddr string `json:"pprofAddr,omitempty"`
 	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
 	Kubeconfig string `json:"kubeconfig,omitempty"`
 	// NodeLabels stand for the Node's labels when there is no kubeconfig: they turn optional
@@ -298,6 +301,9 @@ func (c Config) Validate() error {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.validateMetrics()...)
+	if _, err := PprofListenAddr(c.PprofAddr); err != nil {
+		errs = append(errs, err)
+	}
 	errs = append(errs, c.SocketLB.validate()...)
 	if c.LBAlgorithm != "" {
 		if _, err := service.ParseAlgorithm(c.LBAlgorithm); err != nil {
