@@ -387,15 +387,26 @@ func (m *MemberENIs) GC(ctx context.Context, livePods func() map[string]bool) (G
 	var res GCResult
 	var errs []error
 	m.mu.Lock()
+	// A pod with a ready sandbox has abandoned its other sandboxes: the runtime makes a new
+	// one only after giving up on the old, so an attaching record beside a ready one is an ADD
+	// that was killed and will not be retried.
+	readySandbox := map[string]string{}
+	for _, r := range m.recs {
+		if r.State == memReady {
+			readySandbox[r.Namespace+"/"+r.Name] = r.ContainerID
+		}
+	}
 	var due []memRecord
 	for k, r := range m.recs {
 		if m.busy[k] {
 			continue
 		}
-		gone := !live[r.Namespace+"/"+r.Name]
+		pod := r.Namespace + "/" + r.Name
+		gone := !live[pod]
+		superseded := readySandbox[pod] != "" && readySandbox[pod] != r.ContainerID
 		switch {
 		case r.State == memReleasing,
-			r.State == memAttaching && (gone || now.Sub(r.Updated) > memberStaleAfter),
+			r.State == memAttaching && (gone || superseded || now.Sub(r.Updated) > memberStaleAfter),
 			r.State == memReady && gone:
 			due = append(due, *r)
 		}
