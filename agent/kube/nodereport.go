@@ -53,12 +53,13 @@ func (r *nodeReport) Start(ctx context.Context, node string) {
 	}
 }
 
-// publishTrunk puts Terway's trunking annotations and aliyun/member-eni on the Node (the
-// capacity the report also keeps), retrying until the apiserver takes them.
+// publishTrunk puts Terway's trunking annotations on the Node (trunk.AnnotateNode; the
+// snapshot's extended resources carry aliyun/member-eni), retrying until the apiserver takes
+// them.
 func (r *nodeReport) publishTrunk(ctx context.Context, node, trunkID string, quota int) {
 	delay := 200 * time.Millisecond
 	for {
-		err := trunk.PublishNode(ctx, r.client, node, trunkID, quota)
+		err := trunk.AnnotateNode(ctx, r.client, node, trunkID, quota)
 		if err == nil {
 			return
 		}
