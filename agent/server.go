@@ -148,9 +148,9 @@ func errorFor(err error) *api.Error {
 	case errors.Is(err, ipam.ErrVSwitchExhausted):
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):
-		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its capacity for the pod's kind of network resource (ENI IPs, exclusive ENIs or member ENIs); schedule the pod elsewhere", Details: err.Error()}
 	case errors.Is(err, ipam.ErrKindNotOffered):
-		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod asks for a kind of network resource this node does not offer: label the node (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly for exclusive ENIs) or schedule the pod to a node that has it", Details: err.Error()}
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod asks for a kind of network resource this node does not offer: label the node (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly for exclusive ENIs), set eni_conf enable_eni_trunking: true (member ENIs), or schedule the pod to a node that has it", Details: err.Error()}
 	case errors.Is(err, ipam.ErrBadPodRequest):
 		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod's network annotations are invalid: fix them on the pod", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrBadVSwitch):

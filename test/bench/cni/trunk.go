@@ -21,13 +21,14 @@ import (
 func trunkScenarios(ctx context.Context, bin, timing string, pods, conc int, latency time.Duration) ([]row, error) {
 	var rows []row
 	tag := "trunk (member ENIs), " + timing + " timing"
+	seq := min(pods, 20)
+	// ecs.g7.4xlarge has EniQuantity 8: members for both scenarios' pods.
 	o := lab.Options{Nodes: 1, InstanceType: "ecs.g7.4xlarge", BinDir: bin, Timing: timing, DeferAgents: true,
-		TrunkENIs: 8 + pods + 1, ENIConf: lab.ENIConf{EnableENITrunking: true, MaxPoolSize: 5}}
+		TrunkENIs: 8 + seq + pods, ENIConf: lab.ENIConf{EnableENITrunking: true, MaxPoolSize: 5}}
 	if timing == ecsemu.TimingFast {
 		o.Latency = latency
 		tag += fmt.Sprintf(", %v API latency", latency)
 	}
-	seq := min(pods, 20)
 	err := withLab(ctx, o, func(l *lab.Lab) error {
 		t0 := time.Now()
 		if err := l.Node(0).StartAgent(ctx); err != nil {
