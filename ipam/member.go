@@ -305,7 +305,7 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 	inUse := len(m.recs)
 	if !ok && inUse >= m.quota {
 		m.mu.Unlock()
-		return Allocation{}, fmt.Errorf("%w: member ENIs %d of %d (%s)", ErrNodeFull, inUse, m.quota, ResourceMemberENI)
+		return Allocation{}, fmt.Errorf("%w (here: the member-ENI quota): %d of %d member ENIs in use (%s)", ErrNodeFull, inUse, m.quota, ResourceMemberENI)
 	}
 	m.busy[k] = true
 	mgr := m.mgr

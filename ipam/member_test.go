@@ -1,11 +1,19 @@
 package ipam
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"path/filepath"
 	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
 
 	"github.com/tern-net/tern/ipam/eniconfig"
+	"github.com/tern-net/tern/ipam/store"
 	"github.com/tern-net/tern/ipam/trunk"
+	"github.com/tern-net/tern/test/ecsemu"
 )
 
 // TestMemberKindFromConfigAndPod: eni_conf enable_eni_trunking turns the member kind on; a pod
@@ -35,5 +43,93 @@ func TestMemberKindFromConfigAndPod(t *testing.T) {
 	}
 	if _, err := RequestFromPod(k, map[string]string{trunk.AnnotationPodENI: "yes please"}, false); !errors.Is(err, ErrBadPodRequest) {
 		t.Fatalf("a non-boolean pod-eni: %v, want ErrBadPodRequest", err)
+	}
+}
+
+// TestMemberENIsAgainstTheEmulator: on an ecs.g7.large made to support trunking with 3 member
+// ENIs, the kind attaches a trunk ENI at start, gives three pods member ENIs (distinct
+// addresses and VLAN ids, the same answer for a repeated request), refuses a fourth with
+// ErrNodeFull, finds its pods again after a restart from the store, and leaves no member in
+// the cloud after a release and a GC of pods that are gone.
+func TestMemberENIsAgainstTheEmulator(t *testing.T) {
+	cfg := ecsemu.TestConfig()
+	if !cfg.SetTrunking("ecs.g7.large", 3+3) {
+		t.Fatal("ecs.g7.large not in the test config")
+	}
+	emu, ep := ecsemu.NewTestServer(t, cfg)
+	e := &env{t: t, emu: emu, endpoint: ep, dbPath: filepath.Join(t.TempDir(), "ipam.db")}
+	ctx := context.Background()
+	start := func() (*MemberENIs, *store.Store) {
+		st, err := store.Open(e.dbPath, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := NewMemberENIs(KindDeps{Cloud: e.client(), Store: st, Config: eniConf(t, 0, 5, "vsw-test-a"), InstanceID: smallNode,
+			NodeName: nodeName, ClusterID: clusterTag, Logger: zaptest.NewLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return m, st
+	}
+	members := func() map[string]ecsemu.ENIState {
+		out := map[string]ecsemu.ENIState{}
+		for _, en := range emu.Snapshot().ENIs {
+			if en.Tags[trunk.TagRole] == trunk.RoleMember {
+				out[en.ID] = en
+			}
+		}
+		return out
+	}
+	m, st := start()
+	if c := m.Capacity(); c.Capacity != 3 || c.ExtendedResource != ResourceMemberENI {
+		t.Fatalf("capacity %+v, want 3 %s", c, ResourceMemberENI)
+	}
+	keys := []PodKey{{"ns", "a", "c1"}, {"ns", "b", "c2"}, {"ns", "c", "c3"}}
+	ips, vlans := map[string]bool{}, map[int]bool{}
+	for _, k := range keys {
+		al, err := m.Allocate(ctx, Request{Key: k, Kind: KindMember})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, ok := members()[al.MemberENI]
+		if al.Kind != KindMember || ips[al.IP.String()] || vlans[al.VLAN] || !ok || cl.Trunk != al.ENI.ID || cl.DeviceIndex != al.VLAN || cl.PrimaryIP != al.IP.String() {
+			t.Fatalf("allocation %+v, cloud %+v (ok %v): want a new address and VLAN, as the cloud has them", al, cl, ok)
+		}
+		ips[al.IP.String()], vlans[al.VLAN] = true, true
+		again, err := m.Allocate(ctx, Request{Key: k, Kind: KindMember})
+		if err != nil || again.MemberENI != al.MemberENI {
+			t.Fatalf("repeated request: %+v %v, want %s", again, err, al.MemberENI)
+		}
+	}
+	if _, err := m.Allocate(ctx, Request{Key: PodKey{"ns", "d", "c4"}, Kind: KindMember}); !errors.Is(err, ErrNodeFull) {
+		t.Fatalf("fourth member: %v, want ErrNodeFull", err)
+	}
+	before := m.Allocations()
+	m.Stop()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m, _ = start()
+	if after := m.Allocations(); len(after) != 3 || fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Fatalf("after a restart: %v, want %v", after, before)
+	}
+	if err := m.Release(ctx, keys[0]); err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.GC(ctx, func() map[string]bool { return map[string]bool{"ns/b": true} })
+	if err != nil || len(res.ReleasedAllocations) != 1 || res.ReleasedAllocations[0] != keys[2] {
+		t.Fatalf("GC: %+v %v, want ns/c released", res, err)
+	}
+	if left := members(); len(left) != 1 {
+		t.Fatalf("members left %v, want ns/b's only", left)
+	}
+	if err := m.Release(ctx, keys[1]); err != nil {
+		t.Fatal(err)
+	}
+	if left := members(); len(left) != 0 || len(m.Allocations()) != 0 {
+		t.Fatalf("after every release: cloud %v, allocations %v", left, m.Allocations())
 	}
 }
