@@ -301,8 +301,14 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 		m.mu.Unlock()
 		return Allocation{}, fmt.Errorf("%w: the member ENI of %s is being released", ErrPoolEmptyTryAgain, k)
 	}
-	// Every record holds, or may hold, a member (a releasing one until the cloud confirms).
+	// Every record holds, or may hold, a member (a releasing one until the cloud confirms),
+	// and so does every allocation under way that has not written its record yet.
 	inUse := len(m.recs)
+	for b := range m.busy {
+		if _, has := m.recs[b]; !has {
+			inUse++
+		}
+	}
 	if !ok && inUse >= m.quota {
 		m.mu.Unlock()
 		return Allocation{}, fmt.Errorf("%w (here: the member-ENI quota): %d of %d member ENIs in use (%s)", ErrNodeFull, inUse, m.quota, ResourceMemberENI)
