@@ -258,6 +258,17 @@ func (n *Node) Release(ctx context.Context, key PodKey) error {
 			return r.Release(ctx, key)
 		}
 	}
+	// A sandbox whose ADD failed half way holds no allocation but may hold a kind's record
+	// (and its quota): a kind that can tell releases it here, at the sandbox's DEL.
+	for _, r := range n.kinds {
+		if u, ok := r.(interface {
+			ReleaseUnfinished(context.Context, PodKey) error
+		}); ok {
+			if err := u.ReleaseUnfinished(ctx, key); err != nil {
+				return err
+			}
+		}
+	}
 	return n.base.Release(ctx, key)
 }
 

@@ -381,6 +381,20 @@ func (m *MemberENIs) Release(ctx context.Context, key PodKey) error {
 	return m.forget(key)
 }
 
+// ReleaseUnfinished releases the record an ADD of key left attaching (it failed or timed out,
+// or the agent was killed during it) when the sandbox's DEL comes: the member it may have made
+// goes, and so does the quota slot. An ADD still working on it is left alone.
+func (m *MemberENIs) ReleaseUnfinished(ctx context.Context, key PodKey) error {
+	m.mu.Lock()
+	r, ok := m.recs[key.key()]
+	unfinished := ok && r.State != memReady
+	m.mu.Unlock()
+	if !unfinished {
+		return nil
+	}
+	return m.Release(ctx, key)
+}
+
 // GC releases the records of pods that are gone (and of ADDs killed and never retried), then
 // lets trunk.Manager remove every member of this node that no record names.
 func (m *MemberENIs) GC(ctx context.Context, livePods func() map[string]bool) (GCResult, error) {

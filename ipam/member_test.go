@@ -133,3 +133,57 @@ func TestMemberENIsAgainstTheEmulator(t *testing.T) {
 		t.Fatalf("after every release: cloud %v, allocations %v", left, m.Allocations())
 	}
 }
+
+// TestMemberENIUnfinishedAddReleasedAtDel: an ADD whose context ends during the member's
+// attach leaves its record (the cloud may still finish the attach); the sandbox's DEL through
+// ipam.Node releases it, so the quota slot and the member do not outlive the sandbox.
+func TestMemberENIUnfinishedAddReleasedAtDel(t *testing.T) {
+	cfg := ecsemu.TestConfig()
+	cfg.SetTrunking("ecs.g7.large", 3+1)
+	cfg.Delays.MemberAttach = ecsemu.Duration(300 * time.Millisecond)
+	emu, ep := ecsemu.NewTestServer(t, cfg)
+	e := &env{t: t, emu: emu, endpoint: ep, dbPath: filepath.Join(t.TempDir(), "ipam.db")}
+	st, err := store.Open(e.dbPath, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	m, err := NewMemberENIs(KindDeps{Cloud: e.client(), Store: st, Config: eniConf(t, 0, 5, "vsw-test-a"), InstanceID: smallNode,
+		NodeName: nodeName, ClusterID: clusterTag, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := m.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	node := NewNode(noAllocator{}, []Resource{m}, nil)
+	key := PodKey{"ns", "a", "c1"}
+	actx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	_, err = node.AllocateFor(actx, Request{Key: key, Kind: KindMember})
+	cancel()
+	if err == nil {
+		t.Fatal("the ADD finished inside 100 ms with a 300 ms member attach")
+	}
+	if _, err := node.AllocateFor(ctx, Request{Key: PodKey{"ns", "b", "c2"}, Kind: KindMember}); !errors.Is(err, ErrNodeFull) {
+		t.Fatalf("second pod with the first one's record still held: %v, want ErrNodeFull (quota 1)", err)
+	}
+	if err := node.Release(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	al, err := node.AllocateFor(ctx, Request{Key: PodKey{"ns", "b", "c2"}, Kind: KindMember})
+	if err != nil {
+		t.Fatalf("after the DEL of the unfinished sandbox: %v", err)
+	}
+	for _, en := range emu.Snapshot().ENIs {
+		if en.Tags[trunk.TagRole] == trunk.RoleMember && en.ID != al.MemberENI {
+			t.Fatalf("member %s (pod %s) outlived its sandbox", en.ID, en.Tags[trunk.TagPod])
+		}
+	}
+}
+
+// noAllocator is a default kind that holds nothing (the test exercises the member kind).
+type noAllocator struct{ Allocator }
+
+func (noAllocator) Allocations() map[PodKey]Allocation    { return map[PodKey]Allocation{} }
+func (noAllocator) Release(context.Context, PodKey) error { return nil }
