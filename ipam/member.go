@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -52,14 +54,26 @@ const (
 const memberStaleAfter = 2 * time.Minute
 
 type memRecord struct {
-	Namespace   string     `json:"namespace"`
-	Name        string     `json:"name"`
-	ContainerID string     `json:"containerID"`
-	State       string     `json:"state"`
-	ENIID       string     `json:"eniID,omitempty"`
-	IP          netip.Addr `json:"ip,omitzero"`
-	VLAN        int        `json:"vlan,omitempty"`
-	Updated     time.Time  `json:"updated"`
+	Namespace   string `json:"namespace"`
+	Name        string `json:"name"`
+	ContainerID string `json:"containerID"`
+	State       string `json:"state"`
+	// CloudKey names the member in the cloud (its tern.io/pod tag and ClientToken): the
+	// sandbox's key and a nonce of the record, so a sandbox whose earlier member was removed
+	// can get a new one.
+	CloudKey string     `json:"cloudKey"`
+	ENIID    string     `json:"eniID,omitempty"`
+	IP       netip.Addr `json:"ip,omitzero"`
+	VLAN     int        `json:"vlan,omitempty"`
+	Updated  time.Time  `json:"updated"`
+}
+
+// cloudKey is the member's tern.io/pod tag (records written before the nonce: the sandbox key).
+func (r *memRecord) cloudKey() string {
+	if r.CloudKey == "" {
+		return r.key().key()
+	}
+	return r.CloudKey
 }
 
 func (r *memRecord) key() PodKey {
@@ -147,7 +161,23 @@ func (m *MemberENIs) Start(ctx context.Context) error {
 		}
 		m.recs[k] = &r
 	}
+	var stale []memRecord
+	for _, r := range m.recs {
+		if r.State != memReady {
+			stale = append(stale, *r)
+		}
+	}
 	m.publishLocked()
+	m.mu.Unlock()
+	// The process that worked on these is gone: an ADD it was serving failed for the runtime,
+	// which retries with a new record (and nonce). Release them now rather than hold their
+	// quota until a GC.
+	for _, r := range stale {
+		if err := m.releaseRecord(ctx, r); err != nil {
+			m.log.Warn("member ENI of an interrupted operation not released yet; GC retries", zap.String("pod", r.key().key()), zap.Error(err))
+		}
+	}
+	m.mu.Lock()
 	return nil
 }
 
@@ -322,11 +352,15 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 		m.mu.Unlock()
 	}()
 
-	rec := &memRecord{Namespace: req.Key.Namespace, Name: req.Key.Name, ContainerID: req.Key.ContainerID, State: memAttaching}
+	rec := &memRecord{Namespace: req.Key.Namespace, Name: req.Key.Name, ContainerID: req.Key.ContainerID, State: memAttaching,
+		CloudKey: k + "#" + strconv.FormatUint(rand.Uint64(), 36)}
+	if ok {
+		rec.CloudKey = r.CloudKey // a retry in this process: the same member (ClientToken)
+	}
 	if err := m.save(rec); err != nil {
 		return Allocation{}, err
 	}
-	mem, err := mgr.Allocate(ctx, k, req.SecurityGroups)
+	mem, err := mgr.Allocate(ctx, rec.CloudKey, req.SecurityGroups)
 	if err != nil {
 		if ctx.Err() == nil && !errors.Is(err, aliyun.ErrTimeout) {
 			// The manager deleted what it made, or made nothing: drop the record (a member it
@@ -361,8 +395,24 @@ func (m *MemberENIs) Release(ctx context.Context, key PodKey) error {
 		m.mu.Unlock()
 		return nil
 	}
-	m.busy[k] = true
 	c := *r
+	m.mu.Unlock()
+	if err := m.releaseRecord(ctx, c); err != nil {
+		m.log.Warn("member ENI release failed; GC finishes it", zap.String("pod", k), zap.Error(err))
+	}
+	return nil
+}
+
+// releaseRecord marks r releasing, removes its member in the cloud and drops it; an error
+// leaves it releasing.
+func (m *MemberENIs) releaseRecord(ctx context.Context, r memRecord) error {
+	k := r.key().key()
+	m.mu.Lock()
+	if m.busy[k] {
+		m.mu.Unlock()
+		return nil
+	}
+	m.busy[k] = true
 	mgr := m.mgr
 	m.mu.Unlock()
 	defer func() {
@@ -370,15 +420,14 @@ func (m *MemberENIs) Release(ctx context.Context, key PodKey) error {
 		delete(m.busy, k)
 		m.mu.Unlock()
 	}()
-	c.State = memReleasing
-	if err := m.save(&c); err != nil {
+	r.State = memReleasing
+	if err := m.save(&r); err != nil {
 		return err
 	}
-	if err := mgr.Release(ctx, k); err != nil {
-		m.log.Warn("member ENI release failed; GC finishes it", zap.String("pod", k), zap.Error(err))
-		return nil
+	if err := mgr.Release(ctx, r.cloudKey()); err != nil {
+		return err
 	}
-	return m.forget(key)
+	return m.forget(r.key())
 }
 
 // ReleaseUnfinished releases the record an ADD of key left attaching (it failed or timed out,
@@ -433,29 +482,22 @@ func (m *MemberENIs) GC(ctx context.Context, livePods func() map[string]bool) (G
 	}
 	m.mu.Unlock()
 	for _, r := range due {
-		key := r.key()
 		if r.State == memReady {
-			res.ReleasedAllocations = append(res.ReleasedAllocations, key)
+			res.ReleasedAllocations = append(res.ReleasedAllocations, r.key())
 		}
-		c := r
-		c.State = memReleasing
-		if err := m.save(&c); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := mgr.Release(ctx, key.key()); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := m.forget(key); err != nil {
+		if err := m.releaseRecord(ctx, r); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	n, err := mgr.GC(ctx, func(podKey string) bool {
+	n, err := mgr.GC(ctx, func(cloudKey string) bool {
 		m.mu.Lock()
 		defer m.mu.Unlock()
-		_, ok := m.recs[podKey]
-		return ok || m.busy[podKey]
+		for k, r := range m.recs {
+			if r.cloudKey() == cloudKey || m.busy[k] && strings.HasPrefix(cloudKey, k+"#") {
+				return true
+			}
+		}
+		return false
 	})
 	if err != nil {
 		errs = append(errs, err)
