@@ -127,9 +127,10 @@ bench-policy: setup k8s-bins
 	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) test -count=1 -run '^$$' -bench PolicyChangeLatency -benchtime 100x ./test/e2e/kube
 
 # Service datapaths side by side in one lab: tern, kube-proxy iptables and nftables, no
-# Service; ClusterIP and NodePort; 1, 1,000 and 10,000 Services (docs/benchmarks.md).
+# Service (and, for NodePort, no Service routed through the node); ClusterIP and NodePort; 1, 1,000
+# and 10,000 Services; medians of 5 repetitions with their min–max (docs/benchmarks.md).
 bench-kubeproxy: setup k8s-bins
-	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/kubeproxy -services 1,1000,10000 -reps 3 -png docs/img/kubeproxy.png
+	TERN_K8S_BIN_DIR=$(K8S_BIN_DIR) $(GO) run ./test/bench/kubeproxy -services 1,1000,10000 -reps 5 -png docs/img/kubeproxy.png
 
 bench-masq:
 	$(GO) run ./test/bench/masq -flows 50000 -new 20000 -rounds 5 -allocs 3000

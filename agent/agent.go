@@ -202,6 +202,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		cleanups = append(cleanups, func() { _ = msrv.Close() })
 	}
+	if a.cfg.PprofAddr != "" {
+		psrv, err := a.servePprof()
+		if err != nil {
+			return err
+		}
+		cleanups = append(cleanups, func() { _ = psrv.Close() })
+	}
 
 	a.self.NotReady("loading the datapath")
 	if err := datapath.PrepareNode(); err != nil {

@@ -140,6 +140,9 @@ type Config struct {
 	// with a TokenReview and a SubjectAccessReview through Kubeconfig (see agent/metricsauth);
 	// /healthz and /readyz stay open for the kubelet's probes. Empty: no authentication.
 	MetricsAuth string `json:"metricsAuth,omitempty"`
+	// PprofAddr, when set, serves Go's runtime profiles (/debug/pprof/) on this TCP address;
+	// a bare port (":6060", "6060") listens on loopback only (agent/pprof.go). Empty: off.
+	PprofAddr string `json:"pprofAddr,omitempty"`
 	// Kubeconfig is for the Kubernetes-driven components; without it the agent is IPAM-only.
 	Kubeconfig string `json:"kubeconfig,omitempty"`
 	// NodeLabels stand for the Node's labels when there is no kubeconfig: they turn optional
@@ -151,6 +154,10 @@ type Config struct {
 	AllocateWait Duration `json:"allocateWait,omitempty"`
 	// MaintainInterval is the pool's background refill/reclaim period (default 10s).
 	MaintainInterval Duration `json:"maintainInterval,omitempty"`
+	// ListingGrace is how long the cloud's listings (DescribeNetworkInterfaces,
+	// DescribeRouteEntryList) may lag behind the calls that change what they list before the
+	// agent acts on a difference (default 10s; agent/listinggrace.go).
+	ListingGrace Duration `json:"listingGrace,omitempty"`
 	// FixedIPHoldTime is how long the address of a deleted StatefulSet pod with
 	// k8s.aliyun.com/pod-ip-fixed stays reserved for it (default 10m; docs/ipam.md).
 	FixedIPHoldTime Duration `json:"fixedIPHoldTime,omitempty"`
@@ -294,6 +301,9 @@ func (c Config) Validate() error {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.validateMetrics()...)
+	if _, err := PprofListenAddr(c.PprofAddr); err != nil {
+		errs = append(errs, err)
+	}
 	errs = append(errs, c.SocketLB.validate()...)
 	if c.LBAlgorithm != "" {
 		if _, err := service.ParseAlgorithm(c.LBAlgorithm); err != nil {
@@ -320,6 +330,7 @@ func (c Config) Validate() error {
 	if c.RouteCheckInterval < 0 {
 		errs = append(errs, fmt.Errorf("routeCheckInterval %s is negative", time.Duration(c.RouteCheckInterval)))
 	}
+	errs = append(errs, c.validateListingGrace()...)
 	errs = append(errs, c.validatePolicy()...)
 	errs = append(errs, c.Masquerade.validate()...)
 	errs = append(errs, c.validateModes()...)

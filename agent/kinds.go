@@ -97,7 +97,8 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 			}
 		}
 		r, err := s.New(ipam.KindDeps{Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID,
-			NodeName: a.cfg.NodeName, ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), OtherENIs: others(s.Kind)})
+			NodeName: a.cfg.NodeName, ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), OtherENIs: others(s.Kind),
+			ListingGrace: time.Duration(a.cfg.ListingGrace)})
 		if err != nil {
 			return nil, fmt.Errorf("network resource kind %s: %w", s.Kind, err)
 		}

@@ -132,7 +132,7 @@ func (c Config) validateModes() []error {
 			"cloud": c.Cloud != (CloudTuning{}), "eniConfigPath": c.ENIConfigPath != "",
 			"eniConfigPollInterval": c.ENIConfigPollInterval != 0, "statePath": c.StatePath != "",
 			"allocateWait": c.AllocateWait != 0, "maintainInterval": c.MaintainInterval != 0,
-			"eniLinkTimeout": c.ENILinkTimeout != 0, "clusterID": c.ClusterID != "",
+			"eniLinkTimeout": c.ENILinkTimeout != 0, "clusterID": c.ClusterID != "", "listingGrace": c.ListingGrace != 0,
 		} {
 			if isSet {
 				set = append(set, name)

@@ -24,7 +24,7 @@ func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *stor
 			pool, err := ipam.New(ipam.Options{
 				Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
 				ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
-				MaintainInterval: time.Duration(a.cfg.MaintainInterval), OtherENIs: otherENIs,
+				MaintainInterval: time.Duration(a.cfg.MaintainInterval), OtherENIs: otherENIs, ListingGrace: time.Duration(a.cfg.ListingGrace),
 			})
 			if err != nil {
 				return nil, err
@@ -45,7 +45,7 @@ func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *stor
 	return ipam.NewRoutePool(ipam.RouteOptions{
 		Cloud: cloud, Routes: cloud, Store: st, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
 		ClusterID: a.cfg.ClusterID, PodCIDR: cidr, RouteTableID: a.cfg.RouteTableID,
-		CheckInterval: time.Duration(a.cfg.RouteCheckInterval), Logger: a.log.Named("ipam"),
+		CheckInterval: time.Duration(a.cfg.RouteCheckInterval), ListingGrace: time.Duration(a.cfg.ListingGrace), Logger: a.log.Named("ipam"),
 	})
 }
 

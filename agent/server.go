@@ -312,6 +312,9 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	if err != nil {
 		return nil, &api.Error{Code: api.CodeInvalidConfig, Msg: "attach: " + err.Error()}
 	}
+	if record {
+		a.markExclusive(req, &ep)
+	}
 	if e := a.recordAttach(req, ep); e != nil {
 		return nil, e
 	}

@@ -4,6 +4,7 @@
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
  *             -> a service flow, or no flow and a frontend? policy on the backend, translate
+ *                (an exclusive-ENI pod's flow to a remote backend: to the node's address too)
  *             : policy, track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
@@ -32,6 +33,7 @@
 #include "lib/bandwidth.h"
 #include "lib/forward.h"
 #include "lib/nodeport.h"
+#include "lib/exclusive.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -40,18 +42,19 @@ static __always_inline bool has_ports(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
 }
 
-static __always_inline int reject(struct __sk_buff *skb, const struct pkt *p)
+/* Answer the pod's packet with a RST (TCP) or port-unreachable, counted as why. */
+static __always_inline int reject(struct __sk_buff *skb, const struct pkt *p, __u8 why)
 {
 	bool ok = false;
 	int verdict;
 
 	if (!p->first_frag)
-		return drop(skb, REASON_SVC_REJECT, DIR_FROM_POD);
+		return drop(skb, why, DIR_FROM_POD);
 	if (p->proto == IPPROTO_TCP)
 		verdict = reject_tcp(skb, p, &ok);
 	else
 		verdict = reject_icmp(skb, p, &ok);
-	count(skb, ok ? REASON_SVC_REJECT : REASON_DROP_REJECT_FAILED, DIR_FROM_POD);
+	count(skb, ok ? why : REASON_DROP_REJECT_FAILED, DIR_FROM_POD);
 	return ok ? verdict : TC_ACT_SHOT;
 }
 
@@ -82,7 +85,19 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 	int reason = SVC_REPICK;
 
 	if (f->ct)
-		reason = svc_established(p, f, now, &flow);
+		reason = (f->ct->flags & CT_F_SNAT) ? excl_established(p, f, now, &flow)
+						    : svc_established(p, f, now, &flow);
+	/* A newer flow of this client took the flow's wire tuple (its REVNAT half had been
+	 * evicted): the backend knows one connection on that tuple, the newer one. A TCP
+	 * segment of the old connection is answered with a RST, so the client learns at once
+	 * instead of retransmitting into the other connection; a SYN or a UDP datagram opens a
+	 * new flow, whose open sees the collision and moves it to another source port. */
+	if (reason == SVC_COLLIDED) {
+		if (p->proto == IPPROTO_TCP && !is_pure_syn(p->tcp_flags))
+			return reject(skb, p, REASON_CT_COLLISION_LATE);
+		count(skb, REASON_CT_COLLISION_LATE, DIR_FROM_POD);
+		reason = SVC_REPICK;
+	}
 	if (reason == SVC_REPICK) {
 		if (!svc)
 			svc = lb_lookup_internal(p->daddr, p->dport, p->proto);
@@ -94,17 +109,33 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 			/* internalTrafficPolicy Local with no local endpoint: kube-proxy drops. */
 			if (svc->flags & SVC_F_DROP_EMPTY)
 				return drop(skb, REASON_DROP_NO_LOCAL_BACKEND, DIR_FROM_POD);
-			return reject(skb, p);
+			return reject(skb, p, REASON_SVC_REJECT);
 		}
-		reason = svc_open(p, f, svc, now, &flow);
+		struct backend_value *be = lb_backend(svc->id, svc_pick_slot(p, svc, now));
+		if (!be)
+			return drop(skb, REASON_DROP_NO_BACKEND_SLOT, DIR_FROM_POD);
+		/* An exclusive-ENI pod's flow to a remote backend (exclusive.h). */
+		if (excl_wants_snat(skb, p, be))
+			reason = np_open_snat(p, f, svc, be, now, &flow);
+		else
+			reason = svc_open_to(p, f, svc, be, now, &flow);
 	}
 	if (!reason)
 		reason = policy_from_pod(skb, p, f, flow.nat_addr, flow.nat_port);
-	if (!reason)
-		reason = svc_translate(skb, p, &flow);
+	__be32 src = (flow.flags & CT_F_SNAT) ? CFG_NODEPORT_ADDR : svc_wire_client(p->saddr, flow.flags);
+	if (!reason && (p->proto == IPPROTO_SCTP && flow.nat_port != p->dport))
+		reason = REASON_DROP_SCTP_PORT;
+	if (!reason && (nat_rewrite(skb, p, true, flow.nat_addr, flow.nat_port) ||
+			nat_rewrite(skb, p, false, src, flow.nat_sport)))
+		reason = REASON_DROP_NAT_FAILED;
 	if (reason)
 		return drop(skb, reason, DIR_FROM_POD);
 	frag_remember(p);
+	/* An exclusive-ENI pod's flow to a remote backend: out by the FIB (exclusive.h). */
+	if (flow.flags & CT_F_SNAT) {
+		count(skb, REASON_NODEPORT_SNAT, DIR_FROM_POD);
+		return np_redirect(skb, false, DIR_FROM_POD);
+	}
 	if (flow.flags & CT_F_HAIRPIN) {
 		if (swap_eth(skb))
 			return drop(skb, REASON_DROP_NAT_FAILED, DIR_FROM_POD);
@@ -158,16 +189,25 @@ int tern_from_pod(struct __sk_buff *skb)
 	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
 		return hairpin_reply(skb, &p, &f, now);
-	if (f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a))
-		return service_forward(skb, &p, &f, NULL, now);
-	/* A new connection straight to a backend on an old service flow's wire tuple ends it. */
-	svc_end_by_direct(&p, &f);
-	/* Only a packet with no flow asks whether it opens a service flow. */
-	if (!f.ct) {
-		struct svc_value *svc = lb_lookup_internal(p.daddr, p.dport, p.proto);
-		if (svc)
-			return service_forward(skb, &p, &f, svc, now);
+	/* A service flow's packet, or a packet with no flow to a frontend: one place, so that
+	 * the verifier walks the service stages once (docs/reliability.md). */
+	struct svc_value *svc = NULL;
+	bool svc_flow = f.ct && (f.ct->flags & CT_F_SVC) && !ct_is_reply(f.ct, f.from_a);
+	if (!svc_flow) {
+		/* A new connection straight to a backend on an old service flow's wire tuple
+		 * ends it. */
+		svc_end_by_direct(&p, &f);
+		/* Only a packet with no flow asks whether it opens a service flow. */
+		if (!f.ct)
+			svc = lb_lookup_internal(p.daddr, p.dport, p.proto);
 	}
+	if (svc_flow || svc)
+		return service_forward(skb, &p, &f, svc, now);
+	/* A backend's reply whose flow lost its entries to the LRU, seen where it leaves the
+	 * backend: on this node it is forwarded into a local client pod without crossing that
+	 * pod's to-pod hook (forward.h), which counts the same loss otherwise. */
+	if (!f.ct && tcp_acks_a_flow(p.proto, p.tcp_flags))
+		count(skb, REASON_CT_REPLY_LOST, DIR_FROM_POD);
 	int reason = policy_from_pod(skb, &p, &f, p.daddr, p.dport);
 	if (!reason)
 		reason = flow_track(&p, now, &f, &reply);
@@ -203,12 +243,12 @@ int tern_to_pod(struct __sk_buff *skb)
 	/* A client's untranslated tuple seen coming in is not a reply to restore. */
 	if (f.ct && (f.ct->flags & CT_F_SVC))
 		return TC_ACT_OK;
-	/* A handshake reply whose flow the pod opened has an entry, unless the LRU evicted it
-	 * under pressure before the reply came: a service flow's reply then reaches the client
-	 * untranslated and the connection fails (the client's SYN retransmission rebuilds the
-	 * flow). Counted, so that a conntrack too small for its load is visible. */
-	if (!f.ct && p.proto == IPPROTO_TCP &&
-	    (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK))
+	/* A TCP segment that acknowledges something belongs to a live flow, which has an entry
+	 * unless the LRU evicted it under pressure: a service flow's reply (the SYN-ACK, or the
+	 * server's first data right after the handshake) then reaches the client untranslated,
+	 * the client resets it and that connection fails. Counted, so that a conntrack too
+	 * small for its load is visible. */
+	if (!f.ct && tcp_acks_a_flow(p.proto, p.tcp_flags))
 		count(skb, REASON_CT_REPLY_LOST, DIR_TO_POD);
 	int reason = policy_to_pod(skb, &p, &f);
 	if (!reason)

@@ -23,13 +23,13 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 SEC("cgroup/connect4")
 int tern_sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate_fwd(ctx, REASON_SOCK_CONNECT);
+	return sock4_xlate_fwd(ctx, REASON_SOCK_CONNECT, 0);
 }
 
 SEC("cgroup/sendmsg4")
 int tern_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate_fwd(ctx, REASON_SOCK_SENDMSG);
+	return sock4_xlate_fwd(ctx, REASON_SOCK_SENDMSG, ctx->msg_src_ip4);
 }
 
 SEC("cgroup/recvmsg4")

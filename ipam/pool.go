@@ -706,6 +706,9 @@ type Status struct {
 	IdleReclaimAfter         time.Duration
 	// Kinds is the capacity of every kind the node offers (Node fills it).
 	Kinds []KindCapacity
+	// PodCIDR is the node's pod CIDR in the VPC route mode (RoutePool), where pods' addresses
+	// come from it and no ENI holds them; invalid in the ENI modes.
+	PodCIDR netip.Prefix
 }
 
 // Status returns the current state.

@@ -50,8 +50,12 @@ type RouteOptions struct {
 	// CheckInterval is the period of the background check that the entry is still there
 	// (default 1m, jittered by ±LoopJitter); a missing entry is created again.
 	CheckInterval time.Duration
-	Logger        *zap.Logger
-	Now           func() time.Time
+	// ListingGrace is how long DescribeRouteEntryList may lag behind CreateRouteEntry and
+	// DeleteRouteEntry (default 10s): an entry the cloud accepted is waited for that long
+	// before its absence from the listing counts.
+	ListingGrace time.Duration
+	Logger       *zap.Logger
+	Now          func() time.Time
 }
 
 // RoutePool hands out the addresses of the node's pod CIDR and keeps the node's VPC route
@@ -109,6 +113,9 @@ func NewRoutePool(o RouteOptions) (*RoutePool, error) {
 	}
 	if o.CheckInterval <= 0 {
 		o.CheckInterval = time.Minute
+	}
+	if o.ListingGrace <= 0 {
+		o.ListingGrace = 10 * time.Second
 	}
 	if o.ClusterID == "" {
 		o.ClusterID = "default"
@@ -245,6 +252,13 @@ func (p *RoutePool) primaryENI(ctx context.Context, inst aliyun.Instance) (ENIIn
 // ensureRoute makes the node's entry exist, pointing at this instance, and waits until it is
 // Available. Every create goes through an intent whose token is the ClientToken, so a crash
 // between the call and the record replays the same create rather than adding a second one.
+//
+// The listing lags behind the calls (docs/ipam.md "VPC route mode"), so it only advises: an
+// entry it does not show may exist (created just before a crash), and one it shows may be
+// gone (deleted just now, a departed node's). The create decides, acting on the true table:
+// when the listing shows no entry of ours, the agent creates one even if the listing shows
+// another instance's entry for the CIDR, and InvalidCIDRBlock.Duplicate sends it back to
+// the listing, waited for up to ListingGrace, to see whose entry it is.
 func (p *RoutePool) ensureRoute(ctx context.Context, snap store.Snapshot) error {
 	dst, table := p.opts.PodCIDR, p.currentTable()
 	var pending *store.Intent
@@ -268,38 +282,51 @@ func (p *RoutePool) ensureRoute(ctx context.Context, snap store.Snapshot) error 
 	if err != nil {
 		return fmt.Errorf("route mode: list route entries for %s in %s: %w", dst, table, err)
 	}
-	var ours *aliyun.RouteEntry
+	var ours, other *aliyun.RouteEntry
 	for i := range entries {
-		e := entries[i]
-		if e.NextHopID != p.opts.InstanceID {
-			return fmt.Errorf("route mode: pod CIDR %s is already routed to %s %s (entry %s) in %s: two nodes were given one pod CIDR, or a stale entry remains; delete it or fix the Node's podCIDR",
-				dst, e.NextHopType, e.NextHopID, e.ID, table)
+		if entries[i].NextHopID == p.opts.InstanceID {
+			ours = &entries[i]
+		} else {
+			other = &entries[i]
 		}
-		ours = &e
 	}
 	if ours == nil && pending == nil {
+		if other != nil {
+			p.log.Info("the listing shows another instance's entry for the pod CIDR; creating ours, the cloud refuses if that entry still exists",
+				zap.Stringer("podCIDR", dst), zap.String("entry", other.ID), zap.String("nextHop", other.NextHopID))
+		}
 		pending = &store.Intent{Token: newToken(), Kind: store.IntentCreateRoute, Route: dst, RouteTableID: table, Created: p.opts.Now()}
 		if err := p.opts.Store.PutIntent(*pending); err != nil {
 			return err
 		}
 	}
-	id := ""
-	if ours != nil {
-		id = ours.ID
-	}
+	created := "" // the entry a create returned, which the listing must show
 	if pending != nil {
 		// Also when the listing shows the entry: the replay with the same token is
 		// harmless and settles the intent.
-		got, err := p.opts.Routes.CreateRouteEntry(ctx, aliyun.CreateRouteRequest{TableID: table, Destination: dst, InstanceID: p.opts.InstanceID,
+		id, err := p.opts.Routes.CreateRouteEntry(ctx, aliyun.CreateRouteRequest{TableID: table, Destination: dst, InstanceID: p.opts.InstanceID,
 			Name: RouteEntryName(p.opts.NodeName), Description: RouteEntryDescription(p.opts.ClusterID, p.opts.NodeName), Token: pending.Token})
 		switch {
 		case err == nil:
-			id = got
-		case errors.Is(err, aliyun.ErrConflict) && ours != nil:
-			// Created by an earlier run whose intent was lost with a reply; the listing
-			// vouches for it.
+			// The entry's ID and the intent's end are one transaction.
+			err = p.opts.Store.Update(func(tx *store.Tx) error {
+				return errors.Join(tx.SetMeta(metaRouteEntry, id), tx.SetMeta(metaRouteCIDR, dst.String()),
+					tx.SetMeta(metaRouteTable, table), tx.DeleteIntent(pending.Token))
+			})
+			if err != nil {
+				return err
+			}
+			snap.Meta = map[string]string{metaRouteEntry: id, metaRouteCIDR: dst.String(), metaRouteTable: table}
+			created = id
 		case errors.Is(err, aliyun.ErrConflict):
-			return fmt.Errorf("route mode: %s is routed in %s but the listing does not show it yet: %w", dst, table, err)
+			// The table has an entry for the CIDR that this token did not create: ours
+			// from an earlier run (its intent settled, or a token the cloud forgot), not
+			// listed yet, or another instance's. The wait below tells which.
+			// The call created nothing: its intent goes.
+			p.log.Info("the route table already has an entry for the pod CIDR; reading the listing to see whose", zap.Stringer("podCIDR", dst), zap.Error(err))
+			if err := p.opts.Store.DeleteIntent(pending.Token); err != nil {
+				return err
+			}
 		default:
 			if !outcomeUnknown(ctx, err) {
 				// Refused: the intent goes, the error stays (a bad CIDR, a full table).
@@ -307,27 +334,24 @@ func (p *RoutePool) ensureRoute(ctx context.Context, snap store.Snapshot) error 
 			}
 			return fmt.Errorf("route mode: create the route entry %s → %s in %s: %w", dst, p.opts.InstanceID, table, err)
 		}
-		err = p.opts.Store.Update(func(tx *store.Tx) error {
-			return errors.Join(tx.SetMeta(metaRouteEntry, id), tx.SetMeta(metaRouteCIDR, dst.String()),
-				tx.SetMeta(metaRouteTable, table), tx.DeleteIntent(pending.Token))
-		})
-		if err != nil {
-			return err
-		}
-	} else if snap.Meta[metaRouteEntry] != id {
+	}
+	e, err := p.opts.Routes.WaitRouteEntry(ctx, table, dst, aliyun.RouteWait{Present: true, ID: created, Unlisted: p.opts.ListingGrace})
+	if err == nil && e.NextHopID != p.opts.InstanceID {
+		err = fmt.Errorf("route mode: pod CIDR %s is already routed to %s %s (entry %s) in %s: two nodes were given one pod CIDR, or a stale entry remains; delete it or fix the Node's podCIDR",
+			dst, e.NextHopType, e.NextHopID, e.ID, table)
+	} else if err != nil {
+		err = fmt.Errorf("route mode: wait for the route entry %s → %s to be Available: %w", dst, p.opts.InstanceID, err)
+	}
+	if err != nil {
+		p.available.Set(0)
+		return err
+	}
+	if snap.Meta[metaRouteEntry] != e.ID || snap.Meta[metaRouteCIDR] != dst.String() || snap.Meta[metaRouteTable] != table {
 		if err := p.opts.Store.Update(func(tx *store.Tx) error {
-			return errors.Join(tx.SetMeta(metaRouteEntry, id), tx.SetMeta(metaRouteCIDR, dst.String()), tx.SetMeta(metaRouteTable, table))
+			return errors.Join(tx.SetMeta(metaRouteEntry, e.ID), tx.SetMeta(metaRouteCIDR, dst.String()), tx.SetMeta(metaRouteTable, table))
 		}); err != nil {
 			return err
 		}
-	}
-	p.mu.Lock()
-	p.entryID = id
-	p.mu.Unlock()
-	e, err := p.opts.Routes.WaitRouteEntry(ctx, table, dst, true)
-	if err != nil {
-		p.available.Set(0)
-		return fmt.Errorf("route mode: wait for the route entry %s → %s to be Available: %w", dst, p.opts.InstanceID, err)
 	}
 	p.available.Set(1)
 	p.mu.Lock()
@@ -497,7 +521,7 @@ func (p *RoutePool) GC(ctx context.Context, livePods func() map[string]bool) (GC
 func (p *RoutePool) Status() Status {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	s := Status{Capacity: Capacity{MaxPods: p.size()}, InUse: len(p.allocs), Idle: p.size() - len(p.allocs)}
+	s := Status{Capacity: Capacity{MaxPods: p.size()}, InUse: len(p.allocs), Idle: p.size() - len(p.allocs), PodCIDR: p.opts.PodCIDR}
 	if p.primary.ID != "" {
 		es := ENIStatus{ENIInfo: p.primary}
 		for ip := range p.byIP {

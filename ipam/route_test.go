@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -313,4 +314,125 @@ func TestRouteModeStartsUnderFaults(t *testing.T) {
 	if got := routesOf(s); fmt.Sprint(got) != fmt.Sprint(want) || len(s.Routes) != 2 {
 		t.Fatalf("route table under faults = %+v, want exactly %v", s.Routes, want)
 	}
+}
+
+// TestRouteModeSurvivesListingLag: DescribeRouteEntryList lags 400 ms behind the table (a new
+// entry missing, a deleted one still listed). Against it: two nodes start together, each on
+// its first attempt; a node that crashed after it recorded a create's reply but before the
+// listing showed the entry adopts it on restart (its new create's InvalidCIDRBlock.Duplicate
+// sends it to the listing) instead of failing; one that crashed with the reply lost, after
+// its previous entry was deleted, replays the token and records the new entry, not the old
+// one the listing still shows; a departed node's entry is deleted, the clean-up repeated
+// while the listing still shows it is harmless, and a node given the departed node's CIDR at
+// once starts on its first attempt although the listing still shows the old entry. Every
+// step ends with exactly one entry per node.
+func TestRouteModeSurvivesListingLag(t *testing.T) {
+	const lag = 400 * time.Millisecond
+	const node3, node4 = "i-test-0003", "i-test-0004"
+	podCIDR3 := netip.MustParsePrefix("192.168.130.0/26")
+	cfg := ecsemu.TestConfig()
+	cfg.AddInstance(routeNode2, "ecs.g7.large", "vsw-test-a", "192.168.1.12")
+	cfg.AddInstance(node3, "ecs.g7.large", "vsw-test-a", "192.168.1.13")
+	cfg.AddInstance(node4, "ecs.g7.large", "vsw-test-a", "192.168.1.14")
+	cfg.ListingLag = ecsemu.ListingLag{Routes: ecsemu.Duration(lag)}
+	emu, ep := ecsemu.NewTestServer(t, cfg)
+	emu.SetDelays(ecsemu.TransitionDelays{Route: ecsemu.Duration(40 * time.Millisecond), RouteDelete: ecsemu.Duration(10 * time.Millisecond)})
+	e := &routeEnv{env: &env{t: t, emu: emu, endpoint: ep}, dir: t.TempDir()}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	table := emu.RouteTableID()
+	wantTable := func(what string, want map[string]string) {
+		t.Helper()
+		s := e.emu.Snapshot()
+		if got := routesOf(s); fmt.Sprint(got) != fmt.Sprint(want) || len(s.Routes) != len(want) {
+			t.Fatalf("%s: route table %+v, want exactly %v, Available", what, s.Routes, want)
+		}
+	}
+	wantRecorded := func(what string, p *RoutePool, st *store.Store, id string) {
+		t.Helper()
+		snap, err := st.Load()
+		if err != nil || len(snap.Intents) != 0 || snap.Meta[metaRouteEntry] != id {
+			t.Fatalf("%s: store has intents %+v, entry %q (%v); want none, %s", what, snap.Intents, snap.Meta[metaRouteEntry], err, id)
+		}
+		if _, entry, _ := p.Route(); entry != id {
+			t.Fatalf("%s: the pool's entry is %q, want %s", what, entry, id)
+		}
+	}
+	createFor := func(instance, node string, cidr netip.Prefix, token string) string {
+		t.Helper()
+		id, err := e.client().CreateRouteEntry(ctx, aliyun.CreateRouteRequest{TableID: table, Destination: cidr, InstanceID: instance,
+			Name: RouteEntryName(node), Description: RouteEntryDescription(clusterTag, node), Token: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+
+	p1, _ := e.newRoutePool(smallNode, "node-1", podCIDR1)
+	p2, _ := e.newRoutePool(routeNode2, "node-2", podCIDR2)
+	var wg sync.WaitGroup
+	for _, p := range []*RoutePool{p1, p2} {
+		wg.Add(1)
+		go func() { defer wg.Done(); e.start(p) }()
+	}
+	wg.Wait()
+	defer p1.Stop()
+	wantTable("two nodes started", map[string]string{podCIDR1.String(): smallNode, podCIDR2.String(): routeNode2})
+
+	// node-3's first run created its entry, recorded the reply and was killed before the
+	// listing showed the entry.
+	_, st3 := e.newRoutePool(node3, "node-3", podCIDR3)
+	first := createFor(node3, "node-3", podCIDR3, "tern-recorded-create")
+	if err := st3.Update(func(tx *store.Tx) error {
+		return errors.Join(tx.SetMeta(metaRouteEntry, first), tx.SetMeta(metaRouteCIDR, podCIDR3.String()), tx.SetMeta(metaRouteTable, table))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st3.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p3, st3 := e.newRoutePool(node3, "node-3", podCIDR3)
+	e.start(p3)
+	all := map[string]string{podCIDR1.String(): smallNode, podCIDR2.String(): routeNode2, podCIDR3.String(): node3}
+	wantTable("restart after a recorded create not listed yet", all)
+	wantRecorded("restart after a recorded create not listed yet", p3, st3, first)
+
+	// Someone deletes node-3's entry; its check creates it again and the agent is killed with
+	// that create's reply lost; the listing still shows the deleted entry.
+	p3.Stop()
+	if err := e.emu.DeleteRouteEntryNow(first); err != nil {
+		t.Fatal(err)
+	}
+	lost := store.Intent{Token: "tern-lost-reply", Kind: store.IntentCreateRoute, Route: podCIDR3, RouteTableID: table, Created: time.Now()}
+	if err := st3.PutIntent(lost); err != nil {
+		t.Fatal(err)
+	}
+	second := createFor(node3, "node-3", podCIDR3, lost.Token)
+	if err := st3.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p3, st3 = e.newRoutePool(node3, "node-3", podCIDR3)
+	e.start(p3)
+	defer p3.Stop()
+	wantTable("restart after a lost reply, the old entry still listed", all)
+	wantRecorded("restart after a lost reply, the old entry still listed", p3, st3, second)
+
+	// node-2 leaves. The clean-up deletes its entry; run again at once, while the listing
+	// still shows the entry, it does no harm.
+	p2.Stop()
+	for i := range 2 {
+		if _, err := DeleteDepartedRoutes(ctx, e.client(), table, clusterTag, map[string]bool{"node-1": true, "node-3": true}, nil); err != nil {
+			t.Fatalf("clean-up %d of node-2's entry: %v", i+1, err)
+		}
+	}
+	e.emu.FinishTransitions()
+	wantTable("node-2 left", map[string]string{podCIDR1.String(): smallNode, podCIDR3.String(): node3})
+	if listed := e.emu.ListedRoutes(); !slices.ContainsFunc(listed, func(r ecsemu.RouteEntryState) bool { return r.NextHopID == routeNode2 }) {
+		t.Fatalf("the listing shows %+v; the test wants it still to show node-2's deleted entry", listed)
+	}
+	// node-4 gets node-2's CIDR and starts while the listing still shows node-2's entry.
+	p4, _ := e.newRoutePool(node4, "node-4", podCIDR2)
+	e.start(p4)
+	defer p4.Stop()
+	wantTable("node-4 took node-2's CIDR", map[string]string{podCIDR1.String(): smallNode, podCIDR2.String(): node4, podCIDR3.String(): node3})
 }

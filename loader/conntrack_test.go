@@ -399,15 +399,25 @@ func TestHandshakeReplyAfterItsFlowWasEvicted(t *testing.T) {
 	wantAddrPort(t, "the client's SYN retransmission", out.Dst, out.DstPort, be1, 8080)
 	in = h.reply(tcp(be1, 8080, client, 3000, packet.SYN|packet.ACK))
 	wantAddrPort(t, "the retried handshake's SYN-ACK", in.Src, in.SrcPort, vip, 80)
-	// An established flow's reply that found no entry is not a handshake reply: not counted.
+	// An established flow's reply that found no entry (the server's first data right after
+	// the handshake, say) is lost the same way: counted too. A RST is not (it is what a
+	// kernel answers a tuple it does not know with).
 	lost = loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod)
 	h.forward(tcp(client, 3000, vip, 80, packet.ACK))
 	if err := h.m.CT.Delete(revKey); err != nil {
 		t.Fatal(err)
 	}
 	h.reply(tcp(be1, 8080, client, 3000, packet.ACK))
+	if got := loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod) - lost; got != 1 {
+		t.Errorf("ct_reply_lost counted %d for a mid-flow segment, want 1", got)
+	}
+	if err := h.m.CT.Delete(revKey); err != nil {
+		t.Fatal(err)
+	}
+	lost = loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod)
+	h.reply(tcp(be1, 8080, client, 3000, packet.RST))
 	if got := loadertest.Metric(t, h.m, loader.ReasonCTReplyLost, loader.DirToPod) - lost; got != 0 {
-		t.Errorf("ct_reply_lost counted %d for a mid-flow segment, want 0", got)
+		t.Errorf("ct_reply_lost counted %d for a RST, want 0", got)
 	}
 	// ... and the client's next packet repairs the pair all the same.
 	h.forward(tcp(client, 3000, vip, 80, packet.ACK))

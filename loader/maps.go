@@ -79,6 +79,7 @@ const MaglevBlock = 16
 const (
 	EndpointFlagPolicy    = 1 << 0
 	EndpointFlagBandwidth = 1 << 1
+	EndpointFlagExclusive = 1 << 2 // an exclusive-ENI pod (bpf/lib/exclusive.h)
 	IPCacheFlagLocal      = 1 << 0
 	IPCacheFlagPod        = 1 << 1
 )

@@ -346,6 +346,9 @@ const (
 	PodTernReasonREASON_DROP_NODEPORT_NO_ROUTE PodTernReason = 41
 	PodTernReasonREASON_POLICY_ALLOWED         PodTernReason = 42
 	PodTernReasonREASON_CT_REPLY_LOST          PodTernReason = 43
+	PodTernReasonREASON_CT_COLLISION_LATE      PodTernReason = 44
+	PodTernReasonREASON_SOCK_MAGLEV            PodTernReason = 45
+	PodTernReasonREASON_SOCK_DEFER             PodTernReason = 46
 	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 

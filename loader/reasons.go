@@ -73,10 +73,22 @@ const (
 	// ReasonPolicyAllowed names an allowed verdict on tern_events (policy_event); it is
 	// never counted in tern_metrics (tern_policy_stats counts verdicts per policy).
 	ReasonPolicyAllowed = PodTernReasonREASON_POLICY_ALLOWED
-	// ReasonCTReplyLost counts (to-pod) a TCP SYN-ACK that found no conntrack entry: the
-	// LRU evicted its flow's entries before the reply, and a service flow's reply then
-	// reaches the client untranslated. Not a drop: the packet passes as it is.
+	// ReasonCTReplyLost counts (to-pod, and from-pod where a backend's reply leaves it) a
+	// TCP segment with ACK, not a RST, that found no conntrack entry: the LRU evicted its
+	// live flow's entry, and a service flow's reply (a SYN-ACK, the server's first data)
+	// then reaches the client untranslated. Not a drop: the packet passes as it is.
 	ReasonCTReplyLost = PodTernReasonREASON_CT_REPLY_LOST
+	// ReasonCTCollisionLate counts (from-pod) a packet of an idle service flow whose wire
+	// tuple a newer flow of the same client took after the LRU had evicted the idle flow's
+	// REVNAT half: a TCP segment is answered with a RST (the backend knows the newer
+	// connection only), a SYN or UDP datagram opens a new flow on another source port.
+	ReasonCTCollisionLate = PodTernReasonREASON_CT_COLLISION_LATE
+	// ReasonSockMaglev counts (sock) connect()/sendmsg() calls to a Maglev frontend whose
+	// backend the Maglev table chose, the socket's source address and port being known;
+	// ReasonSockDefer those to a frontend with loadBalancerSourceRanges whose client address
+	// was not known yet (a pod's unbound socket), left untranslated for the tc path to check.
+	ReasonSockMaglev = PodTernReasonREASON_SOCK_MAGLEV
+	ReasonSockDefer  = PodTernReasonREASON_SOCK_DEFER
 )
 
 var reasonLabels = map[Reason]string{
@@ -101,6 +113,9 @@ var reasonLabels = map[Reason]string{
 	ReasonDropNodePortNoRoute: "drop_nodeport_no_route",
 	ReasonPolicyAllowed:       "policy_allowed",
 	ReasonCTReplyLost:         "ct_reply_lost",
+	ReasonCTCollisionLate:     "ct_collision_late",
+	ReasonSockMaglev:          "sock_maglev",
+	ReasonSockDefer:           "sock_defer",
 }
 
 // String is the reason's Prometheus label value.

@@ -119,7 +119,21 @@ func probeSockHook(at ebpf.AttachType) error {
 // LoadSock loads the sock object against this datapath's LB maps and tern_metrics. The
 // hooks are not attached yet (Attach). A kernel without connect4 is an error wrapping
 // ebpf.ErrNotSupported: the caller keeps the tc path alone.
+//
+// The node namespace is the calling thread's and its address the datapath's NodePortAddr
+// (SockHost); LoadSockFor names them.
 func (d *Datapath) LoadSock() (*SockLB, error) {
+	h := SockHost{Addr: d.cfg.NodePortAddr}
+	c, err := CurrentNetnsCookie()
+	if err != nil {
+		d.cfg.Logger.Warn("host-network sockets to LoadBalancer IPs with loadBalancerSourceRanges go untranslated", zap.Error(err))
+	}
+	h.NetnsCookie = c
+	return d.LoadSockFor(h)
+}
+
+// LoadSockFor is LoadSock with the node's namespace and address given (SockHost).
+func (d *Datapath) LoadSockFor(host SockHost) (*SockLB, error) {
 	st := SockStatus{Missing: map[SockHook]string{}}
 	have := map[SockHook]bool{}
 	for _, h := range sockHookDefs() {
@@ -156,6 +170,9 @@ func (d *Datapath) LoadSock() (*SockLB, error) {
 	}
 	if err := spec.Variables[SockVarCFG_SOCK_HAVE_SET_RETVAL].Set(b2u8(retval)); err != nil {
 		return nil, fmt.Errorf("set load-time variable %s: %w", SockVarCFG_SOCK_HAVE_SET_RETVAL, err)
+	}
+	if err := setSockHost(spec, host); err != nil {
+		return nil, err
 	}
 	destroySpec := spec.Copy()
 	for _, h := range sockHookDefs() {

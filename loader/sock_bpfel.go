@@ -150,6 +150,8 @@ const (
 	SockProgTernSockSendmsg4        = "tern_sock_sendmsg4"
 	SockProgTernSockSendmsg6        = "tern_sock_sendmsg6"
 	SockVarCFG_SOCK_HAVE_SET_RETVAL = "CFG_SOCK_HAVE_SET_RETVAL"
+	SockVarCFG_SOCK_HOST_ADDR       = "CFG_SOCK_HOST_ADDR"
+	SockVarCFG_SOCK_HOST_NETNS      = "CFG_SOCK_HOST_NETNS"
 	SockVarCFG_SOCK_UDP             = "CFG_SOCK_UDP"
 )
 
@@ -228,6 +230,8 @@ type SockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockVariableSpecs struct {
 	CFG_SOCK_HAVE_SET_RETVAL *ebpf.VariableSpec `ebpf:"CFG_SOCK_HAVE_SET_RETVAL"`
+	CFG_SOCK_HOST_ADDR       *ebpf.VariableSpec `ebpf:"CFG_SOCK_HOST_ADDR"`
+	CFG_SOCK_HOST_NETNS      *ebpf.VariableSpec `ebpf:"CFG_SOCK_HOST_NETNS"`
 	CFG_SOCK_UDP             *ebpf.VariableSpec `ebpf:"CFG_SOCK_UDP"`
 }
 
@@ -285,6 +289,8 @@ func (m *SockMaps) Close() error {
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockVariables struct {
 	CFG_SOCK_HAVE_SET_RETVAL *ebpf.Variable `ebpf:"CFG_SOCK_HAVE_SET_RETVAL"`
+	CFG_SOCK_HOST_ADDR       *ebpf.Variable `ebpf:"CFG_SOCK_HOST_ADDR"`
+	CFG_SOCK_HOST_NETNS      *ebpf.Variable `ebpf:"CFG_SOCK_HOST_NETNS"`
 	CFG_SOCK_UDP             *ebpf.Variable `ebpf:"CFG_SOCK_UDP"`
 }
 

@@ -65,6 +65,9 @@ func bpfEndpointCommand(e *env) *cobra.Command {
 			if v.Flags&loader.EndpointFlagBandwidth != 0 {
 				ep.Flags = append(ep.Flags, "bandwidth")
 			}
+			if v.Flags&loader.EndpointFlagExclusive != 0 {
+				ep.Flags = append(ep.Flags, "exclusive")
+			}
 			if l, err := netlink.LinkByIndex(int(k.Ifindex)); err == nil {
 				ep.Interface = l.Attrs().Name
 			}

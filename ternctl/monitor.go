@@ -24,6 +24,10 @@ import (
 	"github.com/tern-net/tern/loader"
 )
 
+// MonitorReading starts the line monitor prints on stderr once it reads the ring buffer:
+// events from then on are its to show (tests wait for it; ternctl/ternctltest).
+const MonitorReading = "monitoring drops from"
+
 // DropEvent is one drop as `monitor -o json` prints it (one JSON object per line).
 type DropEvent struct {
 	Type        string         `json:"type"` // "drop"
@@ -221,7 +225,7 @@ func (e *env) monitor(ctx context.Context, f monitorFilter) error {
 		return n
 	}
 	// Said on stderr so that a JSON or YAML stream on stdout stays parseable.
-	fmt.Fprintf(e.stderr, "monitoring drops from %s (interrupt to stop)\n", filepath.Join(e.opts.PinRoot, loader.PodMapTernEvents))
+	fmt.Fprintf(e.stderr, "%s %s (interrupt to stop)\n", MonitorReading, filepath.Join(e.opts.PinRoot, loader.PodMapTernEvents))
 	if e.opts.Output == "table" {
 		fmt.Fprintf(e.stdout, "%-26s %-22s %-11s %-16s %-5s %-21s %-21s %s\n", "TIME", "REASON", "DIRECTION", "INTERFACE", "PROTO", "SOURCE", "DESTINATION", "POD")
 	}

@@ -1,5 +1,6 @@
 // Package kube is the Kubernetes-driven part of tern-agent, one file per job: the service
-// load-balancer controller and healthCheckNodePort servers (services.go), the Node's IPAM
+// load-balancer controller and healthCheckNodePort servers (services.go; nodewatch.go keeps
+// its node addresses and zone current), the Node's IPAM
 // report and the Events on pods whose address could not be allocated (nodereport.go), garbage
 // collection of addresses whose pods are gone (podgc.go), the pods' bandwidth annotations
 // (bandwidth.go), NetworkPolicy (policy.go) and the VPC route mode's janitor (routes.go).

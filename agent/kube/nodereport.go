@@ -90,8 +90,13 @@ func (r *nodeReport) snapshot() nodereport.Snapshot {
 	r.mu.Lock()
 	why := r.exhausted
 	r.mu.Unlock()
-	return nodereport.Snapshot{ENIIPs: st.InUseByENI(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
+	s := nodereport.Snapshot{ENIIPs: st.InUseByENI(), MaxPods: st.Capacity.MaxPods, InUse: st.InUse,
 		Exhausted: why != "", Reason: why, ExtendedResources: nodereport.ExtendedResourcesOf(st.Kinds)}
+	if st.PodCIDR.IsValid() {
+		// VPC route mode: no ENI holds the pods' addresses.
+		s.ENIIPs, s.PodCIDR = nil, st.PodCIDR.String()
+	}
+	return s
 }
 
 // allocated hears every allocation the CNI asked for. A failure becomes a Warning Event on

@@ -32,6 +32,8 @@ type serviceLB struct {
 
 	ctl    *controller.Controller
 	health *healthcheck.Server
+	nodeMu sync.Mutex
+	node   service.Node // what the controller was last told of this node (nodewatch.go)
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
@@ -73,6 +75,7 @@ func (s *serviceLB) Start(ctx context.Context, node string) error {
 			s.log.Error("service controller stopped", zap.Error(err))
 		}
 	}()
+	s.followNode(ctx, tr.Node)
 	return nil
 }
 
@@ -87,10 +90,10 @@ func (s *serviceLB) Stop() {
 	}
 }
 
-// translator says what service translation needs of this node: its name, its zone (read
-// once from the Node's topology.kubernetes.io/zone label, as kube-proxy reads it at start;
-// without it topology hints are ignored, as kube-proxy ignores them) and the configured
-// algorithm defaults (validated with the config).
+// translator says what service translation needs of this node at start: its name, its
+// addresses, its zone (the Node's topology.kubernetes.io/zone label; without it topology
+// hints are ignored, as kube-proxy ignores them) and the configured algorithm defaults
+// (validated with the config). followNode keeps the addresses and the zone current.
 func (s *serviceLB) translator(ctx context.Context, node string) service.Translator {
 	cfg := s.deps.Config
 	tr := service.Translator{Node: service.Node{Name: node, Addrs: s.deps.NodeAddrs()}, MaglevTableSize: cfg.MaglevTableSize}
@@ -99,7 +102,7 @@ func (s *serviceLB) translator(ctx context.Context, node string) service.Transla
 	}
 	n, err := s.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 	if err != nil {
-		s.log.Warn("cannot read this node's zone: topology hints are ignored until the agent restarts",
+		s.log.Warn("cannot read this node's zone: topology hints are ignored until the Node watch sees it",
 			zap.String("node", node), zap.Error(err))
 		return tr
 	}

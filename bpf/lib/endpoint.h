@@ -13,6 +13,9 @@ struct endpoint_key {
 enum endpoint_flag {
 	EP_F_POLICY = 1 << 0, /* NetworkPolicy enforced on this endpoint */
 	EP_F_BANDWIDTH = 1 << 1, /* bandwidth limits in bw_slot apply */
+	EP_F_EXCLUSIVE = 1 << 2, /* the pod owns an ENI (its eth0); the veth carries only its
+				  * Service and node traffic: flows to remote backends are
+				  * translated to the node's address (exclusive.h) */
 };
 
 struct endpoint_value {

@@ -116,7 +116,8 @@ struct svc_opts {
 /* tern_lb_svc_opts: key the frontend id (svc_value.id), value svc_opts. Size from the loader
  * (default 131072, like the frontends); never evicted: written before the frontend's flags
  * point at it and deleted after they no longer do. Not preallocated: only frontends with
- * affinity or Maglev have one. Writer: agent service reconciler. Reader: lb_pick_backend. */
+ * affinity or Maglev have one. Writer: agent service reconciler. Readers: lb_pick_backend
+ * (from-pod) and sock_select_backend (sock hooks). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -137,7 +138,8 @@ struct src_range_key {
  * (svc_value.flags SVC_F_SRC_RANGES): a new flow from a client outside them is dropped. LPM
  * trie, 65536 prefixes; never evicted: written before the frontend's flag is set, deleted
  * after it is cleared. Writer: agent service reconciler. Readers: from-netdev (external
- * clients) and from-pod (in-cluster clients), on a flow's first packet. */
+ * clients) and from-pod (in-cluster clients), on a flow's first packet, and the sock hooks
+ * (a socket whose source address is known, sock.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct src_range_key);

@@ -29,7 +29,8 @@ struct maglev_value {
  * backends); never evicted: the reconciler writes a frontend's blocks before it flags the
  * frontend as Maglev and deletes them after it clears the flag or removes the frontend.
  * Not preallocated: only Maglev frontends use it. Writer: agent service reconciler. Reader:
- * from-pod program (and the socket-LB object through lb_pick_backend). */
+ * from-pod program (lb_pick_backend) and the socket-LB object (sock_select_backend, for a
+ * socket whose source address and port are known). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct maglev_key);

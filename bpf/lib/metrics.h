@@ -52,12 +52,15 @@ enum tern_reason : __u8 {
 	REASON_DROP_SNAT_NO_PORT = 35, /* masquerade found no free port in CFG_SNAT_TRIES tries */
 	REASON_DROP_SNAT_FULL = 36, /* tern_snat is full: no new masqueraded flow */
 	REASON_NODEPORT_FORWARD = 37, /* from-netdev: external client to a local backend, DNAT only */
-	REASON_NODEPORT_SNAT = 38,  /* from-netdev: external client to a remote backend, DNAT + SNAT to the node */
+	REASON_NODEPORT_SNAT = 38,  /* from-netdev: external client (from-pod: exclusive-ENI pod) to a remote backend, DNAT + SNAT to the node */
 	REASON_NODEPORT_REVNAT = 39, /* an external client's reply restored (from-netdev: SNAT flow; to-netdev: local backend) */
 	REASON_DROP_SRC_RANGE = 40, /* client outside the frontend's loadBalancerSourceRanges */
 	REASON_DROP_NODEPORT_NO_ROUTE = 41, /* a translated external client's packet the FIB has no route for */
 	REASON_POLICY_ALLOWED = 42, /* NetworkPolicy allowed a new flow: events only (policy.h), never counted here */
-	REASON_CT_REPLY_LOST = 43,  /* to-pod: a TCP SYN-ACK with no conntrack entry (the LRU took its flow's before the reply); passed as it is */
+	REASON_CT_REPLY_LOST = 43,  /* to-pod, from-pod: a TCP segment with ACK (not RST) and no conntrack entry (the LRU took its live flow's); passed as it is */
+	REASON_CT_COLLISION_LATE = 44, /* from-pod: an idle service flow's wire tuple was taken by a newer flow after the LRU took its REVNAT half: TCP reset, UDP moved */
+	REASON_SOCK_MAGLEV = 45,    /* sock: a connect()/sendmsg() whose backend the Maglev table chose (source address and port known) */
+	REASON_SOCK_DEFER = 46,     /* sock: a frontend left to the tc path (loadBalancerSourceRanges, the client's address not known yet) */
 	__REASON_MAX = 64,
 };
 

@@ -62,7 +62,8 @@ struct np_rev {
  * and frontend). One entry per external client's flow to a remote backend. LRU, 131072
  * entries (size from the loader): an idle flow's entry may be evicted under pressure, which
  * ends that flow; expired entries are free to the allocator, so no GC is needed. Writer:
- * from-netdev (claim, refresh). Reader: from-netdev (replies), ternctl. */
+ * from-netdev (claim, refresh), from-pod (an exclusive-ENI pod's flows, exclusive.h).
+ * Reader: from-netdev (replies), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);

@@ -93,7 +93,7 @@ static __always_inline void svc_merge(struct ct_value *a, struct ct_value *b, __
  * client is side b of sk), fk/rev the REVNAT entry (rev_client_b: the client's wire side is
  * side b of fk). Whichever the packet found is non-NULL; the other is looked up and, when
  * merge is set, merged, or rebuilt from the one at hand if the LRU took it. */
-static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_value *svc, bool svc_client_b,
+static __always_inline bool svc_keep_pair(const struct ct_key *sk, struct ct_value *svc, bool svc_client_b,
 					  const struct ct_key *fk, struct ct_value *rev, bool rev_client_b,
 					  __u8 proto, __u64 now, bool merge)
 {
@@ -103,14 +103,21 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 	 * found neither half (a backend's reply after the LRU took the REVNAT half) was tracked
 	 * as a plain flow there. It is overwritten, or the pair would stay broken. */
 	if (svc) {
-		rev = bpf_map_lookup_elem(&tern_conntrack, fk);
-		if (rev && (rev->flags & CT_F_REVNAT)) {
-			if (merge)
-				svc_merge(svc, rev, proto, now);
-			return;
-		}
 		struct ct_side client = ct_side_of(sk, svc_client_b);
 		struct ct_side front = ct_side_of(sk, !svc_client_b);
+
+		rev = bpf_map_lookup_elem(&tern_conntrack, fk);
+		if (rev && (rev->flags & CT_F_REVNAT)) {
+			/* Another service flow's half: a newer flow of this client took the wire
+			 * tuple while the LRU had taken this one's REVNAT half, so its open saw
+			 * no collision (docs/architecture.md, "Collision"). Left to the caller. */
+			if (rev->nat_addr != front.addr || rev->nat_port != front.port ||
+			    rev->nat_sport != client.port)
+				return true;
+			if (merge)
+				svc_merge(svc, rev, proto, now);
+			return false;
+		}
 
 		v.expires_ns = svc->expires_ns;
 		v.nat_addr = front.addr;
@@ -119,13 +126,13 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 		v.svc_id = svc->svc_id;
 		v.flags = (svc->flags & SVC_PAIR_FLAGS) | CT_F_REVNAT | (rev_client_b ? CT_F_ORIGIN_B : 0);
 		bpf_map_update_elem(&tern_conntrack, fk, &v, BPF_ANY);
-		return;
+		return false;
 	}
 	svc = bpf_map_lookup_elem(&tern_conntrack, sk);
 	if (svc && (svc->flags & CT_F_SVC)) {
 		if (merge)
 			svc_merge(svc, rev, proto, now);
-		return;
+		return false;
 	}
 	struct ct_side backend = ct_side_of(fk, !rev_client_b);
 	struct ct_side wire = ct_side_of(fk, rev_client_b);
@@ -137,6 +144,7 @@ static __always_inline void svc_keep_pair(const struct ct_key *sk, struct ct_val
 	v.svc_id = rev->svc_id;
 	v.flags = (rev->flags & SVC_PAIR_FLAGS) | CT_F_SVC | (svc_client_b ? CT_F_ORIGIN_B : 0);
 	bpf_map_update_elem(&tern_conntrack, sk, &v, BPF_ANY);
+	return false;
 }
 
 /* The SVC key of a service flow, rebuilt from its REVNAT entry (fk, rev): the client is the
@@ -265,7 +273,7 @@ claim:;
 		.flags = flags | CT_F_REVNAT | (client_is_a ? 0 : CT_F_ORIGIN_B),
 	};
 	rev.expires_ns = now + ct_lifetime_ns(p->proto, 0);
-	if (bpf_map_update_elem(&tern_conntrack, &fk, &rev, BPF_ANY))
+	if (ct_create(&fk, &rev))
 		return REASON_DROP_CT_FULL;
 
 	__builtin_memset(out, 0, sizeof(*out));
@@ -275,7 +283,7 @@ claim:;
 	out->nat_sport = sport;
 	out->svc_id = svc->id;
 	out->flags = flags | CT_F_SVC | (f->from_a ? 0 : CT_F_ORIGIN_B);
-	if (bpf_map_update_elem(&tern_conntrack, &f->key, out, BPF_ANY))
+	if (ct_create(&f->key, out))
 		return REASON_DROP_CT_FULL;
 	return 0;
 }
@@ -291,9 +299,11 @@ static __always_inline int svc_open(const struct pkt *p, const struct flow *f,
 }
 
 /* The flow of a client's packet whose SVC entry f found: refresh it, make sure its REVNAT
- * half is there, and return 0 with the flow in *out, or SVC_REPICK when a new backend must
- * be chosen (svc_must_repick). */
+ * half is there, and return 0 with the flow in *out, SVC_REPICK when a new backend must
+ * be chosen (svc_must_repick), or SVC_COLLIDED when a newer flow of the client holds the
+ * flow's wire tuple (svc_keep_pair). */
 #define SVC_REPICK (-2)
+#define SVC_COLLIDED (-3)
 
 static __always_inline int svc_established(const struct pkt *p, struct flow *f, __u64 now,
 					   struct ct_value *out)
@@ -315,8 +325,9 @@ static __always_inline int svc_established(const struct pkt *p, struct flow *f, 
 	 * mark is on the REVNAT half), so that established packets write nothing. */
 	ct_flow_key(&fk, svc_wire_client(p->saddr, ct->flags), ct->nat_sport,
 		    ct->nat_addr, ct->nat_port, p->proto, &client_is_a);
-	svc_keep_pair(&f->key, ct, !f->from_a, &fk, NULL, !client_is_a, p->proto, now,
-		      moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY)));
+	if (svc_keep_pair(&f->key, ct, !f->from_a, &fk, NULL, !client_is_a, p->proto, now,
+			  moved || (p->proto == IPPROTO_TCP && !(ct->flags & CT_F_SEEN_REPLY))))
+		return SVC_COLLIDED;
 	*out = *ct;
 	return 0;
 }

@@ -77,6 +77,7 @@ func run(ctx context.Context, args []string) error {
 		return fmt.Errorf("build logger: %w", err)
 	}
 	defer func() { _ = log.Sync() }()
+	agent.TuneGC(log)
 
 	a, err := agent.New(cfg, log)
 	if err != nil {

@@ -66,6 +66,9 @@ func clientMain() int {
 			case "tcpt": // tcpt ADDR MS: as tcp, giving up after MS milliseconds
 				ms, _ := strconv.Atoi(f[2])
 				a = clientTCP(f[1], time.Duration(ms)*time.Millisecond)
+			case "tcpfrom": // tcpfrom LOCAL ADDR MS: as tcpt, from a socket bound to LOCAL (ip:port, port 0: any)
+				ms, _ := strconv.Atoi(f[3])
+				a = clientTCPFrom(f[1], f[2], time.Duration(ms)*time.Millisecond)
 			case "httpsget": // httpsget ADDR CAFILE PATH: GET https://ADDR/PATH, verifying with CAFILE
 				a = clientHTTPSGet(f[1], f[2], f[3])
 			case "sendto": // sendto ADDR: one datagram from an unconnected socket
@@ -135,6 +138,30 @@ func peerOf(c syscall.Conn) string {
 
 func clientTCP(addr string, timeout time.Duration) Answer {
 	d := net.Dialer{Timeout: timeout}
+	c, err := d.Dial("tcp4", addr)
+	if err != nil {
+		return errAnswer(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return errAnswer(fmt.Errorf("read greeting: %w", err))
+	}
+	a := greeting(line)
+	a.Peer = peerOf(c.(*net.TCPConn))
+	a.Local = c.LocalAddr().String()
+	return a
+}
+
+// clientTCPFrom is clientTCP from a socket bound to local before connect(), so the socket
+// hooks see its source address and port.
+func clientTCPFrom(local, addr string, timeout time.Duration) Answer {
+	la, err := net.ResolveTCPAddr("tcp4", local)
+	if err != nil {
+		return errAnswer(err)
+	}
+	d := net.Dialer{Timeout: timeout, LocalAddr: la}
 	c, err := d.Dial("tcp4", addr)
 	if err != nil {
 		return errAnswer(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/aliyun/alibaba-cloud-sdk-go/services/vpc"
@@ -21,9 +22,9 @@ type RouteCloud interface {
 	CreateRouteEntry(ctx context.Context, req CreateRouteRequest) (string, error)
 	// DeleteRouteEntry deletes an entry by ID. Deleting a missing entry succeeds.
 	DeleteRouteEntry(ctx context.Context, tableID, entryID string) error
-	// WaitRouteEntry polls until the entry for dst is Available (present true) or gone
-	// (present false), and returns the entry seen last.
-	WaitRouteEntry(ctx context.Context, tableID string, dst netip.Prefix, present bool) (RouteEntry, error)
+	// WaitRouteEntry polls until the entry for dst is Available (w.Present) or gone, and
+	// returns the entry seen last.
+	WaitRouteEntry(ctx context.Context, tableID string, dst netip.Prefix, w RouteWait) (RouteEntry, error)
 }
 
 var _ RouteCloud = (*Client)(nil)
@@ -46,6 +47,20 @@ type RouteEntry struct {
 	Name        string
 	Description string
 	Status      string
+}
+
+// RouteWait says what WaitRouteEntry waits for. The listing lags behind the calls that
+// change the table: it may not show a new entry yet, and may still show a deleted one.
+type RouteWait struct {
+	// Present waits for the entry to be Available; false waits for it to be gone.
+	Present bool
+	// ID, when set, is the entry a create just returned: a listed entry with another ID (an
+	// older one for the destination, deleted, that the listing still shows) counts as not
+	// listed.
+	ID string
+	// Unlisted is, with Present, how long an entry the listing does not show is waited for
+	// (from the first poll) before it counts as vanished.
+	Unlisted time.Duration
 }
 
 // RouteFilter selects route entries; empty fields do not filter.
@@ -182,24 +197,29 @@ func (c *Client) DeleteRouteEntry(ctx context.Context, tableID, entryID string) 
 }
 
 // WaitRouteEntry implements RouteCloud.
-func (c *Client) WaitRouteEntry(ctx context.Context, tableID string, dst netip.Prefix, present bool) (RouteEntry, error) {
-	deadline := time.Now().Add(c.opts.WaitTimeout)
+func (c *Client) WaitRouteEntry(ctx context.Context, tableID string, dst netip.Prefix, w RouteWait) (RouteEntry, error) {
+	start := time.Now()
+	deadline := start.Add(c.opts.WaitTimeout)
 	for {
 		es, err := c.RouteEntries(ctx, tableID, RouteFilter{Destination: dst})
 		if err != nil {
 			return RouteEntry{}, fmt.Errorf("waiting for the route entry of %s in %s: %w", dst, tableID, err)
+		}
+		if w.ID != "" {
+			es = slices.DeleteFunc(es, func(e RouteEntry) bool { return e.ID != w.ID })
 		}
 		var cur RouteEntry
 		if len(es) > 0 {
 			cur = es[0]
 		}
 		switch {
-		case present && cur.Status == RouteStatusAvailable:
+		case w.Present && cur.Status == RouteStatusAvailable:
 			return cur, nil
-		case !present && len(es) == 0:
+		case !w.Present && len(es) == 0:
 			return RouteEntry{}, nil
-		case present && len(es) == 0:
-			return RouteEntry{}, fmt.Errorf("route entry of %s in %s vanished while waiting for it to be Available: %w", dst, tableID, ErrNotFound)
+		case w.Present && len(es) == 0 && time.Since(start) >= w.Unlisted:
+			return RouteEntry{}, fmt.Errorf("route entry of %s in %s is not listed after %s (deleted, or the listing lags more than that): %w",
+				dst, tableID, time.Since(start).Round(time.Millisecond), ErrNotFound)
 		}
 		if time.Now().After(deadline) {
 			return cur, fmt.Errorf("route entry of %s in %s is still %q after %s: %w", dst, tableID, cur.Status, c.opts.WaitTimeout, ErrTimeout)

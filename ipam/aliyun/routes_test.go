@@ -73,11 +73,11 @@ func TestRouteEntryLifecycleThroughTheSDK(t *testing.T) {
 		t.Fatalf("second create once the table is stable: %v", err)
 	}
 	emu.FinishTransitions()
-	e1, err := c.WaitRouteEntry(ctx, table, pod1, true)
+	e1, err := c.WaitRouteEntry(ctx, table, pod1, aliyun.RouteWait{Present: true})
 	if err != nil || e1.ID != id || e1.Status != aliyun.RouteStatusAvailable {
 		t.Fatalf("wait for Available: %+v, %v", e1, err)
 	}
-	if _, err := c.WaitRouteEntry(ctx, table, pod2, true); err != nil {
+	if _, err := c.WaitRouteEntry(ctx, table, pod2, aliyun.RouteWait{Present: true}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -103,7 +103,7 @@ func TestRouteEntryLifecycleThroughTheSDK(t *testing.T) {
 		t.Fatalf("entry right after delete = %+v, want it listed as Deleting", es)
 	}
 	emu.FinishTransitions()
-	if _, err := c.WaitRouteEntry(ctx, table, pod1, false); err != nil {
+	if _, err := c.WaitRouteEntry(ctx, table, pod1, aliyun.RouteWait{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.DeleteRouteEntry(ctx, table, id); err != nil {

@@ -92,6 +92,12 @@ func (s *FileSource) Get() (Credential, error) {
 		var c Credential
 		if c, err = LoadEncryptedFile(s.path); err == nil {
 			s.cur, s.stamp, s.bad = c, stampOf(fi), fileStamp{}
+			if !c.Expiration.IsZero() && !s.now().Before(c.Expiration) {
+				// Not rotated in time: a call signed with it would be refused anyway.
+				return Credential{}, fmt.Errorf("the credential from %s expired at %s and the file has no newer one; "+
+					"the platform rewrites it before expiration: check whatever writes the file (the agent re-reads it on every call)",
+					s.path, c.Expiration.UTC().Format(time.RFC3339))
+			}
 			return c, nil
 		}
 		s.bad = stampOf(fi)

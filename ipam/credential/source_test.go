@@ -70,4 +70,16 @@ func TestFileSourceFollowsRotation(t *testing.T) {
 	if c, err := s.Get(); err != nil || c.AccessKeyID != "STS.three" {
 		t.Fatalf("Get after recovery = %+v, %v", c, err)
 	}
+	// Not rotated before its expiration: the file is read again on every call, and until a
+	// newer one appears Get refuses to sign with the expired key.
+	now = now.Add(time.Hour)
+	for i := range 2 {
+		if c, err := s.Get(); err == nil || c.AccessKeyID != "" || !strings.Contains(err.Error(), "expired") || !strings.Contains(err.Error(), "no newer one") {
+			t.Fatalf("Get %d with the file's only credential expired = %+v, %v; want no key and an expiry error", i+1, c, err)
+		}
+	}
+	writeFile(t, p, "STS.four", now.Add(time.Hour))
+	if c, err := s.Get(); err != nil || c.AccessKeyID != "STS.four" {
+		t.Fatalf("Get after a late rotation = %+v, %v; want STS.four", c, err)
+	}
 }

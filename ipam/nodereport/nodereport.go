@@ -1,7 +1,14 @@
 // Package nodereport publishes the node's IPAM state on its Kubernetes Node, where operators
-// and schedulers look: the ENIs and the addresses pods use (Terway's
+// and schedulers look: the ENIs and the addresses pods use (the
 // k8s.aliyun.com/allocated-eniips annotation), the pod capacity (Terway's
 // k8s.aliyun.com/max-available-ip), and a Node condition when addresses run out.
+//
+// In the VPC route mode no ENI holds pod addresses: the node's pod CIDR is its spec.podCIDR,
+// which the Node already shows. Terway's VPC mode publishes neither annotation (its daemon
+// sets max-available-ip only when the mode is not VPC); tern removes allocated-eniips there
+// (a node switched from ENIIP would otherwise keep a stale one) and keeps max-available-ip,
+// the pod capacity of the CIDR (its addresses less network and broadcast), because operators'
+// checks compare it with the node's pods capacity in every mode.
 package nodereport
 
 import (
@@ -34,7 +41,10 @@ const (
 
 // Snapshot is what the reporter publishes.
 type Snapshot struct {
-	ENIIPs    map[string][]string // ENI ID → addresses in use
+	ENIIPs map[string][]string // ENI ID → addresses in use
+	// PodCIDR is set in the VPC route mode: no allocated-eniips annotation, MaxPods is the
+	// CIDR's capacity.
+	PodCIDR   string
 	MaxPods   int
 	InUse     int
 	Exhausted bool   // the last allocation failed for lack of addresses
@@ -125,16 +135,23 @@ func (r *Reporter) Report(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	meta := map[string]any{"metadata": map[string]any{"annotations": map[string]string{
+	annotations := map[string]any{
 		AnnotationAllocatedENIIPs: string(eniips),
 		AnnotationMaxAvailableIP:  strconv.Itoa(s.MaxPods),
-	}}}
+	}
+	if s.PodCIDR != "" {
+		annotations[AnnotationAllocatedENIIPs] = nil // a merge patch's null removes it
+	}
+	meta := map[string]any{"metadata": map[string]any{"annotations": annotations}}
 	body, err := json.Marshal(meta)
 	if err != nil {
 		return err
 	}
 	cond := corev1.NodeCondition{Type: ConditionIPExhausted, Status: corev1.ConditionFalse,
 		Reason: "PodIPsAvailable", Message: fmt.Sprintf("%d of %d pod addresses in use", s.InUse, s.MaxPods)}
+	if s.PodCIDR != "" {
+		cond.Message = fmt.Sprintf("%d of %d pod addresses of pod CIDR %s in use", s.InUse, s.MaxPods, s.PodCIDR)
+	}
 	if s.Exhausted {
 		cond.Status, cond.Reason, cond.Message = corev1.ConditionTrue, "PodIPsExhausted", s.Reason
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"reflect"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,12 +46,18 @@ func TestReportsOnTheNode(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var got map[string][]string
-		if err := json.Unmarshal([]byte(n.Annotations[nodereport.AnnotationAllocatedENIIPs]), &got); err != nil || !reflect.DeepEqual(got, snap.ENIIPs) {
-			t.Fatalf("allocated-eniips annotation = %q (%v), want %v", n.Annotations[nodereport.AnnotationAllocatedENIIPs], err, snap.ENIIPs)
+		if snap.PodCIDR != "" {
+			if v, ok := n.Annotations[nodereport.AnnotationAllocatedENIIPs]; ok {
+				t.Fatalf("route mode: allocated-eniips annotation %q is still on the Node, want it removed", v)
+			}
+		} else {
+			var got map[string][]string
+			if err := json.Unmarshal([]byte(n.Annotations[nodereport.AnnotationAllocatedENIIPs]), &got); err != nil || !reflect.DeepEqual(got, snap.ENIIPs) {
+				t.Fatalf("allocated-eniips annotation = %q (%v), want %v", n.Annotations[nodereport.AnnotationAllocatedENIIPs], err, snap.ENIIPs)
+			}
 		}
-		if n.Annotations[nodereport.AnnotationMaxAvailableIP] != "10" {
-			t.Fatalf("max-available-ip = %q", n.Annotations[nodereport.AnnotationMaxAvailableIP])
+		if want := strconv.Itoa(snap.MaxPods); n.Annotations[nodereport.AnnotationMaxAvailableIP] != want {
+			t.Fatalf("max-available-ip = %q, want %s", n.Annotations[nodereport.AnnotationMaxAvailableIP], want)
 		}
 		for name, want := range snap.ExtendedResources {
 			c, a := n.Status.Capacity[corev1.ResourceName(name)], n.Status.Allocatable[corev1.ResourceName(name)]
@@ -62,6 +70,9 @@ func TestReportsOnTheNode(t *testing.T) {
 				if c.Status != wantStatus {
 					t.Fatalf("condition %s = %s (%s), want %s", c.Type, c.Status, c.Message, wantStatus)
 				}
+				if snap.PodCIDR != "" && !strings.Contains(c.Message, snap.PodCIDR) {
+					t.Fatalf("condition %s message %q does not name the pod CIDR %s", c.Type, c.Message, snap.PodCIDR)
+				}
 				return
 			}
 		}
@@ -73,4 +84,10 @@ func TestReportsOnTheNode(t *testing.T) {
 		Exhausted: true, Reason: "InvalidVSwitchId.IpNotEnough: vsw-a has no free addresses",
 		ExtendedResources: map[string]int{"aliyun/eni": 3}}
 	check(corev1.ConditionTrue)
+
+	// The node switches to the VPC route mode (drained, store moved aside): pods take
+	// addresses of its /24 pod CIDR, no ENI holds them. The stale ENI annotation goes; the
+	// capacity is the CIDR's 254 addresses.
+	snap = nodereport.Snapshot{PodCIDR: "10.244.1.0/24", MaxPods: 254, InUse: 3}
+	check(corev1.ConditionFalse)
 }

@@ -17,8 +17,10 @@ import (
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
+	coreinformers "k8s.io/client-go/informers/core/v1"
+	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -74,6 +76,10 @@ type Controller struct {
 	// this the retry wrote nothing, "succeeded", and the frontend waited for the periodic
 	// full resync. Only the worker touches it.
 	unwritten map[types.NamespacedName][]service.Frontend
+
+	// node is a node description SetNode handed over for the worker to apply (nil: none).
+	nodeMu sync.Mutex
+	node   *service.Node
 
 	synced     atomic.Bool // the first full sync is in the maps
 	progressMu sync.Mutex
@@ -134,12 +140,12 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 		}
 	}
 
-	factory := informers.NewSharedInformerFactory(client, 0)
-	c.svcInformer = factory.Core().V1().Services().Informer()
-	c.sliceInformer = factory.Discovery().V1().EndpointSlices().Informer()
-	if err := c.sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceServiceKey}); err != nil {
-		return nil, fmt.Errorf("index EndpointSlices by Service: %w", err)
-	}
+	// Informers of our own rather than a factory's: a factory's come with a namespace index
+	// (a set of every key per namespace) that nothing here reads. Slices are indexed by
+	// their Service only.
+	c.svcInformer = coreinformers.NewServiceInformer(client, metav1.NamespaceAll, 0, cache.Indexers{})
+	c.sliceInformer = discoveryinformers.NewEndpointSliceInformer(client, metav1.NamespaceAll, 0,
+		cache.Indexers{byServiceIndex: sliceServiceKey})
 	enqueue := func(obj any) {
 		if nn, ok := serviceKeyOf(obj); ok {
 			c.queue.Add(nn)
@@ -156,32 +162,16 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 	if _, err := c.sliceInformer.AddEventHandler(handler); err != nil {
 		return nil, err
 	}
+	slim := newSlimmer()
 	for _, inf := range []cache.SharedIndexInformer{c.svcInformer, c.sliceInformer} {
 		if err := inf.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
 			return nil, fmt.Errorf("set the informers' watch error handler: %w", err)
 		}
-		if err := inf.SetTransform(trimForCache); err != nil {
+		if err := inf.SetTransform(slim.transform); err != nil {
 			return nil, fmt.Errorf("set the informers' transform: %w", err)
 		}
 	}
 	return c, nil
-}
-
-// trimForCache drops, before an object enters an informer's cache, the parts the
-// controller never reads and that are a large share of a small object: managedFields (the
-// server-side-apply bookkeeping, a few hundred bytes to kilobytes per object) and kubectl's
-// last-applied-configuration annotation (a second copy of the whole object). At 10,000
-// Services and their EndpointSlices the caches are most of the agent's heap.
-func trimForCache(obj any) (any, error) {
-	switch o := obj.(type) {
-	case *corev1.Service:
-		o.ManagedFields = nil
-		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
-	case *discoveryv1.EndpointSlice:
-		o.ManagedFields = nil
-		delete(o.Annotations, corev1.LastAppliedConfigAnnotation)
-	}
-	return obj, nil
 }
 
 func sliceServiceKey(obj any) ([]string, error) {
@@ -268,6 +258,7 @@ func (c *Controller) processNext() bool {
 	defer c.queue.Done(nn)
 	var err error
 	if nn == fullSyncKey {
+		c.applyNode()
 		err = c.fullSync()
 	} else {
 		err = c.syncService(nn)
@@ -395,6 +386,32 @@ func (c *Controller) fullSync() error {
 		c.report(func(p *FirstSync) { p.Err, p.Done = err, err == nil })
 	}
 	return err
+}
+
+// SetNode changes what the controller knows of this node (its addresses, on which NodePorts
+// are served, and its zone, for topology hints) while it runs. The change is applied by the
+// worker, followed by a full sync that re-translates every Service: NodePort frontends on an
+// address that went are removed, and ones on a new address added.
+func (c *Controller) SetNode(n service.Node) {
+	c.nodeMu.Lock()
+	c.node = &n
+	c.nodeMu.Unlock()
+	c.queue.Add(fullSyncKey)
+}
+
+// applyNode hands the builder the node SetNode gave, if any. Worker only.
+func (c *Controller) applyNode() {
+	c.nodeMu.Lock()
+	n := c.node
+	c.node = nil
+	c.nodeMu.Unlock()
+	if n == nil {
+		return
+	}
+	c.opts.Translator.Node = *n
+	c.builder.SetTranslator(c.opts.Translator)
+	c.log.Info("node changed: translating every Service again", zap.String("node", n.Name),
+		zap.String("zone", n.Zone), zap.Stringers("addresses", n.Addrs))
 }
 
 func (c *Controller) observe(kind string, start time.Time, err error) {

@@ -246,3 +246,59 @@ func TestFullMapIsReportedAndOthersKeepServing(t *testing.T) {
 		return ok
 	})
 }
+
+// TestSetNodeMovesNodePorts: a NodePort is served on the node's addresses as SetNode gives
+// them while the controller runs: an address added gets the NodePort frontend, one removed
+// loses it, with no restart.
+func TestSetNodeMovesNodePorts(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	cp := startControlPlane(t)
+	client := kubernetes.NewForConfigOrDie(cp.RestConfig())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	d := loadertest.New(t, loader.Config{})
+	rec, err := lbmap.NewReconciler(d.Maps(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldAddr, newAddr := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("192.0.2.11")
+	node := service.Node{Name: "node-a", Addrs: []netip.Addr{oldAddr}}
+	ctl, err := controller.New(client, rec, controller.Options{Logger: zaptest.NewLogger(t), Translator: service.Translator{Node: node}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ctl.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	svc, err := client.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "np"},
+		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(svc.Spec.Ports[0].NodePort)
+	onOld := service.Frontend{Addr: oldAddr, Port: port, Proto: service.TCP}
+	onNew := service.Frontend{Addr: newAddr, Port: port, Proto: service.TCP}
+	exists := func(f service.Frontend) bool { _, ok := backendsIn(t, d.Maps(), f); return ok }
+	waitFor(t, "the NodePort on the start address", func() bool { return exists(onOld) })
+	if exists(onNew) {
+		t.Fatalf("NodePort on %s before the node has that address", newAddr)
+	}
+
+	node.Addrs = []netip.Addr{oldAddr, newAddr}
+	ctl.SetNode(node)
+	waitFor(t, "the NodePort on the added address", func() bool { return exists(onNew) })
+	if !exists(onOld) {
+		t.Fatal("the NodePort on the start address went when another was added")
+	}
+	node.Addrs = []netip.Addr{newAddr}
+	ctl.SetNode(node)
+	waitFor(t, "the NodePort gone from the removed address", func() bool { return !exists(onOld) })
+	if !exists(onNew) {
+		t.Fatal("the NodePort on the remaining address went")
+	}
+}

@@ -1,13 +1,11 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"io"
 	"net"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -18,6 +16,7 @@ import (
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/ternctl"
+	"github.com/tern-net/tern/ternctl/ternctltest"
 )
 
 // TestMonitorShowsADropWithinASecond: a pod sends a frame whose IPv4 header lies about its
@@ -32,42 +31,18 @@ func TestMonitorShowsADropWithinASecond(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	outR, outW := io.Pipe()
-	errR, errW := io.Pipe()
-	done := make(chan int, 1)
-	go func() {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	lines, done := ternctltest.StartMonitor(t, func(stdout, stderr io.Writer) int {
 		// The monitor reads the node's ring buffer; it runs in the node namespace to name
 		// the interface.
 		var code int
 		_ = nsutil.Do(lab.node, func() error {
-			code = ternctl.Main(ctx, []string{"--pin-root", d.Config().PinRoot, "--socket", filepath.Join(t.TempDir(), "none.sock"),
-				"monitor", "--pod", "10.0.1.10", "--reason", "drop_bad_ip", "--count", "1", "-o", "json"}, outW, errW)
+			code = ternctl.Main(ctx, []string{"--pin-root", d.Config().PinRoot, "--socket", sock,
+				"monitor", "--pod", "10.0.1.10", "--reason", "drop_bad_ip", "--count", "1", "-o", "json"}, stdout, stderr)
 			return nil
 		})
-		outW.Close()
-		errW.Close()
-		done <- code
-	}()
-	// monitor says on stderr when it reads: events before that are not its to show.
-	started := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(errR)
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "monitoring") {
-				started <- sc.Text()
-			}
-		}
-		close(started)
-	}()
-	select {
-	case line, ok := <-started:
-		if !ok {
-			t.Fatalf("monitor ended before it started reading (exit %d)", <-done)
-		}
-		t.Log(line)
-	case <-ctx.Done():
-		t.Fatal("monitor did not start")
-	}
+		return code
+	})
 
 	// The frame leaves the pod's eth0 through a packet socket: the pod's own stack would
 	// not send a header this broken.
@@ -75,14 +50,6 @@ func TestMonitorShowsADropWithinASecond(t *testing.T) {
 	if err := nsutil.Do(pod.ns, func() error { return sendBadIP(lab, pod) }); err != nil {
 		t.Fatal(err)
 	}
-	lines := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(outR)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
 	select {
 	case line, ok := <-lines:
 		if !ok {

@@ -23,7 +23,8 @@ type Config struct {
 	Latency Duration `json:"latency"`
 	// Delays of the asynchronous ENI state transitions.
 	Delays TransitionDelays `json:"delays"`
-	// ListingLag makes DescribeNetworkInterfaces eventually consistent (default: none).
+	// ListingLag makes DescribeNetworkInterfaces and the route entry listings eventually
+	// consistent (default: none).
 	ListingLag ListingLag `json:"listingLag"`
 	// MaxClockSkew bounds |Timestamp - now|; zero means the real API's 15 minutes.
 	MaxClockSkew Duration `json:"maxClockSkew"`
@@ -129,7 +130,9 @@ type TransitionDelays struct {
 //   - Listing lag 1 s for new and removed addresses and 1 s for a status: assumed; the API
 //     documents no read-after-write guarantee (docs/ipam.md) and Terway reads new addresses
 //     from the Assign reply for that reason. Reassign 1 s (an unassigned address refused to
-//     an assign by name): assumed, as long as the listing keeps showing it.
+//     an assign by name): assumed, as long as the listing keeps showing it. Routes 1 s (the
+//     route entry listing): assumed likewise; the VPC API documents no read-after-write
+//     guarantee for DescribeRouteEntryList either.
 //   - Route 5 s, RouteDelete 5 s: "Route Entry does not support creating or deleting within
 //     5 seconds frequently" (the comment over CreateRouteEntry's IncorrectRouteEntryStatus
 //     retry in the Alibaba Cloud Terraform provider, resource_alicloud_route_entry.go); the
@@ -139,7 +142,7 @@ func RealisticTiming() (latency Duration, d TransitionDelays, lag ListingLag) {
 	s := func(x float64) Duration { return Duration(x * float64(time.Second)) }
 	return s(0.1),
 		TransitionDelays{Attach: s(3), Detach: s(3), Delete: s(1), MemberAttach: s(2), Metadata: s(1.1), Route: s(5), RouteDelete: s(5)},
-		ListingLag{Assigned: s(1), Unassigned: s(1), Status: s(1), Reassign: s(1)}
+		ListingLag{Assigned: s(1), Unassigned: s(1), Status: s(1), Reassign: s(1), Routes: s(1)}
 }
 
 // applyTiming fills the zero timing fields of a realistic config.
@@ -165,6 +168,7 @@ func (c *Config) applyTiming() {
 	fill(&c.ListingLag.Unassigned, lag.Unassigned)
 	fill(&c.ListingLag.Status, lag.Status)
 	fill(&c.ListingLag.Reassign, lag.Reassign)
+	fill(&c.ListingLag.Routes, lag.Routes)
 }
 
 // Duration is a time.Duration that reads and writes JSON as a Go duration string ("1.5s").

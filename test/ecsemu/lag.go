@@ -7,7 +7,8 @@ import (
 	"time"
 )
 
-// ListingLag makes DescribeNetworkInterfaces (and the ENI list of DescribeInstances) eventually
+// ListingLag makes DescribeNetworkInterfaces (and the ENI list of DescribeInstances), and with
+// Routes DescribeRouteEntryList and DescribeRouteTables, eventually
 // consistent, as the real API is: it documents no read-after-write guarantee, and its
 // AssignPrivateIpAddresses page says to take the new addresses from the call's response. The
 // mutating calls and their replies always act on the true state; only the listings lag.
@@ -27,6 +28,13 @@ type ListingLag struct {
 	// The address moving between ENIs (a fixed pod IP following its pod to another node) sees
 	// this. An assign by count does not pick it meanwhile either.
 	Reassign Duration `json:"reassign,omitempty"`
+	// Routes is how far DescribeRouteEntryList (and the entries DescribeRouteTables lists)
+	// lags behind the route table: a listing shows the custom entries as they were Routes ago,
+	// so a created entry is missing for that long, a status change shows that late and a
+	// deleted entry is still listed, with its old status, for that long. CreateRouteEntry and
+	// DeleteRouteEntry act on the true table (InvalidCIDRBlock.Duplicate for an entry the
+	// listing does not show yet).
+	Routes Duration `json:"routes,omitempty"`
 }
 
 // eniView is what a listing shows of an ENI's attachment at one moment.
@@ -205,4 +213,16 @@ func (e *Emulator) takeHoldLocked(action string, p map[string]string, reply any)
 		}
 	}
 	return nil, HeldCall{}
+}
+
+// ListingLag is the listing lag in force.
+func (e *Emulator) ListingLag() ListingLag {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.lag
+}
+
+// Longest is the longest of the lags a listing shows (Reassign is not a listing's).
+func (l ListingLag) Longest() time.Duration {
+	return time.Duration(max(l.Assigned, l.Unassigned, l.Status, l.Routes))
 }

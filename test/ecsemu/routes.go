@@ -29,6 +29,11 @@ import (
 // A deleted entry stays listed as "Deleting" (an emulator name: the documented statuses are
 // Pending, Available and Modifying) for TransitionDelays.RouteDelete, and the route goes
 // from the SDN when it is gone.
+//
+// The listings are eventually consistent when ListingLag.Routes is set: they show the table
+// as it was that long ago (each entry keeps its status history, and a removed entry is kept
+// for the listings until the lag has passed). The calls that change the table act on the
+// true one.
 
 // Route entry statuses and types.
 const (
@@ -73,6 +78,13 @@ type RouteSDN interface {
 type routeTable struct {
 	id, vrouterID string
 	entries       []*routeEntry // custom entries in creation order
+	// removed are entries gone from the table that a lagging listing still shows.
+	removed []*routeEntry
+}
+
+type routeStatusAt struct {
+	status string
+	from   time.Time
 }
 
 type routeEntry struct {
@@ -84,9 +96,13 @@ type routeEntry struct {
 	description string
 	status      string
 	created     time.Time
-	installed   bool // the SDN forwards dst
-	timer       *time.Timer
-	gen         int
+	// history is the entry's statuses and since when, oldest first, as far back as a
+	// lagging listing can look; removedAt is when it left the table (zero while in it).
+	history   []routeStatusAt
+	removedAt time.Time
+	installed bool // the SDN forwards dst
+	timer     *time.Timer
+	gen       int
 }
 
 func (e *Emulator) newRouteTable() *routeTable {
@@ -130,8 +146,72 @@ type wireRouteEntry struct {
 	} `json:"NextHops"`
 }
 
+// setStatusLocked changes r's status and remembers the change for lagging listings.
+func (e *Emulator) setStatusLocked(r *routeEntry, status string) {
+	now := e.now()
+	r.status = status
+	r.history = append(r.history, routeStatusAt{status: status, from: now})
+	// Forget statuses no listing can show any more: keep the last one that began before the
+	// lag's horizon.
+	cut := now.Add(-time.Duration(e.lag.Routes))
+	for len(r.history) > 1 && !r.history[1].from.After(cut) {
+		r.history = r.history[1:]
+	}
+}
+
+// listedStatusLocked is r's status as a listing sees it now (the status it had
+// ListingLag.Routes ago); ok is false when the listing does not show r.
+func (e *Emulator) listedStatusLocked(r *routeEntry) (status string, ok bool) {
+	cut := e.now().Add(-time.Duration(e.lag.Routes))
+	if r.created.After(cut) || (!r.removedAt.IsZero() && !r.removedAt.After(cut)) {
+		return "", false
+	}
+	status = r.status
+	for _, h := range r.history {
+		if !h.from.After(cut) {
+			status = h.status
+		}
+	}
+	return status, true
+}
+
+// listedRoute is a custom entry as a listing shows it.
+type listedRoute struct {
+	*routeEntry
+	listedStatus string
+}
+
+// listedEntriesLocked are the custom entries a listing shows now, in creation order, with the
+// status it shows; it drops removed entries the lag no longer covers.
+func (e *Emulator) listedEntriesLocked() []listedRoute {
+	cut := e.now().Add(-time.Duration(e.lag.Routes))
+	e.rt.removed = slices.DeleteFunc(e.rt.removed, func(r *routeEntry) bool { return !r.removedAt.After(cut) })
+	all := slices.Concat(e.rt.entries, e.rt.removed)
+	slices.SortStableFunc(all, func(a, b *routeEntry) int { return a.created.Compare(b.created) })
+	var out []listedRoute
+	for _, r := range all {
+		if st, ok := e.listedStatusLocked(r); ok {
+			out = append(out, listedRoute{r, st})
+		}
+	}
+	return out
+}
+
+// ListedRoutes is the route table as DescribeRouteEntryList shows it now (lagging by
+// ListingLag.Routes), for tests that must wait until the listing caught up with a change.
+func (e *Emulator) ListedRoutes() []RouteEntryState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := []RouteEntryState{}
+	for _, r := range e.listedEntriesLocked() {
+		out = append(out, RouteEntryState{ID: r.id, Destination: r.dst.String(), NextHopType: r.nextHopType,
+			NextHopID: r.nextHopID, Name: r.name, Status: r.listedStatus, Installed: r.installed})
+	}
+	return out
+}
+
 // entriesLocked is the table as listings show it: System entries for the vSwitches, then the
-// custom ones.
+// custom ones (lagging by ListingLag.Routes).
 func (e *Emulator) entriesLocked() []wireRouteEntry {
 	var out []wireRouteEntry
 	for _, id := range e.vswOrder {
@@ -142,9 +222,9 @@ func (e *Emulator) entriesLocked() []wireRouteEntry {
 		w.NextHops.NextHop = []wireNextHop{}
 		out = append(out, w)
 	}
-	for _, r := range e.rt.entries {
+	for _, r := range e.listedEntriesLocked() {
 		w := wireRouteEntry{RouteEntryID: r.id, RouteEntryName: r.name, RouteTableID: e.rt.id, Description: r.description,
-			DestinationCidrBlock: r.dst.String(), Type: RouteTypeCustom, Status: r.status, NextHopType: r.nextHopType,
+			DestinationCidrBlock: r.dst.String(), Type: RouteTypeCustom, Status: r.listedStatus, NextHopType: r.nextHopType,
 			InstanceID: r.nextHopID, IPVersion: "ipv4", Origin: "RouteTable", CreationTime: r.created.UTC().Format(timeLayout)}
 		w.NextHops.NextHop = []wireNextHop{{NextHopID: r.nextHopID, NextHopType: r.nextHopType, Enabled: 1, Weight: 100}}
 		out = append(out, w)
@@ -231,7 +311,8 @@ func (e *Emulator) createRouteEntry(p map[string]string) (any, *APIError) {
 		return nil, apiErr(http.StatusBadRequest, CodeRouteQuotaExceeded, "Route entry quota exceeded in this route table: %d custom entries, the limit.", len(e.rt.entries))
 	}
 	r := &routeEntry{id: e.newIDLocked("rte-"), dst: dst, nextHopType: typ, nextHopID: in.cfg.ID,
-		name: p["RouteEntryName"], description: p["Description"], status: RouteStatusPending, created: e.now()}
+		name: p["RouteEntryName"], description: p["Description"], created: e.now()}
+	e.setStatusLocked(r, RouteStatusPending)
 	e.rt.entries = append(e.rt.entries, r)
 	e.scheduleRouteLocked(r, time.Duration(e.delays.Route), e.finishRouteCreateLocked)
 	reply := map[string]any{"RouteEntryId": r.id}
@@ -253,7 +334,7 @@ func (e *Emulator) finishRouteCreateLocked(r *routeEntry) {
 			r.installed = true
 		}
 	}
-	r.status = RouteStatusAvailable
+	e.setStatusLocked(r, RouteStatusAvailable)
 	e.log.Info("route entry available", zap.String("entry", r.id), zap.Stringer("dst", r.dst))
 }
 
@@ -293,7 +374,7 @@ func (e *Emulator) deleteRouteEntry(p map[string]string) (any, *APIError) {
 	if u := e.unstableLocked(); u != nil {
 		return nil, apiErr(http.StatusBadRequest, CodeIncorrectRouteStatus, "Some route entry status blocked this operation: entry %s (%s) is %s.", u.id, u.dst, u.status)
 	}
-	r.status = RouteStatusDeleting
+	e.setStatusLocked(r, RouteStatusDeleting)
 	e.scheduleRouteLocked(r, time.Duration(e.delays.RouteDelete), e.finishRouteDeleteLocked)
 	e.log.Info("route entry deleting", zap.String("entry", r.id), zap.Stringer("dst", r.dst))
 	return map[string]any{}, nil
@@ -309,6 +390,10 @@ func (e *Emulator) finishRouteDeleteLocked(r *routeEntry) {
 		r.installed = false
 	}
 	e.rt.entries = slices.DeleteFunc(e.rt.entries, func(x *routeEntry) bool { return x == r })
+	if e.lag.Routes > 0 {
+		r.removedAt = e.now()
+		e.rt.removed = append(e.rt.removed, r)
+	}
 	e.log.Info("route entry deleted", zap.String("entry", r.id), zap.Stringer("dst", r.dst))
 }
 

@@ -1,6 +1,7 @@
 package ecsemu
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -68,4 +69,90 @@ func TestRouteTablesThroughTheSDK(t *testing.T) {
 	unknown.RouteTableId = "vtb-nope"
 	_, err = vc.DescribeRouteEntryList(unknown)
 	wantCode(t, err, CodeRouteTableNotFound)
+}
+
+// TestRouteListingLags: with ListingLag.Routes, DescribeRouteEntryList and DescribeRouteTables
+// show the route table as it was that long ago — a new entry missing, a status change late, a
+// deleted entry still listed with its old status — while CreateRouteEntry acts on the true
+// table (InvalidCIDRBlock.Duplicate for the entry the listing does not show yet).
+func TestRouteListingLags(t *testing.T) {
+	clock := &fakeClock{now: time.Now()}
+	cfg := TestConfig()
+	cfg.ListingLag = ListingLag{Routes: Duration(time.Second)}
+	e, addr := NewTestServer(t, cfg, WithClock(clock.Now))
+	e.SetDelays(TransitionDelays{Route: Duration(time.Hour), RouteDelete: Duration(time.Hour)})
+	_, vc := NewTestClients(t, addr)
+	listed := func() map[string]string {
+		t.Helper()
+		lr := vpc.CreateDescribeRouteEntryListRequest()
+		lr.RouteTableId, lr.RouteEntryType = e.RouteTableID(), RouteTypeCustom
+		list, err := vc.DescribeRouteEntryList(lr)
+		must(t, err)
+		out := map[string]string{}
+		for _, r := range list.RouteEntrys.RouteEntry {
+			out[r.DestinationCidrBlock] = r.Status
+		}
+		tr := vpc.CreateDescribeRouteTablesRequest()
+		tr.RouteTableId = e.RouteTableID()
+		tables, err := vc.DescribeRouteTables(tr)
+		must(t, err)
+		inTable := map[string]string{}
+		for _, r := range tables.RouteTables.RouteTable[0].RouteEntrys.RouteEntry {
+			if r.Type == RouteTypeCustom {
+				inTable[r.DestinationCidrBlock] = r.Status
+			}
+		}
+		if len(inTable) != len(out) || fmt.Sprint(inTable) != fmt.Sprint(out) {
+			t.Fatalf("DescribeRouteTables shows %v, DescribeRouteEntryList %v: the two listings disagree", inTable, out)
+		}
+		return out
+	}
+	create := func(dst string) (string, error) {
+		req := vpc.CreateCreateRouteEntryRequest()
+		req.RouteTableId, req.DestinationCidrBlock, req.NextHopId = e.RouteTableID(), dst, "i-test-0001"
+		resp, err := vc.CreateRouteEntry(req)
+		if err != nil {
+			return "", err
+		}
+		return resp.RouteEntryId, nil
+	}
+	const dst = "10.200.0.0/24"
+	id, err := create(dst)
+	must(t, err)
+	if got := listed(); len(got) != 0 {
+		t.Fatalf("right after the create the listing shows %v; want nothing yet", got)
+	}
+	_, err = create(dst)
+	wantCode(t, err, CodeRouteCIDRDuplicate) // the true table has it
+	clock.Advance(time.Second)
+	if got := listed(); got[dst] != RouteStatusPending {
+		t.Fatalf("a second later: %v, want %s Pending", got, dst)
+	}
+	e.FinishTransitions()
+	if got := listed(); got[dst] != RouteStatusPending {
+		t.Fatalf("right after it turned Available: %v, want it still listed Pending", got)
+	}
+	clock.Advance(time.Second)
+	if got := listed(); got[dst] != RouteStatusAvailable {
+		t.Fatalf("a second after it turned Available: %v", got)
+	}
+	// Deleted (at once, as from the console): still listed, Available, for the lag.
+	must(t, e.DeleteRouteEntryNow(id))
+	if n := len(e.Snapshot().Routes); n != 0 {
+		t.Fatalf("the true table holds %d entries after the delete", n)
+	}
+	if got := listed(); got[dst] != RouteStatusAvailable {
+		t.Fatalf("right after the delete: %v, want %s still listed Available", got, dst)
+	}
+	if l := e.ListedRoutes(); len(l) != 1 || l[0].ID != id {
+		t.Fatalf("ListedRoutes = %+v, want the deleted entry %s", l, id)
+	}
+	// The true table is free again: a new create for the same CIDR succeeds at once.
+	id2, err := create(dst)
+	must(t, err)
+	clock.Advance(time.Second)
+	l := e.ListedRoutes()
+	if len(l) != 1 || l[0].ID != id2 || l[0].Status != RouteStatusPending {
+		t.Fatalf("a second after the delete and the new create: %+v, want only %s Pending", l, id2)
+	}
 }

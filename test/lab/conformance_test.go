@@ -230,6 +230,9 @@ func conformanceCases() []confCase {
 		{svc: "term-only", from: fromPod, to: toClusterIP, needs: []feature{featTerminating}, want: ans("b2", "c1")},
 		{svc: "term-only", from: fromExternal, to: toNodePort1, needs: []feature{featTerminating, featNodePort}, want: ans("b2", "node-1")},
 		{svc: "term-gone", from: fromPod, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints}, want: outcome{Result: rejected}},
+		{svc: "term-ready", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featHostNet}, want: ans("a1", "node-1")},
+		{svc: "term-only", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featHostNet}, want: ans("b2", "node-1")},
+		{svc: "term-gone", from: fromHost, to: toClusterIP, needs: []feature{featTerminating, featNoEndpoints, featHostNet}, want: outcome{Result: rejected}},
 
 		// none: LoadBalancer with an externalIP whose selector matches no pod.
 		{svc: "none", from: fromPod, to: toClusterIP, needs: []feature{featNoEndpoints}, want: outcome{Result: rejected}},
@@ -247,6 +250,13 @@ func conformanceCases() []confCase {
 		{svc: "ranges-deny", from: fromPod, to: toLB, needs: []feature{featLB, featRanges}, want: outcome{Result: dropped}},
 		{svc: "ranges-deny", from: fromExternal, to: toNodePort1, needs: []feature{featNodePort, featRanges}, want: ans(both, "node-1"), ternDiffers: localKeepsClient, ternWant: ans(both, "external,node-1")},
 		{svc: "ranges-deny", from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: ans(both, "c1")},
+		// Host-network clients (tern: the socket hooks, which check the ranges against the
+		// node's address; kube-proxy: its OUTPUT chain sees the node's address as source).
+		{svc: "web", from: fromHost, to: toLB, needs: []feature{featLB, featHostNet}, want: ans(both, "node-1")},
+		{svc: "ranges-allow", from: fromHost, to: toLB, needs: []feature{featLB, featRanges, featHostNet}, want: outcome{Result: dropped}},
+		{svc: "ranges-deny", from: fromHost, to: toLB, needs: []feature{featLB, featRanges, featHostNet}, want: outcome{Result: dropped}},
+		{svc: "ranges-deny", from: fromHostOther, to: toLB, needs: []feature{featLB, featRanges, featHostNet}, want: outcome{Result: dropped}},
+		{svc: "ranges-deny", from: fromHost, to: toNodePort1, needs: []feature{featNodePort, featRanges, featHostNet}, want: ans(both, "node-1")},
 
 		// hairpin: a1 reaches the Service only it backs and lands on itself.
 		{svc: "hairpin", from: fromSelf, to: toClusterIP, needs: []feature{featHairpin}, want: ans("a1", "node-1"),

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -261,77 +260,14 @@ func TestExclusiveENIPodAcrossNodes(t *testing.T) {
 	}
 
 	// The pod's address is its own ENI's primary, and the ENI's link is in its namespace.
-	st, err := n0.Client().State(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var al api.Allocation
-	for k, a := range st.Allocations {
-		if strings.Contains(k, "/ex/") {
-			al = a
-		}
-	}
-	if al.Kind != api.KindENI || al.IP != ex.IP.String() {
-		t.Fatalf("agent allocation of ex: %+v (pod IP %s), want kind eni", al, ex.IP)
-	}
-	cloudENI, ok := exclusiveInCloud(emu.Snapshot())[al.ENI.ID]
-	if !ok || cloudENI.PrimaryIP != ex.IP.String() || cloudENI.Status != "InUse" || cloudENI.InstanceID != n0.InstanceID {
-		t.Fatalf("cloud ENI %s: %+v, want InUse on %s with primary %s", al.ENI.ID, cloudENI, n0.InstanceID, ex.IP)
-	}
-	if err := nsutil.Do(ex.NS(), func() error {
-		l, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		if l.Attrs().HardwareAddr.String() != cloudENI.MAC {
-			return fmt.Errorf("pod eth0 has MAC %s, the ENI %s", l.Attrs().HardwareAddr, cloudENI.MAC)
-		}
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
-		if err != nil || len(addrs) != 1 || addrs[0].IP.String() != ex.IP.String() {
-			return fmt.Errorf("pod eth0 addresses %v (%v), want %s", addrs, err, ex.IP)
-		}
-		if _, err := netlink.LinkByName("veth1"); err != nil {
-			return fmt.Errorf("no veth1 beside the ENI: %w", err)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if err := nsutil.Do(n0.NS, func() error {
-		links, err := netlink.LinkList()
-		if err != nil {
-			return err
-		}
-		for _, l := range links {
-			if l.Attrs().HardwareAddr.String() == cloudENI.MAC {
-				return fmt.Errorf("the ENI's link %s is still in the node namespace", l.Attrs().Name)
-			}
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	checkExclusivePod(t, l, ctx, ex)
 	nodeENIResource(t, l, ctx, n0.Name, func() int64 { return int64(quota - poolENIs()) })
 
 	// Across nodes, both ways, through the VPC.
-	get := func(from *lab.Pod, url, want string) {
-		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			body, err := from.HTTPGet(ctx, url)
-			if err == nil && strings.Contains(body, want) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s → %s: %q, %v (want an answer from %s)", from.Name, url, body, err, want)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-	get(ex, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
-	get(peer, fmt.Sprintf("http://%s:8080/", ex.IP), "ex")
+	httpEventually(t, ctx, ex, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
+	httpEventually(t, ctx, peer, fmt.Sprintf("http://%s:8080/", ex.IP), "ex")
 	// A ClusterIP, through the veth and the pod programs on its host end.
-	get(ex, fmt.Sprintf("http://%s:80/", svc.Spec.ClusterIP), "web")
+	httpEventually(t, ctx, ex, fmt.Sprintf("http://%s:80/", svc.Spec.ClusterIP), "web")
 	settled(t, l, ctx)
 
 	for _, p := range []*lab.Pod{ex, web, peer} {
@@ -385,28 +321,7 @@ func TestExclusiveENIFaultsAndKillDuringBurst(t *testing.T) {
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeThrottling, Rate: 0.15})
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeInternalError, Rate: 0.15})
 
-	const pods = 3
-	var mu sync.Mutex
-	running := map[string]*lab.Pod{}
-	var wg sync.WaitGroup
-	for i := range pods {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			name := fmt.Sprintf("ex-%d", i)
-			for attempt := 0; ctx.Err() == nil; attempt++ {
-				p, err := l.AddPodAnnotated(ctx, 0, ns, name, map[string]string{ipam.AnnotationENI: "true"})
-				if err == nil {
-					mu.Lock()
-					running[name] = p
-					mu.Unlock()
-					return
-				}
-				t.Logf("%s attempt %d: %v", name, attempt, err)
-				time.Sleep(200 * time.Millisecond)
-			}
-		}()
-	}
+	wait := startPodsUntilUp(t, ctx, l, 0, ns, []string{"ex-0", "ex-1", "ex-2"}, map[string]string{ipam.AnnotationENI: "true"})
 	// Kill the agent once the first exclusive ENI is being made, then start it again.
 	deadline := time.Now().Add(60 * time.Second)
 	for len(exclusiveInCloud(emu.Snapshot())) == 0 && time.Now().Before(deadline) {
@@ -419,17 +334,8 @@ func TestExclusiveENIFaultsAndKillDuringBurst(t *testing.T) {
 	if err := n0.StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wg.Wait()
-	if len(running) != pods {
-		t.Fatalf("%d of %d pods running", len(running), pods)
-	}
-	seen := map[string]string{}
-	for name, p := range running {
-		if o, dup := seen[p.IP.String()]; dup {
-			t.Fatalf("%s and %s both have %s", o, name, p.IP)
-		}
-		seen[p.IP.String()] = name
-	}
+	running := wait()
+	requireDistinctAddresses(t, running)
 	snap := emu.Snapshot()
 	if snap.Errors[ecsemu.CodeThrottling]+snap.Errors[ecsemu.CodeInternalError] < 3 {
 		t.Fatalf("faults barely fired (%v): the test proves nothing", snap.Errors)

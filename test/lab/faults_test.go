@@ -63,13 +63,9 @@ func TestFaultsAndLatencyEveryPodGetsAnAddressNoLeak(t *testing.T) {
 	emu := l.Emulator()
 
 	pods := addPods(t, l, ctx, 0, 30)
+	requireDistinctAddresses(t, pods)
 	retried := 0
-	seen := map[netip.Addr]string{}
 	for _, p := range pods {
-		if prev, dup := seen[p.IP]; dup {
-			t.Fatalf("%s and %s both got %s", prev, p.Key(), p.IP)
-		}
-		seen[p.IP] = p.Key()
 		if p.Attempts > 1 {
 			retried++
 		}
@@ -253,6 +249,56 @@ func addressesAfterBurst(t *testing.T, ctx context.Context, l *lab.Lab) []*lab.P
 		}
 	}
 	return live
+}
+
+// requireDistinctAddresses fails the test when two of pods hold one address.
+func requireDistinctAddresses(t *testing.T, pods []*lab.Pod) {
+	t.Helper()
+	seen := map[netip.Addr]string{}
+	for _, p := range pods {
+		if prev, dup := seen[p.IP]; dup {
+			t.Fatalf("%s and %s both hold %s", prev, p.Key(), p.IP)
+		}
+		seen[p.IP] = p.Key()
+	}
+}
+
+// startPodsUntilUp starts adding the pods named on node at once, each retrying its ADD
+// until it succeeds or ctx ends, as a kubelet does while faults fail ADDs or an agent is
+// killed and restarted under them. The returned wait, called from the test's goroutine,
+// waits for them and fails the test unless every pod runs.
+func startPodsUntilUp(t *testing.T, ctx context.Context, l *lab.Lab, node int, ns string, names []string, annotations map[string]string) (wait func() []*lab.Pod) {
+	t.Helper()
+	pods := make([]*lab.Pod, len(names))
+	var wg sync.WaitGroup
+	for i, name := range names {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for attempt := 0; ctx.Err() == nil; attempt++ {
+				p, err := l.AddPodAnnotated(ctx, node, ns, name, annotations)
+				if err == nil {
+					pods[i] = p
+					return
+				}
+				t.Logf("%s attempt %d: %v", name, attempt, err)
+				select {
+				case <-ctx.Done():
+				case <-time.After(200 * time.Millisecond):
+				}
+			}
+		}()
+	}
+	return func() []*lab.Pod {
+		t.Helper()
+		wg.Wait()
+		for i, p := range pods {
+			if p == nil {
+				t.Fatalf("pod %s never came up: %v", names[i], ctx.Err())
+			}
+		}
+		return pods
+	}
 }
 
 // burst is pods coming and going on every node of a lab: three churners a node, each adding

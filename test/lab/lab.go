@@ -58,9 +58,10 @@ const (
 
 // LaggingListing is the listing lag the fault and crash tests run with: an assigned address
 // shows in DescribeNetworkInterfaces 500 ms after the call, an unassigned one lingers 1 s, a
-// status change shows 200 ms late. The real API promises no read-after-write consistency.
+// status change shows 200 ms late, and DescribeRouteEntryList shows the route table as it was
+// 1 s ago. The real API promises no read-after-write consistency.
 var LaggingListing = ecsemu.ListingLag{Assigned: ecsemu.Duration(500 * time.Millisecond),
-	Unassigned: ecsemu.Duration(time.Second), Status: ecsemu.Duration(200 * time.Millisecond)}
+	Unassigned: ecsemu.Duration(time.Second), Status: ecsemu.Duration(200 * time.Millisecond), Routes: ecsemu.Duration(time.Second)}
 
 // ENIConf is the part of eni_conf the lab lets callers choose.
 type ENIConf struct {
@@ -91,8 +92,8 @@ type Options struct {
 	ExtraVSwitches []ecsemu.VSwitchConfig
 	// Latency is added to every emulated API call.
 	Latency time.Duration
-	// ListingLag makes the emulator's DescribeNetworkInterfaces lag behind the calls that
-	// change ENIs, as the real API may (zero: no lag).
+	// ListingLag makes the emulator's DescribeNetworkInterfaces and DescribeRouteEntryList lag
+	// behind the calls that change ENIs and routes, as the real API may (zero: no lag).
 	ListingLag ecsemu.ListingLag
 	// Delays of the emulator's ENI transitions; zero fields take the lab's defaults (attach
 	// and detach 20 ms, delete 10 ms).

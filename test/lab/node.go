@@ -92,6 +92,9 @@ func (n *Node) prepare() error {
 	if n.lab.opts.AgentConfig != nil {
 		n.lab.opts.AgentConfig(n, &cfg)
 	}
+	if err := n.checkListingGrace(cfg); err != nil {
+		return err
+	}
 	if err := writeJSON(filepath.Join(n.dir, "agent.json"), cfg); err != nil {
 		return err
 	}

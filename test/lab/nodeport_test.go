@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/service/healthcheck"
+	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -69,20 +71,35 @@ func getFrom(h *lab.ExternalHost, addr string) (int, string, error) {
 	return resp.StatusCode, string(b), err
 }
 
-// eventually retries fn (a network probe through state the agents are still writing) until it
-// returns nil or the deadline passes; the last error fails the test.
-func eventually(t *testing.T, what string, fn func() error) {
+// waitProgrammed waits until node n's agent has programmed the externally reachable
+// ("all" scope) frontend/TCP with exactly the backends want — none for a frontend that must
+// refuse or drop — read from the node's pinned service map. The agent updates a Service's
+// healthCheckNodePort server before it writes the Service's map entries, so once they are
+// there the health check answers for the same endpoints too. It fails the test after 30 s.
+func waitProgrammed(t *testing.T, n *lab.Node, frontend netip.AddrPort, want ...netip.AddrPort) {
 	t.Helper()
+	want = slices.SortedFunc(slices.Values(want), netip.AddrPort.Compare)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		err := fn()
-		if err == nil {
+		svcs, err := ternctl.ReadServicesAt(n.PinRoot())
+		if err != nil {
+			t.Fatalf("read the pinned service map of %s: %v", n.Name, err)
+		}
+		var got []netip.AddrPort
+		found := false
+		for _, s := range svcs {
+			if s.Frontend == frontend && s.Proto == "TCP" && s.Scope == "all" {
+				found = true
+				got = slices.SortedFunc(slices.Values(s.BackendAddrs()), netip.AddrPort.Compare)
+			}
+		}
+		if found && slices.Equal(got, want) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v", what, err)
+			t.Fatalf("after 30s %s's service map has %s/TCP: present %v, backends %v; want backends %v", n.Name, frontend, found, got, want)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -139,24 +156,28 @@ func TestNodePortFromOutside(t *testing.T) {
 	}
 	mk("empty", corev1.ServiceTypeNodePort, corev1.ServiceExternalTrafficPolicyCluster, 30082, map[string]string{"app": "nobody"}, nil)
 
+	// Each probe waits until the node it goes to has programmed the frontend with the
+	// backends it must use, then connects once and must get the answer.
 	clientAddr := ext.Addr.String()
-	for _, c := range []struct{ what, addr, want string }{
-		{"NodePort on the backend's node", n0.PrimaryIP + ":30080", clientAddr},
-		{"NodePort on the other node (SNAT)", n1.PrimaryIP + ":30080", n1.PrimaryIP},
-		{"eTP Local NodePort on the backend's node", n0.PrimaryIP + ":30081", clientAddr},
-		{"eTP Local LoadBalancer IP", lbIP.String() + ":8080", clientAddr},
-		{"eTP Local externalIP", extIP.String() + ":8080", clientAddr},
+	backend := netip.AddrPortFrom(web.IP, 8080)
+	ip0, ip1 := netip.MustParseAddr(n0.PrimaryIP), netip.MustParseAddr(n1.PrimaryIP)
+	for _, c := range []struct {
+		what     string
+		node     *lab.Node
+		frontend netip.AddrPort
+		want     string
+	}{
+		{"NodePort on the backend's node", n0, netip.AddrPortFrom(ip0, 30080), clientAddr},
+		{"NodePort on the other node (SNAT)", n1, netip.AddrPortFrom(ip1, 30080), n1.PrimaryIP},
+		{"eTP Local NodePort on the backend's node", n0, netip.AddrPortFrom(ip0, 30081), clientAddr},
+		{"eTP Local LoadBalancer IP", n0, netip.AddrPortFrom(lbIP, 8080), clientAddr},
+		{"eTP Local externalIP", n0, netip.AddrPortFrom(extIP, 8080), clientAddr},
 	} {
-		eventually(t, c.what, func() error {
-			who, err := whoFrom(ext, c.addr, time.Second)
-			if err != nil {
-				return err
-			}
-			if who != c.want {
-				return fmt.Errorf("the backend saw the client as %s, want %s", who, c.want)
-			}
-			return nil
-		})
+		waitProgrammed(t, c.node, c.frontend, backend)
+		who, err := whoFrom(ext, c.frontend.String(), 3*time.Second)
+		if err != nil || who != c.want {
+			t.Fatalf("%s (%s): the backend saw the client as %q (%v), want %s", c.what, c.frontend, who, err, c.want)
+		}
 	}
 	// Settled: now each must hold on repeated connections.
 	for i := 0; i < 5; i++ {
@@ -164,14 +185,12 @@ func TestNodePortFromOutside(t *testing.T) {
 			t.Fatalf("NodePort on the other node, connection %d: %q, %v", i, who, err)
 		}
 	}
-	eventually(t, "NodePort without endpoints", func() error {
-		_, err := whoFrom(ext, n0.PrimaryIP+":30082", time.Second)
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("connect: %v, want connection refused", err)
-		}
-		return nil
-	})
+	waitProgrammed(t, n0, netip.AddrPortFrom(ip0, 30082)) // no endpoints: refuse
+	if _, err := whoFrom(ext, n0.PrimaryIP+":30082", 3*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("NodePort without endpoints: connect: %v, want connection refused", err)
+	}
 	// eTP Local on the node without an endpoint: dropped (a timeout, not a refusal).
+	waitProgrammed(t, n1, netip.AddrPortFrom(ip1, 30081))
 	if _, err := whoFrom(ext, n1.PrimaryIP+":30081", 700*time.Millisecond); err == nil || errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("eTP Local NodePort on a node without an endpoint: %v, want a timeout", err)
 	}
@@ -186,16 +205,11 @@ func TestNodePortFromOutside(t *testing.T) {
 		code int
 		n    int
 	}{{n0, 200, 1}, {n1, 503, 0}} {
+		// Programmed on both nodes above (the health server is updated before the map).
 		want := healthcheck.Body(nn, c.n, true)
-		eventually(t, "health check on "+c.node.Name, func() error {
-			code, body, err := getFrom(ext, fmt.Sprintf("%s:%d", c.node.PrimaryIP, hc))
-			if err != nil {
-				return err
-			}
-			if code != c.code || body != want {
-				return fmt.Errorf("%d %q, want %d %q", code, body, c.code, want)
-			}
-			return nil
-		})
+		code, body, err := getFrom(ext, fmt.Sprintf("%s:%d", c.node.PrimaryIP, hc))
+		if err != nil || code != c.code || body != want {
+			t.Fatalf("health check on %s: %d %q (%v), want %d %q", c.node.Name, code, body, err, c.code, want)
+		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/ipam/nodereport"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -38,14 +40,33 @@ func routeTable(s ecsemu.State) map[string]string {
 // CIDR with no cloud call; a pod reaches a pod of the other node directly (through the
 // emulator's VPC router, following the route entry) and through a ClusterIP; DEL and GC leave
 // no allocation; a deleted Node's entry is removed by the other node's agent and the route
-// table ends exactly as expected.
+// table ends exactly as expected. The cloud's listings lag throughout (lab.LaggingListing: the
+// route entry listing 1 s behind the table).
 func TestVPCRouteModeAcrossNodes(t *testing.T) {
-	l := upKubernetes(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC})
+	l := upKubernetes(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC, ListingLag: lab.LaggingListing})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	emu, c := l.Emulator(), l.Client()
 	settled(t, l, ctx)
 	before := emu.Snapshot()
+	// The Node report: no ENI annotation (no ENI holds pod addresses), the pod CIDR's capacity.
+	for i := range 2 {
+		n := l.Node(i)
+		want := strconv.Itoa(1<<(32-lab.RoutePodCIDR(i).Bits()) - 2)
+		for {
+			node, err := c.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			eniips, hasENIIPs := node.Annotations[nodereport.AnnotationAllocatedENIIPs]
+			if got := node.Annotations[nodereport.AnnotationMaxAvailableIP]; got == want && !hasENIIPs {
+				break
+			} else if ctx.Err() != nil {
+				t.Fatalf("Node %s: max-available-ip %q (want %s), allocated-eniips %q (want none)", n.Name, got, want, eniips)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 
 	const ns = "route"
 	if err := l.EnsureNamespace(ctx, ns); err != nil {
@@ -150,16 +171,18 @@ func TestVPCRouteModeAcrossNodes(t *testing.T) {
 }
 
 // TestVPCRouteModeFaultsAndKillDuringBurst: pods churn on two route-mode nodes while 30 % of
-// the cloud calls fail (Throttling, InternalError) and every call takes 20 ms more, and the
-// agents are killed with SIGKILL and restarted: at random moments, and while a
-// CreateRouteEntry reply is held back (the node's entry was deleted behind its back, the
-// restarted agent creates it again and dies waiting for the reply). No address is given twice,
-// no live pod loses its address, GC leaves exactly the live pods, and the route table holds
-// exactly one Available entry per node.
+// the cloud calls fail (Throttling, InternalError), every call takes 20 ms more and the
+// listings lag (lab.LaggingListing: the route entry listing 1 s behind), and the agents are
+// killed with SIGKILL and restarted: at random moments, and while a CreateRouteEntry reply is
+// held back (the node's entry was deleted behind its back — the restarted agent still sees it
+// listed, then its check creates it again — and dies waiting for the reply, so the next start
+// replays the create before the listing shows the entry). No address is given twice, no live
+// pod loses its address, GC leaves exactly the live pods, and the route table holds exactly
+// one Available entry per node.
 func TestVPCRouteModeFaultsAndKillDuringBurst(t *testing.T) {
 	l := up(t, lab.Options{Nodes: 2, DaemonMode: agent.ModeVPC, Seed: 11, Latency: 20 * time.Millisecond,
-		AllocateWait: 200 * time.Millisecond,
-		Faults:       []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}}})
+		AllocateWait: 200 * time.Millisecond, ListingLag: lab.LaggingListing,
+		Faults: []ecsemu.Fault{{Code: ecsemu.CodeThrottling, Rate: 0.15}, {Code: ecsemu.CodeInternalError, Rate: 0.15}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	emu := l.Emulator()

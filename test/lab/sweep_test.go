@@ -5,9 +5,10 @@ package lab
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -40,21 +41,18 @@ func TestSweepRemovesOnlyDeadLabsPins(t *testing.T) {
 		_ = os.Remove(cgParent)
 	})
 
-	// A process that has exited: its PID and start time as a dead lab recorded them.
-	cmd := exec.Command("/bin/true")
-	if err := cmd.Start(); err != nil {
+	// A dead lab's PID: one no process can have. PIDs stay below pid_max, which the kernel
+	// caps at PID_MAX_LIMIT (2^22 on 64-bit), so 2^22 is never running and cannot be reused
+	// while the test runs (a PID of an exited process could be, and then the test would have
+	// to skip). Its start time is any value: the PID alone says the owner is gone.
+	const deadPID, deadStart = 1 << 22, uint64(12345)
+	if b, err := os.ReadFile("/proc/sys/kernel/pid_max"); err != nil {
 		t.Fatal(err)
+	} else if pidMax, err := strconv.Atoi(strings.TrimSpace(string(b))); err != nil || pidMax > deadPID {
+		t.Fatalf("pid_max %q (%v) is above %d: the kernel's limit changed; pick a PID above it", b, err, deadPID)
 	}
-	deadPID := cmd.Process.Pid
-	deadStart, ok, err := procStart(deadPID) // a zombie until Wait: still listed
-	if err != nil || !ok {
-		t.Fatalf("start time of %d: ok=%v err=%v", deadPID, ok, err)
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok, _ := procStart(deadPID); ok {
-		t.Skipf("PID %d was reused at once", deadPID) // vanishingly rare; the test needs it gone
+	if _, ok, err := procStart(deadPID); err != nil || ok {
+		t.Fatalf("PID %d: running=%v, %v; want no such process", deadPID, ok, err)
 	}
 	self := os.Getpid()
 	selfStart, _, err := procStart(self)

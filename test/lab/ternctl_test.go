@@ -3,7 +3,6 @@
 package lab_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -28,6 +27,7 @@ import (
 	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/ternctl"
+	"github.com/tern-net/tern/ternctl/ternctltest"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -489,45 +489,11 @@ func TestTernctlAgainstALiveAgent(t *testing.T) {
 	}
 }
 
-// startMonitor runs ternctl monitor with args on n until ctx ends or it exits, waits until
-// it reads the ring buffer, and returns its stdout lines and its exit code.
+// startMonitor runs ternctl monitor with args on n (ternctlOn) until ctx ends or it exits; it
+// returns once the monitor reads, with its stdout lines and its exit code.
 func startMonitor(t *testing.T, ctx context.Context, n *lab.Node, args ...string) (<-chan string, <-chan int) {
 	t.Helper()
-	outR, outW := io.Pipe()
-	errR, errW := io.Pipe()
-	done := make(chan int, 1)
-	go func() {
-		code := ternctlOn(ctx, n, outW, errW, args...)
-		outW.Close()
-		errW.Close()
-		done <- code
-	}()
-	started := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(errR)
-		ok := false
-		for sc.Scan() {
-			if !ok && strings.Contains(sc.Text(), "monitoring drops") {
-				ok = true
-				started <- true
-			}
-		}
-		if !ok {
-			started <- false
-		}
-	}()
-	if !<-started {
-		t.Fatalf("monitor ended before reading (exit %d)", <-done)
-	}
-	lines := make(chan string, 16)
-	go func() {
-		sc := bufio.NewScanner(outR)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
-	return lines, done
+	return ternctltest.StartMonitor(t, func(stdout, stderr io.Writer) int { return ternctlOn(ctx, n, stdout, stderr, args...) })
 }
 
 func ptrTo[T any](v T) *T { return &v }

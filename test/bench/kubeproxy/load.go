@@ -129,6 +129,10 @@ func readLine(c net.Conn, buf []byte) error {
 type rrResult struct {
 	rate     float64
 	p50, p99 time.Duration
+	// Requests slower than 1 ms, and how many distinct 10 ms windows of the run they fall
+	// in: stalls that hit every connection at once (the machine) share windows, a flow's
+	// own slow path would not.
+	slow, slowWindows int
 }
 
 // keepAlive opens `conns` connections (connection i to targets[i%len]) and, on each, sends
@@ -136,6 +140,7 @@ type rrResult struct {
 // the percentiles.
 func keepAlive(ns netns.NsHandle, targets []string, conns int, d time.Duration) (rrResult, error) {
 	lat := make([][]time.Duration, conns)
+	slowAt := make([][]time.Duration, conns) // when (since start) each slow request began
 	errs := make([]error, conns)
 	start := time.Now()
 	end := start.Add(d)
@@ -164,7 +169,11 @@ func keepAlive(ns netns.NsHandle, targets []string, conns int, d time.Duration) 
 				errs[w] = fmt.Errorf("echo from %s: %w", addr, err)
 				return
 			}
-			l = append(l, time.Since(t0))
+			rt := time.Since(t0)
+			l = append(l, rt)
+			if rt > time.Millisecond {
+				slowAt[w] = append(slowAt[w], t0.Sub(start))
+			}
 		}
 		lat[w] = l
 	})
@@ -180,7 +189,16 @@ func keepAlive(ns netns.NsHandle, targets []string, conns int, d time.Duration) 
 		return rrResult{}, errors.New("no request completed")
 	}
 	slices.Sort(all)
-	return rrResult{rate: float64(len(all)) / elapsed.Seconds(), p50: all[len(all)/2], p99: all[len(all)*99/100]}, nil
+	windows := map[time.Duration]bool{}
+	slow := 0
+	for _, at := range slowAt {
+		slow += len(at)
+		for _, t := range at {
+			windows[t/(10*time.Millisecond)] = true
+		}
+	}
+	return rrResult{rate: float64(len(all)) / elapsed.Seconds(), p50: all[len(all)/2], p99: all[len(all)*99/100],
+		slow: slow, slowWindows: len(windows)}, nil
 }
 
 // stream sends as fast as it can on one connection to a sink for d and returns Gbit/s of

@@ -43,12 +43,30 @@ type params struct {
 	rrConns         int
 	workers         int // parallel API clients creating Services
 	convergeTimeout time.Duration
+	paths, kinds    []string // what to measure (default: everything)
+	perfDir         string   // when set, a system-wide perf profile of every throughput run goes here
+}
+
+// wants reports whether the run measures path (or kind): all of them unless narrowed.
+func wants(list []string, v string) bool { return len(list) == 0 || slices.Contains(list, v) }
+
+// parseList splits a comma-separated flag and checks every item against valid.
+func parseList(flagName, s string, valid []string) ([]string, error) {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(valid, f) {
+			return nil, fmt.Errorf("-%s %q: %q is not one of %s", flagName, s, f, strings.Join(valid, ", "))
+		}
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 func main() {
 	var (
 		sizes    = flag.String("services", "1,1000,10000", "Service counts to measure, ascending (each size adds Services to the last)")
-		reps     = flag.Int("reps", 3, "repetitions of every measurement; the report gives medians")
+		reps     = flag.Int("reps", 5, "repetitions of every measurement; the report gives medians with the smallest and largest")
 		dur      = flag.Duration("duration", 2*time.Second, "length of each connection-rate and request-rate run")
 		sdur     = flag.Duration("stream-duration", 2*time.Second, "length of each throughput run")
 		cw       = flag.Int("conn-workers", 4, "concurrent clients opening connections")
@@ -58,12 +76,21 @@ func main() {
 		png      = flag.String("png", "", "draw the medians into this PNG with test/bench/plot (run from the repository root)")
 		jsonOut  = flag.String("json", "", "write every sample and median to this JSON file")
 		binDir   = flag.String("bindir", "", "prebuilt tern-agent and tern-cni (default: built into a temporary directory)")
+		paths    = flag.String("paths", pathClusterIP+","+pathNodePort, "paths to measure: clusterip, nodeport")
+		kinds    = flag.String("kinds", kindConn+","+kindRR+","+kindStream, "measurements: conn (new connections), rr (kept-alive requests), stream (throughput)")
+		perfDir  = flag.String("perf", "", "record a system-wide `perf record -g` profile of every throughput run into this directory (needs perf)")
 	)
 	flag.Parse()
-	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge}
+	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge, perfDir: *perfDir}
 	var err error
 	if p.sizes, err = parseSizes(*sizes); err == nil && (p.reps < 1 || p.connWorkers < 1 || p.rrConns < 1 || p.workers < 1) {
 		err = errors.New("-reps, -conn-workers, -rr-conns and -workers must be positive")
+	}
+	if err == nil {
+		p.paths, err = parseList("paths", *paths, []string{pathClusterIP, pathNodePort})
+	}
+	if err == nil {
+		p.kinds, err = parseList("kinds", *kinds, []string{kindConn, kindRR, kindStream})
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kubeproxy:", err)
@@ -237,6 +264,37 @@ func (b *bench) agentMetrics() (string, error) {
 	return string(body), nil
 }
 
+// proxyCPU is the CPU time (user + system, ms) node-1's tern agent and the two kube-proxies
+// have used so far: a proxy busy during a latency run shows here.
+func (b *bench) proxyCPU() (tern, kubeProxies float64) {
+	tern = cpuMillis(b.l.Node(nodeTern).AgentPID())
+	for _, kp := range b.kps {
+		kubeProxies += cpuMillis(kp.PID())
+	}
+	return tern, kubeProxies
+}
+
+// cpuMillis reads a process's user + system time from /proc/PID/stat; 0 when the process is
+// gone (the difference of two reads is then meaningless, and the log says so by its size).
+func cpuMillis(pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name (which may hold spaces): utime and stime are the
+	// 12th and 13th of them.
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, err1 := strconv.ParseUint(f[11], 10, 64)
+	st, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return float64(u+st) * 10 // clock ticks of 1/100 s (USER_HZ)
+}
+
 func loadavg() string {
 	b, err := os.ReadFile("/proc/loadavg")
 	if err != nil {
@@ -252,14 +310,17 @@ func loadavg() string {
 // target is where a client of one datapath connects, for one path and service port.
 func (b *bench) target(path string, dp datapath, svcPort, nodePort, podPort int) (netns.NsHandle, []string) {
 	var ns netns.NsHandle
-	if path == pathClusterIP && dp.key == "none" {
+	switch {
+	case path == pathClusterIP && dp.key == "none":
 		ns = b.direct.NS()
-	} else if path == pathClusterIP {
+	case path == pathClusterIP:
 		ns = b.clients[dp.node].NS()
-	} else {
+	case dp.key == "routed":
+		ns = b.routed.NS
+	default:
 		ns = b.ext.NS()
 	}
-	if dp.key == "none" {
+	if dp.key == "none" || dp.key == "routed" {
 		var addrs []string
 		for _, s := range b.servers {
 			addrs = append(addrs, net.JoinHostPort(s.IP.String(), strconv.Itoa(podPort)))
@@ -280,10 +341,19 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 		order[i] = datapaths[(i+rep)%len(datapaths)]
 	}
 	for _, path := range []string{pathClusterIP, pathNodePort} {
+		if !wants(b.p.paths, path) {
+			continue
+		}
 		for _, kind := range []string{kindConn, kindRR, kindStream} {
+			if !wants(b.p.kinds, kind) {
+				continue
+			}
 			for _, dp := range order {
 				if ctx.Err() != nil {
 					return ctx.Err()
+				}
+				if dp.nodePortOnly && path != pathNodePort {
+					continue
 				}
 				s := sample{Path: path, Kind: kind, Datapath: dp.key, Services: size, Rep: rep}
 				var err error
@@ -294,12 +364,26 @@ func (b *bench) measure(ctx context.Context, size, rep int, res *results) error 
 				case kindRR:
 					ns, t := b.target(path, dp, svcEcho, npEcho, echoPort)
 					var r rrResult
+					tern0, kp0 := b.proxyCPU()
 					r, err = keepAlive(ns, t, b.p.rrConns, b.p.dur)
 					s.Value, s.P50us, s.P99us = r.rate, float64(r.p50.Nanoseconds())/1e3, float64(r.p99.Nanoseconds())/1e3
+					s.SlowWindows, s.Slow = r.slowWindows, r.slow
+					tern1, kp1 := b.proxyCPU()
+					s.TernCPUms, s.KubeProxyCPUms = tern1-tern0, kp1-kp0
+					b.logf("  requests above 1 ms: %d, in %d distinct 10 ms windows; CPU during the run: node-1's tern agent %.0f ms, the kube-proxies %.0f ms",
+						r.slow, r.slowWindows, s.TernCPUms, s.KubeProxyCPUms)
 				case kindStream:
 					ns, t := b.target(path, dp, svcSink, npSink, sinkPort)
+					var probe *streamProbe
+					if probe, err = b.startProbe(fmt.Sprintf("%d-%s-%s-%d", size, path, dp.key, rep)); err != nil {
+						return err
+					}
 					// One stream, to one backend: the no-Service client takes the rep's.
 					s.Value, err = stream(ns, t[rep%len(t)], b.p.streamDur)
+					if perr := probe.stop(); err == nil && perr != nil {
+						err = perr
+					}
+					s.Links = probe.links
 				}
 				if err != nil {
 					return fmt.Errorf("%s %s via %s at %d Services: %w", path, kind, dp.name, size, err)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -34,6 +35,19 @@ type sample struct {
 	// Failed connections of a conn run (each one timed out or was refused); in a median,
 	// the sum over the repetitions.
 	Failed int `json:"failed,omitempty"`
+	// In a median: the spread of the repetitions, smallest and largest value and p99.
+	Min    float64 `json:"min,omitempty"`
+	Max    float64 `json:"max,omitempty"`
+	P99Min float64 `json:"p99minUs,omitempty"`
+	P99Max float64 `json:"p99maxUs,omitempty"`
+	// A request-rate run: requests above 1 ms, the distinct 10 ms windows they began in,
+	// and the CPU time node-1's tern agent and the two kube-proxies used during the run.
+	Slow           int     `json:"slow,omitempty"`
+	SlowWindows    int     `json:"slowWindows,omitempty"`
+	TernCPUms      float64 `json:"ternCpuMs,omitempty"`
+	KubeProxyCPUms float64 `json:"kubeProxyCpuMs,omitempty"`
+	// A throughput run's link counters (probe.go).
+	Links map[string]linkDelta `json:"links,omitempty"`
 }
 
 // sizeStats is what the benchmark records per Service count besides the traffic.
@@ -108,7 +122,8 @@ func (r *results) computeMedians() {
 			failed += s.Failed
 		}
 		r.Medians = append(r.Medians, sample{Path: k.path, Kind: k.kind, Datapath: k.dp, Services: k.n, Rep: -1,
-			Value: median(v), P50us: median(p50), P99us: median(p99), Failed: failed})
+			Value: median(v), P50us: median(p50), P99us: median(p99), Failed: failed,
+			Min: slices.Min(v), Max: slices.Max(v), P99Min: slices.Min(p99), P99Max: slices.Max(p99)})
 	}
 }
 
@@ -154,6 +169,46 @@ func (r *results) plot(path string) error {
 	return nil
 }
 
+// againstRouted compares each NodePort datapath with the same hops without a Service (the
+// external client's traffic routed through node-1): what the datapath itself costs, the
+// detour through the node taken out.
+func (r *results) againstRouted() string {
+	var b strings.Builder
+	for _, st := range r.Sizes {
+		n := st.Services
+		var parts []string
+		for _, dp := range datapaths {
+			if dp.key == "none" || dp.key == "routed" {
+				continue
+			}
+			var cells []string
+			for _, kind := range []string{kindConn, kindRR, kindStream} {
+				m, ok1 := r.median(pathNodePort, kind, dp.key, n)
+				base, ok2 := r.median(pathNodePort, kind, "routed", n)
+				if ok1 && ok2 {
+					cells = append(cells, fmt.Sprintf("%s %s", map[string]string{kindConn: "conn/s", kindRR: "req/s", kindStream: "Gbit/s"}[kind], ratio(m.Value, base.Value)))
+				}
+			}
+			if len(cells) > 0 {
+				parts = append(parts, dp.name+" "+strings.Join(cells, ", "))
+			}
+		}
+		if len(parts) > 0 {
+			fmt.Fprintf(&b, "%d Services, ×(no Service, through node-1): %s.\n", n, strings.Join(parts, "; "))
+		}
+	}
+	if b.Len() > 0 {
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// spread prints a median with the smallest and largest repetition, so a reader can tell a
+// gap between datapaths from the run-to-run noise.
+func spread(med, lo, hi float64, format string) string {
+	return fmt.Sprintf(format+" ("+format+"–"+format+")", med, lo, hi)
+}
+
 func ratio(v, base float64) string {
 	if base == 0 {
 		return ""
@@ -163,7 +218,7 @@ func ratio(v, base float64) string {
 
 func (r *results) markdown() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions; each connection and request run lasts %s, each throughput run %s.\n\n",
+	fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions (in brackets: the smallest and largest repetition); each connection and request run lasts %s, each throughput run %s.\n\n",
 		r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
 	fmt.Fprintf(&b, "```\n%s\n```\n\n", r.Command)
 	names := map[string]string{}
@@ -175,8 +230,11 @@ func (r *results) markdown() string {
 		pathNodePort:  "NodePort: client outside the VPC → node:NodePort → pod on another node",
 	}
 	for _, path := range []string{pathClusterIP, pathNodePort} {
+		if !wants(r.params.paths, path) {
+			continue
+		}
 		fmt.Fprintf(&b, "#### %s\n\n", titles[path])
-		b.WriteString("| Services | datapath | new conn/s | ×none | failed conns | kept-alive req/s | p50 µs | p99 µs | ×none | Gbit/s | ×none |\n")
+		b.WriteString("| Services | datapath | new conn/s (min–max) | ×none | failed conns | kept-alive req/s (min–max) | p50 µs | p99 µs (min–max) | ×none | Gbit/s (min–max) | ×none |\n")
 		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, st := range r.Sizes {
 			n := st.Services
@@ -187,18 +245,36 @@ func (r *results) markdown() string {
 				}
 			}
 			for _, dp := range datapaths {
-				c, ok1 := r.median(path, kindConn, dp.key, n)
-				rr, ok2 := r.median(path, kindRR, dp.key, n)
-				s, ok3 := r.median(path, kindStream, dp.key, n)
-				if !ok1 || !ok2 || !ok3 {
-					continue
+				cells := []string{strconv.Itoa(n), names[dp.key]}
+				seen := false
+				if c, ok := r.median(path, kindConn, dp.key, n); ok {
+					seen = true
+					cells = append(cells, spread(c.Value, c.Min, c.Max, "%.0f"), ratio(c.Value, base[kindConn]), strconv.Itoa(c.Failed))
+				} else {
+					cells = append(cells, "–", "", "")
 				}
-				fmt.Fprintf(&b, "| %d | %s | %.0f | %s | %d | %.0f | %.0f | %.0f | %s | %.2f | %s |\n", n, names[dp.key],
-					c.Value, ratio(c.Value, base[kindConn]), c.Failed, rr.Value, rr.P50us, rr.P99us, ratio(rr.Value, base[kindRR]),
-					s.Value, ratio(s.Value, base[kindStream]))
+				if rr, ok := r.median(path, kindRR, dp.key, n); ok {
+					seen = true
+					cells = append(cells, spread(rr.Value, rr.Min, rr.Max, "%.0f"), fmt.Sprintf("%.0f", rr.P50us),
+						spread(rr.P99us, rr.P99Min, rr.P99Max, "%.0f"), ratio(rr.Value, base[kindRR]))
+				} else {
+					cells = append(cells, "–", "", "", "")
+				}
+				if s, ok := r.median(path, kindStream, dp.key, n); ok {
+					seen = true
+					cells = append(cells, spread(s.Value, s.Min, s.Max, "%.2f"), ratio(s.Value, base[kindStream]))
+				} else {
+					cells = append(cells, "–", "")
+				}
+				if seen {
+					fmt.Fprintf(&b, "| %s |\n", strings.Join(cells, " | "))
+				}
 			}
 		}
 		b.WriteString("\n")
+		if path == pathNodePort {
+			b.WriteString(r.againstRouted())
+		}
 	}
 	b.WriteString("#### Memory (VmRSS after the measurements) and set-up\n\n")
 	b.WriteString("| Services | tern agent | tern agent, no Services | kube-proxy iptables | kube-proxy nftables | API writes | until every proxy served | load before → after |\n")

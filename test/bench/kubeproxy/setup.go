@@ -62,16 +62,27 @@ const (
 
 // datapath is one way for a client to reach the backends.
 type datapath struct {
-	key  string // none, tern, iptables, nftables
+	key  string // none, tern, iptables, nftables, routed
 	name string
 	node int // the client's node (none: node-1's client)
+	// nodePortOnly: a baseline that only the NodePort path has.
+	nodePortOnly bool
 }
 
+// routedClientIP is the second external client's address (TEST-NET-3): the VPC router sends
+// its traffic through node-1 (lab.RouteExternalThrough).
+const routedClientIP = "203.0.113.10"
+
 var datapaths = []datapath{
-	{"none", "no Service", nodeTern},
-	{"tern", "tern", nodeTern},
-	{"iptables", "kube-proxy iptables", nodeIPTables},
-	{"nftables", "kube-proxy nftables", nodeNFTables},
+	{key: "none", name: "no Service", node: nodeTern},
+	{key: "tern", name: "tern", node: nodeTern},
+	{key: "iptables", name: "kube-proxy iptables", node: nodeIPTables},
+	{key: "nftables", name: "kube-proxy nftables", node: nodeNFTables},
+	// The external client dialling the pod IPs, its packets routed through node-1 and back
+	// out to node-4 (replies too) with no Service: the hops of a NodePort flow to a remote
+	// backend without the translation. A NodePort datapath's ratio to it is the cost of the
+	// datapath; its ratio to "none" adds the detour through the node.
+	{key: "routed", name: "no Service, through node-1", node: nodeTern, nodePortOnly: true},
 }
 
 // bench is a running lab with the benchmark's pods and Services.
@@ -85,7 +96,8 @@ type bench struct {
 	servers []*lab.Pod
 	sinks   []net.Listener
 	ext     *lab.External
-	vip     netip.Addr // the measured Service's cluster IP
+	routed  *lab.ExternalHost // the external client whose traffic crosses node-1
+	vip     netip.Addr        // the measured Service's cluster IP
 	// Services in the cluster: the measured one, fillers and sentinels.
 	fillers, sentinels int
 	logf               func(format string, args ...any)
@@ -161,6 +173,12 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 	if b.ext, err = b.l.ExternalClient(); err != nil {
 		return nil, err
 	}
+	if b.routed, err = b.l.AddExternalHost(netip.MustParseAddr(routedClientIP)); err != nil {
+		return nil, err
+	}
+	if err := b.l.RouteExternalThrough(b.routed, b.l.Node(nodeTern)); err != nil {
+		return nil, err
+	}
 	svc, err := b.client.CoreV1().Services(benchNS).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "echo"},
 		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, Selector: map[string]string{"app": backendApp},
@@ -190,6 +208,12 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 		addr := net.JoinHostPort(b.l.Node(n).PrimaryIP, strconv.Itoa(npEcho))
 		if err := pollEcho(ctx, b.ext.NS(), addr, 2*time.Minute); err != nil {
 			return nil, fmt.Errorf("NodePort %s from the external client: %w", addr, err)
+		}
+	}
+	for _, s := range b.servers {
+		addr := net.JoinHostPort(s.IP.String(), strconv.Itoa(echoPort))
+		if err := pollEcho(ctx, b.routed.NS, addr, time.Minute); err != nil {
+			return nil, fmt.Errorf("%s through node-1 from %s: %w", addr, routedClientIP, err)
 		}
 	}
 	return b, nil

@@ -248,3 +248,25 @@ func hasObject(objs []deploy.Object, kind, name string) bool {
 	}
 	return false
 }
+
+// TestGOMEMLIMITFollowsTheMemoryLimit: a container memory limit becomes the agent's
+// GOMEMLIMIT (from the limit itself, in bytes); without one there is no GOMEMLIMIT.
+func TestGOMEMLIMITFollowsTheMemoryLimit(t *testing.T) {
+	envOf := func(vals map[string]any) map[string]corev1.EnvVar {
+		ds := find[*appsv1.DaemonSet](t, render(t, vals), "DaemonSet", "tern-agent")
+		out := map[string]corev1.EnvVar{}
+		for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
+			out[e.Name] = e
+		}
+		return out
+	}
+	if e, ok := envOf(nil)["GOMEMLIMIT"]; ok {
+		t.Errorf("default values set GOMEMLIMIT: %+v", e)
+	}
+	e, ok := envOf(map[string]any{"agent": map[string]any{"resources": map[string]any{
+		"limits": map[string]any{"memory": "200Mi"}}}})["GOMEMLIMIT"]
+	if !ok || e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil || e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" ||
+		e.ValueFrom.ResourceFieldRef.Divisor.String() != "1" {
+		t.Errorf("with limits.memory: GOMEMLIMIT %+v, want from the limits.memory resource field, divisor 1", e)
+	}
+}

@@ -71,8 +71,9 @@ type clusterIPLoad struct {
 }
 
 type newConn struct {
-	at time.Time
-	ok bool
+	at  time.Time
+	ok  bool
+	why string // a failure: which step failed after how long, and its error
 }
 
 // dialer is where the load comes from: a pod (*lab.Pod) or a host outside the cluster
@@ -136,20 +137,24 @@ func startLoad(t *testing.T, ctx context.Context, client dialer, addr netip.Addr
 				return
 			default:
 			}
-			ok := func() bool {
+			began := time.Now()
+			why := func() string {
 				dctx, dcancel := context.WithTimeout(ctx, time.Second)
 				defer dcancel()
 				c, err := client.Dial(dctx, addr.String())
 				if err != nil {
-					return false
+					return fmt.Sprintf("dial failed after %v: %v", time.Since(began).Round(time.Millisecond), err)
 				}
 				defer c.Close()
 				c.SetDeadline(time.Now().Add(time.Second))
-				_, err = bufio.NewReader(c).ReadString('\n')
-				return err == nil
+				connected := time.Since(began).Round(time.Millisecond)
+				if _, err = bufio.NewReader(c).ReadString('\n'); err != nil {
+					return fmt.Sprintf("connected in %v, greeting failed after %v: %v", connected, time.Since(began).Round(time.Millisecond), err)
+				}
+				return ""
 			}()
 			ld.mu.Lock()
-			ld.dials = append(ld.dials, newConn{time.Now(), ok})
+			ld.dials = append(ld.dials, newConn{time.Now(), why == "", why})
 			ld.mu.Unlock()
 		}
 	}()
@@ -202,6 +207,7 @@ func (ld *clusterIPLoad) halt() {
 type loadReport struct {
 	Flows, Echoes, Dials, Failed int
 	Broken                       []string
+	FailedHow                    []string // the first 5 failed new connections: how they failed
 	// Gap is the longest time between two successful new connections from a second before
 	// the fault on.
 	Gap time.Duration
@@ -222,6 +228,9 @@ func (ld *clusterIPLoad) finish(faultAt time.Time) loadReport {
 	for _, d := range ld.dials {
 		if !d.ok {
 			r.Failed++
+			if len(r.FailedHow) < 5 {
+				r.FailedHow = append(r.FailedHow, d.at.Format("15:04:05.000")+" "+d.why)
+			}
 			continue
 		}
 		if !last.IsZero() && d.at.After(faultAt.Add(-time.Second)) && d.at.Sub(last) > r.Gap {

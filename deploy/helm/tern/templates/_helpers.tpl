@@ -39,7 +39,7 @@ tern.agentConfig is agent.json: agentConfig compacted, with the chart's two adju
 {{- define "tern.agentConfig" -}}
 {{- $cfg := include "tern.compact" .Values.agentConfig | fromJson -}}
 {{- if eq (dig "ipam" "mode" "" $cfg) "none" -}}
-{{- range list "clusterID" "eniConfigPath" "statePath" "instanceID" "regionID" "cloudEndpoint" "cloud" "eniConfigPollInterval" "allocateWait" "maintainInterval" "eniLinkTimeout" "cniConfDir" -}}
+{{- range list "clusterID" "eniConfigPath" "statePath" "instanceID" "regionID" "cloudEndpoint" "cloud" "eniConfigPollInterval" "allocateWait" "maintainInterval" "eniLinkTimeout" "listingGrace" "cniConfDir" -}}
 {{- $_ := unset $cfg . -}}
 {{- end -}}
 {{- end -}}

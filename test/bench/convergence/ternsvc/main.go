@@ -9,6 +9,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/service/controller"
 	"github.com/tern-net/tern/service/lbmap"
@@ -31,14 +33,15 @@ func main() {
 	pinRoot := flag.String("pin-root", "", "bpffs directory for the maps, under /sys/fs/bpf (required)")
 	keepPins := flag.Bool("keep-pins", false, "leave the pinned maps in place at exit (the benchmark restarts over them)")
 	resync := flag.Duration("resync", 5*time.Minute, "full resync interval")
+	pprofAddr := flag.String("pprof-addr", "", "serve /debug/pprof/ here (the agent's pprofAddr; test/bench/svcmem reads the heap from it)")
 	flag.Parse()
-	if err := run(*kubeconfig, *pinRoot, *keepPins, *resync); err != nil {
+	if err := run(*kubeconfig, *pinRoot, *keepPins, *resync, *pprofAddr); err != nil {
 		fmt.Fprintln(os.Stderr, "ternsvc:", err)
 		os.Exit(1)
 	}
 }
 
-func run(kubeconfig, pinRoot string, keepPins bool, resync time.Duration) error {
+func run(kubeconfig, pinRoot string, keepPins bool, resync time.Duration, pprofAddr string) error {
 	if kubeconfig == "" || pinRoot == "" {
 		return fmt.Errorf("-kubeconfig and -pin-root are required")
 	}
@@ -55,6 +58,19 @@ func run(kubeconfig, pinRoot string, keepPins bool, resync time.Duration) error 
 		return fmt.Errorf("build logger: %w", err)
 	}
 	defer log.Sync()
+	agent.TuneGC(log) // as tern-agent does
+
+	if pprofAddr != "" {
+		addr, err := agent.PprofListenAddr(pprofAddr)
+		if err != nil {
+			return err
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("listen for pprof: %w", err)
+		}
+		defer agent.ServePprof(ln, log).Close()
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
