@@ -58,6 +58,10 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue
 		}
+		if err := a.untagMemberPod(al); err != nil {
+			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
+			continue
+		}
 		if err := a.forgetEndpointsAt(al.IP); err != nil {
 			errs = append(errs, fmt.Errorf("GC of %s: %w", key, err))
 			continue

@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/datapath"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/eniconfig"
@@ -26,6 +27,7 @@ import (
 type kindsState struct {
 	client kubernetes.Interface // reads Pods whose kind the CNI's annotations do not settle
 	on     bool                 // at least one optional kind is on
+	trunk  *datapath.Trunk      // the VLAN programs, with the member kind (trunk.go)
 }
 
 // kubeClient builds a client from the kubeconfig, nil without one.
@@ -87,7 +89,13 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 		return nil, err
 	}
 	var kinds []ipam.Resource
+	var tdp *datapath.Trunk
 	for _, s := range specs {
+		if s.Kind == ipam.KindMember {
+			if tdp, err = a.loadTrunk(); err != nil {
+				return nil, err
+			}
+		}
 		r, err := s.New(ipam.KindDeps{Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID,
 			NodeName: a.cfg.NodeName, ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), OtherENIs: others(s.Kind),
 			ListingGrace: time.Duration(a.cfg.ListingGrace)})
@@ -95,17 +103,18 @@ func (a *Agent) withKinds(ctx context.Context, cloud aliyun.Cloud, st *store.Sto
 			return nil, fmt.Errorf("network resource kind %s: %w", s.Kind, err)
 		}
 		kinds = append(kinds, r)
-		a.log.Info("network resource kind on (node label)", zap.String("kind", string(s.Kind)))
+		a.log.Info("network resource kind on", zap.String("kind", string(s.Kind)))
 	}
 	node = ipam.NewNode(base, kinds, a.log.Named("ipam"))
 	a.mu.Lock()
-	a.kinds = kindsState{client: client, on: len(kinds) > 0}
+	a.kinds = kindsState{client: client, on: len(kinds) > 0, trunk: tdp}
 	a.mu.Unlock()
 	return node, nil
 }
 
-// allocateFor serves one ADD: the pod's annotations (from the runtime) or, when they do not
-// ask for an exclusive ENI, the Pod object (annotations and aliyun/eni resource requests, listed by name)
+// allocateFor serves one ADD: the pod's annotations (from the runtime) or, when they ask for
+// nothing but the default, the Pod object (annotations and aliyun/eni or aliyun/member-eni
+// resource requests, listed by name)
 // choose the kind. Nodes with no optional kind never read the Pod.
 func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.AllocateRequest, key ipam.PodKey) (ipam.Allocation, error) {
 	node, ok := pool.(*ipam.Node)
@@ -117,7 +126,7 @@ func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.Al
 		// to set, rather than silently given a shared address (and none of its own security
 		// groups).
 		if r, err := ipam.RequestFromPod(key, req.Annotations, false); err == nil && r.Kind != ipam.KindENIIP {
-			return ipam.Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q; this node offers eniip only (label the Node %s=%s for exclusive ENIs)",
+			return ipam.Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q; this node offers eniip only (label the Node %s=%s for exclusive ENIs, set eni_conf enable_eni_trunking: true for member ENIs)",
 				ipam.ErrKindNotOffered, key.Namespace, key.Name, r.Kind, ipam.LabelExclusiveENI, ipam.LabelExclusiveENIOnly)
 		}
 		return pool.Allocate(ctx, key)
@@ -140,21 +149,25 @@ func (a *Agent) allocateFor(ctx context.Context, pool ipam.Allocator, req api.Al
 			return ipam.Allocation{}, fmt.Errorf("%w: read pod %s/%s to learn which network resource it asks for: %v", ipam.ErrPoolEmptyTryAgain, key.Namespace, key.Name, err)
 		}
 		pod := &pods.Items[0]
-		if r, err = ipam.RequestFromPod(key, pod.Annotations, requestsENI(pod)); err != nil {
+		if r, err = ipam.RequestFromPod(key, pod.Annotations, requestsResource(pod, ipam.ResourceENI)); err != nil {
 			return ipam.Allocation{}, err
+		}
+		if r.Kind == ipam.KindENIIP && requestsResource(pod, ipam.ResourceMemberENI) {
+			r.Kind = ipam.KindMember // Terway's webhook adds aliyun/member-eni to a trunk pod
 		}
 	}
 	return node.AllocateFor(ctx, r)
 }
 
-// requestsENI says whether a container asks for the aliyun/eni extended resource.
-func requestsENI(pod *corev1.Pod) bool {
+// requestsResource says whether a container asks for an extended resource (aliyun/eni,
+// aliyun/member-eni).
+func requestsResource(pod *corev1.Pod, name corev1.ResourceName) bool {
 	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for _, c := range cs {
-			if _, ok := c.Resources.Requests[ipam.ResourceENI]; ok {
+			if _, ok := c.Resources.Requests[name]; ok {
 				return true
 			}
-			if _, ok := c.Resources.Limits[ipam.ResourceENI]; ok {
+			if _, ok := c.Resources.Limits[name]; ok {
 				return true
 			}
 		}

@@ -148,9 +148,9 @@ func errorFor(err error) *api.Error {
 	case errors.Is(err, ipam.ErrVSwitchExhausted):
 		return &api.Error{Code: api.CodeVSwitchExhaust, Msg: "vSwitch exhausted", Details: err.Error()}
 	case errors.Is(err, ipam.ErrNodeFull):
-		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its ENI IP capacity; schedule the pod elsewhere", Details: err.Error()}
+		return &api.Error{Code: api.CodeNodeFull, Msg: "node is at its capacity for the pod's kind of network resource (ENI IPs, exclusive ENIs or member ENIs); schedule the pod elsewhere", Details: err.Error()}
 	case errors.Is(err, ipam.ErrKindNotOffered):
-		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod asks for a kind of network resource this node does not offer: label the node (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly for exclusive ENIs) or schedule the pod to a node that has it", Details: err.Error()}
+		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod asks for a kind of network resource this node does not offer: label the node (k8s.aliyun.com/exclusive-mode-eni-type: eniOnly for exclusive ENIs), set eni_conf enable_eni_trunking: true (member ENIs), or schedule the pod to a node that has it", Details: err.Error()}
 	case errors.Is(err, ipam.ErrBadPodRequest):
 		return &api.Error{Code: api.CodeInvalidConfig, Msg: "the pod's network annotations are invalid: fix them on the pod", Details: err.Error()}
 	case errors.Is(err, aliyun.ErrBadVSwitch):
@@ -166,7 +166,7 @@ func toAPI(al ipam.Allocation) api.Allocation {
 	out := api.Allocation{IP: al.IP.String(), Kind: string(al.Kind), ENI: api.ENI{
 		ID: al.ENI.ID, MAC: al.ENI.MAC, PrimaryIP: al.ENI.PrimaryIP.String(), Gateway: al.ENI.Gateway.String(),
 		VSwitchID: al.ENI.VSwitchID, VSwitchCIDR: al.ENI.VSwitchCIDR.String(), NodePrimary: al.ENI.NodePrimary,
-	}}
+	}, VLAN: al.VLAN, MemberENI: al.MemberENI}
 	for _, p := range al.ViaVeth {
 		out.ViaVeth = append(out.ViaVeth, p.String())
 	}
@@ -279,6 +279,9 @@ func (a *Agent) handleRelease(r *http.Request) (any, *api.Error) {
 	defer unlock()
 	al, ok := pool.Allocations()[key]
 	if ok {
+		if err := a.untagMemberPod(al); err != nil {
+			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("remove the VLAN of member pod %s before releasing it", al.IP), Details: err.Error()}
+		}
 		if err := a.forgetEndpointsAt(al.IP); err != nil {
 			return nil, &api.Error{Code: api.CodeDatapath, Msg: fmt.Sprintf("forget the endpoint record of %s before releasing it", al.IP), Details: err.Error()}
 		}
@@ -331,6 +334,9 @@ func (a *Agent) handleAttach(r *http.Request) (any, *api.Error) {
 	}
 	// A new ENI gets the netdev programs with its first pod (netdev.go).
 	a.ensureNetdevFor(dp, ep.Addr)
+	if e := a.tagIfMember(dp, req.PodRef); e != nil {
+		return nil, e
+	}
 	return api.AttachResponse{Mode: string(mode)}, nil
 }
 

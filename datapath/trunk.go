@@ -196,3 +196,20 @@ func (t *Trunk) Close() error {
 	errs = append(errs, t.objs.Close())
 	return errors.Join(errs...)
 }
+
+// ProbeTCX tells whether the kernel has tcx (Linux ≥ 6.6), which the trunk programs need: they
+// must run first on the trunk link, before the netdev programs, and the clsact fallback is not
+// done for them. It asks the kernel to attach to an interface index no device has: a kernel
+// with tcx answers "no such device", one without it ErrNotSupported. Nothing is attached.
+func (t *Trunk) ProbeTCX() error {
+	const noSuchIfindex = 0x7ffffff0
+	l, err := link.AttachTCX(link.TCXOptions{Interface: noSuchIfindex, Program: t.objs.TernTrunkEgress, Attach: ebpf.AttachTCXEgress})
+	if err == nil {
+		l.Close()
+		return nil
+	}
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("ENI trunking needs tcx (Linux 6.6 or newer) to run the VLAN programs first on the trunk ENI's link; this kernel has none: %w", err)
+	}
+	return nil
+}

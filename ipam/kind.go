@@ -29,6 +29,7 @@ const (
 	KindENIIP Kind = "eniip"
 	// KindENI is a whole ENI for one pod, moved into the pod's network namespace.
 	KindENI Kind = "eni"
+	// KindMember (member.go) is a member ENI of the node's trunk ENI, on a VLAN of its own.
 )
 
 // ErrKindNotOffered: the pod asks for a kind of resource this node does not offer (the node
@@ -118,6 +119,7 @@ type KindSpec struct {
 func Kinds() []KindSpec {
 	return []KindSpec{
 		exclusiveENISpec(),
+		memberENISpec(),
 	}
 }
 
@@ -235,7 +237,7 @@ func (n *Node) AllocateFor(ctx context.Context, req Request) (Allocation, error)
 	}
 	r := n.resource(req.Kind)
 	if r == nil {
-		return Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q, the node offers %s (a Node label turns a kind on, %s=%s for exclusive ENIs; see docs/ipam.md)",
+		return Allocation{}, fmt.Errorf("%w: pod %s/%s asks for %q, the node offers %s (the Node label %s=%s turns exclusive ENIs on, eni_conf enable_eni_trunking member ENIs; see docs/ipam.md)",
 			ErrKindNotOffered, req.Key.Namespace, req.Key.Name, req.Kind, kindList(n.Kinds()), LabelExclusiveENI, LabelExclusiveENIOnly)
 	}
 	return r.Allocate(ctx, req)
@@ -254,6 +256,17 @@ func (n *Node) Release(ctx context.Context, key PodKey) error {
 	for _, r := range n.kinds {
 		if _, ok := r.Allocations()[key]; ok {
 			return r.Release(ctx, key)
+		}
+	}
+	// A sandbox whose ADD failed half way holds no allocation but may hold a kind's record
+	// (and its quota): a kind that can tell releases it here, at the sandbox's DEL.
+	for _, r := range n.kinds {
+		if u, ok := r.(interface {
+			ReleaseUnfinished(context.Context, PodKey) error
+		}); ok {
+			if err := u.ReleaseUnfinished(ctx, key); err != nil {
+				return err
+			}
 		}
 	}
 	return n.base.Release(ctx, key)

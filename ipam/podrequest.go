@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/tern-net/tern/ipam/trunk"
 )
 
 // ErrBadPodRequest: the pod's annotations that choose its resource are malformed.
@@ -38,6 +40,12 @@ func RequestFromPod(key PodKey, annotations map[string]string, requestsENIResour
 	req := Request{Key: key, Kind: KindENIIP}
 	if requestsENIResource || truthy(annotations[AnnotationENI]) || truthy(annotations[annotationENILegacy]) {
 		req.Kind = KindENI
+	} else if member, err := trunk.WantsMember(annotations); err != nil {
+		return req, fmt.Errorf("%w: pod %s/%s: %v", ErrBadPodRequest, key.Namespace, key.Name, err)
+	} else if member {
+		// Terway's PodNetworking webhook marks a trunk pod with k8s.aliyun.com/pod-eni: "true"
+		// (and pod-networking); without the CRD a pod sets the annotation itself.
+		req.Kind = KindMember
 	}
 	raw, ok := annotations[AnnotationPodNetworks]
 	if !ok || strings.TrimSpace(raw) == "" {

@@ -61,6 +61,10 @@ type Allocation struct {
 	// ViaVeth (KindENI) are the destinations the pod reaches through its veth to the node
 	// rather than its ENI: the Service CIDR and the node's address.
 	ViaVeth []netip.Prefix
+	// VLAN and MemberENI (KindMember): the pod's member ENI and its VLAN id on the trunk ENI,
+	// which ENI then describes (its link carries the pod's traffic, tagged).
+	VLAN      int
+	MemberENI string
 }
 
 // Errors for the CNI.

@@ -90,12 +90,18 @@ type Allocation struct {
 	// ViaVeth (kind "eni") are the CIDRs the pod routes through its veth to the node (the
 	// Service CIDR, the node's address); everything else leaves through its ENI.
 	ViaVeth []string `json:"viaVeth,omitempty"`
+	// VLAN and MemberENI (kind "member"): the pod's member ENI and its VLAN id on the trunk
+	// ENI, which ENI describes; the CNI wires the pod like an ENIIP pod of the trunk ENI and
+	// the agent tags its traffic with the VLAN on the trunk's link.
+	VLAN      int    `json:"vlan,omitempty"`
+	MemberENI string `json:"memberENI,omitempty"`
 }
 
 // Kinds of Allocation.
 const (
-	KindENIIP = "eniip"
-	KindENI   = "eni"
+	KindENIIP  = "eniip"
+	KindENI    = "eni"
+	KindMember = "member"
 )
 
 // LookupResponse says whether a sandbox holds an address.

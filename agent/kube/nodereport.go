@@ -17,6 +17,7 @@ import (
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
 	"github.com/tern-net/tern/ipam/nodereport"
+	"github.com/tern-net/tern/ipam/trunk"
 )
 
 // nodeReport is the Node report job: the Node's IPAM annotations and TernPodIPsExhausted
@@ -44,6 +45,32 @@ func (r *nodeReport) Start(ctx context.Context, node string) {
 	r.deps.OnAllocate(r.allocated)
 	r.wg.Add(1)
 	go func() { defer r.wg.Done(); r.reporter.Run(ctx) }()
+	if n, ok := r.deps.Pool.(*ipam.Node); ok {
+		if id, quota, ok := n.TrunkENI(); ok {
+			r.wg.Add(1)
+			go func() { defer r.wg.Done(); r.publishTrunk(ctx, node, id, quota) }()
+		}
+	}
+}
+
+// publishTrunk puts Terway's trunking annotations on the Node (trunk.AnnotateNode; the
+// snapshot's extended resources carry aliyun/member-eni), retrying until the apiserver takes
+// them.
+func (r *nodeReport) publishTrunk(ctx context.Context, node, trunkID string, quota int) {
+	delay := 200 * time.Millisecond
+	for {
+		err := trunk.AnnotateNode(ctx, r.client, node, trunkID, quota)
+		if err == nil {
+			return
+		}
+		r.log.Warn("could not publish the node's trunk ENI on its Node; retrying", zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 10*time.Second)
+	}
 }
 
 // Stop ends the report loop.

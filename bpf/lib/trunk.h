@@ -16,9 +16,8 @@
 #pragma once
 
 #include "common.h"
+#include "vlan.h"
 
-#define ETH_P_8021Q 0x8100
-#define VLAN_VID_MASK 0x0fff
 #define TRUNK_NEXT TC_ACT_UNSPEC
 
 /* A member pod's tag: the trunk link it leaves through and its VLAN id. */
@@ -45,8 +44,8 @@ enum trunk_stat {
 
 /* tern_trunk_vlans: key a member pod's IPv4 address (__u32, network order), value struct
  * trunk_vlan; 4096 entries (a node's member ENIs are tens, bounded by EniTotalQuantity);
- * never evicted. Writer: datapath.Trunk (SetupPod, TeardownPod; the agent once trunking is
- * wired into it). Reader: trunk_tag. */
+ * never evicted. Writer: datapath.Trunk (the agent's attach of a member pod, its release and
+ * GC; SetupPod/TeardownPod in tests). Reader: trunk_tag. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -69,8 +68,7 @@ struct {
 } tern_trunk_pods SEC(".maps");
 
 /* tern_trunk_stats: per-CPU array, key enum trunk_stat, value packets (__u64); 5 entries.
- * Writer: both trunk programs. Reader: datapath.Trunk.Stats (tests; the agent once trunking
- * is wired into it). */
+ * Writer: both trunk programs. Reader: datapath.Trunk.Stats (tests). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -87,33 +85,17 @@ static __always_inline void trunk_count(__u32 stat)
 		*v += 1;
 }
 
-/* The IPv4 source (off 12) or destination (off 16) of an untagged-in-data frame; false for
- * anything else. A hardware-accelerated tag (the only kind tc sees: the receive path moves an
- * in-band tag out before tc) leaves the Ethernet header as it was. */
-static __always_inline bool trunk_ipv4_addr(struct __sk_buff *skb, __u32 off, __u32 *addr)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + sizeof(*eth);
-
-	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return false;
-	*addr = off == 12 ? ip->saddr : ip->daddr;
-	return true;
-}
-
 static __always_inline int trunk_tag(struct __sk_buff *skb)
 {
 	__u32 src;
 
-	if (skb->vlan_present || !trunk_ipv4_addr(skb, 12, &src))
+	if (skb->vlan_present || !vlan_ipv4_addr(skb, true, &src))
 		return TRUNK_NEXT;
 	struct trunk_vlan *v = bpf_map_lookup_elem(&tern_trunk_vlans, &src);
 
 	if (!v || v->ifindex != skb->ifindex)
 		return TRUNK_NEXT;
-	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), v->vid)) {
+	if (vlan_tag(skb, v->vid)) {
 		trunk_count(TRUNK_DROP_PUSH);
 		return TC_ACT_SHOT;
 	}
@@ -125,7 +107,7 @@ static __always_inline int trunk_untag(struct __sk_buff *skb)
 {
 	if (!skb->vlan_present)
 		return TRUNK_NEXT;
-	struct trunk_key k = { .ifindex = skb->ifindex, .vid = skb->vlan_tci & VLAN_VID_MASK };
+	struct trunk_key k = { .ifindex = skb->ifindex, .vid = vlan_id(skb) };
 	__u32 *pod = bpf_map_lookup_elem(&tern_trunk_pods, &k);
 
 	if (!pod) {
@@ -134,7 +116,7 @@ static __always_inline int trunk_untag(struct __sk_buff *skb)
 	}
 	__u32 want = *pod, dst;
 
-	if (bpf_skb_vlan_pop(skb) || !trunk_ipv4_addr(skb, 16, &dst) || dst != want) {
+	if (bpf_skb_vlan_pop(skb) || !vlan_ipv4_addr(skb, false, &dst) || dst != want) {
 		trunk_count(TRUNK_DROP_WRONG_DST);
 		return TC_ACT_SHOT;
 	}

@@ -297,9 +297,6 @@ func Parse(data []byte) (Config, []string, error) {
 	default:
 		bad("ipam_type", quote(r.IPAMType), `"" or "default" (tern allocates on the node; "crd" centralised IPAM is not supported)`)
 	}
-	if r.EnableENITrunking {
-		warnings = append(warnings, "eni_conf enable_eni_trunking=true: trunking is not implemented by the ENIIP pool; ignored")
-	}
 	if r.HotPlug != nil {
 		c.HotPlug = *r.HotPlug
 	}

@@ -34,6 +34,13 @@ func PublishNode(ctx context.Context, client kubernetes.Interface, node, trunkID
 	if _, err := client.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
 		return fmt.Errorf("publish %s=%s on Node %s: %w", ResourceMemberENI, q, node, err)
 	}
+	return AnnotateNode(ctx, client, node, trunkID, quota)
+}
+
+// AnnotateNode puts Terway's two trunking annotations on the Node: the agent's node report
+// publishes the aliyun/member-eni capacity with the other kinds' extended resources (the
+// agent's role may update nodes/status, not patch it), and calls this for the annotations.
+func AnnotateNode(ctx context.Context, client kubernetes.Interface, node, trunkID string, quota int) error {
 	ann := map[string]any{AnnotationMaxMemberENI: strconv.Itoa(quota), AnnotationTrunkOn: trunkID}
 	if trunkID == "" {
 		ann[AnnotationTrunkOn] = nil // merge patch: remove

@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -37,6 +38,7 @@ import (
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/ipam/aliyun"
+	"github.com/tern-net/tern/ipam/trunk"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/k8s/nsbridge"
@@ -68,12 +70,17 @@ type ENIConf struct {
 	MaxPoolSize int // default 5
 	// ServiceCIDR is eni_conf's service_cidr (exclusive-ENI pods route it through their veth).
 	ServiceCIDR string
+	// EnableENITrunking is eni_conf's enable_eni_trunking (member ENIs; needs TrunkENIs).
+	EnableENITrunking bool
 }
 
 // Options configure Up.
 type Options struct {
 	Nodes        int    // default 2
 	InstanceType string // default DefaultInstanceType
+	// TrunkENIs, when set, makes the emulator's InstanceType support ENI trunking with this
+	// EniTotalQuantity (members = TrunkENIs − EniQuantity).
+	TrunkENIs int
 	// BinDir holds the tern-agent and tern-cni binaries (see BuildBinaries). Required.
 	BinDir string
 	// Dir is the lab's working directory (configs, stores, sockets, logs); default a new
@@ -353,6 +360,10 @@ func (l *Lab) cloudConfig() *ecsemu.Config {
 			Route: ecsemu.Duration(50 * time.Millisecond), RouteDelete: ecsemu.Duration(20 * time.Millisecond)},
 		ListingLag: l.opts.ListingLag,
 	}
+	if l.opts.TrunkENIs > 0 {
+		cfg.InstanceTypes = slices.Clone(cfg.InstanceTypes)
+		cfg.SetTrunking(l.opts.InstanceType, l.opts.TrunkENIs)
+	}
 	if l.opts.Timing == ecsemu.TimingRealistic {
 		cfg.Timing = ecsemu.TimingRealistic
 		cfg.Delays = l.opts.Delays // zero fields take RealisticTiming's
@@ -548,8 +559,8 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	}
 	exclusive := map[string]ecsemu.ENIState{} // exclusive ENIs (tern.io/kind=eni) by ID
 	for _, e := range s.ENIs {
-		if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern {
-			continue
+		if e.Tags[ipam.TagCreator] != ipam.TagCreatorTern || e.Tags[trunk.TagRole] != "" {
+			continue // trunk and member ENIs: checkTrunkMatchesAgents
 		}
 		if e.Tags[ipam.TagKind] != "" {
 			exclusive[e.ID] = e
@@ -608,6 +619,7 @@ func (l *Lab) CheckCloudMatchesAgents(ctx context.Context) error {
 	for id, e := range exclusive {
 		errs = append(errs, fmt.Errorf("cloud exclusive ENI %s (pod tag %q, node %q) is held by no pod: leaked", id, e.Tags[ipam.TagPod], e.Tags[ipam.TagNode]))
 	}
+	errs = append(errs, l.checkTrunkMatchesAgents(ctx, s))
 	return errors.Join(errs...)
 }
 

@@ -181,6 +181,9 @@ func (n *Node) UpdateENIConf(c ENIConf) error {
 	if c.ServiceCIDR != "" {
 		doc["service_cidr"] = c.ServiceCIDR
 	}
+	if c.EnableENITrunking {
+		doc["enable_eni_trunking"] = true
+	}
 	return writeJSON(n.eniConfPath(), doc)
 }
 

@@ -38,7 +38,7 @@ func run() error {
 	conc := flag.Int("concurrency", 10, "parallel ADDs in the burst scenarios (a kubelet starts pods in parallel)")
 	latency := flag.Duration("latency", 50*time.Millisecond, "emulated cloud API latency of the fast cold-pool scenario (realistic timing uses ecsemu.RealisticTiming's)")
 	timings := flag.String("timing", "fast,realistic", "emulator timings to run: fast (the lab's short delays), realistic (ecsemu.RealisticTiming)")
-	modes := flag.String("modes", "eniip,route,exclusive", "daemon modes to run: eniip, route (VPC route mode), exclusive (exclusive-ENI pods)")
+	modes := flag.String("modes", "eniip,route,exclusive", "daemon modes to run: eniip, route (VPC route mode), exclusive (exclusive-ENI pods), trunk (member ENIs)")
 	bin := flag.String("bin", "", "directory with tern-agent and tern-cni (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -75,8 +75,10 @@ func run() error {
 				r, err = routeScenarios(ctx, *bin, timing, *pods, *conc)
 			case "exclusive":
 				r, err = exclusiveScenarios(ctx, *bin, timing, *pods, *conc, *latency)
+			case "trunk":
+				r, err = trunkScenarios(ctx, *bin, timing, *pods, *conc, *latency)
 			default:
-				return fmt.Errorf("-modes %q: want eniip, route or exclusive", mode)
+				return fmt.Errorf("-modes %q: want eniip, route, exclusive or trunk", mode)
 			}
 			if err != nil {
 				return fmt.Errorf("%s, %s timing: %w", mode, timing, err)

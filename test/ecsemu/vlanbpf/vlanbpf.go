@@ -3,4 +3,4 @@
 // on frames from the instance. Regenerate with `make generate` (bpf2go, the pinned clang).
 package vlanbpf
 
-//go:generate go tool bpf2go -target bpfel -go-package vlanbpf -type member Vpc bpf/vpc_vlan.c -- -I../../../bpf/include
+//go:generate go tool bpf2go -target bpfel -go-package vlanbpf -type member Vpc bpf/vpc_vlan.c -- -I../../../bpf/include -I../../../bpf

@@ -10,12 +10,8 @@
  *
  * Everything else (the trunk ENI's own addresses) passes untouched. */
 
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+#include "lib/vlan.h" /* shared with the node's trunk programs (bpf/lib/trunk.h) */
 
-#define ETH_P_IP 0x0800
-#define ETH_P_8021Q 0x8100
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 
@@ -35,31 +31,18 @@ struct {
 	__uint(max_entries, 4096);
 } vpc_members SEC(".maps");
 
-static __always_inline bool ipv4_addr(struct __sk_buff *skb, bool src, __u32 *addr)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + sizeof(*eth);
-
-	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return false;
-	*addr = src ? ip->saddr : ip->daddr;
-	return true;
-}
-
 SEC("tc")
 int vpc_vlan_to_node(struct __sk_buff *skb)
 {
 	__u32 dst;
 
-	if (skb->vlan_present || !ipv4_addr(skb, false, &dst))
+	if (skb->vlan_present || !vlan_ipv4_addr(skb, false, &dst))
 		return TC_ACT_OK;
 	struct member *m = bpf_map_lookup_elem(&vpc_members, &dst);
 
 	if (!m || m->ifindex != skb->ifindex)
 		return TC_ACT_OK;
-	if (bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), m->vid))
+	if (vlan_tag(skb, m->vid))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }
@@ -68,11 +51,11 @@ SEC("tc")
 int vpc_vlan_from_node(struct __sk_buff *skb)
 {
 	__u32 src;
-	__u32 vid = skb->vlan_present ? (skb->vlan_tci & 0x0fff) : 0;
+	__u32 vid = vlan_id(skb);
 
 	if (vid && bpf_skb_vlan_pop(skb))
 		return TC_ACT_SHOT;
-	if (!ipv4_addr(skb, true, &src))
+	if (!vlan_ipv4_addr(skb, true, &src))
 		return vid ? TC_ACT_SHOT : TC_ACT_OK;
 	struct member *m = bpf_map_lookup_elem(&vpc_members, &src);
 
