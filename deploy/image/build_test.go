@@ -113,8 +113,7 @@ func TestImageIsReproducible(t *testing.T) {
 	}
 
 	// The objects the agent loads are inside it. noop is the benchmarks' baseline program,
-	// which the agent never loads, so the linker leaves it out; trunk (datapath.Trunk) is not
-	// wired into the agent yet (docs/trunking.md), so it is left out too until it is.
+	// which the agent never loads, so the linker leaves it out.
 	objs, err := filepath.Glob("../../loader/*_bpfel.o")
 	if err != nil || len(objs) == 0 {
 		t.Fatalf("no BPF objects in ../../loader: %v", err)
@@ -127,7 +126,7 @@ func TestImageIsReproducible(t *testing.T) {
 		}
 		in := bytes.Contains(agent, data)
 		switch {
-		case filepath.Base(o) == "noop_bpfel.o" || filepath.Base(o) == "trunk_bpfel.o":
+		case filepath.Base(o) == "noop_bpfel.o":
 			if in {
 				t.Logf("%s is in the agent too", o)
 			}
