@@ -5,7 +5,7 @@
 // lab's short delays; realistic: ecsemu.RealisticTiming, seconds per ENI attach and route
 // entry), ADD latency with a warm pool, the time to start N pods on one node with a warm and
 // with a cold pool, the route mode's node start, and cloud API calls per pod. It prints a
-// Markdown table. Run as root: go run ./test/bench/cni [-timing fast,realistic] [-modes eniip,route,exclusive]
+// Markdown table. Run as root: go run ./test/bench/cni [-timing fast,realistic] [-modes eniip,route,exclusive,trunk]
 package main
 
 import (
@@ -38,7 +38,7 @@ func run() error {
 	conc := flag.Int("concurrency", 10, "parallel ADDs in the burst scenarios (a kubelet starts pods in parallel)")
 	latency := flag.Duration("latency", 50*time.Millisecond, "emulated cloud API latency of the fast cold-pool scenario (realistic timing uses ecsemu.RealisticTiming's)")
 	timings := flag.String("timing", "fast,realistic", "emulator timings to run: fast (the lab's short delays), realistic (ecsemu.RealisticTiming)")
-	modes := flag.String("modes", "eniip,route,exclusive", "daemon modes to run: eniip, route (VPC route mode), exclusive (exclusive-ENI pods), trunk (member ENIs)")
+	modes := flag.String("modes", "eniip,route,exclusive,trunk", "daemon modes to run: eniip, route (VPC route mode), exclusive (exclusive-ENI pods), trunk (member ENIs)")
 	bin := flag.String("bin", "", "directory with tern-agent and tern-cni (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
