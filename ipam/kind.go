@@ -178,8 +178,14 @@ func (n *Node) ENIsHeldExcept(k Kind) int {
 		}
 	}
 	for _, r := range n.kinds {
-		if r.Kind() != k {
-			total += r.ENIsHeld()
+		if r.Kind() == k {
+			continue
+		}
+		total += r.ENIsHeld()
+		// An ENI the ENIIP pool already counts from its listing (the trunk ENI) still takes
+		// a slot the other kinds must see.
+		if l, ok := r.(interface{ ListedENIs() int }); ok && k != KindENIIP {
+			total += l.ListedENIs()
 		}
 	}
 	return total

@@ -262,6 +262,16 @@ func (m *MemberENIs) publishLocked() {
 // tagged as the pool's, so the ENIIP pool's listing already counts it as a foreign ENI.
 func (m *MemberENIs) ENIsHeld() int { return 0 }
 
+// ListedENIs is the trunk ENI's device slot once it is attached: the ENIIP pool counts it
+// from its listing, the exclusive kind through Node.ENIsHeldExcept (without it, aliyun/eni
+// offered one ENI more than the instance could attach).
+func (m *MemberENIs) ListedENIs() int {
+	if m.Trunk().ID != "" {
+		return 1
+	}
+	return 0
+}
+
 // Capacity: the instance type's member quota (EniTotalQuantity − EniQuantity).
 func (m *MemberENIs) Capacity() KindCapacity {
 	m.mu.Lock()

@@ -187,3 +187,62 @@ type noAllocator struct{ Allocator }
 
 func (noAllocator) Allocations() map[PodKey]Allocation    { return map[PodKey]Allocation{} }
 func (noAllocator) Release(context.Context, PodKey) error { return nil }
+
+// TestExclusiveCapacityCountsTheTrunkENI: with both optional kinds on, the trunk ENI takes
+// one of the instance's device slots, so aliyun/eni offers one ENI fewer, and an exclusive
+// ADD past it is refused before any cloud call.
+func TestExclusiveCapacityCountsTheTrunkENI(t *testing.T) {
+	cfg := ecsemu.TestConfig()
+	if !cfg.SetTrunking("ecs.g7.large", 3+3) { // EniQuantity 3: the primary, the trunk, one more
+		t.Fatal("ecs.g7.large not in the test config")
+	}
+	emu, ep := ecsemu.NewTestServer(t, cfg)
+	e := &env{t: t, emu: emu, endpoint: ep, dbPath: filepath.Join(t.TempDir(), "ipam.db")}
+	ctx := context.Background()
+	st, err := store.Open(e.dbPath, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var node *Node
+	others := func(k Kind) func() int { return func() int { return node.ENIsHeldExcept(k) } }
+	m, err := NewMemberENIs(KindDeps{Cloud: e.client(), Store: st, Config: eniConf(t, 0, 5, "vsw-test-a"), InstanceID: smallNode,
+		NodeName: nodeName, ClusterID: clusterTag, Logger: zaptest.NewLogger(t), OtherENIs: others(KindMember)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x, err := NewExclusiveENIs(KindDeps{Cloud: e.client(), Store: st, Config: eniConf(t, 0, 5, "vsw-test-a"), InstanceID: smallNode,
+		NodeName: nodeName, ClusterID: clusterTag, Logger: zaptest.NewLogger(t), OtherENIs: others(KindENI)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node = NewNode(noAllocator{}, []Resource{m, x}, nil)
+	for _, r := range []Resource{m, x} {
+		if err := r.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m.Trunk().ID == "" {
+		t.Fatal("the member kind attached no trunk ENI")
+	}
+	if c := x.Capacity(); c.Capacity != 1 {
+		t.Fatalf("aliyun/eni capacity %d with the trunk attached on a 3-ENI instance, want 1 (3 − primary − trunk)", c.Capacity)
+	}
+	if _, err := x.Allocate(ctx, Request{Key: PodKey{"ns", "a", "c1"}, Kind: KindENI}); err != nil {
+		t.Fatal(err)
+	}
+	total := func() int {
+		n := 0
+		for _, c := range emu.Snapshot().Calls {
+			n += c
+		}
+		return n
+	}
+	calls := total()
+	if _, err := x.Allocate(ctx, Request{Key: PodKey{"ns", "b", "c2"}, Kind: KindENI}); !errors.Is(err, ErrNodeFull) {
+		t.Fatalf("second exclusive ENI: %v, want ErrNodeFull", err)
+	}
+	if n := total(); n != calls {
+		t.Fatalf("the refused ADD made %d cloud calls, want none", n-calls)
+	}
+}
