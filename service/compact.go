@@ -28,14 +28,20 @@ type Service struct {
 
 	ClusterIPs          []netip.Addr // IPv4 only, in the Service's order
 	Ports               []Port
-	LoadBalancerIPs     []netip.Addr // IPv4 ingress IPs (not ipMode Proxy); type LoadBalancer only
-	ExternalIPs         []netip.Addr // IPv4 only
-	SourceRanges        string       // canonicalRanges of loadBalancerSourceRanges
-	AffinitySeconds     uint32       // 0: no ClientIP affinity
-	Algorithm           Algorithm    // from the annotations, "" for the node default
-	HealthCheckNodePort uint16       // 0 unless type LoadBalancer, eTP Local (healthcheck.Port)
+	AffinitySeconds     uint32 // 0: no ClientIP affinity
+	HealthCheckNodePort uint16 // 0 unless type LoadBalancer, eTP Local (healthcheck.Port)
 	flags               svcFlags
-	errs                []error // service-level read errors, in Translate's order
+	// more holds what most Services do not have, so that they do not pay for it.
+	more *serviceMore
+}
+
+// serviceMore is the part of a Service few have: external addresses, source ranges, and
+// what could not be read.
+type serviceMore struct {
+	lbIPs, extIPs []netip.Addr // IPv4 LoadBalancer ingress (not ipMode Proxy) and externalIPs
+	sourceRanges  string       // canonicalRanges of loadBalancerSourceRanges
+	errs          []error      // service-level read errors, in Translate's order
+	portErrs      []error      // Port.errAt - 1 indexes these
 }
 
 type svcFlags uint8
@@ -46,15 +52,51 @@ const (
 	svcNodePorts // type NodePort or LoadBalancer
 	svcInternalLocal
 	svcExternalLocal
+	svcAlgoRandom // the annotations ask for random
+	svcAlgoMaglev // the annotations ask for Maglev
 )
 
-// Port is one Service port. err, when set, is why it yields no frontend.
+// Algorithm is what the Service's annotations ask for, "" when they ask nothing (the node
+// default applies).
+func (s *Service) Algorithm() Algorithm {
+	switch {
+	case s.flags&svcAlgoMaglev != 0:
+		return AlgorithmMaglev
+	case s.flags&svcAlgoRandom != 0:
+		return AlgorithmRandom
+	}
+	return ""
+}
+
+// LoadBalancerIPs are the IPv4 LoadBalancer ingress IPs (type LoadBalancer only, not those
+// in ipMode Proxy); ExternalIPs the IPv4 externalIPs; SourceRanges the canonical
+// loadBalancerSourceRanges (Options.SourceRanges).
+func (s *Service) LoadBalancerIPs() []netip.Addr { return s.m().lbIPs }
+func (s *Service) ExternalIPs() []netip.Addr     { return s.m().extIPs }
+func (s *Service) SourceRanges() string          { return s.m().sourceRanges }
+
+func (s *Service) m() serviceMore {
+	if s.more == nil {
+		return serviceMore{}
+	}
+	return *s.more
+}
+
+// Port is one Service port. errAt, when not 0, says why it yields no frontend
+// (serviceMore.portErrs[errAt-1]).
 type Port struct {
 	Name     string
 	Port     uint16
 	NodePort uint16 // 0: none (or out of range)
 	Proto    Protocol
-	err      error
+	errAt    uint16
+}
+
+func (s *Service) portErr(p *Port) error {
+	if p.errAt == 0 {
+		return nil
+	}
+	return s.more.portErrs[p.errAt-1]
 }
 
 // Key is the Service's namespace and name.
@@ -213,6 +255,7 @@ func (c *Compactor) Service(svc *corev1.Service) *Service {
 	if len(ips) == 0 && sp.ClusterIP != "" {
 		ips = []string{sp.ClusterIP}
 	}
+	var more serviceMore
 	for _, s := range ips {
 		if s == corev1.ClusterIPNone {
 			// Headless: no frontends and, as before, no complaint about the rest.
@@ -221,7 +264,7 @@ func (c *Compactor) Service(svc *corev1.Service) *Service {
 		}
 		a, err := netip.ParseAddr(s)
 		if err != nil {
-			out.errs = append(out.errs, fmt.Errorf("cluster IP %q: %w", s, err))
+			more.errs = append(more.errs, fmt.Errorf("cluster IP %q: %w", s, err))
 			continue
 		}
 		if a.Is4() {
@@ -229,14 +272,14 @@ func (c *Compactor) Service(svc *corev1.Service) *Service {
 		}
 	}
 	if err := out.readOptions(svc); err != nil {
-		out.errs = append(out.errs, err)
+		more.errs = append(more.errs, err)
 	}
 	var ipErrs []error
-	out.LoadBalancerIPs, out.ExternalIPs, ipErrs = externalAddrs(svc)
-	out.errs = append(out.errs, ipErrs...)
+	more.lbIPs, more.extIPs, ipErrs = externalAddrs(svc)
+	more.errs = append(more.errs, ipErrs...)
 	var err error
-	if out.SourceRanges, err = canonicalRanges(sp.LoadBalancerSourceRanges); err != nil {
-		out.errs = append(out.errs, err)
+	if more.sourceRanges, err = canonicalRanges(sp.LoadBalancerSourceRanges); err != nil {
+		more.errs = append(more.errs, err)
 	}
 	if len(sp.Ports) > 0 {
 		out.Ports = make([]Port, len(sp.Ports))
@@ -246,16 +289,22 @@ func (c *Compactor) Service(svc *corev1.Service) *Service {
 		proto, err := protocolOf(p.Protocol)
 		switch {
 		case err != nil:
-			q.err = fmt.Errorf("port %q: %w", p.Name, err)
+			more.portErrs = append(more.portErrs, fmt.Errorf("port %q: %w", p.Name, err))
 		case p.Port <= 0 || p.Port > 65535:
-			q.err = fmt.Errorf("port %q: number %d out of range 1-65535", p.Name, p.Port)
+			more.portErrs = append(more.portErrs, fmt.Errorf("port %q: number %d out of range 1-65535", p.Name, p.Port))
 		default:
 			q.Port, q.Proto = uint16(p.Port), proto
 			if p.NodePort > 0 && p.NodePort <= 65535 {
 				q.NodePort = uint16(p.NodePort)
 			}
 		}
+		if q.Port == 0 {
+			q.errAt = uint16(len(more.portErrs)) // ports are at most a few hundred
+		}
 		out.Ports[i] = q
+	}
+	if more.lbIPs != nil || more.extIPs != nil || more.sourceRanges != "" || more.errs != nil || more.portErrs != nil {
+		out.more = &more
 	}
 	return out
 }
@@ -285,7 +334,11 @@ func (s *Service) readOptions(svc *corev1.Service) error {
 			errs = append(errs, fmt.Errorf("annotation %s: %w; using the node default", key, err))
 			continue
 		}
-		s.Algorithm = a
+		if a == AlgorithmMaglev {
+			s.flags |= svcAlgoMaglev
+		} else {
+			s.flags |= svcAlgoRandom
+		}
 		break
 	}
 	return errors.Join(errs...)

@@ -186,8 +186,8 @@ type Translator struct {
 func (tr Translator) serviceOptions(svc *Service) Options {
 	o := Options{AffinitySeconds: svc.AffinitySeconds}
 	algo := tr.DefaultAlgorithm
-	if svc.Algorithm != "" {
-		algo = svc.Algorithm
+	if a := svc.Algorithm(); a != "" {
+		algo = a
 	}
 	if algo == AlgorithmMaglev {
 		o.MaglevSize = 1 // sized per port once its backends are known (Translate)

@@ -41,14 +41,14 @@ func (tr Translator) TranslateCompact(svc *Service, eps []*Slice) (State, map[Fr
 	if svc.flags&(svcExternalName|svcHeadless) != 0 {
 		return out, opts, nil
 	}
-	errs := slices.Clone(svc.errs)
+	errs := slices.Clone(svc.m().errs)
 	base := tr.serviceOptions(svc)
 	local := svc.flags&svcInternalLocal != 0
 	extLocal := svc.flags&svcExternalLocal != 0
 
 	for _, sp := range svc.Ports {
-		if sp.err != nil {
-			errs = append(errs, sp.err)
+		if err := svc.portErr(&sp); err != nil {
+			errs = append(errs, err)
 			continue
 		}
 		all, bad := endpointsOf(sp.Name, sp.Proto, eps, tr.Node.Name)
@@ -88,7 +88,7 @@ func (tr Translator) TranslateCompact(svc *Service, eps []*Slice) (State, map[Fr
 			o := eo
 			o.Kind = kind
 			if kind == KindLoadBalancer {
-				o.SourceRanges = svc.SourceRanges
+				o.SourceRanges = svc.SourceRanges()
 			}
 			o.ExternalLocal = extLocal
 			out[f] = extBackends
@@ -123,11 +123,11 @@ func externalFrontends(svc *Service, sp Port, nodeAddrs []netip.Addr) map[Fronte
 			}
 		}
 	}
-	for _, a := range svc.ExternalIPs {
+	for _, a := range svc.ExternalIPs() {
 		out[Frontend{Addr: a, Port: sp.Port, Proto: sp.Proto}] = KindExternalIP
 	}
 	// A LoadBalancer IP that is also an externalIP keeps its source ranges.
-	for _, a := range svc.LoadBalancerIPs {
+	for _, a := range svc.LoadBalancerIPs() {
 		out[Frontend{Addr: a, Port: sp.Port, Proto: sp.Proto}] = KindLoadBalancer
 	}
 	return out
@@ -206,7 +206,15 @@ func endpointsOf(portName string, proto Protocol, eps []*Slice, node string) ([]
 //     endpoints" rule) where a Service with no endpoints at all is rejected.
 func (tr Translator) endpointsFor(all []endpoint, local bool) (backends []Backend, dropEmpty bool) {
 	pick := func(keep func(endpoint) bool) []Backend {
-		out := []Backend{}
+		// Sized exactly: the Builder keeps every frontend's list, and append's doubling
+		// would leave a third of them unused (5 backends in room for 8).
+		n := 0
+		for _, e := range all {
+			if keep(e) {
+				n++
+			}
+		}
+		out := make([]Backend, 0, n)
 		for _, e := range all {
 			if keep(e) {
 				out = append(out, e.b)
