@@ -22,8 +22,8 @@ type Builder struct {
 	// known: the Services Set or UpsertService was given (Services).
 	known map[types.NamespacedName]struct{}
 	// services and slices: only what the per-object methods were given.
-	services map[types.NamespacedName]*corev1.Service
-	slices   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice
+	services map[types.NamespacedName]*Service
+	slices   map[types.NamespacedName]map[string]*Slice
 	// owned lists each Service's frontends; desired holds every frontend's backends and
 	// options with the Service that owns it. A frontend two Services claim belongs to the
 	// last one translated (as before; the API server does not let cluster IPs collide).
@@ -45,8 +45,8 @@ func NewBuilderFor(tr Translator) *Builder {
 	return &Builder{
 		tr:       tr,
 		known:    map[types.NamespacedName]struct{}{},
-		services: map[types.NamespacedName]*corev1.Service{},
-		slices:   map[types.NamespacedName]map[string]*discoveryv1.EndpointSlice{},
+		services: map[types.NamespacedName]*Service{},
+		slices:   map[types.NamespacedName]map[string]*Slice{},
 		owned:    map[types.NamespacedName][]Frontend{},
 		desired:  map[Frontend]*desiredFrontend{},
 	}
@@ -62,6 +62,15 @@ func (b *Builder) SetTranslator(tr Translator) { b.tr = tr }
 // all its EndpointSlices. Controllers that read from informer caches use this; the
 // per-object methods below suit event streams.
 func (b *Builder) Set(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice) ([]Frontend, error) {
+	var c *Service
+	if svc != nil {
+		c = (*Compactor)(nil).Service(svc)
+	}
+	return b.SetCompact(nn, c, CompactSlices(eps))
+}
+
+// SetCompact is Set for compact objects (what the controller's informer caches hold).
+func (b *Builder) SetCompact(nn types.NamespacedName, svc *Service, eps []*Slice) ([]Frontend, error) {
 	if svc == nil {
 		delete(b.known, nn)
 	} else {
@@ -73,7 +82,7 @@ func (b *Builder) Set(nn types.NamespacedName, svc *corev1.Service, eps []*disco
 // UpsertService records a Service (new or changed).
 func (b *Builder) UpsertService(svc *corev1.Service) ([]Frontend, error) {
 	nn := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
-	b.services[nn] = svc
+	b.services[nn] = (*Compactor)(nil).Service(svc)
 	b.known[nn] = struct{}{}
 	return b.recompute(nn)
 }
@@ -86,29 +95,24 @@ func (b *Builder) DeleteService(nn types.NamespacedName) []Frontend {
 	return dirty
 }
 
-// serviceOf names the Service an EndpointSlice belongs to, from the label the
-// EndpointSlice controller sets. Slices without it are not for a Service.
-func serviceOf(s *discoveryv1.EndpointSlice) (types.NamespacedName, bool) {
-	name, ok := s.Labels[discoveryv1.LabelServiceName]
-	return types.NamespacedName{Namespace: s.Namespace, Name: name}, ok && name != ""
-}
-
 // UpsertSlice records an EndpointSlice (new or changed).
+// Slices without the kubernetes.io/service-name label are not for a Service.
 func (b *Builder) UpsertSlice(s *discoveryv1.EndpointSlice) ([]Frontend, error) {
-	nn, ok := serviceOf(s)
+	c := (*Compactor)(nil).Slice(s)
+	nn, ok := c.Key()
 	if !ok {
 		return nil, nil
 	}
 	if b.slices[nn] == nil {
-		b.slices[nn] = map[string]*discoveryv1.EndpointSlice{}
+		b.slices[nn] = map[string]*Slice{}
 	}
-	b.slices[nn][s.Name] = s
+	b.slices[nn][s.Name] = c
 	return b.recompute(nn)
 }
 
 // DeleteSlice forgets an EndpointSlice.
 func (b *Builder) DeleteSlice(s *discoveryv1.EndpointSlice) []Frontend {
-	nn, ok := serviceOf(s)
+	nn, ok := (&Slice{Namespace: s.Namespace, Service: s.Labels[discoveryv1.LabelServiceName]}).Key()
 	if !ok {
 		return nil
 	}
@@ -123,7 +127,7 @@ func (b *Builder) DeleteSlice(s *discoveryv1.EndpointSlice) []Frontend {
 // recompute translates a Service from what the per-object methods recorded.
 func (b *Builder) recompute(nn types.NamespacedName) ([]Frontend, error) {
 	svc := b.services[nn]
-	eps := make([]*discoveryv1.EndpointSlice, 0, len(b.slices[nn]))
+	eps := make([]*Slice, 0, len(b.slices[nn]))
 	for _, s := range b.slices[nn] {
 		eps = append(eps, s)
 	}
@@ -132,11 +136,11 @@ func (b *Builder) recompute(nn types.NamespacedName) ([]Frontend, error) {
 
 // apply translates one Service (svc nil: it is gone) and stores the result, returning the
 // frontends that appeared, went or changed.
-func (b *Builder) apply(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice) ([]Frontend, error) {
+func (b *Builder) apply(nn types.NamespacedName, svc *Service, eps []*Slice) ([]Frontend, error) {
 	next, nextOpts := State{}, map[Frontend]Options{}
 	var err error
 	if svc != nil {
-		next, nextOpts, err = b.tr.Translate(svc, eps)
+		next, nextOpts, err = b.tr.TranslateCompact(svc, eps)
 	}
 	var dirty []Frontend
 	old := b.owned[nn]

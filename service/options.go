@@ -6,8 +6,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-
-	corev1 "k8s.io/api/core/v1"
 )
 
 // Options say how a frontend chooses among its backends, beyond the list itself. The zero
@@ -183,37 +181,16 @@ type Translator struct {
 	MaglevTableSize uint32
 }
 
-// serviceOptions reads a Service's per-frontend options: affinity and algorithm.
-func (tr Translator) serviceOptions(svc *corev1.Service) (Options, error) {
-	var o Options
-	var errs []error
-	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
-		o.AffinitySeconds = DefaultAffinitySeconds
-		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
-			// The apiserver validates 1..86400; anything else falls back to the default.
-			if s := *c.ClientIP.TimeoutSeconds; s > 0 && s <= 86400 {
-				o.AffinitySeconds = uint32(s)
-			} else {
-				errs = append(errs, fmt.Errorf("sessionAffinityConfig.clientIP.timeoutSeconds %d out of range 1-86400; using %d", s, DefaultAffinitySeconds))
-			}
-		}
-	}
+// serviceOptions is a Service's per-frontend options: affinity and algorithm (the
+// Compactor read them; the node default applies where the Service names none).
+func (tr Translator) serviceOptions(svc *Service) Options {
+	o := Options{AffinitySeconds: svc.AffinitySeconds}
 	algo := tr.DefaultAlgorithm
-	for _, key := range []string{AnnotationLBAlgorithm, AnnotationCiliumLBAlgorithm} {
-		v, ok := svc.Annotations[key]
-		if !ok {
-			continue
-		}
-		a, err := ParseAlgorithm(v)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("annotation %s: %w; using the node default", key, err))
-			continue
-		}
+	if a := svc.Algorithm(); a != "" {
 		algo = a
-		break
 	}
 	if algo == AlgorithmMaglev {
 		o.MaglevSize = 1 // sized per port once its backends are known (Translate)
 	}
-	return o, errors.Join(errs...)
+	return o
 }

@@ -18,10 +18,15 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 	return st, err
 }
 
-// Translate computes the frontends of one Service from the EndpointSlices that belong to
-// it, with each frontend's options. It keeps what it can: a bad port or address is reported
-// in the returned error (for a log line and an Event) while every valid frontend is still
-// returned.
+// Translate is TranslateCompact of the API objects' compact copies.
+func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, map[Frontend]Options, error) {
+	return tr.TranslateCompact((*Compactor)(nil).Service(svc), CompactSlices(eps))
+}
+
+// TranslateCompact computes the frontends of one Service from the EndpointSlices that
+// belong to it, with each frontend's options. It keeps what it can: a bad port or address
+// is reported in the returned error (for a log line and an Event) while every valid
+// frontend is still returned.
 //
 // Rules, matching kube-proxy: ExternalName and headless Services have no frontends; every
 // IPv4 cluster IP gets one frontend per Service port, and so do (externalFrontends) every
@@ -30,55 +35,23 @@ func Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, er
 // endpoints of slice ports with the same name and protocol (the EndpointSlice controller has
 // already resolved named target ports per pod, so one Service port can map to different
 // numbers on different pods); which endpoints serve is endpointsFor's business.
-func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) (State, map[Frontend]Options, error) {
+func (tr Translator) TranslateCompact(svc *Service, eps []*Slice) (State, map[Frontend]Options, error) {
 	out := State{}
 	opts := map[Frontend]Options{}
-	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+	if svc.flags&(svcExternalName|svcHeadless) != 0 {
 		return out, opts, nil
 	}
-	var errs []error
-	ips := svc.Spec.ClusterIPs
-	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
-		ips = []string{svc.Spec.ClusterIP}
-	}
-	var vips []netip.Addr
-	for _, s := range ips {
-		if s == corev1.ClusterIPNone {
-			return out, opts, nil
-		}
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("cluster IP %q: %w", s, err))
-			continue
-		}
-		if a.Is4() {
-			vips = append(vips, a)
-		}
-	}
-	base, err := tr.serviceOptions(svc)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
-	extLocal := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
-	lbIPs, extIPs, ipErrs := externalAddrs(svc)
-	errs = append(errs, ipErrs...)
-	ranges, err := canonicalRanges(svc.Spec.LoadBalancerSourceRanges)
-	if err != nil {
-		errs = append(errs, err)
-	}
+	errs := slices.Clone(svc.m().errs)
+	base := tr.serviceOptions(svc)
+	local := svc.flags&svcInternalLocal != 0
+	extLocal := svc.flags&svcExternalLocal != 0
 
-	for _, sp := range svc.Spec.Ports {
-		proto, err := protocolOf(sp.Protocol)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("port %q: %w", sp.Name, err))
+	for _, sp := range svc.Ports {
+		if err := svc.portErr(&sp); err != nil {
+			errs = append(errs, err)
 			continue
 		}
-		if sp.Port <= 0 || sp.Port > 65535 {
-			errs = append(errs, fmt.Errorf("port %q: number %d out of range 1-65535", sp.Name, sp.Port))
-			continue
-		}
-		all, bad := endpointsOf(sp.Name, sp.Protocol, eps, tr.Node.Name)
+		all, bad := endpointsOf(sp.Name, sp.Proto, eps, tr.Node.Name)
 		for _, a := range bad {
 			errs = append(errs, fmt.Errorf("port %q: endpoint address %q is not a unicast IPv4 address a pod can have; it is left out", sp.Name, a))
 		}
@@ -88,12 +61,12 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 		if o.MaglevSize != 0 {
 			o.MaglevSize = MaglevSize(len(backends), tr.MaglevTableSize)
 		}
-		for _, vip := range vips {
-			f := Frontend{Addr: vip, Port: uint16(sp.Port), Proto: proto}
+		for _, vip := range svc.ClusterIPs {
+			f := Frontend{Addr: vip, Port: sp.Port, Proto: sp.Proto}
 			out[f] = backends
 			opts[f] = o
 		}
-		ext := externalFrontends(svc, sp, proto, tr.Node.Addrs, lbIPs, extIPs)
+		ext := externalFrontends(svc, sp, tr.Node.Addrs)
 		if len(ext) == 0 {
 			continue
 		}
@@ -115,7 +88,7 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 			o := eo
 			o.Kind = kind
 			if kind == KindLoadBalancer {
-				o.SourceRanges = ranges
+				o.SourceRanges = svc.SourceRanges()
 			}
 			o.ExternalLocal = extLocal
 			out[f] = extBackends
@@ -138,57 +111,24 @@ func (tr Translator) Translate(svc *corev1.Service, eps []*discoveryv1.EndpointS
 	return out, opts, nil
 }
 
-// externalAddrs reads a Service's LoadBalancer ingress IPs (type LoadBalancer only, and
-// not those whose ipMode is Proxy: kube-proxy leaves those to the load balancer) and its
-// externalIPs, IPv4 only.
-func externalAddrs(svc *corev1.Service) (lb, ext []netip.Addr, errs []error) {
-	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
-		for _, in := range svc.Status.LoadBalancer.Ingress {
-			if in.IP == "" || (in.IPMode != nil && *in.IPMode == corev1.LoadBalancerIPModeProxy) {
-				continue
-			}
-			a, err := netip.ParseAddr(in.IP)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("load balancer ingress IP %q: %w", in.IP, err))
-				continue
-			}
-			if a.Is4() {
-				lb = append(lb, a)
-			}
-		}
-	}
-	for _, s := range svc.Spec.ExternalIPs {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("external IP %q: %w", s, err))
-			continue
-		}
-		if a.Is4() {
-			ext = append(ext, a)
-		}
-	}
-	return lb, ext, errs
-}
-
 // externalFrontends are one Service port's frontends for clients outside the cluster IP:
 // a NodePort on every node address (types NodePort and LoadBalancer), every LoadBalancer
 // ingress IP and every externalIP, on the Service port.
-func externalFrontends(svc *corev1.Service, sp corev1.ServicePort, proto Protocol, nodeAddrs, lbIPs, extIPs []netip.Addr) map[Frontend]Kind {
+func externalFrontends(svc *Service, sp Port, nodeAddrs []netip.Addr) map[Frontend]Kind {
 	out := map[Frontend]Kind{}
-	if (svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer) &&
-		sp.NodePort > 0 && sp.NodePort <= 65535 {
+	if svc.flags&svcNodePorts != 0 && sp.NodePort != 0 {
 		for _, a := range nodeAddrs {
 			if a.Is4() {
-				out[Frontend{Addr: a, Port: uint16(sp.NodePort), Proto: proto}] = KindNodePort
+				out[Frontend{Addr: a, Port: sp.NodePort, Proto: sp.Proto}] = KindNodePort
 			}
 		}
 	}
-	for _, a := range extIPs {
-		out[Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = KindExternalIP
+	for _, a := range svc.ExternalIPs() {
+		out[Frontend{Addr: a, Port: sp.Port, Proto: sp.Proto}] = KindExternalIP
 	}
 	// A LoadBalancer IP that is also an externalIP keeps its source ranges.
-	for _, a := range lbIPs {
-		out[Frontend{Addr: a, Port: uint16(sp.Port), Proto: proto}] = KindLoadBalancer
+	for _, a := range svc.LoadBalancerIPs() {
+		out[Frontend{Addr: a, Port: sp.Port, Proto: sp.Proto}] = KindLoadBalancer
 	}
 	return out
 }
@@ -214,56 +154,38 @@ type endpoint struct {
 }
 
 // endpointsOf collects the endpoints of one Service port. Addresses that no backend can have
-// (unspecified, broadcast, multicast, class E, loopback) are left out and returned, so that
-// the caller reports them. Conditions are read as the API defines them (and kube-proxy
-// reads them): a missing ready or serving means true, a missing terminating false.
-func endpointsOf(portName string, proto corev1.Protocol, eps []*discoveryv1.EndpointSlice, node string) ([]endpoint, []string) {
+// (unspecified, broadcast, multicast, class E, loopback) were set aside by the Compactor and
+// are returned, so that the caller reports them. Conditions were read as the API defines
+// them (and kube-proxy reads them): a missing ready or serving means true, a missing
+// terminating false.
+func endpointsOf(portName string, proto Protocol, eps []*Slice, node string) ([]endpoint, []string) {
 	var (
 		bad []string
 		out []endpoint
 	)
-	if proto == "" {
-		proto = corev1.ProtocolTCP
-	}
 	for _, s := range eps {
-		if s.AddressType != discoveryv1.AddressTypeIPv4 {
+		if !s.IPv4 {
 			continue
 		}
 		for _, p := range s.Ports {
-			name, pproto := "", corev1.ProtocolTCP
-			if p.Name != nil {
-				name = *p.Name
-			}
-			if p.Protocol != nil {
-				pproto = *p.Protocol
-			}
-			if name != portName || pproto != proto || p.Port == nil || *p.Port <= 0 || *p.Port > 65535 {
+			if p.Name != portName || p.Proto != proto {
 				continue
 			}
-			for _, e := range s.Endpoints {
-				c := e.Conditions
+			for i := range s.Endpoints {
+				e := &s.Endpoints[i]
 				base := endpoint{
-					ready:       c.Ready == nil || *c.Ready,
-					serving:     c.Serving == nil || *c.Serving,
-					terminating: c.Terminating != nil && *c.Terminating,
-					local:       node != "" && e.NodeName != nil && *e.NodeName == node,
+					ready:       e.Ready(),
+					serving:     e.Serving(),
+					terminating: e.Terminating(),
+					local:       node != "" && e.Node == node,
 				}
-				if e.Hints != nil {
-					for _, z := range e.Hints.ForZones {
-						base.zoneHints = append(base.zoneHints, z.Name)
-					}
-					for _, n := range e.Hints.ForNodes {
-						base.nodeHints = append(base.nodeHints, n.Name)
-					}
+				if e.more != nil {
+					base.zoneHints, base.nodeHints = e.more.zoneHints, e.more.nodeHints
+					bad = append(bad, e.more.bad...)
 				}
-				for _, a := range e.Addresses {
-					addr, err := netip.ParseAddr(a)
-					if err != nil || !addr.Is4() || !isBackendAddr(addr) {
-						bad = append(bad, a)
-						continue
-					}
+				for _, a := range e.Addrs() {
 					ep := base
-					ep.b = Backend{Addr: addr, Port: uint16(*p.Port)}
+					ep.b = Backend{Addr: a, Port: p.Port}
 					out = append(out, ep)
 				}
 			}
@@ -284,7 +206,15 @@ func endpointsOf(portName string, proto corev1.Protocol, eps []*discoveryv1.Endp
 //     endpoints" rule) where a Service with no endpoints at all is rejected.
 func (tr Translator) endpointsFor(all []endpoint, local bool) (backends []Backend, dropEmpty bool) {
 	pick := func(keep func(endpoint) bool) []Backend {
-		out := []Backend{}
+		// Sized exactly: the Builder keeps every frontend's list, and append's doubling
+		// would leave a third of them unused (5 backends in room for 8).
+		n := 0
+		for _, e := range all {
+			if keep(e) {
+				n++
+			}
+		}
+		out := make([]Backend, 0, n)
 		for _, e := range all {
 			if keep(e) {
 				out = append(out, e.b)

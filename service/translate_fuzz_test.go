@@ -15,7 +15,8 @@ import (
 // FuzzTranslate feeds Translate and the Builder arbitrary Service and EndpointSlice objects
 // (as the JSON the apiserver would send) and checks what the datapath relies on: no panic,
 // every frontend and backend is an address and port the BPF maps can hold, backends sorted
-// and unique, the answer the same on a second run, and the Builder agreeing with Translate.
+// and unique, the answer the same on a second run, the Builder agreeing with Translate, and
+// the compact copies translating as main's translation of the API objects did (sameAsAPI).
 func FuzzTranslate(f *testing.F) {
 	seed := func(s *corev1.Service, eps ...*discoveryv1.EndpointSlice) {
 		sb, _ := json.Marshal(s)
@@ -41,6 +42,7 @@ func FuzzTranslate(f *testing.F) {
 			return
 		}
 		eps = slices.DeleteFunc(eps, func(e *discoveryv1.EndpointSlice) bool { return e == nil })
+		sameAsAPI(t, NewCompactor(), &s, eps)
 		got, err := Translate(&s, eps)
 		checkState(t, got)
 		again, err2 := Translate(&s, eps)
@@ -126,6 +128,7 @@ func FuzzTranslateFields(f *testing.F) {
 			}
 			es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{a}, Conditions: cond})
 		}
+		sameAsAPI(t, NewCompactor(), s, []*discoveryv1.EndpointSlice{es})
 		got, err := Translate(s, []*discoveryv1.EndpointSlice{es})
 		checkState(t, got)
 		again, err2 := Translate(s, []*discoveryv1.EndpointSlice{es})

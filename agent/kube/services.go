@@ -7,7 +7,6 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -113,12 +112,12 @@ func (s *serviceLB) translator(ctx context.Context, node string) service.Transla
 // serviceHealth keeps a Service's healthCheckNodePort server (if it needs one) in step
 // with its local ready endpoints. A port that cannot be opened becomes a Warning Event, as
 // kube-proxy's FailedToStartServiceHealthcheck.
-func (s *serviceLB) serviceHealth(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice) {
-	port := healthcheck.Port(svc)
-	if err := s.health.Update(nn, port, healthcheck.LocalReadyEndpoints(s.deps.Config.NodeName, eps)); err != nil {
+func (s *serviceLB) serviceHealth(nn types.NamespacedName, svc *service.Service, eps []*service.Slice) {
+	port := healthcheck.PortOf(svc)
+	if err := s.health.Update(nn, port, healthcheck.LocalReady(s.deps.Config.NodeName, eps)); err != nil {
 		s.log.Error("health check node port not served", zap.String("service", nn.String()), zap.Error(err))
 		if svc != nil {
-			s.recorder.Eventf(svc, corev1.EventTypeWarning, "FailedToStartServiceHealthcheck", "%v", err)
+			s.recorder.Eventf(svc.Ref(), corev1.EventTypeWarning, "FailedToStartServiceHealthcheck", "%v", err)
 		}
 	}
 }

@@ -16,7 +16,6 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	coreinformers "k8s.io/client-go/informers/core/v1"
@@ -52,7 +51,7 @@ type Options struct {
 	// OnService, when set, hears every Service the controller translated, with its
 	// EndpointSlices (svc nil: the Service is gone). The agent's healthCheckNodePort servers
 	// follow it. Called from the controller's goroutine; must not block.
-	OnService func(nn types.NamespacedName, svc *corev1.Service, eps []*discoveryv1.EndpointSlice)
+	OnService func(nn types.NamespacedName, svc *service.Service, eps []*service.Slice)
 }
 
 // Controller keeps the LB maps equal to what the cluster's Services and EndpointSlices ask.
@@ -162,12 +161,12 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 	if _, err := c.sliceInformer.AddEventHandler(handler); err != nil {
 		return nil, err
 	}
-	slim := newSlimmer()
+	compact := newCompacter()
 	for _, inf := range []cache.SharedIndexInformer{c.svcInformer, c.sliceInformer} {
 		if err := inf.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
 			return nil, fmt.Errorf("set the informers' watch error handler: %w", err)
 		}
-		if err := inf.SetTransform(slim.transform); err != nil {
+		if err := inf.SetTransform(compact.transform); err != nil {
 			return nil, fmt.Errorf("set the informers' transform: %w", err)
 		}
 	}
@@ -175,15 +174,15 @@ func New(client kubernetes.Interface, rec *lbmap.Reconciler, opts Options) (*Con
 }
 
 func sliceServiceKey(obj any) ([]string, error) {
-	s, ok := obj.(*discoveryv1.EndpointSlice)
+	s, ok := obj.(*service.Slice)
 	if !ok {
 		return nil, nil
 	}
-	name := s.Labels[discoveryv1.LabelServiceName]
-	if name == "" {
+	nn, ok := s.Key()
+	if !ok {
 		return nil, nil
 	}
-	return []string{s.Namespace + "/" + name}, nil
+	return []string{nn.String()}, nil
 }
 
 // serviceKeyOf names the Service an event is about (itself, or the owner of a slice).
@@ -192,11 +191,10 @@ func serviceKeyOf(obj any) (types.NamespacedName, bool) {
 		obj = t.Obj
 	}
 	switch o := obj.(type) {
-	case *corev1.Service:
-		return types.NamespacedName{Namespace: o.Namespace, Name: o.Name}, true
-	case *discoveryv1.EndpointSlice:
-		name := o.Labels[discoveryv1.LabelServiceName]
-		return types.NamespacedName{Namespace: o.Namespace, Name: name}, name != ""
+	case *service.Service:
+		return o.Key(), true
+	case *service.Slice:
+		return o.Key()
 	}
 	return types.NamespacedName{}, false
 }
@@ -279,28 +277,28 @@ func (c *Controller) processNext() bool {
 	return true
 }
 
-func (c *Controller) lookup(nn types.NamespacedName) (*corev1.Service, []*discoveryv1.EndpointSlice, error) {
-	var svc *corev1.Service
+func (c *Controller) lookup(nn types.NamespacedName) (*service.Service, []*service.Slice, error) {
+	var svc *service.Service
 	obj, exists, err := c.svcInformer.GetStore().GetByKey(nn.String())
 	if err != nil {
 		return nil, nil, err
 	}
 	if exists {
-		svc = obj.(*corev1.Service)
+		svc = obj.(*service.Service)
 	}
 	eps, err := c.slicesOf(nn)
 	return svc, eps, err
 }
 
 // slicesOf returns the EndpointSlices of a Service from the informer's index.
-func (c *Controller) slicesOf(nn types.NamespacedName) ([]*discoveryv1.EndpointSlice, error) {
+func (c *Controller) slicesOf(nn types.NamespacedName) ([]*service.Slice, error) {
 	objs, err := c.sliceInformer.GetIndexer().ByIndex(byServiceIndex, nn.String())
 	if err != nil {
 		return nil, err
 	}
-	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	eps := make([]*service.Slice, 0, len(objs))
 	for _, o := range objs {
-		eps = append(eps, o.(*discoveryv1.EndpointSlice))
+		eps = append(eps, o.(*service.Slice))
 	}
 	return eps, nil
 }
@@ -311,7 +309,7 @@ func (c *Controller) syncService(nn types.NamespacedName) error {
 	if err != nil {
 		return err
 	}
-	dirty, terr := c.builder.Set(nn, svc, eps)
+	dirty, terr := c.builder.SetCompact(nn, svc, eps)
 	if terr != nil {
 		c.reportInvalid(svc, terr)
 	}
@@ -347,14 +345,14 @@ func (c *Controller) fullSync() error {
 		if first && i > 0 && i%progressEvery == 0 {
 			c.report(func(p *FirstSync) { p.Translated = i })
 		}
-		s := o.(*corev1.Service)
-		nn := types.NamespacedName{Namespace: s.Namespace, Name: s.Name}
+		s := o.(*service.Service)
+		nn := s.Key()
 		seen[nn] = true
 		eps, err := c.slicesOf(nn)
 		if err != nil {
 			return err
 		}
-		if _, terr := c.builder.Set(nn, s, eps); terr != nil {
+		if _, terr := c.builder.SetCompact(nn, s, eps); terr != nil {
 			c.reportInvalid(s, terr)
 		}
 		if c.opts.OnService != nil {
@@ -364,7 +362,7 @@ func (c *Controller) fullSync() error {
 	// Services deleted while we were not looking.
 	for nn := range c.builder.Services() {
 		if !seen[nn] {
-			c.builder.Set(nn, nil, nil)
+			c.builder.SetCompact(nn, nil, nil)
 			if c.opts.OnService != nil {
 				c.opts.OnService(nn, nil, nil)
 			}
@@ -423,15 +421,15 @@ func (c *Controller) observe(kind string, start time.Time, err error) {
 	c.m.syncs.WithLabelValues(kind, result).Inc()
 }
 
-func (c *Controller) reportInvalid(svc *corev1.Service, err error) {
+func (c *Controller) reportInvalid(svc *service.Service, err error) {
 	c.m.invalid.Inc()
 	c.log.Warn("service has fields tern cannot serve; serving the rest", zap.Error(err))
 	if c.opts.Recorder != nil && svc != nil {
-		c.opts.Recorder.Eventf(svc, corev1.EventTypeWarning, "TernInvalidService", "%v", err)
+		c.opts.Recorder.Eventf(svc.Ref(), corev1.EventTypeWarning, "TernInvalidService", "%v", err)
 	}
 }
 
-func (c *Controller) reportMapError(svc *corev1.Service, err error) {
+func (c *Controller) reportMapError(svc *service.Service, err error) {
 	if c.opts.Recorder == nil || svc == nil {
 		return
 	}
@@ -439,6 +437,6 @@ func (c *Controller) reportMapError(svc *corev1.Service, err error) {
 	if errors.Is(err, unix.E2BIG) { // the kernel's answer to an update of a full map
 		reason = "TernLoadBalancerMapFull"
 	}
-	c.opts.Recorder.Eventf(svc, corev1.EventTypeWarning, reason,
+	c.opts.Recorder.Eventf(svc.Ref(), corev1.EventTypeWarning, reason,
 		"could not program the load balancer on this node (will retry): %v", err)
 }

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"reflect"
 	"testing"
+	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -72,14 +73,16 @@ func richSlice(name string, node0 string) *discoveryv1.EndpointSlice {
 	}
 }
 
-// TestSlimKeepsWhatTranslationReads: the slimmed Service and slices translate to exactly
-// the frontends, backends and options of the originals, for a node with local endpoints and
-// a zone, and the health-check servers count the same local endpoints; what the cache drops
-// is gone, and repeated values share one copy.
-func TestSlimKeepsWhatTranslationReads(t *testing.T) {
+// TestCompactKeepsWhatTranslationReads: the informers' transform turns the Service and
+// slices into compact structs that translate to exactly the frontends, backends and options
+// of the originals, for a node with local endpoints and a zone, and the health-check servers
+// count the same local endpoints and serve the same port; what the cache drops is gone, and
+// repeated values share one copy. (service.TestCompactTranslatesAsAPI compares with main's
+// translation of API objects field by field, malformed ones included.)
+func TestCompactKeepsWhatTranslationReads(t *testing.T) {
 	tr := service.Translator{Node: service.Node{Name: "node-a", Zone: "zone-a",
 		Addrs: []netip.Addr{netip.MustParseAddr("192.168.0.5")}}}
-	s := newSlimmer()
+	cp := newCompacter()
 	svc := richService()
 	eps := []*discoveryv1.EndpointSlice{richSlice("web-1", "node-a"), richSlice("web-2", "node-a")}
 	eps[1].Endpoints = eps[1].Endpoints[1:2]
@@ -87,54 +90,51 @@ func TestSlimKeepsWhatTranslationReads(t *testing.T) {
 	if len(wantState) == 0 {
 		t.Fatal("the fixture translates to nothing")
 	}
-	slimSvcAny, _ := s.transform(svc.DeepCopy())
-	slimSvc := slimSvcAny.(*corev1.Service)
-	var slimEps []*discoveryv1.EndpointSlice
+	csvcAny, _ := cp.transform(svc.DeepCopy())
+	csvc := csvcAny.(*service.Service)
+	var ceps []*service.Slice
 	for _, e := range eps {
-		o, _ := s.transform(e.DeepCopy())
-		slimEps = append(slimEps, o.(*discoveryv1.EndpointSlice))
+		o, _ := cp.transform(e.DeepCopy())
+		ceps = append(ceps, o.(*service.Slice))
 	}
-	gotState, gotOpts, gotErr := tr.Translate(slimSvc, slimEps)
+	gotState, gotOpts, gotErr := tr.TranslateCompact(csvc, ceps)
 	if !reflect.DeepEqual(gotState, wantState) || !reflect.DeepEqual(gotOpts, wantOpts) || (gotErr == nil) != (wantErr == nil) {
-		t.Errorf("slimmed objects translate differently:\n got %v %v %v\nwant %v %v %v", gotState, gotOpts, gotErr, wantState, wantOpts, wantErr)
+		t.Errorf("compact objects translate differently:\n got %v %v %v\nwant %v %v %v", gotState, gotOpts, gotErr, wantState, wantOpts, wantErr)
 	}
-	if g, w := healthcheck.LocalReadyEndpoints("node-a", slimEps), healthcheck.LocalReadyEndpoints("node-a", eps); g != w || w == 0 {
-		t.Errorf("local ready endpoints: slim %d, original %d (want equal, non-zero)", g, w)
+	if g, w := healthcheck.LocalReady("node-a", ceps), healthcheck.LocalReadyEndpoints("node-a", eps); g != w || w == 0 {
+		t.Errorf("local ready endpoints: compact %d, original %d (want equal, non-zero)", g, w)
 	}
-	if g, w := healthcheck.Port(slimSvc), healthcheck.Port(svc); g != w || w == 0 {
-		t.Errorf("health check port: slim %d, original %d", g, w)
+	if g, w := healthcheck.PortOf(csvc), healthcheck.Port(svc); g != w || w == 0 {
+		t.Errorf("health check port: compact %d, original %d", g, w)
 	}
-	if nn, ok := serviceKeyOf(slimEps[0]); !ok || nn.Name != "web" || nn.Namespace != "shop" {
-		t.Errorf("slim slice's Service: %v %v", nn, ok)
+	if nn, ok := serviceKeyOf(ceps[0]); !ok || nn.Name != "web" || nn.Namespace != "shop" {
+		t.Errorf("compact slice's Service: %v %v", nn, ok)
 	}
-	if slimSvc.UID != "u-1" || slimSvc.ResourceVersion != "42" {
-		t.Errorf("Events need the Service's UID and resourceVersion: %q %q", slimSvc.UID, slimSvc.ResourceVersion)
+	if keys, _ := sliceServiceKey(ceps[0]); !reflect.DeepEqual(keys, []string{"shop/web"}) {
+		t.Errorf("slice index keys %v", keys)
 	}
-
-	// Dropped.
-	if slimSvc.ManagedFields != nil || slimSvc.OwnerReferences != nil || slimSvc.Spec.Selector != nil || slimSvc.Status.Conditions != nil {
-		t.Errorf("slim Service kept managedFields, owners, selector or conditions: %+v", slimSvc)
+	// The informer stores key objects with this; Events name the Service with Ref.
+	if k, err := cache.MetaNamespaceKeyFunc(csvc); err != nil || k != "shop/web" {
+		t.Errorf("store key of a compact Service: %q %v", k, err)
 	}
-	wantAnn := map[string]string{service.AnnotationCiliumLBAlgorithm: "maglev"}
-	if !reflect.DeepEqual(slimSvc.Annotations, wantAnn) {
-		t.Errorf("slim Service annotations %v, want %v", slimSvc.Annotations, wantAnn)
+	if k, err := cache.MetaNamespaceKeyFunc(ceps[0]); err != nil || k != "shop/web-1" {
+		t.Errorf("store key of a compact slice: %q %v", k, err)
 	}
-	if !reflect.DeepEqual(slimSvc.Labels, map[string]string{"service.kubernetes.io/service-proxy-name": "tern"}) {
-		t.Errorf("slim Service labels %v", slimSvc.Labels)
-	}
-	e0 := slimEps[0].Endpoints[0]
-	if e0.TargetRef != nil || e0.Hostname != nil || slimEps[0].Annotations != nil || len(slimEps[0].Labels) != 1 {
-		t.Errorf("slim slice kept the pod reference, hostname, annotations or other labels: %+v %v", e0, slimEps[0].ObjectMeta)
+	if r := csvc.Ref(); r.UID != "u-1" || r.ResourceVersion != "42" || r.Kind != "Service" || r.Name != "web" {
+		t.Errorf("Events need the Service's kind, name, UID and resourceVersion: %+v", r)
 	}
 	// Shared.
-	e2 := slimEps[0].Endpoints[2]
-	if e0.NodeName != e2.NodeName || e0.Zone != e2.Zone || e0.Conditions.Ready != slimEps[1].Endpoints[0].Conditions.Ready {
-		t.Error("repeated node names, zones and conditions are separate copies")
+	e0, e2 := ceps[0].Endpoints[0], ceps[0].Endpoints[2]
+	if unsafe.StringData(e0.Node) != unsafe.StringData(e2.Node) || unsafe.StringData(ceps[0].Namespace) != unsafe.StringData(csvc.Namespace) {
+		t.Error("repeated node names and namespaces are separate copies")
 	}
 
 	// A tombstone and other types pass untouched.
-	tomb := cache.DeletedFinalStateUnknown{Key: "shop/web", Obj: svc}
-	if out, err := s.transform(tomb); err != nil || !reflect.DeepEqual(out, any(tomb)) {
+	tomb := cache.DeletedFinalStateUnknown{Key: "shop/web", Obj: csvc}
+	if out, err := cp.transform(tomb); err != nil || !reflect.DeepEqual(out, any(tomb)) {
 		t.Errorf("tombstone: %v, %v", out, err)
+	}
+	if nn, ok := serviceKeyOf(tomb); !ok || nn.Name != "web" {
+		t.Errorf("tombstone's Service: %v %v", nn, ok)
 	}
 }

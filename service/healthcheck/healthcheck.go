@@ -20,18 +20,26 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/tern-net/tern/service"
 )
 
 // Port is the healthCheckNodePort a Service asks for, 0 for none: kube-proxy serves one
 // for a LoadBalancer Service with externalTrafficPolicy Local (the apiserver allocates it
 // for exactly those).
 func Port(svc *corev1.Service) uint16 {
-	if svc == nil || svc.Spec.Type != corev1.ServiceTypeLoadBalancer ||
-		svc.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal ||
-		svc.Spec.HealthCheckNodePort <= 0 || svc.Spec.HealthCheckNodePort > 65535 {
+	if svc == nil {
 		return 0
 	}
-	return uint16(svc.Spec.HealthCheckNodePort)
+	return PortOf((*service.Compactor)(nil).Service(svc))
+}
+
+// PortOf is Port of a compact Service (the Compactor kept only a port that applies).
+func PortOf(svc *service.Service) uint16 {
+	if svc == nil {
+		return 0
+	}
+	return svc.HealthCheckNodePort
 }
 
 // LocalReadyEndpoints counts the distinct addresses of a Service's ready endpoints on node,
@@ -39,24 +47,35 @@ func Port(svc *corev1.Service) uint16 {
 // (a node with only those must fail the check), an address serving several ports counts
 // once. IPv4 slices only, like the datapath.
 func LocalReadyEndpoints(node string, eps []*discoveryv1.EndpointSlice) int {
-	ips := map[string]bool{}
+	return LocalReady(node, service.CompactSlices(eps))
+}
+
+// LocalReady is LocalReadyEndpoints of compact slices. Addresses no backend can have count
+// too (kube-proxy counts every address); the Compactor kept them as written.
+func LocalReady(node string, eps []*service.Slice) int {
+	ips := map[netip.Addr]bool{}
+	var bad map[string]bool
 	for _, s := range eps {
-		if s.AddressType != discoveryv1.AddressTypeIPv4 {
+		if !s.IPv4 {
 			continue
 		}
-		for _, e := range s.Endpoints {
-			if e.Conditions.Ready != nil && !*e.Conditions.Ready {
+		for i := range s.Endpoints {
+			e := &s.Endpoints[i]
+			if !e.Ready() || node == "" || e.Node != node {
 				continue
 			}
-			if node == "" || e.NodeName == nil || *e.NodeName != node {
-				continue
-			}
-			for _, a := range e.Addresses {
+			for _, a := range e.Addrs() {
 				ips[a] = true
+			}
+			for _, a := range e.BadAddrs() {
+				if bad == nil {
+					bad = map[string]bool{}
+				}
+				bad[a] = true
 			}
 		}
 	}
-	return len(ips)
+	return len(ips) + len(bad)
 }
 
 // Server runs the health check servers of every Service that needs one. Update it from
