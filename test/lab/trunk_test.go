@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -178,28 +177,8 @@ func TestTrunkMemberPodsFaultsAndKillDuringBurst(t *testing.T) {
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeThrottling, Rate: 0.15})
 	emu.InjectFault(ecsemu.Fault{Code: ecsemu.CodeInternalError, Rate: 0.15})
 
-	const pods = 4
-	var mu sync.Mutex
-	running := map[string]*lab.Pod{}
-	var wg sync.WaitGroup
-	for i := range pods {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			name := fmt.Sprintf("m-%d", i)
-			for attempt := 0; ctx.Err() == nil; attempt++ {
-				p, err := l.AddPodAnnotated(ctx, 0, ns, name, map[string]string{trunk.AnnotationPodENI: "true"})
-				if err == nil {
-					mu.Lock()
-					running[name] = p
-					mu.Unlock()
-					return
-				}
-				t.Logf("%s attempt %d: %v", name, attempt, err)
-				time.Sleep(200 * time.Millisecond)
-			}
-		}()
-	}
+	names := []string{"m-0", "m-1", "m-2", "m-3"}
+	wait := startPodsUntilUp(t, ctx, l, 0, ns, names, map[string]string{trunk.AnnotationPodENI: "true"})
 	// Kill the agent once the burst's first member ENI is being made, then start it again.
 	deadline := time.Now().Add(60 * time.Second)
 	for len(membersInCloud(emu.Snapshot())) < 2 && time.Now().Before(deadline) {
@@ -212,17 +191,8 @@ func TestTrunkMemberPodsFaultsAndKillDuringBurst(t *testing.T) {
 	if err := n0.StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wg.Wait()
-	if len(running) != pods {
-		t.Fatalf("%d of %d pods running", len(running), pods)
-	}
-	seen := map[string]string{peer.IP.String(): "peer"}
-	for name, p := range running {
-		if o, dup := seen[p.IP.String()]; dup {
-			t.Fatalf("%s and %s both have %s", o, name, p.IP)
-		}
-		seen[p.IP.String()] = name
-	}
+	running := wait()
+	requireDistinctAddresses(t, append([]*lab.Pod{peer}, running...))
 	snap := emu.Snapshot()
 	if snap.Errors[ecsemu.CodeThrottling]+snap.Errors[ecsemu.CodeInternalError] < 3 {
 		t.Fatalf("faults barely fired (%v): the test proves nothing", snap.Errors)
@@ -242,7 +212,7 @@ func TestTrunkMemberPodsFaultsAndKillDuringBurst(t *testing.T) {
 	for _, p := range running {
 		httpEventually(t, ctx, p, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
 	}
-	for _, p := range append([]*lab.Pod{peer}, mapValues(running)...) {
+	for _, p := range append([]*lab.Pod{peer}, running...) {
 		if err := l.DeletePod(ctx, p); err != nil {
 			t.Fatal(err)
 		}
@@ -254,12 +224,4 @@ func TestTrunkMemberPodsFaultsAndKillDuringBurst(t *testing.T) {
 		t.Fatalf("member ENIs leaked: %v", left)
 	}
 	settled(t, l, ctx)
-}
-
-func mapValues(m map[string]*lab.Pod) []*lab.Pod {
-	out := make([]*lab.Pod, 0, len(m))
-	for _, p := range m {
-		out = append(out, p)
-	}
-	return out
 }
