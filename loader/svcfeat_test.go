@@ -5,7 +5,6 @@ package loader_test
 // sessionAffinity ClientIP, Maglev selection, and internalTrafficPolicy Local's drop.
 
 import (
-	"encoding/binary"
 	"net/netip"
 	"testing"
 	"time"
@@ -218,25 +217,6 @@ func TestAffinitySkipsRemovedBackend(t *testing.T) {
 	}
 }
 
-// lbTupleHash mirrors lb_tuple_hash in bpf/lib/lb.h (network-order fields read as host
-// integers on this little-endian machine), so the test can predict each flow's entry.
-func lbTupleHash(src, dst netip.Addr, sport, dport uint16, proto uint8) uint32 {
-	mix := func(h uint32) uint32 {
-		h ^= h >> 16
-		h *= 0x85ebca6b
-		h ^= h >> 13
-		h *= 0xc2b2ae35
-		h ^= h >> 16
-		return h
-	}
-	be32 := func(a netip.Addr) uint32 { b := a.As4(); return binary.LittleEndian.Uint32(b[:]) }
-	be16 := func(p uint16) uint32 { return uint32(p>>8 | p<<8&0xff00) }
-	h := mix(be32(src) ^ 0x9e3779b9)
-	h = mix(h ^ be32(dst))
-	h = mix(h ^ (be16(sport)<<16 | be16(dport)))
-	return mix(h ^ uint32(proto))
-}
-
 // maglevPrediction reads the frontend's table back from the kernel and says which backend
 // the table sends a tuple to.
 func maglevPrediction(t *testing.T, fr *featureRig) func(src netip.Addr, sport uint16) netip.Addr {
@@ -255,7 +235,7 @@ func maglevPrediction(t *testing.T, fr *featureRig) func(src netip.Addr, sport u
 	blocks, _ := fr.m.DumpMaglev()
 	slots, _ := fr.m.DumpBackends()
 	return func(src netip.Addr, sport uint16) netip.Addr {
-		idx := lbTupleHash(src, vip, sport, 80, packet.ProtoTCP) % o.MaglevSize
+		idx := loader.LBTupleHash(src, vip, sport, 80, packet.ProtoTCP) % o.MaglevSize
 		slot := blocks[loader.MaglevKey{SvcId: sv.Id, Block: idx / loader.MaglevBlock}].Slot[idx%loader.MaglevBlock]
 		b, ok := slots[loader.BackendKey{SvcId: sv.Id, Slot: uint32(slot)}]
 		if !ok {
