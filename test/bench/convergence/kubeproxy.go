@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tern-net/tern/test/bench/procmem"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -371,7 +372,7 @@ func runKubeProxy(ctx context.Context, e *env, size int, mode string) (res *kpRe
 	if len(durs) > 0 {
 		res.syncMax = durs[len(durs)-1]
 	}
-	if res.rss, res.peak, err = memory(kp.pid()); err != nil {
+	if res.rss, res.peak, err = procmem.Read(kp.pid()); err != nil {
 		return nil, err
 	}
 

@@ -2,13 +2,11 @@ package main
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -159,32 +157,4 @@ func (c *child) exitedErr() error {
 	default:
 		return nil
 	}
-}
-
-// memory reads VmRSS and VmHWM (peak RSS) of a live process, in bytes.
-func memory(pid int) (rss, peak uint64, err error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, fmt.Errorf("read memory of pid %d: %w", pid, err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 || f[2] != "kB" {
-			continue
-		}
-		kb, perr := strconv.ParseUint(f[1], 10, 64)
-		if perr != nil {
-			continue
-		}
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb << 10
-		case "VmHWM:":
-			peak = kb << 10
-		}
-	}
-	if rss == 0 {
-		return 0, 0, errors.New("no VmRSS in /proc status (process gone?)")
-	}
-	return rss, peak, nil
 }

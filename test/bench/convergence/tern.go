@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/tern-net/tern/test/bench/procmem"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -132,7 +133,7 @@ func runTern(ctx context.Context, e *env, size int) (res *ternResult, retErr err
 		return nil, err
 	}
 	res.lat = summarize(chs)
-	if res.rss, res.peak, err = memory(run.proc.pid()); err != nil {
+	if res.rss, res.peak, err = procmem.Read(run.proc.pid()); err != nil {
 		return nil, err
 	}
 	run.proc.stop(10 * time.Second)

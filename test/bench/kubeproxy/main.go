@@ -18,6 +18,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/tern-net/tern/test/bench/procmem"
 	"io"
 	"net"
 	"net/netip"
@@ -210,7 +211,7 @@ func (b *bench) memory() (map[string]float64, error) {
 	}
 	out := map[string]float64{}
 	for name, pid := range pids {
-		r, err := rss(pid)
+		r, _, err := procmem.Read(pid)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}

@@ -26,6 +26,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/tern-net/tern/test/bench/procmem"
 	"io"
 	"net"
 	"net/http"
@@ -267,7 +268,7 @@ func measure(ctx context.Context, v variant, kubeconfig, prefix string, n int, s
 		return s, fmt.Errorf("%s's first full sync: %d Services, error %q; want %d Services and no error", v.label, l.Services, l.Error, n)
 	}
 	s.frontends = l.Frontends
-	if s.rssSync, _, err = procMemory(cmd.Process.Pid); err != nil {
+	if s.rssSync, _, err = procmem.Read(cmd.Process.Pid); err != nil {
 		return s, err
 	}
 	select {
@@ -275,7 +276,7 @@ func measure(ctx context.Context, v variant, kubeconfig, prefix string, n int, s
 	case <-ctx.Done():
 		return s, ctx.Err()
 	}
-	if s.rss, s.hwm, err = procMemory(cmd.Process.Pid); err != nil {
+	if s.rss, s.hwm, err = procmem.Read(cmd.Process.Pid); err != nil {
 		return s, err
 	}
 	if err := readHeap(pprof, prefix, &s); err != nil {
@@ -337,30 +338,6 @@ func readHeap(addr, prefix string, s *sample) error {
 		return err
 	}
 	return os.WriteFile(prefix+".heap.pb.gz", prof, 0o644)
-}
-
-func procMemory(pid int) (rss, hwm uint64, err error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, fmt.Errorf("read memory of pid %d: %w", pid, err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 || f[2] != "kB" {
-			continue
-		}
-		kb, _ := strconv.ParseUint(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb << 10
-		case "VmHWM:":
-			hwm = kb << 10
-		}
-	}
-	if rss == 0 {
-		return 0, 0, fmt.Errorf("no VmRSS for pid %d", pid)
-	}
-	return rss, hwm, nil
 }
 
 func freePort() (int, error) {
