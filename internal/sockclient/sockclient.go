@@ -137,31 +137,20 @@ func peerOf(c syscall.Conn) string {
 }
 
 func clientTCP(addr string, timeout time.Duration) Answer {
-	d := net.Dialer{Timeout: timeout}
-	c, err := d.Dial("tcp4", addr)
-	if err != nil {
-		return errAnswer(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(timeout))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return errAnswer(fmt.Errorf("read greeting: %w", err))
-	}
-	a := greeting(line)
-	a.Peer = peerOf(c.(*net.TCPConn))
-	a.Local = c.LocalAddr().String()
-	return a
+	return clientTCPFrom("", addr, timeout)
 }
 
-// clientTCPFrom is clientTCP from a socket bound to local before connect(), so the socket
-// hooks see its source address and port.
+// clientTCPFrom is clientTCP from a socket bound to local before connect() (when local is
+// not empty), so the socket hooks see its source address and port.
 func clientTCPFrom(local, addr string, timeout time.Duration) Answer {
-	la, err := net.ResolveTCPAddr("tcp4", local)
-	if err != nil {
-		return errAnswer(err)
+	d := net.Dialer{Timeout: timeout}
+	if local != "" {
+		la, err := net.ResolveTCPAddr("tcp4", local)
+		if err != nil {
+			return errAnswer(err)
+		}
+		d.LocalAddr = la
 	}
-	d := net.Dialer{Timeout: timeout, LocalAddr: la}
 	c, err := d.Dial("tcp4", addr)
 	if err != nil {
 		return errAnswer(err)
