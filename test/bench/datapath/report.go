@@ -3,54 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
-	"strings"
 
-	"golang.org/x/sys/unix"
+	"github.com/tern-net/tern/test/bench/hostinfo"
 )
-
-// llcBytes is the largest cache level's size of CPU 0 from sysfs, or 0.
-func llcBytes() (size uint64, desc string) {
-	for i := 0; i < 8; i++ {
-		b, err := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu0/cache/index%d/size", i))
-		if err != nil {
-			break
-		}
-		s := strings.TrimSpace(string(b))
-		var n uint64
-		var unit string
-		fmt.Sscanf(s, "%d%s", &n, &unit)
-		switch unit {
-		case "K":
-			n <<= 10
-		case "M":
-			n <<= 20
-		}
-		if n > size {
-			lvl, _ := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu0/cache/index%d/level", i))
-			size, desc = n, fmt.Sprintf("L%s %s", strings.TrimSpace(string(lvl)), s)
-		}
-	}
-	return size, desc
-}
-
-func kernelRelease() string {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return "?"
-	}
-	return unix.ByteSliceToString(u.Release[:])
-}
-
-func cpuModel() string {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "model name"); ok {
-			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
-		}
-	}
-	return "?"
-}
 
 func mib(b uint64) string { return fmt.Sprintf("%.0f MiB", float64(b)/(1<<20)) }
 
@@ -105,10 +60,10 @@ func (b *bench) ratios() []ratio {
 }
 
 func (b *bench) report(w io.Writer, command string) {
-	llc, llcDesc := llcBytes()
+	llc, llcDesc := hostinfo.LLC()
 	fmt.Fprintf(w, "Command: `%s`\n\n", command)
 	fmt.Fprintf(w, "Kernel %s, %s, last-level cache %s (sysfs, CPU 0). %d rounds, %s of measuring; each round runs every frame of every scenario once, scenario order rotated per round.\n\n",
-		kernelRelease(), cpuModel(), llcDesc, b.p.rounds, b.elapsed.Round(1e9))
+		hostinfo.KernelRelease(), hostinfo.CPUModel(), llcDesc, b.p.rounds, b.elapsed.Round(1e9))
 	noop := median(b.noop.ns)
 	fmt.Fprintf(w, "Median over rounds of the mean kernel-reported ns per BPF_PROG_TEST_RUN (one frame per call, Repeat=1); "+
 		"\"own\" subtracts the no-op tc program measured the same way in the same run (%.1f ns: test-run machinery and clock reads).\n\n", noop)

@@ -3,13 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
 	"slices"
-	"strings"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/policy"
@@ -145,48 +141,4 @@ func (r *compilerResult) report(w io.Writer) {
 	fmt.Fprintf(w, "Identity churn, %d changes (one pod's labels each, a new identity), medians: incremental compile %s (%d–%d policies recompiled; a whole compile: %s), write of the touched identities %s (%d–%d entries written per change; a whole encode and diff of the maps instead: %s).\n",
 		len(r.churn), durMedian(inc).Round(10*time.Microsecond), rc[0], rc[len(rc)-1], durMedian(whole).Round(time.Millisecond),
 		durMedian(write).Round(10*time.Microsecond), n[0], n[len(n)-1], durMedian(enc).Round(time.Millisecond))
-}
-
-func kernelRelease() string {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return "?"
-	}
-	return unix.ByteSliceToString(u.Release[:])
-}
-
-func cpuModel() string {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "model name"); ok {
-			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
-		}
-	}
-	return "?"
-}
-
-// llcDesc is the largest cache level of CPU 0 from sysfs.
-func llcDesc() string {
-	best, desc := uint64(0), "cache size unknown"
-	for i := range 8 {
-		b, err := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu0/cache/index%d/size", i))
-		if err != nil {
-			break
-		}
-		s := strings.TrimSpace(string(b))
-		var n uint64
-		var unit string
-		fmt.Sscanf(s, "%d%s", &n, &unit)
-		switch unit {
-		case "K":
-			n <<= 10
-		case "M":
-			n <<= 20
-		}
-		if n > best {
-			lvl, _ := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu0/cache/index%d/level", i))
-			best, desc = n, fmt.Sprintf("L%s %s", strings.TrimSpace(string(lvl)), s)
-		}
-	}
-	return desc
 }

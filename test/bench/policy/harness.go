@@ -22,6 +22,8 @@ import (
 	"github.com/tern-net/tern/policy"
 	"github.com/tern-net/tern/policy/policymap"
 	"github.com/tern-net/tern/test/bench/progrun"
+
+	"github.com/tern-net/tern/test/bench/hostinfo"
 )
 
 type params struct {
@@ -347,8 +349,9 @@ func mib(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 func (b *bench) report(w io.Writer, command string, cr *compilerResult) {
 	p := b.p
+	_, llc := hostinfo.LLC()
 	fmt.Fprintf(w, "Command: `%s` (%s, kernel %s, %s, %s).\n\n", command, time.Now().UTC().Format("2006-01-02"),
-		kernelRelease(), cpuModel(), llcDesc())
+		hostinfo.KernelRelease(), hostinfo.CPUModel(), llc)
 	var ws uint64
 	for _, s := range b.subjects {
 		m := s.dp.Maps()
