@@ -41,22 +41,6 @@ func backendsOn(t *testing.T, n *lab.Node, front netip.AddrPort, proto string) (
 	return nil, false
 }
 
-// portSNATs counts packets the node's datapath sent with a changed source port because
-// their translated tuple was another live flow's.
-func portSNATs(t *testing.T, n *lab.Node) uint64 {
-	t.Helper()
-	m, err := loader.OpenPinnedMaps(n.PinRoot())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	tot, err := m.MetricsTotals()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tot[loader.MetricsKey{Reason: loader.ReasonSvcPortSNAT, Dir: loader.DirFromPod}].Packets
-}
-
 // eventually polls cond until it holds or the time is up.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
@@ -190,12 +174,12 @@ func TestServiceLifecycleAndEndpointChurn(t *testing.T) {
 	// The same source ports towards the new frontend land on the same backends while the
 	// old flows' tuples are closing: the datapath gives those flows another wire port
 	// (docs/architecture.md), so no request may fail.
-	snatBefore := portSNATs(t, client.Node)
+	snatBefore := datapathCount(t, client.Node, loader.ReasonSvcPortSNAT)
 	if seen := whoAnswersFrom(t, client, "http://"+front8000.String()+"/", len(reused), reused); len(seen) == 0 {
 		t.Fatal("no answer on the updated port")
 	}
 	// The case must really have happened, or this proves nothing.
-	if got := portSNATs(t, client.Node) - snatBefore; got == 0 {
+	if got := datapathCount(t, client.Node, loader.ReasonSvcPortSNAT) - snatBefore; got == 0 {
 		t.Fatal("no flow needed another wire port: the reused-tuple case was not exercised")
 	} else {
 		t.Logf("%d packets of flows through the new port took another wire port", got)

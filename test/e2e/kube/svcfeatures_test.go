@@ -68,6 +68,8 @@ func waitFlags(t *testing.T, l *lab.Lab, front netip.AddrPort, want uint16) {
 	}
 }
 
+// datapathCount is the node's from-pod packet count for reason r (e.g. packets sent with a
+// changed source port because their translated tuple was another live flow's).
 func datapathCount(t *testing.T, n *lab.Node, r loader.Reason) uint64 {
 	t.Helper()
 	m, err := loader.OpenPinnedMaps(n.PinRoot())
