@@ -17,6 +17,7 @@ import (
 
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/ipam/trunk"
+	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -141,6 +142,65 @@ func TestTrunkMemberPodsWithMasquerade(t *testing.T) {
 
 	settled(t, l, ctx)
 	for _, p := range []*lab.Pod{m0, m1} {
+		if err := l.DeletePod(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left := membersInCloud(l.Emulator().Snapshot()); len(left) != 0 {
+		t.Fatalf("member ENIs left after DEL and GC: %v", left)
+	}
+	settled(t, l, ctx)
+}
+
+// TestTrunkMemberPodInItsOwnVSwitch (no Kubernetes: the runtime passes the annotations): a
+// member pod whose k8s.aliyun.com/pod-networks names another vSwitch of the zone gets its
+// member ENI there (an address of that vSwitch, the cloud's record says so), while a member
+// pod without it stays in eni_conf's; both talk to each other and to an ENIIP pod across
+// nodes both ways, though the placed pod's address is outside the trunk's vSwitch (its
+// traffic still crosses the trunk, on its VLAN).
+func TestTrunkMemberPodInItsOwnVSwitch(t *testing.T) {
+	const memberVSwitch = "vsw-lab-members"
+	memberCIDR := netip.MustParsePrefix("192.168.64.0/20")
+	o := trunkingOptions(lab.Options{Nodes: 2})
+	o.ExtraVSwitches = []ecsemu.VSwitchConfig{{ID: memberVSwitch, Zone: lab.Zone, CIDR: memberCIDR.String()}}
+	l := up(t, o)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	settled(t, l, ctx)
+	const ns = "placed"
+	placed, err := l.AddPodAnnotated(ctx, 0, ns, "placed", map[string]string{trunk.AnnotationPodENI: "true",
+		"k8s.aliyun.com/pod-networks": fmt.Sprintf(`{"podNetworks":[{"interface":"eth0","vSwitchOptions":[%q],"securityGroupIDs":[%q]}]}`, memberVSwitch, lab.SecurityGroup)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := l.AddPodAnnotated(ctx, 1, ns, "plain", map[string]string{trunk.AnnotationPodENI: "true"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := l.AddPod(ctx, 1, ns, "peer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := checkMemberPod(t, l, ctx, placed); e.VSwitchID != memberVSwitch || !memberCIDR.Contains(placed.IP) {
+		t.Fatalf("placed pod %s: member %s in %s, want %s (%s)", placed.IP, e.ID, e.VSwitchID, memberVSwitch, memberCIDR)
+	}
+	if e := checkMemberPod(t, l, ctx, plain); e.VSwitchID != lab.PodVSwitch {
+		t.Fatalf("plain member pod %s: member %s in %s, want eni_conf's %s", plain.IP, e.ID, e.VSwitchID, lab.PodVSwitch)
+	}
+	for _, p := range []*lab.Pod{placed, plain, peer} {
+		if _, err := p.ServeHTTP(8080); err != nil {
+			t.Fatal(err)
+		}
+	}
+	httpEventually(t, ctx, placed, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
+	httpEventually(t, ctx, peer, fmt.Sprintf("http://%s:8080/", placed.IP), "placed")
+	httpEventually(t, ctx, placed, fmt.Sprintf("http://%s:8080/", plain.IP), "plain")
+	httpEventually(t, ctx, plain, fmt.Sprintf("http://%s:8080/", placed.IP), "placed")
+	settled(t, l, ctx)
+	for _, p := range []*lab.Pod{placed, plain, peer} {
 		if err := l.DeletePod(ctx, p); err != nil {
 			t.Fatal(err)
 		}
