@@ -213,3 +213,56 @@ func TestTrunkMemberPodInItsOwnVSwitch(t *testing.T) {
 	}
 	settled(t, l, ctx)
 }
+
+// TestTrunkMemberPodsWithClsact: agents with forceClsact (the attach kernels without tcx get)
+// put the trunk programs on the trunk link as clsact filters ahead of the netdev programs:
+// member pods on two nodes talk to each other and to an ENIIP pod across nodes both ways (the
+// VPC takes a member's address only on its VLAN, so this fails if the netdev programs ran
+// first and ended the chain), and DEL + GC leave no member.
+func TestTrunkMemberPodsWithClsact(t *testing.T) {
+	o := trunkingOptions(lab.Options{Nodes: 2})
+	o.AgentConfig = func(_ *lab.Node, c *agent.Config) { c.ForceClsact = true }
+	l := up(t, o)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	settled(t, l, ctx)
+	const ns = "clsact"
+	member := map[string]string{trunk.AnnotationPodENI: "true"}
+	m0, err := l.AddPodAnnotated(ctx, 0, ns, "m0", member)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m1, err := l.AddPodAnnotated(ctx, 1, ns, "m1", member)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := l.AddPod(ctx, 1, ns, "peer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*lab.Pod{m0, m1, peer} {
+		if p != peer {
+			checkMemberPod(t, l, ctx, p)
+		}
+		if _, err := p.ServeHTTP(8080); err != nil {
+			t.Fatal(err)
+		}
+	}
+	httpEventually(t, ctx, m0, fmt.Sprintf("http://%s:8080/", m1.IP), "m1")
+	httpEventually(t, ctx, m1, fmt.Sprintf("http://%s:8080/", m0.IP), "m0")
+	httpEventually(t, ctx, m0, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
+	httpEventually(t, ctx, peer, fmt.Sprintf("http://%s:8080/", m0.IP), "m0")
+	settled(t, l, ctx)
+	for _, p := range []*lab.Pod{m0, m1, peer} {
+		if err := l.DeletePod(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left := membersInCloud(l.Emulator().Snapshot()); len(left) != 0 {
+		t.Fatalf("member ENIs left after DEL and GC: %v", left)
+	}
+	settled(t, l, ctx)
+}
