@@ -380,7 +380,7 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 	if err := m.save(rec); err != nil {
 		return Allocation{}, err
 	}
-	m.log.Info("member ENI ready", zap.String("pod", k), zap.String("eni", mem.ENIID), zap.Stringer("ip", mem.IP), zap.Int("vlan", mem.VLAN))
+	m.log.Info("member ENI ready", zap.String("pod", k), zap.String("eni", mem.ENIID), zap.Stringer("ip", mem.IP), zap.Int("vlan", mem.VLAN), zap.String("vSwitch", mem.VSwitch))
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.allocationLocked(rec), nil
