@@ -15,8 +15,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/tern-net/tern/agent"
+	"github.com/tern-net/tern/agent/api"
+	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam/trunk"
+	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/ecsemu"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -252,6 +257,47 @@ func TestTrunkMemberPodsWithClsact(t *testing.T) {
 	httpEventually(t, ctx, m1, fmt.Sprintf("http://%s:8080/", m0.IP), "m0")
 	httpEventually(t, ctx, m0, fmt.Sprintf("http://%s:8080/", peer.IP), "peer")
 	httpEventually(t, ctx, peer, fmt.Sprintf("http://%s:8080/", m0.IP), "m0")
+	// The trunk link of node 0 carries the VLAN programs as clsact filters ahead of the
+	// netdev programs' (and no tcx link of theirs was made).
+	st, err := m0.Node.Client().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var trunkMAC string
+	for _, a := range st.Allocations {
+		if a.Kind == api.KindMember {
+			trunkMAC = a.ENI.MAC
+		}
+	}
+	if err := nsutil.Do(m0.Node.NS, func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, lk := range links {
+			if lk.Attrs().HardwareAddr.String() != trunkMAC {
+				continue
+			}
+			fs, err := netlink.FilterList(lk, netlink.HANDLE_MIN_EGRESS)
+			if err != nil {
+				return err
+			}
+			prio := map[string]uint16{}
+			for _, f := range fs {
+				if bf, ok := f.(*netlink.BpfFilter); ok {
+					prio[bf.Name] = bf.Priority
+				}
+			}
+			if prio["tern_trunk_egress"] != loader.TrunkClsactPriority || prio[loader.NetdevProgTernToNetdev] != loader.NetdevClsactPriority {
+				return fmt.Errorf("egress filters of the trunk link %s: %v, want tern_trunk_egress at %d before %s at %d", lk.Attrs().Name, prio,
+					loader.TrunkClsactPriority, loader.NetdevProgTernToNetdev, loader.NetdevClsactPriority)
+			}
+			return nil
+		}
+		return fmt.Errorf("no link with the trunk's MAC %q on %s", trunkMAC, m0.Node.Name)
+	}); err != nil {
+		t.Fatal(err)
+	}
 	settled(t, l, ctx)
 	for _, p := range []*lab.Pod{m0, m1, peer} {
 		if err := l.DeletePod(ctx, p); err != nil {
