@@ -19,16 +19,16 @@ import (
 // maps when the CNI attaches the pod, and takes the VLAN out when the pod is released.
 
 // loadTrunk loads (or reopens, after a restart) the trunk programs under the pin root and
-// refuses a kernel without tcx: the member kind cannot work there, and starting without it
-// would hand pods member ENIs whose traffic leaves untagged.
+// picks how they attach: tcx, or clsact on a kernel without it (and with forceClsact), where
+// they take a filter priority before the netdev programs' (loader.TrunkClsactPriority).
 func (a *Agent) loadTrunk() (*datapath.Trunk, error) {
 	t, err := datapath.LoadTrunk(filepath.Join(a.cfg.PinRoot, "trunk"))
 	if err != nil {
 		return nil, fmt.Errorf("ENI trunking (eni_conf enable_eni_trunking): %w", err)
 	}
-	if err := t.ProbeTCX(); err != nil {
-		_ = t.Close()
-		return nil, fmt.Errorf("%w; set eni_conf enable_eni_trunking false on this node", err)
+	if err := t.ProbeTCX(); err != nil || a.cfg.ForceClsact {
+		t.SetAttachMode(loader.AttachClsact)
+		a.log.Info("trunk programs attach with clsact", zap.Bool("forceClsact", a.cfg.ForceClsact), zap.NamedError("tcx", err))
 	}
 	return t, nil
 }

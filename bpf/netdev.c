@@ -25,6 +25,7 @@
 #include "lib/snat.h"
 #include "lib/svc.h"
 #include "lib/nodeport.h"
+#include "lib/vlan.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -62,6 +63,19 @@ int tern_from_netdev(struct __sk_buff *skb)
 	return netdev_verdict(skb, r, REASON_MASQ_RESTORE, DIR_FROM_NETDEV);
 }
 
+/* A packet whose source the netdev egress translated (masquerade to the node's address, or a
+ * local backend's reply restored to its frontend) leaves untagged. A pod's packet is tagged
+ * here only by tern_trunk_egress, which runs first on a trunk ENI's link and tags a member
+ * pod's packets with the member's VLAN (lib/trunk.h); that tag says "from the member's
+ * address", which is no longer the source: the VPC would drop the frame (the member's VLAN
+ * with another source), and the primary NIC, where masqueraded packets go, has no VLANs. */
+static __always_inline int netdev_untag_translated(struct __sk_buff *skb, int verdict)
+{
+	if (verdict != TC_ACT_SHOT && vlan_untag(skb))
+		return drop(skb, REASON_DROP_NAT_FAILED, DIR_TO_NETDEV); /* the helper failed */
+	return verdict;
+}
+
 SEC("tc")
 int tern_to_netdev(struct __sk_buff *skb)
 {
@@ -76,12 +90,15 @@ int tern_to_netdev(struct __sk_buff *skb)
 	__u64 now = ct_now();
 	int v = np_to_netdev(skb, &p, now);
 	if (v != NP_NOT_MINE)
-		return v;
+		return netdev_untag_translated(skb, v);
 	int r = snat_egress(skb, &p, now);
 	int verdict = netdev_verdict(skb, r, REASON_MASQ, DIR_TO_NETDEV);
+	if (r != SNAT_DONE)
+		return verdict;
+	verdict = netdev_untag_translated(skb, verdict);
 	/* The masquerade address lives on one interface (the primary NIC): the VPC refuses it
 	 * as the source of another ENI's packets, so a pod's translated packet leaves there. */
-	if (r == SNAT_DONE && CFG_MASQ_IFINDEX && skb->ifindex != CFG_MASQ_IFINDEX)
+	if (verdict != TC_ACT_SHOT && CFG_MASQ_IFINDEX && skb->ifindex != CFG_MASQ_IFINDEX)
 		return bpf_redirect_neigh(CFG_MASQ_IFINDEX, NULL, 0, 0);
 	return verdict;
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/loader"
 )
@@ -17,16 +19,27 @@ import (
 // like any pod (veth, /32, "to podIP → main", "from podIP → the trunk ENI's table"), and two
 // programs on the trunk ENI's link tag its packets with the member's VLAN id on the way out
 // and untag its VLAN's frames on the way in. This kernel has no VLAN devices and no act_vlan,
-// so the tag is pushed and popped with BPF helpers. The programs run first in the link's tcx
-// chains (link.Head), before the netdev programs, which therefore see plain IPv4.
-//
-// Known limit: a trunk pod's traffic that the netdev programs masquerade out of the primary
-// NIC (a destination outside the VPC) keeps its tag; trunk pods need the VPC's NAT gateway
-// (masquerade off for them) until the masquerade stage learns to drop the tag.
+// so the tag is pushed and popped with BPF helpers. The programs run first on the link, before
+// the netdev programs (which therefore see plain IPv4, and drop the tag of a packet they
+// translate: bpf/netdev.c): first in its tcx chains (link.Head), or, on a kernel without tcx,
+// as clsact filters of a lower priority than the netdev programs' (loader.TrunkClsactPriority).
 type Trunk struct {
 	objs    loader.TrunkObjects
 	pinRoot string              // "" keeps maps and links in this process only (tests)
 	links   map[int][]link.Link // unpinned links by ifindex
+	mode    loader.AttachMode   // AttachTCX (the default) or AttachClsact
+}
+
+// SetAttachMode chooses how Attach puts the programs on a link: loader.AttachTCX (the
+// default; Linux ≥ 6.6) or loader.AttachClsact (older kernels, or an agent with forceClsact).
+func (t *Trunk) SetAttachMode(m loader.AttachMode) { t.mode = m }
+
+// AttachMode is how Attach puts the programs on a link.
+func (t *Trunk) AttachMode() loader.AttachMode {
+	if t.mode == "" {
+		return loader.AttachTCX
+	}
+	return t.mode
 }
 
 // TrunkStats are the trunk programs' counters (tern_trunk_stats), summed over CPUs.
@@ -70,9 +83,12 @@ func (t *Trunk) linkPin(ifindex int, dir string) string {
 }
 
 // Attach puts the trunk programs first on the trunk ENI's link. Call it from a thread in the
-// link's network namespace (tcx resolves the ifindex there). Attaching again replaces the
-// pinned links' programs in place.
+// link's network namespace (tcx and netlink resolve the ifindex there). Attaching again
+// replaces the programs in place (the pinned tcx links' programs, or the clsact filters).
 func (t *Trunk) Attach(ifindex int) error {
+	if t.AttachMode() == loader.AttachClsact {
+		return t.attachClsact(ifindex)
+	}
 	if _, ok := t.links[ifindex]; ok && t.pinRoot == "" {
 		return nil // already first in both chains; a second pair would tag twice
 	}
@@ -114,9 +130,53 @@ func (t *Trunk) Attach(ifindex int) error {
 	return nil
 }
 
+// trunkClsactHandle tells the trunk programs' clsact filters from the netdev programs' (which
+// have priority loader.NetdevClsactPriority, and had 1 with handle 1 before it, which an
+// upgraded node still shows until the netdev attach removes it).
+const trunkClsactHandle = 0x7e
+
+func (t *Trunk) clsactFilter(ifindex int, parent uint32) *netlink.BpfFilter {
+	return &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: ifindex, Parent: parent,
+		Handle: trunkClsactHandle, Priority: loader.TrunkClsactPriority, Protocol: unix.ETH_P_ALL}, DirectAction: true}
+}
+
+// attachClsact is Attach without tcx: a clsact qdisc on the link and one cls_bpf filter per
+// direction at loader.TrunkClsactPriority, below the netdev programs' priority, so the kernel
+// runs the VLAN programs first; their TC_ACT_UNSPEC goes on to the netdev programs. Filters
+// live with the device (no pins): a restarted agent replaces them in place.
+func (t *Trunk) attachClsact(ifindex int) error {
+	lk, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("find trunk link %d for the clsact attach: %w", ifindex, err)
+	}
+	q := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0),
+		Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"}
+	if err := netlink.QdiscReplace(q); err != nil {
+		return fmt.Errorf("add a clsact qdisc to trunk link %s: %w", lk.Attrs().Name, err)
+	}
+	for _, h := range []struct {
+		parent uint32
+		prog   *ebpf.Program
+		name   string
+	}{{netlink.HANDLE_MIN_EGRESS, t.objs.TernTrunkEgress, "tern_trunk_egress"}, {netlink.HANDLE_MIN_INGRESS, t.objs.TernTrunkIngress, "tern_trunk_ingress"}} {
+		f := t.clsactFilter(ifindex, h.parent)
+		f.Fd, f.Name = h.prog.FD(), h.name
+		if err := netlink.FilterReplace(f); err != nil {
+			return fmt.Errorf("attach trunk program %s to %s with clsact (priority %d): %w", h.name, lk.Attrs().Name, loader.TrunkClsactPriority, err)
+		}
+	}
+	return nil
+}
+
 // Detach removes the trunk programs from a link; what is not there is not an error.
 func (t *Trunk) Detach(ifindex int) error {
 	var errs []error
+	for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
+		if err := netlink.FilterDel(t.clsactFilter(ifindex, parent)); err != nil && !errors.Is(err, unix.ENOENT) &&
+			!errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("remove the trunk's clsact filter from ifindex %d: %w", ifindex, err))
+		}
+	}
 	for _, l := range t.links[ifindex] {
 		errs = append(errs, l.Close())
 	}
@@ -197,9 +257,8 @@ func (t *Trunk) Close() error {
 	return errors.Join(errs...)
 }
 
-// ProbeTCX tells whether the kernel has tcx (Linux ≥ 6.6), which the trunk programs need: they
-// must run first on the trunk link, before the netdev programs, and the clsact fallback is not
-// done for them. It asks the kernel to attach to an interface index no device has: a kernel
+// ProbeTCX tells whether the kernel has tcx (Linux ≥ 6.6); without it the agent attaches the
+// trunk programs with clsact (SetAttachMode). It asks the kernel to attach to an interface index no device has: a kernel
 // with tcx answers "no such device", one without it ErrNotSupported. Nothing is attached.
 func (t *Trunk) ProbeTCX() error {
 	const noSuchIfindex = 0x7ffffff0
@@ -209,7 +268,7 @@ func (t *Trunk) ProbeTCX() error {
 		return nil
 	}
 	if errors.Is(err, ebpf.ErrNotSupported) {
-		return fmt.Errorf("ENI trunking needs tcx (Linux 6.6 or newer) to run the VLAN programs first on the trunk ENI's link; this kernel has none: %w", err)
+		return fmt.Errorf("this kernel has no tcx (Linux 6.6 or newer): %w", err)
 	}
 	return nil
 }

@@ -486,35 +486,10 @@ func refused(err error) bool {
 // returns the one with the most free addresses.
 func (x *ExclusiveENIs) pickVSwitch(ctx context.Context, cfg eniconfig.Config, fromPod []string) (aliyun.VSwitch, error) {
 	zone := x.instance.ZoneID
-	ids := fromPod
-	if len(ids) == 0 {
-		ids = cfg.VSwitches[zone]
+	if len(fromPod) > 0 {
+		return pickZoneVSwitch(ctx, x.cloud, zone, fromPod, true)
 	}
-	if len(ids) == 0 {
-		return aliyun.VSwitch{}, fmt.Errorf("%w: eni_conf vswitches has no entry for zone %s (the node's zone)", aliyun.ErrBadVSwitch, zone)
-	}
-	vs, err := x.cloud.VSwitches(ctx, ids)
-	if err != nil {
-		return aliyun.VSwitch{}, fmt.Errorf("describe vSwitches %v: %w", ids, err)
-	}
-	var best aliyun.VSwitch
-	var otherZone []string
-	for _, v := range vs {
-		if v.ZoneID != zone {
-			otherZone = append(otherZone, v.ID+" ("+v.ZoneID+")")
-			continue
-		}
-		if v.Available > best.Available {
-			best = v
-		}
-	}
-	if best.ID == "" {
-		if len(otherZone) > 0 && len(fromPod) > 0 {
-			return best, fmt.Errorf("%w: the pod's vSwitches %v are not in the node's zone %s: an ENI attaches only to an instance of its own zone", aliyun.ErrBadVSwitch, otherZone, zone)
-		}
-		return best, &VSwitchExhaustedError{Zone: zone, VSwitchIDs: ids}
-	}
-	return best, nil
+	return pickZoneVSwitch(ctx, x.cloud, zone, cfg.VSwitches[zone], false)
 }
 
 // Release detaches and deletes the pod's ENI. The record is marked releasing first, so a

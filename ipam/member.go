@@ -65,7 +65,12 @@ type memRecord struct {
 	ENIID    string     `json:"eniID,omitempty"`
 	IP       netip.Addr `json:"ip,omitzero"`
 	VLAN     int        `json:"vlan,omitempty"`
-	Updated  time.Time  `json:"updated"`
+	// VSwitchID and SecurityGroups are the placement the pod asked for (pod-networks; empty:
+	// the trunk's vSwitch and eni_conf's groups), written before the create so a retry asks
+	// the cloud the same (its ClientToken is this record's).
+	VSwitchID      string    `json:"vSwitchID,omitempty"`
+	SecurityGroups []string  `json:"securityGroups,omitempty"`
+	Updated        time.Time `json:"updated"`
 }
 
 // cloudKey is the member's tern.io/pod tag (records written before the nonce: the sandbox key).
@@ -90,7 +95,8 @@ type MemberENIs struct {
 
 	mu    sync.Mutex
 	mgr   *trunk.Manager
-	vsw   aliyun.VSwitch // the trunk's and members' vSwitch
+	vsw   aliyun.VSwitch // the trunk's vSwitch, and its members' unless a pod names its own
+	zone  string         // the node's zone: a pod's vSwitch must be in it
 	cfg   eniconfig.Config
 	recs  map[string]*memRecord
 	busy  map[string]bool
@@ -138,7 +144,7 @@ func (m *MemberENIs) Start(ctx context.Context) error {
 	m.mu.Lock()
 	cfg := m.cfg
 	m.mu.Unlock()
-	vsw, err := m.pickVSwitch(ctx, cfg, inst.ZoneID)
+	vsw, err := pickZoneVSwitch(ctx, m.cloud, inst.ZoneID, cfg.VSwitches[inst.ZoneID], false)
 	if err != nil {
 		return fmt.Errorf("trunking: %w", err)
 	}
@@ -153,7 +159,7 @@ func (m *MemberENIs) Start(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.mgr, m.vsw, m.quota = mgr, vsw, mgr.Quota()
+	m.mgr, m.vsw, m.zone, m.quota = mgr, vsw, inst.ZoneID, mgr.Quota()
 	for k, v := range raw {
 		var r memRecord
 		if err := json.Unmarshal(v, &r); err != nil {
@@ -179,27 +185,6 @@ func (m *MemberENIs) Start(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	return nil
-}
-
-func (m *MemberENIs) pickVSwitch(ctx context.Context, cfg eniconfig.Config, zone string) (aliyun.VSwitch, error) {
-	ids := cfg.VSwitches[zone]
-	if len(ids) == 0 {
-		return aliyun.VSwitch{}, fmt.Errorf("%w: eni_conf vswitches has no entry for zone %s (the node's zone)", aliyun.ErrBadVSwitch, zone)
-	}
-	vs, err := m.cloud.VSwitches(ctx, ids)
-	if err != nil {
-		return aliyun.VSwitch{}, fmt.Errorf("describe vSwitches %v: %w", ids, err)
-	}
-	var best aliyun.VSwitch
-	for _, v := range vs {
-		if v.ZoneID == zone && v.Available > best.Available {
-			best = v
-		}
-	}
-	if best.ID == "" {
-		return best, &VSwitchExhaustedError{Zone: zone, VSwitchIDs: ids}
-	}
-	return best, nil
 }
 
 // Stop has nothing to stop: the kind has no loop (GC finishes interrupted work).
@@ -354,7 +339,7 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 		return Allocation{}, fmt.Errorf("%w (here: the member-ENI quota): %d of %d member ENIs in use (%s)", ErrNodeFull, inUse, m.quota, ResourceMemberENI)
 	}
 	m.busy[k] = true
-	mgr := m.mgr
+	mgr, zone := m.mgr, m.zone
 	m.mu.Unlock()
 	defer func() {
 		m.mu.Lock()
@@ -363,14 +348,21 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 	}()
 
 	rec := &memRecord{Namespace: req.Key.Namespace, Name: req.Key.Name, ContainerID: req.Key.ContainerID, State: memAttaching,
-		CloudKey: k + "#" + strconv.FormatUint(rand.Uint64(), 36)}
+		CloudKey: k + "#" + strconv.FormatUint(rand.Uint64(), 36), SecurityGroups: req.SecurityGroups}
 	if ok {
-		rec.CloudKey = r.CloudKey // a retry in this process: the same member (ClientToken)
+		// A retry in this process: the same member (ClientToken), asked for alike.
+		rec.CloudKey, rec.VSwitchID, rec.SecurityGroups = r.CloudKey, r.VSwitchID, r.SecurityGroups
+	} else if len(req.VSwitchIDs) > 0 {
+		vsw, err := pickZoneVSwitch(ctx, m.cloud, zone, req.VSwitchIDs, true)
+		if err != nil {
+			return Allocation{}, fmt.Errorf("member ENI of %s (annotation %s): %w", k, AnnotationPodNetworks, err)
+		}
+		rec.VSwitchID = vsw.ID
 	}
 	if err := m.save(rec); err != nil {
 		return Allocation{}, err
 	}
-	mem, err := mgr.Allocate(ctx, rec.CloudKey, req.SecurityGroups)
+	mem, err := mgr.Allocate(ctx, rec.CloudKey, trunk.MemberRequest{VSwitchID: rec.VSwitchID, SecurityGroups: rec.SecurityGroups})
 	if err != nil {
 		if ctx.Err() == nil && !errors.Is(err, aliyun.ErrTimeout) {
 			// The manager deleted what it made, or made nothing: drop the record (a member it
@@ -388,7 +380,7 @@ func (m *MemberENIs) Allocate(ctx context.Context, req Request) (Allocation, err
 	if err := m.save(rec); err != nil {
 		return Allocation{}, err
 	}
-	m.log.Info("member ENI ready", zap.String("pod", k), zap.String("eni", mem.ENIID), zap.Stringer("ip", mem.IP), zap.Int("vlan", mem.VLAN))
+	m.log.Info("member ENI ready", zap.String("pod", k), zap.String("eni", mem.ENIID), zap.Stringer("ip", mem.IP), zap.Int("vlan", mem.VLAN), zap.String("vSwitch", mem.VSwitch))
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.allocationLocked(rec), nil

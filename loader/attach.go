@@ -28,6 +28,19 @@ const (
 	clsactHandle = 1
 )
 
+// Priorities of the clsact fallback on a device that carries more than one object's programs.
+// cls_bpf runs a device's filters by priority, lowest first, and a direct-action program's
+// TC_ACT_UNSPEC goes on to the next one, as TCX_NEXT does under tcx. A trunk ENI's link has
+// the trunk programs (datapath.Trunk: they tag and untag member pods' VLANs) and the netdev
+// programs, and the VLAN ones must run first: the netdev programs end their chain with
+// TC_ACT_OK, after which nothing runs. So the netdev programs take priority 2 and the trunk
+// programs 1 (the lowest a filter can ask for: 0 lets the kernel choose). The pod programs,
+// alone on their veths, keep 1.
+const (
+	TrunkClsactPriority  = 1
+	NetdevClsactPriority = 2
+)
+
 // hookPrograms is one object's pair of tc programs and how their tcx links are pinned.
 type hookPrograms struct {
 	ingress, egress         *ebpf.Program
@@ -35,11 +48,15 @@ type hookPrograms struct {
 	// pinPrefix starts the link pin names under links/: "" for the pod programs (if<N>_<dir>,
 	// what ReattachPods parses), "netdev_" for the netdev programs.
 	pinPrefix string
+	// prio is the clsact filter priority; legacyPrio, when set, a priority these programs'
+	// filters had before, removed (only filters of these programs' names) once the new ones
+	// are in place, so an upgraded node does not run them twice or ahead of another object.
+	prio, legacyPrio uint16
 }
 
 func (d *Datapath) podHooks() hookPrograms {
 	return hookPrograms{ingress: d.objs.TernFromPod, egress: d.objs.TernToPod,
-		ingressName: PodProgTernFromPod, egressName: PodProgTernToPod}
+		ingressName: PodProgTernFromPod, egressName: PodProgTernToPod, prio: clsactPrio}
 }
 
 func (d *Datapath) linkPin(h hookPrograms, ifindex int, dir string) string {
@@ -128,7 +145,7 @@ func (d *Datapath) attachClsact(h hookPrograms, ifindex int) error {
 				LinkIndex: ifindex,
 				Parent:    a.parent,
 				Handle:    clsactHandle,
-				Priority:  clsactPrio,
+				Priority:  h.prio,
 				Protocol:  unix.ETH_P_ALL,
 			},
 			Fd:           a.prog.FD(),
@@ -139,7 +156,33 @@ func (d *Datapath) attachClsact(h hookPrograms, ifindex int) error {
 			return fmt.Errorf("attach %s to %s with clsact: %w", a.name, lk.Attrs().Name, err)
 		}
 	}
-	return nil
+	return d.removeLegacyClsact(h, ifindex)
+}
+
+// removeLegacyClsact deletes the filters of h's programs at h.legacyPrio, recognised by
+// their names: another object's filter there (the trunk programs') stays.
+func (d *Datapath) removeLegacyClsact(h hookPrograms, ifindex int) error {
+	if h.legacyPrio == 0 {
+		return nil
+	}
+	lk := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
+	var errs []error
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		fs, err := netlink.FilterList(lk, parent)
+		if err != nil {
+			continue // no clsact qdisc, or the device is gone: nothing left over
+		}
+		for _, f := range fs {
+			bf, ok := f.(*netlink.BpfFilter)
+			if !ok || bf.Priority != h.legacyPrio || (bf.Name != h.ingressName && bf.Name != h.egressName) {
+				continue
+			}
+			if err := netlink.FilterDel(bf); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) {
+				errs = append(errs, fmt.Errorf("remove %s's clsact filter of priority %d from ifindex %d: %w", bf.Name, bf.Priority, ifindex, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DetachPod removes the pod programs from an interface, whichever way they were attached.
@@ -167,11 +210,12 @@ func (d *Datapath) detach(h hookPrograms, ifindex int) error {
 	}
 	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
 		f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{
-			LinkIndex: ifindex, Parent: parent, Handle: clsactHandle, Priority: clsactPrio, Protocol: unix.ETH_P_ALL,
+			LinkIndex: ifindex, Parent: parent, Handle: clsactHandle, Priority: h.prio, Protocol: unix.ETH_P_ALL,
 		}}
 		if err := netlink.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.EINVAL) {
 			errs = append(errs, fmt.Errorf("remove clsact filter from ifindex %d: %w", ifindex, err))
 		}
 	}
+	errs = append(errs, d.removeLegacyClsact(h, ifindex))
 	return errors.Join(errs...)
 }

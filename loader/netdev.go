@@ -39,7 +39,8 @@ func loadNetdev(objs *NetdevObjects, opts *ebpf.CollectionOptions, vars map[stri
 
 func (d *Datapath) netdevHooks() hookPrograms {
 	return hookPrograms{ingress: d.netdev.TernFromNetdev, egress: d.netdev.TernToNetdev,
-		ingressName: NetdevProgTernFromNetdev, egressName: NetdevProgTernToNetdev, pinPrefix: "netdev_"}
+		ingressName: NetdevProgTernFromNetdev, egressName: NetdevProgTernToNetdev, pinPrefix: "netdev_",
+		prio: NetdevClsactPriority, legacyPrio: clsactPrio}
 }
 
 // FromNetdev and ToNetdev are the programs for an ENI link or the primary NIC.
@@ -89,7 +90,7 @@ func (d *Datapath) NetdevAttached(ifindex int) bool {
 		return false
 	}
 	for _, f := range fs {
-		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Handle == clsactHandle && bf.Priority == clsactPrio &&
+		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Handle == clsactHandle && bf.Priority == h.prio &&
 			bf.Name == h.ingressName {
 			return true
 		}

@@ -46,3 +46,9 @@ static __always_inline long vlan_tag(struct __sk_buff *skb, __u16 vid)
 {
 	return bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), vid);
 }
+
+/* vlan_untag removes the frame's tag, if it has one; non-zero when the helper failed. */
+static __always_inline long vlan_untag(struct __sk_buff *skb)
+{
+	return skb->vlan_present ? bpf_skb_vlan_pop(skb) : 0;
+}

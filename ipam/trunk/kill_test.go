@@ -43,7 +43,7 @@ func TestBurstHelper(t *testing.T) {
 			defer wg.Done()
 			for round := 0; ; round++ {
 				pod := fmt.Sprintf("burst/p%d-%d", i, round)
-				if mem, err := m.Allocate(ctx, pod, nil); err == nil {
+				if mem, err := m.Allocate(ctx, pod, trunk.MemberRequest{}); err == nil {
 					fmt.Printf("allocated %s %s\n", pod, mem.IP)
 				}
 				_ = m.Release(ctx, pod)

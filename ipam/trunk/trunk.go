@@ -173,21 +173,36 @@ func (m *Manager) Quota() int {
 	return m.quota
 }
 
+// MemberRequest places one pod's member ENI; the zero value takes the Manager's defaults.
+type MemberRequest struct {
+	// VSwitchID, when set, is the member's vSwitch instead of Options.VSwitchID (a pod's
+	// k8s.aliyun.com/pod-networks; the caller checks it is in the node's zone). The member's
+	// traffic still crosses the trunk's link: the VPC routes a member's address to its trunk
+	// whatever its vSwitch.
+	VSwitchID string
+	// SecurityGroups, when set, replace Options.SecurityGroups for this pod.
+	SecurityGroups []string
+}
+
 // Allocate gives the pod podKey a member ENI on the trunk. Calling it again for the same pod
-// (a CNI retry, or after the agent was killed) returns the same ENI. securityGroups, when
-// set, replaces the default for this pod.
-func (m *Manager) Allocate(ctx context.Context, podKey string, securityGroups []string) (Member, error) {
+// (a CNI retry, or after the agent was killed) returns the same ENI: the caller must ask with
+// the same placement, since the ClientToken is the pod's.
+func (m *Manager) Allocate(ctx context.Context, podKey string, req MemberRequest) (Member, error) {
 	trunk := m.Trunk()
 	if trunk.ID == "" {
 		return Member{}, fmt.Errorf("trunk member for %s: the trunk ENI is not ready (Start failed or has not run)", podKey)
 	}
 	sgs := m.opts.SecurityGroups
-	if len(securityGroups) > 0 {
-		sgs = securityGroups
+	if len(req.SecurityGroups) > 0 {
+		sgs = req.SecurityGroups
+	}
+	vsw := m.opts.VSwitchID
+	if req.VSwitchID != "" {
+		vsw = req.VSwitchID
 	}
 	tags := m.baseTags(RoleMember)
 	tags[TagPod] = podKey
-	e, err := m.cloud.CreateENI(ctx, aliyun.CreateENIRequest{VSwitchID: m.opts.VSwitchID, SecurityGroups: sgs, Tags: tags,
+	e, err := m.cloud.CreateENI(ctx, aliyun.CreateENIRequest{VSwitchID: vsw, SecurityGroups: sgs, Tags: tags,
 		Description: "tern member ENI of pod " + podKey, Token: m.token("member", podKey)})
 	if err != nil {
 		return Member{}, fmt.Errorf("trunk member for %s: create ENI: %w", podKey, err)

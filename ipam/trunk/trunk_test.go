@@ -89,7 +89,7 @@ func TestAllocateReleaseTeardownLeaveNothing(t *testing.T) {
 	seen := map[string]bool{}
 	for i := range 3 {
 		pod := fmt.Sprintf("default/p%d", i)
-		mem, err := m.Allocate(ctx, pod, nil)
+		mem, err := m.Allocate(ctx, pod, trunk.MemberRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -97,14 +97,14 @@ func TestAllocateReleaseTeardownLeaveNothing(t *testing.T) {
 			t.Fatalf("member %d = %+v", i, mem)
 		}
 		seen[mem.IP.String()] = true
-		again, err := m.Allocate(ctx, pod, nil)
+		again, err := m.Allocate(ctx, pod, trunk.MemberRequest{})
 		if err != nil || again.ENIID != mem.ENIID || again.VLAN != mem.VLAN {
 			t.Fatalf("repeated allocate for %s = %+v, %v; want the same ENI %s", pod, again, err, mem.ENIID)
 		}
 	}
 	// Past the quota: a quota error, and the ENI made for the attempt is gone again.
 	n := len(emu.Snapshot().ENIs)
-	if _, err := m.Allocate(ctx, "default/p3", nil); !errors.Is(err, aliyun.ErrQuota) {
+	if _, err := m.Allocate(ctx, "default/p3", trunk.MemberRequest{}); !errors.Is(err, aliyun.ErrQuota) {
 		t.Fatalf("fourth member: %v, want ErrQuota", err)
 	}
 	if got := len(emu.Snapshot().ENIs); got != n {
@@ -138,13 +138,13 @@ func TestCrashMidAttachThenRetryAndGC(t *testing.T) {
 	emu.SetDelays(ecsemu.TransitionDelays{Attach: ecsemu.Duration(20 * time.Millisecond), Detach: ecsemu.Duration(20 * time.Millisecond),
 		MemberAttach: ecsemu.Duration(300 * time.Millisecond)})
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	_, err := m.Allocate(ctx, "default/a", nil)
+	_, err := m.Allocate(ctx, "default/a", trunk.MemberRequest{})
 	cancel()
 	if err == nil {
 		t.Fatal("allocate with a context that ended mid-attach succeeded")
 	}
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	_, err = m.Allocate(ctx2, "default/b", nil)
+	_, err = m.Allocate(ctx2, "default/b", trunk.MemberRequest{})
 	cancel2()
 	if err == nil {
 		t.Fatal("second interrupted allocate succeeded")
@@ -152,7 +152,7 @@ func TestCrashMidAttachThenRetryAndGC(t *testing.T) {
 
 	restarted := started(t, c)
 	ctx = context.Background()
-	a, err := restarted.Allocate(ctx, "default/a", nil)
+	a, err := restarted.Allocate(ctx, "default/a", trunk.MemberRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestBurstUnderFaults(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				got[i], errs[i] = m.Allocate(ctx, fmt.Sprintf("ns/r%d-%d", round, i), nil)
+				got[i], errs[i] = m.Allocate(ctx, fmt.Sprintf("ns/r%d-%d", round, i), trunk.MemberRequest{})
 			}()
 		}
 		wg.Wait()

@@ -15,7 +15,7 @@ import (
 // TestTrunkProbeFollowsKernel: the trunk programs load on every supported kernel, and the tcx
 // probe the agent runs before it turns the member kind on answers as the kernel's BTF says: nil
 // with tcx (Linux ≥ 6.6), an error wrapping ErrNotSupported without it (6.1, where the agent
-// then refuses enable_eni_trunking at start instead of handing out untagged member pods).
+// then attaches the trunk programs with clsact: TestTrunkVLANProgramsRunBeforeNetdev).
 func TestTrunkProbeFollowsKernel(t *testing.T) {
 	testutil.RequirePrivileged(t)
 	tr, err := datapath.LoadTrunk("")
