@@ -263,6 +263,15 @@ func (c *Client) call(ctx context.Context, action string, do func() error) error
 	delay := b.Initial
 	for attempt := 1; ; attempt++ {
 		if err := lim.Wait(ctx); err != nil {
+			// rate.Limiter.Wait refuses at once, with ctx still live, a wait that would end
+			// past ctx's deadline (burst is at least 1, so that is its only refusal). Callers
+			// tell "cut short, the cloud may still act" from "failed" by ctx.Err(), so wait
+			// the deadline out: the call ends as any call the deadline cut does. (Returning
+			// early let an ADD take an attach still under way for a failure, roll back its
+			// record and free a member slot the cloud still held.)
+			if _, ok := ctx.Deadline(); ok {
+				<-ctx.Done()
+			}
 			return fmt.Errorf("%s: waiting for the rate limiter: %w", action, ctxErr(ctx, err))
 		}
 		start := time.Now()

@@ -213,7 +213,7 @@ func (m *Manager) Allocate(ctx context.Context, podKey string, req MemberRequest
 		// still complete, and GC or the retry settles it.
 		if ctx.Err() == nil && !errors.Is(err, aliyun.ErrTimeout) {
 			if derr := m.cloud.DeleteENI(context.WithoutCancel(ctx), e.ID); derr != nil {
-				m.log.Warn("could not delete a member ENI whose attach failed; GC will", zap.String("eni", e.ID), zap.Error(derr))
+				m.log.Warn("could not delete a member ENI whose attach failed; GC will", zap.String("eni", e.ID), zap.NamedError("attachError", err), zap.Error(derr))
 			}
 		}
 		return Member{}, fmt.Errorf("trunk member for %s: attach ENI %s to trunk %s: %w", podKey, e.ID, trunk.ID, err)
