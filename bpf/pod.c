@@ -3,8 +3,10 @@
  *
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
+ *             -> an exclusive-ENI backend's reply to the node's address? restore (exclusive.h)
  *             -> a service flow, or no flow and a frontend? policy on the backend, translate
- *                (an exclusive-ENI pod's flow to a remote backend: to the node's address too)
+ *                (an exclusive-ENI pod's flow to a remote or exclusive backend: to the node's
+ *                address too)
  *             : policy, track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
@@ -186,6 +188,10 @@ int tern_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u64 now = ct_now();
+	/* An exclusive-ENI backend answering a flow translated to the node (exclusive.h). */
+	verdict = excl_backend_reply(skb, &p, now);
+	if (verdict != NP_NOT_MINE)
+		return verdict;
 	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
 		return hairpin_reply(skb, &p, &f, now);

@@ -1,4 +1,5 @@
-/* Service flows of exclusive-ENI pods to backends on other nodes (tern_from_pod).
+/* Service flows of exclusive-ENI pods, as clients and as backends (tern_from_pod,
+ * tern_from_netdev).
  *
  * An exclusive-ENI pod sends Service traffic through its veth (veth1) to the node, where
  * tern_from_pod translates it, but every other packet of the pod uses its own ENI: a
@@ -16,6 +17,19 @@
  * sends it where the FIB routes the pod's address: the host end of the pod's veth.
  * TCP and UDP only (SCTP flows keep the DNAT-only path); without CFG_NODEPORT_ADDR (the
  * netdev path of external frontends off) nothing changes.
+ *
+ * The same holds for an exclusive-ENI pod as a backend: it answers every client but the
+ * node from its ENI, so a client whose flow the node translated (another exclusive pod of the
+ * node, itself through a Service, an external client through a NodePort) would get the
+ * answer untranslated, past the node, or not at all. A flow to a backend that tern_ipcache
+ * marks IPC_F_EXCLUSIVE (a local exclusive pod) is therefore also translated to the node's
+ * address, by the client's tern_from_pod when the client is an exclusive pod and by
+ * tern_from_netdev (np_open) for an external client; the backend's reply, addressed to the
+ * node, goes through its veth, and its tern_from_pod restores it (excl_backend_reply: the
+ * reverse entry in tern_nodeport_snat) and sends it where the FIB routes the client. An
+ * ENIIP pod's flow to such a backend stays DNAT only: the backend's answer to the pod's
+ * address crosses the VPC to the node's ENI and reaches the client's veth, where tern_to_pod
+ * restores it as for any backend on another node.
  *
  * The stages share tern_from_pod's one service path (service_forward): the open and the
  * established step differ (np_open_snat / np_refresh instead of svc_open_to /
@@ -43,8 +57,23 @@ static __always_inline bool excl_wants_snat(const struct __sk_buff *skb, const s
 	struct endpoint_value *ep = endpoint_of(skb);
 	if (!ep || !(ep->flags & EP_F_EXCLUSIVE))
 		return false;
+	/* A backend on this node answers through the node unless it is exclusive too. */
 	struct ipcache_value *peer = ipcache_lookup(be->addr);
-	return !peer || !(peer->flags & IPC_F_LOCAL);
+	return !peer || (peer->flags & (IPC_F_LOCAL | IPC_F_EXCLUSIVE)) != IPC_F_LOCAL;
+}
+
+/* A packet an exclusive-ENI pod sends through its veth to the node's address: the reply of
+ * a flow translated to it (a local exclusive backend's, see above) is restored to frontend ->
+ * client and sent where the FIB routes the client. Returns NP_NOT_MINE for any other packet. */
+static __always_inline int excl_backend_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+{
+	if (!CFG_NODEPORT_ADDR || p->daddr != CFG_NODEPORT_ADDR || !p->first_frag ||
+	    (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
+		return NP_NOT_MINE;
+	struct endpoint_value *ep = endpoint_of(skb);
+	if (!ep || !(ep->flags & EP_F_EXCLUSIVE))
+		return NP_NOT_MINE;
+	return np_snat_reply(skb, p, now, DIR_FROM_POD);
 }
 
 /* A client's packet on an established SNAT flow (f->ct has CT_F_SNAT): refresh both halves

@@ -199,7 +199,7 @@ static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt *p)
 /* A remote backend's reply on a SNAT flow: returns NP_NOT_MINE when p is none. */
 #define NP_NOT_MINE (-1000)
 
-static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now, __u8 dir)
 {
 	struct ct_key k;
 	bool from_a;
@@ -220,9 +220,9 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt
 	__be16 client_port = v->client_port;
 	if (nat_rewrite(skb, p, false, v->front_addr, v->front_port) ||
 	    nat_rewrite(skb, p, true, client, client_port))
-		return drop(skb, REASON_DROP_NAT_FAILED, DIR_FROM_NETDEV);
-	count(skb, REASON_NODEPORT_REVNAT, DIR_FROM_NETDEV);
-	return np_redirect(skb, false, DIR_FROM_NETDEV);
+		return drop(skb, REASON_DROP_NAT_FAILED, dir);
+	count(skb, REASON_NODEPORT_REVNAT, dir);
+	return np_redirect(skb, false, dir);
 }
 
 /* Translate a client's packet on its flow (ct: its SVC entry, as written). */
@@ -262,7 +262,9 @@ static __always_inline int np_open(struct __sk_buff *skb, const struct pkt *p, c
 	struct ct_value flow;
 	struct ipcache_value *peer = ipcache_lookup(be->addr);
 	int reason;
-	if (peer && (peer->flags & IPC_F_LOCAL))
+	/* A local exclusive-ENI pod answers only the node's address through its veth
+	 * (exclusive.h): its flows are translated as a remote backend's. */
+	if (peer && (peer->flags & (IPC_F_LOCAL | IPC_F_EXCLUSIVE)) == IPC_F_LOCAL)
 		reason = svc_open_to(p, f, svc, be, now, &flow);
 	else
 		reason = np_open_snat(p, f, svc, be, now, &flow);
@@ -278,7 +280,7 @@ static __always_inline int np_from_netdev(struct __sk_buff *skb, struct pkt *p, 
 	if (!CFG_NODEPORT_ADDR || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	if (p->daddr == CFG_NODEPORT_ADDR) {
-		int v = np_snat_reply(skb, p, now);
+		int v = np_snat_reply(skb, p, now, DIR_FROM_NETDEV);
 		if (v != NP_NOT_MINE)
 			return v;
 	}
