@@ -189,9 +189,11 @@ int tern_from_pod(struct __sk_buff *skb)
 
 	__u64 now = ct_now();
 	/* An exclusive-ENI backend answering a flow translated to the node (exclusive.h). */
-	verdict = excl_backend_reply(skb, &p, now);
-	if (verdict != NP_NOT_MINE)
-		return verdict;
+	if (CFG_NODEPORT_ADDR && p.daddr == CFG_NODEPORT_ADDR) {
+		int r = excl_backend_reply(skb, &p, now);
+		if (r != NP_NOT_MINE)
+			return np_snat_reply_out(skb, r, DIR_FROM_POD);
+	}
 	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
 		return hairpin_reply(skb, &p, &f, now);

@@ -13,7 +13,7 @@
  * an external client's NodePort flow to a remote backend (nodeport.h): DNAT to the backend
  * and SNAT to CFG_NODEPORT_ADDR, with a port claimed in tern_nodeport_snat (portclaim.h).
  * The backend sees the node's address, as it would behind kube-proxy; its reply comes to the
- * node's primary NIC, where tern_from_netdev (np_snat_reply) restores frontend -> pod and
+ * node's primary NIC, where tern_from_netdev (np_snat_restore) restores frontend -> pod and
  * sends it where the FIB routes the pod's address: the host end of the pod's veth.
  * TCP and UDP only (SCTP flows keep the DNAT-only path); without CFG_NODEPORT_ADDR (the
  * netdev path of external frontends off) nothing changes.
@@ -62,18 +62,21 @@ static __always_inline bool excl_wants_snat(const struct __sk_buff *skb, const s
 	return !peer || (peer->flags & (IPC_F_LOCAL | IPC_F_EXCLUSIVE)) != IPC_F_LOCAL;
 }
 
-/* A packet an exclusive-ENI pod sends through its veth to the node's address: the reply of
- * a flow translated to it (a local exclusive backend's, see above) is restored to frontend ->
- * client and sent where the FIB routes the client. Returns NP_NOT_MINE for any other packet. */
-static __always_inline int excl_backend_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+/* A packet a pod sends through its veth to the node's address (p, parsed): when the pod is
+ * exclusive, the reply of a flow translated to it (see above) is restored to frontend ->
+ * client (0, or a drop reason); NP_NOT_MINE for any other packet. The caller counts it and
+ * sends it where the FIB routes the client (np_snat_reply_out). A global function: the
+ * verifier checks it once on its own; inlined into tern_from_pod, whose later stages every
+ * packet it does not take goes on to, it tripled that program's verification
+ * (docs/reliability.md). */
+__attribute__((noinline)) int excl_backend_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now)
 {
-	if (!CFG_NODEPORT_ADDR || p->daddr != CFG_NODEPORT_ADDR || !p->first_frag ||
-	    (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
+	if (!skb || !p || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	struct endpoint_value *ep = endpoint_of(skb);
 	if (!ep || !(ep->flags & EP_F_EXCLUSIVE))
 		return NP_NOT_MINE;
-	return np_snat_reply(skb, p, now, DIR_FROM_POD);
+	return np_snat_restore(skb, p, now);
 }
 
 /* A client's packet on an established SNAT flow (f->ct has CT_F_SNAT): refresh both halves

@@ -199,7 +199,9 @@ static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt *p)
 /* A remote backend's reply on a SNAT flow: returns NP_NOT_MINE when p is none. */
 #define NP_NOT_MINE (-1000)
 
-static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now, __u8 dir)
+/* Restore a SNAT flow's reply p to frontend -> client: 0 when done, NP_NOT_MINE when p is
+ * no such reply, or a drop reason. */
+static __always_inline int np_snat_restore(struct __sk_buff *skb, const struct pkt *p, __u64 now)
 {
 	struct ct_key k;
 	bool from_a;
@@ -220,7 +222,15 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt
 	__be16 client_port = v->client_port;
 	if (nat_rewrite(skb, p, false, v->front_addr, v->front_port) ||
 	    nat_rewrite(skb, p, true, client, client_port))
-		return drop(skb, REASON_DROP_NAT_FAILED, dir);
+		return REASON_DROP_NAT_FAILED;
+	return 0;
+}
+
+/* A restored reply (r from np_snat_restore, not NP_NOT_MINE): counted, out by the FIB. */
+static __always_inline int np_snat_reply_out(struct __sk_buff *skb, int r, __u8 dir)
+{
+	if (r)
+		return drop(skb, r, dir);
 	count(skb, REASON_NODEPORT_REVNAT, dir);
 	return np_redirect(skb, false, dir);
 }
@@ -280,9 +290,9 @@ static __always_inline int np_from_netdev(struct __sk_buff *skb, struct pkt *p, 
 	if (!CFG_NODEPORT_ADDR || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	if (p->daddr == CFG_NODEPORT_ADDR) {
-		int v = np_snat_reply(skb, p, now, DIR_FROM_NETDEV);
-		if (v != NP_NOT_MINE)
-			return v;
+		int r = np_snat_restore(skb, p, now);
+		if (r != NP_NOT_MINE)
+			return np_snat_reply_out(skb, r, DIR_FROM_NETDEV);
 	}
 	struct flow f;
 	flow_lookup(p, now, &f);
