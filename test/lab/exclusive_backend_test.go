@@ -4,18 +4,25 @@ package lab_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/service/healthcheck"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -54,6 +61,18 @@ func TestExclusiveENIPodAsServiceBackend(t *testing.T) {
 		corev1.ServicePort{Name: "tcp", Port: 80, NodePort: nodePort, TargetPort: intstr.FromInt32(tcpPort), Protocol: corev1.ProtocolTCP},
 		corev1.ServicePort{Name: "udp", Port: 53, NodePort: udpNodePort, TargetPort: intstr.FromInt32(udpPort), Protocol: corev1.ProtocolUDP})
 
+	// externalTrafficPolicy Local keeps the client's address, which the exclusive backend
+	// would answer through its ENI: it is no Local backend of its node (a LoadBalancer, for
+	// the healthCheckNodePort).
+	localSvc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "local"},
+		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, ExternalTrafficPolicy: corev1.ServiceExternalTrafficPolicyLocal,
+			Selector: map[string]string{"app": "ex-be"}, Ports: []corev1.ServicePort{
+				{Name: "tcp", Port: 80, NodePort: localNodePort, TargetPort: intstr.FromInt32(tcpPort), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	exAnn := map[string]string{ipam.AnnotationENI: "true"}
 	be, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "ex-be", Node: n0.Name, Labels: map[string]string{"app": "ex-be"}, Annotations: exAnn})
 	if err != nil {
@@ -123,5 +142,55 @@ func TestExclusiveENIPodAsServiceBackend(t *testing.T) {
 			}
 		}
 	}
-	_ = localNodePort
+
+	// eTP Local on the backend's node: no local backend, so dropped (not refused, not
+	// answered with a translated source), the health check reports no local endpoint, and
+	// the agent says why (metric, Warning Event).
+	// The metric first: once it counts the endpoint, the agent has translated the Service
+	// with it (an empty frontend alone could be one from before the endpoint existed).
+	const skipped = "tern_service_exclusive_local_endpoints_skipped 1"
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		m, err := n0.Client().Metrics(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if slices.Contains(strings.Split(m, "\n"), skipped) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 30s %s's metrics do not count the left-out exclusive endpoint (want %q)", n0.Name, skipped)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	localNP := netip.AddrPortFrom(netip.MustParseAddr(n0.PrimaryIP), localNodePort)
+	waitBackends(t, n0, localNP, "TCP")
+	if who, seen, err := dialWho(ctx, ext.NS(), localNP.String(), 700*time.Millisecond); err == nil || errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("eTP Local NodePort whose only local endpoint is exclusive: %q seeing %q, %v; want a timeout", who, seen, err)
+	}
+	// In-cluster clients of the same NodePort get every endpoint (its cluster-wide twin).
+	if who, seen, err := dialWho(ctx, exClient.NS(), localNP.String(), 3*time.Second); err != nil || who != be.Name {
+		t.Errorf("exclusive pod -> eTP Local NodePort of its node: %q seeing %q, %v; want %s", who, seen, err, be.Name)
+	}
+	hc := localSvc.Spec.HealthCheckNodePort
+	if hc == 0 {
+		t.Fatal("the apiserver allocated no healthCheckNodePort")
+	}
+	want := healthcheck.Body(types.NamespacedName{Namespace: ns, Name: "local"}, 0, true)
+	if code, body, err := getIn(ext.NS(), fmt.Sprintf("%s:%d", n0.PrimaryIP, hc)); err != nil || code != 503 || body != want {
+		t.Errorf("health check of the eTP Local Service on %s: %d %q (%v), want 503 %q", n0.Name, code, body, err, want)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		evs, err := c.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=local,reason=ExclusiveENIEndpointNotLocal"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs.Items) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no ExclusiveENIEndpointNotLocal Event on the eTP Local Service after 30s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
