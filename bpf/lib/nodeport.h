@@ -59,11 +59,13 @@ struct np_rev {
 
 /* tern_nodeport_snat: key ct_key (the translated wire tuple: CFG_NODEPORT_ADDR and the
  * allocated port, backend address and port, protocol; canonical order), value np_rev (client
- * and frontend). One entry per external client's flow to a remote backend. LRU, 131072
+ * and frontend). One entry per external client's flow to a remote backend (or to an
+ * exclusive-ENI pod of this node, exclusive.h). LRU, 131072
  * entries (size from the loader): an idle flow's entry may be evicted under pressure, which
  * ends that flow; expired entries are free to the allocator, so no GC is needed. Writer:
  * from-netdev (claim, refresh), from-pod (an exclusive-ENI pod's flows, exclusive.h).
- * Reader: from-netdev (replies), ternctl. */
+ * Readers: from-netdev (a remote backend's replies), from-pod (an exclusive-ENI backend's
+ * replies, exclusive.h), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
