@@ -104,8 +104,20 @@ func TestExclusivePodServiceSNAT(t *testing.T) {
 		wantAddrPort(t, s.name+": source", p.Src, p.SrcPort, s.wantSrc, s.wantSport)
 		wantAddrPort(t, s.name+": destination", p.Dst, p.DstPort, s.wantDst, s.wantDport)
 	}
+	// The backend's veth sees the translated SYN come in (tern_to_pod tracks it as the
+	// pod's flow); its from-pod must keep that entry informed of the replies it restores.
+	if v, _ := h.run(t, h.d.ToPod(), tcp(nodeAddr, 41003, exBackend, 8080, packet.SYN).Build()); v != verdictOK {
+		t.Fatalf("to-pod of the translated syn: verdict %d, want %d", v, verdictOK)
+	}
 	for _, s := range steps {
 		run(s)
+	}
+	var backendHalf loader.CTValue
+	if err := h.m.CT.Lookup(loader.CTFlowKey(nodeAddr, 41003, exBackend, 8080, packet.ProtoTCP), &backendHalf); err != nil {
+		t.Fatalf("the backend's entry of the translated flow: %v", err)
+	}
+	if backendHalf.Flags&loader.CTFlagSeenReply == 0 {
+		t.Fatalf("the backend's entry of the translated flow did not hear the restored reply: %+v", backendHalf)
 	}
 	// The same pod as an ENIIP pod: its flow to the remote backend keeps its address.
 	endpoint(0)

@@ -76,7 +76,14 @@ __attribute__((noinline)) int excl_backend_reply(struct __sk_buff *skb, const st
 	struct endpoint_value *ep = endpoint_of(skb);
 	if (!ep || !(ep->flags & EP_F_EXCLUSIVE))
 		return NP_NOT_MINE;
-	return np_snat_restore(skb, p, now);
+	/* tern_to_pod tracked the translated packets coming in as a flow of the pod's: its
+	 * entry hears the replies too, so it follows the connection's state and lifetime. */
+	struct flow f;
+	flow_lookup(p, now, &f);
+	int r = np_snat_restore(skb, p, now);
+	if (r != NP_NOT_MINE && f.ct)
+		ct_touch(f.ct, now, p->proto, p->tcp_flags, ct_is_reply(f.ct, f.from_a));
+	return r;
 }
 
 /* A client's packet on an established SNAT flow (f->ct has CT_F_SNAT): refresh both halves
