@@ -70,6 +70,9 @@ func exclusiveAddrs(deps agent.Deps) []netip.Addr {
 // hooks run with the agent's attach lock held: updateNode only hands the controller the new
 // node and queues a full sync.
 func (s *serviceLB) followExclusive() {
+	if s.deps.OnEndpoint == nil {
+		return
+	}
 	changed := func(int) {
 		now := exclusiveAddrs(s.deps)
 		s.nodeMu.Lock()
