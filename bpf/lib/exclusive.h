@@ -5,8 +5,8 @@
  * tern_from_pod translates it, but every other packet of the pod uses its own ENI: a
  * backend's reply to the pod's address is delivered by the VPC straight to that ENI, past
  * the node that holds the flow's translation, and the pod drops it (it never sent anything
- * to the backend's address). A backend on the pod's own node replies through the node and
- * is restored there as usual.
+ * to the backend's address). An ENIIP backend on the pod's own node replies through the
+ * node and is restored there as usual.
  *
  * So a new service flow of such a pod (EP_F_EXCLUSIVE in tern_endpoints) whose chosen
  * backend is not on this node (tern_ipcache has no IPC_F_LOCAL for it) is translated like
