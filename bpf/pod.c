@@ -3,8 +3,10 @@
  *
  *   tern_from_pod  (tc ingress: what the pod sends)
  *       parse -> bandwidth (pace or police) -> fragment ports -> conntrack lookup -> hairpin reply? restore
+ *             -> an exclusive-ENI backend's reply to the node's address? restore (exclusive.h)
  *             -> a service flow, or no flow and a frontend? policy on the backend, translate
- *                (an exclusive-ENI pod's flow to a remote backend: to the node's address too)
+ *                (an exclusive-ENI pod's flow to a remote or exclusive backend: to the node's
+ *                address too)
  *             : policy, track
  *             -> forward (redirect to a local pod or out of an ENI where the route allows)
  *   tern_to_pod    (tc egress: what the pod receives)
@@ -186,6 +188,12 @@ int tern_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u64 now = ct_now();
+	/* An exclusive-ENI backend answering a flow translated to the node (exclusive.h). */
+	if (CFG_NODEPORT_ADDR && p.daddr == CFG_NODEPORT_ADDR) {
+		int r = excl_backend_reply(skb, &p, now);
+		if (r != NP_NOT_MINE)
+			return np_snat_reply_out(skb, r, DIR_FROM_POD);
+	}
 	flow_lookup(&p, now, &f);
 	if (p.daddr == CFG_HAIRPIN_IP)
 		return hairpin_reply(skb, &p, &f, now);

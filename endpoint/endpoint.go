@@ -105,7 +105,13 @@ func (r *Registry) Upsert(e Endpoint) error {
 			return err
 		}
 	}
-	return r.cache.Set(netip.PrefixFrom(e.Addr, 32), Entry{Identity: e.Identity, Flags: loader.IPCacheFlagLocal | loader.IPCacheFlagPod})
+	flags := uint16(loader.IPCacheFlagLocal | loader.IPCacheFlagPod)
+	// Flows to an exclusive-ENI pod are translated to the node's address, so that its
+	// answer comes back through its veth (bpf/lib/exclusive.h).
+	if e.Flags&loader.EndpointFlagExclusive != 0 {
+		flags |= loader.IPCacheFlagExclusive
+	}
+	return r.cache.Set(netip.PrefixFrom(e.Addr, 32), Entry{Identity: e.Identity, Flags: flags})
 }
 
 // Delete forgets the pod on ifindex (a missing one is not an error: teardown repeats).

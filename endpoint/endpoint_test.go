@@ -56,6 +56,20 @@ func TestRegistryAndIPCacheFollowPods(t *testing.T) {
 	if v, ok := lpm(t, m, "10.0.1.10"); !ok || v.Flags != loader.IPCacheFlagLocal|loader.IPCacheFlagPod {
 		t.Fatalf("ipcache for a local pod: %+v %v", v, ok)
 	}
+	// An exclusive-ENI pod's address is marked so: flows to it are translated to the node
+	// (bpf/lib/exclusive.h).
+	if err := reg.Upsert(Endpoint{IfIndex: 43, Addr: netip.MustParseAddr("10.0.1.13"), Flags: loader.EndpointFlagExclusive}); err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := lpm(t, m, "10.0.1.13"); !ok || v.Flags != loader.IPCacheFlagLocal|loader.IPCacheFlagPod|loader.IPCacheFlagExclusive {
+		t.Fatalf("ipcache for a local exclusive-ENI pod: %+v %v", v, ok)
+	}
+	if err := reg.Delete(43); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := lpm(t, m, "10.0.1.13"); v.Flags&(loader.IPCacheFlagLocal|loader.IPCacheFlagExclusive) != 0 {
+		t.Fatalf("a deleted exclusive-ENI pod's address is still local in the ipcache: %+v", v)
+	}
 	if v, ok := lpm(t, m, "10.0.9.9"); !ok || v.Identity != 7 || v.Flags != loader.IPCacheFlagPod {
 		t.Fatalf("ipcache for an address in the CIDR: %+v %v", v, ok)
 	}

@@ -82,6 +82,7 @@ const (
 	EndpointFlagExclusive = 1 << 2 // an exclusive-ENI pod (bpf/lib/exclusive.h)
 	IPCacheFlagLocal      = 1 << 0
 	IPCacheFlagPod        = 1 << 1
+	IPCacheFlagExclusive  = 1 << 2 // with IPCacheFlagLocal: an exclusive-ENI pod of this node
 )
 
 // Maps are the datapath's maps. The service reconciler owns Services, Backends, Members,

@@ -46,6 +46,7 @@ func TestTranslateExternalFrontends(t *testing.T) {
 		wantExt   []Backend
 		wantDrop  bool
 		wantClust []Backend
+		exclusive []string // this node's exclusive-ENI pods
 	}{
 		{name: "Cluster: every endpoint everywhere", etp: corev1.ServiceExternalTrafficPolicyCluster,
 			eps:     []richEP{{addr: "10.0.1.1", node: "node-a"}, {addr: "10.0.2.1", node: "node-b"}},
@@ -65,9 +66,26 @@ func TestTranslateExternalFrontends(t *testing.T) {
 			wantExt: local, wantClust: local},
 		{name: "no endpoints at all rejects (no drop flag)", etp: corev1.ServiceExternalTrafficPolicyLocal,
 			wantExt: []Backend{}, wantClust: []Backend{}},
+		// An exclusive-ENI pod cannot answer with the client's address kept: no Local backend.
+		{name: "Local: an exclusive-ENI pod here is no local endpoint", etp: corev1.ServiceExternalTrafficPolicyLocal,
+			eps:       []richEP{{addr: "10.0.1.1", node: "node-a"}, {addr: "10.0.2.1", node: "node-b"}},
+			exclusive: []string{"10.0.1.1"},
+			wantExt:   []Backend{}, wantDrop: true, wantClust: all},
+		{name: "Local: an ENIIP pod here beside an exclusive one", etp: corev1.ServiceExternalTrafficPolicyLocal,
+			eps:       []richEP{{addr: "10.0.1.1", node: "node-a"}, {addr: "10.0.1.2", node: "node-a"}},
+			exclusive: []string{"10.0.1.2"},
+			wantExt:   local, wantClust: []Backend{be("10.0.1.1", 8080), be("10.0.1.2", 8080)}},
+		{name: "Cluster: an exclusive-ENI pod serves external clients", etp: corev1.ServiceExternalTrafficPolicyCluster,
+			eps:       []richEP{{addr: "10.0.1.1", node: "node-a"}, {addr: "10.0.2.1", node: "node-b"}},
+			exclusive: []string{"10.0.1.1"},
+			wantExt:   all, wantClust: all},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			tr := tr
+			for _, a := range c.exclusive {
+				tr.Node.Exclusive = append(tr.Node.Exclusive, netip.MustParseAddr(a))
+			}
 			st, opts, err := tr.Translate(lbService(c.etp), []*discoveryv1.EndpointSlice{richSlice(c.eps...)})
 			if err != nil {
 				t.Fatal(err)

@@ -169,6 +169,12 @@ type Node struct {
 	// address and NodePort: the pod and socket programs find it with the same lookup as a
 	// ClusterIP, and the netdev programs need no address list of their own.
 	Addrs []netip.Addr
+	// Exclusive are the addresses of this node's exclusive-ENI pods. They are no
+	// externalTrafficPolicy Local backends here: such a pod answers an external client
+	// through its own ENI, past the node, so a flow that keeps the client's address gets no
+	// answer (docs/architecture.md, "Exclusive-ENI pods"). Every other frontend, NodePorts
+	// with externalTrafficPolicy Cluster included, uses them.
+	Exclusive []netip.Addr
 }
 
 // Translator holds what translation depends on besides the Service itself.

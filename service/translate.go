@@ -72,7 +72,11 @@ func (tr Translator) TranslateCompact(svc *Service, eps []*Slice) (State, map[Fr
 		}
 		// externalTrafficPolicy decides the external frontends' backends, as
 		// internalTrafficPolicy decides the cluster IP's.
-		extBackends, extDrop := tr.endpointsFor(all, extLocal)
+		extAll := all
+		if extLocal {
+			extAll = notLocal(all, tr.Node.Exclusive)
+		}
+		extBackends, extDrop := tr.endpointsFor(extAll, extLocal)
 		eo := base
 		eo.DropWhenEmpty = extDrop
 		if eo.MaglevSize != 0 {
@@ -192,6 +196,22 @@ func endpointsOf(portName string, proto Protocol, eps []*Slice, node string) ([]
 		}
 	}
 	return out, bad
+}
+
+// notLocal is all with the endpoints at the addresses in addrs taken for endpoints of
+// another node (all itself when none is).
+func notLocal(all []endpoint, addrs []netip.Addr) []endpoint {
+	out, cloned := all, false
+	for i, e := range all {
+		if !e.local || !slices.Contains(addrs, e.b.Addr) {
+			continue
+		}
+		if !cloned {
+			out, cloned = slices.Clone(all), true
+		}
+		out[i].local = false
+	}
+	return out
 }
 
 // endpointsFor chooses the backends of a ClusterIP frontend from its endpoints as

@@ -29,12 +29,13 @@ type serviceLB struct {
 	resync   time.Duration
 	log      *zap.Logger
 
-	ctl    *controller.Controller
-	health *healthcheck.Server
-	nodeMu sync.Mutex
-	node   service.Node // what the controller was last told of this node (nodewatch.go)
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctl       *controller.Controller
+	health    *healthcheck.Server
+	exclusive *exclusiveLocal // eTP Local and exclusive-ENI pods (exclusive_local.go)
+	nodeMu    sync.Mutex
+	node      service.Node // what the controller was last told of this node (nodewatch.go)
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
 }
 
 // Start runs the controller and the health servers; the "services" readiness component it
@@ -50,6 +51,14 @@ func (s *serviceLB) Start(ctx context.Context, node string) error {
 		return err
 	}
 	tr := s.translator(ctx, node)
+	tr.Node.Exclusive = exclusiveAddrs(s.deps)
+	// The health servers read it from the controller's first sync on (serviceHealth).
+	s.nodeMu.Lock()
+	s.node = tr.Node
+	s.nodeMu.Unlock()
+	if s.exclusive, err = newExclusiveLocal(s.deps.Registry); err != nil {
+		return err
+	}
 	// healthCheckNodePort servers, on the addresses NodePorts are served on; the proxy is
 	// healthy once the first full sync is in the maps.
 	s.health = healthcheck.New(tr.Node.Addrs, func() bool { return s.ctl != nil && s.ctl.HasSynced() }, s.log.Named("healthcheck"))
@@ -75,6 +84,7 @@ func (s *serviceLB) Start(ctx context.Context, node string) error {
 		}
 	}()
 	s.followNode(ctx, tr.Node)
+	s.followExclusive()
 	return nil
 }
 
@@ -114,7 +124,7 @@ func (s *serviceLB) translator(ctx context.Context, node string) service.Transla
 // kube-proxy's FailedToStartServiceHealthcheck.
 func (s *serviceLB) serviceHealth(nn types.NamespacedName, svc *service.Service, eps []*service.Slice) {
 	port := healthcheck.PortOf(svc)
-	if err := s.health.Update(nn, port, healthcheck.LocalReady(s.deps.Config.NodeName, eps)); err != nil {
+	if err := s.health.Update(nn, port, s.localReady(nn, svc, eps)); err != nil {
 		s.log.Error("health check node port not served", zap.String("service", nn.String()), zap.Error(err))
 		if svc != nil {
 			s.recorder.Eventf(svc.Ref(), corev1.EventTypeWarning, "FailedToStartServiceHealthcheck", "%v", err)

@@ -47,6 +47,9 @@ struct ipcache_key {
 enum ipcache_flag {
 	IPC_F_LOCAL = 1 << 0, /* a pod on this node */
 	IPC_F_POD = 1 << 1,   /* a pod (on this or another node) */
+	IPC_F_EXCLUSIVE = 1 << 2, /* with IPC_F_LOCAL: an exclusive-ENI pod of this node, which
+				   * answers only the node's address through its veth
+				   * (exclusive.h) */
 };
 
 struct ipcache_value {

@@ -59,11 +59,13 @@ struct np_rev {
 
 /* tern_nodeport_snat: key ct_key (the translated wire tuple: CFG_NODEPORT_ADDR and the
  * allocated port, backend address and port, protocol; canonical order), value np_rev (client
- * and frontend). One entry per external client's flow to a remote backend. LRU, 131072
+ * and frontend). One entry per external client's flow to a remote backend (or to an
+ * exclusive-ENI pod of this node, exclusive.h). LRU, 131072
  * entries (size from the loader): an idle flow's entry may be evicted under pressure, which
  * ends that flow; expired entries are free to the allocator, so no GC is needed. Writer:
  * from-netdev (claim, refresh), from-pod (an exclusive-ENI pod's flows, exclusive.h).
- * Reader: from-netdev (replies), ternctl. */
+ * Readers: from-netdev (a remote backend's replies), from-pod (an exclusive-ENI backend's
+ * replies, exclusive.h), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -199,7 +201,9 @@ static __always_inline int np_reject(struct __sk_buff *skb, const struct pkt *p)
 /* A remote backend's reply on a SNAT flow: returns NP_NOT_MINE when p is none. */
 #define NP_NOT_MINE (-1000)
 
-static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+/* Restore a SNAT flow's reply p to frontend -> client: 0 when done, NP_NOT_MINE when p is
+ * no such reply, or a drop reason. */
+static __always_inline int np_snat_restore(struct __sk_buff *skb, const struct pkt *p, __u64 now)
 {
 	struct ct_key k;
 	bool from_a;
@@ -220,9 +224,17 @@ static __always_inline int np_snat_reply(struct __sk_buff *skb, const struct pkt
 	__be16 client_port = v->client_port;
 	if (nat_rewrite(skb, p, false, v->front_addr, v->front_port) ||
 	    nat_rewrite(skb, p, true, client, client_port))
-		return drop(skb, REASON_DROP_NAT_FAILED, DIR_FROM_NETDEV);
-	count(skb, REASON_NODEPORT_REVNAT, DIR_FROM_NETDEV);
-	return np_redirect(skb, false, DIR_FROM_NETDEV);
+		return REASON_DROP_NAT_FAILED;
+	return 0;
+}
+
+/* A restored reply (r from np_snat_restore, not NP_NOT_MINE): counted, out by the FIB. */
+static __always_inline int np_snat_reply_out(struct __sk_buff *skb, int r, __u8 dir)
+{
+	if (r)
+		return drop(skb, r, dir);
+	count(skb, REASON_NODEPORT_REVNAT, dir);
+	return np_redirect(skb, false, dir);
 }
 
 /* Translate a client's packet on its flow (ct: its SVC entry, as written). */
@@ -262,7 +274,9 @@ static __always_inline int np_open(struct __sk_buff *skb, const struct pkt *p, c
 	struct ct_value flow;
 	struct ipcache_value *peer = ipcache_lookup(be->addr);
 	int reason;
-	if (peer && (peer->flags & IPC_F_LOCAL))
+	/* A local exclusive-ENI pod answers only the node's address through its veth
+	 * (exclusive.h): its flows are translated as a remote backend's. */
+	if (peer && (peer->flags & (IPC_F_LOCAL | IPC_F_EXCLUSIVE)) == IPC_F_LOCAL)
 		reason = svc_open_to(p, f, svc, be, now, &flow);
 	else
 		reason = np_open_snat(p, f, svc, be, now, &flow);
@@ -278,9 +292,9 @@ static __always_inline int np_from_netdev(struct __sk_buff *skb, struct pkt *p, 
 	if (!CFG_NODEPORT_ADDR || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	if (p->daddr == CFG_NODEPORT_ADDR) {
-		int v = np_snat_reply(skb, p, now);
-		if (v != NP_NOT_MINE)
-			return v;
+		int r = np_snat_restore(skb, p, now);
+		if (r != NP_NOT_MINE)
+			return np_snat_reply_out(skb, r, DIR_FROM_NETDEV);
 	}
 	struct flow f;
 	flow_lookup(p, now, &f);

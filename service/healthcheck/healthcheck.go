@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -53,7 +54,16 @@ func LocalReadyEndpoints(node string, eps []*discoveryv1.EndpointSlice) int {
 // LocalReady is LocalReadyEndpoints of compact slices. Addresses no backend can have count
 // too (kube-proxy counts every address); the Compactor kept them as written.
 func LocalReady(node string, eps []*service.Slice) int {
+	n, _ := LocalReadyExcept(node, eps, nil)
+	return n
+}
+
+// LocalReadyExcept is LocalReady without the addresses in except (the node's exclusive-ENI
+// pods, which serve no externalTrafficPolicy Local frontend: service.Node.Exclusive), and how
+// many local ready addresses it left out for that.
+func LocalReadyExcept(node string, eps []*service.Slice, except []netip.Addr) (n, left int) {
 	ips := map[netip.Addr]bool{}
+	out := map[netip.Addr]bool{}
 	var bad map[string]bool
 	for _, s := range eps {
 		if !s.IPv4 {
@@ -65,6 +75,10 @@ func LocalReady(node string, eps []*service.Slice) int {
 				continue
 			}
 			for _, a := range e.Addrs() {
+				if slices.Contains(except, a) {
+					out[a] = true
+					continue
+				}
 				ips[a] = true
 			}
 			for _, a := range e.BadAddrs() {
@@ -75,7 +89,7 @@ func LocalReady(node string, eps []*service.Slice) int {
 			}
 		}
 	}
-	return len(ips) + len(bad)
+	return len(ips) + len(bad), len(out)
 }
 
 // Server runs the health check servers of every Service that needs one. Update it from

@@ -13,6 +13,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
+
+	"github.com/tern-net/tern/service"
 )
 
 func freePort(t *testing.T) uint16 {
@@ -108,5 +110,11 @@ func TestPortAndLocalEndpoints(t *testing.T) {
 	}
 	if n := LocalReadyEndpoints("me", eps); n != 2 {
 		t.Fatalf("LocalReadyEndpoints = %d, want 2 (ready, local, distinct)", n)
+	}
+	// This node's exclusive-ENI pods serve no eTP Local frontend: left out and counted (an
+	// address of another node or a terminating one is not counted as left out).
+	except := []netip.Addr{netip.MustParseAddr("10.0.1.3"), netip.MustParseAddr("10.0.1.2"), netip.MustParseAddr("10.0.2.1")}
+	if n, left := LocalReadyExcept("me", service.CompactSlices(eps), except); n != 1 || left != 1 {
+		t.Fatalf("LocalReadyExcept = %d, %d left out; want 1, 1", n, left)
 	}
 }

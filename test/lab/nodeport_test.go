@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -51,9 +52,12 @@ func whoFrom(h *lab.ExternalHost, addr string, timeout time.Duration) (string, e
 	return ip, err
 }
 
-func getFrom(h *lab.ExternalHost, addr string) (int, string, error) {
+func getFrom(h *lab.ExternalHost, addr string) (int, string, error) { return getIn(h.NS, addr) }
+
+// getIn is getFrom from inside namespace ns.
+func getIn(ns netns.NsHandle, addr string) (int, string, error) {
 	var c net.Conn
-	if err := nsutil.Do(h.NS, func() (err error) {
+	if err := nsutil.Do(ns, func() (err error) {
 		c, err = (&net.Dialer{Timeout: 3 * time.Second}).Dial("tcp4", addr)
 		return err
 	}); err != nil {
