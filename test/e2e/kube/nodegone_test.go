@@ -38,9 +38,9 @@ import (
 // pods on the node get addresses and answer through the ClusterIP. The node has its own lab:
 // the suite's other tests use the shared lab's node-1.
 func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
-	getLab(t) // the suite's binaries and privilege checks
+	bin := binaries(t)
 	// 12 idle addresses at least: two secondary ENIs per node (10 addresses each).
-	l, err := lab.Up(context.Background(), lab.Options{Nodes: 2, Kubernetes: true, BinDir: current.bin,
+	l, err := lab.Up(context.Background(), lab.Options{Nodes: 2, Kubernetes: true, BinDir: bin,
 		ENIConf: lab.ENIConf{MinPoolSize: 12, MaxPoolSize: 16}})
 	if err != nil {
 		t.Fatal(err)
