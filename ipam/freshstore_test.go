@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestEmptyStoreRecoversTheNodesENIsAtStart is a node that comes back with a new disk under
@@ -49,6 +51,9 @@ func TestEmptyStoreRecoversTheNodesENIsAtStart(t *testing.T) {
 	slices.Sort(got)
 	if !slices.Equal(got, enis) {
 		t.Fatalf("after a start on an empty store the pool holds ENIs %v, want the node's own %v", got, enis)
+	}
+	if n := promtest.ToFloat64(p2.m.settled.WithLabelValues("adopted_eni")); n != 2 {
+		t.Errorf("tern_ipam_cloud_disagreements_total{action=\"adopted_eni\"} is %v after recovering 2 ENIs, want 2", n)
 	}
 	after := allocateAll(t, p2, 100, 25)
 	for k, a := range after {

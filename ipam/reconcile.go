@@ -677,6 +677,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 	case missingIP:
 		p.dropIPs(k.eni, []netip.Addr{k.ip})
 		res.DroppedIPs = append(res.DroppedIPs, k.ip)
+		p.m.settled.WithLabelValues("dropped_ip").Inc()
 	case missingENI:
 		p.mu.Lock()
 		var ips []netip.Addr
@@ -687,9 +688,11 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 		p.dropIPs(k.eni, ips)
 		p.log.Error("an ENI of the pool is not listed any more; forgetting it", zap.String("eni", k.eni))
 		p.forgetENI(k.eni, "")
+		p.m.settled.WithLabelValues("forgot_eni").Inc()
 	case extraIP:
 		p.adoptIPs(k.eni, []netip.Addr{k.ip})
 		res.AdoptedIPs = append(res.AdoptedIPs, k.ip)
+		p.m.settled.WithLabelValues("adopted_ip").Inc()
 	case unknownENI:
 		switch {
 		case le.Status == aliyun.StatusInUse && le.InstanceID == p.opts.InstanceID:
@@ -707,6 +710,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 			p.publishLocked()
 			p.mu.Unlock()
 			res.AdoptedENIs = append(res.AdoptedENIs, le.ID)
+			p.m.settled.WithLabelValues("adopted_eni").Inc()
 			p.log.Warn("adopted an ENI of this node the pool did not know", zap.String("eni", le.ID), zap.Int("ips", len(rec.IPs)))
 		case le.Status == aliyun.StatusAvailable ||
 			(le.InstanceID == p.opts.InstanceID && le.Status == aliyun.StatusDetaching):
@@ -714,6 +718,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 				return fmt.Errorf("delete leftover ENI %s: %w", le.ID, err)
 			}
 			res.DeletedENIs = append(res.DeletedENIs, le.ID)
+			p.m.settled.WithLabelValues("deleted_eni").Inc()
 			p.log.Warn("deleted an ENI tagged for this node that the pool did not know", zap.String("eni", le.ID))
 		default:
 			p.log.Warn("ENI tagged for this node is attached elsewhere; leaving it alone",

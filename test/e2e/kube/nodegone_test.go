@@ -182,7 +182,14 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 			t.Errorf("node-1 has a new ENI %s after the reboot: it created one instead of recovering its own %v", id, keys(enisBefore))
 		}
 	}
-	// Surfaced: the new agent logs each ENI it found in the cloud and not on its (new) disk.
+	// Surfaced: the new agent counts and logs each ENI it found in the cloud and not on its
+	// (new) disk, and says its store was empty.
+	if n := agentMetric(t, ctx, dead, "tern_ipam_cloud_disagreements_total", `action="adopted_eni"`); n != float64(len(enisBefore)) {
+		t.Errorf("the new agent counted %v adopted ENIs (tern_ipam_cloud_disagreements_total), want %d", n, len(enisBefore))
+	}
+	if l := logLinesSince(t, dead.AgentLog(), logFrom, "the IPAM store was empty: recovered the node's ENIs from the cloud"); len(l) != 1 {
+		t.Errorf("the new agent logged %d lines about recovering from an empty store, want 1: %v", len(l), l)
+	}
 	adopted := logLinesSince(t, dead.AgentLog(), logFrom, "adopted an ENI of this node the pool did not know")
 	for id := range enisBefore {
 		found := false
