@@ -239,6 +239,95 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	if n := r.failedBetween(dropped, time.Now()); n > 0 {
 		t.Errorf("%d new connections failed after the client's node dropped the dead backends (first: %v)", n, r.firstFailures(dropped, time.Now(), 3))
 	}
+	if t.Failed() {
+		return
+	}
+
+	// Again, and this time the VM reboots with its disk (a host failure: the instance starts
+	// again with its disks). The store still holds the dead pods' allocations: the new agent
+	// must keep their addresses from new pods until the pods are gone from the apiserver, then
+	// release them (its pod GC: two passes a minute apart), and must adopt nothing — the store
+	// knows the node's ENIs.
+	enisBefore = nodeENIs(l, dead.Name)
+	deadPods, err = dead.Crash()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadIPs := map[string]string{}
+	for _, p := range deadPods {
+		deadIPs[p.Namespace+"/"+p.Name+"/"] = p.IP.String()
+		if err := kubeletsim.DeletePod(ctx, l.Client(), p.Namespace, p.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The dead node's maps are gone with it: only the client's node is checked.
+	survivorChooses := func(want []string) {
+		slices.Sort(want)
+		eventually(t, 60*time.Second, "the client's node choosing "+fmt.Sprint(want), func() (bool, string) {
+			got, _ := backendsOn(t, survivor, addr, "TCP")
+			return slices.Equal(got, want), fmt.Sprintf("backends %v", got)
+		})
+	}
+	survivorChooses(survivors)
+	if _, err := dead.Boot(lab.BootOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	logFrom = fileSize(t, dead.AgentLog())
+	rebooted := time.Now()
+	if err := dead.StartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ready2 := time.Now()
+	held := func() map[string]string {
+		st, err := dead.Client().State(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]string{}
+		for k, a := range st.Allocations {
+			for prefix := range deadIPs {
+				if strings.HasPrefix(k, prefix) {
+					out[k] = a.IP
+				}
+			}
+		}
+		return out
+	}
+	if h := held(); len(h) != len(deadPods) {
+		t.Fatalf("after a reboot with its disk the agent holds %v for the %d dead pods, want each pod's allocation kept until the pod is gone", h, len(deadPods))
+	}
+	if _, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "echo-1e", Node: dead.Name, Labels: app, ServePort: 7000}); err != nil {
+		t.Fatal(err)
+	}
+	for k, ip := range deadIPs {
+		if l.Pod(ns, "echo-1e").IP.String() == ip {
+			t.Fatalf("the new pod got %s, still held for the dead pod %s", ip, k)
+		}
+	}
+	survivorChooses(backend("echo-1e", "echo-2a", "echo-2b"))
+	if who, err := client.Ask(ctx, netip.AddrPortFrom(l.Pod(ns, "echo-1e").IP, 7000).String(), "direct"); err != nil || who != ns+"/echo-1e" {
+		t.Fatalf("the new pod on the rebooted node from the client: %q, %v", who, err)
+	}
+	eventually(t, 150*time.Second, "the dead pods' addresses released by the agent's pod GC", func() (bool, string) {
+		h := held()
+		return len(h) == 0, fmt.Sprintf("still held: %v", h)
+	})
+	released := time.Now()
+	if err := l.CheckCloudMatchesAgents(ctx); err != nil {
+		t.Fatalf("after the reboot with the disk: %v", err)
+	}
+	if n := agentMetric(t, ctx, dead, "tern_ipam_cloud_disagreements_total"); n != 0 {
+		t.Errorf("the agent acted on %v disagreements with the cloud after a reboot with its store: it must have known its ENIs", n)
+	}
+	if got := nodeENIs(l, dead.Name); !slices.Equal(keys(got), keys(enisBefore)) {
+		t.Errorf("node-1's ENIs changed across the reboot: %v, before %v", keys(got), keys(enisBefore))
+	}
+	gcLines := logLinesSince(t, dead.AgentLog(), logFrom, "released addresses of deleted pods")
+	t.Logf("reboot with the disk: agent ready %v after the boot; the dead pods' %d addresses held, then released by pod GC %v after the agent was ready (logged: %s)",
+		ready2.Sub(rebooted).Round(time.Millisecond), len(deadIPs), released.Sub(ready2).Round(time.Millisecond), first(gcLines))
+	if len(gcLines) == 0 {
+		t.Errorf("the agent released the dead pods' addresses without logging it")
+	}
 }
 
 // nodeENIs is the cloud's tern ENIs (IPAM pool) tagged for node, with their addresses.
