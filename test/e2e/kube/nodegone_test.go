@@ -34,9 +34,11 @@ import (
 // breaks; every flow to the dead node's backends does, counted); once the dead pods are not
 // ready the client's node stops choosing them (timed) and no new connection fails after; the
 // new agent recovers the instance's ENIs from the cloud — the same ENIs, no new one, none
-// leaked, no address given twice (lab.CheckCloudMatchesAgents) — and says so in its log; new
-// pods on the node get addresses and answer through the ClusterIP. The node has its own lab:
-// the suite's other tests use the shared lab's node-1.
+// leaked, no address given twice (lab.CheckCloudMatchesAgents) — and says so in its log and
+// metrics; new pods on the node get addresses and answer through the ClusterIP. Then the VM
+// dies again and reboots with its disk: the store's allocations of the dead pods are held
+// (a new pod gets another address) until the agent's pod GC releases them, and nothing is
+// adopted. The test has a lab of its own: the suite's other tests use the shared lab's node-1.
 func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	bin := binaries(t)
 	// 12 idle addresses at least: two secondary ENIs per node (10 addresses each).
