@@ -5,10 +5,13 @@ package kube_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -109,6 +112,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		t.Fatalf("%d of %d flows reach node-1's backends: the test needs flows on both nodes", len(onDead), len(ld.flows))
 	}
 
+	icmpBefore, tcpBefore := icmpUnreachables(t, client), tcpCounters(t, client)
 	crashed := time.Now()
 	deadPods, err := dead.Crash()
 	if err != nil {
@@ -142,6 +146,9 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		return slices.Equal(got, survivors), fmt.Sprintf("backends %v", got)
 	})
 	dropped := time.Now()
+	// How the client's kernel was told: ICMP destination unreachable from the VPC router (no
+	// route to a dead pod's address any more), and the TCP counters.
+	icmpSeen, tcpSeen := icmpUnreachables(t, client)-icmpBefore, countersSince(tcpCounters(t, client), tcpBefore)
 	ld.waitDials(t, dropped, lossDial.ok, 50, "new connections after the dead backends were dropped")
 	for _, p := range deadPods {
 		if err := kubeletsim.DeletePod(ctx, l.Client(), p.Namespace, p.Name); err != nil {
@@ -230,8 +237,9 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	r := ld.finish(crashed, ns+"/echo-1")
 	t.Logf("node-1's namespace gone %v after the kill; flows: %d to node-2's backends, %d echoes, %d broken; %d to node-1's, all broken within %v",
 		nsGone.Sub(crashed).Round(time.Millisecond), len(ld.flows)-len(onDead), r.liveEchoes, r.liveBroken, len(onDead), r.deadBrokenWithin.Round(time.Millisecond))
-	t.Logf("new connections from the kill until the dead backends were dropped: %d ok, %d failed (first: %v); after: %d ok, %d failed",
-		r.okBetween(crashed, dropped), r.failedBetween(crashed, dropped), r.firstFailures(crashed, dropped, 3), r.okBetween(dropped, time.Now()), r.failedBetween(dropped, time.Now()))
+	t.Logf("new connections from the kill until the dead backends were dropped: %d ok, %d failed (first: %v); after: %d ok, %d failed; the client pod received %v ICMP destination unreachable meanwhile, TCP counters moved %v",
+		r.okBetween(crashed, dropped), r.failedBetween(crashed, dropped), r.firstFailures(crashed, dropped, 3), r.okBetween(dropped, time.Now()), r.failedBetween(dropped, time.Now()),
+		icmpSeen, tcpSeen)
 	t.Logf("pods marked not ready → the client's node chose only the survivors in %v; reboot: ENIs replugged in %v, agent ready %v after, cloud and agents agreed %v after that (%d ENIs recovered: %v); 2 new pods up %v after, in the maps %v later",
 		dropped.Sub(notReady).Round(time.Millisecond), plugged.Sub(booted).Round(time.Millisecond), agentReady.Sub(plugged).Round(time.Millisecond),
 		agreed.Sub(agentReady).Round(time.Millisecond), len(enisBefore), keys(enisBefore), podsUp.Sub(agreed).Round(time.Millisecond), served.Sub(podsUp).Round(time.Millisecond))
@@ -256,6 +264,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadIPs := map[string]string{}
+	deleted2 := time.Now()
 	for _, p := range deadPods {
 		deadIPs[p.Namespace+"/"+p.Name+"/"] = p.IP.String()
 		if err := kubeletsim.DeletePod(ctx, l.Client(), p.Namespace, p.Name); err != nil {
@@ -271,6 +280,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		})
 	}
 	survivorChooses(survivors)
+	deletedDropped := time.Since(deleted2)
 	if _, err := dead.Boot(lab.BootOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -325,8 +335,8 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		t.Errorf("node-1's ENIs changed across the reboot: %v, before %v", keys(got), keys(enisBefore))
 	}
 	gcLines := logLinesSince(t, dead.AgentLog(), logFrom, "released addresses of deleted pods")
-	t.Logf("reboot with the disk: agent ready %v after the boot; the dead pods' %d addresses held, then released by pod GC %v after the agent was ready (logged: %s)",
-		ready2.Sub(rebooted).Round(time.Millisecond), len(deadIPs), released.Sub(ready2).Round(time.Millisecond), first(gcLines))
+	t.Logf("second crash: the dead pods deleted → the client's node chose only the survivors in %v; reboot with the disk: agent ready %v after the boot; the dead pods' %d addresses held, then released by pod GC %v after the agent was ready (logged: %s)",
+		deletedDropped.Round(time.Millisecond), ready2.Sub(rebooted).Round(time.Millisecond), len(deadIPs), released.Sub(ready2).Round(time.Millisecond), first(gcLines))
 	if len(gcLines) == 0 {
 		t.Errorf("the agent released the dead pods' addresses without logging it")
 	}
@@ -578,4 +588,35 @@ func (r nodeLossReport) firstFailures(from, to time.Time, n int) []string {
 		}
 	}
 	return out
+}
+
+// icmpUnreachables is the pod's kernel count of ICMP destination unreachable messages received
+// (Icmp InDestUnreachs in /proc/net/snmp, read in its network namespace).
+func icmpUnreachables(t *testing.T, p *lab.Pod) float64 {
+	t.Helper()
+	var v float64
+	err := p.Exec(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		lines := strings.Split(string(b), "\n")
+		for i := 0; i+1 < len(lines); i += 2 {
+			names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+			if len(names) != len(values) || len(names) == 0 || names[0] != "Icmp:" {
+				continue
+			}
+			for j := 1; j < len(names); j++ {
+				if names[j] == "InDestUnreachs" {
+					v, err = strconv.ParseFloat(values[j], 64)
+					return err
+				}
+			}
+		}
+		return errors.New("no Icmp InDestUnreachs in /proc/net/snmp")
+	})
+	if err != nil {
+		t.Fatalf("%s's ICMP counters: %v", p.Name, err)
+	}
+	return v
 }
