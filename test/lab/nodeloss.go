@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/loader"
@@ -61,12 +64,17 @@ func (n *Node) Crash() ([]*Pod, error) {
 		}
 	}
 	n.mu.Unlock()
+	nsID, idErr := nsInode(n.NS)
 	n.NS.Close()
 	if err := loader.RemovePins(n.PinRoot()); err != nil {
 		errs = append(errs, fmt.Errorf("lab: remove the pins of %s: %w", n.Name, err))
 	}
-	if err := n.lab.waitLinksGone(links, 30*time.Second); err != nil {
-		errs = append(errs, fmt.Errorf("lab: %s crashed but its namespace lingers: %w", n.Name, err))
+	if err := n.lab.waitLinksGone(links, 60*time.Second); err != nil {
+		holders := "unknown (could not read the namespace's inode: " + fmt.Sprint(idErr) + ")"
+		if idErr == nil {
+			holders = nsHolders(nsID)
+		}
+		errs = append(errs, fmt.Errorf("lab: %s crashed but its namespace lingers: %w; processes in it or holding it: %s", n.Name, err, holders))
 	}
 	n.lab.log.Info("node crashed", zap.String("node", n.Name), zap.Int("pods", len(dead)), zap.Strings("vpcLinks", links))
 	return dead, errors.Join(errs...)
@@ -152,4 +160,38 @@ func (l *Lab) waitLinksGone(names []string, timeout time.Duration) error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// nsInode is a namespace's inode number, what /proc/PID/ns/net links name ("net:[N]").
+func nsInode(ns netns.NsHandle) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
+
+// nsHolders lists the threads whose network namespace is net:[ino] and the processes holding
+// a file descriptor on it: what keeps a node's namespace alive after Crash (sockets hold it
+// too, and are not listed).
+func nsHolders(ino uint64) string {
+	want := fmt.Sprintf("net:[%d]", ino)
+	var out []string
+	tasks, _ := filepath.Glob("/proc/[0-9]*/task/[0-9]*/ns/net")
+	for _, t := range tasks {
+		if l, err := os.Readlink(t); err == nil && l == want {
+			comm, _ := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(t)), "comm"))
+			out = append(out, fmt.Sprintf("task %s (%s)", filepath.Dir(filepath.Dir(t)), strings.TrimSpace(string(comm))))
+		}
+	}
+	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	for _, f := range fds {
+		if l, err := os.Readlink(f); err == nil && l == want {
+			out = append(out, "fd "+f)
+		}
+	}
+	if len(out) == 0 {
+		return "none (a socket, or the kernel's namespace clean-up is slow)"
+	}
+	return strings.Join(out, ", ")
 }

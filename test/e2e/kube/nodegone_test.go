@@ -113,6 +113,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	}
 
 	icmpBefore, tcpBefore := icmpUnreachables(t, client), tcpCounters(t, client)
+	dpBefore := agentSamples(t, ctx, survivor, "tern_datapath_packets_total")
 	crashed := time.Now()
 	deadPods, err := dead.Crash()
 	if err != nil {
@@ -149,6 +150,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	// How the client's kernel was told: ICMP destination unreachable from the VPC router (no
 	// route to a dead pod's address any more), and the TCP counters.
 	icmpSeen, tcpSeen := icmpUnreachables(t, client)-icmpBefore, countersSince(tcpCounters(t, client), tcpBefore)
+	dpSeen := countersSince(agentSamples(t, ctx, survivor, "tern_datapath_packets_total"), dpBefore)
 	ld.waitDials(t, dropped, lossDial.ok, 50, "new connections after the dead backends were dropped")
 	for _, p := range deadPods {
 		if err := kubeletsim.DeletePod(ctx, l.Client(), p.Namespace, p.Name); err != nil {
@@ -237,9 +239,9 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	r := ld.finish(crashed, ns+"/echo-1")
 	t.Logf("node-1's namespace gone %v after the kill; flows: %d to node-2's backends, %d echoes, %d broken; %d to node-1's, all broken within %v",
 		nsGone.Sub(crashed).Round(time.Millisecond), len(ld.flows)-len(onDead), r.liveEchoes, r.liveBroken, len(onDead), r.deadBrokenWithin.Round(time.Millisecond))
-	t.Logf("new connections from the kill until the dead backends were dropped: %d ok, %d failed (first: %v); after: %d ok, %d failed; the client pod received %v ICMP destination unreachable meanwhile, TCP counters moved %v",
+	t.Logf("new connections from the kill until the dead backends were dropped: %d ok, %d failed (first: %v); after: %d ok, %d failed; the client pod received %v ICMP destination unreachable meanwhile, TCP counters moved %v; node-2's datapath counted %v",
 		r.okBetween(crashed, dropped), r.failedBetween(crashed, dropped), r.firstFailures(crashed, dropped, 3), r.okBetween(dropped, time.Now()), r.failedBetween(dropped, time.Now()),
-		icmpSeen, tcpSeen)
+		icmpSeen, tcpSeen, dpSeen)
 	t.Logf("pods marked not ready → the client's node chose only the survivors in %v; reboot: ENIs replugged in %v, agent ready %v after, cloud and agents agreed %v after that (%d ENIs recovered: %v); 2 new pods up %v after, in the maps %v later",
 		dropped.Sub(notReady).Round(time.Millisecond), plugged.Sub(booted).Round(time.Millisecond), agentReady.Sub(plugged).Round(time.Millisecond),
 		agreed.Sub(agentReady).Round(time.Millisecond), len(enisBefore), keys(enisBefore), podsUp.Sub(agreed).Round(time.Millisecond), served.Sub(podsUp).Round(time.Millisecond))
