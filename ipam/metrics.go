@@ -14,6 +14,9 @@ type metrics struct {
 	enis          prometheus.Gauge
 	allocDuration prometheus.Histogram
 	errors        *prometheus.CounterVec
+	// settled counts what the pool did about a disagreement with the cloud's listing
+	// (reconcile.go, settle): the only trace an operator has of a node that lost its store.
+	settled *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -35,12 +38,16 @@ func newMetrics() *metrics {
 			Name: "tern_ipam_errors_total",
 			Help: "Pool errors by cause (vswitch_exhausted, node_full, try_again, credentials, permission, quota, other).",
 		}, []string{"cause"}),
+		settled: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tern_ipam_cloud_disagreements_total",
+			Help: "Disagreements between the pool and the cloud's ENI listing the pool acted on, by action (adopted_eni, adopted_ip, dropped_ip, forgot_eni, deleted_eni).",
+		}, []string{"action"}),
 	}
 }
 
 // Collectors returns the pool's metrics for the caller to register.
 func (p *Pool) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{p.m.ips, p.m.enis, p.m.allocDuration, p.m.errors}
+	return []prometheus.Collector{p.m.ips, p.m.enis, p.m.allocDuration, p.m.errors, p.m.settled}
 }
 
 func causeOf(err error) string {

@@ -29,6 +29,11 @@ import (
 //     listing taken at least ListingGrace later still disagrees does the pool act: it drops
 //     what the cloud really lacks and adopts what the cloud really gives the node. Meanwhile it
 //     keeps serving what it holds. A local change to an ENI clears the suspicions about it.
+//   - An empty store (a node whose disk is new, e.g. its VM came back with a replaced system
+//     disk under the same instance ID) holds nothing a lagging listing could contradict: an
+//     ENI the listing shows attached to this instance and tagged for this node is adopted at
+//     Start, with its addresses, instead of after ListingGrace. Waiting would leave the pool
+//     empty meanwhile, so its refill would create ENIs for slots the node's own ENIs hold.
 
 // suspectKind says how the pool and a listing disagree.
 type suspectKind int
@@ -54,6 +59,7 @@ func (p *Pool) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	fresh := len(snap.ENIs) == 0 && len(snap.Intents) == 0 && len(snap.Allocations) == 0
 	now := p.now()
 	// An ENI recorded but not yet recorded as attached is a creation whose intent is open: its
 	// replay attaches it (or deletes it). Without such an intent (not expected) the record is
@@ -141,9 +147,13 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		}
 	}
 
-	res, err := p.compareWithListing(ctx)
+	res, err := p.compareWithListing(ctx, fresh)
 	if err != nil {
 		return err
+	}
+	if len(res.AdoptedENIs) > 0 {
+		p.log.Warn("the IPAM store was empty: recovered the node's ENIs from the cloud (a new disk, or a store deleted)",
+			zap.Strings("enis", res.AdoptedENIs))
 	}
 	p.mu.Lock()
 	p.publishLocked()
@@ -521,7 +531,7 @@ func (p *Pool) GC(ctx context.Context, livePods func() map[string]bool) (GCResul
 	if err := p.resolveIntents(ctx); err != nil {
 		p.log.Warn("ipam GC: interrupted cloud operations still open", zap.Error(err))
 	}
-	cmp, err := p.compareWithListing(ctx)
+	cmp, err := p.compareWithListing(ctx, false)
 	if err != nil {
 		return res, fmt.Errorf("ipam GC: %w", err)
 	}
@@ -542,7 +552,7 @@ func (p *Pool) verify(ctx context.Context) {
 		p.log.Warn("interrupted cloud operations still open; retrying later", zap.Error(err))
 		p.scheduleVerify()
 	}
-	if _, err := p.compareWithListing(ctx); err != nil && ctx.Err() == nil {
+	if _, err := p.compareWithListing(ctx, false); err != nil && ctx.Err() == nil {
 		p.log.Warn("cannot compare the pool with the cloud; retrying later", zap.Error(err))
 		p.scheduleVerify()
 	}
@@ -551,8 +561,9 @@ func (p *Pool) verify(ctx context.Context) {
 // compareWithListing lists the node's ENIs and compares them with the pool. A disagreement
 // seen for the first time is only remembered; one that a listing at least ListingGrace later
 // still shows is acted upon. ENIs with an open intent are left out (the replay settles them).
-// It runs with opMu held.
-func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
+// With adoptNow (Start on an empty store) an ENI of ours attached to this instance is adopted
+// at once. It runs with opMu held.
+func (p *Pool) compareWithListing(ctx context.Context, adoptNow bool) (GCResult, error) {
 	var res GCResult
 	listedAt := p.now()
 	ours, err := p.cloud.ListENIs(ctx, aliyun.ENIFilter{Tags: p.ownTags()})
@@ -620,6 +631,9 @@ func (p *Pool) compareWithListing(ctx context.Context) (GCResult, error) {
 	for k := range found {
 		first, seen := p.suspects[k]
 		switch {
+		case !seen && adoptNow && k.kind == unknownENI &&
+			listed[k.eni].Status == aliyun.StatusInUse && listed[k.eni].InstanceID == p.opts.InstanceID:
+			due = append(due, k)
 		case !seen:
 			p.suspects[k] = listedAt
 		case listedAt.Sub(first) >= p.opts.ListingGrace:
@@ -663,6 +677,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 	case missingIP:
 		p.dropIPs(k.eni, []netip.Addr{k.ip})
 		res.DroppedIPs = append(res.DroppedIPs, k.ip)
+		p.m.settled.WithLabelValues("dropped_ip").Inc()
 	case missingENI:
 		p.mu.Lock()
 		var ips []netip.Addr
@@ -673,9 +688,11 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 		p.dropIPs(k.eni, ips)
 		p.log.Error("an ENI of the pool is not listed any more; forgetting it", zap.String("eni", k.eni))
 		p.forgetENI(k.eni, "")
+		p.m.settled.WithLabelValues("forgot_eni").Inc()
 	case extraIP:
 		p.adoptIPs(k.eni, []netip.Addr{k.ip})
 		res.AdoptedIPs = append(res.AdoptedIPs, k.ip)
+		p.m.settled.WithLabelValues("adopted_ip").Inc()
 	case unknownENI:
 		switch {
 		case le.Status == aliyun.StatusInUse && le.InstanceID == p.opts.InstanceID:
@@ -693,6 +710,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 			p.publishLocked()
 			p.mu.Unlock()
 			res.AdoptedENIs = append(res.AdoptedENIs, le.ID)
+			p.m.settled.WithLabelValues("adopted_eni").Inc()
 			p.log.Warn("adopted an ENI of this node the pool did not know", zap.String("eni", le.ID), zap.Int("ips", len(rec.IPs)))
 		case le.Status == aliyun.StatusAvailable ||
 			(le.InstanceID == p.opts.InstanceID && le.Status == aliyun.StatusDetaching):
@@ -700,6 +718,7 @@ func (p *Pool) settle(ctx context.Context, k suspectKey, le aliyun.ENI, res *GCR
 				return fmt.Errorf("delete leftover ENI %s: %w", le.ID, err)
 			}
 			res.DeletedENIs = append(res.DeletedENIs, le.ID)
+			p.m.settled.WithLabelValues("deleted_eni").Inc()
 			p.log.Warn("deleted an ENI tagged for this node that the pool did not know", zap.String("eni", le.ID))
 		default:
 			p.log.Warn("ENI tagged for this node is attached elsewhere; leaving it alone",

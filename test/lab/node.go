@@ -121,8 +121,14 @@ func (n *Node) prepare() error {
 	if n.list, err = libcni.ConfListFromFile(files[0]); err != nil {
 		return fmt.Errorf("lab: load %s: %w", files[0], err)
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.lab.opts.BinDir}, filepath.Join(n.dir, "cni-cache"), &nodeExec{ns: n.NS})
+	return n.wire()
+}
 
+// wire connects the lab to the node's namespace: CNI calls, the agent launcher and the
+// emulator and apiserver bridges all run inside NS. A node rebuilt with a fresh namespace
+// (Node.Boot) is wired again.
+func (n *Node) wire() error {
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.lab.opts.BinDir}, filepath.Join(n.dir, "cni-cache"), &nodeExec{ns: n.NS})
 	if err := n.startLauncher(); err != nil {
 		return err
 	}

@@ -26,6 +26,8 @@ type suiteState struct {
 	err error
 	bin string
 	up  bool
+	// buildErr is the binaries' build error (build runs once)
+	buildErr error
 }
 
 func TestMain(m *testing.M) {
@@ -65,6 +67,22 @@ func getLab(t testing.TB) *lab.Lab {
 }
 
 func (s *suiteState) start() error {
+	if err := s.build(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var err error
+	s.lab, err = lab.Up(ctx, lab.Options{Nodes: 2, Kubernetes: true, BinDir: s.bin,
+		ENIConf: lab.ENIConf{MinPoolSize: 4, MaxPoolSize: 12}})
+	return err
+}
+
+// build builds tern-agent and tern-cni once, for the shared lab and the labs of their own.
+func (s *suiteState) build() error {
+	if s.bin != "" {
+		return s.buildErr
+	}
 	dir, err := os.MkdirTemp("", "tern-e2e-bin-")
 	if err != nil {
 		return err
@@ -72,10 +90,20 @@ func (s *suiteState) start() error {
 	s.bin = dir
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := lab.BuildBinaries(ctx, dir); err != nil {
-		return err
+	s.buildErr = lab.BuildBinaries(ctx, dir)
+	return s.buildErr
+}
+
+// binaries is the directory of the suite's tern-agent and tern-cni, for a test that brings up
+// a lab of its own and does not need the shared one.
+func binaries(t testing.TB) string {
+	t.Helper()
+	testutil.RequirePrivileged(t)
+	if _, err := controlplane.BinDir(); err != nil {
+		testutil.SkipOrFail(t, err.Error())
 	}
-	s.lab, err = lab.Up(ctx, lab.Options{Nodes: 2, Kubernetes: true, BinDir: dir,
-		ENIConf: lab.ENIConf{MinPoolSize: 4, MaxPoolSize: 12}})
-	return err
+	if err := current.build(); err != nil {
+		t.Fatalf("build the binaries: %v", err)
+	}
+	return current.bin
 }
