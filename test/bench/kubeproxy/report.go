@@ -68,7 +68,8 @@ type results struct {
 	Reps     int         `json:"reps"`
 	Sizes    []sizeStats `json:"sizes"`
 	Samples  []sample    `json:"samples"`
-	Medians  []sample    `json:"medians"` // Rep is -1
+	Medians  []sample    `json:"medians"`           // Rep is -1
+	MemRuns  []memRun    `json:"memRuns,omitempty"` // -memory-only
 	params   params
 }
 
@@ -229,8 +230,9 @@ func (r *results) markdown() string {
 		pathClusterIP: "ClusterIP: pod → Service → pod on another node",
 		pathNodePort:  "NodePort: client outside the VPC → node:NodePort → pod on another node",
 	}
+	b.WriteString(r.memoryMarkdown())
 	for _, path := range []string{pathClusterIP, pathNodePort} {
-		if !wants(r.params.paths, path) {
+		if !wants(r.params.paths, path) || r.params.memoryOnly {
 			continue
 		}
 		fmt.Fprintf(&b, "#### %s\n\n", titles[path])
