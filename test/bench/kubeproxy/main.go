@@ -253,6 +253,13 @@ func (b *bench) memory() (map[string]float64, error) {
 		}
 		out[name], out[name+" peak"] = float64(r)/1e6, float64(peak)/1e6
 	}
+	// What backs node-1's agent's resident set: anonymous (Go heap, stacks, runtime) or
+	// file pages (its binary).
+	k, err := procmem.ReadKinds(pids["tern agent"])
+	if err != nil {
+		return nil, fmt.Errorf("tern agent: %w", err)
+	}
+	out["tern agent anon"], out["tern agent file"] = float64(k.Anon)/1e6, float64(k.File)/1e6
 	// What the Go runtime says of the tern agent's memory, from its /metrics: how much of
 	// the RSS is live heap, and how much the runtime holds beyond it.
 	text, err := b.agentMetrics()

@@ -182,8 +182,8 @@ func (r *results) memoryMarkdown() string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "#### Memory at each size: node-1's whole tern agent restarted %d times per binary, read %s after it reported ready; the kube-proxies read at the same moments (MB, median (min–max))\n\n", r.Reps, r.params.settle)
-	b.WriteString("| Services | tern agent | VmRSS | VmHWM (peak) | Go heap in use | Go heap allocated | Go runtime from the OS | start → ready | kube-proxy iptables VmRSS / peak | kube-proxy nftables VmRSS / peak | tern agent RSS per rep | load |\n")
-	b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+	b.WriteString("| Services | tern agent | VmRSS | VmHWM (peak) | anon / file | Go heap in use | Go heap allocated | Go runtime from the OS | start → ready | kube-proxy iptables VmRSS / peak | kube-proxy nftables VmRSS / peak | tern agent RSS per rep | load |\n")
+	b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	type key struct {
 		n     int
 		agent string
@@ -213,8 +213,8 @@ func (r *results) memoryMarkdown() string {
 			per = append(per, fmt.Sprintf("%.1f", m.MB["tern agent"]))
 			loads = append(loads, strings.Fields(m.Load)[0])
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %.1f s | %s / %s | %s / %s | %s | %s |\n", k.n, k.agent,
-			col("tern agent", "%.1f"), col("tern agent peak", "%.1f"),
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s / %s | %s | %s | %s | %.1f s | %s / %s | %s / %s | %s | %s |\n", k.n, k.agent,
+			col("tern agent", "%.1f"), col("tern agent peak", "%.1f"), col("tern agent anon", "%.1f"), col("tern agent file", "%.1f"),
 			col("tern agent go_memstats_heap_inuse_bytes", "%.1f"), col("tern agent go_memstats_heap_alloc_bytes", "%.1f"),
 			col("tern agent go_memstats_sys_bytes", "%.1f"), median(ready),
 			col("kube-proxy iptables", "%.0f"), col("kube-proxy iptables peak", "%.0f"),
