@@ -75,23 +75,62 @@ func (b *bench) fillEtcd(ctx context.Context, from, to int) error {
 		b.etcd = f
 	}
 	now := metav1.NewTime(time.Now().Truncate(time.Second))
+	type filler struct {
+		svc   *corev1.Service
+		slice *discoveryv1.EndpointSlice
+	}
+	fillers := make([]filler, 0, to-from)
+	// The IPAddresses first, and the Services only once the apiserver serves every one of
+	// them: its repair loop checks each new Service against its IPAddress cache, and a
+	// Service seen first is "not allocated" (an Event and a failing IPAddress create each).
 	for i := from; i < to; i++ {
 		ip, err := b.etcd.clusterIP()
 		if err != nil {
 			return err
 		}
 		svc, slice, addr := fillerObjects(i, ip, now)
-		if err := b.etcd.w.Put(ctx, "/registry/services/specs/"+fillNS+"/"+svc.Name, svc); err != nil {
-			return err
-		}
+		fillers = append(fillers, filler{svc, slice})
 		if err := b.etcd.w.Put(ctx, "/registry/ipaddresses/"+addr.Name, addr); err != nil {
 			return err
 		}
-		if err := b.etcd.w.Put(ctx, "/registry/endpointslices/"+fillNS+"/"+slice.Name, slice); err != nil {
+	}
+	if err := b.etcd.w.Flush(ctx); err != nil {
+		return err
+	}
+	if err := b.waitIPAddresses(ctx, len(b.etcd.taken), time.Minute); err != nil {
+		return err
+	}
+	for _, f := range fillers {
+		if err := b.etcd.w.Put(ctx, "/registry/services/specs/"+fillNS+"/"+f.svc.Name, f.svc); err != nil {
+			return err
+		}
+		if err := b.etcd.w.Put(ctx, "/registry/endpointslices/"+fillNS+"/"+f.slice.Name, f.slice); err != nil {
 			return err
 		}
 	}
 	return b.etcd.w.Flush(ctx)
+}
+
+// waitIPAddresses polls the apiserver's cache until it lists at least n IPAddresses.
+func (b *bench) waitIPAddresses(ctx context.Context, n int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		l, err := b.client.NetworkingV1().IPAddresses().List(ctx, metav1.ListOptions{ResourceVersion: "0"})
+		if err != nil {
+			return fmt.Errorf("list IPAddresses: %w", err)
+		}
+		if len(l.Items) >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the apiserver lists %d IPAddresses %s after writing them to etcd, want %d", len(l.Items), timeout, n)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond): // a poll interval
+		}
+	}
 }
 
 // fillerObjects are filler i's Service (cluster IP ip), EndpointSlice and IPAddress as the
