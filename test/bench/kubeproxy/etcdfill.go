@@ -37,13 +37,18 @@ type etcdFiller struct {
 	nextIP netip.Addr
 }
 
-func (b *bench) newEtcdFiller(ctx context.Context) (*etcdFiller, error) {
+// newEtcdFiller lists the IPAddresses the apiserver holds; prev, when not nil, is the last
+// fill's filler, whose writer and next address are kept.
+func (b *bench) newEtcdFiller(ctx context.Context, prev *etcdFiller) (*etcdFiller, error) {
 	ips, err := b.client.NetworkingV1().IPAddresses().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list IPAddresses (the cluster IPs the apiserver allocated): %w", err)
 	}
 	f := &etcdFiller{w: etcdput.New(b.l.ControlPlane().EtcdURL()), taken: map[netip.Addr]bool{},
 		nextIP: netip.MustParseAddr("10.96.4.0")}
+	if prev != nil {
+		f.w, f.nextIP = prev.w, prev.nextIP
+	}
 	for _, ip := range ips.Items {
 		if a, err := netip.ParseAddr(ip.Name); err == nil {
 			f.taken[a] = true
@@ -67,70 +72,36 @@ func (f *etcdFiller) clusterIP() (netip.Addr, error) {
 
 // fillEtcd writes fillers [from, to): a Service, its IPAddress and one EndpointSlice each.
 func (b *bench) fillEtcd(ctx context.Context, from, to int) error {
-	if b.etcd == nil {
-		f, err := b.newEtcdFiller(ctx)
-		if err != nil {
-			return err
-		}
-		b.etcd = f
+	// The addresses taken are read again before every fill: the sentinels created through
+	// the API since the last one hold addresses of their own.
+	f, err := b.newEtcdFiller(ctx, b.etcd)
+	if err != nil {
+		return err
 	}
+	b.etcd = f
 	now := metav1.NewTime(time.Now().Truncate(time.Second))
-	type filler struct {
-		svc   *corev1.Service
-		slice *discoveryv1.EndpointSlice
-	}
-	fillers := make([]filler, 0, to-from)
-	// The IPAddresses first, and the Services only once the apiserver serves every one of
-	// them: its repair loop checks each new Service against its IPAddress cache, and a
-	// Service seen first is "not allocated" (an Event and a failing IPAddress create each).
+	// Each filler's IPAddress goes first, in the same transaction as its Service: the
+	// apiserver's repair loop checks a new Service against its IPAddress cache, and one it
+	// sees first is "not allocated" to it (an Event and a failed IPAddress create, retried).
+	// Waiting for every IPAddress to be listed before writing the Services does not work at
+	// this scale: the loop deletes an IPAddress whose Service is still missing after 60 s.
 	for i := from; i < to; i++ {
 		ip, err := b.etcd.clusterIP()
 		if err != nil {
 			return err
 		}
 		svc, slice, addr := fillerObjects(i, ip, now)
-		fillers = append(fillers, filler{svc, slice})
 		if err := b.etcd.w.Put(ctx, "/registry/ipaddresses/"+addr.Name, addr); err != nil {
 			return err
 		}
-	}
-	if err := b.etcd.w.Flush(ctx); err != nil {
-		return err
-	}
-	if err := b.waitIPAddresses(ctx, len(b.etcd.taken), time.Minute); err != nil {
-		return err
-	}
-	for _, f := range fillers {
-		if err := b.etcd.w.Put(ctx, "/registry/services/specs/"+fillNS+"/"+f.svc.Name, f.svc); err != nil {
+		if err := b.etcd.w.Put(ctx, "/registry/services/specs/"+fillNS+"/"+svc.Name, svc); err != nil {
 			return err
 		}
-		if err := b.etcd.w.Put(ctx, "/registry/endpointslices/"+fillNS+"/"+f.slice.Name, f.slice); err != nil {
+		if err := b.etcd.w.Put(ctx, "/registry/endpointslices/"+fillNS+"/"+slice.Name, slice); err != nil {
 			return err
 		}
 	}
 	return b.etcd.w.Flush(ctx)
-}
-
-// waitIPAddresses polls the apiserver's cache until it lists at least n IPAddresses.
-func (b *bench) waitIPAddresses(ctx context.Context, n int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		l, err := b.client.NetworkingV1().IPAddresses().List(ctx, metav1.ListOptions{ResourceVersion: "0"})
-		if err != nil {
-			return fmt.Errorf("list IPAddresses: %w", err)
-		}
-		if len(l.Items) >= n {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the apiserver lists %d IPAddresses %s after writing them to etcd, want %d", len(l.Items), timeout, n)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond): // a poll interval
-		}
-	}
 }
 
 // fillerObjects are filler i's Service (cluster IP ip), EndpointSlice and IPAddress as the
