@@ -219,8 +219,13 @@ func ratio(v, base float64) string {
 
 func (r *results) markdown() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions (in brackets: the smallest and largest repetition); each connection and request run lasts %s, each throughput run %s.\n\n",
-		r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
+	if r.params.memoryOnly {
+		fmt.Fprintf(&b, "Measured %s. Whole run: %s. Memory only: medians of %d restarts of node-1's agent (in brackets: the smallest and largest).\n\n",
+			r.Measured, r.Wall, r.Reps)
+	} else {
+		fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions (in brackets: the smallest and largest repetition); each connection and request run lasts %s, each throughput run %s.\n\n",
+			r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
+	}
 	fmt.Fprintf(&b, "```\n%s\n```\n\n", r.Command)
 	names := map[string]string{}
 	for _, dp := range datapaths {
