@@ -46,6 +46,11 @@ type params struct {
 	convergeTimeout time.Duration
 	paths, kinds    []string // what to measure (default: everything)
 	perfDir         string   // when set, a system-wide perf profile of every throughput run goes here
+	fill            string   // fillEtcd or fillAPI: how the filler Services are written
+	memoryOnly      bool     // no traffic: restart node-1's agent and read memory (memonly.go)
+	agents          agentVariants
+	settle          time.Duration // -memory-only: from the agent's ready to the reading
+	heapDir         string        // -memory-only: node-1's agent heap profiles go here
 }
 
 // wants reports whether the run measures path (or kind): all of them unless narrowed.
@@ -80,12 +85,25 @@ func main() {
 		paths    = flag.String("paths", pathClusterIP+","+pathNodePort, "paths to measure: clusterip, nodeport")
 		kinds    = flag.String("kinds", kindConn+","+kindRR+","+kindStream, "measurements: conn (new connections), rr (kept-alive requests), stream (throughput)")
 		perfDir  = flag.String("perf", "", "record a system-wide `perf record -g` profile of every throughput run into this directory (needs perf)")
+		fill     = flag.String("fill", fillAPI, "how filler Services and slices are written: api (through the apiserver, as a controller would) or etcd (straight into etcd: seconds instead of minutes at 10,000)")
+		memOnly  = flag.Bool("memory-only", false, "no traffic: at each size restart node-1's tern agent -reps times (per -agent binary) and read its and the kube-proxies' memory")
+		settle   = flag.Duration("settle", 15*time.Second, "-memory-only: wait this long after the restarted agent is ready before reading memory")
+		heapDir  = flag.String("heap-dir", "", "-memory-only: save node-1's agent heap profile (its pprofAddr) after each reading into this directory")
+		agents   agentVariants
 	)
+	flag.Var(&agents, "agent", "-memory-only: label=path of a tern-agent binary node-1 runs (repeatable, order rotated per repetition; default: the lab's)")
 	flag.Parse()
-	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge, perfDir: *perfDir}
+	p := params{reps: *reps, dur: *dur, streamDur: *sdur, connWorkers: *cw, rrConns: *rrc, workers: *workers, convergeTimeout: *converge, perfDir: *perfDir,
+		fill: *fill, memoryOnly: *memOnly, agents: agents, settle: *settle, heapDir: *heapDir}
 	var err error
 	if p.sizes, err = parseSizes(*sizes); err == nil && (p.reps < 1 || p.connWorkers < 1 || p.rrConns < 1 || p.workers < 1) {
 		err = errors.New("-reps, -conn-workers, -rr-conns and -workers must be positive")
+	}
+	if err == nil && p.fill != fillAPI && p.fill != fillEtcd {
+		err = fmt.Errorf("-fill %q: want api or etcd", p.fill)
+	}
+	if err == nil && !p.memoryOnly && (len(p.agents) > 0 || p.heapDir != "") {
+		err = errors.New("-agent and -heap-dir go with -memory-only")
 	}
 	if err == nil {
 		p.paths, err = parseList("paths", *paths, []string{pathClusterIP, pathNodePort})
@@ -157,6 +175,16 @@ func run(ctx context.Context, p params, binDir string, logf func(string, ...any)
 		}
 		binDir = dir
 	}
+	binDir, cleanup, err := labBinDir(binDir, p.agents)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+	if p.heapDir != "" {
+		if err := os.MkdirAll(p.heapDir, 0o755); err != nil {
+			return nil, err
+		}
+	}
 	logf("bringing the lab up (4 nodes, apiserver, two kube-proxies)")
 	setupCtx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	b, err := setup(setupCtx, p, binDir, logf)
@@ -181,7 +209,15 @@ func run(ctx context.Context, p params, binDir string, logf func(string, ...any)
 		if m, err := b.memory(); err == nil {
 			logf("%d Services, memory before the measurements (MB): %v", size, m)
 		}
+		if p.memoryOnly {
+			if err := b.memoryReps(ctx, size, res); err != nil {
+				return res, err
+			}
+		}
 		for rep := range p.reps {
+			if p.memoryOnly {
+				break
+			}
 			if err := b.measure(ctx, size, rep, res); err != nil {
 				return res, err
 			}
@@ -211,12 +247,19 @@ func (b *bench) memory() (map[string]float64, error) {
 	}
 	out := map[string]float64{}
 	for name, pid := range pids {
-		r, _, err := procmem.Read(pid)
+		r, peak, err := procmem.Read(pid)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
-		out[name] = float64(r) / 1e6
+		out[name], out[name+" peak"] = float64(r)/1e6, float64(peak)/1e6
 	}
+	// What backs node-1's agent's resident set: anonymous (Go heap, stacks, runtime) or
+	// file pages (its binary).
+	k, err := procmem.ReadKinds(pids["tern agent"])
+	if err != nil {
+		return nil, fmt.Errorf("tern agent: %w", err)
+	}
+	out["tern agent anon"], out["tern agent file"] = float64(k.Anon)/1e6, float64(k.File)/1e6
 	// What the Go runtime says of the tern agent's memory, from its /metrics: how much of
 	// the RSS is live heap, and how much the runtime holds beyond it.
 	text, err := b.agentMetrics()

@@ -68,7 +68,8 @@ type results struct {
 	Reps     int         `json:"reps"`
 	Sizes    []sizeStats `json:"sizes"`
 	Samples  []sample    `json:"samples"`
-	Medians  []sample    `json:"medians"` // Rep is -1
+	Medians  []sample    `json:"medians"`           // Rep is -1
+	MemRuns  []memRun    `json:"memRuns,omitempty"` // -memory-only
 	params   params
 }
 
@@ -218,8 +219,13 @@ func ratio(v, base float64) string {
 
 func (r *results) markdown() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions (in brackets: the smallest and largest repetition); each connection and request run lasts %s, each throughput run %s.\n\n",
-		r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
+	if r.params.memoryOnly {
+		fmt.Fprintf(&b, "Measured %s. Whole run: %s. Memory only: medians of %d restarts of node-1's agent (in brackets: the smallest and largest).\n\n",
+			r.Measured, r.Wall, r.Reps)
+	} else {
+		fmt.Fprintf(&b, "Measured %s. Whole run: %s. Medians of %d repetitions (in brackets: the smallest and largest repetition); each connection and request run lasts %s, each throughput run %s.\n\n",
+			r.Measured, r.Wall, r.Reps, r.params.dur, r.params.streamDur)
+	}
 	fmt.Fprintf(&b, "```\n%s\n```\n\n", r.Command)
 	names := map[string]string{}
 	for _, dp := range datapaths {
@@ -229,8 +235,9 @@ func (r *results) markdown() string {
 		pathClusterIP: "ClusterIP: pod → Service → pod on another node",
 		pathNodePort:  "NodePort: client outside the VPC → node:NodePort → pod on another node",
 	}
+	b.WriteString(r.memoryMarkdown())
 	for _, path := range []string{pathClusterIP, pathNodePort} {
-		if !wants(r.params.paths, path) {
+		if !wants(r.params.paths, path) || r.params.memoryOnly {
 			continue
 		}
 		fmt.Fprintf(&b, "#### %s\n\n", titles[path])

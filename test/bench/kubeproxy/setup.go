@@ -86,6 +86,7 @@ var datapaths = []datapath{
 // bench is a running lab with the benchmark's pods and Services.
 type bench struct {
 	p       params
+	binDir  string // tern-agent and tern-cni the lab starts (memonly.go replaces node-1's)
 	l       *lab.Lab
 	client  kubernetes.Interface
 	kps     map[string]*lab.KubeProxy
@@ -98,11 +99,12 @@ type bench struct {
 	vip     netip.Addr        // the measured Service's cluster IP
 	// Services in the cluster: the measured one, fillers and sentinels.
 	fillers, sentinels int
+	etcd               *etcdFiller // -fill etcd, from the first fill on
 	logf               func(format string, args ...any)
 }
 
 func setup(ctx context.Context, p params, binDir string, logf func(string, ...any)) (_ *bench, err error) {
-	b := &bench{p: p, kps: map[string]*lab.KubeProxy{}, logf: logf}
+	b := &bench{p: p, kps: map[string]*lab.KubeProxy{}, logf: logf, binDir: binDir}
 	defer func() {
 		if err != nil {
 			b.Close()
@@ -123,6 +125,7 @@ func setup(ctx context.Context, p params, binDir string, logf func(string, ...an
 		AgentConfig: func(n *lab.Node, c *agent.Config) {
 			if n.Index == nodeTern {
 				c.Kubeconfig, c.Forwarding = kubeconfig, ""
+				c.PprofAddr = labPprof(p.heapDir)
 			}
 		},
 	}
@@ -269,7 +272,11 @@ func (b *bench) grow(ctx context.Context, total int) (writes, converge time.Dura
 	}
 	start := time.Now()
 	want := total - 1 - b.sentinels - 1
-	if err := parallel(ctx, b.p.workers, b.fillers, want, b.createFiller); err != nil {
+	if b.p.fill == fillEtcd {
+		if err := b.fillEtcd(ctx, b.fillers, want); err != nil {
+			return 0, 0, fmt.Errorf("write fillers %d–%d into etcd: %w", b.fillers, want, err)
+		}
+	} else if err := parallel(ctx, b.p.workers, b.fillers, want, b.createFiller); err != nil {
 		return 0, 0, err
 	}
 	b.fillers = want

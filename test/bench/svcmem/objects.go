@@ -1,31 +1,23 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"net/netip"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/serializer/protobuf"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
+
+	"github.com/tern-net/tern/test/bench/etcdput"
 )
 
 const (
 	benchNamespace = "svcmem"
-	// etcdTxnOps is etcd's default --max-txn-ops: the most puts one transaction may carry.
-	etcdTxnOps = 128
 )
 
 // shape is how much an object carries besides what tern reads.
@@ -128,81 +120,24 @@ func makeSlice(i, each int, sh shape, now metav1.Time) *discoveryv1.EndpointSlic
 	return s
 }
 
-// etcdLoader writes objects straight into the apiserver's etcd, encoded as the apiserver
-// stores them (protobuf behind the "k8s\x00" prefix, under /registry/<resource>/<ns>/<name>),
-// through etcd's JSON gateway: thousands of objects a second where the API takes tens on a
-// loaded machine. The apiserver's watch cache follows etcd, so its clients see them as if
-// created through the API (without admission: the objects are built valid and defaulted).
-type etcdLoader struct {
-	url   string
-	codec runtime.Encoder
-	http  *http.Client
-	ops   []map[string]any
-}
+// etcdLoader writes the benchmark's objects straight into the apiserver's etcd
+// (test/bench/etcdput).
+type etcdLoader struct{ w *etcdput.Writer }
 
-func newEtcdLoader(url string) *etcdLoader {
-	return &etcdLoader{url: url, codec: protobuf.NewSerializer(scheme.Scheme, scheme.Scheme),
-		http: &http.Client{Timeout: time.Minute}}
-}
-
-func (l *etcdLoader) put(ctx context.Context, key string, obj runtime.Object) error {
-	var buf bytes.Buffer
-	if err := l.codec.Encode(obj, &buf); err != nil {
-		return fmt.Errorf("encode %s: %w", key, err)
-	}
-	l.ops = append(l.ops, map[string]any{"request_put": map[string]string{
-		"key":   base64.StdEncoding.EncodeToString([]byte(key)),
-		"value": base64.StdEncoding.EncodeToString(buf.Bytes()),
-	}})
-	if len(l.ops) == etcdTxnOps {
-		return l.flush(ctx)
-	}
-	return nil
-}
-
-func (l *etcdLoader) flush(ctx context.Context) error {
-	if len(l.ops) == 0 {
-		return nil
-	}
-	body, err := json.Marshal(map[string]any{"success": l.ops})
-	if err != nil {
-		return err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, l.url+"/v3/kv/txn", bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	resp, err := l.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("etcd txn of %d puts: %w", len(l.ops), err)
-	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("etcd txn of %d puts: %s: %s", len(l.ops), resp.Status, out)
-	}
-	var r struct {
-		Succeeded bool `json:"succeeded"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil || !r.Succeeded {
-		return fmt.Errorf("etcd txn of %d puts did not succeed: %s", len(l.ops), out)
-	}
-	l.ops = l.ops[:0]
-	return nil
-}
+func newEtcdLoader(url string) *etcdLoader { return &etcdLoader{w: etcdput.New(url)} }
 
 // load writes n Services with one EndpointSlice of each endpoints each.
 func (l *etcdLoader) load(ctx context.Context, n, each int, sh shape) error {
 	now := metav1.NewTime(time.Now().Truncate(time.Second))
 	for i := range n {
 		name := serviceName(i)
-		if err := l.put(ctx, "/registry/services/specs/"+benchNamespace+"/"+name, makeService(i, sh, now)); err != nil {
+		if err := l.w.Put(ctx, "/registry/services/specs/"+benchNamespace+"/"+name, makeService(i, sh, now)); err != nil {
 			return err
 		}
 		s := makeSlice(i, each, sh, now)
-		if err := l.put(ctx, "/registry/endpointslices/"+benchNamespace+"/"+s.Name, s); err != nil {
+		if err := l.w.Put(ctx, "/registry/endpointslices/"+benchNamespace+"/"+s.Name, s); err != nil {
 			return err
 		}
 	}
-	return l.flush(ctx)
+	return l.w.Flush(ctx)
 }
