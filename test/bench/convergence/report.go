@@ -6,9 +6,9 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/tern-net/tern/test/k8s/controlplane"
+
+	"github.com/tern-net/tern/test/bench/hostinfo"
 )
 
 func fmtDur(d time.Duration) string {
@@ -40,14 +40,6 @@ func fmtRatio(tern, other time.Duration) string {
 	return fmt.Sprintf("%.3g (%.0f× faster)", r, 1/r)
 }
 
-func kernelRelease() string {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return "unknown kernel"
-	}
-	return "Linux " + unix.ByteSliceToString(u.Release[:])
-}
-
 func modeName(m string) string { return "kube-proxy " + m }
 
 func renderReport(e *env, cmdline string, results []*sizeResult, total time.Duration) string {
@@ -56,7 +48,7 @@ func renderReport(e *env, cmdline string, results []*sizeResult, total time.Dura
 	cfg := e.cfg
 	p("# Service convergence: tern vs kube-proxy\n\n")
 	p("Measured %s on %s, %d CPUs, %s; Kubernetes %s (etcd, kube-apiserver and kube-proxy built from the Go module proxy by `test/k8s/build.sh`). Whole run: %s.\n\n",
-		time.Now().UTC().Format("2006-01-02"), kernelRelease(), runtime.NumCPU(), runtime.Version(), controlplane.KubernetesVersion, total.Round(time.Second))
+		time.Now().UTC().Format("2006-01-02"), "Linux "+hostinfo.KernelRelease(), runtime.NumCPU(), runtime.Version(), controlplane.KubernetesVersion, total.Round(time.Second))
 	p("```\ngo run ./test/bench/convergence %s\n```\n\n", cmdline)
 
 	p("## EndpointSlice write → the kernel holds the new endpoint\n\n")

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tern-net/tern/test/bench/hostinfo"
 )
 
 const (
@@ -75,15 +77,7 @@ type results struct {
 
 func newResults(p params) *results {
 	return &results{params: p, Reps: p.reps,
-		Measured: fmt.Sprintf("%s on Linux %s, %d CPUs, %s", time.Now().UTC().Format("2006-01-02"), kernelRelease(), runtime.NumCPU(), runtime.Version())}
-}
-
-func kernelRelease() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "?"
-	}
-	return strings.TrimSpace(string(b))
+		Measured: fmt.Sprintf("%s on Linux %s, %d CPUs, %s", time.Now().UTC().Format("2006-01-02"), hostinfo.KernelRelease(), runtime.NumCPU(), runtime.Version())}
 }
 
 func median(xs []float64) float64 {
