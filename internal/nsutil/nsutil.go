@@ -18,10 +18,25 @@ func NewAnon() (netns.NsHandle, error) {
 	}, 1)
 	// netns.New switches the calling thread into the new namespace. Do that on a throwaway
 	// locked thread that is never unlocked, so the Go runtime retires the thread instead of
-	// reusing it in the wrong namespace.
+	// reusing it in the wrong namespace — and switch it back first: the runtime cannot retire
+	// the process's main thread and parks it for good instead, so a goroutine that happened to
+	// run there would pin the new namespace for the life of the process (it could never be
+	// destroyed by closing its handles).
 	go func() {
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			ch <- struct {
+				ns  netns.NsHandle
+				err error
+			}{0, fmt.Errorf("get current netns: %w", err)}
+			return
+		}
+		defer orig.Close()
 		ns, err := netns.New()
+		if err == nil {
+			_ = netns.Set(orig) // on failure the thread stays locked: retired, or parked if main
+		}
 		ch <- struct {
 			ns  netns.NsHandle
 			err error

@@ -387,12 +387,25 @@ type launchReq struct {
 // the node namespace until closeLauncher: a child inherits the netns of the forking thread,
 // and its parent-death signal fires when that thread exits, so the agent must be forked from
 // a thread that lives exactly as long as the node.
+//
+// When it ends, the thread goes back to the namespace it came from before the goroutine exits
+// still locked. The runtime ends a thread whose goroutine exits locked — except the process's
+// main thread, which it cannot end and parks for good instead: had the launcher run there, that
+// thread would hold the node's namespace for the life of the process, and a crashed node's
+// namespace (Node.Crash) would never go (seen: Crash named the test binary's main thread,
+// /proc/PID/task/PID, as what held it).
 func (n *Node) startLauncher() error {
 	n.launches = make(chan launchReq)
 	ready := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		// Never unlocked: the thread ends with the goroutine, in the node namespace.
+		// Never unlocked: the thread ends with the goroutine.
+		orig, err := netns.Get()
+		if err != nil {
+			ready <- fmt.Errorf("lab: the launcher's namespace before entering %s: %w", n.Name, err)
+			return
+		}
+		defer orig.Close()
 		if err := netns.Set(n.NS); err != nil {
 			ready <- fmt.Errorf("lab: enter namespace of %s: %w", n.Name, err)
 			return
@@ -400,6 +413,10 @@ func (n *Node) startLauncher() error {
 		ready <- nil
 		for r := range n.launches {
 			r.done <- r.cmd.Start()
+		}
+		if err := netns.Set(orig); err != nil {
+			n.lab.log.Error("the launcher thread could not leave the node's namespace: if it is the main thread, it holds the namespace until the process ends",
+				zap.String("node", n.Name), zap.Error(err))
 		}
 	}()
 	return <-ready

@@ -5,6 +5,7 @@ package lab
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -41,6 +42,13 @@ func (n *Node) Crash() ([]*Pod, error) {
 	}
 	links := n.pluggedLinks()
 	var errs []error
+	// The wire goes silent first, as it does when a VM dies: nothing of the node may answer
+	// any more. Without this the pods' kernels outlive their servers by the milliseconds the
+	// namespaces take to go and answer a new connection to a closed listener with a RST,
+	// which a dead VM never sends (docs/reliability.md, node loss).
+	if err := n.silence(); err != nil {
+		errs = append(errs, err)
+	}
 	if err := n.KillAgent(); err != nil {
 		errs = append(errs, err)
 	}
@@ -133,6 +141,34 @@ func (n *Node) pluggedLinks() []string {
 		}
 	}
 	return out
+}
+
+// silence sets every link of the node's namespace but lo down: the node sends nothing more,
+// and the VPC-side ends of its ENIs lose their carrier. The VPC router keeps its /32 routes
+// through them (a carrier loss only marks them linkdown) and what it forwards to them is
+// dropped without an answer, as a dead VM's ENI, still attached, takes packets and answers
+// none. (Setting the VPC-side ends down instead would remove those routes, and the router
+// would answer ICMP net unreachable.)
+func (n *Node) silence() error {
+	h, err := netlink.NewHandleAt(n.NS)
+	if err != nil {
+		return fmt.Errorf("lab: open netlink in the namespace of %s: %w", n.Name, err)
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return fmt.Errorf("lab: list the links of %s: %w", n.Name, err)
+	}
+	var errs []error
+	for _, link := range links {
+		if link.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		if err := h.LinkSetDown(link); err != nil {
+			errs = append(errs, fmt.Errorf("lab: set %s of crashing %s down: %w", link.Attrs().Name, n.Name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // waitLinksGone waits until none of the VPC namespace's links named remains: the kernel

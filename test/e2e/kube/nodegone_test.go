@@ -112,6 +112,7 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		t.Fatalf("%d of %d flows reach node-1's backends: the test needs flows on both nodes", len(onDead), len(ld.flows))
 	}
 
+	countersFrom := time.Now()
 	icmpBefore, tcpBefore := icmpUnreachables(t, client), tcpCounters(t, client)
 	dpBefore := agentSamples(t, ctx, survivor, "tern_datapath_packets_total")
 	crashed := time.Now()
@@ -147,8 +148,9 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 		return slices.Equal(got, survivors), fmt.Sprintf("backends %v", got)
 	})
 	dropped := time.Now()
-	// How the client's kernel was told: ICMP destination unreachable from the VPC router (no
-	// route to a dead pod's address any more), and the TCP counters.
+	// What the client's kernel was told: ICMP destination unreachable (the emulated VPC
+	// router's, once the dead node's links are gone and with them its routes to the dead
+	// pods' addresses), and the TCP counters.
 	icmpSeen, tcpSeen := icmpUnreachables(t, client)-icmpBefore, countersSince(tcpCounters(t, client), tcpBefore)
 	dpSeen := countersSince(agentSamples(t, ctx, survivor, "tern_datapath_packets_total"), dpBefore)
 	ld.waitDials(t, dropped, lossDial.ok, 50, "new connections after the dead backends were dropped")
@@ -245,6 +247,22 @@ func TestNodeNamespaceDeletedUnderClusterIPTraffic(t *testing.T) {
 	t.Logf("pods marked not ready → the client's node chose only the survivors in %v; reboot: ENIs replugged in %v, agent ready %v after, cloud and agents agreed %v after that (%d ENIs recovered: %v); 2 new pods up %v after, in the maps %v later",
 		dropped.Sub(notReady).Round(time.Millisecond), plugged.Sub(booted).Round(time.Millisecond), agentReady.Sub(plugged).Round(time.Millisecond),
 		agreed.Sub(agentReady).Round(time.Millisecond), len(enisBefore), keys(enisBefore), podsUp.Sub(agreed).Round(time.Millisecond), served.Sub(podsUp).Round(time.Millisecond))
+	// A dead node answers nothing: a new connection to one of its backends is never refused
+	// (a RST could only come from a kernel still alive behind the node's ENIs: before Crash
+	// silenced the node first, the dead pods' kernels answered one from their closed
+	// listeners for the milliseconds their namespaces took to go; docs/reliability.md). It
+	// times out, or fails on an ICMP error the client's kernel matched to its socket. Every
+	// refused or unreachable dial is one failed attempt in the client's kernel
+	// (AttemptFails counts a SYN_SENT socket a RST or an ICMP error ends, not one its owner
+	// closed after a timeout).
+	refused, unreachable, other := r.failureKinds(countersFrom, dropped)
+	if n := r.refusedAfter(crashed); len(n) > 0 {
+		t.Errorf("%d new connections were refused after node-1 died (first: %v): a dead node answers nothing; who sent the RST?", len(n), n[:min(3, len(n))])
+	}
+	if got := tcpSeen["AttemptFails"]; got != float64(refused+unreachable) {
+		t.Errorf("the client's kernel counted %v failed connection attempts, but %d dials were refused and %d unreachable (%d failed otherwise: timed out or reset after the handshake): a connect failed by something else", got, refused, unreachable, other)
+	}
+	t.Logf("failed new connections until the dead backends were dropped: %d refused, %d unreachable, %d otherwise (timed out, or reset after the handshake)", refused, unreachable, other)
 	if r.liveBroken > 0 {
 		t.Errorf("%d flows to node-2's own backends broke: the surviving node must keep serving them (%v)", r.liveBroken, r.broken)
 	}
@@ -580,6 +598,37 @@ func (r nodeLossReport) failedBetween(from, to time.Time) int {
 		}
 	}
 	return n
+}
+
+// failureKinds sorts the dials that ended between from and to and failed: refused (a RST),
+// unreachable (an ICMP error the kernel matched to the socket) or other (timed out, or reset
+// after the handshake).
+func (r nodeLossReport) failureKinds(from, to time.Time) (refused, unreachable, other int) {
+	for _, d := range r.dials {
+		if d.ok() || !d.at.After(from) || !d.at.Before(to) {
+			continue
+		}
+		switch {
+		case strings.Contains(d.why, "connection refused"):
+			refused++
+		case strings.Contains(d.why, "network is unreachable"), strings.Contains(d.why, "no route to host"):
+			unreachable++
+		default:
+			other++
+		}
+	}
+	return refused, unreachable, other
+}
+
+// refusedAfter is the dials refused that began after t.
+func (r nodeLossReport) refusedAfter(t time.Time) []string {
+	var out []string
+	for _, d := range r.dials {
+		if !d.ok() && d.began.After(t) && strings.Contains(d.why, "connection refused") {
+			out = append(out, d.began.Format("15:04:05.000")+" "+d.why)
+		}
+	}
+	return out
 }
 
 func (r nodeLossReport) firstFailures(from, to time.Time, n int) []string {
