@@ -389,6 +389,53 @@ static __always_inline int policy_judge(struct __sk_buff *skb, const struct pkt 
 	return REASON_DROP_POLICY;
 }
 
+/* The ingress policy of a local exclusive-ENI backend (IPC_F_LOCAL | IPC_F_EXCLUSIVE in
+ * tern_ipcache) for a flow about to be translated to it with the node's address as its
+ * source (exclusive.h): the backend's own tern_to_pod will see the node, which is always
+ * allowed, so the real client (peer: an exclusive pod of the node, or an external client of
+ * a NodePort) is judged here, where the flow is opened, by the same decision, counters and
+ * policy events as tern_to_pod's ingress judgement. Only the open pays it: the flow's later
+ * packets follow its SVC entry, and a pure SYN on a reused tuple re-opens the flow
+ * (svc_must_repick), so it is judged again. Returns 0 to go on (allowed, audit, not local
+ * and exclusive, policy not enforced on the backend) or REASON_DROP_POLICY, reported here.
+ * A global function, verified once on its own and shared by tern_from_pod and
+ * tern_from_netdev; scalars packed as for tern_policy_event:
+ *   flow    = peer | port << 32 | proto << 48   (port: the backend's, network order)
+ *   backend = backend address | count_dir << 32 */
+__attribute__((noinline)) int policy_local_backend_ingress(struct __sk_buff *skb, __u64 flow, __u64 backend)
+{
+	__be32 peer = (__be32)flow;
+	__be16 port = (__be16)(flow >> 32);
+	__u8 proto = (__u8)(flow >> 48);
+	__u8 count_dir = (__u8)(backend >> 32);
+	struct ipcache_value *ipc = ipcache_lookup((__be32)backend);
+	__u16 want = IPC_F_LOCAL | IPC_F_EXCLUSIVE | IPC_F_POLICY;
+	struct policy_decision d = {};
+
+	if (!skb || !ipc || (ipc->flags & want) != want)
+		return 0;
+	/* What policy_decide reads of the backend's endpoint: its address and identity. */
+	struct endpoint_value ep = { .addr = (__be32)backend, .identity = ipc->identity };
+
+	policy_decide(&ep, POLICY_INGRESS, peer, proto, port, &d);
+	if (d.isolated)
+		policy_report(skb, &ep, &d, POLICY_INGRESS, peer, port, count_dir);
+	if (d.allowed)
+		return 0;
+	if (d.audit) {
+		count(skb, REASON_POLICY_AUDIT, count_dir);
+		return 0;
+	}
+	return REASON_DROP_POLICY;
+}
+
+static __always_inline int policy_excl_backend(struct __sk_buff *skb, const struct pkt *p, __be32 backend,
+					       __be16 port, __u8 count_dir)
+{
+	return policy_local_backend_ingress(skb, (__u64)p->saddr | (__u64)port << 32 | (__u64)p->proto << 48,
+					    (__u64)backend | (__u64)count_dir << 32);
+}
+
 /* The pod sends p on flow f, to daddr:dport as it leaves (after service translation). */
 static __always_inline int policy_from_pod(struct __sk_buff *skb, const struct pkt *p, struct flow *f,
 					   __be32 daddr, __be16 dport)
