@@ -6,6 +6,10 @@
  *       (for a service flow, the backend chosen by translation); a reply on a flow the pod
  *       accepted is judged by its ingress policy.
  *   tern_to_pod   -> policy_to_pod: the pod receives; the mirror image.
+ * And once per new flow to a local exclusive-ENI backend, which its veth will see coming from
+ * the node (always allowed): policy_local_backend_ingress judges the backend's ingress
+ * against the real client where the flow is opened (tern_from_pod for a client pod,
+ * tern_from_netdev for an external client), before the translation to the node's address.
  *
  * A verdict is looked up once per flow and direction: an allowed one is cached in the
  * conntrack entry (ct_value.policy: CT_POL_OUT for the opener's egress, CT_POL_IN for the
@@ -97,7 +101,7 @@ struct policy_value {
  * about 80 bytes a node, ~20 MiB if full; allocated as used); never evicted. Holds only
  * the rules whose subject is an identity with a pod on this node. Writer: agent policy
  * reconciler (agent/policy.go), from the compiler (policy/). Readers: pod programs on a new
- * flow, ternctl. */
+ * flow, tern_from_netdev on a new flow to a local exclusive-ENI backend, ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_key);
@@ -120,7 +124,7 @@ struct policy_iso_value {
 /* tern_policy_isolation: key __u32 identity (host order), value policy_iso_value. Hash,
  * 65536 entries (8 bytes each); never evicted. One entry per isolated identity with a pod
  * on this node; none means not isolated. Writer: agent policy reconciler. Readers: pod
- * programs on a new flow, ternctl. */
+ * programs on a new flow, tern_from_netdev (a local exclusive-ENI backend), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -144,7 +148,7 @@ struct policy_cidr_value {
  * local node's addresses as IDENTITY_HOST. Kept apart from tern_ipcache because an ipBlock
  * also matches pod addresses, whose /32 there carries the pod's identity: a peer has both
  * identities and both are looked up. Writer: agent policy reconciler. Readers: pod programs
- * on a new flow, ternctl. */
+ * on a new flow, tern_from_netdev (a local exclusive-ENI backend), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_cidr_key);
@@ -183,7 +187,8 @@ struct policy_stats_key {
  * (packets, bytes) per CPU. 16384 entries (4096 slots x 2 directions x 2 verdicts), 256 KiB
  * per CPU; an array: never evicted, lookup inlined. Counts judged packets: the first packet
  * of each allowed flow and direction, every denied (or audit would-deny) packet. Writer: the
- * pod programs' policy stage; the agent zeroes a slot before giving it to a new policy.
+ * pod programs' policy stage and tern_from_netdev (a local exclusive-ENI backend's ingress);
+ * the agent zeroes a slot before giving it to a new policy.
  * Readers: the agent (/metrics, the API's policy view), ternctl bpf policy get. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
