@@ -30,8 +30,9 @@ import (
 // for the flows its node translates to it (an exclusive pod of the node through a ClusterIP,
 // an external client through the node's NodePort, eTP Cluster), and traffic from the pod's
 // own node is always allowed; its ingress NetworkPolicy must still judge the real client.
-// With a policy taking only pods labelled role=client and one external address (ipBlock):
-// the allowed exclusive pod and external client are answered, the denied ones are not, and
+// With a policy taking only pods labelled role=client and one external address (ipBlock), on
+// TCP 9090 and UDP 9053: the allowed exclusive pod (TCP, UDP) and external client are
+// answered, the denied ones are not, and
 // the denials are counted as any ingress denial (the policy's denied verdicts, drop_policy
 // from-pod and from-netdev). The backend still reaches itself through its Service (a pod
 // cannot block access to itself).
@@ -45,12 +46,13 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 	if err := l.EnsureNamespace(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
-	const port, nodePort = 9090, 30197
+	const port, udpPort, nodePort = 9090, 9053, 30197
 	svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "be"},
 		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, ExternalTrafficPolicy: corev1.ServiceExternalTrafficPolicyCluster,
 			Selector: map[string]string{"app": "ex-be"}, Ports: []corev1.ServicePort{
-				{Name: "tcp", Port: 80, NodePort: nodePort, TargetPort: intstr.FromInt32(port), Protocol: corev1.ProtocolTCP}}},
+				{Name: "tcp", Port: 80, NodePort: nodePort, TargetPort: intstr.FromInt32(port), Protocol: corev1.ProtocolTCP},
+				{Name: "udp", Port: 53, TargetPort: intstr.FromInt32(udpPort), Protocol: corev1.ProtocolUDP}}},
 	}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -62,6 +64,7 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 	}
 	checkExclusivePod(t, l, ctx, be)
 	serveWho(t, be, port)
+	serveWhoUDP(t, be, udpPort)
 	allowedPod, err := l.RunPod(ctx, lab.PodSpec{Namespace: ns, Name: "ex-allowed", Node: n0.Name,
 		Labels: map[string]string{"role": "client"}, Annotations: exAnn})
 	if err != nil {
@@ -105,6 +108,7 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 	vip := netip.MustParseAddr(svc.Spec.ClusterIP)
 	npAddr := netip.AddrPortFrom(netip.MustParseAddr(n0.PrimaryIP), nodePort)
 	waitBackends(t, n0, netip.AddrPortFrom(vip, 80), "TCP", beAddr)
+	waitBackends(t, n0, netip.AddrPortFrom(vip, 53), "UDP", netip.AddrPortFrom(be.IP, udpPort))
 	waitBackends(t, n0, npAddr, "TCP", beAddr)
 
 	_, err = c.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{
@@ -116,7 +120,8 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 					{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "client"}}},
 					{IPBlock: &networkingv1.IPBlock{CIDR: lab.ExternalClientIP + "/32"}},
 				},
-				Ports: []networkingv1.NetworkPolicyPort{{Port: ptrTo(intstr.FromInt32(port))}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Port: ptrTo(intstr.FromInt32(port))},
+					{Protocol: ptrTo(corev1.ProtocolUDP), Port: ptrTo(intstr.FromInt32(udpPort))}}}},
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
@@ -136,6 +141,7 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 	before := policyCounts(t, ctx, n0, policyName)
 
 	clusterTCP := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	clusterUDP := net.JoinHostPort(svc.Spec.ClusterIP, "53")
 	np := npAddr.String()
 	allowed := []struct {
 		name string
@@ -174,6 +180,14 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 		if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
 			t.Errorf("%s (%s): answer %q seeing %q, %v; want a timeout (denied by %s)", tc.name, tc.addr, who, seen, err, policyName)
 		}
+	}
+
+	// UDP takes the same open: the allowed pod is answered, the denied one is not.
+	if who, seen, err := askWhoUDP(ctx, allowedPod.NS(), clusterUDP, 3*time.Second); err != nil || who != be.Name {
+		t.Errorf("exclusive pod role=client -> ClusterIP UDP: answer %q seeing %q, %v; want %s", who, seen, err, be.Name)
+	}
+	if who, seen, err := askWhoUDP(ctx, deniedPod.NS(), clusterUDP, 700*time.Millisecond); err == nil {
+		t.Errorf("exclusive pod without role=client -> ClusterIP UDP: answer %q seeing %q; want none (denied by %s)", who, seen, policyName)
 	}
 
 	after := policyCounts(t, ctx, n0, policyName)
