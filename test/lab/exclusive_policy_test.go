@@ -7,12 +7,14 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
@@ -20,9 +22,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -270,4 +274,72 @@ func policyCounts(t *testing.T, ctx context.Context, n *lab.Node, policy string)
 		*dst = uint64(v)
 	}
 	return d
+}
+
+// TestExclusiveFlagRestoredAtAgentStart: an agent that starts over the pinned maps of a
+// running exclusive-ENI pod whose ipcache entry lacks IPC_F_EXCLUSIVE (written by an agent
+// from before the flag) sets it at start, without Kubernetes (nothing else rewrites the entry
+// until the pod's next attach): Service flows to the pod need it to be translated to the node.
+func TestExclusiveFlagRestoredAtAgentStart(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 1, AgentConfig: func(n *lab.Node, c *agent.Config) {
+		c.NodeLabels = map[string]string{ipam.LabelExclusiveENI: ipam.LabelExclusiveENIOnly}
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n := l.Node(0)
+	ex, err := l.AddPodAnnotated(ctx, 0, "excl", "ex", map[string]string{ipam.AnnotationENI: "true"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkExclusivePod(t, l, ctx, ex)
+	key := loader.IPCacheKey{Prefixlen: 32, Addr: loader.AddrToBE(ex.IP)}
+	flags := func() uint16 {
+		t.Helper()
+		m, err := loader.OpenPinnedMaps(n.PinRoot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		var v loader.IPCacheValue
+		if err := m.IPCache.Lookup(key, &v); err != nil {
+			t.Fatalf("ipcache entry of %s: %v", ex.IP, err)
+		}
+		return v.Flags
+	}
+	if f := flags(); f&loader.IPCacheFlagExclusive == 0 {
+		t.Fatalf("ipcache entry of the exclusive pod %s has flags %#x, want IPCacheFlagExclusive", ex.IP, f)
+	}
+	if err := n.StopAgent(); err != nil {
+		t.Fatal(err)
+	}
+	// What an older agent left: the entry without the flag.
+	ipc, err := ebpf.LoadPinnedMap(filepath.Join(n.PinRoot(), loader.PodMapTernIpcache), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v loader.IPCacheValue
+	if err := ipc.Lookup(key, &v); err != nil {
+		t.Fatal(err)
+	}
+	v.Flags &^= loader.IPCacheFlagExclusive | loader.IPCacheFlagPolicy
+	if err := ipc.Put(key, v); err != nil {
+		t.Fatal(err)
+	}
+	ipc.Close()
+	if err := n.StartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		f := flags()
+		if f&loader.IPCacheFlagExclusive != 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("30s after the agent's start the exclusive pod's ipcache entry has flags %#x, want IPCacheFlagExclusive", f)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := l.DeletePod(ctx, ex); err != nil {
+		t.Fatal(err)
+	}
 }
