@@ -4,6 +4,7 @@ package lab_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/netip"
@@ -27,6 +28,7 @@ import (
 	"github.com/tern-net/tern/internal/nsutil"
 	"github.com/tern-net/tern/ipam"
 	"github.com/tern-net/tern/loader"
+	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -178,12 +180,45 @@ func TestExclusiveENIBackendIngressPolicy(t *testing.T) {
 		{"exclusive pod without role=client -> ClusterIP", deniedPod.NS(), netip.Addr{}, clusterTCP},
 		{"external client outside the ipBlock -> NodePort of the backend's node", ext.NS(), deniedExt, np},
 	}
+	// ternctl monitor shows both denials as the backend's ingress verdicts, naming the
+	// backend (not the client whose veth, or the NodePort address, the packet had) and the
+	// real client.
+	mctx, mcancel := context.WithTimeout(ctx, 30*time.Second)
+	defer mcancel()
+	lines, done := startMonitor(t, mctx, n0, "monitor", "--pod", ns+"/ex-be", "--type", "policy", "--count", "2", "-o", "json")
 	for _, tc := range denied {
 		who, seen, err := dialWhoFrom(ctx, tc.from, tc.src, tc.addr, 700*time.Millisecond)
 		// A policy denial drops: the client times out, it is not refused.
 		if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
 			t.Errorf("%s (%s): answer %q seeing %q, %v; want a timeout (denied by %s)", tc.name, tc.addr, who, seen, err, policyName)
 		}
+	}
+
+	peers := map[netip.Addr]bool{}
+	for range 2 {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("monitor ended after %d of 2 denials (exit %d)", len(peers), <-done)
+			}
+			var ev ternctl.PolicyEvent
+			if err := json.Unmarshal([]byte(line), &ev); err != nil {
+				t.Fatalf("%q: %v", line, err)
+			}
+			if ev.Verdict != "denied" || ev.Direction != "ingress" || ev.Policy != policyName || ev.Pod != ns+"/ex-be" ||
+				ev.PodAddress != be.IP || ev.Port != port || ev.Proto != "TCP" {
+				t.Errorf("policy event %s: want the backend's ingress denial by %s on %d", line, policyName, port)
+			}
+			peers[ev.Peer] = true
+		case <-time.After(5 * time.Second):
+			t.Fatalf("monitor showed %d of 2 denials within 5s: %v", len(peers), peers)
+		}
+	}
+	if !peers[deniedPod.IP] || !peers[deniedExt] {
+		t.Errorf("denials shown for peers %v, want %s (the pod) and %s (the external client)", peers, deniedPod.IP, deniedExt)
+	}
+	if code := <-done; code != 0 {
+		t.Errorf("monitor --count 2 exited %d", code)
 	}
 
 	// UDP takes the same open: the allowed pod is answered, the denied one is not.
