@@ -31,6 +31,14 @@ func openEndpoints(dp *loader.Datapath, log *zap.Logger) (*endpoint.Registry, er
 	if n > 0 {
 		log.Info("forgot endpoints whose host veth is gone", zap.Int("count", n))
 	}
+	// The pods that stayed keep their ipcache entries; an entry an older agent wrote
+	// lacks the flags added since (an exclusive-ENI pod's), which the datapath needs now.
+	if n, err = reg.RestoreIPCache(); err != nil {
+		return nil, fmt.Errorf("restore the ipcache entries of local pods: %w", err)
+	}
+	if n > 0 {
+		log.Info("rewrote the ipcache entries of local pods", zap.Int("count", n))
+	}
 	return reg, nil
 }
 

@@ -117,9 +117,13 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt *p,
 		if (!be)
 			return drop(skb, REASON_DROP_NO_BACKEND_SLOT, DIR_FROM_POD);
 		/* An exclusive-ENI pod's flow to a remote backend (exclusive.h). */
-		if (excl_wants_snat(skb, p, be))
-			reason = np_open_snat(p, f, svc, be, now, &flow);
-		else
+		if (excl_wants_snat(skb, p, be)) {
+			/* A local exclusive backend's ingress policy sees the node: judged
+			 * here against this pod (policy.h). */
+			reason = policy_excl_backend(skb, p, be->addr, be->port, DIR_FROM_POD);
+			if (!reason)
+				reason = np_open_snat(p, f, svc, be, now, &flow);
+		} else
 			reason = svc_open_to(p, f, svc, be, now, &flow);
 	}
 	if (!reason)

@@ -105,13 +105,48 @@ func (r *Registry) Upsert(e Endpoint) error {
 			return err
 		}
 	}
+	return r.cache.Set(netip.PrefixFrom(e.Addr, 32), localEntry(v))
+}
+
+// localEntry is the ipcache entry of a local pod's address, derived from its endpoint.
+func localEntry(v loader.EndpointValue) Entry {
 	flags := uint16(loader.IPCacheFlagLocal | loader.IPCacheFlagPod)
 	// Flows to an exclusive-ENI pod are translated to the node's address, so that its
-	// answer comes back through its veth (bpf/lib/exclusive.h).
-	if e.Flags&loader.EndpointFlagExclusive != 0 {
+	// answer comes back through its veth (bpf/lib/exclusive.h); the stages that open them
+	// judge its ingress policy against the real client, if it is enforced on the pod
+	// (bpf/lib/policy.h, policy_local_backend_ingress).
+	if v.Flags&loader.EndpointFlagExclusive != 0 {
 		flags |= loader.IPCacheFlagExclusive
 	}
-	return r.cache.Set(netip.PrefixFrom(e.Addr, 32), Entry{Identity: e.Identity, Flags: flags})
+	if v.Flags&loader.EndpointFlagPolicy != 0 {
+		flags |= loader.IPCacheFlagPolicy
+	}
+	return Entry{Identity: v.Identity, Flags: flags}
+}
+
+// RestoreIPCache rewrites the ipcache entry of every endpoint recorded (found in the map at
+// start, left by a previous agent) as Upsert would write it. An entry written by an older
+// agent then gains the flags it lacks (IPCacheFlagExclusive, IPCacheFlagPolicy) at once,
+// not at the pod's next attach or policy sync; an unchanged entry costs no write. It
+// returns how many entries it wrote.
+func (r *Registry) RestoreIPCache() (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	n := 0
+	for _, v := range r.mirror {
+		p := netip.PrefixFrom(loader.BEToAddr(v.Addr), 32)
+		want := localEntry(v)
+		if old, ok := r.cache.Lookup(p); ok && old == want {
+			continue
+		}
+		if err := r.cache.Set(p, want); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
 }
 
 // Delete forgets the pod on ifindex (a missing one is not an error: teardown repeats).

@@ -114,3 +114,50 @@ func TestRegistryAndIPCacheFollowPods(t *testing.T) {
 		t.Fatal("ifindex 0 accepted")
 	}
 }
+
+// An agent restarted over maps an older agent wrote: a local exclusive-ENI pod's endpoint is
+// there, but its ipcache entry lacks IPCacheFlagExclusive (and IPCacheFlagPolicy), which the
+// datapath needs to translate flows to it and judge its ingress policy (bpf/lib/exclusive.h,
+// bpf/lib/policy.h). RestoreIPCache at start puts them there without waiting for an attach.
+func TestRestoreIPCacheFlagsRestoredExclusivePods(t *testing.T) {
+	d := loadertest.New(t, loader.Config{})
+	m := d.Maps()
+	excl := netip.MustParseAddr("10.0.1.20")
+	plain := netip.MustParseAddr("10.0.1.21")
+	// What the older agent left: endpoints, and ipcache entries with only local | pod.
+	for ifindex, ep := range map[uint32]loader.EndpointValue{
+		51: {Addr: loader.AddrToBE(excl), Flags: loader.EndpointFlagExclusive | loader.EndpointFlagPolicy, Identity: 77},
+		52: {Addr: loader.AddrToBE(plain), Identity: 78},
+	} {
+		if err := m.PutEndpoint(loader.EndpointKey{Ifindex: ifindex}, ep); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.PutIPCache(loader.IPCacheKey{Prefixlen: 32, Addr: ep.Addr},
+			loader.IPCacheValue{Identity: ep.Identity, Flags: loader.IPCacheFlagLocal | loader.IPCacheFlagPod}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cache, err := NewIPCache(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := NewRegistry(m, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := reg.RestoreIPCache()
+	if err != nil || n != 1 {
+		t.Fatalf("RestoreIPCache rewrote %d entries (%v), want 1 (the exclusive pod's)", n, err)
+	}
+	want := uint16(loader.IPCacheFlagLocal | loader.IPCacheFlagPod | loader.IPCacheFlagExclusive | loader.IPCacheFlagPolicy)
+	if v, ok := lpm(t, m, excl.String()); !ok || v.Flags != want || v.Identity != 77 {
+		t.Fatalf("restored exclusive pod's ipcache entry: %+v %v, want flags %#x identity 77", v, ok, want)
+	}
+	if v, ok := lpm(t, m, plain.String()); !ok || v.Flags != loader.IPCacheFlagLocal|loader.IPCacheFlagPod || v.Identity != 78 {
+		t.Fatalf("an ENIIP pod's ipcache entry changed: %+v %v", v, ok)
+	}
+	// A second start finds nothing to do.
+	if n, err := reg.RestoreIPCache(); err != nil || n != 0 {
+		t.Fatalf("second RestoreIPCache rewrote %d entries (%v), want 0", n, err)
+	}
+}

@@ -83,6 +83,7 @@ const (
 	IPCacheFlagLocal      = 1 << 0
 	IPCacheFlagPod        = 1 << 1
 	IPCacheFlagExclusive  = 1 << 2 // with IPCacheFlagLocal: an exclusive-ENI pod of this node
+	IPCacheFlagPolicy     = 1 << 3 // with IPCacheFlagLocal: NetworkPolicy is enforced on the pod
 )
 
 // Maps are the datapath's maps. The service reconciler owns Services, Backends, Members,

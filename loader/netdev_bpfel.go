@@ -139,6 +139,42 @@ type NetdevNpRev struct {
 	Pad        uint16
 }
 
+type NetdevPolicyCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Addr      uint32
+}
+
+type NetdevPolicyCidrValue struct {
+	_        structs.HostLayout
+	Identity uint32
+}
+
+type NetdevPolicyIsoValue struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
+type NetdevPolicyKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Subject   uint32
+	Peer      uint32
+	Dir       uint8
+	Proto     uint8
+	Port      uint16
+}
+
+type NetdevPolicyName struct {
+	_    structs.HostLayout
+	Name [320]int8
+}
+
+type NetdevPolicyValue struct {
+	_      structs.HostLayout
+	Policy uint32
+}
+
 type NetdevSnatStats struct {
 	_           structs.HostLayout
 	Allocations uint64
@@ -200,6 +236,11 @@ const (
 	NetdevMapTernMetrics                    = "tern_metrics"
 	NetdevMapTernNodeportSnat               = "tern_nodeport_snat"
 	NetdevMapTernNonmasq                    = "tern_nonmasq"
+	NetdevMapTernPolicy                     = "tern_policy"
+	NetdevMapTernPolicyCidrs                = "tern_policy_cidrs"
+	NetdevMapTernPolicyIsolation            = "tern_policy_isolation"
+	NetdevMapTernPolicyNames                = "tern_policy_names"
+	NetdevMapTernPolicyStats                = "tern_policy_stats"
 	NetdevMapTernServices                   = "tern_services"
 	NetdevMapTernSnat                       = "tern_snat"
 	NetdevMapTernSnatStats                  = "tern_snat_stats"
@@ -215,6 +256,7 @@ const (
 	NetdevVarCFG_MASQ_ADDR                  = "CFG_MASQ_ADDR"
 	NetdevVarCFG_MASQ_IFINDEX               = "CFG_MASQ_IFINDEX"
 	NetdevVarCFG_NODEPORT_ADDR              = "CFG_NODEPORT_ADDR"
+	NetdevVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	NetdevVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	NetdevVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
 	NetdevVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
@@ -270,23 +312,28 @@ type NetdevProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetdevMapSpecs struct {
-	TernBackends     *ebpf.MapSpec `ebpf:"tern_backends"`
-	TernConntrack    *ebpf.MapSpec `ebpf:"tern_conntrack"`
-	TernEndpoints    *ebpf.MapSpec `ebpf:"tern_endpoints"`
-	TernEventLimit   *ebpf.MapSpec `ebpf:"tern_event_limit"`
-	TernEvents       *ebpf.MapSpec `ebpf:"tern_events"`
-	TernIpcache      *ebpf.MapSpec `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
-	TernLbMaglev     *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
-	TernLbMembers    *ebpf.MapSpec `ebpf:"tern_lb_members"`
-	TernLbSrcRanges  *ebpf.MapSpec `ebpf:"tern_lb_src_ranges"`
-	TernLbSvcOpts    *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
-	TernMetrics      *ebpf.MapSpec `ebpf:"tern_metrics"`
-	TernNodeportSnat *ebpf.MapSpec `ebpf:"tern_nodeport_snat"`
-	TernNonmasq      *ebpf.MapSpec `ebpf:"tern_nonmasq"`
-	TernServices     *ebpf.MapSpec `ebpf:"tern_services"`
-	TernSnat         *ebpf.MapSpec `ebpf:"tern_snat"`
-	TernSnatStats    *ebpf.MapSpec `ebpf:"tern_snat_stats"`
+	TernBackends        *ebpf.MapSpec `ebpf:"tern_backends"`
+	TernConntrack       *ebpf.MapSpec `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.MapSpec `ebpf:"tern_endpoints"`
+	TernEventLimit      *ebpf.MapSpec `ebpf:"tern_event_limit"`
+	TernEvents          *ebpf.MapSpec `ebpf:"tern_events"`
+	TernIpcache         *ebpf.MapSpec `ebpf:"tern_ipcache"`
+	TernLbAffinity      *ebpf.MapSpec `ebpf:"tern_lb_affinity"`
+	TernLbMaglev        *ebpf.MapSpec `ebpf:"tern_lb_maglev"`
+	TernLbMembers       *ebpf.MapSpec `ebpf:"tern_lb_members"`
+	TernLbSrcRanges     *ebpf.MapSpec `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts       *ebpf.MapSpec `ebpf:"tern_lb_svc_opts"`
+	TernMetrics         *ebpf.MapSpec `ebpf:"tern_metrics"`
+	TernNodeportSnat    *ebpf.MapSpec `ebpf:"tern_nodeport_snat"`
+	TernNonmasq         *ebpf.MapSpec `ebpf:"tern_nonmasq"`
+	TernPolicy          *ebpf.MapSpec `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.MapSpec `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.MapSpec `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.MapSpec `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.MapSpec `ebpf:"tern_policy_stats"`
+	TernServices        *ebpf.MapSpec `ebpf:"tern_services"`
+	TernSnat            *ebpf.MapSpec `ebpf:"tern_snat"`
+	TernSnatStats       *ebpf.MapSpec `ebpf:"tern_snat_stats"`
 }
 
 // NetdevVariableSpecs contains global variables before they are loaded into the kernel.
@@ -303,6 +350,7 @@ type NetdevVariableSpecs struct {
 	CFG_MASQ_ADDR                  *ebpf.VariableSpec `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.VariableSpec `ebpf:"CFG_MASQ_IFINDEX"`
 	CFG_NODEPORT_ADDR              *ebpf.VariableSpec `ebpf:"CFG_NODEPORT_ADDR"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
@@ -328,23 +376,28 @@ func (o *NetdevObjects) Close() error {
 //
 // It can be passed to LoadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetdevMaps struct {
-	TernBackends     *ebpf.Map `ebpf:"tern_backends"`
-	TernConntrack    *ebpf.Map `ebpf:"tern_conntrack"`
-	TernEndpoints    *ebpf.Map `ebpf:"tern_endpoints"`
-	TernEventLimit   *ebpf.Map `ebpf:"tern_event_limit"`
-	TernEvents       *ebpf.Map `ebpf:"tern_events"`
-	TernIpcache      *ebpf.Map `ebpf:"tern_ipcache"`
-	TernLbAffinity   *ebpf.Map `ebpf:"tern_lb_affinity"`
-	TernLbMaglev     *ebpf.Map `ebpf:"tern_lb_maglev"`
-	TernLbMembers    *ebpf.Map `ebpf:"tern_lb_members"`
-	TernLbSrcRanges  *ebpf.Map `ebpf:"tern_lb_src_ranges"`
-	TernLbSvcOpts    *ebpf.Map `ebpf:"tern_lb_svc_opts"`
-	TernMetrics      *ebpf.Map `ebpf:"tern_metrics"`
-	TernNodeportSnat *ebpf.Map `ebpf:"tern_nodeport_snat"`
-	TernNonmasq      *ebpf.Map `ebpf:"tern_nonmasq"`
-	TernServices     *ebpf.Map `ebpf:"tern_services"`
-	TernSnat         *ebpf.Map `ebpf:"tern_snat"`
-	TernSnatStats    *ebpf.Map `ebpf:"tern_snat_stats"`
+	TernBackends        *ebpf.Map `ebpf:"tern_backends"`
+	TernConntrack       *ebpf.Map `ebpf:"tern_conntrack"`
+	TernEndpoints       *ebpf.Map `ebpf:"tern_endpoints"`
+	TernEventLimit      *ebpf.Map `ebpf:"tern_event_limit"`
+	TernEvents          *ebpf.Map `ebpf:"tern_events"`
+	TernIpcache         *ebpf.Map `ebpf:"tern_ipcache"`
+	TernLbAffinity      *ebpf.Map `ebpf:"tern_lb_affinity"`
+	TernLbMaglev        *ebpf.Map `ebpf:"tern_lb_maglev"`
+	TernLbMembers       *ebpf.Map `ebpf:"tern_lb_members"`
+	TernLbSrcRanges     *ebpf.Map `ebpf:"tern_lb_src_ranges"`
+	TernLbSvcOpts       *ebpf.Map `ebpf:"tern_lb_svc_opts"`
+	TernMetrics         *ebpf.Map `ebpf:"tern_metrics"`
+	TernNodeportSnat    *ebpf.Map `ebpf:"tern_nodeport_snat"`
+	TernNonmasq         *ebpf.Map `ebpf:"tern_nonmasq"`
+	TernPolicy          *ebpf.Map `ebpf:"tern_policy"`
+	TernPolicyCidrs     *ebpf.Map `ebpf:"tern_policy_cidrs"`
+	TernPolicyIsolation *ebpf.Map `ebpf:"tern_policy_isolation"`
+	TernPolicyNames     *ebpf.Map `ebpf:"tern_policy_names"`
+	TernPolicyStats     *ebpf.Map `ebpf:"tern_policy_stats"`
+	TernServices        *ebpf.Map `ebpf:"tern_services"`
+	TernSnat            *ebpf.Map `ebpf:"tern_snat"`
+	TernSnatStats       *ebpf.Map `ebpf:"tern_snat_stats"`
 }
 
 func (m *NetdevMaps) Close() error {
@@ -363,6 +416,11 @@ func (m *NetdevMaps) Close() error {
 		m.TernMetrics,
 		m.TernNodeportSnat,
 		m.TernNonmasq,
+		m.TernPolicy,
+		m.TernPolicyCidrs,
+		m.TernPolicyIsolation,
+		m.TernPolicyNames,
+		m.TernPolicyStats,
 		m.TernServices,
 		m.TernSnat,
 		m.TernSnatStats,
@@ -383,6 +441,7 @@ type NetdevVariables struct {
 	CFG_MASQ_ADDR                  *ebpf.Variable `ebpf:"CFG_MASQ_ADDR"`
 	CFG_MASQ_IFINDEX               *ebpf.Variable `ebpf:"CFG_MASQ_IFINDEX"`
 	CFG_NODEPORT_ADDR              *ebpf.Variable `ebpf:"CFG_NODEPORT_ADDR"`
+	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`

@@ -273,11 +273,20 @@ func (e *env) monitor(ctx context.Context, f monitorFilter) error {
 			if raw.Dir == loader.DirFromPod {
 				podA = loader.BEToAddr(raw.Saddr)
 			}
+			// A local exclusive-ENI backend's ingress is judged where the client's flow
+			// opens (the client's from-pod, or from-netdev), before the translation: the
+			// packet names the client and the frontend, the pod is the subject identity's.
+			if raw.Dir == loader.DirFromNetdev || podA == loader.BEToAddr(pe.Peer) {
+				podA = e.exclusivePodOf(pe.Subject)
+			}
 			pv := PolicyEvent{Type: "policy", Verdict: "denied", Direction: policyDir(pe.PolicyDir), Pod: names[podA], PodAddress: podA,
 				Peer: loader.BEToAddr(pe.Peer), PeerIdentity: pe.PeerIdentity, Port: loader.BEToPort(pe.Port), Proto: Proto(raw.Proto),
 				Policy: policyName(pe.Slot), Slot: pe.Slot, IfIndex: raw.Ifindex, Interface: ifname(raw.Ifindex), Length: raw.Len}
 			if pv.Pod == "" {
 				pv.Pod = podA.String()
+				if !podA.IsValid() {
+					pv.Pod = fmt.Sprintf("identity %d", pe.Subject)
+				}
 			}
 			pv.PeerPod = names[pv.Peer]
 			switch raw.Reason {

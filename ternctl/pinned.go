@@ -116,3 +116,31 @@ func Proto(p uint8) string {
 func ap(addr uint32, port uint16) netip.AddrPort {
 	return netip.AddrPortFrom(loader.BEToAddr(addr), loader.BEToPort(port))
 }
+
+// exclusivePodOf is the address of the local exclusive-ENI pod with identity id, from
+// tern_endpoints; invalid when there is none or more than one (replicas of one identity on
+// the node cannot be told apart by the identity alone).
+func (e *env) exclusivePodOf(id uint32) netip.Addr {
+	m, err := e.openMap(loader.PodMapTernEndpoints)
+	if err != nil {
+		return netip.Addr{}
+	}
+	defer m.Close()
+	var (
+		k     loader.EndpointKey
+		v     loader.EndpointValue
+		found netip.Addr
+		n     int
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if v.Identity == id && v.Flags&loader.EndpointFlagExclusive != 0 {
+			found = loader.BEToAddr(v.Addr)
+			n++
+		}
+	}
+	if it.Err() != nil || n != 1 {
+		return netip.Addr{}
+	}
+	return found
+}

@@ -50,6 +50,9 @@ enum ipcache_flag {
 	IPC_F_EXCLUSIVE = 1 << 2, /* with IPC_F_LOCAL: an exclusive-ENI pod of this node, which
 				   * answers only the node's address through its veth
 				   * (exclusive.h) */
+	IPC_F_POLICY = 1 << 3, /* with IPC_F_LOCAL: NetworkPolicy is enforced on the pod
+				* (EP_F_POLICY of its endpoint), for the stages that judge a
+				* local backend's ingress away from its veth (policy.h) */
 };
 
 struct ipcache_value {
@@ -62,7 +65,7 @@ struct ipcache_value {
 /* tern_ipcache: key ipcache_key (address or CIDR), value ipcache_value. LPM trie, 65536
  * prefixes; never evicted. Writer: agent ipcache reconciler (local pods now; every pod of the
  * cluster and every ipBlock with NetworkPolicy). Readers: pod programs (the peer of a flow),
- * ternctl. */
+ * netdev programs (a NodePort backend: local, exclusive, its identity), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct ipcache_key);

@@ -32,6 +32,7 @@
 #include "lb.h"
 #include "metrics.h"
 #include "nat.h"
+#include "policy.h"
 #include "portclaim.h"
 #include "reject.h"
 #include "snat.h"
@@ -278,7 +279,9 @@ static __always_inline int np_open(struct __sk_buff *skb, const struct pkt *p, c
 	 * (exclusive.h): its flows are translated as a remote backend's. */
 	if (peer && (peer->flags & (IPC_F_LOCAL | IPC_F_EXCLUSIVE)) == IPC_F_LOCAL)
 		reason = svc_open_to(p, f, svc, be, now, &flow);
-	else
+	/* A local exclusive backend sees the node, not the client: its ingress policy is
+	 * judged here, against the client (policy.h). */
+	else if (!(reason = policy_excl_backend(skb, p, be->addr, be->port, DIR_FROM_NETDEV)))
 		reason = np_open_snat(p, f, svc, be, now, &flow);
 	if (reason)
 		return drop(skb, reason, DIR_FROM_NETDEV);

@@ -6,6 +6,10 @@
  *       (for a service flow, the backend chosen by translation); a reply on a flow the pod
  *       accepted is judged by its ingress policy.
  *   tern_to_pod   -> policy_to_pod: the pod receives; the mirror image.
+ * And once per new flow to a local exclusive-ENI backend, which its veth will see coming from
+ * the node (always allowed): policy_local_backend_ingress judges the backend's ingress
+ * against the real client where the flow is opened (tern_from_pod for a client pod,
+ * tern_from_netdev for an external client), before the translation to the node's address.
  *
  * A verdict is looked up once per flow and direction: an allowed one is cached in the
  * conntrack entry (ct_value.policy: CT_POL_OUT for the opener's egress, CT_POL_IN for the
@@ -97,7 +101,7 @@ struct policy_value {
  * about 80 bytes a node, ~20 MiB if full; allocated as used); never evicted. Holds only
  * the rules whose subject is an identity with a pod on this node. Writer: agent policy
  * reconciler (agent/policy.go), from the compiler (policy/). Readers: pod programs on a new
- * flow, ternctl. */
+ * flow, tern_from_netdev on a new flow to a local exclusive-ENI backend, ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_key);
@@ -120,7 +124,7 @@ struct policy_iso_value {
 /* tern_policy_isolation: key __u32 identity (host order), value policy_iso_value. Hash,
  * 65536 entries (8 bytes each); never evicted. One entry per isolated identity with a pod
  * on this node; none means not isolated. Writer: agent policy reconciler. Readers: pod
- * programs on a new flow, ternctl. */
+ * programs on a new flow, tern_from_netdev (a local exclusive-ENI backend), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -144,7 +148,7 @@ struct policy_cidr_value {
  * local node's addresses as IDENTITY_HOST. Kept apart from tern_ipcache because an ipBlock
  * also matches pod addresses, whose /32 there carries the pod's identity: a peer has both
  * identities and both are looked up. Writer: agent policy reconciler. Readers: pod programs
- * on a new flow, ternctl. */
+ * on a new flow, tern_from_netdev (a local exclusive-ENI backend), ternctl. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_cidr_key);
@@ -183,7 +187,8 @@ struct policy_stats_key {
  * (packets, bytes) per CPU. 16384 entries (4096 slots x 2 directions x 2 verdicts), 256 KiB
  * per CPU; an array: never evicted, lookup inlined. Counts judged packets: the first packet
  * of each allowed flow and direction, every denied (or audit would-deny) packet. Writer: the
- * pod programs' policy stage; the agent zeroes a slot before giving it to a new policy.
+ * pod programs' policy stage and tern_from_netdev (a local exclusive-ENI backend's ingress);
+ * the agent zeroes a slot before giving it to a new policy.
  * Readers: the agent (/metrics, the API's policy view), ternctl bpf policy get. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -387,6 +392,53 @@ static __always_inline int policy_judge(struct __sk_buff *skb, const struct pkt 
 		return 0;
 	}
 	return REASON_DROP_POLICY;
+}
+
+/* The ingress policy of a local exclusive-ENI backend (IPC_F_LOCAL | IPC_F_EXCLUSIVE in
+ * tern_ipcache) for a flow about to be translated to it with the node's address as its
+ * source (exclusive.h): the backend's own tern_to_pod will see the node, which is always
+ * allowed, so the real client (peer: an exclusive pod of the node, or an external client of
+ * a NodePort) is judged here, where the flow is opened, by the same decision, counters and
+ * policy events as tern_to_pod's ingress judgement. Only the open pays it: the flow's later
+ * packets follow its SVC entry, and a pure SYN on a reused tuple re-opens the flow
+ * (svc_must_repick), so it is judged again. Returns 0 to go on (allowed, audit, not local
+ * and exclusive, policy not enforced on the backend) or REASON_DROP_POLICY, reported here.
+ * A global function, verified once on its own and shared by tern_from_pod and
+ * tern_from_netdev; scalars packed as for tern_policy_event:
+ *   flow    = peer | port << 32 | proto << 48   (port: the backend's, network order)
+ *   backend = backend address | count_dir << 32 */
+__attribute__((noinline)) int policy_local_backend_ingress(struct __sk_buff *skb, __u64 flow, __u64 backend)
+{
+	__be32 peer = (__be32)flow;
+	__be16 port = (__be16)(flow >> 32);
+	__u8 proto = (__u8)(flow >> 48);
+	__u8 count_dir = (__u8)(backend >> 32);
+	struct ipcache_value *ipc = ipcache_lookup((__be32)backend);
+	__u16 want = IPC_F_LOCAL | IPC_F_EXCLUSIVE | IPC_F_POLICY;
+	struct policy_decision d = {};
+
+	if (!skb || !ipc || (ipc->flags & want) != want)
+		return 0;
+	/* What policy_decide reads of the backend's endpoint: its address and identity. */
+	struct endpoint_value ep = { .addr = (__be32)backend, .identity = ipc->identity };
+
+	policy_decide(&ep, POLICY_INGRESS, peer, proto, port, &d);
+	if (d.isolated)
+		policy_report(skb, &ep, &d, POLICY_INGRESS, peer, port, count_dir);
+	if (d.allowed)
+		return 0;
+	if (d.audit) {
+		count(skb, REASON_POLICY_AUDIT, count_dir);
+		return 0;
+	}
+	return REASON_DROP_POLICY;
+}
+
+static __always_inline int policy_excl_backend(struct __sk_buff *skb, const struct pkt *p, __be32 backend,
+					       __be16 port, __u8 count_dir)
+{
+	return policy_local_backend_ingress(skb, (__u64)p->saddr | (__u64)port << 32 | (__u64)p->proto << 48,
+					    (__u64)backend | (__u64)count_dir << 32);
 }
 
 /* The pod sends p on flow f, to daddr:dport as it leaves (after service translation). */
