@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ func TestSimulatorAgreesWithLab(t *testing.T) {
 	c := l.Client()
 	namespaces := []string{"sim-0", "sim-1", "sim-2"}
 	live := map[string]*lab.Pod{}
+	echoes := map[netip.AddrPort]*udpEcho{}
 	for i := range 6 {
 		ns := namespaces[i%3]
 		http := int32(80)
@@ -66,7 +68,7 @@ func TestSimulatorAgreesWithLab(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		stop, err := serveServices(p, labServices)
+		stop, err := serveServices(p, labServices, echoes)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -100,8 +102,12 @@ func TestSimulatorAgreesWithLab(t *testing.T) {
 	perProto := map[string][2]int{}
 	start := time.Now()
 	defer func() {
-		t.Logf("%d scenarios, %d probes agree (%d allowed, %d denied; by protocol [allowed denied]: %v) in %s; slowest allowed probe %s",
-			labScenarios, allowed+denied, allowed, denied, perProto, time.Since(start).Round(time.Millisecond), slowest)
+		late := 0
+		for _, e := range echoes {
+			late += e.lateAnswers()
+		}
+		t.Logf("%d scenarios, %d probes agree (%d allowed, %d denied; by protocol [allowed denied]: %v) in %s; slowest allowed probe %s; UDP echoes the server sent after the probe's bound: %d",
+			labScenarios, allowed+denied, allowed, denied, perProto, time.Since(start).Round(time.Millisecond), slowest, late)
 	}()
 	// Seed 0 is no policy at all: every probe allowed (this also resolves every neighbour
 	// on the way before the first timed scenario).
@@ -148,7 +154,7 @@ func TestSimulatorAgreesWithLab(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				t0 := time.Now()
-				got[i], errs[i] = probe(ctx, live[p.From], live[p.To].IP, p.Protocol, uint16(p.Port), src)
+				got[i], errs[i] = probeVia(ctx, live[p.From], live[p.To].IP, p.Protocol, uint16(p.Port), src, echoes)
 				took[i] = time.Since(t0)
 			}()
 		}

@@ -9,9 +9,12 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -245,8 +248,29 @@ func echo(c net.Conn, msg string) error {
 }
 
 // serveUDPEcho answers every datagram on port inside p with the same bytes (a DNS-like
-// service, for egress tests).
+// service, for egress tests; see newUDPEcho).
 func serveUDPEcho(p *lab.Pod, port int) (func(), error) {
+	e, err := newUDPEcho(p, port)
+	if err != nil {
+		return nil, err
+	}
+	return e.close, nil
+}
+
+// udpEcho is a UDP echo server in a pod that records when it answered each client. An
+// allowed UDP probe needs this process to run (a TCP handshake needs only the kernel), so on
+// a starved machine an echo can be sent after the probe's bound; the record lets the probe
+// tell "the request never reached the server" (a drop) from "the server answered late" by
+// the kernel's state and the server's record, not by how long it waited.
+type udpEcho struct {
+	pc       net.PacketConn
+	rc       syscall.RawConn
+	mu       sync.Mutex // held from dequeuing a datagram to recording its answer
+	answered map[netip.AddrPort]time.Time
+	late     int // probes that saw no echo in time but found the server had answered
+}
+
+func newUDPEcho(p *lab.Pod, port int) (*udpEcho, error) {
 	var pc net.PacketConn
 	if err := p.Exec(func() error {
 		var err error
@@ -255,17 +279,88 @@ func serveUDPEcho(p *lab.Pod, port int) (func(), error) {
 	}); err != nil {
 		return nil, fmt.Errorf("listen udp %d in %s: %w", port, p.Key(), err)
 	}
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
+	rc, err := pc.(*net.UDPConn).SyscallConn()
+	if err != nil {
+		pc.Close()
+		return nil, err
+	}
+	e := &udpEcho{pc: pc, rc: rc, answered: map[netip.AddrPort]time.Time{}}
+	go e.serve()
+	return e, nil
+}
+
+func (e *udpEcho) close() { e.pc.Close() }
+
+// lateAnswers is how many probes found their echo only through the server's record.
+func (e *udpEcho) lateAnswers() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.late
+}
+
+// serve dequeues and answers datagrams one at a time under mu, so idle (below) never sees an
+// empty queue while a dequeued datagram is still unanswered.
+func (e *udpEcho) serve() {
+	buf := make([]byte, 1500)
+	for {
+		err := e.rc.Read(func(fd uintptr) bool {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			n, from, err := unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+			if errors.Is(err, unix.EAGAIN) {
+				return false // wait for the next datagram
 			}
-			_, _ = pc.WriteTo(buf[:n], from)
+			if err != nil {
+				return true
+			}
+			if in4, ok := from.(*unix.SockaddrInet4); ok {
+				_ = unix.Sendto(int(fd), buf[:n], unix.MSG_DONTWAIT, from)
+				e.answered[netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port))] = time.Now()
+			}
+			return true
+		})
+		if err != nil {
+			return // closed
 		}
-	}()
-	return func() { pc.Close() }, nil
+	}
+}
+
+// idle tells whether every datagram the kernel delivered to the socket has been answered.
+func (e *udpEcho) idle() (bool, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var n int
+	var ierr error
+	if err := e.rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil {
+		return false, err
+	}
+	return n == 0, ierr
+}
+
+// answeredAt waits (up to limit) until the server has answered everything queued to it, then
+// tells when it answered client, if it did.
+func (e *udpEcho) answeredAt(client netip.AddrPort, limit time.Duration) (time.Time, bool, error) {
+	deadline := time.Now().Add(limit)
+	for {
+		ok, err := e.idle()
+		if err != nil {
+			return time.Time{}, false, err
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			return time.Time{}, false, fmt.Errorf("udp echo %s still has datagrams queued after %s", e.pc.LocalAddr(), limit)
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval of a condition wait
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t, ok := e.answered[client]
+	if ok {
+		e.late++
+	}
+	return t, ok, nil
 }
 
 // askUDP sends one datagram from p to addr and tells whether it came back in time.

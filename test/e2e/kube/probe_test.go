@@ -48,7 +48,9 @@ var labServices = []policytest.Service{
 // serveServices starts p's servers for svcs: TCP greeters (lab.Pod.Serve), UDP echoes and
 // one SCTP responder for all SCTP ports. The returned func stops the UDP and SCTP ones
 // (the TCP ones stop with the pod).
-func serveServices(p *lab.Pod, svcs []policytest.Service) (func(), error) {
+//
+// echoes, when not nil, gets p's UDP echo servers by address, for probeVia.
+func serveServices(p *lab.Pod, svcs []policytest.Service, echoes map[netip.AddrPort]*udpEcho) (func(), error) {
 	var stops []func()
 	stop := func() {
 		for _, s := range stops {
@@ -64,12 +66,15 @@ func serveServices(p *lab.Pod, svcs []policytest.Service) (func(), error) {
 				return nil, err
 			}
 		case "UDP":
-			st, err := serveUDPEcho(p, int(s.Port))
+			e, err := newUDPEcho(p, int(s.Port))
 			if err != nil {
 				stop()
 				return nil, err
 			}
-			stops = append(stops, st)
+			stops = append(stops, e.close)
+			if echoes != nil {
+				echoes[netip.AddrPortFrom(p.IP, s.Port)] = e
+			}
 		case "SCTP":
 			sctpPorts = append(sctpPorts, s.Port)
 		}
@@ -90,13 +95,19 @@ func serveServices(p *lab.Pod, svcs []policytest.Service) (func(), error) {
 // probe used towards the same destination: an allowed flow's verdict is cached in its
 // conntrack entry, so a reused UDP or SCTP tuple would be judged as established.
 func probe(ctx context.Context, p *lab.Pod, dst netip.Addr, proto string, port, src uint16) (bool, error) {
+	return probeVia(ctx, p, dst, proto, port, src, nil)
+}
+
+// probeVia is probe; a UDP probe to one of echoes' servers that saw no answer in time asks
+// the server whether the request reached it (see udpEcho) before it decides.
+func probeVia(ctx context.Context, p *lab.Pod, dst netip.Addr, proto string, port, src uint16, echoes map[netip.AddrPort]*udpEcho) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	switch proto {
 	case "TCP":
 		return probeTCP(ctx, p, netip.AddrPortFrom(dst, port), src)
 	case "UDP":
-		return probeUDP(ctx, p, netip.AddrPortFrom(dst, port), src)
+		return probeUDP(ctx, p, netip.AddrPortFrom(dst, port), src, echoes[netip.AddrPortFrom(dst, port)])
 	case "SCTP":
 		return probeSCTP(ctx, p, netip.AddrPortFrom(dst, port), src)
 	}
@@ -171,7 +182,13 @@ func probeTCP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (
 	return true, nil
 }
 
-func probeUDP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (bool, error) {
+// With echo (the server's record) a probe that saw no answer within probeTimeout waits until
+// the server has answered everything the kernel delivered to it: if the server never got the
+// request, the probe saw no answer (denied, or lost: the callers' drop count tells); if it
+// answered at T, the probe looks for the echo until T + probeTimeout, so a server this
+// process's scheduler ran late is not read as a drop, and an echo that was sent and then
+// lost on the way back still is.
+func probeUDP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16, echo *udpEcho) (bool, error) {
 	var fd int
 	msg := []byte(fmt.Sprintf("probe %d", src))
 	err := p.Exec(func() error {
@@ -202,6 +219,23 @@ func probeUDP(ctx context.Context, p *lab.Pod, dst netip.AddrPort, src uint16) (
 	}
 	buf := make([]byte, 64)
 	n, err := unix.Read(fd, buf)
+	if errors.Is(err, unix.EAGAIN) && echo != nil {
+		at, answered, aerr := echo.answeredAt(netip.AddrPortFrom(p.IP, src), 10*time.Second)
+		if aerr != nil {
+			return false, fmt.Errorf("udp %s -> %s: %w", p.Key(), dst, aerr)
+		}
+		if !answered {
+			return false, nil
+		}
+		if err := waitReady(fd, unix.POLLIN, at.Add(probeTimeout)); err != nil {
+			return false, fmt.Errorf("udp %s -> %s: poll: %w", p.Key(), dst, err)
+		}
+		n, err = unix.Read(fd, buf)
+		if errors.Is(err, unix.EAGAIN) {
+			return false, fmt.Errorf("udp %s -> %s: the server answered at %s but no echo arrived within %s of it: lost on the way back",
+				p.Key(), dst, at.Format("15:04:05.000"), probeTimeout)
+		}
+	}
 	if errors.Is(err, unix.EAGAIN) {
 		return false, nil
 	}
