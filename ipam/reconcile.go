@@ -154,6 +154,12 @@ func (p *Pool) reconcile(ctx context.Context) error {
 	if len(res.AdoptedENIs) > 0 {
 		p.log.Warn("the IPAM store was empty: recovered the node's ENIs from the cloud (a new disk, or a store deleted)",
 			zap.Strings("enis", res.AdoptedENIs))
+		// Their addresses may be live pods' (a store deleted under running pods): none is
+		// idle before the live-pod source has said which.
+		p.mu.Lock()
+		p.holdRecoveredLocked(res.AdoptedENIs)
+		p.mu.Unlock()
+		p.recoverLivePods(ctx)
 	}
 	p.mu.Lock()
 	p.publishLocked()
@@ -528,6 +534,7 @@ func (p *Pool) GC(ctx context.Context, livePods func() map[string]bool) (GCResul
 
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
+	p.recoverLivePods(ctx)
 	if err := p.resolveIntents(ctx); err != nil {
 		p.log.Warn("ipam GC: interrupted cloud operations still open", zap.Error(err))
 	}
@@ -548,6 +555,7 @@ func (p *Pool) GC(ctx context.Context, livePods func() map[string]bool) (GCResul
 // verify is the maintenance loop's pass after ListingGrace: finish open intents, then compare
 // with a fresh listing. It runs with opMu held.
 func (p *Pool) verify(ctx context.Context) {
+	p.recoverLivePods(ctx)
 	if err := p.resolveIntents(ctx); err != nil && ctx.Err() == nil {
 		p.log.Warn("interrupted cloud operations still open; retrying later", zap.Error(err))
 		p.scheduleVerify()
