@@ -147,3 +147,17 @@ func (p *Pool) recoverLivePods(ctx context.Context) {
 		zap.Int("recoveredAllocations", len(recs)), zap.Int("idleIPs", idle))
 	kick(p.kickFill)
 }
+
+// RecoveredContainerID is the container ID of an allocation recovered for a live pod whose
+// sandbox ID the live-pod source does not know (the apiserver names pods, not sandboxes). A CNI
+// container ID is hex, so no sandbox has this one: a DEL by sandbox does not match it, and the
+// agent's GC releases it once no live host veth carries its address.
+const RecoveredContainerID = "tern-recovered"
+
+// RecoveredKey is the key of a recovered allocation of pod namespace/name.
+func RecoveredKey(namespace, name string) PodKey {
+	return PodKey{Namespace: namespace, Name: name, ContainerID: RecoveredContainerID}
+}
+
+// IsRecovered says whether k is a recovered allocation whose sandbox is unknown.
+func (k PodKey) IsRecovered() bool { return k.ContainerID == RecoveredContainerID }
