@@ -15,7 +15,7 @@ import (
 )
 
 // TestEmptyStoreRecoversTheNodesENIsAtStart is a node that comes back with a new disk under
-// the same instance (its system disk replaced, or the store deleted): the cloud still has the
+// the same instance (its system disk replaced; its pods died with it): the cloud still has the
 // node's ENIs attached with their addresses, the store knows nothing. The new pool must take
 // those ENIs at Start — before ListingGrace, which here is an hour — and serve pods from
 // them, creating no ENI: a pool that waited would start empty and its refill would create

@@ -34,6 +34,9 @@ import (
 //     ENI the listing shows attached to this instance and tagged for this node is adopted at
 //     Start, with its addresses, instead of after ListingGrace. Waiting would leave the pool
 //     empty meanwhile, so its refill would create ENIs for slots the node's own ENIs hold.
+//     Its addresses are held until Options.LivePods says which of them live pods hold (a
+//     store deleted under running pods): those become the pods' allocations, the rest idle
+//     (recover.go).
 
 // suspectKind says how the pool and a listing disagree.
 type suspectKind int
