@@ -21,6 +21,14 @@ import (
 // endpoint registry, each live pod's allocation; the node is then filled with new pods, none
 // of which gets a live pod's address; the live pods' DEL releases their addresses.
 func TestStoreDeletedUnderLivePodsKeepsTheirAddresses(t *testing.T) {
+	t.Run("store", func(t *testing.T) { storeLoss(t, false) })
+	// The whole state directory (a volume mounted anew): the sandbox table goes too, and the
+	// pinned endpoint registry alone knows the live pods, by address. Their recovered
+	// allocations name no sandbox, so their DEL does not match them; the GC after it does.
+	t.Run("state-dir", func(t *testing.T) { storeLoss(t, true) })
+}
+
+func storeLoss(t *testing.T, sandboxTableToo bool) {
 	l := up(t, lab.Options{Nodes: 1, InstanceType: "ecs.g7.large"}) // 2 ENIs × 6: 12 pods
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -38,6 +46,11 @@ func TestStoreDeletedUnderLivePodsKeepsTheirAddresses(t *testing.T) {
 	if err := os.Remove(store); err != nil {
 		t.Fatal(err)
 	}
+	if sandboxTableToo {
+		if err := os.Remove(filepath.Join(filepath.Dir(store), "sandboxes.json")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := n.StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -45,11 +58,21 @@ func TestStoreDeletedUnderLivePodsKeepsTheirAddresses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	byIP := map[string]string{}
+	for k, al := range st.Allocations {
+		byIP[al.IP] = k
+	}
 	for _, p := range live {
-		al, ok := st.Allocations[p.Key()+"/"+p.ContainerID]
-		if !ok || al.IP != p.IP.String() {
-			t.Errorf("after the store was deleted: live pod %s (%s) has allocation %+v (%v), want its own address", p.Key(), p.IP, al, ok)
+		want := p.Key() + "/" + p.ContainerID
+		if sandboxTableToo {
+			want = "tern-recovered/ifindex-" // + the host veth's ifindex
 		}
+		if k, ok := byIP[p.IP.String()]; !ok || !strings.HasPrefix(k, want) {
+			t.Errorf("after the store was deleted: live pod %s's address %s is allocated to %q (%v), want %s…", p.Key(), p.IP, k, ok, want)
+		}
+	}
+	if len(st.Allocations) != len(live) {
+		t.Errorf("after the store was deleted: %d allocations, want the %d live pods'", len(st.Allocations), len(live))
 	}
 	if t.Failed() {
 		t.FailNow()
@@ -78,22 +101,37 @@ func TestStoreDeletedUnderLivePodsKeepsTheirAddresses(t *testing.T) {
 	if added != 12-len(live) {
 		t.Errorf("%d new pods fit beside %d live ones on a node of 12, want %d", added, len(live), 12-len(live))
 	}
+	// CHECK names the sandbox: only the sandbox table's recovered allocations carry its ID.
 	for _, p := range live {
+		if sandboxTableToo {
+			break
+		}
 		if err := l.Check(ctx, p); err != nil {
 			t.Errorf("CNI CHECK of live pod %s after the restart: %v", p.Key(), err)
 		}
 	}
 
-	// A live pod's DEL releases its recovered allocation.
+	// A live pod's DEL (and, without the sandbox's ID, the GC after it) releases its
+	// recovered allocation.
 	if err := l.DeletePod(ctx, live[0]); err != nil {
 		t.Fatal(err)
+	}
+	if sandboxTableToo {
+		if err := l.GC(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 	st, err = n.Client().State(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := st.Allocations[live[0].Key()+"/"+live[0].ContainerID]; ok {
-		t.Fatalf("%s's allocation is still there after its DEL", live[0].Key())
+	for k, al := range st.Allocations {
+		if al.IP == live[0].IP.String() {
+			t.Fatalf("%s's address %s is still allocated (%s) after its DEL", live[0].Key(), live[0].IP, k)
+		}
+	}
+	if len(st.Allocations) != 11 {
+		t.Errorf("%d allocations after the DEL, want 11 (4 live, 7 new): GC released a live one", len(st.Allocations))
 	}
 	p, err := l.AddPod(ctx, 0, "default", "after-del")
 	if err != nil {
