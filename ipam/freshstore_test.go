@@ -75,8 +75,8 @@ func TestEmptyStoreRecoversTheNodesENIsAtStart(t *testing.T) {
 // store was deleted (by hand, or a state directory mounted from a new volume) while the node's
 // pods kept running. The recovered ENIs' addresses are the live pods' own; while the live-pod
 // source cannot answer (the apiserver unreachable) none of them may be handed out, and once
-// it answers they are the pods' allocations again (Release works), the rest idle. Then the
-// node is filled: no new pod gets a live pod's address.
+// it answers they are the pods' allocations again (Release works), the rest idle — also after
+// a restart in between. Then the node is filled: no new pod gets a live pod's address.
 func TestStoreDeletedUnderLivePodsNeverGivesTheirAddresses(t *testing.T) {
 	e := newEnv(t)
 	e.grace = 200 * time.Millisecond // the pool asks the live-pod source again after each grace
@@ -121,10 +121,27 @@ func TestStoreDeletedUnderLivePodsNeverGivesTheirAddresses(t *testing.T) {
 	if len(p2.Allocations()) != 10 {
 		t.Fatalf("the pool has %d allocations before the live pods are known, want the 10 new ones", len(p2.Allocations()))
 	}
+	// The agent dies before the source answers: its store has the adopted ENIs and the new
+	// pods, not the live ones. The next start must hold again, not take them for idle.
+	p2.Stop()
+	if err := st2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p2, st2 = e.startPool(bigNode, cfg)
+	defer st2.Close()
+	defer p2.Stop()
+	if s := p2.Status(); s.Idle != 0 {
+		t.Fatalf("a restart while the live pods were still unknown left %d addresses idle, want none", s.Idle)
+	}
+	for k, a := range allocateAll(t, p2, 150, 5) {
+		if owner, ok := byIP[a.IP]; ok {
+			t.Fatalf("%s got %s after a restart while the live pods were unknown: live pod %s holds it", k, a.IP, owner)
+		}
+	}
 
 	answering.Store(true)
 	deadline := time.Now().Add(20 * time.Second)
-	for len(p2.Allocations()) != 35 {
+	for len(p2.Allocations()) != 40 {
 		if time.Now().After(deadline) {
 			t.Fatalf("the live pods' allocations were not recovered once the source answered (asked %d times; %d allocations)", asked.Load(), len(p2.Allocations()))
 		}
@@ -141,7 +158,7 @@ func TestStoreDeletedUnderLivePodsNeverGivesTheirAddresses(t *testing.T) {
 	}
 
 	// Fill the node: as many new pods as it has room for, none on a live pod's address.
-	room := p2.Capacity().MaxPods - 35
+	room := p2.Capacity().MaxPods - 40
 	after := allocateAll(t, p2, 200, room)
 	for k, a := range after {
 		if owner, ok := byIP[a.IP]; ok {

@@ -150,19 +150,35 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		}
 	}
 
-	res, err := p.compareWithListing(ctx, fresh)
+	// A recovery from an empty store that a crash or a failed Start interrupted is resumed:
+	// the store it left has the adopted ENIs but not yet the live pods' allocations.
+	resumed := snap.Meta[metaRecovering] != ""
+	if fresh && p.opts.LivePods != nil {
+		if err := p.st.Update(func(tx *store.Tx) error { return tx.SetMeta(metaRecovering, now.UTC().Format(time.RFC3339)) }); err != nil {
+			return fmt.Errorf("record the recovery from an empty store: %w", err)
+		}
+	}
+	res, err := p.compareWithListing(ctx, fresh || resumed)
 	if err != nil {
 		return err
 	}
 	if len(res.AdoptedENIs) > 0 {
 		p.log.Warn("the IPAM store was empty: recovered the node's ENIs from the cloud (a new disk, or a store deleted)",
 			zap.Strings("enis", res.AdoptedENIs))
-		// Their addresses may be live pods' (a store deleted under running pods): none is
-		// idle before the live-pod source has said which.
+	}
+	switch {
+	case p.opts.LivePods != nil && (resumed || (fresh && len(res.AdoptedENIs) > 0)):
+		// The adopted addresses may be live pods' (a store deleted under running pods): none
+		// is idle before the live-pod source has said which.
 		p.mu.Lock()
-		p.holdRecoveredLocked(res.AdoptedENIs)
+		p.holdRecoveredLocked()
 		p.mu.Unlock()
 		p.recoverLivePods(ctx)
+	case fresh && p.opts.LivePods != nil:
+		// A new node: nothing to recover.
+		if err := p.st.Update(func(tx *store.Tx) error { return tx.SetMeta(metaRecovering, "") }); err != nil {
+			return fmt.Errorf("record the end of the recovery from an empty store: %w", err)
+		}
 	}
 	p.mu.Lock()
 	p.publishLocked()

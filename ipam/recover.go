@@ -33,25 +33,25 @@ const recoveringOwner = "(held: live pods not known yet)"
 // Start or the maintenance loop.
 const liveAskTimeout = 10 * time.Second
 
-// holdRecoveredLocked holds every address of the ENIs adopted on an empty store until the
-// live-pod source has answered. Without a source (a caller with no view of the node's pods,
-// e.g. an agent with no kubeconfig) they stay idle: that caller knows of no pod to protect.
-func (p *Pool) holdRecoveredLocked(enis []string) {
-	if p.opts.LivePods == nil {
-		return
-	}
-	for _, id := range enis {
-		e, ok := p.enis[id]
-		if !ok {
-			continue
-		}
+// metaRecovering, in the store's meta, marks a recovery from an empty store under way: set
+// before the first ENI is adopted, cleared with the live pods' allocations. A Start that finds
+// it (the agent died, or Start failed, in between) holds again instead of taking the adopted
+// addresses for idle.
+const metaRecovering = "recovering-live-pods"
+
+// holdRecoveredLocked holds every idle address until the live-pod source has answered. It
+// runs at Start only, when every ENI the pool has is adopted (or, resuming, was adopted or
+// created while held: an address of the latter is idle again once the source has answered).
+func (p *Pool) holdRecoveredLocked() {
+	p.recovering = true
+	for _, e := range p.enis {
 		for _, ip := range e.ips {
 			if ip.owner == "" && !ip.releasing {
 				ip.owner = recoveringOwner
-				p.recovering = true
 			}
 		}
 	}
+	p.publishLocked()
 }
 
 // recoverLivePods asks the live-pod source and turns each held address a live pod holds into
@@ -109,7 +109,7 @@ func (p *Pool) recoverLivePods(ctx context.Context) {
 				return err
 			}
 		}
-		return nil
+		return tx.SetMeta(metaRecovering, "")
 	}); err != nil {
 		p.log.Error("cannot record the live pods' recovered allocations; holding their addresses and retrying", zap.Error(err))
 		p.scheduleVerify()
