@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/ipam"
+	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/lab"
 )
 
@@ -139,5 +141,101 @@ func storeLoss(t *testing.T, sandboxTableToo bool) {
 	}
 	if p.IP != live[0].IP {
 		t.Errorf("the pod after %s's DEL got %s, want its freed %s", live[0].Key(), p.IP, live[0].IP)
+	}
+}
+
+// TestStoreAndPinsLostUnderLivePodsAsksTheAPIServer: the store, the sandbox table and the
+// datapath's pins are all gone while the pods run: only the apiserver still says which pods
+// live on the node, with their status.podIPs. The restarted agent recovers their allocations
+// from it, fills the node with new pods on other addresses, and a live pod deleted (Pod
+// object, then DEL) has its address freed by the CNI GC after it.
+func TestStoreAndPinsLostUnderLivePodsAsksTheAPIServer(t *testing.T) {
+	l := upKubernetes(t, lab.Options{Nodes: 1, InstanceType: "ecs.g7.large"}) // 12 pods
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	n := l.Node(0)
+	var live []*lab.Pod
+	for i := range 4 {
+		p, err := l.RunPod(ctx, lab.PodSpec{Name: fmt.Sprintf("live-%d", i), Node: n.Name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		live = append(live, p)
+	}
+	holder := map[netip.Addr]string{}
+	for _, p := range live {
+		holder[p.IP] = p.Key()
+	}
+	if err := n.KillAgent(); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Dir(n.AgentLog())
+	for _, f := range []string{"ipam.db", "sandboxes.json"} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := loader.RemovePins(n.PinRoot()); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.StartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := n.Client().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range live {
+		k := p.Key() + "/" + ipam.RecoveredContainerID
+		if al, ok := st.Allocations[k]; !ok || al.IP != p.IP.String() {
+			t.Errorf("live pod %s (%s): allocation %s is %+v (%v), want its address recovered from the apiserver", p.Key(), p.IP, k, al, ok)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	added := 0
+	for i := 0; ; i++ {
+		p, err := l.AddPod(ctx, 0, "default", fmt.Sprintf("new-%d", i))
+		if err != nil {
+			if !strings.Contains(err.Error(), "node is at its ENIIP capacity") {
+				t.Fatalf("ADD of new-%d: %v (want success or node full)", i, err)
+			}
+			break
+		}
+		if h, ok := holder[p.IP]; ok {
+			t.Fatalf("new pod new-%d got %s, which live pod %s holds", i, p.IP, h)
+		}
+		holder[p.IP] = p.Key()
+		if added++; added > 20 {
+			t.Fatal("more than 20 new pods on a node of 12")
+		}
+	}
+	if added != 12-len(live) {
+		t.Errorf("%d new pods fit beside %d live ones on a node of 12, want %d", added, len(live), 12-len(live))
+	}
+	// A CNI GC keeps them (the apiserver shows each pod with its address) ...
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = n.Client().State(ctx); err != nil || len(st.Allocations) != 12 {
+		t.Fatalf("after a CNI GC: %d allocations (%v), want 12: GC released a live pod's", len(st.Allocations), err)
+	}
+	// ... until the pod is gone.
+	if err := l.DeletePod(ctx, live[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = n.Client().State(ctx); err != nil || len(st.Allocations) != 11 {
+		t.Fatalf("after %s was deleted and a CNI GC: %d allocations (%v), want 11", live[0].Key(), len(st.Allocations), err)
+	}
+	p, err := l.AddPod(ctx, 0, "default", "after-del")
+	if err != nil {
+		t.Fatalf("ADD after a live pod's deletion on a full node: %v", err)
+	}
+	if p.IP != live[0].IP {
+		t.Errorf("the pod after %s's deletion got %s, want its freed %s", live[0].Key(), p.IP, live[0].IP)
 	}
 }
