@@ -34,10 +34,21 @@ func (a *Agent) GC(ctx context.Context, keep func(ipam.PodKey) bool) (GCResult, 
 		return res, errors.New("agent GC: the IP pool is not started")
 	}
 	var errs []error
+	var recovered recoveredView
 	for key, al := range pool.Allocations() {
 		// A hold (a fixed address kept for a pod without a sandbox) has no veth; the
 		// fixed-IP manager's hold pass decides when it goes.
-		if key.IsHold() || keep(key) {
+		if key.IsHold() {
+			continue
+		}
+		if key.IsRecovered() {
+			// A recovered allocation (a start on an empty store) names no sandbox the runtime
+			// knows, so keep cannot judge it: it stays while a live host veth carries its
+			// address or the apiserver still shows its pod with it (agent/livepods.go).
+			if recovered.holds(ctx, a, key, al.IP) {
+				continue
+			}
+		} else if keep(key) {
 			continue
 		}
 		// The host veth is found by its route to the address, so a sandbox added with any

@@ -25,6 +25,7 @@ func (a *Agent) newAllocator(ctx context.Context, cloud *aliyun.Client, st *stor
 				Cloud: cloud, Store: st, Config: eniCfg, InstanceID: a.cfg.InstanceID, NodeName: a.cfg.NodeName,
 				ClusterID: a.cfg.ClusterID, Logger: a.log.Named("ipam"), AllocateWait: time.Duration(a.cfg.AllocateWait),
 				MaintainInterval: time.Duration(a.cfg.MaintainInterval), OtherENIs: otherENIs, ListingGrace: time.Duration(a.cfg.ListingGrace),
+				LivePods: a.livePods,
 			})
 			if err != nil {
 				return nil, err

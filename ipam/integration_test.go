@@ -39,6 +39,7 @@ type env struct {
 	dbPath   string
 	grace    time.Duration // the pools' ListingGrace (0: the default)
 	now      func() time.Time
+	livePods LivePodsFunc // the pools' Options.LivePods
 }
 
 func newEnv(t *testing.T, opts ...ecsemu.Option) *env {
@@ -107,6 +108,7 @@ func (e *env) startPool(instance string, cfg eniconfig.Config) (*Pool, *store.St
 		Cloud: e.client(), Store: st, Config: cfg, InstanceID: instance, NodeName: nodeName, ClusterID: clusterTag,
 		Logger: zaptest.NewLogger(e.t).Named("pool"), AllocateWait: 20 * time.Second,
 		BatchWindow: 20 * time.Millisecond, MaintainInterval: time.Hour, ListingGrace: e.grace, Now: e.now,
+		LivePods: e.livePods,
 	})
 	if err != nil {
 		e.t.Fatal(err)

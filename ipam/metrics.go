@@ -40,7 +40,7 @@ func newMetrics() *metrics {
 		}, []string{"cause"}),
 		settled: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tern_ipam_cloud_disagreements_total",
-			Help: "Disagreements between the pool and the cloud's ENI listing the pool acted on, by action (adopted_eni, adopted_ip, dropped_ip, forgot_eni, deleted_eni).",
+			Help: "Disagreements between the pool and the cloud's ENI listing the pool acted on, by action (adopted_eni, adopted_ip, dropped_ip, forgot_eni, deleted_eni, recovered_allocation).",
 		}, []string{"action"}),
 	}
 }

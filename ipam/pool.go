@@ -128,6 +128,10 @@ type Options struct {
 	ListingGrace time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// LivePods names the addresses this node's live pods hold (recover.go). It is asked only
+	// after a start on an empty store, whose recovered addresses are held until it answers.
+	// Nil: the caller knows of no live pod, and the recovered addresses are idle at once.
+	LivePods LivePodsFunc
 	// OtherENIs counts the instance's ENIs other kinds hold (exclusive ENIs): they share
 	// EniQuantity with the pool. Nil counts none.
 	OtherENIs func() int
@@ -177,6 +181,9 @@ type Pool struct {
 	// that first showed each (see compareWithListing).
 	suspects    map[suspectKey]time.Time
 	verifyTimer *time.Timer // pending kickVerify, at most one
+	// recovering: addresses of ENIs adopted on an empty store are held (recoveringOwner)
+	// until Options.LivePods answers (recover.go).
+	recovering bool
 
 	kickFill    chan struct{}
 	kickReclaim chan struct{}

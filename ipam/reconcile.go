@@ -34,6 +34,9 @@ import (
 //     ENI the listing shows attached to this instance and tagged for this node is adopted at
 //     Start, with its addresses, instead of after ListingGrace. Waiting would leave the pool
 //     empty meanwhile, so its refill would create ENIs for slots the node's own ENIs hold.
+//     Its addresses are held until Options.LivePods says which of them live pods hold (a
+//     store deleted under running pods): those become the pods' allocations, the rest idle
+//     (recover.go).
 
 // suspectKind says how the pool and a listing disagree.
 type suspectKind int
@@ -147,13 +150,35 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		}
 	}
 
-	res, err := p.compareWithListing(ctx, fresh)
+	// A recovery from an empty store that a crash or a failed Start interrupted is resumed:
+	// the store it left has the adopted ENIs but not yet the live pods' allocations.
+	resumed := snap.Meta[metaRecovering] != ""
+	if fresh && p.opts.LivePods != nil {
+		if err := p.st.Update(func(tx *store.Tx) error { return tx.SetMeta(metaRecovering, now.UTC().Format(time.RFC3339)) }); err != nil {
+			return fmt.Errorf("record the recovery from an empty store: %w", err)
+		}
+	}
+	res, err := p.compareWithListing(ctx, fresh || resumed)
 	if err != nil {
 		return err
 	}
 	if len(res.AdoptedENIs) > 0 {
 		p.log.Warn("the IPAM store was empty: recovered the node's ENIs from the cloud (a new disk, or a store deleted)",
 			zap.Strings("enis", res.AdoptedENIs))
+	}
+	switch {
+	case p.opts.LivePods != nil && (resumed || (fresh && len(res.AdoptedENIs) > 0)):
+		// The adopted addresses may be live pods' (a store deleted under running pods): none
+		// is idle before the live-pod source has said which.
+		p.mu.Lock()
+		p.holdRecoveredLocked()
+		p.mu.Unlock()
+		p.recoverLivePods(ctx)
+	case fresh && p.opts.LivePods != nil:
+		// A new node: nothing to recover.
+		if err := p.st.Update(func(tx *store.Tx) error { return tx.SetMeta(metaRecovering, "") }); err != nil {
+			return fmt.Errorf("record the end of the recovery from an empty store: %w", err)
+		}
 	}
 	p.mu.Lock()
 	p.publishLocked()
@@ -528,6 +553,7 @@ func (p *Pool) GC(ctx context.Context, livePods func() map[string]bool) (GCResul
 
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
+	p.recoverLivePods(ctx)
 	if err := p.resolveIntents(ctx); err != nil {
 		p.log.Warn("ipam GC: interrupted cloud operations still open", zap.Error(err))
 	}
@@ -548,6 +574,7 @@ func (p *Pool) GC(ctx context.Context, livePods func() map[string]bool) (GCResul
 // verify is the maintenance loop's pass after ListingGrace: finish open intents, then compare
 // with a fresh listing. It runs with opMu held.
 func (p *Pool) verify(ctx context.Context) {
+	p.recoverLivePods(ctx)
 	if err := p.resolveIntents(ctx); err != nil && ctx.Err() == nil {
 		p.log.Warn("interrupted cloud operations still open; retrying later", zap.Error(err))
 		p.scheduleVerify()
