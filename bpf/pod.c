@@ -36,6 +36,7 @@
 #include "lib/forward.h"
 #include "lib/nodeport.h"
 #include "lib/exclusive.h"
+#include "lib/svcicmp.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -228,6 +229,24 @@ int tern_from_pod(struct __sk_buff *skb)
 	return forward(skb, &p, f.ct, reply);
 }
 
+/* ICMP going into a pod: an error about one of its service flows is turned back
+ * (svcicmp.h), anything else meets the pod's ingress policy. A global function: the
+ * verifier checks it once, not once for every state tern_to_pod reaches it with (inlined,
+ * the error translation added 17 % to tern_to_pod's verification). */
+__attribute__((noinline)) int to_pod_icmp(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (!skb || !p)
+		return TC_ACT_OK;
+	int reason = svc_icmp_error(skb, p, ct_now());
+	if (reason == 0) {
+		count(skb, REASON_SVC_ICMP_ERROR, DIR_TO_POD);
+		return TC_ACT_OK;
+	}
+	if (reason < 0)
+		reason = policy_icmp(skb, p, false);
+	return reason ? drop(skb, reason, DIR_TO_POD) : TC_ACT_OK;
+}
+
 SEC("tc")
 int tern_to_pod(struct __sk_buff *skb)
 {
@@ -243,10 +262,8 @@ int tern_to_pod(struct __sk_buff *skb)
 		return verdict;
 	if (bw_ingress(skb) == TC_ACT_SHOT)
 		return TC_ACT_SHOT;
-	if (p.proto == IPPROTO_ICMP) {
-		int reason = policy_icmp(skb, &p, false);
-		return reason ? drop(skb, reason, DIR_TO_POD) : TC_ACT_OK;
-	}
+	if (p.proto == IPPROTO_ICMP)
+		return to_pod_icmp(skb, &p);
 	if (!has_ports(p.proto) || !frag_ports(&p))
 		return TC_ACT_OK;
 

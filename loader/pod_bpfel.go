@@ -349,6 +349,7 @@ const (
 	PodTernReasonREASON_CT_COLLISION_LATE      PodTernReason = 44
 	PodTernReasonREASON_SOCK_MAGLEV            PodTernReason = 45
 	PodTernReasonREASON_SOCK_DEFER             PodTernReason = 46
+	PodTernReasonREASON_SVC_ICMP_ERROR         PodTernReason = 47
 	PodTernReasonREASON_MAX                    PodTernReason = 64
 )
 

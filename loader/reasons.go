@@ -89,6 +89,10 @@ const (
 	// was not known yet (a pod's unbound socket), left untranslated for the tc path to check.
 	ReasonSockMaglev = PodTernReasonREASON_SOCK_MAGLEV
 	ReasonSockDefer  = PodTernReasonREASON_SOCK_DEFER
+	// ReasonSvcICMPError counts (to-pod) ICMP errors about a pod's service flow (a
+	// backend's port unreachable, a router's fragmentation needed) whose quoted header was
+	// turned back to the frontend, so that the client's socket hears them.
+	ReasonSvcICMPError = PodTernReasonREASON_SVC_ICMP_ERROR
 )
 
 var reasonLabels = map[Reason]string{
@@ -116,6 +120,7 @@ var reasonLabels = map[Reason]string{
 	ReasonCTCollisionLate:     "ct_collision_late",
 	ReasonSockMaglev:          "sock_maglev",
 	ReasonSockDefer:           "sock_defer",
+	ReasonSvcICMPError:        "svc_icmp_error",
 }
 
 // String is the reason's Prometheus label value.
