@@ -152,3 +152,83 @@ func TestServiceICMPErrorsTurnedBack(t *testing.T) {
 		t.Fatalf("svc_icmp_error counted %d after errors not about service flows, want 3", got)
 	}
 }
+
+// TestNodePortICMPErrorsTurnedBack: the netdev path's side of the same (bpf/lib/svcicmp.h,
+// nodeport.h): an external client's flow to a local backend (DNAT only) gets the backend's
+// port unreachable with the frontend in the quote and as the outer source, out where the
+// FIB sends it (tern_to_netdev); a flow to a remote backend (DNAT and SNAT to the node) gets
+// the remote backend's port unreachable and a router's fragmentation needed, which arrive
+// at the node's address, turned back to the client (tern_from_netdev); counted
+// svc_icmp_error in both directions. An error about the node's own flow passes.
+func TestNodePortICMPErrorsTurnedBack(t *testing.T) {
+	h := newNP(t)
+	router := netip.MustParseAddr("198.51.100.1")
+	ext := uint16(loader.SvcFlagExternal)
+	h.frontend(t, 1, nodeAddr, 30090, packet.ProtoUDP, ext, loadertest.B(client.String(), 5999)) // local backend
+	h.frontend(t, 2, nodeAddr, 30091, packet.ProtoUDP, ext, loadertest.B(be1.String(), 5999))    // remote backend
+	h.frontend(t, 3, nodeAddr, 30092, packet.ProtoTCP, ext, loadertest.B(be1.String(), 8080))
+	counted := func(dir loader.Direction) uint64 {
+		return loadertest.Metric(t, h.m, loader.ReasonSvcICMPError, dir)
+	}
+	step := func(what string, egress bool, f []byte, want uint32) packet.Parsed {
+		t.Helper()
+		prog := h.d.FromNetdev()
+		if egress {
+			prog = h.d.ToNetdev()
+		}
+		v, out := h.run(t, prog, f)
+		if v != want {
+			t.Fatalf("%s: verdict %d, want %d", what, v, want)
+		}
+		return parse(t, out[:len(f)])
+	}
+	// wantError checks an error that must reach inet:port as the answer of frontend.
+	wantError := func(what string, p packet.Parsed, port uint16, front netip.AddrPort) {
+		t.Helper()
+		if p.Src != front.Addr() || p.Dst != inet {
+			t.Fatalf("%s: outer %s -> %s, want %s -> %s", what, p.Src, p.Dst, front.Addr(), inet)
+		}
+		q := quoteOf(t, p)
+		wantAddrPort(t, what+": quoted source", q.src, q.sport, inet, port)
+		wantAddrPort(t, what+": quoted destination", q.dst, q.dport, front.Addr(), front.Port())
+		if !q.ipSumOK {
+			t.Fatalf("%s: quoted IPv4 header checksum wrong", what)
+		}
+	}
+
+	local := step("udp to a local backend", false, udp(inet, 6000, nodeAddr, 30090, "q").Build(), verdictOK)
+	wantAddrPort(t, "translated to the local backend", local.Dst, local.DstPort, client, 5999)
+	sent := udp(inet, 6000, client, 5999, "q").Build() // what the backend got
+	p := step("local backend's port unreachable", true, icmpErrorAbout(client, 3, 3, sent), verdictRedirect)
+	wantError("local backend's port unreachable", p, 6000, netip.AddrPortFrom(nodeAddr, 30090))
+	if got := counted(loader.DirToNetdev); got != 1 {
+		t.Fatalf("svc_icmp_error/to-netdev = %d, want 1", got)
+	}
+
+	_, remote := h.run(t, h.d.FromNetdev(), udp(inet, 6001, nodeAddr, 30091, "q").Build())
+	onWire := parse(t, remote)
+	wantAddrPort(t, "translated to the remote backend", onWire.Dst, onWire.DstPort, be1, 5999)
+	p = step("remote backend's port unreachable", false, icmpErrorAbout(be1, 3, 3, remote), verdictRedirect)
+	wantError("remote backend's port unreachable", p, 6001, netip.AddrPortFrom(nodeAddr, 30091))
+
+	v, syn := h.run(t, h.d.FromNetdev(), tcp(inet, 6002, nodeAddr, 30092, packet.SYN).Build())
+	if v != verdictRedirect {
+		t.Fatalf("tcp syn to a remote backend: verdict %d", v)
+	}
+	p = step("router's fragmentation needed", false, icmpErrorAbout(router, 3, 4, syn), verdictRedirect)
+	wantError("router's fragmentation needed", p, 6002, netip.AddrPortFrom(nodeAddr, 30092))
+	if got := counted(loader.DirFromNetdev); got != 2 {
+		t.Fatalf("svc_icmp_error/from-netdev = %d, want 2", got)
+	}
+
+	// The node's own UDP socket told its peer is gone: not a service flow.
+	own := udp(nodeAddr, 7000, be2, 53, "q").Build()
+	in := icmpErrorAbout(be2, 3, 3, own)
+	p = step("an error about the node's own flow", false, in, verdictOK)
+	if string(p.L4) != string(in[packet.EthLen+20:]) || p.Src != be2 {
+		t.Fatal("an error about the node's own flow was changed")
+	}
+	if got := counted(loader.DirFromNetdev); got != 2 {
+		t.Fatalf("svc_icmp_error/from-netdev = %d after the node's own error, want 2", got)
+	}
+}

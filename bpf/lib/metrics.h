@@ -61,7 +61,7 @@ enum tern_reason : __u8 {
 	REASON_CT_COLLISION_LATE = 44, /* from-pod: an idle service flow's wire tuple was taken by a newer flow after the LRU took its REVNAT half: TCP reset, UDP moved */
 	REASON_SOCK_MAGLEV = 45,    /* sock: a connect()/sendmsg() whose backend the Maglev table chose (source address and port known) */
 	REASON_SOCK_DEFER = 46,     /* sock: a frontend left to the tc path (loadBalancerSourceRanges, the client's address not known yet) */
-	REASON_SVC_ICMP_ERROR = 47, /* to-pod: an ICMP error about a service flow, turned back to the frontend (svcicmp.h) */
+	REASON_SVC_ICMP_ERROR = 47, /* to-pod, from-netdev, to-netdev: an ICMP error about a service flow, its quote turned back to what the client sent (svcicmp.h) */
 	__REASON_MAX = 64,
 };
 

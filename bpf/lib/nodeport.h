@@ -22,8 +22,10 @@
  *     CFG_NODEPORT_ADDR); the reply finds the client and the frontend in tern_nodeport_snat
  *     by the translated tuple, with one lookup.
  * The translated packet leaves by bpf_redirect_neigh to the FIB's device: the stack would
- * drop it (its source is one of the node's own addresses). Not handled here: later
- * fragments (no ports), SCTP, ICMP errors about these flows, DSR and XDP. */
+ * drop it (its source is one of the node's own addresses). ICMP errors about these flows
+ * are turned back to what the client sent (svcicmp.h): np_icmp_in for a remote backend's
+ * (or a router's) about a SNAT flow, np_icmp_out for a local backend's. Not handled here:
+ * later fragments (no ports), SCTP, DSR and XDP. */
 #pragma once
 
 #include "common.h"
@@ -37,6 +39,7 @@
 #include "reject.h"
 #include "snat.h"
 #include "svc.h"
+#include "svcicmp.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -288,10 +291,58 @@ static __always_inline int np_open(struct __sk_buff *skb, const struct pkt *p, c
 	return np_forward(skb, p, &flow);
 }
 
+/* An ICMP error arriving from the VPC about an external client's flow that was translated
+ * to the node (its quote: node -> backend, a tern_nodeport_snat entry): the quote becomes
+ * client -> frontend, the outer header frontend -> client, and it leaves where the FIB sends
+ * the client's traffic. Returns the verdict, or NP_NOT_MINE. A global function: verified
+ * once, apart from tern_from_netdev's other stages. */
+__attribute__((noinline)) int np_icmp_in(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+{
+	struct icmp_quote q;
+
+	if (!skb || !p || !CFG_NODEPORT_ADDR || p->daddr != CFG_NODEPORT_ADDR)
+		return NP_NOT_MINE;
+	if (!icmp_quote_read(skb, p, &q) || q.saddr != CFG_NODEPORT_ADDR || q.proto == IPPROTO_SCTP)
+		return NP_NOT_MINE;
+	struct ct_key k;
+	bool from_a;
+	ct_flow_key(&k, q.saddr, q.sport, q.daddr, q.dport, q.proto, &from_a);
+	struct np_rev *v = bpf_map_lookup_elem(&tern_nodeport_snat, &k);
+	if (!v || v->expires_ns < now)
+		return NP_NOT_MINE;
+	struct icmp_quote to = {
+		.saddr = v->client_addr, .sport = v->client_port, .daddr = v->front_addr, .dport = v->front_port,
+	};
+	int r = icmp_quote_rewrite(skb, p, &to, v->front_addr, v->client_addr);
+	if (r)
+		return drop(skb, r, DIR_FROM_NETDEV);
+	count(skb, REASON_SVC_ICMP_ERROR, DIR_FROM_NETDEV);
+	return np_redirect(skb, false, DIR_FROM_NETDEV);
+}
+
+/* An ICMP error leaving for an external client about its flow to a local backend (a backend's
+ * port unreachable: the quote client -> backend, the flow's REVNAT entry): the quote becomes
+ * client -> frontend and the outer source the frontend, out where the FIB sends the
+ * frontend's traffic, as the backend's replies (np_to_netdev). The verdict, or NP_NOT_MINE. */
+__attribute__((noinline)) int np_icmp_out(struct __sk_buff *skb, const struct pkt *p, __u64 now)
+{
+	if (!skb || !p || !CFG_NODEPORT_ADDR)
+		return NP_NOT_MINE;
+	int r = svc_icmp_error(skb, p, now);
+	if (r == ICMP_NOT_MINE)
+		return NP_NOT_MINE;
+	if (r)
+		return drop(skb, r, DIR_TO_NETDEV);
+	count(skb, REASON_SVC_ICMP_ERROR, DIR_TO_NETDEV);
+	return np_redirect(skb, true, DIR_TO_NETDEV);
+}
+
 /* The from-netdev stage. Returns the verdict, or NP_NOT_MINE for a packet that is none of
  * an external frontend's flows. */
 static __always_inline int np_from_netdev(struct __sk_buff *skb, struct pkt *p, __u64 now)
 {
+	if (p->proto == IPPROTO_ICMP)
+		return np_icmp_in(skb, p, now);
 	if (!CFG_NODEPORT_ADDR || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	if (p->daddr == CFG_NODEPORT_ADDR) {
@@ -328,6 +379,8 @@ static __always_inline int np_from_netdev(struct __sk_buff *skb, struct pkt *p, 
  * refuse it as a source). */
 static __always_inline int np_to_netdev(struct __sk_buff *skb, struct pkt *p, __u64 now)
 {
+	if (p->proto == IPPROTO_ICMP)
+		return np_icmp_out(skb, p, now);
 	if (!CFG_NODEPORT_ADDR || !p->first_frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return NP_NOT_MINE;
 	struct flow f;

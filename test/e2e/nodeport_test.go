@@ -156,6 +156,11 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 			ports: []corev1.ServicePort{npPort("http", corev1.ProtocolTCP, 9090, 30084)}, hcPort: 32001, targets: []npTarget{remote}},
 		{name: "closed", typ: corev1.ServiceTypeLoadBalancer, ports: []corev1.ServicePort{npPort("http", corev1.ProtocolTCP, 8080, 30085)},
 			lbIP: npLBIPClosed, ranges: []string{"198.51.100.0/24"}, targets: []npTarget{local}},
+		// Backends with no socket on the target port: their kernels answer port unreachable.
+		{name: "deaf", typ: corev1.ServiceTypeNodePort, ports: []corev1.ServicePort{npPort("dns", corev1.ProtocolUDP, 5999, 30086)},
+			targets: []npTarget{{"10.0.1.10", "node-a", 5999}}},
+		{name: "deaf-remote", typ: corev1.ServiceTypeNodePort, ports: []corev1.ServicePort{npPort("dns", corev1.ProtocolUDP, 5999, 30087)},
+			targets: []npTarget{{masqGateway, "node-b", 5999}}},
 	}
 	b := service.NewBuilderFor(service.Translator{Node: service.Node{Name: "node-a", Addrs: []netip.Addr{netip.MustParseAddr(masqNodeAddr)}}})
 	hc := healthcheck.New([]netip.Addr{netip.MustParseAddr(masqNodeAddr)}, nil, nil)
@@ -217,6 +222,21 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 	ans, from, err := client.udpAsk(masqNodeAddr + ":30081")
 	if err != nil || ans != masqNodeAddr || from.String() != masqNodeAddr+":30081" {
 		t.Fatalf("UDP NodePort, remote backend: saw %q, answer from %s, err %v; want %s seen, answer from the frontend", ans, from, err, masqNodeAddr)
+	}
+
+	// A backend without a socket on the port: its port unreachable reaches the client's
+	// connected socket as ECONNREFUSED, turned back to the frontend (bpf/lib/svcicmp.h) on
+	// the way out (local backend) or in (remote backend, SNAT flow), as kube-proxy's
+	// conntrack does; untranslated, the client would wait for an answer.
+	for _, dst := range []string{masqNodeAddr + ":30086", masqNodeAddr + ":30087"} {
+		if _, _, err := client.udpAsk(dst); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("UDP NodePort %s to a backend nobody listens on: %v, want ECONNREFUSED", dst, err)
+		}
+	}
+	for _, dir := range []loader.Direction{loader.DirToNetdev, loader.DirFromNetdev} {
+		if n := loadertest.Metric(t, m, loader.ReasonSvcICMPError, dir); n == 0 {
+			t.Fatalf("nothing counted under svc_icmp_error/%s", dir)
+		}
 	}
 
 	// No endpoints: refused at once (a RST from the frontend), as kube-proxy rejects.
