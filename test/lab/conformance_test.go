@@ -264,6 +264,18 @@ func conformanceCases() []confCase {
 				"routes back into the pod; kube-proxy masquerades to the node's address (docs/architecture.md, Hairpin)",
 			ternWant: ans("a1", "169.254.42.1")},
 
+		// deaf: UDP to a backend (a1, node-1) with no socket on the target port. Its port
+		// unreachable quotes the translated packet; the client's socket, connected to the
+		// frontend, hears it only if the proxy turns it back (kube-proxy's conntrack; tern:
+		// bpf/lib/svcicmp.h, or no translation at all where the socket hooks connected it
+		// to the backend). From outside: the local backend (node-1, DNAT only) and the
+		// remote one (node-2, DNAT and SNAT to node-2).
+		{svc: "deaf", udp: true, from: fromPod, to: toClusterIP, needs: []feature{featClusterIP}, want: outcome{Result: rejected}},
+		{svc: "deaf", udp: true, from: fromPodOther, to: toClusterIP, needs: []feature{featClusterIP}, want: outcome{Result: rejected}},
+		{svc: "deaf", udp: true, from: fromHost, to: toClusterIP, needs: []feature{featHostNet}, want: outcome{Result: rejected}},
+		{svc: "deaf", udp: true, from: fromExternal, to: toNodePort1, needs: []feature{featNodePort}, want: outcome{Result: rejected}},
+		{svc: "deaf", udp: true, from: fromExternal, to: toNodePort2, needs: []feature{featNodePort}, want: outcome{Result: rejected}},
+
 		// hostPort is the CNI's (the portmap plugin in a kube-proxy cluster), not
 		// kube-proxy's: the lab chains no portmap plugin, so there is no oracle yet.
 		{svc: "hostport", from: fromExternal, to: toNodePort1, needs: []feature{featHostPort},
@@ -284,6 +296,8 @@ type svcDef struct {
 	extIP    string
 	ranges   []string
 	udp      bool // also a UDP port, 53 → udpBackendPort
+	// udpTarget, when set, is the UDP port's target instead of udpBackendPort.
+	udpTarget int32
 }
 
 type sliceEndpoint struct {
@@ -305,6 +319,7 @@ const (
 	backendPort    = 8080
 	udpPort        = 53
 	udpBackendPort = 5353
+	deafPort       = 5999 // no pod listens there: the backend's kernel answers port unreachable
 	canaryName     = "canary"
 	maxTries       = 32 // P(a backend of two never chosen in 32 random tries) = 2^-31
 	stickyTries    = 12
@@ -336,6 +351,7 @@ func conformanceServices() []svcDef {
 		{name: "ranges-deny", typ: corev1.ServiceTypeLoadBalancer, selector: web, lbIP: rangesDeny,
 			ranges: []string{"192.0.2.0/24"}},
 		{name: "hairpin", typ: corev1.ServiceTypeClusterIP, selector: map[string]string{"solo": "a1"}},
+		{name: "deaf", typ: corev1.ServiceTypeNodePort, selector: map[string]string{"solo": "a1"}, udp: true, udpTarget: deafPort},
 	}
 }
 
@@ -639,7 +655,11 @@ func (e *confEnv) createService(ctx context.Context, d svcDef) *corev1.Service {
 	spec := corev1.ServiceSpec{Type: d.typ, Selector: d.selector, Ports: []corev1.ServicePort{
 		{Name: "http", Port: confPort, TargetPort: intstr.FromInt32(backendPort), Protocol: corev1.ProtocolTCP}}}
 	if d.udp {
-		spec.Ports = append(spec.Ports, corev1.ServicePort{Name: "dns", Port: udpPort, TargetPort: intstr.FromInt32(udpBackendPort),
+		target := int32(udpBackendPort)
+		if d.udpTarget != 0 {
+			target = d.udpTarget
+		}
+		spec.Ports = append(spec.Ports, corev1.ServicePort{Name: "dns", Port: udpPort, TargetPort: intstr.FromInt32(target),
 			Protocol: corev1.ProtocolUDP})
 	}
 	if d.etpLocal {
