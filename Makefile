@@ -76,7 +76,7 @@ test-kernels:
 # and netdev objects, and the tcx/EDT/NodePort e2e tests, with a budget of its own
 # (test/vmkernel/README.md has the list's measured time).
 VMKERNEL_612_LOADER ?= -test.run ^(TestVerifierBudget|TestServiceDNATAndReverseNAT|TestNoEndpointsRejects|TestMalformedPacketsDroppedWithReason|TestPolicyVerdicts|TestNodePortNetdev|TestNetdevPassesAndCounts|TestHairpin)$$
-VMKERNEL_612_E2E ?= -test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestSocketLB|TestBandwidthLimitsPods|TestNodePortFromAnExternalClient)$$
+VMKERNEL_612_E2E ?= -test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestSocketLB|TestBandwidthLimitsPods|TestNodePortFromAnExternalClient|TestICMPErrorsOfServiceFlowsReachTheClient)$$
 VMKERNEL_612_TIMEOUT ?= 900
 test-kernel-6.12:
 	TERN_VMKERNEL_PKG=linux-image-6.12-amd64 TERN_VMKERNEL_TIMEOUT=$(VMKERNEL_612_TIMEOUT) \

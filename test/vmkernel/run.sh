@@ -29,7 +29,7 @@ mem=${TERN_VMKERNEL_MEM:-512}
 GO=${GO:-go}
 # bpftool is not in the guest; everything else in ./loader runs there.
 loader_flags=${TERN_VMKERNEL_LOADER-"-test.skip ^TestBpftoolPrettyPrintsMaps\$"}
-e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount|TestForwardRedirectPeer|TestForwardStackMode|TestForwardOutOfENI|TestSocketLB|TestSocketLBServiceFeatures|TestBandwidthLimitsPods|TestTrunkProbeFollowsKernel|TestTrunkVLANProgramsRunBeforeNetdev)\$"}
+e2e_flags=${TERN_VMKERNEL_E2E-"-test.run ^(TestAttachModeFollowsKernel|TestClusterIPEndToEnd|TestNetdevProgramsPassAndCount|TestForwardRedirectPeer|TestForwardStackMode|TestForwardOutOfENI|TestSocketLB|TestSocketLBServiceFeatures|TestBandwidthLimitsPods|TestTrunkProbeFollowsKernel|TestTrunkVLANProgramsRunBeforeNetdev|TestNodePortFromAnExternalClient|TestICMPErrorsOfServiceFlowsReachTheClient)\$"}
 # The bandwidth test there must run in EDT mode (both kernels have fq), at rates TCG can carry.
 bw_rates=${TERN_VMKERNEL_BW_RATES:-5M,10M}
 # The guest's own test timeout fires first, so a hang still prints its goroutine dump.
