@@ -96,25 +96,8 @@ func BenchmarkForward(b *testing.B) {
 // closes them.
 func (p *podNS) sink(tb testing.TB, port int) {
 	tb.Helper()
-	var l net.Listener
-	err := nsutil.Do(p.ns, func() (err error) {
-		l, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
+	serveConns(tb, p.ns, fmt.Sprintf(":%d", port), func(c net.Conn) {
+		io.Copy(io.Discard, c)
+		c.Close()
 	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	done := make(chan struct{})
-	tb.Cleanup(func() { l.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, c)
-			c.Close()
-		}
-	}()
 }

@@ -162,13 +162,45 @@ type conn struct {
 	r *bufio.Reader
 }
 
-func (p *podNS) dialTCP(addr string) (*conn, string, error) {
+// dial opens a TCP connection from inside the pod (3 s to connect).
+func (p *podNS) dial(addr string) (net.Conn, error) {
 	var c net.Conn
 	err := nsutil.Do(p.ns, func() (err error) {
 		d := net.Dialer{Timeout: 3 * time.Second}
 		c, err = d.Dial("tcp4", addr)
 		return err
 	})
+	return c, err
+}
+
+// serveConns listens for TCP on addr inside ns and hands each accepted connection to
+// handle, one after the other (handle closes it); stopped when the test ends.
+func serveConns(tb testing.TB, ns netns.NsHandle, addr string, handle func(net.Conn)) {
+	tb.Helper()
+	var l net.Listener
+	err := nsutil.Do(ns, func() (err error) {
+		l, err = net.Listen("tcp4", addr)
+		return err
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan struct{})
+	tb.Cleanup(func() { l.Close(); <-done })
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			handle(c)
+		}
+	}()
+}
+
+func (p *podNS) dialTCP(addr string) (*conn, string, error) {
+	c, err := p.dial(addr)
 	if err != nil {
 		return nil, "", err
 	}

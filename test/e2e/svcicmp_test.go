@@ -97,39 +97,17 @@ func TestICMPErrorsOfServiceFlowsReachTheClient(t *testing.T) {
 // a smaller MTU, which drops large packets from p (veth does not fragment).
 func sinkIn(t *testing.T, p *podNS, addr string, n int) {
 	t.Helper()
-	var l net.Listener
-	err := nsutil.Do(p.ns, func() (err error) {
-		l, err = net.Listen("tcp4", addr)
-		return err
+	serveConns(t, p.ns, addr, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		got, _ := io.CopyN(io.Discard, c, int64(n))
+		fmt.Fprintf(c, "got %d\n", got)
+		c.Close()
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { l.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.SetDeadline(time.Now().Add(30 * time.Second))
-			got, _ := io.CopyN(io.Discard, c, int64(n))
-			fmt.Fprintf(c, "got %d\n", got)
-			c.Close()
-		}
-	}()
 }
 
 // bulkThrough connects from p to addr, writes n bytes and returns the answer line.
 func bulkThrough(p *podNS, addr string, n int, within time.Duration) (string, error) {
-	var c net.Conn
-	err := nsutil.Do(p.ns, func() (err error) {
-		d := net.Dialer{Timeout: 3 * time.Second}
-		c, err = d.Dial("tcp4", addr)
-		return err
-	})
+	c, err := p.dial(addr)
 	if err != nil {
 		return "", err
 	}
