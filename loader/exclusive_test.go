@@ -60,12 +60,12 @@ func TestExclusivePodServiceSNAT(t *testing.T) {
 		dir         loader.Direction
 	}
 	steps := []step{
-		{"remote backend: syn DNAT + SNAT to the node", false, tcp(client, 41000, vip, 80, packet.SYN).Build(),
-			verdictRedirect, nodeAddr, 41000, be1, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
-		{"remote backend: syn-ack to the node restored to ClusterIP -> pod", true, tcp(be1, 8080, nodeAddr, 41000, packet.SYN|packet.ACK).Build(),
-			verdictRedirect, vip, 80, client, 41000, loader.ReasonNodePortRevNAT, loader.DirFromNetdev},
-		{"remote backend: established ack", false, tcp(client, 41000, vip, 80, packet.ACK).Build(),
-			verdictRedirect, nodeAddr, 41000, be1, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
+		{"remote backend: syn DNAT + SNAT to the node", false, tcp(client, 21000, vip, 80, packet.SYN).Build(),
+			verdictRedirect, nodeAddr, 21000, be1, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
+		{"remote backend: syn-ack to the node restored to ClusterIP -> pod", true, tcp(be1, 8080, nodeAddr, 21000, packet.SYN|packet.ACK).Build(),
+			verdictRedirect, vip, 80, client, 21000, loader.ReasonNodePortRevNAT, loader.DirFromNetdev},
+		{"remote backend: established ack", false, tcp(client, 21000, vip, 80, packet.ACK).Build(),
+			verdictRedirect, nodeAddr, 21000, be1, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
 		{"remote backend: udp", false, udp(client, 6000, vip, 53, "q").Build(),
 			verdictRedirect, nodeAddr, 6000, be1, 5353, loader.ReasonNodePortSNAT, loader.DirFromPod},
 		{"remote backend: udp answer", true, udp(be1, 5353, nodeAddr, 6000, "a").Build(),
@@ -73,10 +73,10 @@ func TestExclusivePodServiceSNAT(t *testing.T) {
 		{"local backend: DNAT only, the pod's address kept", false, tcp(client, 41001, vip, 81, packet.SYN).Build(),
 			verdictOK, client, 41001, local, 8080, loader.ReasonSvcForward, loader.DirFromPod},
 		// The backend's replies reach the node through its veth: its from-pod restores them.
-		{"exclusive local backend: syn DNAT + SNAT to the node", false, tcp(client, 41003, vip, 82, packet.SYN).Build(),
-			verdictRedirect, nodeAddr, 41003, exBackend, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
-		{"exclusive local backend: syn-ack to the node restored to ClusterIP -> pod", false, tcp(exBackend, 8080, nodeAddr, 41003, packet.SYN|packet.ACK).Build(),
-			verdictRedirect, vip, 82, client, 41003, loader.ReasonNodePortRevNAT, loader.DirFromPod},
+		{"exclusive local backend: syn DNAT + SNAT to the node", false, tcp(client, 21003, vip, 82, packet.SYN).Build(),
+			verdictRedirect, nodeAddr, 21003, exBackend, 8080, loader.ReasonNodePortSNAT, loader.DirFromPod},
+		{"exclusive local backend: syn-ack to the node restored to ClusterIP -> pod", false, tcp(exBackend, 8080, nodeAddr, 21003, packet.SYN|packet.ACK).Build(),
+			verdictRedirect, vip, 82, client, 21003, loader.ReasonNodePortRevNAT, loader.DirFromPod},
 		{"exclusive local backend: udp", false, udp(client, 6001, vip, 54, "q").Build(),
 			verdictRedirect, nodeAddr, 6001, exBackend, 5353, loader.ReasonNodePortSNAT, loader.DirFromPod},
 		{"exclusive local backend: udp answer", false, udp(exBackend, 5353, nodeAddr, 6001, "a").Build(),
@@ -106,14 +106,14 @@ func TestExclusivePodServiceSNAT(t *testing.T) {
 	}
 	// The backend's veth sees the translated SYN come in (tern_to_pod tracks it as the
 	// pod's flow); its from-pod must keep that entry informed of the replies it restores.
-	if v, _ := h.run(t, h.d.ToPod(), tcp(nodeAddr, 41003, exBackend, 8080, packet.SYN).Build()); v != verdictOK {
+	if v, _ := h.run(t, h.d.ToPod(), tcp(nodeAddr, 21003, exBackend, 8080, packet.SYN).Build()); v != verdictOK {
 		t.Fatalf("to-pod of the translated syn: verdict %d, want %d", v, verdictOK)
 	}
 	for _, s := range steps {
 		run(s)
 	}
 	var backendHalf loader.CTValue
-	if err := h.m.CT.Lookup(loader.CTFlowKey(nodeAddr, 41003, exBackend, 8080, packet.ProtoTCP), &backendHalf); err != nil {
+	if err := h.m.CT.Lookup(loader.CTFlowKey(nodeAddr, 21003, exBackend, 8080, packet.ProtoTCP), &backendHalf); err != nil {
 		t.Fatalf("the backend's entry of the translated flow: %v", err)
 	}
 	if backendHalf.Flags&loader.CTFlagSeenReply == 0 {
@@ -129,7 +129,7 @@ func TestExclusivePodServiceSNAT(t *testing.T) {
 		verdictOK, client, 41004, exBackend, 8080, loader.ReasonSvcForward, loader.DirFromPod})
 	// Only an exclusive pod's packet to the node is taken for a reply: the same answer from
 	// an ENIIP endpoint goes on untranslated.
-	if v, out := h.run(t, h.d.FromPod(), tcp(exBackend, 8080, nodeAddr, 41003, packet.ACK).Build()); v != verdictOK {
+	if v, out := h.run(t, h.d.FromPod(), tcp(exBackend, 8080, nodeAddr, 21003, packet.ACK).Build()); v != verdictOK {
 		t.Fatalf("ENIIP endpoint's packet to the node: verdict %d, want %d", v, verdictOK)
 	} else if p := parse(t, out); p.Src != exBackend || p.Dst != nodeAddr {
 		t.Fatalf("ENIIP endpoint's packet to the node was rewritten: %s -> %s", p.Src, p.Dst)

@@ -74,6 +74,11 @@ type Config struct {
 	SNATPortCount uint16
 	SNATTries     uint32
 	MaxSNATFlows  uint32
+	// LocalPortRange is the node's net.ipv4.ip_local_port_range (ReadLocalPortRange in the
+	// agent's namespace; the zero value: Linux's default 32768-60999). Masquerade and
+	// NodePort SNAT never give a flow one of these ports, so a translated flow and a
+	// connection of the node's own never share a wire tuple (bpf/lib/portclaim.h).
+	LocalPortRange PortRange
 	// PolicyAllowedEvents sends allowed NetworkPolicy verdicts on tern_events too (denials
 	// always are): one event per new allowed flow of an isolated pod.
 	PolicyAllowedEvents bool
@@ -115,6 +120,9 @@ func (c *Config) setDefaults() {
 	if c.SNATTries == 0 {
 		c.SNATTries = 32
 	}
+	if c.LocalPortRange == (PortRange{}) {
+		c.LocalPortRange = PortRange{Min: 32768, Max: 60999}
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -144,6 +152,9 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 	if int(cfg.SNATPortMin)+int(cfg.SNATPortCount) > 65536 {
 		return nil, fmt.Errorf("masquerade port range %d+%d goes past 65535; lower snatPortMin or the count", cfg.SNATPortMin, cfg.SNATPortCount)
+	}
+	if _, err := cfg.snatSkip(); err != nil {
+		return nil, err
 	}
 	if cfg.SNATTries > maxSNATTries {
 		return nil, fmt.Errorf("masquerade port tries %d is above the datapath's bound %d", cfg.SNATTries, maxSNATTries)
@@ -222,6 +233,10 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("parse embedded pod BPF object: %w", err)
 	}
+	skip, err := cfg.snatSkip()
+	if err != nil {
+		return nil, nil, nil, err
+	}
 	vars := map[string]any{
 		PodVarCFG_HAIRPIN_IP:                 AddrToBE(cfg.HairpinIP),
 		PodVarCFG_CT_TCP_SYN_TIMEOUT:         seconds(cfg.CTTCPSynTimeout),
@@ -237,6 +252,8 @@ func podSpec(cfg Config, fwd ForwardSupport) (*ebpf.CollectionSpec, map[string]a
 		PodVarCFG_SNAT_PORT_MIN:              cfg.SNATPortMin,
 		PodVarCFG_SNAT_PORT_COUNT:            cfg.SNATPortCount,
 		PodVarCFG_SNAT_TRIES:                 cfg.SNATTries,
+		PodVarCFG_SNAT_SKIP_MIN:              skip.Min,
+		PodVarCFG_SNAT_SKIP_COUNT:            skip.count(),
 		PodVarCFG_POLICY_EVENTS_ALLOWED:      boolByte(cfg.PolicyAllowedEvents),
 		PodVarCFG_NODEPORT_ADDR:              uint32(0),
 	}

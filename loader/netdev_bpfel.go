@@ -259,6 +259,8 @@ const (
 	NetdevVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	NetdevVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	NetdevVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
+	NetdevVarCFG_SNAT_SKIP_COUNT            = "CFG_SNAT_SKIP_COUNT"
+	NetdevVarCFG_SNAT_SKIP_MIN              = "CFG_SNAT_SKIP_MIN"
 	NetdevVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
 )
 
@@ -353,6 +355,8 @@ type NetdevVariableSpecs struct {
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_SKIP_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_SKIP_COUNT"`
+	CFG_SNAT_SKIP_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_SKIP_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
 }
 
@@ -444,6 +448,8 @@ type NetdevVariables struct {
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_SKIP_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_SKIP_COUNT"`
+	CFG_SNAT_SKIP_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_SKIP_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`
 }
 

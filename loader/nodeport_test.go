@@ -155,13 +155,13 @@ func TestNodePortNetdev(t *testing.T) {
 			verdictRedirect, nodeAddr, 30080, inet, 40000, loader.ReasonNodePortRevNAT},
 		{"local backend: established ack", false, tcp(inet, 40000, nodeAddr, 30080, packet.ACK).Build(),
 			verdictOK, inet, 40000, client, 8080, loader.ReasonNodePortForward},
-		{"remote backend: syn DNAT + SNAT to the node", false, tcp(inet, 40001, nodeAddr, 30081, packet.SYN).Build(),
-			verdictRedirect, nodeAddr, 40001, be1, 8080, loader.ReasonNodePortSNAT},
-		{"remote backend: syn-ack back to the client", false, tcp(be1, 8080, nodeAddr, 40001, packet.SYN|packet.ACK).Build(),
-			verdictRedirect, nodeAddr, 30081, inet, 40001, loader.ReasonNodePortRevNAT},
-		{"remote backend: established ack", false, tcp(inet, 40001, nodeAddr, 30081, packet.ACK).Build(),
-			verdictRedirect, nodeAddr, 40001, be1, 8080, loader.ReasonNodePortSNAT},
-		{"remote backend: another client on the same port gets another", false, tcp(inet2, 40001, nodeAddr, 30081, packet.SYN).Build(),
+		{"remote backend: syn DNAT + SNAT to the node", false, tcp(inet, 20001, nodeAddr, 30081, packet.SYN).Build(),
+			verdictRedirect, nodeAddr, 20001, be1, 8080, loader.ReasonNodePortSNAT},
+		{"remote backend: syn-ack back to the client", false, tcp(be1, 8080, nodeAddr, 20001, packet.SYN|packet.ACK).Build(),
+			verdictRedirect, nodeAddr, 30081, inet, 20001, loader.ReasonNodePortRevNAT},
+		{"remote backend: established ack", false, tcp(inet, 20001, nodeAddr, 30081, packet.ACK).Build(),
+			verdictRedirect, nodeAddr, 20001, be1, 8080, loader.ReasonNodePortSNAT},
+		{"remote backend: another client on the same port gets another", false, tcp(inet2, 20001, nodeAddr, 30081, packet.SYN).Build(),
 			verdictRedirect, nodeAddr, 0, be1, 8080, loader.ReasonNodePortSNAT},
 		{"remote backend: udp", false, udp(inet, 5000, nodeAddr, 30084, "q").Build(),
 			verdictRedirect, nodeAddr, 5000, be1, 5353, loader.ReasonNodePortSNAT},
@@ -202,8 +202,8 @@ func TestNodePortNetdev(t *testing.T) {
 		}
 		sport := s.wantSport
 		if sport == 0 {
-			if p.SrcPort == 40001 {
-				t.Fatalf("%s: source port 40001 is another flow's", s.name)
+			if p.SrcPort == 20001 {
+				t.Fatalf("%s: source port 20001 is another flow's", s.name)
 			}
 			sport = p.SrcPort
 		}
@@ -222,8 +222,8 @@ func TestNodePortNetdev(t *testing.T) {
 			netip.AddrPortFrom(loader.BEToAddr(v.FrontAddr), loader.BEToPort(v.FrontPort))
 	}
 	want := map[netip.AddrPort]netip.AddrPort{
-		netip.AddrPortFrom(inet, 40001):  netip.AddrPortFrom(nodeAddr, 30081),
-		netip.AddrPortFrom(inet2, 40001): netip.AddrPortFrom(nodeAddr, 30081),
+		netip.AddrPortFrom(inet, 20001):  netip.AddrPortFrom(nodeAddr, 30081),
+		netip.AddrPortFrom(inet2, 20001): netip.AddrPortFrom(nodeAddr, 30081),
 		netip.AddrPortFrom(inet, 5000):   netip.AddrPortFrom(nodeAddr, 30084),
 	}
 	if fmt.Sprint(clients) != fmt.Sprint(want) {

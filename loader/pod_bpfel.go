@@ -399,6 +399,8 @@ const (
 	PodVarCFG_POLICY_EVENTS_ALLOWED      = "CFG_POLICY_EVENTS_ALLOWED"
 	PodVarCFG_SNAT_PORT_COUNT            = "CFG_SNAT_PORT_COUNT"
 	PodVarCFG_SNAT_PORT_MIN              = "CFG_SNAT_PORT_MIN"
+	PodVarCFG_SNAT_SKIP_COUNT            = "CFG_SNAT_SKIP_COUNT"
+	PodVarCFG_SNAT_SKIP_MIN              = "CFG_SNAT_SKIP_MIN"
 	PodVarCFG_SNAT_TRIES                 = "CFG_SNAT_TRIES"
 )
 
@@ -498,6 +500,8 @@ type PodVariableSpecs struct {
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.VariableSpec `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_SKIP_COUNT            *ebpf.VariableSpec `ebpf:"CFG_SNAT_SKIP_COUNT"`
+	CFG_SNAT_SKIP_MIN              *ebpf.VariableSpec `ebpf:"CFG_SNAT_SKIP_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.VariableSpec `ebpf:"CFG_SNAT_TRIES"`
 }
 
@@ -597,6 +601,8 @@ type PodVariables struct {
 	CFG_POLICY_EVENTS_ALLOWED      *ebpf.Variable `ebpf:"CFG_POLICY_EVENTS_ALLOWED"`
 	CFG_SNAT_PORT_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_PORT_COUNT"`
 	CFG_SNAT_PORT_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_PORT_MIN"`
+	CFG_SNAT_SKIP_COUNT            *ebpf.Variable `ebpf:"CFG_SNAT_SKIP_COUNT"`
+	CFG_SNAT_SKIP_MIN              *ebpf.Variable `ebpf:"CFG_SNAT_SKIP_MIN"`
 	CFG_SNAT_TRIES                 *ebpf.Variable `ebpf:"CFG_SNAT_TRIES"`
 }
 

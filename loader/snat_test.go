@@ -92,12 +92,12 @@ func TestMasqueradeFlows(t *testing.T) {
 		wantDport uint16
 	}
 	steps := []step{
-		{"tcp syn", true, tcp(client, 40000, inet, 443, packet.SYN).Build(), nodeAddr, 40000, inet, 443},
-		{"tcp syn-ack", false, tcp(inet, 443, nodeAddr, 40000, packet.SYN|packet.ACK).Build(), inet, 443, client, 40000},
-		{"tcp ack", true, tcp(client, 40000, inet, 443, packet.ACK).Build(), nodeAddr, 40000, inet, 443},
-		{"tcp data back", false, tcp(inet, 443, nodeAddr, 40000, packet.ACK|packet.PSH).Build(), inet, 443, client, 40000},
-		{"udp query", true, udp(client, 40001, inet, 53, "q").Build(), nodeAddr, 40001, inet, 53},
-		{"udp answer", false, udp(inet, 53, nodeAddr, 40001, "a").Build(), inet, 53, client, 40001},
+		{"tcp syn", true, tcp(client, 20000, inet, 443, packet.SYN).Build(), nodeAddr, 20000, inet, 443},
+		{"tcp syn-ack", false, tcp(inet, 443, nodeAddr, 20000, packet.SYN|packet.ACK).Build(), inet, 443, client, 20000},
+		{"tcp ack", true, tcp(client, 20000, inet, 443, packet.ACK).Build(), nodeAddr, 20000, inet, 443},
+		{"tcp data back", false, tcp(inet, 443, nodeAddr, 20000, packet.ACK|packet.PSH).Build(), inet, 443, client, 20000},
+		{"udp query", true, udp(client, 20001, inet, 53, "q").Build(), nodeAddr, 20001, inet, 53},
+		{"udp answer", false, udp(inet, 53, nodeAddr, 20001, "a").Build(), inet, 53, client, 20001},
 		{"echo request", true, icmpEcho(client, inet, 8, 777), nodeAddr, 777, inet, 0},
 		{"echo reply", false, icmpEcho(inet, nodeAddr, 0, 777), inet, 0, client, 777},
 	}
@@ -141,7 +141,7 @@ func TestMasqueradeFlows(t *testing.T) {
 	for _, f := range []struct {
 		proto        uint8
 		sport, dport uint16
-	}{{packet.ProtoTCP, 40000, 443}, {packet.ProtoUDP, 40001, 53}, {packet.ProtoICMP, 777, 0}} {
+	}{{packet.ProtoTCP, 20000, 443}, {packet.ProtoUDP, 20001, 53}, {packet.ProtoICMP, 777, 0}} {
 		nk := loader.CTFlowKey(nodeAddr, f.sport, inet, f.dport, f.proto)
 		nv, ok := snat[nk]
 		if !ok || loader.BEToAddr(nv.OrigAddr) != client || loader.BEToPort(nv.OrigPort) != f.sport {
@@ -168,7 +168,7 @@ func TestMasqueradeFlows(t *testing.T) {
 		t.Errorf("map pressure %+v: want tern_snat with 3 of 131072 entries", pr)
 	}
 	// The TCP flow saw its reply: its NAT entry lives by the established lifetime.
-	nv := snat[loader.CTFlowKey(nodeAddr, 40000, inet, 443, packet.ProtoTCP)]
+	nv := snat[loader.CTFlowKey(nodeAddr, 20000, inet, 443, packet.ProtoTCP)]
 	if nv.Flags&loader.CTFlagSeenReply == 0 || nv.ExpiresNs < loader.MonotonicNow()+3600e9 {
 		t.Errorf("TCP NAT entry after the handshake: flags %#x, %ds left; want SEEN_REPLY and the established lifetime",
 			nv.Flags, int64(nv.ExpiresNs-loader.MonotonicNow())/1e9)
@@ -185,11 +185,11 @@ func TestMasqueradeLeavesOtherTrafficAlone(t *testing.T) {
 		egress bool
 		frame  []byte
 	}{
-		{"pod to pod in the VPC", true, tcp(client, 40000, be1, 8080, packet.SYN).Build()},
-		{"pod to link-local", true, udp(client, 40000, netip.MustParseAddr("169.254.10.1"), 80, "x").Build()},
-		{"node's own traffic", true, tcp(nodeAddr, 40000, inet, 443, packet.SYN).Build()},
-		{"a remote pod through this node", true, tcp(netip.MustParseAddr("10.0.9.9"), 40000, inet, 443, packet.SYN).Build()},
-		{"to the node, no flow", false, tcp(inet, 443, nodeAddr, 40000, packet.SYN|packet.ACK).Build()},
+		{"pod to pod in the VPC", true, tcp(client, 20000, be1, 8080, packet.SYN).Build()},
+		{"pod to link-local", true, udp(client, 20000, netip.MustParseAddr("169.254.10.1"), 80, "x").Build()},
+		{"node's own traffic", true, tcp(nodeAddr, 20000, inet, 443, packet.SYN).Build()},
+		{"a remote pod through this node", true, tcp(netip.MustParseAddr("10.0.9.9"), 20000, inet, 443, packet.SYN).Build()},
+		{"to the node, no flow", false, tcp(inet, 443, nodeAddr, 20000, packet.SYN|packet.ACK).Build()},
 	} {
 		prog := h.d.FromNetdev()
 		if c.egress {
@@ -210,24 +210,24 @@ func TestMasqueradeLeavesOtherTrafficAlone(t *testing.T) {
 // conntrack entry was lost (LRU) takes its own translation back, not a new port.
 func TestMasqueradePortCollision(t *testing.T) {
 	h := newMasq(t, loader.Config{})
-	p1 := h.out(t, tcp(client, 40000, inet, 443, packet.SYN).Build())
-	p2 := h.out(t, tcp(pod2, 40000, inet, 443, packet.SYN).Build())
-	if p1.SrcPort != 40000 {
-		t.Fatalf("first pod's port became %d, want its own 40000", p1.SrcPort)
+	p1 := h.out(t, tcp(client, 20000, inet, 443, packet.SYN).Build())
+	p2 := h.out(t, tcp(pod2, 20000, inet, 443, packet.SYN).Build())
+	if p1.SrcPort != 20000 {
+		t.Fatalf("first pod's port became %d, want its own 20000", p1.SrcPort)
 	}
 	cfg := h.d.Config()
-	if p2.SrcPort == 40000 || p2.SrcPort < cfg.SNATPortMin || int(p2.SrcPort) >= int(cfg.SNATPortMin)+int(cfg.SNATPortCount) {
+	if p2.SrcPort == 20000 || p2.SrcPort < cfg.SNATPortMin || int(p2.SrcPort) >= int(cfg.SNATPortMin)+int(cfg.SNATPortCount) {
 		t.Fatalf("second pod's port %d, want another one in %d+%d", p2.SrcPort, cfg.SNATPortMin, cfg.SNATPortCount)
 	}
 	r1 := h.in(t, tcp(inet, 443, nodeAddr, p1.SrcPort, packet.SYN|packet.ACK).Build())
 	r2 := h.in(t, tcp(inet, 443, nodeAddr, p2.SrcPort, packet.SYN|packet.ACK).Build())
-	wantAddrPort(t, "reply to the first pod", r1.Dst, r1.DstPort, client, 40000)
-	wantAddrPort(t, "reply to the second pod", r2.Dst, r2.DstPort, pod2, 40000)
+	wantAddrPort(t, "reply to the first pod", r1.Dst, r1.DstPort, client, 20000)
+	wantAddrPort(t, "reply to the second pod", r2.Dst, r2.DstPort, pod2, 20000)
 
-	if err := h.m.CT.Delete(loader.CTFlowKey(pod2, 40000, inet, 443, packet.ProtoTCP)); err != nil {
+	if err := h.m.CT.Delete(loader.CTFlowKey(pod2, 20000, inet, 443, packet.ProtoTCP)); err != nil {
 		t.Fatal(err)
 	}
-	again := h.out(t, tcp(pod2, 40000, inet, 443, packet.ACK).Build())
+	again := h.out(t, tcp(pod2, 20000, inet, 443, packet.ACK).Build())
 	if again.SrcPort != p2.SrcPort {
 		t.Fatalf("after losing its conntrack entry the second pod's flow left as port %d, want its own %d", again.SrcPort, p2.SrcPort)
 	}
@@ -244,16 +244,17 @@ func TestMasqueradePortCollision(t *testing.T) {
 // live flows of others, the new flow is dropped and counted (drop_snat_no_port); once one
 // of them expires, its port is free again.
 func TestMasqueradeExhaustion(t *testing.T) {
-	h := newMasq(t, loader.Config{SNATPortMin: 50000, SNATPortCount: 2, SNATTries: 16})
+	// The node's ephemeral range is set below the SNAT range, so all of its two ports are candidates.
+	h := newMasq(t, loader.Config{SNATPortMin: 50000, SNATPortCount: 2, SNATTries: 16, LocalPortRange: loader.PortRange{Min: 32768, Max: 49999}})
 	other := loader.AddrToBE(netip.MustParseAddr("10.0.1.99"))
 	far := loader.MonotonicNow() + 3600e9
-	for i, port := range []uint16{40000, 50000, 50001} {
+	for i, port := range []uint16{20000, 50000, 50001} {
 		k := loader.CTFlowKey(nodeAddr, port, inet, 443, packet.ProtoTCP)
 		if err := h.m.SNAT.Put(k, loader.SNATValue{ExpiresNs: far, OrigAddr: other, OrigPort: loader.PortToBE(uint16(1000 + i))}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	syn := tcp(client, 40000, inet, 443, packet.SYN).Build()
+	syn := tcp(client, 20000, inet, 443, packet.SYN).Build()
 	if v, _ := loadertest.Run(t, h.d.ToNetdev(), syn); v != verdictShot {
 		t.Fatalf("verdict %d with every port taken, want TC_ACT_SHOT", v)
 	}
@@ -289,7 +290,7 @@ func TestMasqueradeICMPErrorRestore(t *testing.T) {
 		typ     uint8
 		wantSrc uint16 // the quoted port or identifier the pod must see
 	}{
-		{"udp port unreachable", udp(client, 40001, inet, 53, "q").Build(), 3, 40001},
+		{"udp port unreachable", udp(client, 20001, inet, 53, "q").Build(), 3, 20001},
 		{"echo time exceeded", icmpEcho(client, inet, 8, 4242), 11, 4242},
 	} {
 		sent := h.out(t, c.egress)
@@ -335,12 +336,12 @@ func TestMasqueradeICMPErrorRestore(t *testing.T) {
 // keeps the live ones.
 func TestMasqueradeExpiry(t *testing.T) {
 	h := newMasq(t, loader.Config{})
-	h.out(t, tcp(client, 40000, inet, 443, packet.SYN).Build())
-	h.in(t, tcp(inet, 443, nodeAddr, 40000, packet.SYN|packet.ACK).Build())
-	h.out(t, tcp(client, 40000, inet, 443, packet.FIN|packet.ACK).Build())
-	h.out(t, udp(client, 40001, inet, 53, "q").Build())
+	h.out(t, tcp(client, 20000, inet, 443, packet.SYN).Build())
+	h.in(t, tcp(inet, 443, nodeAddr, 20000, packet.SYN|packet.ACK).Build())
+	h.out(t, tcp(client, 20000, inet, 443, packet.FIN|packet.ACK).Build())
+	h.out(t, udp(client, 20001, inet, 53, "q").Build())
 
-	tk := loader.CTFlowKey(nodeAddr, 40000, inet, 443, packet.ProtoTCP)
+	tk := loader.CTFlowKey(nodeAddr, 20000, inet, 443, packet.ProtoTCP)
 	var v loader.SNATValue
 	if err := h.m.SNAT.Lookup(tk, &v); err != nil {
 		t.Fatal(err)
@@ -354,7 +355,7 @@ func TestMasqueradeExpiry(t *testing.T) {
 	if err := h.m.SNAT.Put(tk, v); err != nil {
 		t.Fatal(err)
 	}
-	rep := tcp(inet, 443, nodeAddr, 40000, packet.ACK).Build()
+	rep := tcp(inet, 443, nodeAddr, 20000, packet.ACK).Build()
 	p := h.in(t, rep)
 	if p.Dst != nodeAddr {
 		t.Fatalf("a reply on an expired flow went to %s, want it left to the node", p.Dst)

@@ -22,8 +22,13 @@
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
+/* ICMP types (and the one code) the datapath reads: vmlinux.h has no uapi macros. */
+#define ICMP_ECHOREPLY 0
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 #define NSEC_PER_SEC 1000000000ULL
 

@@ -469,10 +469,6 @@ static __always_inline int policy_to_pod(struct __sk_buff *skb, const struct pkt
 	return policy_judge(skb, p, f, ep, POLICY_INGRESS, CT_POL_IN, p->saddr, p->dport, DIR_TO_POD);
 }
 
-#define ICMP_ECHOREPLY 0 /* ICMP_DEST_UNREACH: common.h */
-#define ICMP_TIME_EXCEEDED 11
-#define ICMP_PARAMETERPROB 12
-
 /* An ICMP packet the pod sends (from_pod) or receives: queries are judged as new flows of
  * protocol ICMP, port 0 (only rules for any protocol match); replies and errors pass. No
  * flow entry: nothing is cached, so every query is judged (and counted). */

@@ -11,6 +11,15 @@
  * again and finds its own claim. A claim is an insert with BPF_NOEXIST, so two CPUs never
  * take one port; an expired claim is free.
  *
+ * No candidate lies in [CFG_SNAT_SKIP_MIN, +CFG_SNAT_SKIP_COUNT), the node's own ephemeral
+ * ports (its ip_local_port_range, as far as it overlaps the range above; the own port too is
+ * passed over there). The node's sockets share the translated address, and the maps only
+ * know translated flows: a host connection picking a port a translated flow holds towards
+ * the same peer would put two connections on one wire tuple, and the peer's answers to the
+ * host would be turned back to the translated flow's client (or the other way round).
+ * Keeping out of the range the kernel picks from makes that impossible for every connect()
+ * that does not bind its port itself.
+ *
  * One bpf_loop callback per user walks the candidates (its body is what differs):
  *
  *	struct ct_key k;
@@ -34,6 +43,10 @@
 volatile const __u16 CFG_SNAT_PORT_MIN = 1024;
 volatile const __u16 CFG_SNAT_PORT_COUNT = 64512;
 volatile const __u32 CFG_SNAT_TRIES = 32;
+/* The node's ephemeral ports inside the range above (default: Linux's 32768-60999). The
+ * loader keeps the window inside the range and leaves ports outside it. */
+volatile const __u16 CFG_SNAT_SKIP_MIN = 32768;
+volatile const __u16 CFG_SNAT_SKIP_COUNT = 28232;
 
 #define SNAT_MAX_TRIES 256 /* the bpf_loop bound; the loader refuses a larger CFG_SNAT_TRIES */
 #define SNAT_EEXIST 17     /* vmlinux.h has no errno macros */
@@ -85,8 +98,14 @@ static __always_inline bool port_claim_key(struct port_claim *c, __u32 i, __be32
 		return false;
 	}
 	*port = c->first;
-	if (i > 0)
-		*port = bpf_htons(CFG_SNAT_PORT_MIN + snat_mix(c->seed + i * 0x9e3779b9) % CFG_SNAT_PORT_COUNT);
+	if (i > 0 || (__u32)bpf_ntohs(c->first) - CFG_SNAT_SKIP_MIN < CFG_SNAT_SKIP_COUNT) {
+		/* A draw from the range without the window, then shifted past it. */
+		__u32 n = CFG_SNAT_PORT_MIN + snat_mix(c->seed + i * 0x9e3779b9) %
+						      ((__u32)CFG_SNAT_PORT_COUNT - CFG_SNAT_SKIP_COUNT);
+		if (n >= CFG_SNAT_SKIP_MIN)
+			n += CFG_SNAT_SKIP_COUNT;
+		*port = bpf_htons(n);
+	}
 	c->tries = i + 1;
 	ct_flow_key(k, addr, *port, peer, peer_port, c->proto, &from_a);
 	return true;

@@ -46,11 +46,6 @@ volatile const __u32 CFG_MASQ_IFINDEX = 0;
 
 /* The port range (CFG_SNAT_PORT_MIN/COUNT) and tries (CFG_SNAT_TRIES) are portclaim.h's. */
 
-#define ICMP_ECHOREPLY 0
-#define ICMP_ECHO 8
-#define ICMP_TIME_EXCEEDED 11
-#define ICMP_PARAMETERPROB 12
-
 struct snat_value {
 	__u64 expires_ns; /* the flow's deadline by its conntrack state; expired = free */
 	__be32 orig_addr; /* the pod's address */

@@ -32,8 +32,6 @@
 #include "parse.h"
 
 #define ICMP_NOT_MINE (-1)
-#define ICMP_TIME_EXCEEDED 11 /* also in policy.h and snat.h: identical definitions */
-#define ICMP_PARAMETERPROB 12
 
 /* The quoted packet of an ICMP error: its tuple as it was sent. */
 struct icmp_quote {

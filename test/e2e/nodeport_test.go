@@ -80,7 +80,56 @@ func (s npSvc) objects(i int) (*corev1.Service, []*discoveryv1.EndpointSlice) {
 		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{Addresses: []string{tg.addr}, NodeName: ptr.To(tg.node),
 			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}})
 	}
+	if len(s.targets) == 0 {
+		return svc, nil // no EndpointSlice at all, as for a Service without a selector
+	}
 	return svc, []*discoveryv1.EndpointSlice{sl}
+}
+
+// loadNodePort loads the datapath into the masquerade lab with NodePort SNAT to the node's
+// primary address, attaches it to the lab's pods (local ones) and the node's links, and
+// programs svcs through the real translation (node "node-a") and map reconciler.
+func loadNodePort(t *testing.T, l *masqLab, local []*podNS, svcs []npSvc) *loader.Datapath {
+	t.Helper()
+	d := loadertest.New(t, loader.Config{MasqAddr: netip.MustParseAddr(masqNodeAddr), MasqIfindex: l.eth0,
+		NodePortAddr: netip.MustParseAddr(masqNodeAddr)})
+	m := d.Maps()
+	if err := m.SetNonMasquerade([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range local {
+		if err := m.PutIPCache(loader.IPCacheKey{Prefixlen: 32, Addr: loader.AddrToBE(p.ip)},
+			loader.IPCacheValue{Flags: loader.IPCacheFlagLocal | loader.IPCacheFlagPod}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.attachAll(d)
+	err := nsutil.Do(l.node, func() error {
+		for _, idx := range []int{l.eth0, l.eni1} {
+			if _, err := d.AttachNetdev(idx); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := service.NewBuilderFor(service.Translator{Node: service.Node{Name: "node-a", Addrs: []netip.Addr{netip.MustParseAddr(masqNodeAddr)}}})
+	for i, s := range svcs {
+		svc, eps := s.objects(i)
+		if _, err := b.Set(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, svc, eps); err != nil {
+			t.Fatalf("translate %s: %v", s.name, err)
+		}
+	}
+	rec, err := lbmap.NewReconciler(m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.SyncWith(b.State(), b.Options); err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
 
 func npPort(name string, proto corev1.Protocol, port, nodePort int32) corev1.ServicePort {
@@ -118,29 +167,6 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	d := loadertest.New(t, loader.Config{MasqAddr: netip.MustParseAddr(masqNodeAddr), MasqIfindex: l.eth0,
-		NodePortAddr: netip.MustParseAddr(masqNodeAddr)})
-	m := d.Maps()
-	if err := m.SetNonMasquerade([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.PutIPCache(loader.IPCacheKey{Prefixlen: 32, Addr: loader.AddrToBE(pod.ip)},
-		loader.IPCacheValue{Flags: loader.IPCacheFlagLocal | loader.IPCacheFlagPod}); err != nil {
-		t.Fatal(err)
-	}
-	l.attachAll(d)
-	err = nsutil.Do(l.node, func() error {
-		for _, idx := range []int{l.eth0, l.eni1} {
-			if _, err := d.AttachNetdev(idx); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-
 	local := npTarget{"10.0.1.10", "node-a", 8080}
 	remote := npTarget{masqGateway, "node-b", 9090}
 	svcs := []npSvc{
@@ -162,32 +188,19 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 		{name: "deaf-remote", typ: corev1.ServiceTypeNodePort, ports: []corev1.ServicePort{npPort("dns", corev1.ProtocolUDP, 5999, 30087)},
 			targets: []npTarget{{masqGateway, "node-b", 5999}}},
 	}
-	b := service.NewBuilderFor(service.Translator{Node: service.Node{Name: "node-a", Addrs: []netip.Addr{netip.MustParseAddr(masqNodeAddr)}}})
+	m := loadNodePort(t, l, []*podNS{pod}, svcs).Maps()
 	hc := healthcheck.New([]netip.Addr{netip.MustParseAddr(masqNodeAddr)}, nil, nil)
 	t.Cleanup(hc.Close)
 	for i, s := range svcs {
 		svc, eps := s.objects(i)
-		if s.name == "empty" {
-			eps = nil
-		}
-		nn := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
-		if _, err := b.Set(nn, svc, eps); err != nil {
-			t.Fatalf("translate %s: %v", s.name, err)
-		}
 		// The health servers listen in the node's namespace, as the agent runs there.
 		err := nsutil.Do(l.node, func() error {
+			nn := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 			return hc.Update(nn, healthcheck.Port(svc), healthcheck.LocalReadyEndpoints("node-a", eps))
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	rec, err := lbmap.NewReconciler(m, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rec.SyncWith(b.State(), b.Options); err != nil {
-		t.Fatal(err)
 	}
 
 	client := &podNS{name: "internet", ns: l.inet, ip: netip.MustParseAddr(internetAddr)}

@@ -163,10 +163,16 @@ type conn struct {
 }
 
 // dial opens a TCP connection from inside the pod (3 s to connect).
-func (p *podNS) dial(addr string) (net.Conn, error) {
+func (p *podNS) dial(addr string) (net.Conn, error) { return p.dialFrom(0, addr) }
+
+// dialFrom is dial from local port port (0: the kernel picks one).
+func (p *podNS) dialFrom(port int, addr string) (net.Conn, error) {
 	var c net.Conn
 	err := nsutil.Do(p.ns, func() (err error) {
 		d := net.Dialer{Timeout: 3 * time.Second}
+		if port != 0 {
+			d.LocalAddr = &net.TCPAddr{Port: port}
+		}
 		c, err = d.Dial("tcp4", addr)
 		return err
 	})
@@ -199,8 +205,11 @@ func serveConns(tb testing.TB, ns netns.NsHandle, addr string, handle func(net.C
 	}()
 }
 
-func (p *podNS) dialTCP(addr string) (*conn, string, error) {
-	c, err := p.dial(addr)
+func (p *podNS) dialTCP(addr string) (*conn, string, error) { return p.dialTCPFrom(0, addr) }
+
+// dialTCPFrom is dialTCP from local port port (0: the kernel picks one).
+func (p *podNS) dialTCPFrom(port int, addr string) (*conn, string, error) {
+	c, err := p.dialFrom(port, addr)
 	if err != nil {
 		return nil, "", err
 	}

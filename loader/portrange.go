@@ -1,0 +1,71 @@
+package loader
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// PortRange is an inclusive range of ports.
+type PortRange struct {
+	Min, Max uint16
+}
+
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Min, r.Max) }
+
+// count is how many ports r holds (0 for an empty range: Min > Max), as the datapath's
+// 16-bit count (a range is never all 65536 ports: port 0 is in none).
+func (r PortRange) count() uint16 {
+	if r.Min > r.Max {
+		return 0
+	}
+	return r.Max - r.Min + 1
+}
+
+// localPortRangeFile is read in the calling thread's network namespace: the sysctl is per
+// namespace.
+const localPortRangeFile = "/proc/sys/net/ipv4/ip_local_port_range"
+
+// ReadLocalPortRange reads net.ipv4.ip_local_port_range, the ports this network
+// namespace's sockets are given by connect() and bind() to port 0.
+func ReadLocalPortRange() (PortRange, error) {
+	b, err := os.ReadFile(localPortRangeFile)
+	if err != nil {
+		return PortRange{}, fmt.Errorf("read the node's ephemeral port range: %w", err)
+	}
+	return parseLocalPortRange(string(b))
+}
+
+func parseLocalPortRange(s string) (PortRange, error) {
+	f := strings.Fields(s)
+	if len(f) != 2 {
+		return PortRange{}, fmt.Errorf("%s holds %q, want two ports", localPortRangeFile, s)
+	}
+	lo, err1 := strconv.ParseUint(f[0], 10, 16)
+	hi, err2 := strconv.ParseUint(f[1], 10, 16)
+	if err1 != nil || err2 != nil || lo == 0 || lo > hi {
+		return PortRange{}, fmt.Errorf("%s holds %q, want two ports, low first", localPortRangeFile, s)
+	}
+	return PortRange{Min: uint16(lo), Max: uint16(hi)}, nil
+}
+
+// minSNATPorts is the fewest ports masquerade and NodePort SNAT may be left with once the
+// node's ephemeral ports are taken out: every destination (peer address and port) can then
+// hold that many translated flows at once.
+const minSNATPorts = 1024
+
+// snatSkip is the part of the node's ephemeral range inside the SNAT range: the window
+// port claims leave out (bpf/lib/portclaim.h). An error when too little would be left.
+func (c *Config) snatSkip() (PortRange, error) {
+	snat := PortRange{Min: c.SNATPortMin, Max: uint16(int(c.SNATPortMin) + int(c.SNATPortCount) - 1)}
+	skip := PortRange{Min: max(snat.Min, c.LocalPortRange.Min), Max: min(snat.Max, c.LocalPortRange.Max)}
+	if skip.count() == 0 {
+		return PortRange{Min: snat.Min, Max: snat.Min - 1}, nil // an empty window
+	}
+	if left := int(snat.count()) - int(skip.count()); left < minSNATPorts {
+		return PortRange{}, fmt.Errorf("masquerade and NodePort SNAT would have %d ports: their range %s is almost all inside the node's ephemeral range %s (net.ipv4.ip_local_port_range), which translated flows keep out of; lower masquerade.portMin or narrow ip_local_port_range so that %d ports or more are left",
+			left, snat, c.LocalPortRange, minSNATPorts)
+	}
+	return skip, nil
+}
