@@ -55,16 +55,20 @@ static __always_inline bool icmp_quote_read(struct __sk_buff *skb, const struct 
 	if (!p->first_frag || p->proto != IPPROTO_ICMP)
 		return false;
 	__u32 off = p->l4_off & 0x7f;
+	__u8 type;
+
+	/* The type first, so that echo traffic is not pulled into the linear area. */
+	if (bpf_skb_load_bytes(skb, off, &type, 1) || !icmp_is_error(type))
+		return false;
 	/* ICMP header (8) + quoted IPv4 header without options (20) + quoted ports (4). */
 	if (bpf_skb_pull_data(skb, off + 8 + 20 + 4))
 		return false;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u8 *icmp = data + off;
 	struct iphdr *in = data + off + 8;
 	__be16 *ports = (__be16 *)(in + 1);
 
-	if ((void *)(ports + 2) > data_end || !icmp_is_error(icmp[0]))
+	if ((void *)(ports + 2) > data_end)
 		return false;
 	if (in->ihl != 5 || (in->frag_off & bpf_htons(0x1fff)))
 		return false;
