@@ -226,8 +226,12 @@ func serveWho(t *testing.T, ns netns.NsHandle, addr string) {
 	})
 }
 
-func loadMasq(t *testing.T, l *masqLab) *loader.Datapath {
-	d := loadertest.New(t, loader.Config{MasqAddr: netip.MustParseAddr(masqNodeAddr), MasqIfindex: l.eth0})
+// loadMasq loads the datapath with cfg and masquerade to the node's address, marks the lab's
+// pods local and attaches it to them and to the node's links.
+func loadMasq(t *testing.T, l *masqLab, cfg loader.Config) *loader.Datapath {
+	t.Helper()
+	cfg.MasqAddr, cfg.MasqIfindex = netip.MustParseAddr(masqNodeAddr), l.eth0
+	d := loadertest.New(t, cfg)
 	m := d.Maps()
 	if err := m.SetNonMasquerade([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("169.254.0.0/16")}); err != nil {
 		t.Fatal(err)
@@ -260,7 +264,7 @@ func loadMasq(t *testing.T, l *masqLab) *loader.Datapath {
 func TestMasqueradeToTheInternet(t *testing.T) {
 	l := newMasqLab(t)
 	pod := l.addENIPod(t, "client", "10.0.1.10")
-	d := loadMasq(t, l)
+	d := loadMasq(t, l, loader.Config{})
 	m := d.Maps()
 	serveWho(t, l.inet, ":8080")
 	serveWho(t, l.vpc, masqGateway+":8080")
@@ -374,7 +378,7 @@ func TestMasqueradeLeavesPodToPodAlone(t *testing.T) {
 	l := newMasqLab(t)
 	a := l.addENIPod(t, "a", "10.0.1.10")
 	b := l.addENIPod(t, "b", "10.0.1.11")
-	d := loadMasq(t, l)
+	d := loadMasq(t, l, loader.Config{})
 	var bl net.Listener
 	err := nsutil.Do(b.ns, func() (err error) {
 		bl, err = net.Listen("tcp4", ":9090")

@@ -86,35 +86,13 @@ func (s npSvc) objects(i int) (*corev1.Service, []*discoveryv1.EndpointSlice) {
 	return svc, []*discoveryv1.EndpointSlice{sl}
 }
 
-// loadNodePort loads the datapath into the masquerade lab with NodePort SNAT to the node's
-// primary address, attaches it to the lab's pods (local ones) and the node's links, and
-// programs svcs through the real translation (node "node-a") and map reconciler.
-func loadNodePort(t *testing.T, l *masqLab, local []*podNS, svcs []npSvc) *loader.Datapath {
+// loadNodePort loads the datapath into the masquerade lab (loadMasq) with NodePort SNAT to
+// the node's primary address and programs svcs through the real translation (node "node-a")
+// and map reconciler.
+func loadNodePort(t *testing.T, l *masqLab, svcs []npSvc) *loader.Datapath {
 	t.Helper()
-	d := loadertest.New(t, loader.Config{MasqAddr: netip.MustParseAddr(masqNodeAddr), MasqIfindex: l.eth0,
-		NodePortAddr: netip.MustParseAddr(masqNodeAddr)})
+	d := loadMasq(t, l, loader.Config{NodePortAddr: netip.MustParseAddr(masqNodeAddr)})
 	m := d.Maps()
-	if err := m.SetNonMasquerade([]netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}); err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range local {
-		if err := m.PutIPCache(loader.IPCacheKey{Prefixlen: 32, Addr: loader.AddrToBE(p.ip)},
-			loader.IPCacheValue{Flags: loader.IPCacheFlagLocal | loader.IPCacheFlagPod}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	l.attachAll(d)
-	err := nsutil.Do(l.node, func() error {
-		for _, idx := range []int{l.eth0, l.eni1} {
-			if _, err := d.AttachNetdev(idx); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	b := service.NewBuilderFor(service.Translator{Node: service.Node{Name: "node-a", Addrs: []netip.Addr{netip.MustParseAddr(masqNodeAddr)}}})
 	for i, s := range svcs {
 		svc, eps := s.objects(i)
@@ -188,7 +166,7 @@ func TestNodePortFromAnExternalClient(t *testing.T) {
 		{name: "deaf-remote", typ: corev1.ServiceTypeNodePort, ports: []corev1.ServicePort{npPort("dns", corev1.ProtocolUDP, 5999, 30087)},
 			targets: []npTarget{{masqGateway, "node-b", 5999}}},
 	}
-	m := loadNodePort(t, l, []*podNS{pod}, svcs).Maps()
+	m := loadNodePort(t, l, svcs).Maps()
 	hc := healthcheck.New([]netip.Addr{netip.MustParseAddr(masqNodeAddr)}, nil, nil)
 	t.Cleanup(hc.Close)
 	for i, s := range svcs {

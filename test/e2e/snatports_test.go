@@ -26,7 +26,7 @@ func TestNodeConnectionsBesideTranslatedFlows(t *testing.T) {
 	seen := func(c net.Addr) string { return c.String() } // the greeting: the peer as the server saw it
 	serveTCPUDP(t, l.vpc, masqGateway+":9091", true, seen)
 	serveTCPUDP(t, l.inet, internetAddr+":9092", true, seen)
-	loadNodePort(t, l, []*podNS{pod}, []npSvc{{name: "remote", typ: corev1.ServiceTypeNodePort,
+	loadNodePort(t, l, []npSvc{{name: "remote", typ: corev1.ServiceTypeNodePort,
 		ports: []corev1.ServicePort{npPort("http", corev1.ProtocolTCP, 9091, 30091)}, targets: []npTarget{{masqGateway, "node-b", 9091}}}})
 
 	var eph loader.PortRange
