@@ -234,12 +234,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.nodePortLoadConfig(&lcfg)
-	// Translated flows keep out of the ports the node's own connections get (portclaim.h);
-	// the range is read once, so a change of the sysctl needs an agent restart.
-	if lcfg.LocalPortRange, err = loader.ReadLocalPortRange(); err != nil {
+	if err := a.snatPortsLoadConfig(&lcfg); err != nil {
 		return err
 	}
-	a.log.Info("translated flows keep out of the node's ephemeral ports", zap.Stringer("ip_local_port_range", lcfg.LocalPortRange))
 	dp, err := loader.Load(lcfg)
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)

@@ -35,6 +35,23 @@ func (a *Agent) nodePortLoadConfig(cfg *loader.Config) {
 	a.log.Info("external frontends served on the netdevs", zap.String("snatAddress", addrs[0].String()))
 }
 
+// snatPortsLoadConfig makes masquerade and NodePort SNAT keep out of the ports the node's own
+// connections get (bpf/lib/portclaim.h). The range is read once: a change of the sysctl
+// needs an agent restart.
+func (a *Agent) snatPortsLoadConfig(cfg *loader.Config) error {
+	r, err := loader.ReadLocalPortRange()
+	if err != nil {
+		return err
+	}
+	if !cfg.KeepOutOf(r) {
+		a.log.Warn("the node's ephemeral port range leaves masquerade and NodePort SNAT too few ports to keep out of it: a connection of the node's own can meet a translated flow on one wire tuple and hang; narrow net.ipv4.ip_local_port_range (Linux's default is 32768-60999), or with masquerade on set masquerade.portMin so that its range reaches outside it",
+			zap.Stringer("ip_local_port_range", r), zap.Int("needed", loader.MinSNATPorts))
+		return nil
+	}
+	a.log.Info("translated flows keep out of the node's ephemeral ports", zap.Stringer("ip_local_port_range", r))
+	return nil
+}
+
 // NodeAddrs are the node's own IPv4 addresses NodePorts are served on, the primary NIC's
 // first: the global addresses of the primary NIC and of the ENI links in the node namespace
 // (in ENIIP mode an ENI link usually has none: its addresses are the pods'). kube-proxy's

@@ -75,9 +75,10 @@ type Config struct {
 	SNATTries     uint32
 	MaxSNATFlows  uint32
 	// LocalPortRange is the node's net.ipv4.ip_local_port_range (ReadLocalPortRange in the
-	// agent's namespace; the zero value: Linux's default 32768-60999). Masquerade and
-	// NodePort SNAT never give a flow one of these ports, so a translated flow and a
-	// connection of the node's own never share a wire tuple (bpf/lib/portclaim.h).
+	// agent's namespace; the zero value: Linux's default 32768-60999; an empty range, Min >
+	// Max: none). Masquerade and NodePort SNAT never give a flow one of these ports, so a
+	// translated flow and a connection of the node's own never share a wire tuple
+	// (bpf/lib/portclaim.h). KeepOutOf sets it.
 	LocalPortRange PortRange
 	// PolicyAllowedEvents sends allowed NetworkPolicy verdicts on tern_events too (denials
 	// always are): one event per new allowed flow of an isolated pod.

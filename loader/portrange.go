@@ -50,10 +50,27 @@ func parseLocalPortRange(s string) (PortRange, error) {
 	return PortRange{Min: uint16(lo), Max: uint16(hi)}, nil
 }
 
-// minSNATPorts is the fewest ports masquerade and NodePort SNAT may be left with once the
+// MinSNATPorts is the fewest ports masquerade and NodePort SNAT may be left with once the
 // node's ephemeral ports are taken out: every destination (peer address and port) can then
 // hold that many translated flows at once.
-const minSNATPorts = 1024
+const MinSNATPorts = 1024
+
+// KeepOutOf makes translated flows keep out of r, the node's ephemeral range, when that
+// leaves them MinSNATPorts or more; otherwise it sets an empty window and returns false:
+// on a node whose own connections may take almost any port (ip_local_port_range 1024-65535,
+// as some proxies tune it) translated flows are let share the range, and a connection of the
+// node's can then meet one (the caller warns), rather than the agent not starting.
+func (c *Config) KeepOutOf(r PortRange) bool {
+	d := *c
+	d.setDefaults()
+	d.LocalPortRange = r
+	if _, err := d.snatSkip(); err != nil {
+		c.LocalPortRange = PortRange{Min: 1, Max: 0}
+		return false
+	}
+	c.LocalPortRange = r
+	return true
+}
 
 // snatSkip is the part of the node's ephemeral range inside the SNAT range: the window
 // port claims leave out (bpf/lib/portclaim.h). An error when too little would be left.
@@ -63,9 +80,9 @@ func (c *Config) snatSkip() (PortRange, error) {
 	if skip.count() == 0 {
 		return PortRange{Min: snat.Min, Max: snat.Min - 1}, nil // an empty window
 	}
-	if left := int(snat.count()) - int(skip.count()); left < minSNATPorts {
-		return PortRange{}, fmt.Errorf("masquerade and NodePort SNAT would have %d ports: their range %s is almost all inside the node's ephemeral range %s (net.ipv4.ip_local_port_range), which translated flows keep out of; lower masquerade.portMin or narrow ip_local_port_range so that %d ports or more are left",
-			left, snat, c.LocalPortRange, minSNATPorts)
+	if left := int(snat.count()) - int(skip.count()); left < MinSNATPorts {
+		return PortRange{}, fmt.Errorf("masquerade and NodePort SNAT would have %d ports: their range %s is almost all inside the node's ephemeral range %s (net.ipv4.ip_local_port_range), which translated flows keep out of; set masquerade.portMin so that the range reaches outside it, or narrow ip_local_port_range, so that %d ports or more are left",
+			left, snat, c.LocalPortRange, MinSNATPorts)
 	}
 	return skip, nil
 }

@@ -33,3 +33,23 @@ func TestSNATSkip(t *testing.T) {
 		}
 	}
 }
+
+func TestKeepOutOf(t *testing.T) {
+	linux := PortRange{Min: 32768, Max: 60999}
+	var c Config
+	if !c.KeepOutOf(linux) || c.LocalPortRange != linux {
+		t.Fatalf("Linux's default range with the default SNAT range: kept %v, want the window set", c.LocalPortRange)
+	}
+	wide := PortRange{Min: 1024, Max: 65535}
+	if c.KeepOutOf(wide) || c.LocalPortRange.count() != 0 || c.LocalPortRange == (PortRange{}) {
+		t.Fatalf("a node range of %s: window %v; want KeepOutOf false and an empty window (not the zero value, which means Linux's default)", wide, c.LocalPortRange)
+	}
+	if _, err := c.snatSkip(); err != nil {
+		t.Fatalf("the empty window KeepOutOf set is refused: %v", err)
+	}
+	// masquerade.portMin 61000 reaches outside even a wide-from-1024 range ending at 60999.
+	c = Config{SNATPortMin: 61000}
+	if !c.KeepOutOf(PortRange{Min: 1024, Max: 60999}) {
+		t.Fatal("SNAT 61000-65535 beside a node range of 1024-60999: refused, want kept (no overlap)")
+	}
+}
