@@ -154,9 +154,6 @@ func Load(cfg Config) (*Datapath, error) {
 	if int(cfg.SNATPortMin)+int(cfg.SNATPortCount) > 65536 {
 		return nil, fmt.Errorf("masquerade port range %d+%d goes past 65535; lower snatPortMin or the count", cfg.SNATPortMin, cfg.SNATPortCount)
 	}
-	if _, err := cfg.snatSkip(); err != nil {
-		return nil, err
-	}
 	if cfg.SNATTries > maxSNATTries {
 		return nil, fmt.Errorf("masquerade port tries %d is above the datapath's bound %d", cfg.SNATTries, maxSNATTries)
 	}

@@ -14,6 +14,10 @@ type PortRange struct {
 
 func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Min, r.Max) }
 
+// noPorts is an empty range: as Config.LocalPortRange, no window (the zero value would mean
+// Linux's default).
+func noPorts() PortRange { return PortRange{Min: 1, Max: 0} }
+
 // count is how many ports r holds (0 for an empty range: Min > Max), as the datapath's
 // 16-bit count (a range is never all 65536 ports: port 0 is in none).
 func (r PortRange) count() uint16 {
@@ -65,7 +69,7 @@ func (c *Config) KeepOutOf(r PortRange) bool {
 	d.setDefaults()
 	d.LocalPortRange = r
 	if _, err := d.snatSkip(); err != nil {
-		c.LocalPortRange = PortRange{Min: 1, Max: 0}
+		c.LocalPortRange = noPorts()
 		return false
 	}
 	c.LocalPortRange = r
@@ -78,7 +82,7 @@ func (c *Config) snatSkip() (PortRange, error) {
 	snat := PortRange{Min: c.SNATPortMin, Max: uint16(int(c.SNATPortMin) + int(c.SNATPortCount) - 1)}
 	skip := PortRange{Min: max(snat.Min, c.LocalPortRange.Min), Max: min(snat.Max, c.LocalPortRange.Max)}
 	if skip.count() == 0 {
-		return PortRange{Min: snat.Min, Max: snat.Min - 1}, nil // an empty window
+		return noPorts(), nil
 	}
 	if left := int(snat.count()) - int(skip.count()); left < MinSNATPorts {
 		return PortRange{}, fmt.Errorf("masquerade and NodePort SNAT would have %d ports: their range %s is almost all inside the node's ephemeral range %s (net.ipv4.ip_local_port_range), which translated flows keep out of; set masquerade.portMin so that the range reaches outside it, or narrow ip_local_port_range, so that %d ports or more are left",

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 )
@@ -96,7 +97,7 @@ func BenchmarkForward(b *testing.B) {
 // closes them.
 func (p *podNS) sink(tb testing.TB, port int) {
 	tb.Helper()
-	serveConns(tb, p.ns, fmt.Sprintf(":%d", port), func(c net.Conn) {
+	testutil.ServeConns(tb, p.ns, fmt.Sprintf(":%d", port), func(c net.Conn) {
 		io.Copy(io.Discard, c)
 		c.Close()
 	})

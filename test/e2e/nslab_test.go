@@ -179,32 +179,6 @@ func (p *podNS) dialFrom(port int, addr string) (net.Conn, error) {
 	return c, err
 }
 
-// serveConns listens for TCP on addr inside ns and hands each accepted connection to
-// handle, one after the other (handle closes it); stopped when the test ends.
-func serveConns(tb testing.TB, ns netns.NsHandle, addr string, handle func(net.Conn)) {
-	tb.Helper()
-	var l net.Listener
-	err := nsutil.Do(ns, func() (err error) {
-		l, err = net.Listen("tcp4", addr)
-		return err
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	done := make(chan struct{})
-	tb.Cleanup(func() { l.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			handle(c)
-		}
-	}()
-}
-
 func (p *podNS) dialTCP(addr string) (*conn, string, error) { return p.dialTCPFrom(0, addr) }
 
 // dialTCPFrom is dialTCP from local port port (0: the kernel picks one).

@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/loader/loadertest"
 	"github.com/tern-net/tern/service"
@@ -97,7 +98,7 @@ func TestICMPErrorsOfServiceFlowsReachTheClient(t *testing.T) {
 // a smaller MTU, which drops large packets from p (veth does not fragment).
 func sinkIn(t *testing.T, p *podNS, addr string, n int) {
 	t.Helper()
-	serveConns(t, p.ns, addr, func(c net.Conn) {
+	testutil.ServeConns(t, p.ns, addr, func(c net.Conn) {
 		c.SetDeadline(time.Now().Add(30 * time.Second))
 		got, _ := io.CopyN(io.Discard, c, int64(n))
 		fmt.Fprintf(c, "got %d\n", got)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/ternctl"
 	"github.com/tern-net/tern/test/lab"
 )
@@ -56,26 +57,10 @@ func frontendBackends(n *lab.Node, frontend netip.AddrPort, proto string) ([]net
 // the address the backend saw, and closes it.
 func serveWho(t *testing.T, p *lab.Pod, port int) {
 	t.Helper()
-	var ln net.Listener
-	if err := p.Exec(func() (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { ln.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "%s %s\n", p.Name, c.RemoteAddr())
-			c.Close()
-		}
-	}()
+	testutil.ServeConns(t, p.NS(), fmt.Sprintf(":%d", port), func(c net.Conn) {
+		fmt.Fprintf(c, "%s %s\n", p.Name, c.RemoteAddr())
+		c.Close()
+	})
 }
 
 // serveWhoUDP answers every datagram to port in pod p with "<pod name> <client address>".

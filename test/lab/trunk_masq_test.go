@@ -20,6 +20,7 @@ import (
 	"github.com/tern-net/tern/agent"
 	"github.com/tern-net/tern/agent/api"
 	"github.com/tern-net/tern/internal/nsutil"
+	"github.com/tern-net/tern/internal/testutil"
 	"github.com/tern-net/tern/ipam/trunk"
 	"github.com/tern-net/tern/loader"
 	"github.com/tern-net/tern/test/ecsemu"
@@ -30,26 +31,10 @@ import (
 // "external <client address>", like serveWho in a pod.
 func serveWhoExternal(t *testing.T, ext *lab.External, port int) {
 	t.Helper()
-	var ln net.Listener
-	if err := ext.Exec(func() (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	t.Cleanup(func() { ln.Close(); <-done })
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "external %s\n", c.RemoteAddr())
-			c.Close()
-		}
-	}()
+	testutil.ServeConns(t, ext.NS(), fmt.Sprintf(":%d", port), func(c net.Conn) {
+		fmt.Fprintf(c, "external %s\n", c.RemoteAddr())
+		c.Close()
+	})
 }
 
 // whoEventually connects from ns to addr until it answers (a fresh path may lose its first
