@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -376,7 +378,20 @@ func TestForwardOutOfENI(t *testing.T) {
 	// Every packet that left through the ENI was redirected (the first found no neighbour:
 	// bpf_redirect_neigh resolved it, nothing else did), and its egress hook saw each one.
 	if out != neigh {
-		t.Fatalf("the ENI's egress hook counted %d packets, the forward stage redirected %d to it: want the same", out, neigh)
+		// Once seen in a fresh-clone CI run (35 against 34), not reproduced since (cause not
+		// found). The pod's ICMP is left to the stack, so an error it sent would leave the
+		// ENI unredirected: its ICMP counters go in the message.
+		var icmp string
+		_ = nsutil.Do(pod.ns, func() error {
+			b, err := os.ReadFile("/proc/thread-self/net/snmp")
+			for _, l := range strings.Split(string(b), "\n") {
+				if strings.HasPrefix(l, "Icmp:") {
+					icmp += l + "\n"
+				}
+			}
+			return err
+		})
+		t.Fatalf("the ENI's egress hook counted %d packets, the forward stage redirected %d to it: want the same; the pod's ICMP counters:\n%s", out, neigh, icmp)
 	}
 	t.Logf("pod on the ENI reached the remote address through its policy routing: %d packets redirected out of the ENI, %d seen by its egress hook",
 		neigh, out)
