@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -369,8 +367,21 @@ func TestForwardOutOfENI(t *testing.T) {
 			t.Fatalf("UDP %d out of the ENI: %q from %s, %v", i, who, from, err)
 		}
 	}
-	neigh := loadertest.Metric(t, m, loader.ReasonFwdNeigh, loader.DirFromPod)
-	out := loadertest.Metric(t, m, loader.ReasonPass, loader.DirToNetdev)
+	// The two counters are two reads, and a late packet of the last connection's close can
+	// leave between them (seen: fwd_neigh read as 34, the egress count then 35, fwd_neigh 35
+	// when read again, in 12 of 60 runs). Read until no packet was redirected during the
+	// reads and the two agree, for 5 s at most: a packet that left without the forward stage
+	// keeps them apart for good.
+	var neigh, out uint64
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		neigh = loadertest.Metric(t, m, loader.ReasonFwdNeigh, loader.DirFromPod)
+		out = loadertest.Metric(t, m, loader.ReasonPass, loader.DirToNetdev)
+		again := loadertest.Metric(t, m, loader.ReasonFwdNeigh, loader.DirFromPod)
+		if (again == neigh && out == neigh) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	// Each round: SYN, ACK, echo, FIN (at least) and a datagram.
 	if neigh < 5*5 {
 		t.Fatalf("%d packets redirected out of the ENI (fwd_neigh), want at least %d", neigh, 5*5)
@@ -378,20 +389,7 @@ func TestForwardOutOfENI(t *testing.T) {
 	// Every packet that left through the ENI was redirected (the first found no neighbour:
 	// bpf_redirect_neigh resolved it, nothing else did), and its egress hook saw each one.
 	if out != neigh {
-		// Once seen in a fresh-clone CI run (35 against 34), not reproduced since (cause not
-		// found). The pod's ICMP is left to the stack, so an error it sent would leave the
-		// ENI unredirected: its ICMP counters go in the message.
-		var icmp string
-		_ = nsutil.Do(pod.ns, func() error {
-			b, err := os.ReadFile("/proc/thread-self/net/snmp")
-			for _, l := range strings.Split(string(b), "\n") {
-				if strings.HasPrefix(l, "Icmp:") {
-					icmp += l + "\n"
-				}
-			}
-			return err
-		})
-		t.Fatalf("the ENI's egress hook counted %d packets, the forward stage redirected %d to it: want the same; the pod's ICMP counters:\n%s", out, neigh, icmp)
+		t.Fatalf("the ENI's egress hook counted %d packets, the forward stage redirected %d to it: want the same", out, neigh)
 	}
 	t.Logf("pod on the ENI reached the remote address through its policy routing: %d packets redirected out of the ENI, %d seen by its egress hook",
 		neigh, out)
