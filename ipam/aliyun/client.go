@@ -2,6 +2,7 @@ package aliyun
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -808,31 +809,46 @@ func (c *Client) VSwitches(ctx context.Context, ids []string) ([]VSwitch, error)
 
 // waitFor polls one ENI until done reports true, an error, or the wait times out. done gets
 // nil when the ENI no longer exists.
+//
+// A poll that fails with Throttling or a transient error, after the call's own retries, says
+// nothing about the ENI: the wait polls on until its deadline. (Ending the wait there failed
+// an attach the cloud had completed, leaving a member ENI in use for GC to find, on a run of
+// throttled listings well inside WaitTimeout.) Any other failure ends the wait at once.
 func (c *Client) waitFor(ctx context.Context, eniID, what string, done func(*ENI) (bool, error)) (ENI, error) {
 	deadline := time.Now().Add(c.opts.WaitTimeout)
 	for {
 		enis, err := c.ListENIs(ctx, ENIFilter{IDs: []string{eniID}})
-		if err != nil {
+		transient := err != nil && ctx.Err() == nil && (errors.Is(err, ErrThrottled) || errors.Is(err, ErrTransient))
+		if err != nil && !transient {
 			return ENI{}, fmt.Errorf("waiting for ENI %s to be %s: %w", eniID, what, err)
 		}
-		var cur *ENI
-		if len(enis) > 0 {
-			cur = &enis[0]
-		}
-		ok, err := done(cur)
-		if err != nil {
-			return ENI{}, err
-		}
-		if ok {
-			if cur == nil {
-				return ENI{}, nil
+		status := "unknown: the last listing failed"
+		if !transient {
+			var cur *ENI
+			if len(enis) > 0 {
+				cur = &enis[0]
 			}
-			return *cur, nil
-		}
-		if time.Now().After(deadline) {
-			status := "gone"
+			ok, err := done(cur)
+			if err != nil {
+				return ENI{}, err
+			}
+			if ok {
+				if cur == nil {
+					return ENI{}, nil
+				}
+				return *cur, nil
+			}
+			status = "gone"
 			if cur != nil {
 				status = cur.Status
+			}
+		} else {
+			c.log.Debug("listing failed while waiting for an ENI; polling on", zap.String("eni", eniID),
+				zap.String("waitingFor", what), zap.Error(err))
+		}
+		if time.Now().After(deadline) {
+			if transient {
+				return ENI{}, fmt.Errorf("ENI %s not %s after %s (status %s: %v): %w", eniID, what, c.opts.WaitTimeout, status, err, ErrTimeout)
 			}
 			return ENI{}, fmt.Errorf("ENI %s not %s after %s (status %s): %w", eniID, what, c.opts.WaitTimeout, status, ErrTimeout)
 		}

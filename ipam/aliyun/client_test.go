@@ -124,6 +124,47 @@ func TestENILifecycleThroughTheSDK(t *testing.T) {
 	}
 }
 
+// TestWaitPollsThroughFailedListings: an attach whose wait meets listings that fail with
+// Throttling or InternalError past the call's own retries still completes (the failures say
+// nothing about the ENI); a listing refused for want of permission ends the wait at once.
+func TestWaitPollsThroughFailedListings(t *testing.T) {
+	emu, ep := ecsemu.NewTestServer(t, ecsemu.TestConfig())
+	emu.SetDelays(ecsemu.TransitionDelays{Attach: ecsemu.Duration(30 * time.Millisecond), Detach: ecsemu.Duration(30 * time.Millisecond)})
+	c := newClient(t, ep, ecsemu.TestAccessKeySecret, 2)
+	ctx := context.Background()
+	create := func(token string) aliyun.ENI {
+		eni, err := c.CreateENI(ctx, aliyun.CreateENIRequest{VSwitchID: "vsw-test-a", SecurityGroups: []string{"sg-test"}, Tags: ourTags(), Token: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return eni
+	}
+	const describe = "DescribeNetworkInterfaces"
+	eni := create("tok-wait-1")
+	// Six failures in a row: three listings of two attempts each fail before one answers.
+	emu.InjectFault(ecsemu.Fault{Action: describe, Code: ecsemu.CodeThrottling, Count: 3})
+	emu.InjectFault(ecsemu.Fault{Action: describe, Code: ecsemu.CodeInternalError, Count: 3})
+	att, err := c.AttachENI(ctx, eni.ID, "i-test-0001")
+	if err != nil || att.Status != aliyun.StatusInUse {
+		t.Fatalf("attach through failing listings: %+v, %v; want InUse", att, err)
+	}
+	if e := emu.Snapshot().Errors; e[ecsemu.CodeThrottling] != 3 || e[ecsemu.CodeInternalError] != 3 {
+		t.Fatalf("faults fired %v, want 3 Throttling and 3 InternalError: the wait met no failed listing", e)
+	}
+
+	other := create("tok-wait-2")
+	emu.InjectFault(ecsemu.Fault{Action: describe, Code: "Forbidden.RAM", Status: 403})
+	start := time.Now()
+	_, err = c.AttachENI(ctx, other.ID, "i-test-0001")
+	if !errors.Is(err, aliyun.ErrForbidden) {
+		t.Fatalf("attach whose listing is forbidden: %v; want ErrForbidden", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("a forbidden listing ended the wait after %s; want at once, not at the 5 s WaitTimeout", d)
+	}
+	emu.ClearFaults()
+}
+
 func TestErrorsMapToCauses(t *testing.T) {
 	emu, ep := ecsemu.NewTestServer(t, ecsemu.TestConfig())
 	ctx := context.Background()

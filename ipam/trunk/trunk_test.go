@@ -36,7 +36,11 @@ func setupEndpoint(t *testing.T) (*ecsemu.Emulator, *aliyun.Client, string) {
 		Endpoint:     ep,
 		PollInterval: 5 * time.Millisecond,
 		WaitTimeout:  10 * time.Second,
-		Backoff:      aliyun.Backoff{Initial: time.Millisecond, Max: 5 * time.Millisecond, Multiplier: 2, Jitter: 0.5, MaxAttempts: 8},
+		// TestBurstUnderFaults fails 30 % of calls at random, and a call that fails every
+		// attempt fails its pod's Allocate: with 8 attempts that is 0.3^8 = 6.6e-5 a call,
+		// about 0.2 % of runs at its ~35 create/attach/detach/delete calls (the waits poll
+		// through failures). 16 attempts make it 0.3^16 = 4.3e-9 a call.
+		Backoff: aliyun.Backoff{Initial: time.Millisecond, Max: 5 * time.Millisecond, Multiplier: 2, Jitter: 0.5, MaxAttempts: 16},
 	})
 	if err != nil {
 		t.Fatal(err)
