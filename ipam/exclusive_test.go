@@ -246,12 +246,22 @@ func TestExclusiveENICrashDuringAddLeavesNoENI(t *testing.T) {
 			e := newEnv(t)
 			cfg := eniConf(t, 0, 0, "vsw-test-a")
 			fc := &frozenCloud{Cloud: e.client(), dead: make(chan struct{})}
-			defer close(fc.dead)
 			node, _, st := e.startNode(smallNode, cfg, fc)
 			held, release := e.emu.HoldReply(action, nil)
 			defer release()
-			errc := make(chan error, 1)
+			errc, addDone := make(chan error, 1), make(chan struct{})
+			// The killed process's goroutines end with the test, not after it: its frozen
+			// calls fail, its ADD returns and its maintenance loop stops. (Left running, the
+			// loop's first round, ~30 s on, logged through this test's logger after the test
+			// had ended, and that panics the test binary.)
+			defer func() {
+				close(fc.dead)
+				release()
+				<-addDone
+				node.Stop()
+			}()
 			go func() {
+				defer close(addDone)
 				_, err := node.AllocateFor(context.Background(), Request{Key: PodKey{Namespace: "default", Name: "ex", ContainerID: "c1"}, Kind: KindENI})
 				errc <- err
 			}()
