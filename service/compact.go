@@ -262,12 +262,9 @@ func (c *Compactor) Service(svc *corev1.Service) *Service {
 			return &Service{Namespace: out.Namespace, Name: out.Name, UID: out.UID,
 				ResourceVersion: out.ResourceVersion, flags: out.flags | svcHeadless}
 		}
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			more.errs = append(more.errs, fmt.Errorf("cluster IP %q: %w", s, err))
-			continue
-		}
-		if a.Is4() {
+		if a, ok, err := frontendAddr("cluster IP", s); err != nil {
+			more.errs = append(more.errs, err)
+		} else if ok {
 			out.ClusterIPs = append(out.ClusterIPs, a)
 		}
 	}
@@ -353,27 +350,41 @@ func externalAddrs(svc *corev1.Service) (lb, ext []netip.Addr, errs []error) {
 			if in.IP == "" || (in.IPMode != nil && *in.IPMode == corev1.LoadBalancerIPModeProxy) {
 				continue
 			}
-			a, err := netip.ParseAddr(in.IP)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("load balancer ingress IP %q: %w", in.IP, err))
-				continue
-			}
-			if a.Is4() {
+			if a, ok, err := frontendAddr("load balancer ingress IP", in.IP); err != nil {
+				errs = append(errs, err)
+			} else if ok {
 				lb = append(lb, a)
 			}
 		}
 	}
 	for _, s := range svc.Spec.ExternalIPs {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("external IP %q: %w", s, err))
-			continue
-		}
-		if a.Is4() {
+		if a, ok, err := frontendAddr("external IP", s); err != nil {
+			errs = append(errs, err)
+		} else if ok {
 			ext = append(ext, a)
 		}
 	}
 	return lb, ext, errs
+}
+
+// frontendAddr parses one of a Service's own addresses (a cluster IP, LoadBalancer ingress IP
+// or externalIP); ok says it gets frontends. An IPv6 address is passed over (tern serves
+// IPv4). One that is not unicast is refused with an error naming it: a frontend at the
+// unspecified or a loopback address would capture the node's own connections to itself
+// (connect to 0.0.0.0 or 127.0.0.1 reaches the node), and the apiserver's checks (a cluster
+// IP from the Service range, externalIPs not special) may be off or bypassed. The fuzzer
+// found a Service with cluster IP 0.0.0.0 given a frontend.
+func frontendAddr(what, s string) (a netip.Addr, ok bool, err error) {
+	a, err = netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return netip.Addr{}, false, fmt.Errorf("%s %q: %w", what, s, err)
+	case !a.Is4():
+		return a, false, nil
+	case !isUnicastAddr(a):
+		return a, false, fmt.Errorf("%s %s is not a unicast address (it is unspecified, loopback, multicast or reserved); it gets no frontend", what, a)
+	}
+	return a, true, nil
 }
 
 // Slice reads an EndpointSlice. A nil Compactor works and shares nothing.
@@ -419,7 +430,7 @@ func (c *Compactor) Slice(s *discoveryv1.EndpointSlice) *Slice {
 		for _, a := range e.Addresses {
 			addr, err := netip.ParseAddr(a)
 			switch {
-			case err != nil || !addr.Is4() || !isBackendAddr(addr):
+			case err != nil || !addr.Is4() || !isUnicastAddr(addr):
 				more.bad = append(more.bad, a)
 			case q.flags&epHasAddr == 0:
 				q.Addr, q.flags = addr.As4(), q.flags|epHasAddr

@@ -3,6 +3,7 @@ package service
 import (
 	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -146,6 +147,38 @@ func TestTranslateExternalByType(t *testing.T) {
 				t.Fatalf("%s: frontend %s missing from %v", c.typ, f, st)
 			}
 		}
+	}
+}
+
+// TestServiceAddressesThatAreNotUnicast: a cluster IP, LoadBalancer ingress IP or externalIP
+// that is unspecified, loopback, multicast or reserved gets no frontend (it would capture the
+// node's own connections to itself) and an error naming it; the Service's good addresses
+// keep theirs.
+func TestServiceAddressesThatAreNotUnicast(t *testing.T) {
+	tr := Translator{Node: Node{Name: "node-a"}}
+	s := lbService(corev1.ServiceExternalTrafficPolicyCluster)
+	s.Spec.Type = corev1.ServiceTypeClusterIP
+	s.Spec.ClusterIP, s.Spec.ClusterIPs = "0.0.0.0", []string{"0.0.0.0"}
+	s.Spec.ExternalIPs = []string{"127.0.0.1", "198.51.100.5", "224.0.0.9", "255.255.255.255"}
+	st, _, err := tr.Translate(s, nil)
+	if want := (State{fe("198.51.100.5", 80, TCP): []Backend{}}); !reflect.DeepEqual(st, want) {
+		t.Fatalf("state %v, want only the unicast externalIP's frontend %v", st, want)
+	}
+	for _, bad := range []string{"cluster IP 0.0.0.0", "external IP 127.0.0.1", "external IP 224.0.0.9", "external IP 255.255.255.255"} {
+		if err == nil || !strings.Contains(err.Error(), bad+" is not a unicast address") {
+			t.Errorf("error %v does not name %s", err, bad)
+		}
+	}
+
+	s = lbService(corev1.ServiceExternalTrafficPolicyCluster)
+	s.Spec.ExternalIPs = nil
+	s.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "127.0.0.53"}, {IP: "192.0.2.100"}}
+	st, _, err = tr.Translate(s, nil)
+	if _, ok := st[fe("127.0.0.53", 80, TCP)]; ok || err == nil || !strings.Contains(err.Error(), "load balancer ingress IP 127.0.0.53 is not a unicast address") {
+		t.Fatalf("a loopback LoadBalancer IP: state %v, error %v; want no frontend and an error naming it", st, err)
+	}
+	if _, ok := st[fe("192.0.2.100", 80, TCP)]; !ok {
+		t.Fatalf("the good LoadBalancer IP lost its frontend: %v", st)
 	}
 }
 

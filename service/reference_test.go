@@ -4,7 +4,9 @@ package service
 // structs (compact.go), kept verbatim as an oracle: TestCompactTranslatesAsAPI and
 // FuzzTranslate check that translating the compact copies gives exactly what translating
 // the API objects gave, errors included. Only the functions that read API types are here;
-// endpoint selection (endpointsFor, topology) is shared.
+// endpoint selection (endpointsFor, topology) is shared. One rule was added to both since:
+// a Service address (cluster IP, LoadBalancer ingress IP, externalIP) that is not unicast
+// gets no frontend and an error (refUnicast).
 
 import (
 	"errors"
@@ -37,6 +39,10 @@ func (tr Translator) refTranslate(svc *corev1.Service, eps []*discoveryv1.Endpoi
 			continue
 		}
 		if a.Is4() {
+			if err := refUnicast("cluster IP", a); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 			vips = append(vips, a)
 		}
 	}
@@ -138,6 +144,10 @@ func refExternalAddrs(svc *corev1.Service) (lb, ext []netip.Addr, errs []error) 
 				continue
 			}
 			if a.Is4() {
+				if err := refUnicast("load balancer ingress IP", a); err != nil {
+					errs = append(errs, err)
+					continue
+				}
 				lb = append(lb, a)
 			}
 		}
@@ -149,10 +159,21 @@ func refExternalAddrs(svc *corev1.Service) (lb, ext []netip.Addr, errs []error) 
 			continue
 		}
 		if a.Is4() {
+			if err := refUnicast("external IP", a); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 			ext = append(ext, a)
 		}
 	}
 	return lb, ext, errs
+}
+
+func refUnicast(what string, a netip.Addr) error {
+	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() || netip.MustParsePrefix("240.0.0.0/4").Contains(a) {
+		return fmt.Errorf("%s %s is not a unicast address (it is unspecified, loopback, multicast or reserved); it gets no frontend", what, a)
+	}
+	return nil
 }
 
 // refExternalFrontends are one Service port's frontends for clients outside the cluster IP:
@@ -219,7 +240,7 @@ func refEndpointsOf(portName string, proto corev1.Protocol, eps []*discoveryv1.E
 				}
 				for _, a := range e.Addresses {
 					addr, err := netip.ParseAddr(a)
-					if err != nil || !addr.Is4() || !isBackendAddr(addr) {
+					if err != nil || !addr.Is4() || !isUnicastAddr(addr) {
 						bad = append(bad, a)
 						continue
 					}

@@ -323,8 +323,9 @@ func availableForTopology(e endpoint, mode string, n Node) bool {
 
 var classE = netip.MustParsePrefix("240.0.0.0/4")
 
-// isBackendAddr tells whether a pod could have addr: a unicast address that is not the
-// unspecified, loopback, multicast or class E (reserved, including limited broadcast) one.
-func isBackendAddr(addr netip.Addr) bool {
+// isUnicastAddr tells whether a pod could have addr, or a Service be reached at it: a
+// unicast address that is not the unspecified, loopback, multicast or class E (reserved,
+// including limited broadcast) one.
+func isUnicastAddr(addr netip.Addr) bool {
 	return !addr.IsUnspecified() && !addr.IsLoopback() && !addr.IsMulticast() && !classE.Contains(addr)
 }

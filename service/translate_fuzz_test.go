@@ -88,8 +88,8 @@ func dedupeByName(eps []*discoveryv1.EndpointSlice) []*discoveryv1.EndpointSlice
 func checkState(t *testing.T, st State) {
 	t.Helper()
 	for fe, bs := range st {
-		if !fe.Addr.Is4() || fe.Addr.IsUnspecified() || fe.Port == 0 {
-			t.Fatalf("frontend %v: want a specified IPv4 address and a non-zero port", fe)
+		if !fe.Addr.Is4() || !isUnicastAddr(fe.Addr) || fe.Port == 0 {
+			t.Fatalf("frontend %v: want a unicast IPv4 address and a non-zero port", fe)
 		}
 		if fe.Proto != TCP && fe.Proto != UDP && fe.Proto != SCTP {
 			t.Fatalf("frontend %v: protocol %d", fe, fe.Proto)
@@ -98,7 +98,7 @@ func checkState(t *testing.T, st State) {
 			t.Fatalf("frontend %v: nil backends (want an empty list: a frontend without backends rejects)", fe)
 		}
 		for i, b := range bs {
-			if !b.Addr.Is4() || !isBackendAddr(b.Addr) || b.Port == 0 {
+			if !b.Addr.Is4() || !isUnicastAddr(b.Addr) || b.Port == 0 {
 				t.Fatalf("frontend %v: backend %v is not a pod address and port", fe, b)
 			}
 			if i > 0 && compareBackends(bs[i-1], b) >= 0 {
