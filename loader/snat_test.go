@@ -1,6 +1,7 @@
 package loader_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"testing"
@@ -307,6 +308,14 @@ func TestMasqueradeICMPErrorRestore(t *testing.T) {
 		binary.BigEndian.PutUint16(l4[2:], packet.Checksum(l4))
 		errFrame := packet.Frame{SrcMAC: podMAC, DstMAC: hostMAC, Src: router, Dst: nodeAddr, Proto: packet.ProtoICMP, L4Raw: l4, ID: 11}.Build()
 
+		// Cut short by its IPv4 total length (the quote's ports, or its echo identifier, in
+		// the frame's padding): no part of the packet, left alone.
+		for _, ipLen := range []int{20 + 8 + 20, 20 + 8 + 20 + 7} {
+			short := cutShort(errFrame, ipLen)
+			if v, out := loadertest.Run(t, h.d.FromNetdev(), short); v != verdictOK || !bytes.Equal(out[:len(short)], short) {
+				t.Fatalf("%s cut short at %d bytes: verdict %d, changed %v; want it passed unchanged", c.name, ipLen, v, !bytes.Equal(out[:len(short)], short))
+			}
+		}
 		p := h.in(t, errFrame)
 		if p.Dst != client {
 			t.Fatalf("%s: outer destination %s, want the pod %s", c.name, p.Dst, client)

@@ -1,6 +1,7 @@
 package loader_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"testing"
@@ -23,6 +24,17 @@ func icmpErrorAbout(from netip.Addr, typ, code uint8, sent []byte) []byte {
 	binary.BigEndian.PutUint16(l4[2:], packet.Checksum(l4))
 	src := netip.AddrFrom4([4]byte(ip[12:16]))
 	return packet.Frame{SrcMAC: hostMAC, DstMAC: podMAC, Src: from, Dst: src, Proto: packet.ProtoICMP, L4Raw: l4, ID: 13}.Build()
+}
+
+// cutShort returns a copy of frame whose IPv4 total length says the packet ends after ipLen
+// bytes, the rest of the frame being padding (the header checksum kept right).
+func cutShort(frame []byte, ipLen int) []byte {
+	f := append([]byte{}, frame...)
+	ip := f[packet.EthLen:]
+	binary.BigEndian.PutUint16(ip[2:], uint16(ipLen))
+	ip[10], ip[11] = 0, 0
+	binary.BigEndian.PutUint16(ip[10:], packet.Checksum(ip[:20]))
+	return f
 }
 
 // quoted is the quoted header of an ICMP error: addresses, ports, and whether its IPv4
@@ -150,6 +162,19 @@ func TestServiceICMPErrorsTurnedBack(t *testing.T) {
 	}
 	if got := counted(); got != 3 {
 		t.Fatalf("svc_icmp_error counted %d after errors not about service flows, want 3", got)
+	}
+
+	// An error whose IPv4 total length ends before the quoted ports, which lie in the frame's
+	// padding: no part of the packet, never read as a quote (the fuzzer found one rewritten).
+	for _, ipLen := range []int{20 + 2, 20 + 8 + 20, 20 + 8 + 20 + 3} {
+		short := cutShort(icmpErrorAbout(be1, 3, 3, sent), ipLen)
+		v, out := loadertest.Run(t, h.d.ToPod(), short)
+		if v == verdictRedirect || (v == verdictOK && !bytes.Equal(out[:len(short)], short)) {
+			t.Fatalf("an error cut short at %d bytes: verdict %d, changed %v; want it left alone", ipLen, v, !bytes.Equal(out[:len(short)], short))
+		}
+	}
+	if got := counted(); got != 3 {
+		t.Fatalf("svc_icmp_error counted %d after errors cut short, want 3", got)
 	}
 }
 

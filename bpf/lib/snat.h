@@ -127,9 +127,14 @@ static __always_inline bool snat_icmp_hdr(struct __sk_buff *skb, const struct pk
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u8 *icmp = data + (p->l4_off & 0x7f);
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 off = p->l4_off & 0x7f;
+	__u8 *icmp = data + off;
 
-	if ((void *)(icmp + 8) > data_end)
+	if ((void *)(ip + 1) > data_end || (void *)(icmp + 8) > data_end)
+		return false;
+	/* Within the packet's total length: bytes past it (padding) are no part of the packet. */
+	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8)
 		return false;
 	*type = icmp[0];
 	*id = *(__be16 *)(icmp + 4);
@@ -316,12 +321,16 @@ static __always_inline int snat_icmp_error(struct __sk_buff *skb, struct pkt *p,
 	void *data_end = (void *)(long)skb->data_end;
 	__u32 off = p->l4_off & 0x7f;
 	__u8 *icmp = data + off;
+	struct iphdr *ip = data + ETH_HLEN;
 	struct iphdr *in = data + off + 8;
 
 	if ((void *)(in + 1) > data_end || in->ihl != 5 || in->saddr != CFG_MASQ_ADDR)
 		return SNAT_PASS;
 	__be16 *inports = (__be16 *)(in + 1);
-	if ((void *)(inports + 4) > data_end)
+	if ((void *)(ip + 1) > data_end || (void *)(inports + 4) > data_end)
+		return SNAT_PASS;
+	/* The quote must lie within the packet's total length, as in icmp_quote_read. */
+	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8 + 20 + 8)
 		return SNAT_PASS;
 
 	__u8 proto = in->protocol;

@@ -23,7 +23,8 @@
  * The quoted L4 checksum is left as it was: an error quotes 8 bytes of a TCP header (no
  * checksum) and no receiver checks a quoted UDP checksum; the quoted IPv4 header's checksum
  * and the ICMP checksum are kept right. Hairpin flows (the client is its own backend, source
- * masqueraded), quotes with IP options and quotes of later fragments are left alone. */
+ * masqueraded), quotes with IP options, quotes of later fragments and quotes that run past the
+ * packet's IPv4 total length are left alone. */
 #pragma once
 
 #include "common.h"
@@ -65,10 +66,15 @@ static __always_inline bool icmp_quote_read(struct __sk_buff *skb, const struct 
 		return false;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
 	struct iphdr *in = data + off + 8;
 	__be16 *ports = (__be16 *)(in + 1);
 
-	if ((void *)(ports + 2) > data_end)
+	if ((void *)(ip + 1) > data_end || (void *)(ports + 2) > data_end)
+		return false;
+	/* The quote must lie within the packet's total length: bytes past it (Ethernet padding)
+	 * are no part of the packet, and the stack would have trimmed them. */
+	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8 + 20 + 4)
 		return false;
 	if (in->ihl != 5 || (in->frag_off & bpf_htons(0x1fff)))
 		return false;
