@@ -27,6 +27,15 @@ struct pkt {
 };
 
 #define ETH_HLEN 14
+
+/* Whether the packet holds n bytes from frame offset off by its IPv4 total length (ip: its
+ * header, already checked against data_end). Bytes past the total length (Ethernet padding)
+ * are no part of the packet: the stack trims them, so what lies there is never read as
+ * headers. */
+static __always_inline bool ip_holds(const struct iphdr *ip, __u32 off, __u32 n)
+{
+	return bpf_ntohs(ip->tot_len) >= off - ETH_HLEN + n;
+}
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04

@@ -133,8 +133,7 @@ static __always_inline bool snat_icmp_hdr(struct __sk_buff *skb, const struct pk
 
 	if ((void *)(ip + 1) > data_end || (void *)(icmp + 8) > data_end)
 		return false;
-	/* Within the packet's total length: bytes past it (padding) are no part of the packet. */
-	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8)
+	if (!ip_holds(ip, off, 8))
 		return false;
 	*type = icmp[0];
 	*id = *(__be16 *)(icmp + 4);
@@ -329,8 +328,7 @@ static __always_inline int snat_icmp_error(struct __sk_buff *skb, struct pkt *p,
 	__be16 *inports = (__be16 *)(in + 1);
 	if ((void *)(ip + 1) > data_end || (void *)(inports + 4) > data_end)
 		return SNAT_PASS;
-	/* The quote must lie within the packet's total length, as in icmp_quote_read. */
-	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8 + 20 + 8)
+	if (!ip_holds(ip, off, 8 + 20 + 8))
 		return SNAT_PASS;
 
 	__u8 proto = in->protocol;

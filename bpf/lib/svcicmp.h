@@ -72,9 +72,7 @@ static __always_inline bool icmp_quote_read(struct __sk_buff *skb, const struct 
 
 	if ((void *)(ip + 1) > data_end || (void *)(ports + 2) > data_end)
 		return false;
-	/* The quote must lie within the packet's total length: bytes past it (Ethernet padding)
-	 * are no part of the packet, and the stack would have trimmed them. */
-	if (bpf_ntohs(ip->tot_len) < off - ETH_HLEN + 8 + 20 + 4)
+	if (!ip_holds(ip, off, 8 + 20 + 4))
 		return false;
 	if (in->ihl != 5 || (in->frag_off & bpf_htons(0x1fff)))
 		return false;

@@ -822,7 +822,7 @@ func (c *Client) waitFor(ctx context.Context, eniID, what string, done func(*ENI
 		if err != nil && !transient {
 			return ENI{}, fmt.Errorf("waiting for ENI %s to be %s: %w", eniID, what, err)
 		}
-		status := "unknown: the last listing failed"
+		var status string
 		if !transient {
 			var cur *ENI
 			if len(enis) > 0 {
@@ -843,13 +843,11 @@ func (c *Client) waitFor(ctx context.Context, eniID, what string, done func(*ENI
 				status = cur.Status
 			}
 		} else {
+			status = fmt.Sprintf("unknown: the last listing failed: %v", err)
 			c.log.Debug("listing failed while waiting for an ENI; polling on", zap.String("eni", eniID),
 				zap.String("waitingFor", what), zap.Error(err))
 		}
 		if time.Now().After(deadline) {
-			if transient {
-				return ENI{}, fmt.Errorf("ENI %s not %s after %s (status %s: %v): %w", eniID, what, c.opts.WaitTimeout, status, err, ErrTimeout)
-			}
 			return ENI{}, fmt.Errorf("ENI %s not %s after %s (status %s): %w", eniID, what, c.opts.WaitTimeout, status, ErrTimeout)
 		}
 		t := time.NewTimer(c.opts.PollInterval)
